@@ -1,1 +1,27 @@
-fn main() {}
+//! Compiles `proto/tasker/v1/*.proto` with protox (pure Rust: no system `protoc`) and
+//! generates tonic code plus the descriptor set that server reflection serves.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/tasker/v1/common.proto",
+        "proto/tasker/v1/readiness.proto",
+        "proto/tasker/v1/admin.proto",
+        "proto/tasker/v1/tasks.proto",
+        "proto/tasker/v1/workers.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_path = out.join("tasker_descriptor.bin");
+    std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .file_descriptor_set_path(&descriptor_path)
+        .compile_fds(fds)?;
+    Ok(())
+}

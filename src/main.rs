@@ -1,1 +1,153 @@
-fn main() {}
+//! The `tasker` command line: parses arguments and calls the library. Nothing else lives here.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tasker::config::{self, ConfigSources, EXIT_CONFIG};
+
+#[derive(Parser)]
+#[command(name = "tasker", version, about = "Event-driven workflow orchestration on PostgreSQL")]
+struct Cli {
+    /// Configuration directory holding base/ and environments/.
+    #[arg(long, global = true, env = "TASKER_CONFIG_DIR", default_value = "config/tasker")]
+    config_dir: std::path::PathBuf,
+    /// Environment overlay: config/tasker/environments/<ENV>.
+    #[arg(long = "env", global = true, env = "TASKER_ENV", default_value = "development")]
+    environment: String,
+    /// Database URL (overrides database.url and DATABASE_URL).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// gRPC listen address (overrides grpc.bind).
+        #[arg(long)]
+        bind: Option<String>,
+        /// Deployment mode: EventDrivenOnly, Hybrid or PollingOnly.
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Apply database migrations (idempotent).
+    Migrate,
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Database helpers.
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the merged configuration (secrets redacted) with each value's source.
+    Show,
+    /// Validate the configuration; exit code 64 lists every problem.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum DbAction {
+    /// Run a command with DATABASE_URL set to a working database: the configured one, the local
+    /// server, or an embedded cluster started for the command and stopped after it.
+    Exec {
+        /// Database to create and point at (default: postgres, the maintenance database).
+        #[arg(long, default_value = "postgres")]
+        database: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut sources = ConfigSources::from_process_env();
+    sources.config_dir = cli.config_dir.clone();
+    sources.environment = cli.environment.clone();
+    if let Some(url) = &cli.database_url {
+        sources = sources.with_override("database.url", url.clone());
+    }
+    if let Command::Serve { bind, mode } = &cli.command {
+        if let Some(b) = bind {
+            sources = sources.with_override("grpc.bind", b.clone());
+        }
+        if let Some(m) = mode {
+            sources = sources.with_override("orchestration.deployment.mode", m.clone());
+        }
+    }
+    let loaded = match config::load(&sources) {
+        Ok(l) => l,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    tasker::telemetry::init(&loaded.config.telemetry);
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Config { action: ConfigAction::Show } => {
+                println!("# environment: {}", loaded.environment);
+                print!("{}", loaded.config.render(&loaded.sources));
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Config { action: ConfigAction::Check } => {
+                println!("configuration OK (environment {})", loaded.environment);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Migrate => {
+                let resolved = tasker::local_db::resolve(&loaded.config.database, "tasker").await?;
+                let store = tasker::store::Store::connect(&resolved.url, &loaded.config.database).await?;
+                let applied = store.migrate().await?;
+                println!("{applied} migration(s) applied; schema is current");
+                store.pool().close().await;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Serve { .. } => {
+                let app = tasker::app::App::build(loaded.config).await?;
+                app.run(tasker::app::shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Db {
+                action: DbAction::Exec { database, command },
+            } => {
+                let resolved = tasker::local_db::resolve(&loaded.config.database, &database).await?;
+                eprintln!(
+                    "tasker db exec: DATABASE_URL={} ({})",
+                    config::redact_url(&resolved.url),
+                    resolved.origin
+                );
+                let status = tokio::process::Command::new(&command[0])
+                    .args(&command[1..])
+                    .env("DATABASE_URL", &resolved.url)
+                    .status()
+                    .await?;
+                drop(resolved);
+                Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let e: anyhow::Error = e;
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The composition root. [`App::build`] does everything that can fail (configuration is
+//! already valid; database resolution, migrations, binding the port), then [`App::run`]
+//! serves until a shutdown signal and tears down in order.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+
+use crate::config::TaskerConfig;
+use crate::grpc::{GrpcServer, OVERALL};
+use crate::local_db::{self, EmbeddedCluster};
+use crate::store::Store;
+
+/// A built, not yet running service.
+pub struct App {
+    pub config: TaskerConfig,
+    pub store: Store,
+    server: GrpcServer,
+    /// Kept so the embedded cluster (if any) lives as long as the service, and stops after it.
+    embedded: Option<EmbeddedCluster>,
+}
+
+impl App {
+    pub async fn build(config: TaskerConfig) -> anyhow::Result<Self> {
+        let resolved = local_db::resolve(&config.database, "tasker").await?;
+        tracing::info!(
+            url = %crate::config::redact_url(&resolved.url),
+            origin = resolved.origin,
+            data_dir = resolved.embedded.as_ref().map(|c| c.data_dir().display().to_string()),
+            "database"
+        );
+        let store = Store::connect(&resolved.url, &config.database)
+            .await
+            .context("connecting to the database")?;
+        let applied = store.migrate().await.context("applying migrations")?;
+        tracing::info!(applied, "migrations up to date");
+        let addr: SocketAddr = config.grpc.bind.parse().context("grpc.bind")?;
+        let server = GrpcServer::bind(addr)
+            .await
+            .with_context(|| format!("binding gRPC on {addr}"))?;
+        Ok(Self {
+            config,
+            store,
+            server,
+            embedded: resolved.embedded,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// Serve until `shutdown` resolves, then stop in order: NOT_SERVING, stop accepting,
+    /// close the pool, stop the embedded cluster.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self {
+            store,
+            server,
+            mut embedded,
+            ..
+        } = self;
+        let health = server.health.clone();
+        health
+            .set_service_status(OVERALL, tonic_health::ServingStatus::Serving)
+            .await;
+        tracing::info!(addr = %server.local_addr()?, "serving gRPC");
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let health_for_drain = health.clone();
+        let shutdown = async move {
+            shutdown.await;
+            health_for_drain
+                .set_service_status(OVERALL, tonic_health::ServingStatus::NotServing)
+                .await;
+            let _ = draining_tx.send(());
+        };
+        server.serve(shutdown).await.context("gRPC server")?;
+        let _ = draining_rx.await;
+        store.pool().close().await;
+        if let Some(cluster) = embedded.as_mut() {
+            cluster.stop()?;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

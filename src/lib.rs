@@ -1,0 +1,28 @@
+//! Tasker: a gRPC control plane that orchestrates workflow tasks (DAGs of steps) stored in
+//! PostgreSQL, with event-driven readiness.
+//!
+//! When a step completes, a database trigger announces which task has newly ready steps
+//! (`pg_notify`); the service turns the notification into an
+//! `OrchestrationCommand::ProcessTaskReadiness`, and the command processor claims the task and
+//! enqueues the ready steps in one transaction. A fallback poller sends the same command for
+//! anything a notification missed.
+//!
+//! # Layout
+//!
+//! - [`config`]: `TaskerConfig`, layered TOML + environment, validation, `DeploymentMode`
+//! - [`store`]: the pool, migrations and every SQL statement, behind typed functions
+//! - [`local_db`]: finding or starting a PostgreSQL to run against
+//! - [`proto`]: generated gRPC code and the descriptor set for reflection
+//! - [`grpc`]: tonic services, health, reflection, the error-to-status mapping
+//! - [`telemetry`]: tracing subscriber
+//! - [`app`]: the composition root: build (can fail), then run (cannot), graceful shutdown
+//!
+//! The binary (`src/main.rs`) only parses the command line and calls into this library.
+
+pub mod app;
+pub mod config;
+pub mod grpc;
+pub mod local_db;
+pub mod proto;
+pub mod store;
+pub mod telemetry;

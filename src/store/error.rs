@@ -1,0 +1,117 @@
+//! The store's error type and the one place where database errors become domain errors.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The request names a field that breaks a rule; nothing was written.
+    #[error("invalid {field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// A transition the state machine does not allow from the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The database cannot be reached (connection refused, reset, pool timed out).
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// Anything else; its details are logged, never sent to a client.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::NotFound { what: what.into() }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_connection_error(&e) {
+            return Self::Unavailable(e);
+        }
+        if let Some(db) = e.as_database_error() {
+            let message = db.message().to_string();
+            match db.code().as_deref() {
+                // raised by the state-machine guard triggers
+                Some("TK001") => return Self::FailedPrecondition(message),
+                Some("TK002") => return Self::invalid("namespace", message),
+                Some("TK003") => return Self::invalid("steps", message),
+                Some("TK004") => return Self::invalid("steps.depends_on", message),
+                Some("23505") => {
+                    return match db.constraint() {
+                        Some("workflow_steps_name_unique") => {
+                            Self::invalid("steps.name", "step names must be unique within a task")
+                        }
+                        Some("tasks_pkey") | Some("workflow_steps_pkey") => {
+                            Self::AlreadyExists("an object with this uuid already exists".into())
+                        }
+                        _ => Self::AlreadyExists("already exists".into()),
+                    }
+                }
+                Some("23514") => {
+                    let field = match db.constraint() {
+                        Some(c) if c.starts_with("tasks_priority") => "priority",
+                        Some(c) if c.starts_with("tasks_name") || c.starts_with("workflow_steps_name") => "name",
+                        Some(c) if c.starts_with("workflow_steps_max_attempts") => "steps.max_attempts",
+                        Some(c) if c.starts_with("tasks_idempotency_key") => "idempotency_key",
+                        Some(c) => c,
+                        None => "request",
+                    };
+                    return Self::invalid(field, format!("violates rule {}", db.constraint().unwrap_or("check")));
+                }
+                Some("22P02") | Some("22023") => return Self::invalid("request", "malformed value"),
+                _ => {}
+            }
+        }
+        Self::Database(e)
+    }
+}
+
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // admin shutdown, crash shutdown, cannot connect now, connection failures
+            Some("57P01") | Some("57P02") | Some("57P03") | Some("08000") | Some("08003") | Some("08006") | Some("08001") | Some("08004")
+        ),
+        _ => false,
+    }
+}
+
+/// Whether the same operation may succeed if simply tried again: lost connections, a database
+/// restarting, serialization failures and deadlocks. Client mistakes and state-machine
+/// refusals are final.
+pub fn is_retryable(e: &sqlx::Error) -> bool {
+    if is_connection_error(e) {
+        return true;
+    }
+    matches!(
+        e.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("40001") | Some("40P01") | Some("55P03")
+    )
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Database(e) => is_retryable(e),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `Store`: the connection pool, the migrations, and every SQL statement the service issues,
+//! each behind a typed function. Nothing outside this module writes SQL.
+//!
+//! Layout:
+//! - `error`: [`StoreError`], SQLSTATE -> domain error, [`is_retryable`]
+//! - `tasks`: create, get, cancel, resolve manually
+//! - `readiness`: per-step readiness, execution context, ready tasks
+//! - `steps`: claim-and-enqueue, the workers' fetch / complete / fail / extend, retry and lease
+//!   deadlines
+//!
+//! The state machine itself lives in the database (`migrations/`): the functions here call one
+//! SQL function per operation, so each operation is one round trip and one transaction.
+
+mod error;
+mod readiness;
+mod steps;
+mod tasks;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub use error::{is_retryable, StoreError};
+pub use readiness::{ExecutionContext, ReadyTask, StepReadiness};
+pub use steps::{AttemptOutcome, EnqueueOutcome, EnqueueResult, FailOutcome, LeasedStep};
+pub use tasks::{NewStep, NewTask, StepRecord, TaskRecord};
+
+use crate::config::DatabaseConfig;
+
+/// The crate's migrations, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Handle to the database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Connect a pool sized by configuration. TCP keepalive is on (sqlx's default for TCP), and
+    /// every connection gets an application name so operators can find them in
+    /// `pg_stat_activity`.
+    pub async fn connect(url: &str, cfg: &DatabaseConfig) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url
+            .parse::<PgConnectOptions>()
+            .map_err(StoreError::from)?
+            .application_name("tasker");
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections as u32)
+            .min_connections(cfg.min_connections as u32)
+            .acquire_timeout(Duration::from_secs(cfg.acquire_timeout_seconds as u64))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Apply pending migrations; a no-op when the schema is current. Returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        let before = applied_migrations(&self.pool).await.unwrap_or(0);
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        let after = applied_migrations(&self.pool).await?;
+        Ok(after.saturating_sub(before))
+    }
+}
+
+async fn applied_migrations(pool: &PgPool) -> Result<usize, StoreError> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await?;
+    Ok(n as usize)
+}

@@ -1,0 +1,89 @@
+//! Readiness queries: per-step readiness, a task's execution context, ready tasks.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, PartialEq)]
+pub struct StepReadiness {
+    pub step_uuid: Uuid,
+    pub name: String,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub total_parents: i32,
+    pub completed_parents: i32,
+    pub dependencies_satisfied: bool,
+    pub retry_eligible: bool,
+    pub next_retry_at: Option<DateTime<Utc>>,
+    pub ready: bool,
+    pub ready_since: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, PartialEq)]
+pub struct ExecutionContext {
+    pub task_uuid: Uuid,
+    pub namespace: String,
+    pub task_state: String,
+    pub priority: i32,
+    pub total_steps: i32,
+    pub pending_steps: i32,
+    pub enqueued_steps: i32,
+    pub in_progress_steps: i32,
+    pub complete_steps: i32,
+    pub failed_steps: i32,
+    pub waiting_for_retry_steps: i32,
+    pub cancelled_steps: i32,
+    pub ready_steps: i32,
+    pub execution_status: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, PartialEq)]
+pub struct ReadyTask {
+    pub task_uuid: Uuid,
+    pub namespace: String,
+    pub priority: i32,
+    pub computed_priority: i32,
+    pub ready_steps: i32,
+    pub ready_since: DateTime<Utc>,
+    pub task_state: String,
+}
+
+impl Store {
+    pub async fn step_readiness(&self, task_uuid: Uuid) -> Result<Vec<StepReadiness>, StoreError> {
+        Ok(sqlx::query_as::<_, StepReadiness>("SELECT * FROM tasker.step_readiness($1)")
+            .bind(task_uuid)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn execution_context(&self, task_uuid: Uuid) -> Result<ExecutionContext, StoreError> {
+        sqlx::query_as::<_, ExecutionContext>("SELECT * FROM tasker.task_execution_context($1)")
+            .bind(task_uuid)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))
+    }
+
+    /// Tasks with ready steps, best first. `ready_before` keeps only those ready since before
+    /// it (the poller's age threshold); `offset` pages.
+    pub async fn ready_tasks(
+        &self,
+        namespace: Option<&str>,
+        limit: i64,
+        ready_before: Option<DateTime<Utc>>,
+        offset: i64,
+    ) -> Result<Vec<ReadyTask>, StoreError> {
+        Ok(sqlx::query_as::<_, ReadyTask>(
+            "SELECT * FROM tasker.ready_tasks($1, $2::int, coalesce($3, 'infinity'::timestamptz), $4::int)",
+        )
+        .bind(namespace)
+        .bind(limit)
+        .bind(ready_before)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,253 @@
+//! Step operations: claim-and-enqueue, and the workers' side (fetch with a lease, complete,
+//! fail, extend), plus the retry and lease deadlines.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// What one claim-and-enqueue pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnqueueOutcome {
+    /// Ready steps were moved to the queue.
+    Enqueued,
+    /// The claim succeeded but no step was ready (another pass got there first, or nothing is).
+    NothingReady,
+    /// Another instance holds the task's claim right now.
+    ClaimedElsewhere,
+    /// The task is complete, failed or cancelled.
+    TaskNotActive,
+    TaskNotFound,
+}
+
+impl EnqueueOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enqueued => "enqueued",
+            Self::NothingReady => "nothing_ready",
+            Self::ClaimedElsewhere => "claimed_elsewhere",
+            Self::TaskNotActive => "task_not_active",
+            Self::TaskNotFound => "task_not_found",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "enqueued" => Self::Enqueued,
+            "nothing_ready" => Self::NothingReady,
+            "claimed_elsewhere" => Self::ClaimedElsewhere,
+            "task_not_active" => Self::TaskNotActive,
+            "task_not_found" => Self::TaskNotFound,
+            other => {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "unexpected enqueue outcome {other}"
+                )))
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnqueueResult {
+    pub outcome: EnqueueOutcome,
+    pub namespace: Option<String>,
+    pub enqueued_steps: Vec<Uuid>,
+}
+
+/// A step leased to a worker.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct LeasedStep {
+    pub step_uuid: Uuid,
+    pub task_uuid: Uuid,
+    pub name: String,
+    pub attempt: i32,
+    pub inputs: Value,
+    /// parent step name -> its results
+    pub parent_results: Value,
+    pub lease_expires_at: DateTime<Utc>,
+    pub enqueued_at: DateTime<Utc>,
+}
+
+/// Why a worker's report on an attempt was refused; nothing was changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Done,
+    StepNotFound,
+    StaleAttempt,
+    NotInProgress,
+    LeaseExpired,
+}
+
+impl AttemptOutcome {
+    fn parse(s: &str) -> Self {
+        match s {
+            "step_not_found" => Self::StepNotFound,
+            "stale_attempt" => Self::StaleAttempt,
+            "not_in_progress" => Self::NotInProgress,
+            "lease_expired" => Self::LeaseExpired,
+            _ => Self::Done,
+        }
+    }
+
+    /// `Ok` for success, the matching error otherwise.
+    pub fn into_result(self, step_uuid: Uuid, attempt: i32) -> Result<(), StoreError> {
+        match self {
+            Self::Done => Ok(()),
+            Self::StepNotFound => Err(StoreError::not_found(format!("step {step_uuid}"))),
+            Self::StaleAttempt => Err(StoreError::FailedPrecondition(format!(
+                "attempt {attempt} of step {step_uuid} is not the current attempt"
+            ))),
+            Self::NotInProgress => Err(StoreError::FailedPrecondition(format!(
+                "step {step_uuid} is not in progress"
+            ))),
+            Self::LeaseExpired => Err(StoreError::FailedPrecondition(format!(
+                "the lease on attempt {attempt} of step {step_uuid} has expired"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailOutcome {
+    RetryScheduled { next_retry_at: DateTime<Utc> },
+    Failed,
+}
+
+impl Store {
+    /// Claim the task (SKIP LOCKED) and enqueue its ready steps, in one transaction.
+    pub async fn enqueue_ready_steps(&self, task_uuid: Uuid, metadata: &Value) -> Result<EnqueueResult, StoreError> {
+        let (outcome, namespace, steps): (String, Option<String>, Vec<Uuid>) =
+            sqlx::query_as("SELECT outcome, namespace, enqueued_steps FROM tasker.enqueue_ready_steps($1, $2)")
+                .bind(task_uuid)
+                .bind(metadata)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(EnqueueResult {
+            outcome: EnqueueOutcome::parse(&outcome)?,
+            namespace,
+            enqueued_steps: steps,
+        })
+    }
+
+    /// Lease up to `max` queued steps of `namespace` to `worker_id` for `lease_ms`.
+    pub async fn fetch_steps(
+        &self,
+        namespace: &str,
+        worker_id: &str,
+        max: i32,
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedStep>, StoreError> {
+        Ok(sqlx::query_as::<_, LeasedStep>("SELECT * FROM tasker.fetch_steps($1, $2, $3, $4)")
+            .bind(namespace)
+            .bind(worker_id)
+            .bind(max)
+            .bind(lease_ms)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Complete an attempt the caller holds a live lease on. `traceparent` travels into the
+    /// notification the completion causes.
+    pub async fn complete_step(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        results: &Value,
+        metadata: &Value,
+        traceparent: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let outcome: String = sqlx::query_scalar(
+            "SELECT tasker.complete_step($1, $2, $3, $4) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
+        )
+        .bind(step_uuid)
+        .bind(attempt)
+        .bind(results)
+        .bind(metadata)
+        .bind(traceparent)
+        .fetch_one(&self.pool)
+        .await?;
+        AttemptOutcome::parse(&outcome).into_result(step_uuid, attempt)
+    }
+
+    pub async fn fail_step(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        error: &Value,
+        retryable: bool,
+        backoff_ms: i64,
+        metadata: &Value,
+        traceparent: Option<&str>,
+    ) -> Result<FailOutcome, StoreError> {
+        let (outcome, next): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT f.outcome, f.next_retry_at
+             FROM (SELECT set_config('tasker.traceparent', coalesce($7, ''), true)) tp,
+                  tasker.fail_step($1, $2, $3, $4, $5, $6) f",
+        )
+        .bind(step_uuid)
+        .bind(attempt)
+        .bind(error)
+        .bind(retryable)
+        .bind(backoff_ms)
+        .bind(metadata)
+        .bind(traceparent)
+        .fetch_one(&self.pool)
+        .await?;
+        match (outcome.as_str(), next) {
+            ("retry_scheduled", Some(at)) => Ok(FailOutcome::RetryScheduled { next_retry_at: at }),
+            ("failed", _) => Ok(FailOutcome::Failed),
+            (other, _) => {
+                AttemptOutcome::parse(other).into_result(step_uuid, attempt)?;
+                Err(StoreError::FailedPrecondition(format!("unexpected outcome {other}")))
+            }
+        }
+    }
+
+    pub async fn extend_lease(&self, step_uuid: Uuid, attempt: i32, lease_ms: i64) -> Result<DateTime<Utc>, StoreError> {
+        let (outcome, until): (String, Option<DateTime<Utc>>) =
+            sqlx::query_as("SELECT outcome, lease_expires_at FROM tasker.extend_lease($1, $2, $3)")
+                .bind(step_uuid)
+                .bind(attempt)
+                .bind(lease_ms)
+                .fetch_one(&self.pool)
+                .await?;
+        AttemptOutcome::parse(&outcome).into_result(step_uuid, attempt)?;
+        until.ok_or_else(|| StoreError::FailedPrecondition("lease not extended".into()))
+    }
+
+    /// Steps whose backoff elapsed go back to pending; returns (task, step) of each.
+    pub async fn promote_due_retries(&self, limit: i32) -> Result<Vec<(Uuid, Uuid)>, StoreError> {
+        Ok(sqlx::query_as("SELECT task_uuid, step_uuid FROM tasker.promote_due_retries($1)")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// End attempts whose lease ran out; returns (task, step, outcome) of each.
+    pub async fn expire_leases(&self, limit: i32) -> Result<Vec<(Uuid, Uuid, String)>, StoreError> {
+        Ok(sqlx::query_as("SELECT task_uuid, step_uuid, outcome FROM tasker.expire_leases($1)")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// When the next retry becomes due or the next lease runs out, if ever.
+    pub async fn next_deadline(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT tasker.next_deadline()")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Queue messages waiting (not leased) in a namespace, for status and tests.
+    pub async fn queue_depth(&self, namespace: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM tasker.step_queue WHERE namespace = $1 AND leased_by IS NULL",
+        )
+        .bind(namespace)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}

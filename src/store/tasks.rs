@@ -1,0 +1,176 @@
+//! Tasks: creation with their DAG, look-up, cancellation, manual resolution.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// A task to create. Validation of the DAG's shape happens before this (see `tasks::dag`);
+/// the database re-checks what it can.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub task_uuid: Uuid,
+    pub namespace: String,
+    pub name: String,
+    pub priority: i32,
+    pub context: Value,
+    pub idempotency_key: Option<String>,
+    pub steps: Vec<NewStep>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NewStep {
+    pub step_uuid: Uuid,
+    pub name: String,
+    pub depends_on: Vec<String>,
+    pub max_attempts: i32,
+    pub retryable: bool,
+    pub inputs: Value,
+}
+
+/// What `create_task` returns: the task and its steps' uuids by name.
+#[derive(Debug, Clone)]
+pub struct CreatedTask {
+    pub task_uuid: Uuid,
+    /// false when an existing task was returned for the same idempotency key
+    pub created: bool,
+    pub steps: Vec<(String, Uuid)>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct TaskRecord {
+    pub task_uuid: Uuid,
+    pub namespace: String,
+    pub name: String,
+    pub priority: i32,
+    pub state: String,
+    pub context: Value,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct StepRecord {
+    pub step_uuid: Uuid,
+    pub task_uuid: Uuid,
+    pub name: String,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub retryable: bool,
+    pub next_retry_at: Option<DateTime<Utc>>,
+    pub inputs: Value,
+    pub results: Option<Value>,
+    pub last_error: Option<Value>,
+    pub depends_on: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Create a task and its DAG in one transaction; with an idempotency key already used in
+    /// the namespace, return that task instead and write nothing.
+    pub async fn create_task(&self, task: &NewTask, metadata: &Value) -> Result<super::tasks::CreatedTask, StoreError> {
+        let steps = serde_json::to_value(&task.steps).expect("steps serialize");
+        let rows: Vec<(Uuid, bool, String, Uuid)> = sqlx::query_as(
+            "SELECT task_uuid, created, step_name, step_uuid FROM tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(task.task_uuid)
+        .bind(&task.namespace)
+        .bind(&task.name)
+        .bind(task.priority)
+        .bind(&task.context)
+        .bind(&task.idempotency_key)
+        .bind(steps)
+        .bind(metadata)
+        .fetch_all(&self.pool)
+        .await?;
+        let first = rows
+            .first()
+            .ok_or_else(|| StoreError::invalid("steps", "a task needs at least one step"))?;
+        Ok(CreatedTask {
+            task_uuid: first.0,
+            created: first.1,
+            steps: rows.iter().map(|r| (r.2.clone(), r.3)).collect(),
+        })
+    }
+
+    pub async fn get_task(&self, task_uuid: Uuid) -> Result<TaskRecord, StoreError> {
+        sqlx::query_as::<_, TaskRecord>(
+            "SELECT task_uuid, namespace, name, priority, state, context, idempotency_key, created_at, updated_at, completed_at
+             FROM tasker.tasks WHERE task_uuid = $1",
+        )
+        .bind(task_uuid)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))
+    }
+
+    pub async fn get_steps(&self, task_uuid: Uuid) -> Result<Vec<StepRecord>, StoreError> {
+        Ok(sqlx::query_as::<_, StepRecord>(
+            "SELECT s.step_uuid, s.task_uuid, s.name, s.state, s.attempts, s.max_attempts, s.retryable,
+                    s.next_retry_at, s.inputs, s.results, s.last_error,
+                    coalesce((SELECT array_agg(p.name ORDER BY p.name)
+                              FROM tasker.step_edges e JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
+                              WHERE e.child_step_uuid = s.step_uuid), '{}') AS depends_on,
+                    s.created_at, s.enqueued_at, s.started_at, s.completed_at
+             FROM tasker.workflow_steps s WHERE s.task_uuid = $1 ORDER BY s.created_at, s.name",
+        )
+        .bind(task_uuid)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Cancel a task and every step not yet finished; their queue messages are removed.
+    pub async fn cancel_task(&self, task_uuid: Uuid, reason: &str, metadata: &Value) -> Result<(), StoreError> {
+        let outcome: String = sqlx::query_scalar("SELECT tasker.cancel_task($1, $2, $3)")
+            .bind(task_uuid)
+            .bind(reason)
+            .bind(metadata)
+            .fetch_one(&self.pool)
+            .await?;
+        match outcome.as_str() {
+            "cancelled" => Ok(()),
+            "task_not_found" => Err(StoreError::not_found(format!("task {task_uuid}"))),
+            other => Err(StoreError::FailedPrecondition(format!(
+                "task {task_uuid} cannot be cancelled: {other}"
+            ))),
+        }
+    }
+
+    /// Mark a step as done by hand; dependents treat it as complete.
+    pub async fn resolve_step_manually(
+        &self,
+        step_uuid: Uuid,
+        reason: &str,
+        results: Option<&Value>,
+    ) -> Result<(), StoreError> {
+        let outcome: String = sqlx::query_scalar("SELECT tasker.resolve_step_manually($1, $2, $3, $4)")
+            .bind(step_uuid)
+            .bind(reason)
+            .bind(results)
+            .bind(json!({"source": "manual"}))
+            .fetch_one(&self.pool)
+            .await?;
+        match outcome.as_str() {
+            "resolved" => Ok(()),
+            "step_not_found" => Err(StoreError::not_found(format!("step {step_uuid}"))),
+            other => Err(StoreError::FailedPrecondition(format!(
+                "step {step_uuid} cannot be resolved manually: {other}"
+            ))),
+        }
+    }
+
+    /// Namespaces that exist, oldest first.
+    pub async fn namespaces(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT name FROM tasker.namespaces ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}
