@@ -52,7 +52,10 @@ impl App {
 
     /// Serve until `shutdown` resolves, then stop in order: NOT_SERVING, stop accepting,
     /// close the pool, stop the embedded cluster.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Self {
             store,
             server,

@@ -128,7 +128,7 @@ pub mod defaults {
     pub const GRPC_MAX_FETCH_WAIT_MS: i64 = 30_000;
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskerConfig {
     pub orchestration: OrchestrationConfig,
@@ -297,17 +297,6 @@ impl Default for TelemetryConfig {
     }
 }
 
-impl Default for TaskerConfig {
-    fn default() -> Self {
-        Self {
-            orchestration: OrchestrationConfig::default(),
-            database: DatabaseConfig::default(),
-            grpc: GrpcConfig::default(),
-            telemetry: TelemetryConfig::default(),
-        }
-    }
-}
-
 /// Scopes a token may carry.
 pub const SCOPES: [&str; 3] = ["read", "write", "admin"];
 
@@ -330,7 +319,8 @@ pub fn namespace_name_problem(name: &str) -> Option<String> {
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if !(first_ok && rest_ok) {
         return Some(
             "must match ^[a-z0-9][a-z0-9_-]*$ (lower-case letters, digits, \"_\" and \"-\", starting with a letter or digit)"
@@ -368,7 +358,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration ({} problem(s)):", self.problems.len())?;
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
         for p in &self.problems {
             writeln!(f, "  - {p}")?;
         }
@@ -550,7 +544,9 @@ impl figment::Provider for Layer {
         figment::Metadata::named(self.name.clone())
     }
 
-    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         self.inner.data()
     }
 }
@@ -635,7 +631,8 @@ fn check_tree(
         }),
         (_, mv) => {
             // A leaf: accept it only if the whole config deserializes with this value in place.
-            let mut probe = serde_json::to_value(TaskerConfig::default()).expect("defaults serialize");
+            let mut probe =
+                serde_json::to_value(TaskerConfig::default()).expect("defaults serialize");
             set_path(&mut probe, path, mv.clone());
             match serde_json::from_value::<TaskerConfig>(probe) {
                 Ok(_) => {
@@ -747,8 +744,16 @@ impl TaskerConfig {
         let db = &self.database;
         at_least("database.max_connections", db.max_connections, 2);
         at_least("database.min_connections", db.min_connections, 0);
-        at_least("database.acquire_timeout_seconds", db.acquire_timeout_seconds, 1);
-        at_least("database.connect_timeout_seconds", db.connect_timeout_seconds, 1);
+        at_least(
+            "database.acquire_timeout_seconds",
+            db.acquire_timeout_seconds,
+            1,
+        );
+        at_least(
+            "database.connect_timeout_seconds",
+            db.connect_timeout_seconds,
+            1,
+        );
         let g = &self.grpc;
         at_least("grpc.max_request_bytes", g.max_request_bytes, 1024);
         at_least("grpc.request_timeout_seconds", g.request_timeout_seconds, 1);
@@ -787,7 +792,10 @@ impl TaskerConfig {
                 ),
             ));
         }
-        if !db.url.is_empty() && !(db.url.starts_with("postgres://") || db.url.starts_with("postgresql://")) {
+        if !(db.url.is_empty()
+            || db.url.starts_with("postgres://")
+            || db.url.starts_with("postgresql://"))
+        {
             out.push((
                 "database.url".into(),
                 "must start with postgres:// or postgresql://".into(),
@@ -796,7 +804,10 @@ impl TaskerConfig {
         if g.bind.parse::<std::net::SocketAddr>().is_err() {
             out.push((
                 "grpc.bind".into(),
-                format!("must be an address:port such as 127.0.0.1:50051, is {:?}", g.bind),
+                format!(
+                    "must be an address:port such as 127.0.0.1:50051, is {:?}",
+                    g.bind
+                ),
             ));
         }
         if g.tls.cert_path.is_empty() != g.tls.key_path.is_empty() {
@@ -813,11 +824,15 @@ impl TaskerConfig {
             if t.sha256.len() != 64 || !t.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                 out.push((
                     format!("{key}.sha256"),
-                    "must be the 64 hex digits of the token's SHA-256 (see `tasker token hash`)".into(),
+                    "must be the 64 hex digits of the token's SHA-256 (see `tasker token hash`)"
+                        .into(),
                 ));
             }
             if t.scopes.is_empty() {
-                out.push((format!("{key}.scopes"), "must name at least one scope".into()));
+                out.push((
+                    format!("{key}.scopes"),
+                    "must name at least one scope".into(),
+                ));
             }
             for s in &t.scopes {
                 if !SCOPES.contains(&s.as_str()) {
@@ -839,13 +854,19 @@ impl TaskerConfig {
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             out.push((
                 "telemetry.log_format".into(),
-                format!("must be \"text\" or \"json\", is {:?}", self.telemetry.log_format),
+                format!(
+                    "must be \"text\" or \"json\", is {:?}",
+                    self.telemetry.log_format
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
             out.push((
                 "telemetry.sample_ratio".into(),
-                format!("must be between 0.0 and 1.0, is {}", self.telemetry.sample_ratio),
+                format!(
+                    "must be between 0.0 and 1.0, is {}",
+                    self.telemetry.sample_ratio
+                ),
             ));
         }
         if self.telemetry.service_name.is_empty() {

@@ -10,6 +10,7 @@
 //! # Layout
 //!
 //! - [`config`]: `TaskerConfig`, layered TOML + environment, validation, `DeploymentMode`
+//! - [`dag`]: validating requested step DAGs; chain / diamond / fan builders
 //! - [`store`]: the pool, migrations and every SQL statement, behind typed functions
 //! - [`local_db`]: finding or starting a PostgreSQL to run against
 //! - [`proto`]: generated gRPC code and the descriptor set for reflection
@@ -21,6 +22,7 @@
 
 pub mod app;
 pub mod config;
+pub mod dag;
 pub mod grpc;
 pub mod local_db;
 pub mod proto;

@@ -57,7 +57,10 @@ pub struct ResolvedDatabase {
 
 /// Resolve the database per the module doc. `database_name` is the database created in the
 /// local server or embedded cluster (the service uses `tasker`).
-pub async fn resolve(cfg: &DatabaseConfig, database_name: &str) -> Result<ResolvedDatabase, LocalDbError> {
+pub async fn resolve(
+    cfg: &DatabaseConfig,
+    database_name: &str,
+) -> Result<ResolvedDatabase, LocalDbError> {
     if !cfg.url.is_empty() {
         return Ok(ResolvedDatabase {
             url: cfg.url.clone(),
@@ -119,14 +122,15 @@ async fn ensure_database(admin_url: &str, name: &str) -> Result<(), LocalDbError
             url: crate::config::redact_url(admin_url),
             source,
         })?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(name)
-        .fetch_one(&mut conn)
-        .await
-        .map_err(|source| LocalDbError::Connect {
-            url: admin_url.to_string(),
-            source,
-        })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|source| LocalDbError::Connect {
+                url: admin_url.to_string(),
+                source,
+            })?;
     if !exists {
         // a concurrent creator wins the race harmlessly: 42P04 duplicate_database
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
@@ -160,9 +164,25 @@ impl EmbeddedCluster {
         let bin_dir = find_bin_dir().ok_or_else(|| LocalDbError::NoBinaries {
             local: defaults::LOCAL_DATABASE_URL.to_string(),
         })?;
+        let run_as = if is_root() {
+            Some(unprivileged_user())
+        } else {
+            None
+        };
         std::fs::create_dir_all(data_dir)?;
-        let data_dir = data_dir.canonicalize()?;
-        let run_as = if is_root() { Some(unprivileged_user()) } else { None };
+        let mut data_dir = data_dir.canonicalize()?;
+        if run_as.is_some() && !reachable_by_others(&data_dir) {
+            // The unprivileged server could not even reach a directory under, say, /root.
+            let fallback =
+                std::env::temp_dir().join(format!("tasker-pg-{:016x}", path_hash(&data_dir)));
+            tracing::warn!(
+                wanted = %data_dir.display(),
+                using = %fallback.display(),
+                "the embedded cluster's data directory is not reachable by an unprivileged user; using a directory under the system temp dir"
+            );
+            std::fs::create_dir_all(&fallback)?;
+            data_dir = fallback;
+        }
         if let Some(user) = &run_as {
             chown_recursive(&data_dir, user)?;
         }
@@ -240,7 +260,14 @@ impl EmbeddedCluster {
         self.started_here = false;
         self.run(
             "pg_ctl",
-            &["-D", &self.data_dir.display().to_string(), "-m", "fast", "-w", "stop"],
+            &[
+                "-D",
+                &self.data_dir.display().to_string(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
         )
     }
 
@@ -293,6 +320,23 @@ impl Drop for EmbeddedCluster {
             tracing::warn!(error = %e, "stopping the embedded PostgreSQL cluster failed");
         }
     }
+}
+
+/// Whether every ancestor of `dir` lets other users through (the x bit for others).
+fn reachable_by_others(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    dir.ancestors().skip(1).all(|a| {
+        std::fs::metadata(a)
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(false)
+    })
+}
+
+fn path_hash(p: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.hash(&mut h);
+    h.finish()
 }
 
 fn free_port() -> Result<u16, LocalDbError> {
@@ -382,7 +426,10 @@ mod tests {
             with_database("postgres://u@h:5432/tasker", "postgres"),
             "postgres://u@h:5432/postgres"
         );
-        assert_eq!(with_database("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+        assert_eq!(
+            with_database("postgres://u@h:5432", "x"),
+            "postgres://u@h:5432/x"
+        );
         assert_eq!(
             with_database("postgres://u@h/a?sslmode=disable", "b"),
             "postgres://u@h/b?sslmode=disable"

@@ -6,13 +6,27 @@ use clap::{Parser, Subcommand};
 use tasker::config::{self, ConfigSources, EXIT_CONFIG};
 
 #[derive(Parser)]
-#[command(name = "tasker", version, about = "Event-driven workflow orchestration on PostgreSQL")]
+#[command(
+    name = "tasker",
+    version,
+    about = "Event-driven workflow orchestration on PostgreSQL"
+)]
 struct Cli {
     /// Configuration directory holding base/ and environments/.
-    #[arg(long, global = true, env = "TASKER_CONFIG_DIR", default_value = "config/tasker")]
+    #[arg(
+        long,
+        global = true,
+        env = "TASKER_CONFIG_DIR",
+        default_value = "config/tasker"
+    )]
     config_dir: std::path::PathBuf,
     /// Environment overlay: config/tasker/environments/<ENV>.
-    #[arg(long = "env", global = true, env = "TASKER_ENV", default_value = "development")]
+    #[arg(
+        long = "env",
+        global = true,
+        env = "TASKER_ENV",
+        default_value = "development"
+    )]
     environment: String,
     /// Database URL (overrides database.url and DATABASE_URL).
     #[arg(long, global = true)]
@@ -101,18 +115,23 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Config { action: ConfigAction::Show } => {
+            Command::Config {
+                action: ConfigAction::Show,
+            } => {
                 println!("# environment: {}", loaded.environment);
                 print!("{}", loaded.config.render(&loaded.sources));
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Config { action: ConfigAction::Check } => {
+            Command::Config {
+                action: ConfigAction::Check,
+            } => {
                 println!("configuration OK (environment {})", loaded.environment);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Migrate => {
                 let resolved = tasker::local_db::resolve(&loaded.config.database, "tasker").await?;
-                let store = tasker::store::Store::connect(&resolved.url, &loaded.config.database).await?;
+                let store =
+                    tasker::store::Store::connect(&resolved.url, &loaded.config.database).await?;
                 let applied = store.migrate().await?;
                 println!("{applied} migration(s) applied; schema is current");
                 store.pool().close().await;
@@ -126,7 +145,8 @@ fn main() -> ExitCode {
             Command::Db {
                 action: DbAction::Exec { database, command },
             } => {
-                let resolved = tasker::local_db::resolve(&loaded.config.database, &database).await?;
+                let resolved =
+                    tasker::local_db::resolve(&loaded.config.database, &database).await?;
                 eprintln!(
                     "tasker db exec: DATABASE_URL={} ({})",
                     config::redact_url(&resolved.url),
@@ -138,7 +158,9 @@ fn main() -> ExitCode {
                     .status()
                     .await?;
                 drop(resolved);
-                Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+                Ok(ExitCode::from(
+                    status.code().unwrap_or(1).clamp(0, 255) as u8
+                ))
             }
         }
     });

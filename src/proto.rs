@@ -12,4 +12,5 @@ pub mod tasker {
 pub use tasker::v1;
 
 /// The `FileDescriptorSet` of every proto file, for tonic-reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tasker_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tasker_descriptor.bin"));

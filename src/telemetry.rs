@@ -16,7 +16,11 @@ pub fn init(cfg: &TelemetryConfig) {
     let registry = tracing_subscriber::registry().with(filter);
     let result = if cfg.log_format == "json" {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     } else {
         registry

@@ -64,15 +64,27 @@ impl From<sqlx::Error> for StoreError {
                 Some("23514") => {
                     let field = match db.constraint() {
                         Some(c) if c.starts_with("tasks_priority") => "priority",
-                        Some(c) if c.starts_with("tasks_name") || c.starts_with("workflow_steps_name") => "name",
-                        Some(c) if c.starts_with("workflow_steps_max_attempts") => "steps.max_attempts",
+                        Some(c)
+                            if c.starts_with("tasks_name")
+                                || c.starts_with("workflow_steps_name") =>
+                        {
+                            "name"
+                        }
+                        Some(c) if c.starts_with("workflow_steps_max_attempts") => {
+                            "steps.max_attempts"
+                        }
                         Some(c) if c.starts_with("tasks_idempotency_key") => "idempotency_key",
                         Some(c) => c,
                         None => "request",
                     };
-                    return Self::invalid(field, format!("violates rule {}", db.constraint().unwrap_or("check")));
+                    return Self::invalid(
+                        field,
+                        format!("violates rule {}", db.constraint().unwrap_or("check")),
+                    );
                 }
-                Some("22P02") | Some("22023") => return Self::invalid("request", "malformed value"),
+                Some("22P02") | Some("22023") => {
+                    return Self::invalid("request", "malformed value")
+                }
                 _ => {}
             }
         }
@@ -87,7 +99,14 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => matches!(
             db.code().as_deref(),
             // admin shutdown, crash shutdown, cannot connect now, connection failures
-            Some("57P01") | Some("57P02") | Some("57P03") | Some("08000") | Some("08003") | Some("08006") | Some("08001") | Some("08004")
+            Some("57P01")
+                | Some("57P02")
+                | Some("57P03")
+                | Some("08000")
+                | Some("08003")
+                | Some("08006")
+                | Some("08001")
+                | Some("08004")
         ),
         _ => false,
     }

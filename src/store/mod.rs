@@ -23,8 +23,10 @@ use sqlx::PgPool;
 
 pub use error::{is_retryable, StoreError};
 pub use readiness::{ExecutionContext, ReadyTask, StepReadiness};
-pub use steps::{AttemptOutcome, EnqueueOutcome, EnqueueResult, FailOutcome, LeasedStep};
-pub use tasks::{NewStep, NewTask, StepRecord, TaskRecord};
+pub use steps::{
+    AttemptOutcome, EnqueueOutcome, EnqueueResult, FailOutcome, LeasedStep, StepFailure,
+};
+pub use tasks::{CreatedTask, NewStep, NewTask, StepRecord, TaskRecord};
 
 use crate::config::DatabaseConfig;
 

@@ -53,10 +53,12 @@ pub struct ReadyTask {
 
 impl Store {
     pub async fn step_readiness(&self, task_uuid: Uuid) -> Result<Vec<StepReadiness>, StoreError> {
-        Ok(sqlx::query_as::<_, StepReadiness>("SELECT * FROM tasker.step_readiness($1)")
-            .bind(task_uuid)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as::<_, StepReadiness>("SELECT * FROM tasker.step_readiness($1)")
+                .bind(task_uuid)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn execution_context(&self, task_uuid: Uuid) -> Result<ExecutionContext, StoreError> {

@@ -110,6 +110,17 @@ impl AttemptOutcome {
     }
 }
 
+/// A worker's report that an attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepFailure {
+    /// Stored as the step's `last_error`.
+    pub error: Value,
+    /// false: no retry, whatever attempts remain.
+    pub retryable: bool,
+    /// Delay before the retry; 0 retries at once.
+    pub backoff_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailOutcome {
     RetryScheduled { next_retry_at: DateTime<Utc> },
@@ -118,13 +129,18 @@ pub enum FailOutcome {
 
 impl Store {
     /// Claim the task (SKIP LOCKED) and enqueue its ready steps, in one transaction.
-    pub async fn enqueue_ready_steps(&self, task_uuid: Uuid, metadata: &Value) -> Result<EnqueueResult, StoreError> {
-        let (outcome, namespace, steps): (String, Option<String>, Vec<Uuid>) =
-            sqlx::query_as("SELECT outcome, namespace, enqueued_steps FROM tasker.enqueue_ready_steps($1, $2)")
-                .bind(task_uuid)
-                .bind(metadata)
-                .fetch_one(&self.pool)
-                .await?;
+    pub async fn enqueue_ready_steps(
+        &self,
+        task_uuid: Uuid,
+        metadata: &Value,
+    ) -> Result<EnqueueResult, StoreError> {
+        let (outcome, namespace, steps): (String, Option<String>, Vec<Uuid>) = sqlx::query_as(
+            "SELECT outcome, namespace, enqueued_steps FROM tasker.enqueue_ready_steps($1, $2)",
+        )
+        .bind(task_uuid)
+        .bind(metadata)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(EnqueueResult {
             outcome: EnqueueOutcome::parse(&outcome)?,
             namespace,
@@ -140,13 +156,15 @@ impl Store {
         max: i32,
         lease_ms: i64,
     ) -> Result<Vec<LeasedStep>, StoreError> {
-        Ok(sqlx::query_as::<_, LeasedStep>("SELECT * FROM tasker.fetch_steps($1, $2, $3, $4)")
-            .bind(namespace)
-            .bind(worker_id)
-            .bind(max)
-            .bind(lease_ms)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as::<_, LeasedStep>("SELECT * FROM tasker.fetch_steps($1, $2, $3, $4)")
+                .bind(namespace)
+                .bind(worker_id)
+                .bind(max)
+                .bind(lease_ms)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Complete an attempt the caller holds a live lease on. `traceparent` travels into the
@@ -176,9 +194,7 @@ impl Store {
         &self,
         step_uuid: Uuid,
         attempt: i32,
-        error: &Value,
-        retryable: bool,
-        backoff_ms: i64,
+        failure: &StepFailure,
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<FailOutcome, StoreError> {
@@ -189,9 +205,9 @@ impl Store {
         )
         .bind(step_uuid)
         .bind(attempt)
-        .bind(error)
-        .bind(retryable)
-        .bind(backoff_ms)
+        .bind(&failure.error)
+        .bind(failure.retryable)
+        .bind(failure.backoff_ms)
         .bind(metadata)
         .bind(traceparent)
         .fetch_one(&self.pool)
@@ -201,12 +217,19 @@ impl Store {
             ("failed", _) => Ok(FailOutcome::Failed),
             (other, _) => {
                 AttemptOutcome::parse(other).into_result(step_uuid, attempt)?;
-                Err(StoreError::FailedPrecondition(format!("unexpected outcome {other}")))
+                Err(StoreError::FailedPrecondition(format!(
+                    "unexpected outcome {other}"
+                )))
             }
         }
     }
 
-    pub async fn extend_lease(&self, step_uuid: Uuid, attempt: i32, lease_ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    pub async fn extend_lease(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        lease_ms: i64,
+    ) -> Result<DateTime<Utc>, StoreError> {
         let (outcome, until): (String, Option<DateTime<Utc>>) =
             sqlx::query_as("SELECT outcome, lease_expires_at FROM tasker.extend_lease($1, $2, $3)")
                 .bind(step_uuid)
@@ -220,18 +243,22 @@ impl Store {
 
     /// Steps whose backoff elapsed go back to pending; returns (task, step) of each.
     pub async fn promote_due_retries(&self, limit: i32) -> Result<Vec<(Uuid, Uuid)>, StoreError> {
-        Ok(sqlx::query_as("SELECT task_uuid, step_uuid FROM tasker.promote_due_retries($1)")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as("SELECT task_uuid, step_uuid FROM tasker.promote_due_retries($1)")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// End attempts whose lease ran out; returns (task, step, outcome) of each.
     pub async fn expire_leases(&self, limit: i32) -> Result<Vec<(Uuid, Uuid, String)>, StoreError> {
-        Ok(sqlx::query_as("SELECT task_uuid, step_uuid, outcome FROM tasker.expire_leases($1)")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as("SELECT task_uuid, step_uuid, outcome FROM tasker.expire_leases($1)")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// When the next retry becomes due or the next lease runs out, if ever.

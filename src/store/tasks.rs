@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 
-/// A task to create. Validation of the DAG's shape happens before this (see `tasks::dag`);
+/// A task to create. Validation of the DAG's shape happens before this (see `crate::dag`);
 /// the database re-checks what it can.
 #[derive(Debug, Clone)]
 pub struct NewTask {
@@ -76,7 +76,11 @@ pub struct StepRecord {
 impl Store {
     /// Create a task and its DAG in one transaction; with an idempotency key already used in
     /// the namespace, return that task instead and write nothing.
-    pub async fn create_task(&self, task: &NewTask, metadata: &Value) -> Result<super::tasks::CreatedTask, StoreError> {
+    pub async fn create_task(
+        &self,
+        task: &NewTask,
+        metadata: &Value,
+    ) -> Result<CreatedTask, StoreError> {
         let steps = serde_json::to_value(&task.steps).expect("steps serialize");
         let rows: Vec<(Uuid, bool, String, Uuid)> = sqlx::query_as(
             "SELECT task_uuid, created, step_name, step_uuid FROM tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -128,7 +132,12 @@ impl Store {
     }
 
     /// Cancel a task and every step not yet finished; their queue messages are removed.
-    pub async fn cancel_task(&self, task_uuid: Uuid, reason: &str, metadata: &Value) -> Result<(), StoreError> {
+    pub async fn cancel_task(
+        &self,
+        task_uuid: Uuid,
+        reason: &str,
+        metadata: &Value,
+    ) -> Result<(), StoreError> {
         let outcome: String = sqlx::query_scalar("SELECT tasker.cancel_task($1, $2, $3)")
             .bind(task_uuid)
             .bind(reason)
@@ -151,13 +160,14 @@ impl Store {
         reason: &str,
         results: Option<&Value>,
     ) -> Result<(), StoreError> {
-        let outcome: String = sqlx::query_scalar("SELECT tasker.resolve_step_manually($1, $2, $3, $4)")
-            .bind(step_uuid)
-            .bind(reason)
-            .bind(results)
-            .bind(json!({"source": "manual"}))
-            .fetch_one(&self.pool)
-            .await?;
+        let outcome: String =
+            sqlx::query_scalar("SELECT tasker.resolve_step_manually($1, $2, $3, $4)")
+                .bind(step_uuid)
+                .bind(reason)
+                .bind(results)
+                .bind(json!({"source": "manual"}))
+                .fetch_one(&self.pool)
+                .await?;
         match outcome.as_str() {
             "resolved" => Ok(()),
             "step_not_found" => Err(StoreError::not_found(format!("step {step_uuid}"))),
@@ -169,8 +179,10 @@ impl Store {
 
     /// Namespaces that exist, oldest first.
     pub async fn namespaces(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT name FROM tasker.namespaces ORDER BY created_at, name")
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT name FROM tasker.namespaces ORDER BY created_at, name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 }

@@ -1,0 +1,458 @@
+//! Step DAGs: validating a requested task before anything is written, and building the common
+//! shapes (chain, diamond, fan-out/fan-in) that tests and the benchmark use.
+//!
+//! Validation reports every violation at once, each with the field it concerns, so a client
+//! can fix a request in one go. The database re-checks what it can (unique names, same-task
+//! edges, no cycles), but a request that fails here writes nothing.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::config::namespace_name_problem;
+use crate::store::{NewStep, NewTask};
+
+/// Size limits: a task is a unit of orchestration, not a data store.
+pub mod limits {
+    pub const MAX_STEPS: usize = 1_000;
+    pub const MAX_DEPENDENCIES_PER_STEP: usize = 100;
+    pub const MAX_NAME_BYTES: usize = 255;
+    pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+    /// Serialized JSON of one step's inputs, or a task's context, or a step's results.
+    pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+    pub const MIN_PRIORITY: i32 = -1_000;
+    pub const MAX_PRIORITY: i32 = 1_000;
+    pub const MAX_ATTEMPTS: i32 = 100;
+    pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+}
+
+/// A requested step, before uuids are assigned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSpec {
+    pub name: String,
+    pub depends_on: Vec<String>,
+    /// 0 means the default.
+    pub max_attempts: i32,
+    pub retryable: bool,
+    pub inputs: Value,
+}
+
+impl StepSpec {
+    pub fn new(name: impl Into<String>, depends_on: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            depends_on: depends_on.iter().map(|s| s.to_string()).collect(),
+            max_attempts: 0,
+            retryable: true,
+            inputs: Value::Object(Default::default()),
+        }
+    }
+
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+}
+
+/// A requested task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSpec {
+    pub namespace: String,
+    pub name: String,
+    pub priority: i32,
+    pub context: Value,
+    pub idempotency_key: Option<String>,
+    pub steps: Vec<StepSpec>,
+}
+
+/// One rule a request breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl TaskSpec {
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        steps: Vec<StepSpec>,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            priority: 0,
+            context: Value::Object(Default::default()),
+            idempotency_key: None,
+            steps,
+        }
+    }
+
+    /// `n` steps, each depending on the one before.
+    pub fn chain(namespace: &str, n: usize) -> Self {
+        let steps = (0..n)
+            .map(|i| {
+                let deps = if i == 0 {
+                    vec![]
+                } else {
+                    vec![format!("s{}", i - 1)]
+                };
+                StepSpec {
+                    depends_on: deps,
+                    ..StepSpec::new(format!("s{i}"), &[])
+                }
+            })
+            .collect();
+        Self::new(namespace, format!("chain-{n}"), steps)
+    }
+
+    /// a -> (b, c) -> d
+    pub fn diamond(namespace: &str) -> Self {
+        Self::new(
+            namespace,
+            "diamond",
+            vec![
+                StepSpec::new("a", &[]),
+                StepSpec::new("b", &["a"]),
+                StepSpec::new("c", &["a"]),
+                StepSpec::new("d", &["b", "c"]),
+            ],
+        )
+    }
+
+    /// root -> `width` parallel steps -> join
+    pub fn fan(namespace: &str, width: usize) -> Self {
+        let mut steps = vec![StepSpec::new("root", &[])];
+        for i in 0..width {
+            steps.push(StepSpec::new(format!("leaf{i}"), &["root"]));
+        }
+        let leaves: Vec<String> = (0..width).map(|i| format!("leaf{i}")).collect();
+        steps.push(StepSpec {
+            depends_on: leaves,
+            ..StepSpec::new("join", &[])
+        });
+        Self::new(namespace, format!("fan-{width}"), steps)
+    }
+
+    /// Every violation of the rules, empty when the request is acceptable.
+    pub fn validate(&self) -> Vec<Violation> {
+        let mut v = Vec::new();
+        let mut push = |field: String, message: String| v.push(Violation { field, message });
+        if let Some(p) = namespace_name_problem(&self.namespace) {
+            push("namespace".into(), p);
+        }
+        check_name(&self.name, "name", &mut push);
+        if !(limits::MIN_PRIORITY..=limits::MAX_PRIORITY).contains(&self.priority) {
+            push(
+                "priority".into(),
+                format!(
+                    "must be between {} and {}, is {}",
+                    limits::MIN_PRIORITY,
+                    limits::MAX_PRIORITY,
+                    self.priority
+                ),
+            );
+        }
+        check_document(&self.context, "context", &mut push);
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.len() > limits::MAX_IDEMPOTENCY_KEY_BYTES {
+                push(
+                    "idempotency_key".into(),
+                    format!("must be 1 to {} bytes", limits::MAX_IDEMPOTENCY_KEY_BYTES),
+                );
+            }
+        }
+        if self.steps.is_empty() {
+            push("steps".into(), "a task needs at least one step".into());
+        }
+        if self.steps.len() > limits::MAX_STEPS {
+            push(
+                "steps".into(),
+                format!(
+                    "at most {} steps, got {}",
+                    limits::MAX_STEPS,
+                    self.steps.len()
+                ),
+            );
+            return v; // per-step checks on a huge request only produce noise
+        }
+        let mut seen = HashSet::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            check_name(&s.name, &format!("steps[{i}].name"), &mut push);
+            if !s.name.is_empty() && !seen.insert(s.name.as_str()) {
+                push(
+                    format!("steps[{i}].name"),
+                    format!(
+                        "duplicate step name {:?}: names must be unique within a task",
+                        s.name
+                    ),
+                );
+            }
+            if s.max_attempts < 0 || s.max_attempts > limits::MAX_ATTEMPTS {
+                push(
+                    format!("steps[{i}].max_attempts"),
+                    format!(
+                        "must be between 1 and {} (0 for the default), is {}",
+                        limits::MAX_ATTEMPTS,
+                        s.max_attempts
+                    ),
+                );
+            }
+            check_document(&s.inputs, &format!("steps[{i}].inputs"), &mut push);
+            if s.depends_on.len() > limits::MAX_DEPENDENCIES_PER_STEP {
+                push(
+                    format!("steps[{i}].depends_on"),
+                    format!("at most {} dependencies", limits::MAX_DEPENDENCIES_PER_STEP),
+                );
+            }
+        }
+        let names: HashSet<&str> = self.steps.iter().map(|s| s.name.as_str()).collect();
+        for (i, s) in self.steps.iter().enumerate() {
+            let mut deps = HashSet::new();
+            for d in &s.depends_on {
+                if d == &s.name {
+                    push(
+                        format!("steps[{i}].depends_on"),
+                        format!("step {:?} depends on itself", s.name),
+                    );
+                } else if !names.contains(d.as_str()) {
+                    push(
+                        format!("steps[{i}].depends_on"),
+                        format!("unknown dependency {d:?}"),
+                    );
+                } else if !deps.insert(d.as_str()) {
+                    push(
+                        format!("steps[{i}].depends_on"),
+                        format!("dependency {d:?} listed twice"),
+                    );
+                }
+            }
+        }
+        if let Some(cycle) = self.find_cycle() {
+            push(
+                "steps".into(),
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            );
+        }
+        v
+    }
+
+    /// A cycle among the steps, as step names, if there is one (Kahn's algorithm, then a walk
+    /// through what is left to name the cycle).
+    fn find_cycle(&self) -> Option<Vec<String>> {
+        let index: HashMap<&str, usize> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let n = self.steps.len();
+        let mut indegree = vec![0usize; n];
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, s) in self.steps.iter().enumerate() {
+            for d in &s.depends_on {
+                if let Some(&p) = index.get(d.as_str()) {
+                    if p != i {
+                        children[p].push(i);
+                        indegree[i] += 1;
+                    }
+                }
+            }
+        }
+        let mut queue: VecDeque<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+        let mut done = 0;
+        while let Some(i) = queue.pop_front() {
+            done += 1;
+            for &c in &children[i] {
+                indegree[c] -= 1;
+                if indegree[c] == 0 {
+                    queue.push_back(c);
+                }
+            }
+        }
+        if done == n {
+            return None;
+        }
+        // Every remaining node has a remaining parent: walk parents until one repeats.
+        let start = (0..n).find(|&i| indegree[i] > 0)?;
+        let mut path = vec![start];
+        let mut on_path: HashMap<usize, usize> = HashMap::from([(start, 0)]);
+        let mut cur = start;
+        loop {
+            let parent = self.steps[cur]
+                .depends_on
+                .iter()
+                .filter_map(|d| index.get(d.as_str()).copied())
+                .find(|&p| indegree[p] > 0 && p != cur)?;
+            if let Some(&pos) = on_path.get(&parent) {
+                let mut cycle: Vec<String> = path[pos..]
+                    .iter()
+                    .rev()
+                    .map(|&i| self.steps[i].name.clone())
+                    .collect();
+                cycle.push(cycle[0].clone());
+                return Some(cycle);
+            }
+            on_path.insert(parent, path.len());
+            path.push(parent);
+            cur = parent;
+        }
+    }
+
+    /// Validate, then assign uuids (v7: time-ordered, index friendly).
+    pub fn into_new_task(self) -> Result<NewTask, Vec<Violation>> {
+        let violations = self.validate();
+        if !violations.is_empty() {
+            return Err(violations);
+        }
+        Ok(NewTask {
+            task_uuid: Uuid::now_v7(),
+            namespace: self.namespace,
+            name: self.name,
+            priority: self.priority,
+            context: self.context,
+            idempotency_key: self.idempotency_key,
+            steps: self
+                .steps
+                .into_iter()
+                .map(|s| NewStep {
+                    step_uuid: Uuid::now_v7(),
+                    name: s.name,
+                    depends_on: s.depends_on,
+                    max_attempts: if s.max_attempts == 0 {
+                        limits::DEFAULT_MAX_ATTEMPTS
+                    } else {
+                        s.max_attempts
+                    },
+                    retryable: s.retryable,
+                    inputs: s.inputs,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn check_name(name: &str, field: &str, push: &mut impl FnMut(String, String)) {
+    if name.trim().is_empty() {
+        push(field.into(), "must not be empty".into());
+    } else if name.len() > limits::MAX_NAME_BYTES {
+        push(
+            field.into(),
+            format!(
+                "must be at most {} bytes, is {}",
+                limits::MAX_NAME_BYTES,
+                name.len()
+            ),
+        );
+    } else if name.chars().any(char::is_control) {
+        push(field.into(), "must not contain control characters".into());
+    }
+}
+
+fn check_document(doc: &Value, field: &str, push: &mut impl FnMut(String, String)) {
+    if !doc.is_object() {
+        push(field.into(), "must be a JSON object".into());
+        return;
+    }
+    let size = serde_json::to_vec(doc)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if size > limits::MAX_DOCUMENT_BYTES {
+        push(
+            field.into(),
+            format!(
+                "must be at most {} bytes of JSON, is {size}",
+                limits::MAX_DOCUMENT_BYTES
+            ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(spec: &TaskSpec) -> Vec<String> {
+        spec.validate().into_iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn shapes_are_valid() {
+        assert!(TaskSpec::chain("ns", 20).validate().is_empty());
+        assert!(TaskSpec::diamond("ns").validate().is_empty());
+        assert!(TaskSpec::fan("ns", 50).validate().is_empty());
+    }
+
+    #[test]
+    fn every_violation_is_reported_with_its_field() {
+        let spec = TaskSpec::new(
+            "Bad Namespace",
+            "",
+            vec![
+                StepSpec::new("a", &["zz"]),
+                StepSpec::new("a", &[]),
+                StepSpec::new("", &["a", "a"]).max_attempts(-1),
+            ],
+        );
+        let f = fields(&spec);
+        for expected in [
+            "namespace",
+            "name",
+            "steps[0].depends_on",
+            "steps[1].name",
+            "steps[2].name",
+            "steps[2].max_attempts",
+            "steps[2].depends_on",
+        ] {
+            assert!(
+                f.contains(&expected.to_string()),
+                "missing {expected} in {f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cycles_are_named() {
+        let spec = TaskSpec::new(
+            "ns",
+            "t",
+            vec![
+                StepSpec::new("a", &["c"]),
+                StepSpec::new("b", &["a"]),
+                StepSpec::new("c", &["b"]),
+                StepSpec::new("d", &[]),
+            ],
+        );
+        let v = spec.validate();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].message.starts_with("dependency cycle: "),
+            "{}",
+            v[0].message
+        );
+        for n in ["a", "b", "c"] {
+            assert!(v[0].message.contains(n));
+        }
+        let self_dep = TaskSpec::new("ns", "t", vec![StepSpec::new("a", &["a"])]);
+        assert_eq!(fields(&self_dep), vec!["steps[0].depends_on".to_string()]);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let many = TaskSpec::chain("ns", limits::MAX_STEPS + 1);
+        assert_eq!(fields(&many), vec!["steps".to_string()]);
+        let mut big = TaskSpec::diamond("ns");
+        big.steps[0].inputs = serde_json::json!({ "blob": "x".repeat(limits::MAX_DOCUMENT_BYTES) });
+        assert_eq!(fields(&big), vec!["steps[0].inputs".to_string()]);
+        let mut p = TaskSpec::diamond("ns");
+        p.priority = 5000;
+        assert_eq!(fields(&p), vec!["priority".to_string()]);
+    }
+}

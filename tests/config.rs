@@ -1,0 +1,257 @@
+//! Configuration: layer order, every invalid case reported at once, `config check` exit codes.
+
+use std::path::Path;
+use std::process::Command;
+
+use tasker::config::{self, ConfigSources, DeploymentMode};
+
+fn write(dir: &Path, rel: &str, text: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+fn sources(dir: &Path, env: &str, vars: &[(&str, &str)]) -> ConfigSources {
+    ConfigSources {
+        config_dir: dir.to_path_buf(),
+        environment: env.into(),
+        env_vars: Some(
+            vars.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        overrides: Vec::new(),
+    }
+}
+
+fn fixture() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "base/orchestration.toml",
+        "[orchestration.deployment]\nmode = \"Hybrid\"\n[orchestration.task_readiness]\nfallback_polling_interval_seconds = 30\nage_threshold_seconds = 5\nbatch_size = 50\n",
+    );
+    write(
+        d.path(),
+        "environments/development/orchestration.toml",
+        "[orchestration.task_readiness]\nbatch_size = 70\n",
+    );
+    write(
+        d.path(),
+        "environments/test/orchestration.toml",
+        "[orchestration.task_readiness]\nbatch_size = 80\nage_threshold_seconds = 2\n",
+    );
+    d
+}
+
+#[test]
+fn repository_config_is_valid_in_every_environment_but_production_without_tokens() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tasker");
+    for env in ["development", "test"] {
+        let loaded =
+            config::load(&sources(&dir, env, &[])).unwrap_or_else(|e| panic!("{env}: {e}"));
+        assert_eq!(
+            loaded.config.orchestration.deployment.mode,
+            DeploymentMode::Hybrid
+        );
+    }
+    let base = config::load(&sources(&dir, "test", &[])).unwrap();
+    assert_eq!(base.config.orchestration.task_readiness.batch_size, 50);
+    let e = config::load(&sources(&dir, "production", &[])).unwrap_err();
+    assert_eq!(e.problems.len(), 1);
+    assert_eq!(e.problems[0].key, "grpc.auth.tokens");
+    let token = format!(
+        "[{{name = \"ci\", sha256 = \"{}\", scopes = [\"read\"]}}]",
+        "a".repeat(64)
+    );
+    let ok = config::load(&sources(
+        &dir,
+        "production",
+        &[("TASKER_GRPC__AUTH__TOKENS", &token)],
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn layers_merge_in_order_base_overlay_env_override() {
+    let d = fixture();
+    let c = config::load(&sources(d.path(), "development", &[])).unwrap();
+    assert_eq!(
+        c.config.orchestration.task_readiness.batch_size, 70,
+        "overlay beats base"
+    );
+    assert_eq!(
+        c.config.orchestration.task_readiness.age_threshold_seconds, 5,
+        "base kept where overlay is silent"
+    );
+    assert_eq!(
+        c.sources["orchestration.task_readiness.batch_size"],
+        d.path()
+            .join("environments/development/orchestration.toml")
+            .display()
+            .to_string()
+    );
+
+    let c = config::load(&sources(
+        d.path(),
+        "test",
+        &[("TASKER_ORCHESTRATION__TASK_READINESS__BATCH_SIZE", "90")],
+    ))
+    .unwrap();
+    assert_eq!(
+        c.config.orchestration.task_readiness.batch_size, 90,
+        "env beats overlay"
+    );
+    assert_eq!(
+        c.config.orchestration.task_readiness.age_threshold_seconds,
+        2
+    );
+    assert_eq!(
+        c.sources["orchestration.task_readiness.batch_size"],
+        "environment variable TASKER_ORCHESTRATION__TASK_READINESS__BATCH_SIZE"
+    );
+
+    let s = sources(
+        d.path(),
+        "test",
+        &[
+            ("TASKER_ORCHESTRATION__DEPLOYMENT__MODE", "PollingOnly"),
+            (
+                "TASKER_ORCHESTRATION__TASK_READINESS__FALLBACK_POLLING_INTERVAL_SECONDS",
+                "1",
+            ),
+            ("DATABASE_URL", "postgres://u:secret@db/x"),
+            ("TASKER_ENV", "ignored-not-a-setting"),
+        ],
+    )
+    .with_override("orchestration.deployment.mode", "EventDrivenOnly");
+    let c = config::load(&s).unwrap();
+    assert_eq!(
+        c.config.orchestration.deployment.mode,
+        DeploymentMode::EventDrivenOnly,
+        "flag beats env"
+    );
+    assert_eq!(
+        c.config
+            .orchestration
+            .task_readiness
+            .fallback_polling_interval_seconds,
+        1
+    );
+    assert_eq!(c.config.database.url, "postgres://u:secret@db/x");
+    let shown = c.config.render(&c.sources);
+    assert!(shown.contains("postgres://u:<redacted>@db/x"), "{shown}");
+    assert!(!shown.contains("secret"));
+
+    let s = sources(
+        d.path(),
+        "test",
+        &[
+            ("DATABASE_URL", "postgres://a@h/one"),
+            ("TASKER_DATABASE__URL", "postgres://b@h/two"),
+        ],
+    );
+    assert_eq!(
+        config::load(&s).unwrap().config.database.url,
+        "postgres://b@h/two"
+    );
+}
+
+#[test]
+fn every_invalid_value_is_reported_at_once() {
+    let d = fixture();
+    write(
+        d.path(),
+        "environments/test/bad.toml",
+        "[orchestration.deployment]\nmode = \"Hibrid\"\nenabled = true\n[orchestration.task_readiness]\nfallback_polling_interval_seconds = 0\n",
+    );
+    let e = config::load(&sources(
+        d.path(),
+        "test",
+        &[
+            (
+                "TASKER_ORCHESTRATION__TASK_READINESS__AGE_THRESHOLD_SECONDS",
+                "-5",
+            ),
+            ("TASKER_ORCHESTRATION__TASK_READINESS__BATCH_SIZE", "0"),
+            ("TASKER_GRPC__BIND", "not-an-address"),
+            ("TASKER_TELEMETRY__SAMPLE_RATIO", "\"lots\""),
+            (
+                "TASKER_ORCHESTRATION__TASK_READINESS__NAMESPACES",
+                "[\"ok\", \"Not OK\"]",
+            ),
+        ],
+    ))
+    .unwrap_err();
+    let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+    for expected in [
+        "orchestration.deployment.mode",
+        "orchestration.deployment.enabled",
+        "orchestration.task_readiness.fallback_polling_interval_seconds",
+        "orchestration.task_readiness.age_threshold_seconds",
+        "orchestration.task_readiness.batch_size",
+        "grpc.bind",
+        "telemetry.sample_ratio",
+        "orchestration.task_readiness.namespaces[1]",
+    ] {
+        assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+    }
+    let text = e.to_string();
+    assert!(
+        text.contains("Hibrid") && text.contains("EventDrivenOnly"),
+        "{text}"
+    );
+    assert!(text.contains("bad.toml"), "names the file: {text}");
+    assert!(text.contains("unknown key"), "{text}");
+}
+
+#[test]
+fn deployment_mode_parses_canonical_and_snake_case() {
+    assert_eq!(
+        "Hybrid".parse::<DeploymentMode>().unwrap(),
+        DeploymentMode::Hybrid
+    );
+    assert_eq!(
+        "event_driven_only".parse::<DeploymentMode>().unwrap(),
+        DeploymentMode::EventDrivenOnly
+    );
+    assert_eq!(
+        "POLLING_ONLY".parse::<DeploymentMode>().unwrap(),
+        DeploymentMode::PollingOnly
+    );
+    assert!("Hibrid".parse::<DeploymentMode>().is_err());
+}
+
+#[test]
+fn config_check_exit_codes() {
+    let d = fixture();
+    let run = |vars: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasker"));
+        cmd.args(["config", "check"])
+            .env("TASKER_CONFIG_DIR", d.path())
+            .env("TASKER_ENV", "test");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = run(&[]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = run(&[
+        ("TASKER_ORCHESTRATION__DEPLOYMENT__MODE", "Hibrid"),
+        ("TASKER_ORCHESTRATION__TASK_READINESS__BATCH_SIZE", "0"),
+    ]);
+    assert_eq!(bad.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("2 problem(s)")
+            && stderr.contains("Hibrid")
+            && stderr.contains("batch_size"),
+        "{stderr}"
+    );
+}

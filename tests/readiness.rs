@@ -1,0 +1,332 @@
+//! Readiness SQL on fixtures: which steps are ready, the execution context, ready tasks.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use sqlx::PgPool;
+use tasker::dag::{StepSpec, TaskSpec};
+use tasker::store::{FailOutcome, Store};
+
+const NS: &str = "readiness";
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn linear_chain_is_ready_one_step_at_a_time(pool: PgPool) {
+    let store = Store::new(pool);
+    let t = create(&store, TaskSpec::chain(NS, 5)).await;
+    for i in 0..5 {
+        assert_eq!(
+            ready_names(&store, t.task_uuid).await,
+            vec![format!("s{i}")]
+        );
+        run_named(&store, t.task_uuid, NS, &format!("s{i}")).await;
+    }
+    let ctx = store.execution_context(t.task_uuid).await.unwrap();
+    assert_eq!((ctx.complete_steps, ctx.total_steps), (5, 5));
+    assert_eq!(ctx.execution_status, "all_complete");
+    assert_eq!(ctx.task_state, "complete");
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn diamond_join_waits_for_both_parents(pool: PgPool) {
+    let store = Store::new(pool);
+    let t = create(&store, TaskSpec::diamond(NS)).await;
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["a"]);
+    run_named(&store, t.task_uuid, NS, "a").await;
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["b", "c"]);
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    assert_eq!(names(&leased), vec!["b", "c"]);
+    let ctx = store.execution_context(t.task_uuid).await.unwrap();
+    assert_eq!(ctx.execution_status, "processing");
+    assert_eq!(ctx.in_progress_steps, 2);
+    complete(&store, &leased[0]).await;
+    let d = store
+        .step_readiness(t.task_uuid)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == "d")
+        .unwrap();
+    assert_eq!((d.completed_parents, d.total_parents), (1, 2));
+    assert!(!d.dependencies_satisfied && !d.ready);
+    complete(&store, &leased[1]).await;
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["d"]);
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    assert_eq!(
+        leased[0].parent_results,
+        json!({"b": {"by": "b"}, "c": {"by": "c"}})
+    );
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn fan_out_fan_in_of_width_50(pool: PgPool) {
+    let store = Store::new(pool);
+    let t = create(&store, TaskSpec::fan(NS, 50)).await;
+    run_named(&store, t.task_uuid, NS, "root").await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    assert_eq!(leased.len(), 50);
+    for l in &leased[..49] {
+        complete(&store, l).await;
+        assert!(ready_names(&store, t.task_uuid).await.is_empty());
+    }
+    complete(&store, &leased[49]).await;
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["join"]);
+    let ctx = store.execution_context(t.task_uuid).await.unwrap();
+    assert_eq!(ctx.ready_steps, 1);
+    assert_eq!(ctx.execution_status, "has_ready_steps");
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 1)).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let out = store
+        .fail_step(
+            leased[0].step_uuid,
+            1,
+            &failure(json!({"message": "flaky"}), true, 3_600_000),
+            &json!({}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out, FailOutcome::RetryScheduled { .. }));
+    let r = &store.step_readiness(t.task_uuid).await.unwrap()[0];
+    assert_eq!(r.state, "waiting_for_retry");
+    assert!(r.retry_eligible && !r.ready && r.next_retry_at.is_some());
+    assert!(
+        store.promote_due_retries(10).await.unwrap().is_empty(),
+        "backoff has not elapsed"
+    );
+    assert_eq!(
+        store
+            .execution_context(t.task_uuid)
+            .await
+            .unwrap()
+            .execution_status,
+        "waiting_for_dependencies"
+    );
+
+    // let the backoff elapse by moving the deadline, not by sleeping
+    sqlx::query(
+        "UPDATE tasker.workflow_steps SET next_retry_at = clock_timestamp() - interval '1 second'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(store.promote_due_retries(10).await.unwrap().len(), 1);
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["s0"]);
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    assert_eq!(leased[0].attempt, 2);
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn attempts_exhausted_blocks_the_task(pool: PgPool) {
+    let store = Store::new(pool);
+    let spec = TaskSpec::new(
+        NS,
+        "one-shot",
+        vec![
+            StepSpec::new("only", &[]).max_attempts(1),
+            StepSpec::new("after", &["only"]),
+        ],
+    );
+    let t = create(&store, spec).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let out = store
+        .fail_step(
+            leased[0].step_uuid,
+            1,
+            &failure(json!({"message": "no"}), true, 0),
+            &json!({}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, FailOutcome::Failed);
+    let r = &store.step_readiness(t.task_uuid).await.unwrap()[0];
+    assert_eq!(r.state, "error");
+    assert!(!r.retry_eligible && !r.ready);
+    let ctx = store.execution_context(t.task_uuid).await.unwrap();
+    assert_eq!(ctx.failed_steps, 1);
+    assert_eq!(ctx.execution_status, "blocked_by_failures");
+    assert_eq!(ctx.task_state, "error");
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn parent_resolved_manually_counts_as_complete(pool: PgPool) {
+    let store = Store::new(pool);
+    let mut spec = TaskSpec::diamond(NS);
+    spec.steps[0].max_attempts = 1;
+    let t = create(&store, spec).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    store
+        .fail_step(
+            leased[0].step_uuid,
+            1,
+            &failure(json!({"message": "broken"}), false, 0),
+            &json!({}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.get_task(t.task_uuid).await.unwrap().state, "error");
+    store
+        .resolve_step_manually(
+            step(&t, "a"),
+            "fixed by hand",
+            Some(&json!({"manual": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_task(t.task_uuid).await.unwrap().state,
+        "in_progress"
+    );
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["b", "c"]);
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn cancelled_task_has_nothing_ready(pool: PgPool) {
+    let store = Store::new(pool);
+    let t = create(&store, TaskSpec::diamond(NS)).await;
+    run_named(&store, t.task_uuid, NS, "a").await;
+    assert_eq!(
+        store
+            .ready_tasks(Some(NS), 10, None, 0)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    store
+        .cancel_task(t.task_uuid, "no longer needed", &json!({}))
+        .await
+        .unwrap();
+    assert!(ready_names(&store, t.task_uuid).await.is_empty());
+    assert!(store
+        .ready_tasks(Some(NS), 10, None, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    let ctx = store.execution_context(t.task_uuid).await.unwrap();
+    assert_eq!(ctx.execution_status, "cancelled");
+    assert_eq!(ctx.cancelled_steps, 3);
+    assert_eq!(store.queue_depth(NS).await.unwrap(), 0);
+    let again = store.cancel_task(t.task_uuid, "twice", &json!({})).await;
+    assert!(matches!(
+        again,
+        Err(tasker::store::StoreError::FailedPrecondition(_))
+    ));
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn ready_tasks_order_by_priority_with_aging(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let mut low = TaskSpec::chain(NS, 1);
+    low.priority = 0;
+    let mut high = TaskSpec::chain(NS, 1);
+    high.priority = 50;
+    let low = create(&store, low).await;
+    let high = create(&store, high).await;
+    let other = create(&store, TaskSpec::chain("elsewhere", 1)).await;
+    let order: Vec<_> = store
+        .ready_tasks(Some(NS), 10, None, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.task_uuid)
+        .collect();
+    assert_eq!(order, vec![high.task_uuid, low.task_uuid]);
+    // the low-priority task has waited two hours: +120 beats +50
+    sqlx::query("UPDATE tasker.workflow_steps SET created_at = created_at - interval '2 hours' WHERE task_uuid = $1")
+        .bind(low.task_uuid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rows = store.ready_tasks(Some(NS), 10, None, 0).await.unwrap();
+    assert_eq!(rows[0].task_uuid, low.task_uuid);
+    assert_eq!(rows[0].computed_priority, 120);
+    assert_eq!(store.ready_tasks(None, 10, None, 0).await.unwrap().len(), 3);
+    // age threshold: only tasks ready since before the cut-off
+    let cutoff = chrono::Utc::now() - chrono::Duration::hours(1);
+    let old: Vec<_> = store
+        .ready_tasks(None, 10, Some(cutoff), 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.task_uuid)
+        .collect();
+    assert_eq!(old, vec![low.task_uuid]);
+    assert!(!old.contains(&other.task_uuid));
+    // paging
+    let page2 = store.ready_tasks(None, 2, None, 2).await.unwrap();
+    assert_eq!(page2.len(), 1);
+}
+
+/// At 100k tasks the ready-task query must be driven by indexes, not by scanning finished work.
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn ready_tasks_plan_uses_indexes_at_100k_tasks(pool: PgPool) {
+    let mut tx = pool.begin().await.unwrap();
+    // bulk fixture: 100k finished tasks of 3 steps each, 100 active ones (triggers off for speed)
+    for sql in [
+        "SET LOCAL session_replication_role = replica",
+        "INSERT INTO tasker.namespaces (name) VALUES ('bulk')",
+        "INSERT INTO tasker.tasks (task_uuid, namespace, name, state)
+         SELECT uuidv, 'bulk', 't', CASE WHEN i <= 100 THEN 'in_progress' ELSE 'complete' END
+         FROM (SELECT i, md5(i::text)::uuid AS uuidv FROM generate_series(1, 100000) i) g",
+        "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, state, completed_at)
+         SELECT md5(i::text || '-' || k)::uuid, md5(i::text)::uuid, 's' || k,
+                CASE WHEN i <= 100 AND k > 0 THEN 'pending' ELSE 'complete' END, clock_timestamp()
+         FROM generate_series(1, 100000) i, generate_series(0, 2) k",
+        "INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
+         SELECT md5(i::text)::uuid, md5(i::text || '-' || (k - 1))::uuid, md5(i::text || '-' || k)::uuid
+         FROM generate_series(1, 100000) i, generate_series(1, 2) k",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+    let store = Store::new(pool.clone());
+    let ready = store
+        .ready_tasks(Some("bulk"), 1000, None, 0)
+        .await
+        .unwrap();
+    assert_eq!(ready.len(), 100);
+    assert!(ready.iter().all(|r| r.ready_steps == 1));
+
+    // EXPLAIN the function body's query (an SQL function call is opaque to EXPLAIN)
+    let body: String =
+        sqlx::query_scalar("SELECT prosrc FROM pg_proc WHERE proname = 'ready_tasks'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let body = body
+        .replace("p_namespace", "'bulk'::text")
+        .replace("p_limit", "100")
+        .replace("p_ready_before", "'infinity'::timestamptz")
+        .replace("p_offset", "0");
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {body}"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("workflow_steps_pending_idx"),
+        "plan does not use the pending index:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on workflow_steps"),
+        "plan scans all steps:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on tasks"),
+        "plan scans all tasks:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on step_edges"),
+        "plan scans all edges:\n{plan}"
+    );
+    println!("ready_tasks plan at 100k tasks:\n{plan}");
+}

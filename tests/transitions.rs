@@ -1,0 +1,248 @@
+//! The state machine in the database: illegal transitions and cyclic edges are refused and
+//! change nothing; every transition leaves a history row; bad names get clear errors.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use sqlx::PgPool;
+use tasker::dag::TaskSpec;
+use tasker::store::{Store, StoreError};
+use uuid::Uuid;
+
+const NS: &str = "transitions";
+
+async fn state_of(pool: &PgPool, step: Uuid) -> (String, i32, i64) {
+    let (state, attempts): (String, i32) =
+        sqlx::query_as("SELECT state, attempts FROM tasker.workflow_steps WHERE step_uuid = $1")
+            .bind(step)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasker.step_transitions WHERE step_uuid = $1")
+            .bind(step)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    (state, attempts, history)
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn illegal_step_transitions_are_refused_and_change_nothing(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 2)).await;
+    let s0 = step(&t, "s0");
+    let before = state_of(&pool, s0).await;
+    for to in ["complete", "in_progress", "waiting_for_retry", "error"] {
+        let err = sqlx::query("UPDATE tasker.workflow_steps SET state = $1 WHERE step_uuid = $2")
+            .bind(to)
+            .bind(s0)
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        let e = StoreError::from(err);
+        assert!(
+            matches!(e, StoreError::FailedPrecondition(_)),
+            "{to}: {e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains(&format!("illegal step transition pending -> {to}")),
+            "{e}"
+        );
+    }
+    assert_eq!(state_of(&pool, s0).await, before);
+    let bogus = sqlx::query("UPDATE tasker.workflow_steps SET state = 'done' WHERE step_uuid = $1")
+        .bind(s0)
+        .execute(&pool)
+        .await;
+    assert!(bogus.is_err(), "states outside the vocabulary are refused");
+    let task_err = sqlx::query("UPDATE tasker.tasks SET state = 'complete' WHERE task_uuid = $1")
+        .bind(t.task_uuid)
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(task_err
+        .to_string()
+        .contains("illegal task transition pending -> complete"));
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn every_transition_writes_history_and_history_is_append_only(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 1)).await;
+    run_named(&store, t.task_uuid, NS, "s0").await;
+    let rows: Vec<(Option<String>, String, i32)> = sqlx::query_as(
+        "SELECT from_state, to_state, attempt FROM tasker.step_transitions WHERE step_uuid = $1 ORDER BY id",
+    )
+    .bind(step(&t, "s0"))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (None, "pending".into(), 0),
+            (Some("pending".into()), "enqueued".into(), 1),
+            (Some("enqueued".into()), "in_progress".into(), 1),
+            (Some("in_progress".into()), "complete".into(), 1),
+        ]
+    );
+    let tasks: Vec<(Option<String>, String)> = sqlx::query_as(
+        "SELECT from_state, to_state FROM tasker.task_transitions WHERE task_uuid = $1 ORDER BY id",
+    )
+    .bind(t.task_uuid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tasks.len(), 3);
+    assert!(sqlx::query("DELETE FROM tasker.step_transitions")
+        .execute(&pool)
+        .await
+        .is_err());
+    assert!(
+        sqlx::query("UPDATE tasker.task_transitions SET to_state = 'x'")
+            .execute(&pool)
+            .await
+            .is_err()
+    );
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn cyclic_and_cross_task_edges_are_refused(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 3)).await;
+    let (s0, s2) = (step(&t, "s0"), step(&t, "s2"));
+    let err = sqlx::query("INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid) VALUES ($1, $2, $3)")
+        .bind(t.task_uuid)
+        .bind(s2)
+        .bind(s0)
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    let e = StoreError::from(err);
+    assert!(e.to_string().contains("dependency cycle"), "{e}");
+    let self_edge = sqlx::query("INSERT INTO tasker.step_edges VALUES ($1, $2, $2)")
+        .bind(t.task_uuid)
+        .bind(s0)
+        .execute(&pool)
+        .await;
+    assert!(self_edge.is_err());
+    let other = create(&store, TaskSpec::chain(NS, 1)).await;
+    let cross = sqlx::query("INSERT INTO tasker.step_edges VALUES ($1, $2, $3)")
+        .bind(t.task_uuid)
+        .bind(s2)
+        .bind(step(&other, "s0"))
+        .execute(&pool)
+        .await;
+    assert!(cross.is_err(), "an edge cannot join two tasks");
+    let edges: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.step_edges")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(edges, 2);
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn bad_requests_write_nothing(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    // the database's own checks, bypassing the service's validation
+    let mut dup = TaskSpec::chain(NS, 2).into_new_task().unwrap();
+    dup.steps[1].name = "s0".into();
+    dup.steps[1].depends_on.clear();
+    let e = store.create_task(&dup, &json!({})).await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::InvalidArgument { field, .. } if field == "steps.name"),
+        "{e:?}"
+    );
+    let mut unknown = TaskSpec::chain(NS, 2).into_new_task().unwrap();
+    unknown.steps[1].depends_on = vec!["nope".into()];
+    let e = store.create_task(&unknown, &json!({})).await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::InvalidArgument { field, .. } if field == "steps.depends_on"),
+        "{e:?}"
+    );
+    let mut cyclic = TaskSpec::chain(NS, 2).into_new_task().unwrap();
+    cyclic.steps[0].depends_on = vec!["s1".into()];
+    let e = store.create_task(&cyclic, &json!({})).await.unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    let mut bad_ns = TaskSpec::chain(NS, 1).into_new_task().unwrap();
+    bad_ns.namespace = "Has Spaces".into();
+    let e = store.create_task(&bad_ns, &json!({})).await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::InvalidArgument { field, .. } if field == "namespace"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("must match"), "{e}");
+    for table in [
+        "tasks",
+        "workflow_steps",
+        "step_edges",
+        "namespaces",
+        "step_transitions",
+    ] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM tasker.{table}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{table} has rows after rejected requests");
+    }
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn idempotency_key_returns_the_same_task(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let mut spec = TaskSpec::diamond(NS);
+    spec.idempotency_key = Some("order-42".into());
+    let first = create(&store, spec.clone()).await;
+    let second = create(&store, spec).await;
+    assert!(first.created && !second.created);
+    assert_eq!(first.task_uuid, second.task_uuid);
+    assert_eq!(first.steps, second.steps);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn stale_attempts_and_expired_leases_change_nothing(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 1)).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let s = leased[0].step_uuid;
+    let before = state_of(&pool, s).await;
+    let stale = store
+        .complete_step(s, 7, &json!({}), &json!({}), None)
+        .await
+        .unwrap_err();
+    assert!(
+        stale.to_string().contains("not the current attempt"),
+        "{stale}"
+    );
+    sqlx::query(
+        "UPDATE tasker.step_queue SET visible_at = clock_timestamp() - interval '1 second'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let expired = store
+        .complete_step(s, 1, &json!({}), &json!({}), None)
+        .await
+        .unwrap_err();
+    assert!(expired.to_string().contains("expired"), "{expired}");
+    assert!(store.extend_lease(s, 1, 1000).await.is_err());
+    assert_eq!(state_of(&pool, s).await, before);
+    // the lease reaper ends the attempt; the step comes back as attempt 2
+    let expired = store.expire_leases(10).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    assert_eq!(leased[0].attempt, 2);
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.step_queue")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1, "one message per live attempt");
+}

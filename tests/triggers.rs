@@ -1,0 +1,258 @@
+//! Notification triggers: exactly the expected notifications, with the exact payload fields.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tasker::dag::TaskSpec;
+use tasker::store::Store;
+
+const NS: &str = "triggers";
+const READY: &str = "tasker_task_ready";
+const READY_NS: &str = "tasker_task_ready.triggers";
+
+fn payload(n: &sqlx::postgres::PgNotification) -> Value {
+    serde_json::from_str(n.payload()).expect("payload is JSON")
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn completing_a_parent_notifies_once_per_channel_with_exact_payload(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 2)).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let mut l = listener(&pool, &[READY, READY_NS]).await;
+    complete(&store, &leased[0]).await;
+    let got = drain_until_sentinel(&pool, &mut l, &[READY, READY_NS]).await;
+    let mut channels: Vec<_> = got.iter().map(|n| n.channel().to_string()).collect();
+    channels.sort();
+    assert_eq!(channels, vec![READY.to_string(), READY_NS.to_string()]);
+    assert_eq!(got[0].payload(), got[1].payload());
+    let p = payload(&got[0]);
+    assert_eq!(
+        p,
+        json!({
+            "task_uuid": t.task_uuid,
+            "namespace": NS,
+            "priority": 0,
+            "ready_steps": 1,
+            "triggered_by": "step_transition",
+            "step_uuid": step(&t, "s0"),
+            "step_state": "complete",
+            "task_state": "in_progress",
+        })
+    );
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn no_notification_while_the_child_waits_for_another_parent(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::diamond(NS)).await;
+    run_named(&store, t.task_uuid, NS, "a").await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let mut l = listener(&pool, &[READY, READY_NS]).await;
+    complete(&store, &leased[0]).await; // b: d still waits for c
+    assert!(drain_until_sentinel(&pool, &mut l, &[READY, READY_NS])
+        .await
+        .is_empty());
+    complete(&store, &leased[1]).await; // c: d is ready now
+    let got = drain_until_sentinel(&pool, &mut l, &[READY, READY_NS]).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(payload(&got[0])["step_uuid"], json!(step(&t, "c")));
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn fan_in_of_50_notifies_only_for_the_last_parent(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::fan(NS, 50)).await;
+    run_named(&store, t.task_uuid, NS, "root").await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let mut l = listener(&pool, &[READY]).await;
+    for s in &leased {
+        complete(&store, s).await;
+    }
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1, "one notification: the join became ready once");
+    assert_eq!(payload(&got[0])["step_uuid"], json!(leased[49].step_uuid));
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn task_creation_and_namespace_creation_notify(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let mut l = listener(&pool, &[READY, READY_NS, "tasker_namespace_created"]).await;
+    let t = create(&store, TaskSpec::fan(NS, 3)).await;
+    let got = drain_until_sentinel(
+        &pool,
+        &mut l,
+        &[READY, READY_NS, "tasker_namespace_created"],
+    )
+    .await;
+    let created: Vec<_> = got
+        .iter()
+        .filter(|n| n.channel() == "tasker_namespace_created")
+        .collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(payload(created[0]), json!({"namespace": NS}));
+    let ready: Vec<_> = got
+        .iter()
+        .filter(|n| n.channel() != "tasker_namespace_created")
+        .collect();
+    assert_eq!(ready.len(), 2);
+    assert_eq!(
+        payload(ready[0]),
+        json!({
+            "task_uuid": t.task_uuid, "namespace": NS, "priority": 0, "ready_steps": 1,
+            "triggered_by": "task_start", "step_uuid": null, "step_state": null, "task_state": "pending",
+        })
+    );
+    // a second task in the same namespace: no namespace notification
+    create(&store, TaskSpec::chain(NS, 1)).await;
+    let got = drain_until_sentinel(
+        &pool,
+        &mut l,
+        &[READY, READY_NS, "tasker_namespace_created"],
+    )
+    .await;
+    assert_eq!(
+        got.iter()
+            .filter(|n| n.channel() == "tasker_namespace_created")
+            .count(),
+        0
+    );
+    assert_eq!(got.len(), 2);
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn task_state_changes_notify_on_both_channels(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 1)).await;
+    let chans = ["tasker_task_state", "tasker_task_state.triggers"];
+    let mut l = listener(&pool, &chans).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await; // pending -> in_progress
+    complete(&store, &leased[0]).await; // in_progress -> complete
+    let got = drain_until_sentinel(&pool, &mut l, &chans).await;
+    assert_eq!(got.len(), 4);
+    let transitions: Vec<(Value, Value)> = got
+        .iter()
+        .filter(|n| n.channel() == "tasker_task_state")
+        .map(|n| {
+            (
+                payload(n)["from_state"].clone(),
+                payload(n)["to_state"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        transitions,
+        vec![
+            (json!("pending"), json!("in_progress")),
+            (json!("in_progress"), json!("complete"))
+        ]
+    );
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn retry_return_to_pending_notifies_for_the_step_itself(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 1)).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let mut l = listener(&pool, &[READY]).await;
+    store
+        .fail_step(
+            leased[0].step_uuid,
+            1,
+            &failure(json!({"message": "again"}), true, 0),
+            &json!({}),
+            None,
+        )
+        .await
+        .unwrap();
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1);
+    let p = payload(&got[0]);
+    assert_eq!(p["step_uuid"], json!(leased[0].step_uuid));
+    assert_eq!(p["step_state"], json!("pending"));
+    assert_eq!(p["ready_steps"], json!(1));
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let ns = "n".repeat(tasker::config::MAX_NAMESPACE_BYTES);
+    let channel = format!("tasker_task_ready.{ns}");
+    assert_eq!(channel.len(), 63, "the longest channel name fits exactly");
+    let mut spec = TaskSpec::chain(&ns, 2);
+    spec.name = "t".repeat(255);
+    spec.steps[0].name = "x".repeat(255);
+    spec.steps[1].name = "y".repeat(255);
+    spec.steps[1].depends_on = vec!["x".repeat(255)];
+    spec.priority = -1000;
+    let t = create(&store, spec).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, &ns).await;
+    let mut l = listener(&pool, &[READY, &channel]).await;
+    let traceparent = format!("00-{}-{}-01", "a".repeat(32), "b".repeat(16));
+    store
+        .complete_step(
+            leased[0].step_uuid,
+            1,
+            &json!({"big": "z".repeat(100_000)}),
+            &json!({}),
+            Some(&traceparent),
+        )
+        .await
+        .unwrap();
+    let got = drain_until_sentinel(&pool, &mut l, &[READY, &channel]).await;
+    assert_eq!(got.len(), 2, "delivered on the 63-byte channel too");
+    for n in &got {
+        assert!(
+            n.payload().len() < 1000,
+            "payload is {} bytes",
+            n.payload().len()
+        );
+        assert_eq!(payload(n)["traceparent"], json!(traceparent));
+    }
+    let too_long = "n".repeat(tasker::config::MAX_NAMESPACE_BYTES + 1);
+    let err = store
+        .create_task(
+            &TaskSpec::chain("ok", 1)
+                .into_new_task()
+                .map(|mut t| {
+                    t.namespace = too_long;
+                    t
+                })
+                .unwrap(),
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 45 bytes"), "{err}");
+}
+
+/// Two parents of a join completing at the same moment in two transactions: the join is
+/// announced exactly once (completions of one task are serialized, so the second sees the first).
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn concurrent_parent_completions_announce_the_join_exactly_once(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let mut l = listener(&pool, &[READY]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let t = create(&store, TaskSpec::diamond(NS)).await;
+        run_named(&store, t.task_uuid, NS, "a").await;
+        tasks.push(t);
+    }
+    drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    for t in &tasks {
+        let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+        let (b, c) = (&leased[0], &leased[1]);
+        tokio::join!(complete(&store, b), complete(&store, c));
+    }
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    let mut announced: Vec<Value> = got
+        .iter()
+        .map(|n| payload(n)["task_uuid"].clone())
+        .collect();
+    announced.sort_by_key(|v| v.to_string());
+    let mut expected: Vec<Value> = tasks.iter().map(|t| json!(t.task_uuid)).collect();
+    expected.sort_by_key(|v| v.to_string());
+    assert_eq!(announced, expected, "each join announced exactly once");
+}
