@@ -100,13 +100,24 @@ LANGUAGE sql STABLE AS $$
     SELECT p_priority + least(floor(greatest(extract(epoch FROM clock_timestamp() - p_ready_since), 0) / 60), 100000)::int
 $$;
 
--- Tasks with at least one ready step, best first. p_namespace NULL means all namespaces.
+-- Tasks with at least one ready step, best first. p_namespaces: NULL for all namespaces, or
+-- a list of namespace patterns (see namespace_matches).
 -- p_ready_before keeps only tasks whose oldest ready step has been ready since before it (the
 -- fallback poller's age threshold; a lower bound on age only, never an upper one).
 -- Cost: driven by the partial index on pending steps, then primary-key and edge-index look-ups;
 -- it never scans finished work.
+-- A namespace matches a pattern when equal to it, or, for a pattern ending in '*', when it
+-- starts with what precedes the '*'.
+CREATE FUNCTION tasker.namespace_matches(p_namespace text, p_patterns text[]) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT p_patterns IS NULL OR EXISTS (
+        SELECT 1 FROM unnest(p_patterns) p
+        WHERE CASE WHEN right(p, 1) = '*' THEN starts_with(p_namespace, left(p, -1))
+                   ELSE p_namespace = p END)
+$$;
+
 CREATE FUNCTION tasker.ready_tasks(
-    p_namespace text DEFAULT NULL,
+    p_namespaces text[] DEFAULT NULL,
     p_limit integer DEFAULT 100,
     p_ready_before timestamptz DEFAULT 'infinity',
     p_offset integer DEFAULT 0
@@ -148,7 +159,7 @@ LANGUAGE sql STABLE AS $$
     FROM per_task pt
     JOIN tasker.tasks t ON t.task_uuid = pt.task_uuid
     WHERE t.state IN ('pending', 'in_progress')
-      AND (p_namespace IS NULL OR t.namespace = p_namespace)
+      AND tasker.namespace_matches(t.namespace, p_namespaces)
       AND pt.since < p_ready_before
     ORDER BY cp DESC, pt.since, t.task_uuid
     LIMIT p_limit OFFSET p_offset

@@ -72,11 +72,13 @@ $$;
 -- fetch, a completion) commits synchronously later, which flushes the WAL up to and including
 -- this commit, so nothing durable can ever rest on a lost enqueue.
 CREATE FUNCTION tasker.enqueue_ready_steps(p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb)
-RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[])
+RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
+               max_ready_wait_ms double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_task record;
     v_steps uuid[];
+    v_wait double precision;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
@@ -86,19 +88,19 @@ BEGIN
     FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         IF EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid) THEN
-            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[];
+            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8;
         ELSE
-            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[];
+            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8;
         END IF;
         RETURN;
     END IF;
     IF v_task.state NOT IN ('pending', 'in_progress') THEN
-        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[];
+        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8;
         RETURN;
     END IF;
 
     WITH ready AS (
-        SELECT r.step_uuid FROM tasker.step_readiness(p_task_uuid) r WHERE r.ready
+        SELECT r.step_uuid, r.ready_since FROM tasker.step_readiness(p_task_uuid) r WHERE r.ready
     ),
     moved AS (
         UPDATE tasker.workflow_steps s
@@ -106,7 +108,7 @@ BEGIN
             next_retry_at = NULL
         FROM ready
         WHERE s.step_uuid = ready.step_uuid AND s.state = 'pending'
-        RETURNING s.step_uuid, s.attempts, s.created_at
+        RETURNING s.step_uuid, s.attempts, s.created_at, s.enqueued_at, ready.ready_since
     ),
     queued AS (
         INSERT INTO tasker.step_queue (namespace, task_uuid, step_uuid, attempt, priority)
@@ -114,16 +116,21 @@ BEGIN
         FROM moved m ORDER BY m.created_at
         RETURNING step_queue.step_uuid
     )
-    SELECT coalesce(array_agg(q.step_uuid), '{}'::uuid[]) INTO v_steps FROM queued q;
+    -- ready_since is when the step's last parent completed (or its backoff ended): the wait
+    -- from there to enqueued_at is the completion -> enqueue latency the service reports.
+    SELECT coalesce(array_agg(m.step_uuid ORDER BY m.created_at), '{}'::uuid[]),
+           extract(epoch FROM max(m.enqueued_at - m.ready_since)) * 1000
+    INTO v_steps, v_wait
+    FROM moved m JOIN queued q ON q.step_uuid = m.step_uuid;
 
     IF cardinality(v_steps) = 0 THEN
-        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps;
+        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8;
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
         UPDATE tasker.tasks t SET state = 'in_progress' WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
     END IF;
-    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps;
+    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait;
 END
 $$;
 
@@ -308,25 +315,29 @@ END
 $$;
 
 -- Steps whose retry backoff has elapsed go back to pending (the trigger then notifies).
-CREATE FUNCTION tasker.promote_due_retries(p_limit integer DEFAULT 500)
-RETURNS TABLE (task_uuid uuid, step_uuid uuid)
+-- p_namespaces: NULL for all, or namespace patterns (see namespace_matches).
+CREATE FUNCTION tasker.promote_due_retries(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
+RETURNS TABLE (task_uuid uuid, step_uuid uuid, namespace text, priority integer)
 LANGUAGE sql AS $$
     WITH due AS (
         SELECT s.step_uuid FROM tasker.workflow_steps s
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
         WHERE s.state = 'waiting_for_retry' AND s.next_retry_at <= clock_timestamp()
+          AND tasker.namespace_matches(t.namespace, p_namespaces)
         ORDER BY s.next_retry_at
         LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF s SKIP LOCKED
     )
     UPDATE tasker.workflow_steps s SET state = 'pending'
-    FROM due WHERE s.step_uuid = due.step_uuid AND s.state = 'waiting_for_retry'
-    RETURNING s.task_uuid, s.step_uuid
+    FROM due, tasker.tasks t
+    WHERE s.step_uuid = due.step_uuid AND s.state = 'waiting_for_retry' AND t.task_uuid = s.task_uuid
+    RETURNING s.task_uuid, s.step_uuid, t.namespace, t.priority
 $$;
 
 -- Leases that ran out end their attempt as a retryable failure with no backoff: the worker
 -- is presumed dead. max_attempts still applies.
-CREATE FUNCTION tasker.expire_leases(p_limit integer DEFAULT 500)
-RETURNS TABLE (task_uuid uuid, step_uuid uuid, outcome text)
+CREATE FUNCTION tasker.expire_leases(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
+RETURNS TABLE (task_uuid uuid, step_uuid uuid, outcome text, namespace text, priority integer)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_msg record;
@@ -334,8 +345,9 @@ DECLARE
 BEGIN
     PERFORM set_config('tasker.transition_metadata', '{"reason":"lease_expired"}', true);
     FOR v_msg IN
-        SELECT q.task_uuid, q.step_uuid, q.attempt, q.leased_by FROM tasker.step_queue q
+        SELECT q.task_uuid, q.step_uuid, q.attempt, q.leased_by, q.namespace, q.priority FROM tasker.step_queue q
         WHERE q.leased_by IS NOT NULL AND q.visible_at <= clock_timestamp()
+          AND tasker.namespace_matches(q.namespace, p_namespaces)
         ORDER BY q.visible_at
         LIMIT p_limit
     LOOP
@@ -348,7 +360,7 @@ BEGIN
                 v_msg.step_uuid,
                 jsonb_build_object('message', 'lease expired', 'worker_id', v_msg.leased_by),
                 true, 0) f;
-            RETURN QUERY SELECT v_msg.task_uuid, v_msg.step_uuid, v_outcome;
+            RETURN QUERY SELECT v_msg.task_uuid, v_msg.step_uuid, v_outcome, v_msg.namespace, v_msg.priority;
         END IF;
     END LOOP;
 END
@@ -356,11 +368,13 @@ $$;
 
 -- The earliest moment at which a retry becomes due or a lease runs out: the service sleeps
 -- until then instead of waiting for the next fallback poll.
-CREATE FUNCTION tasker.next_deadline() RETURNS timestamptz
+CREATE FUNCTION tasker.next_deadline(p_namespaces text[] DEFAULT NULL) RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
     SELECT least(
-        (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s WHERE s.state = 'waiting_for_retry'),
-        (SELECT min(q.visible_at) FROM tasker.step_queue q WHERE q.leased_by IS NOT NULL))
+        (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+         WHERE s.state = 'waiting_for_retry' AND tasker.namespace_matches(t.namespace, p_namespaces)),
+        (SELECT min(q.visible_at) FROM tasker.step_queue q
+         WHERE q.leased_by IS NOT NULL AND tasker.namespace_matches(q.namespace, p_namespaces)))
 $$;
 
 CREATE FUNCTION tasker.cancel_task(p_task_uuid uuid, p_reason text, p_metadata jsonb DEFAULT '{}'::jsonb)

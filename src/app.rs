@@ -7,14 +7,17 @@ use std::net::SocketAddr;
 use anyhow::Context;
 
 use crate::config::TaskerConfig;
+use crate::core::OrchestrationCore;
 use crate::grpc::{GrpcServer, OVERALL};
 use crate::local_db::{self, EmbeddedCluster};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// A built, not yet running service.
 pub struct App {
     pub config: TaskerConfig,
     pub store: Store,
+    pub core: OrchestrationCore,
     server: GrpcServer,
     /// Kept so the embedded cluster (if any) lives as long as the service, and stops after it.
     embedded: Option<EmbeddedCluster>,
@@ -38,9 +41,12 @@ impl App {
         let server = GrpcServer::bind(addr)
             .await
             .with_context(|| format!("binding gRPC on {addr}"))?;
+        let metrics = Metrics::new(&opentelemetry::global::meter("tasker"));
+        let core = OrchestrationCore::start(store.clone(), &config, metrics);
         Ok(Self {
             config,
             store,
+            core,
             server,
             embedded: resolved.embedded,
         })
@@ -50,34 +56,40 @@ impl App {
         self.server.local_addr()
     }
 
-    /// Serve until `shutdown` resolves, then stop in order: NOT_SERVING, stop accepting,
-    /// close the pool, stop the embedded cluster.
+    /// Serve until `shutdown` resolves, then stop in order: NOT_SERVING, stop accepting, stop
+    /// the core (intake first, then drain), close the pool, stop the embedded cluster.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self {
             store,
+            core,
             server,
             mut embedded,
             ..
         } = self;
         let health = server.health.clone();
-        health
-            .set_service_status(OVERALL, tonic_health::ServingStatus::Serving)
-            .await;
-        tracing::info!(addr = %server.local_addr()?, "serving gRPC");
-        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        // SERVING only once the systems the deployment mode needs are up
+        let ready = core.coordinator.ready_signal();
+        let ready_health = health.clone();
+        let serving = tokio::spawn(async move {
+            ready.await;
+            ready_health
+                .set_service_status(OVERALL, tonic_health::ServingStatus::Serving)
+                .await;
+        });
+        tracing::info!(addr = %server.local_addr()?, mode = %core.coordinator.mode(), "serving gRPC");
         let health_for_drain = health.clone();
         let shutdown = async move {
             shutdown.await;
             health_for_drain
                 .set_service_status(OVERALL, tonic_health::ServingStatus::NotServing)
                 .await;
-            let _ = draining_tx.send(());
         };
         server.serve(shutdown).await.context("gRPC server")?;
-        let _ = draining_rx.await;
+        serving.abort();
+        core.shutdown().await;
         store.pool().close().await;
         if let Some(cluster) = embedded.as_mut() {
             cluster.stop()?;

@@ -157,7 +157,8 @@ pub struct TaskReadinessConfig {
     pub fallback_polling_interval_seconds: i64,
     pub age_threshold_seconds: i64,
     pub batch_size: i64,
-    /// Namespaces this instance serves; empty means all (the global channel).
+    /// Namespaces this instance serves: exact names or prefix patterns ending in `*`
+    /// (`billing-*`). Empty means all (the global channels).
     pub namespaces: Vec<String>,
     pub listener_max_backoff_ms: i64,
     pub listener_ping_interval_seconds: i64,
@@ -766,10 +767,16 @@ impl TaskerConfig {
             ));
         }
         for (i, ns) in tr.namespaces.iter().enumerate() {
-            if let Some(problem) = namespace_name_problem(ns) {
+            // an entry is a namespace, or a prefix pattern ending in '*'
+            let problem = match ns.strip_suffix('*') {
+                Some(prefix) => namespace_name_problem(prefix)
+                    .map(|p| format!("pattern {ns:?}: the part before '*' {p}")),
+                None => namespace_name_problem(ns).map(|p| format!("namespace {ns:?} {p}")),
+            };
+            if let Some(problem) = problem {
                 out.push((
                     format!("orchestration.task_readiness.namespaces[{i}]"),
-                    format!("namespace {ns:?} {problem}"),
+                    problem,
                 ));
             }
         }

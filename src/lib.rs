@@ -12,6 +12,13 @@
 //! - [`config`]: `TaskerConfig`, layered TOML + environment, validation, `DeploymentMode`
 //! - [`dag`]: validating requested step DAGs; chain / diamond / fan builders
 //! - [`store`]: the pool, migrations and every SQL statement, behind typed functions
+//! - [`commands`]: `OrchestrationCommand` and the `CommandProcessor` actor
+//! - [`enqueue`]: `TaskClaimStepEnqueuer` and the workers' wake-ups
+//! - [`readiness`]: listener, event classifier, fallback poller, deadline scheduler
+//! - [`events`]: `TaskReadinessEventSystem` and the `UnifiedEventCoordinator`
+//! - [`core`]: `OrchestrationCore`, all of the above assembled
+//! - [`worker`]: the workers' side: lease, complete, fail, extend
+//! - [`metrics`]: OpenTelemetry instruments by name
 //! - [`local_db`]: finding or starting a PostgreSQL to run against
 //! - [`proto`]: generated gRPC code and the descriptor set for reflection
 //! - [`grpc`]: tonic services, health, reflection, the error-to-status mapping
@@ -21,10 +28,17 @@
 //! The binary (`src/main.rs`) only parses the command line and calls into this library.
 
 pub mod app;
+pub mod commands;
 pub mod config;
+pub mod core;
 pub mod dag;
+pub mod enqueue;
+pub mod events;
 pub mod grpc;
 pub mod local_db;
+pub mod metrics;
 pub mod proto;
+pub mod readiness;
 pub mod store;
 pub mod telemetry;
+pub mod worker;

@@ -96,7 +96,11 @@ async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
     assert_eq!(r.state, "waiting_for_retry");
     assert!(r.retry_eligible && !r.ready && r.next_retry_at.is_some());
     assert!(
-        store.promote_due_retries(10).await.unwrap().is_empty(),
+        store
+            .promote_due_retries(10, None)
+            .await
+            .unwrap()
+            .is_empty(),
         "backoff has not elapsed"
     );
     assert_eq!(
@@ -115,7 +119,7 @@ async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    assert_eq!(store.promote_due_retries(10).await.unwrap().len(), 1);
+    assert_eq!(store.promote_due_retries(10, None).await.unwrap().len(), 1);
     assert_eq!(ready_names(&store, t.task_uuid).await, vec!["s0"]);
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
     assert_eq!(leased[0].attempt, 2);
@@ -194,7 +198,7 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
     run_named(&store, t.task_uuid, NS, "a").await;
     assert_eq!(
         store
-            .ready_tasks(Some(NS), 10, None, 0)
+            .ready_tasks(Some(&[NS.to_string()]), 10, None, 0)
             .await
             .unwrap()
             .len(),
@@ -206,7 +210,7 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
         .unwrap();
     assert!(ready_names(&store, t.task_uuid).await.is_empty());
     assert!(store
-        .ready_tasks(Some(NS), 10, None, 0)
+        .ready_tasks(Some(&[NS.to_string()]), 10, None, 0)
         .await
         .unwrap()
         .is_empty());
@@ -232,7 +236,7 @@ async fn ready_tasks_order_by_priority_with_aging(pool: PgPool) {
     let high = create(&store, high).await;
     let other = create(&store, TaskSpec::chain("elsewhere", 1)).await;
     let order: Vec<_> = store
-        .ready_tasks(Some(NS), 10, None, 0)
+        .ready_tasks(Some(&[NS.to_string()]), 10, None, 0)
         .await
         .unwrap()
         .into_iter()
@@ -245,7 +249,10 @@ async fn ready_tasks_order_by_priority_with_aging(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let rows = store.ready_tasks(Some(NS), 10, None, 0).await.unwrap();
+    let rows = store
+        .ready_tasks(Some(&[NS.to_string()]), 10, None, 0)
+        .await
+        .unwrap();
     assert_eq!(rows[0].task_uuid, low.task_uuid);
     assert_eq!(rows[0].computed_priority, 120);
     assert_eq!(store.ready_tasks(None, 10, None, 0).await.unwrap().len(), 3);
@@ -290,7 +297,7 @@ async fn ready_tasks_plan_uses_indexes_at_100k_tasks(pool: PgPool) {
     sqlx::query("ANALYZE").execute(&pool).await.unwrap();
     let store = Store::new(pool.clone());
     let ready = store
-        .ready_tasks(Some("bulk"), 1000, None, 0)
+        .ready_tasks(Some(&["bulk".to_string()]), 1000, None, 0)
         .await
         .unwrap();
     assert_eq!(ready.len(), 100);
@@ -303,7 +310,7 @@ async fn ready_tasks_plan_uses_indexes_at_100k_tasks(pool: PgPool) {
             .await
             .unwrap();
     let body = body
-        .replace("p_namespace", "'bulk'::text")
+        .replace("p_namespaces", "ARRAY['bulk']::text[]")
         .replace("p_limit", "100")
         .replace("p_ready_before", "'infinity'::timestamptz")
         .replace("p_offset", "0");

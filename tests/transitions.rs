@@ -236,7 +236,7 @@ async fn stale_attempts_and_expired_leases_change_nothing(pool: PgPool) {
     assert!(store.extend_lease(s, 1, 1000).await.is_err());
     assert_eq!(state_of(&pool, s).await, before);
     // the lease reaper ends the attempt; the step comes back as attempt 2
-    let expired = store.expire_leases(10).await.unwrap();
+    let expired = store.expire_leases(10, None).await.unwrap();
     assert_eq!(expired.len(), 1);
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
     assert_eq!(leased[0].attempt, 2);

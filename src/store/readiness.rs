@@ -69,11 +69,12 @@ impl Store {
             .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))
     }
 
-    /// Tasks with ready steps, best first. `ready_before` keeps only those ready since before
-    /// it (the poller's age threshold); `offset` pages.
+    /// Tasks with ready steps, best first. `namespaces`: `None` for all, or namespace patterns
+    /// (exact names, or prefixes ending in `*`). `ready_before` keeps only those ready since
+    /// before it (the poller's age threshold); `offset` pages.
     pub async fn ready_tasks(
         &self,
-        namespace: Option<&str>,
+        namespaces: Option<&[String]>,
         limit: i64,
         ready_before: Option<DateTime<Utc>>,
         offset: i64,
@@ -81,7 +82,7 @@ impl Store {
         Ok(sqlx::query_as::<_, ReadyTask>(
             "SELECT * FROM tasker.ready_tasks($1, $2::int, coalesce($3, 'infinity'::timestamptz), $4::int)",
         )
-        .bind(namespace)
+        .bind(namespaces)
         .bind(limit)
         .bind(ready_before)
         .bind(offset)

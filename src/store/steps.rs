@@ -50,11 +50,23 @@ impl EnqueueOutcome {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EnqueueResult {
     pub outcome: EnqueueOutcome,
     pub namespace: Option<String>,
     pub enqueued_steps: Vec<Uuid>,
+    /// The longest wait, among the steps enqueued, from becoming ready (last parent complete)
+    /// to enqueued, by the database clock.
+    pub max_ready_wait_ms: Option<f64>,
+}
+
+/// A step whose state a maintenance function changed, with what a command for its task needs.
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq, Eq)]
+pub struct TaskRef {
+    pub task_uuid: Uuid,
+    pub step_uuid: Uuid,
+    pub namespace: String,
+    pub priority: i32,
 }
 
 /// A step leased to a worker.
@@ -134,9 +146,10 @@ impl Store {
         task_uuid: Uuid,
         metadata: &Value,
     ) -> Result<EnqueueResult, StoreError> {
-        let (outcome, namespace, steps): (String, Option<String>, Vec<Uuid>) = sqlx::query_as(
-            "SELECT outcome, namespace, enqueued_steps FROM tasker.enqueue_ready_steps($1, $2)",
-        )
+        let (outcome, namespace, steps, wait): (String, Option<String>, Vec<Uuid>, Option<f64>) =
+            sqlx::query_as(
+                "SELECT outcome, namespace, enqueued_steps, max_ready_wait_ms FROM tasker.enqueue_ready_steps($1, $2)",
+            )
         .bind(task_uuid)
         .bind(metadata)
         .fetch_one(&self.pool)
@@ -145,6 +158,7 @@ impl Store {
             outcome: EnqueueOutcome::parse(&outcome)?,
             namespace,
             enqueued_steps: steps,
+            max_ready_wait_ms: wait,
         })
     }
 
@@ -241,29 +255,44 @@ impl Store {
         until.ok_or_else(|| StoreError::FailedPrecondition("lease not extended".into()))
     }
 
-    /// Steps whose backoff elapsed go back to pending; returns (task, step) of each.
-    pub async fn promote_due_retries(&self, limit: i32) -> Result<Vec<(Uuid, Uuid)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT task_uuid, step_uuid FROM tasker.promote_due_retries($1)")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
+    /// Steps whose backoff elapsed go back to pending, in the namespaces matching `namespaces`
+    /// (`None`: all).
+    pub async fn promote_due_retries(
+        &self,
+        limit: i32,
+        namespaces: Option<&[String]>,
+    ) -> Result<Vec<TaskRef>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT task_uuid, step_uuid, namespace, priority FROM tasker.promote_due_retries($1, $2)",
         )
+        .bind(limit)
+        .bind(namespaces)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
-    /// End attempts whose lease ran out; returns (task, step, outcome) of each.
-    pub async fn expire_leases(&self, limit: i32) -> Result<Vec<(Uuid, Uuid, String)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT task_uuid, step_uuid, outcome FROM tasker.expire_leases($1)")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
+    /// End attempts whose lease ran out (retry or final failure per max_attempts).
+    pub async fn expire_leases(
+        &self,
+        limit: i32,
+        namespaces: Option<&[String]>,
+    ) -> Result<Vec<TaskRef>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT task_uuid, step_uuid, namespace, priority FROM tasker.expire_leases($1, $2)",
         )
+        .bind(limit)
+        .bind(namespaces)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// When the next retry becomes due or the next lease runs out, if ever.
-    pub async fn next_deadline(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT tasker.next_deadline()")
+    pub async fn next_deadline(
+        &self,
+        namespaces: Option<&[String]>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT tasker.next_deadline($1)")
+            .bind(namespaces)
             .fetch_one(&self.pool)
             .await?)
     }

@@ -139,3 +139,136 @@ pub fn failure(
         backoff_ms,
     }
 }
+
+// ---- helpers for tests that run the orchestration core ----
+
+use tasker::config::{DeploymentMode, TaskerConfig};
+use tasker::core::OrchestrationCore;
+use tasker::metrics::Metrics;
+
+/// A configuration for tests: fast polling, no age threshold, quick claim retries.
+pub fn test_config(mode: DeploymentMode) -> TaskerConfig {
+    let mut c = TaskerConfig::default();
+    c.orchestration.deployment.mode = mode;
+    c.orchestration
+        .task_readiness
+        .fallback_polling_interval_seconds = 1;
+    c.orchestration.task_readiness.age_threshold_seconds = 0;
+    c.orchestration.task_readiness.listener_max_backoff_ms = 200;
+    c.orchestration.command_processor.claim_retry_delay_ms = 5;
+    c.orchestration
+        .command_processor
+        .shutdown_grace_period_seconds = 2;
+    c
+}
+
+pub async fn start_core(pool: &PgPool, config: &TaskerConfig) -> OrchestrationCore {
+    start_core_with(pool, config, Metrics::noop()).await
+}
+
+/// Logs for tests: `RUST_LOG=tasker=debug cargo test ... -- --nocapture`.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub async fn start_core_with(
+    pool: &PgPool,
+    config: &TaskerConfig,
+    metrics: Metrics,
+) -> OrchestrationCore {
+    init_logs();
+    let core = OrchestrationCore::start(Store::new(pool.clone()), config, metrics);
+    assert!(core.wait_ready(WAIT).await, "core did not become ready");
+    core
+}
+
+/// Whether every given task reached a final state.
+pub async fn all_final(pool: &PgPool, tasks: &[Uuid]) -> bool {
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasker.tasks WHERE task_uuid = ANY($1) AND state NOT IN ('complete', 'error', 'cancelled')",
+    )
+    .bind(tasks)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    open == 0
+}
+
+/// Act as a worker on `namespace` until every task in `tasks` is final: lease (long-poll),
+/// complete. Returns the steps in the order they were leased. Fails after `timeout`.
+pub async fn work_until_done(
+    core: &OrchestrationCore,
+    pool: &PgPool,
+    namespace: &str,
+    tasks: &[Uuid],
+    timeout: Duration,
+) -> Vec<LeasedStep> {
+    let mut leased_all = Vec::new();
+    let run = async {
+        while !all_final(pool, tasks).await {
+            let steps = core
+                .workers
+                .fetch(
+                    namespace,
+                    "test-worker",
+                    50,
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("fetch");
+            for s in &steps {
+                core.workers
+                    .complete(
+                        s.step_uuid,
+                        s.attempt,
+                        &json!({"by": s.name}),
+                        Some("test-worker"),
+                        None,
+                    )
+                    .await
+                    .expect("complete");
+            }
+            leased_all.extend(steps);
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or_else(|_| panic!("tasks not finished within {timeout:?}"));
+    leased_all
+}
+
+/// Every step attempt was enqueued exactly once, and every child after all its parents.
+pub async fn assert_exactly_once_in_order(pool: &PgPool) {
+    let dupes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT step_uuid, attempt FROM tasker.step_transitions
+          WHERE to_state = 'enqueued' GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(dupes, 0, "a step attempt was enqueued more than once");
+    let out_of_order: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasker.step_edges e
+         JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
+         JOIN tasker.workflow_steps c ON c.step_uuid = e.child_step_uuid
+         WHERE c.enqueued_at IS NOT NULL AND (p.completed_at IS NULL OR c.enqueued_at < p.completed_at)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        out_of_order, 0,
+        "a step was enqueued before a parent completed"
+    );
+}
+
+pub async fn enqueue_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM tasker.step_transitions WHERE to_state = 'enqueued'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}

@@ -1,0 +1,88 @@
+//! `OrchestrationCore`: the event-driven core assembled. The command processor and its
+//! enqueuer, the coordinator with the listener, poller and deadline scheduler, and the
+//! workers' queue, sharing one store and one set of metrics.
+//!
+//! Shutdown order: stop the sources of commands (listener, poller, scheduler), then let the
+//! processor finish what it holds within its grace period.
+
+use std::time::Duration;
+
+use crate::commands::{CommandProcessor, CommandProcessorHandle};
+use crate::config::TaskerConfig;
+use crate::enqueue::{StepWakeups, TaskClaimStepEnqueuer};
+use crate::events::UnifiedEventCoordinator;
+use crate::metrics::Metrics;
+use crate::readiness::deadlines::DeadlinePoke;
+use crate::store::Store;
+use crate::worker::WorkerQueue;
+
+pub struct OrchestrationCore {
+    pub store: Store,
+    pub commands: CommandProcessorHandle,
+    pub coordinator: UnifiedEventCoordinator,
+    pub workers: WorkerQueue,
+    pub metrics: Metrics,
+    processor: crate::commands::processor_task::ProcessorTask,
+    /// Kept alive so the observable gauges keep reporting.
+    _gauges: Vec<opentelemetry::metrics::ObservableGauge<u64>>,
+}
+
+impl OrchestrationCore {
+    /// Start everything. The store must be migrated.
+    pub fn start(store: Store, config: &TaskerConfig, metrics: Metrics) -> Self {
+        let wakeups = StepWakeups::new();
+        let enqueuer = TaskClaimStepEnqueuer::new(store.clone(), wakeups.clone(), metrics.clone());
+        let (commands, processor) = CommandProcessor::spawn(
+            &config.orchestration.command_processor,
+            enqueuer,
+            metrics.clone(),
+        );
+        let poke = DeadlinePoke::default();
+        let coordinator = UnifiedEventCoordinator::start(
+            store.clone(),
+            config,
+            commands.clone(),
+            metrics.clone(),
+            poke.clone(),
+        );
+        let workers = WorkerQueue::new(store.clone(), wakeups, poke);
+        let depth = commands.clone();
+        let in_flight = commands.clone();
+        let gauges = vec![
+            metrics
+                .meter()
+                .u64_observable_gauge("command_queue_depth")
+                .with_description("Commands queued and not yet picked up by the processor")
+                .with_unit("{command}")
+                .with_callback(move |o| o.observe(depth.queue_depth() as u64, &[]))
+                .build(),
+            metrics
+                .meter()
+                .u64_observable_gauge("commands_in_flight")
+                .with_description("Claim-and-enqueue passes running")
+                .with_unit("{command}")
+                .with_callback(move |o| o.observe(in_flight.stats().in_flight(), &[]))
+                .build(),
+        ];
+        Self {
+            store,
+            commands,
+            coordinator,
+            workers,
+            metrics,
+            processor,
+            _gauges: gauges,
+        }
+    }
+
+    /// Whether the systems the mode needs are up (listener listening, when it should be).
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        self.coordinator.wait_ready(timeout).await
+    }
+
+    /// Stop intake, then drain in-flight commands within the grace period.
+    pub async fn shutdown(self) {
+        self.coordinator.stop().await;
+        self.processor.shutdown().await;
+    }
+}

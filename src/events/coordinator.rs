@@ -1,0 +1,198 @@
+//! `UnifiedEventCoordinator`: the single owner of the deployment mode, and of the systems it
+//! governs.
+//!
+//! It starts the `TaskReadinessListener`, the `ReadinessFallbackPoller` and the
+//! `DeadlineScheduler` once, and publishes the mode on a `watch` channel that each of them
+//! follows: the listener connects or disconnects, the poller turns its periodic rounds on or
+//! off. Changing the mode at run time is therefore one `watch` update: nothing restarts, no
+//! command already queued is touched, and a catch-up sweep runs right away so that no task
+//! waits for a system that has just been switched on.
+//!
+//! | mode | listener | periodic poller | catch-up sweeps, deadline scheduler |
+//! |---|---|---|---|
+//! | EventDrivenOnly | on | off | on |
+//! | Hybrid | on | on | on |
+//! | PollingOnly | off | on | on |
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::TaskReadinessEventSystem;
+use crate::commands::CommandProcessorHandle;
+use crate::config::{DeploymentMode, TaskerConfig};
+use crate::metrics::Metrics;
+use crate::readiness::deadlines::DeadlinePoke;
+use crate::readiness::{
+    DeadlineScheduler, ListenerState, ListenerStatus, NamespaceSelector, PollerStatus,
+    ReadinessFallbackPoller, SweepRequester, TaskReadinessListener,
+};
+use crate::store::Store;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorStatus {
+    pub mode: DeploymentMode,
+    pub listener: ListenerStatus,
+    pub poller: PollerStatus,
+}
+
+pub struct UnifiedEventCoordinator {
+    mode: watch::Sender<DeploymentMode>,
+    listener: watch::Receiver<ListenerStatus>,
+    poller: watch::Receiver<PollerStatus>,
+    sweeps: SweepRequester,
+    cancel: CancellationToken,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl UnifiedEventCoordinator {
+    /// Spawn the listener, the poller and the deadline scheduler, in `config`'s mode.
+    pub fn start(
+        store: Store,
+        config: &TaskerConfig,
+        commands: CommandProcessorHandle,
+        metrics: Metrics,
+        poke: DeadlinePoke,
+    ) -> Self {
+        let tr = &config.orchestration.task_readiness;
+        let selector = NamespaceSelector::from_config(&tr.namespaces);
+        let (mode_tx, _) = watch::channel(config.orchestration.deployment.mode);
+        let (listener_tx, listener_rx) = watch::channel(ListenerStatus::default());
+        let (poller_tx, poller_rx) = watch::channel(PollerStatus::default());
+        let sweeps = SweepRequester::new();
+        let cancel = CancellationToken::new();
+
+        let event_system =
+            TaskReadinessEventSystem::new(commands.clone(), sweeps.clone(), metrics.clone());
+        let listener = TaskReadinessListener::new(
+            store.clone(),
+            selector.clone(),
+            event_system,
+            mode_tx.subscribe(),
+            listener_tx,
+            sweeps.clone(),
+            metrics.clone(),
+            Duration::from_millis(tr.listener_max_backoff_ms as u64),
+            Duration::from_secs(tr.listener_ping_interval_seconds as u64),
+        );
+        let poller = ReadinessFallbackPoller::new(
+            store.clone(),
+            commands.clone(),
+            selector.clone(),
+            tr,
+            mode_tx.subscribe(),
+            sweeps.clone(),
+            poller_tx,
+            metrics.clone(),
+        );
+        let deadlines = DeadlineScheduler::new(
+            store,
+            commands,
+            selector,
+            Duration::from_secs(tr.fallback_polling_interval_seconds as u64),
+            poke,
+            metrics,
+        );
+        let tasks = vec![
+            tokio::spawn(
+                listener
+                    .run(cancel.clone())
+                    .instrument(tracing::info_span!("readiness_listener")),
+            ),
+            tokio::spawn(
+                poller
+                    .run(cancel.clone())
+                    .instrument(tracing::info_span!("fallback_poller")),
+            ),
+            tokio::spawn(
+                deadlines
+                    .run(cancel.clone())
+                    .instrument(tracing::info_span!("deadline_scheduler")),
+            ),
+        ];
+        // Start-up sweep: whatever was ready before this instance started (including commands
+        // a crashed instance never finished) is processed now, in every mode.
+        sweeps.request();
+        tracing::info!(mode = %config.orchestration.deployment.mode, "event coordinator started");
+        Self {
+            mode: mode_tx,
+            listener: listener_rx,
+            poller: poller_rx,
+            sweeps,
+            cancel,
+            tasks: std::sync::Mutex::new(tasks),
+        }
+    }
+
+    pub fn mode(&self) -> DeploymentMode {
+        *self.mode.borrow()
+    }
+
+    /// Switch mode at once; returns the previous mode.
+    pub fn set_mode(&self, mode: DeploymentMode) -> DeploymentMode {
+        let previous = self.mode.send_replace(mode);
+        if previous != mode {
+            tracing::info!(from = %previous, to = %mode, "deployment mode changed");
+            self.sweeps.request();
+        }
+        previous
+    }
+
+    pub fn status(&self) -> CoordinatorStatus {
+        CoordinatorStatus {
+            mode: self.mode(),
+            listener: self.listener.borrow().clone(),
+            poller: self.poller.borrow().clone(),
+        }
+    }
+
+    pub fn listener_status(&self) -> watch::Receiver<ListenerStatus> {
+        self.listener.clone()
+    }
+
+    pub fn poller_status(&self) -> watch::Receiver<PollerStatus> {
+        self.poller.clone()
+    }
+
+    pub fn request_catch_up(&self) {
+        self.sweeps.request();
+    }
+
+    /// Resolves once the systems the mode needs are up: the listener is listening whenever
+    /// the mode listens. Owns its receivers, so it can be spawned.
+    pub fn ready_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut mode = self.mode.subscribe();
+        let mut listener = self.listener.clone();
+        async move {
+            loop {
+                let listens = mode.borrow_and_update().listens();
+                if !listens || listener.borrow_and_update().state == ListenerState::Listening {
+                    return;
+                }
+                tokio::select! {
+                    r = mode.changed() => if r.is_err() { return },
+                    r = listener.changed() => if r.is_err() { return },
+                }
+            }
+        }
+    }
+
+    /// Whether the systems the mode needs came up within `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.ready_signal())
+            .await
+            .is_ok()
+    }
+
+    /// Stop the listener, the poller and the scheduler (no new commands from them).
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}

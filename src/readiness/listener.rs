@@ -1,0 +1,368 @@
+//! `TaskReadinessListener`: one dedicated LISTEN connection, classified notifications handed
+//! to the `TaskReadinessEventSystem`.
+//!
+//! ```text
+//!            mode listens                 LISTEN ok (then: request a catch-up sweep)
+//!  Disabled ─────────────> Connecting ─────────────────────────────> Listening
+//!     ^                       ^   │ fails                               │ connection lost,
+//!     │ mode stops listening  │   v                                     │ ping fails, Err
+//!     └──────── (any) ──── Reconnecting{attempt} <──────────────────────┘
+//!                          (backoff with jitter, 100 ms doubling to listener_max_backoff_ms)
+//! ```
+//!
+//! Notifications sent while no connection listens are lost by PostgreSQL, so every successful
+//! (re)connect asks the poller for a catch-up sweep *after* LISTEN is in place: whatever
+//! became ready in the gap is found by the sweep, whatever becomes ready afterwards arrives as
+//! a notification. `try_recv` is used (not `recv`, which reconnects silently), with sqlx's
+//! eager reconnect off, so this loop owns backoff, logging and the sweep. An idle connection is
+//! pinged every `listener_ping_interval_seconds`, so one that died without a RST is noticed.
+//!
+//! Channels: the global ones when the instance serves all namespaces (a namespace created
+//! later needs nothing new); otherwise `tasker_task_ready.<ns>` per served namespace, and for
+//! `prefix*` patterns also every matching namespace created at run time (announced on
+//! `tasker_namespace_created`), followed by a catch-up sweep since its first tasks may have
+//! been announced before the LISTEN.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgListener, PgNotification};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{EventKind, ReadinessEventClassifier, TaskReadinessEvent};
+use super::{backoff, NamespaceSelector, SweepRequester};
+use crate::config::DeploymentMode;
+use crate::events::TaskReadinessEventSystem;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerState {
+    /// The deployment mode does not listen.
+    Disabled,
+    Connecting,
+    Listening,
+    Reconnecting {
+        attempt: u32,
+    },
+    Stopped,
+}
+
+/// What the listener is doing, for status reports and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerStatus {
+    pub state: ListenerState,
+    pub channels: Vec<String>,
+    /// The LISTEN connection's backend pid while connected.
+    pub backend_pid: Option<i32>,
+    pub reconnects: u64,
+    pub connected_since: Option<DateTime<Utc>>,
+    /// Counts successful connects, so a waiter can tell a reconnect happened.
+    pub generation: u64,
+}
+
+impl Default for ListenerStatus {
+    fn default() -> Self {
+        Self {
+            state: ListenerState::Disabled,
+            channels: Vec::new(),
+            backend_pid: None,
+            reconnects: 0,
+            connected_since: None,
+            generation: 0,
+        }
+    }
+}
+
+enum Exit {
+    Cancelled,
+    ModeOff,
+    Lost(String),
+}
+
+pub struct TaskReadinessListener {
+    /// A pool of one connection, separate from the main pool: a LISTEN connection is held for
+    /// good and must not starve (or be starved by) request handling.
+    pool: PgPool,
+    store: Store,
+    selector: NamespaceSelector,
+    classifier: ReadinessEventClassifier,
+    events: TaskReadinessEventSystem,
+    mode: watch::Receiver<DeploymentMode>,
+    status: watch::Sender<ListenerStatus>,
+    sweeps: SweepRequester,
+    metrics: Metrics,
+    max_backoff: Duration,
+    ping_interval: Duration,
+}
+
+impl TaskReadinessListener {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        selector: NamespaceSelector,
+        events: TaskReadinessEventSystem,
+        mode: watch::Receiver<DeploymentMode>,
+        status: watch::Sender<ListenerStatus>,
+        sweeps: SweepRequester,
+        metrics: Metrics,
+        max_backoff: Duration,
+        ping_interval: Duration,
+    ) -> Self {
+        let options = (*store.pool().connect_options())
+            .clone()
+            .application_name("tasker-listener");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_lazy_with(options);
+        Self {
+            pool,
+            store,
+            selector,
+            classifier: ReadinessEventClassifier::default(),
+            events,
+            mode,
+            status,
+            sweeps,
+            metrics,
+            max_backoff,
+            ping_interval,
+        }
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut attempt: u32 = 0;
+        loop {
+            if !self.mode.borrow_and_update().listens() {
+                self.set_state(ListenerState::Disabled, None, Vec::new());
+                attempt = 0;
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    changed = self.mode.changed() => if changed.is_err() { break },
+                }
+                continue;
+            }
+            if attempt == 0 {
+                self.set_state(ListenerState::Connecting, None, Vec::new());
+            }
+            let exit = match self.connect().await {
+                Ok((listener, pid, channels)) => {
+                    if attempt > 0 {
+                        self.metrics.listener_reconnected();
+                        tracing::info!(attempt, backend_pid = pid, "listener reconnected");
+                    } else {
+                        tracing::info!(backend_pid = pid, channels = ?channels, "listening for readiness notifications");
+                    }
+                    attempt = 0;
+                    self.status.send_modify(|s| {
+                        s.state = ListenerState::Listening;
+                        s.backend_pid = Some(pid);
+                        s.channels = channels.iter().cloned().collect();
+                        s.connected_since = Some(Utc::now());
+                        s.generation += 1;
+                    });
+                    // LISTEN is in place: whatever became ready while nobody listened is found now
+                    self.sweeps.request();
+                    self.listen(listener, channels, &cancel).await
+                }
+                Err(e) => Exit::Lost(e),
+            };
+            match exit {
+                Exit::Cancelled => break,
+                Exit::ModeOff => {
+                    tracing::info!("deployment mode no longer listens; LISTEN connection closed");
+                    continue;
+                }
+                Exit::Lost(reason) => {
+                    attempt += 1;
+                    let delay = backoff(attempt - 1, BACKOFF_BASE, self.max_backoff);
+                    tracing::warn!(attempt, reason = %reason, retry_in_ms = delay.as_millis() as u64, "listener connection lost; reconnecting");
+                    self.status.send_modify(|s| {
+                        s.state = ListenerState::Reconnecting { attempt };
+                        s.backend_pid = None;
+                        s.reconnects += 1;
+                    });
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        self.set_state(ListenerState::Stopped, None, Vec::new());
+        self.pool.close().await;
+    }
+
+    fn set_state(&self, state: ListenerState, pid: Option<i32>, channels: Vec<String>) {
+        self.status.send_modify(|s| {
+            s.state = state;
+            s.backend_pid = pid;
+            s.channels = channels;
+            if s.state != ListenerState::Listening {
+                s.connected_since = None;
+            }
+        });
+    }
+
+    async fn connect(&mut self) -> Result<(PgListener, i32, BTreeSet<String>), String> {
+        let fut = async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.eager_reconnect(false);
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut listener)
+                .await?;
+            let channels = self
+                .channels()
+                .await
+                .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            listener
+                .listen_all(channels.iter().map(String::as_str))
+                .await?;
+            Ok::<_, sqlx::Error>((listener, pid, channels))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "connect and LISTEN did not finish within {CONNECT_TIMEOUT:?}"
+            )),
+        }
+    }
+
+    async fn channels(&self) -> Result<BTreeSet<String>, crate::store::StoreError> {
+        let map = self.classifier.channels();
+        let mut channels = BTreeSet::from([map.channel(EventKind::NamespaceCreated, None)]);
+        if self.selector.patterns().is_none() {
+            channels.insert(map.channel(EventKind::TaskReady, None));
+            channels.insert(map.channel(EventKind::TaskStateChange, None));
+            return Ok(channels);
+        }
+        let mut namespaces: BTreeSet<String> =
+            self.selector.exact_names().map(str::to_string).collect();
+        if self.selector.has_prefix_patterns() {
+            namespaces.extend(
+                self.store
+                    .namespaces()
+                    .await?
+                    .into_iter()
+                    .filter(|n| self.selector.matches(n)),
+            );
+        }
+        for ns in namespaces {
+            channels.insert(map.channel(EventKind::TaskReady, Some(&ns)));
+            channels.insert(map.channel(EventKind::TaskStateChange, Some(&ns)));
+        }
+        Ok(channels)
+    }
+
+    async fn listen(
+        &mut self,
+        mut listener: PgListener,
+        mut channels: BTreeSet<String>,
+        cancel: &CancellationToken,
+    ) -> Exit {
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Exit::Cancelled,
+                changed = self.mode.changed() => {
+                    if changed.is_err() {
+                        return Exit::Cancelled;
+                    }
+                    if !self.mode.borrow_and_update().listens() {
+                        return Exit::ModeOff;
+                    }
+                }
+                received = tokio::time::timeout(self.ping_interval, listener.try_recv()) => match received {
+                    Ok(Ok(Some(n))) => {
+                        if let Err(e) = self.handle(n, &mut listener, &mut channels).await {
+                            return Exit::Lost(e);
+                        }
+                    }
+                    Ok(Ok(None)) => return Exit::Lost("connection closed".into()),
+                    Ok(Err(e)) => return Exit::Lost(e.to_string()),
+                    Err(_idle) => {
+                        let ping = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query("SELECT 1").execute(&mut listener)).await;
+                        match ping {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => return Exit::Lost(format!("ping failed: {e}")),
+                            Err(_) => return Exit::Lost("ping timed out".into()),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        n: PgNotification,
+        listener: &mut PgListener,
+        channels: &mut BTreeSet<String>,
+    ) -> Result<(), String> {
+        let received = Instant::now();
+        let span = tracing::info_span!(
+            "listener.receive",
+            channel = n.channel(),
+            payload_bytes = n.payload().len(),
+            event_type = tracing::field::Empty,
+        );
+        let classified = span.in_scope(|| {
+            let _classify = tracing::debug_span!("listener.classify").entered();
+            self.classifier.classify(n.channel(), n.payload())
+        });
+        let event = match classified {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.malformed_notification(n.channel());
+                tracing::warn!(error = %e, "ignoring notification");
+                return Ok(());
+            }
+        };
+        self.metrics.event_received(event.kind().as_str());
+        span.record("event_type", event.kind().as_str());
+        match event {
+            // the listener's span is current while the command is submitted: the command's
+            // span becomes its child
+            TaskReadinessEvent::TaskReady(e) => {
+                span.in_scope(|| self.events.process_task_ready(e, received))
+            }
+            TaskReadinessEvent::TaskStateChange(e) => {
+                tracing::debug!(task_uuid = %e.task_uuid, from = %e.from_state, to = %e.to_state, "task state changed");
+            }
+            TaskReadinessEvent::NamespaceCreated(e) => {
+                if self.selector.patterns().is_some() && self.selector.matches(&e.namespace) {
+                    let map = self.classifier.channels();
+                    let new: Vec<String> = [
+                        map.channel(EventKind::TaskReady, Some(&e.namespace)),
+                        map.channel(EventKind::TaskStateChange, Some(&e.namespace)),
+                    ]
+                    .into_iter()
+                    .filter(|c| !channels.contains(c))
+                    .collect();
+                    if !new.is_empty() {
+                        listener
+                            .listen_all(new.iter().map(String::as_str))
+                            .await
+                            .map_err(|e| format!("LISTEN on a new namespace failed: {e}"))?;
+                        channels.extend(new);
+                        let list: Vec<String> = channels.iter().cloned().collect();
+                        self.status.send_modify(|s| s.channels = list);
+                        tracing::info!(namespace = %e.namespace, "listening on a new namespace");
+                        // its first tasks may have been announced before this LISTEN
+                        self.sweeps.request();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! `WorkerQueue`: the workers' side of the loop. Lease ready steps from a namespace's queue
+//! (long-polling until one is enqueued), complete them, fail them (retry with backoff, or
+//! final), extend a lease. Completing a step is what fires the readiness trigger.
+//!
+//! A long-poll registers for the namespace's wake-up *before* it reads the queue, so an
+//! enqueue that commits between the read and the wait still wakes it. The wake-up is
+//! in-process: a step enqueued by another instance is found at the latest after
+//! [`CROSS_INSTANCE_RECHECK`].
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::enqueue::StepWakeups;
+use crate::readiness::deadlines::DeadlinePoke;
+use crate::store::{FailOutcome, LeasedStep, StepFailure, Store, StoreError};
+
+/// How often a waiting fetch re-reads the queue with no local wake-up, for steps enqueued by
+/// other instances.
+pub const CROSS_INSTANCE_RECHECK: Duration = Duration::from_millis(250);
+
+#[derive(Clone)]
+pub struct WorkerQueue {
+    store: Store,
+    wakeups: StepWakeups,
+    deadlines: DeadlinePoke,
+}
+
+impl WorkerQueue {
+    pub fn new(store: Store, wakeups: StepWakeups, deadlines: DeadlinePoke) -> Self {
+        Self {
+            store,
+            wakeups,
+            deadlines,
+        }
+    }
+
+    /// Lease up to `max` steps, waiting up to `wait` for the first to be enqueued.
+    pub async fn fetch(
+        &self,
+        namespace: &str,
+        worker_id: &str,
+        max: i32,
+        wait: Duration,
+        lease: Duration,
+    ) -> Result<Vec<LeasedStep>, StoreError> {
+        let deadline = Instant::now() + wait;
+        let notify = self.wakeups.for_namespace(namespace);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let steps = self
+                .store
+                .fetch_steps(namespace, worker_id, max, lease.as_millis() as i64)
+                .await?;
+            if let Some(first_expiry) = steps.iter().map(|s| s.lease_expires_at).min() {
+                // a dead worker's steps must come back when their lease runs out
+                self.deadlines.deadline_at(first_expiry);
+            }
+            let now = Instant::now();
+            if !steps.is_empty() || now >= deadline {
+                return Ok(steps);
+            }
+            let slice = (deadline - now).min(CROSS_INSTANCE_RECHECK);
+            let _ = tokio::time::timeout(slice, notified).await;
+        }
+    }
+
+    pub async fn complete(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        results: &Value,
+        worker_id: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let metadata = serde_json::json!({ "worker_id": worker_id });
+        self.store
+            .complete_step(step_uuid, attempt, results, &metadata, traceparent)
+            .await
+    }
+
+    pub async fn fail(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        failure: &StepFailure,
+        traceparent: Option<&str>,
+    ) -> Result<FailOutcome, StoreError> {
+        let outcome = self
+            .store
+            .fail_step(
+                step_uuid,
+                attempt,
+                failure,
+                &serde_json::json!({}),
+                traceparent,
+            )
+            .await?;
+        if let FailOutcome::RetryScheduled { next_retry_at } = &outcome {
+            // the scheduler may be sleeping past this retry's due time
+            self.deadlines.deadline_at(*next_retry_at);
+        }
+        Ok(outcome)
+    }
+
+    pub async fn extend_lease(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        lease: Duration,
+    ) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+        let until = self
+            .store
+            .extend_lease(step_uuid, attempt, lease.as_millis() as i64)
+            .await?;
+        self.deadlines.deadline_at(until);
+        Ok(until)
+    }
+}

@@ -1,0 +1,485 @@
+//! The event-driven core end to end: completion -> trigger -> NOTIFY -> listener -> command ->
+//! claim-and-enqueue -> worker, in every deployment mode and under disruption.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use sqlx::PgPool;
+use tasker::commands::{CommandPhase, OrchestrationCommand, SubmitError, TriggeredBy};
+use tasker::config::DeploymentMode::{self, EventDrivenOnly, Hybrid, PollingOnly};
+use tasker::dag::{StepSpec, TaskSpec};
+use tasker::readiness::ListenerState;
+use tasker::store::Store;
+
+const NS: &str = "core";
+const LONG: Duration = Duration::from_secs(60);
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn hybrid_diamond_and_chain_complete_by_events_alone(pool: PgPool) {
+    let mut cfg = test_config(Hybrid);
+    // events act within milliseconds; a task ready for 5 s is one they missed
+    cfg.orchestration.task_readiness.age_threshold_seconds = 5;
+    let core = start_core(&pool, &cfg).await;
+    let store = Store::new(pool.clone());
+    let diamond = create(&store, TaskSpec::diamond(NS)).await;
+    let chain = create(&store, TaskSpec::chain(NS, 20)).await;
+    let leased = work_until_done(
+        &core,
+        &pool,
+        NS,
+        &[diamond.task_uuid, chain.task_uuid],
+        LONG,
+    )
+    .await;
+    assert_eq!(leased.len(), 24, "every step leased once");
+    assert!(leased.iter().all(|l| l.attempt == 1));
+    assert_eq!(enqueue_count(&pool).await, 24);
+    assert_exactly_once_in_order(&pool).await;
+    for t in [&diamond, &chain] {
+        assert_eq!(store.get_task(t.task_uuid).await.unwrap().state, "complete");
+    }
+    let chain_order: Vec<String> = leased
+        .iter()
+        .filter(|l| l.task_uuid == chain.task_uuid)
+        .map(|l| l.name.clone())
+        .collect();
+    assert_eq!(
+        chain_order,
+        (0..20).map(|i| format!("s{i}")).collect::<Vec<_>>()
+    );
+
+    // the poller keeps running and finds nothing: events did all the work
+    let mut poller = core.coordinator.poller_status();
+    let before = poller.borrow().rounds;
+    poller
+        .wait_for(|s| s.rounds >= before + 2)
+        .await
+        .expect("poller alive");
+    assert_eq!(
+        core.coordinator
+            .poller_status()
+            .borrow()
+            .fallback_tasks_found_total,
+        0
+    );
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn listener_killed_mid_workflow_reconnects_and_catches_up(pool: PgPool) {
+    // EventDrivenOnly: no periodic poller to hide a lost notification
+    let core = start_core(&pool, &test_config(EventDrivenOnly)).await;
+    let store = Store::new(pool.clone());
+    let chain = create(&store, TaskSpec::chain(NS, 10)).await;
+    let mut status = core.coordinator.listener_status();
+    let mut kills = 0;
+    let run = async {
+        while !all_final(&pool, &[chain.task_uuid]).await {
+            let steps = core
+                .workers
+                .fetch(
+                    NS,
+                    "w",
+                    10,
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            for s in &steps {
+                if kills < 3 && s.name.ends_with(['2', '5', '7']) {
+                    // kill the LISTEN connection, then complete while it is gone
+                    let pid = status.borrow().backend_pid.expect("listening");
+                    let generation = status.borrow().generation;
+                    sqlx::query("SELECT pg_terminate_backend($1)")
+                        .bind(pid)
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                    core.workers
+                        .complete(s.step_uuid, s.attempt, &json!({}), None, None)
+                        .await
+                        .unwrap();
+                    kills += 1;
+                    status
+                        .wait_for(|st| {
+                            st.generation > generation && st.state == ListenerState::Listening
+                        })
+                        .await
+                        .unwrap();
+                } else {
+                    core.workers
+                        .complete(s.step_uuid, s.attempt, &json!({}), None, None)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    };
+    tokio::time::timeout(LONG, run)
+        .await
+        .expect("workflow finished");
+    assert_eq!(kills, 3);
+    assert!(core.coordinator.status().listener.reconnects >= 3);
+    assert_eq!(enqueue_count(&pool).await, 10);
+    assert_exactly_once_in_order(&pool).await;
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn polling_only_completes_with_nothing_listening(pool: PgPool) {
+    let core = start_core(&pool, &test_config(PollingOnly)).await;
+    assert_eq!(
+        core.coordinator.status().listener.state,
+        ListenerState::Disabled
+    );
+    let listening: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tasker-listener' AND datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(listening, 0);
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::diamond(NS)).await;
+    work_until_done(&core, &pool, NS, &[t.task_uuid], LONG).await;
+    assert_exactly_once_in_order(&pool).await;
+    assert!(
+        core.coordinator.status().poller.fallback_tasks_found_total
+            + core.coordinator.status().poller.catch_up_sweeps
+            > 0
+    );
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
+    let core = start_core(&pool, &test_config(Hybrid)).await;
+    let store = Store::new(pool.clone());
+    let chain = create(&store, TaskSpec::chain(NS, 8)).await;
+    // every ordered pair of distinct modes once
+    let sequence: [DeploymentMode; 7] = [
+        Hybrid,
+        EventDrivenOnly,
+        PollingOnly,
+        Hybrid,
+        PollingOnly,
+        EventDrivenOnly,
+        Hybrid,
+    ];
+    let mut switches = sequence.windows(2);
+    let run = async {
+        while !all_final(&pool, &[chain.task_uuid]).await {
+            let steps = core
+                .workers
+                .fetch(
+                    NS,
+                    "w",
+                    10,
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            for s in &steps {
+                if let Some(pair) = switches.next() {
+                    assert_eq!(core.coordinator.set_mode(pair[1]), pair[0]);
+                }
+                core.workers
+                    .complete(s.step_uuid, s.attempt, &json!({}), None, None)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    tokio::time::timeout(LONG, run)
+        .await
+        .expect("workflow finished");
+    assert!(switches.next().is_none(), "all switches made");
+    assert_eq!(core.coordinator.mode(), Hybrid);
+    assert_eq!(enqueue_count(&pool).await, 8);
+    assert_exactly_once_in_order(&pool).await;
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn two_cores_racing_on_one_database_never_enqueue_twice(pool: PgPool) {
+    let cfg = test_config(Hybrid);
+    let a = start_core(&pool, &cfg).await;
+    let b = start_core(&pool, &cfg).await;
+    let store = Store::new(pool.clone());
+    let mut tasks = Vec::new();
+    for i in 0..15 {
+        let spec = if i % 3 == 0 {
+            TaskSpec::fan(NS, 6)
+        } else {
+            TaskSpec::diamond(NS)
+        };
+        tasks.push(create(&store, spec).await.task_uuid);
+    }
+    // both cores hear every notification and race for every claim; also inject through both
+    for t in &tasks {
+        for core in [&a, &b] {
+            let _ = core.commands.try_submit(OrchestrationCommand::process_task(
+                *t,
+                NS,
+                0,
+                1,
+                TriggeredBy::Api,
+            ));
+        }
+    }
+    let (ra, rb) = tokio::join!(
+        work_until_done(&a, &pool, NS, &tasks, LONG),
+        work_until_done(&b, &pool, NS, &tasks, LONG)
+    );
+    let total: usize = ra.len() + rb.len();
+    let steps: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_steps")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        total as i64, steps,
+        "each step leased exactly once across both workers"
+    );
+    assert_eq!(enqueue_count(&pool).await, steps);
+    assert_exactly_once_in_order(&pool).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn overload_is_refused_then_everything_is_processed(pool: PgPool) {
+    let mut cfg = test_config(EventDrivenOnly);
+    cfg.orchestration.command_processor.channel_capacity = 4;
+    cfg.orchestration.command_processor.max_concurrent_commands = 1;
+    let core = start_core(&pool, &cfg).await;
+    let mut events = core.commands.subscribe();
+    let store = Store::new(pool.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        tasks.push(create(&store, TaskSpec::chain(NS, 2)).await.task_uuid);
+    }
+    // a burst 10x the queue, with no await between sends: the processor cannot drain meanwhile
+    let mut refused = 0;
+    for t in &tasks {
+        match core.commands.try_submit(OrchestrationCommand::process_task(
+            *t,
+            NS,
+            0,
+            1,
+            TriggeredBy::Api,
+        )) {
+            Err(SubmitError::Overloaded) => refused += 1,
+            Err(e) => panic!("{e}"),
+            Ok(_) => {}
+        }
+    }
+    assert!(refused >= 30, "only {refused} refused");
+    let api_refusal = core
+        .commands
+        .execute(OrchestrationCommand::process_task(
+            tasks[0],
+            NS,
+            0,
+            1,
+            TriggeredBy::Api,
+        ))
+        .await;
+    assert!(matches!(api_refusal, Err(SubmitError::Overloaded)) || api_refusal.is_ok());
+    // the poller's catch-up sweeps (requested when events were refused) do the rest
+    core.coordinator.request_catch_up();
+    work_until_done(&core, &pool, NS, &tasks, LONG).await;
+    assert_exactly_once_in_order(&pool).await;
+    let mut rejected = 0;
+    while let Ok(e) = events.try_recv() {
+        if e.phase == CommandPhase::Rejected {
+            rejected += 1;
+        }
+    }
+    assert!(
+        rejected >= refused,
+        "rejections are published: {rejected} < {refused}"
+    );
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn burst_for_one_task_coalesces_into_at_most_two_passes(pool: PgPool) {
+    let mut cfg = test_config(EventDrivenOnly);
+    cfg.orchestration.command_processor.max_concurrent_commands = 4;
+    let core = start_core(&pool, &cfg).await;
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::fan(NS, 3)).await;
+    let mut events = core.commands.subscribe();
+    for _ in 0..50 {
+        core.commands
+            .try_submit(OrchestrationCommand::process_task(
+                t.task_uuid,
+                NS,
+                0,
+                1,
+                TriggeredBy::Api,
+            ))
+            .unwrap();
+    }
+    let results = futures::future::join_all((0..5).map(|_| {
+        core.commands.execute(OrchestrationCommand::process_task(
+            t.task_uuid,
+            NS,
+            0,
+            1,
+            TriggeredBy::Api,
+        ))
+    }))
+    .await;
+    assert!(results.iter().all(|r| r.is_ok()));
+    // wait until the processor is idle, observed through its own counters
+    let idle = async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.phase == CommandPhase::Completed
+                && core.commands.stats().in_flight() == 0
+                && core.commands.queue_depth() == 0
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, idle)
+        .await
+        .expect("processor went idle");
+    // listener and sweep commands may add a pass each; 55 API commands must not add 55
+    let processed = core.commands.stats().processed();
+    assert!(processed <= 6, "{processed} passes for one task");
+    assert_eq!(enqueue_count(&pool).await, 1, "root enqueued once");
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn instance_serving_one_namespace_ignores_the_others(pool: PgPool) {
+    let mut cfg = test_config(Hybrid);
+    cfg.orchestration.task_readiness.namespaces = vec!["alpha".into()];
+    let core = start_core(&pool, &cfg).await;
+    let channels = core.coordinator.status().listener.channels;
+    assert!(channels.contains(&"tasker_task_ready.alpha".to_string()));
+    assert!(!channels.contains(&"tasker_task_ready".to_string()));
+    let store = Store::new(pool.clone());
+    let alpha = create(&store, TaskSpec::chain("alpha", 3)).await;
+    let beta = create(&store, TaskSpec::chain("beta", 3)).await;
+    work_until_done(&core, &pool, "alpha", &[alpha.task_uuid], LONG).await;
+    let mut poller = core.coordinator.poller_status();
+    let before = poller.borrow().rounds;
+    poller.wait_for(|s| s.rounds >= before + 2).await.unwrap();
+    let ctx = store.execution_context(beta.task_uuid).await.unwrap();
+    assert_eq!(
+        (ctx.task_state.as_str(), ctx.enqueued_steps, ctx.ready_steps),
+        ("pending", 0, 1)
+    );
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn prefix_pattern_picks_up_namespaces_created_at_run_time(pool: PgPool) {
+    let mut cfg = test_config(EventDrivenOnly);
+    cfg.orchestration.task_readiness.namespaces = vec!["etl-*".into()];
+    let core = start_core(&pool, &cfg).await;
+    let mut status = core.coordinator.listener_status();
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain("etl-eu", 3)).await;
+    status
+        .wait_for(|s| s.channels.contains(&"tasker_task_ready.etl-eu".to_string()))
+        .await
+        .unwrap();
+    work_until_done(&core, &pool, "etl-eu", &[t.task_uuid], LONG).await;
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn retry_backoff_wakes_precisely_without_waiting_for_the_poller(pool: PgPool) {
+    let mut cfg = test_config(PollingOnly);
+    cfg.orchestration
+        .task_readiness
+        .fallback_polling_interval_seconds = 600;
+    let store = Store::new(pool.clone());
+    create(&store, TaskSpec::chain(NS, 1)).await;
+    // created before start: the start-up sweep enqueues it; after that only the deadline
+    // scheduler can help within the test's time
+    let core = start_core(&pool, &cfg).await;
+    let first = core
+        .workers
+        .fetch(NS, "w", 1, WAIT, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    core.workers
+        .fail(
+            first[0].step_uuid,
+            1,
+            &failure(json!({"m": "flaky"}), true, 300),
+            None,
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let second = core
+        .workers
+        .fetch(NS, "w", 1, WAIT, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 1, "retry enqueued by the deadline scheduler");
+    assert_eq!(second[0].attempt, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "not the 600 s poller"
+    );
+    core.shutdown().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn expired_lease_is_retried_and_max_attempts_is_honoured(pool: PgPool) {
+    let mut cfg = test_config(Hybrid);
+    cfg.orchestration
+        .task_readiness
+        .fallback_polling_interval_seconds = 600;
+    let core = start_core(&pool, &cfg).await;
+    let store = Store::new(pool.clone());
+    let t = create(
+        &store,
+        TaskSpec::new(NS, "t", vec![StepSpec::new("only", &[]).max_attempts(2)]),
+    )
+    .await;
+    for attempt in 1..=2 {
+        let leased = core
+            .workers
+            .fetch(NS, "silent", 1, WAIT, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(leased[0].attempt, attempt);
+        // the worker never answers
+    }
+    let mut events = core.commands.subscribe();
+    let done = async {
+        loop {
+            let ctx = store.execution_context(t.task_uuid).await.unwrap();
+            if ctx.task_state == "error" {
+                return ctx;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+        }
+    };
+    let ctx = tokio::time::timeout(WAIT, done)
+        .await
+        .expect("task failed after the last lease");
+    assert_eq!(ctx.execution_status, "blocked_by_failures");
+    let err: serde_json::Value = sqlx::query_scalar("SELECT last_error FROM tasker.workflow_steps")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(err["message"], json!("lease expired"));
+    core.shutdown().await;
+}
