@@ -115,28 +115,35 @@ CREATE TRIGGER tasks_history_update AFTER UPDATE OF state ON tasker.tasks
     FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
     EXECUTE FUNCTION tasker.tasks_history();
 
--- A new edge must not close a cycle: refuse it if the parent is already reachable from the
--- child. CreateTask validates the DAG before writing; this is the database's own guarantee.
+-- New edges must not close a cycle. Checked once per statement over all inserted edges (a
+-- task's whole DAG arrives in one INSERT): walk down from each new edge's child; reaching
+-- that edge's parent means a cycle. CreateTask validates the DAG before writing; this is the
+-- database's own guarantee.
 CREATE FUNCTION tasker.step_edges_no_cycle() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_edge record;
 BEGIN
-    IF EXISTS (
-        WITH RECURSIVE reachable(step_uuid) AS (
-            SELECT NEW.child_step_uuid
-            UNION
-            SELECT e.child_step_uuid
-            FROM tasker.step_edges e JOIN reachable r ON e.parent_step_uuid = r.step_uuid
-        )
-        SELECT 1 FROM reachable WHERE step_uuid = NEW.parent_step_uuid
-    ) THEN
-        RAISE EXCEPTION 'edge % -> % would create a dependency cycle', NEW.parent_step_uuid, NEW.child_step_uuid
+    WITH RECURSIVE walk(origin_parent, origin_child, step_uuid) AS (
+        SELECT n.parent_step_uuid, n.child_step_uuid, n.child_step_uuid FROM new_edges n
+        UNION
+        SELECT w.origin_parent, w.origin_child, e.child_step_uuid
+        FROM walk w JOIN tasker.step_edges e ON e.parent_step_uuid = w.step_uuid
+    )
+    SELECT origin_parent, origin_child INTO v_edge FROM walk WHERE step_uuid = origin_parent LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'edge % -> % would create a dependency cycle', v_edge.origin_parent, v_edge.origin_child
             USING ERRCODE = 'TK003';
     END IF;
-    RETURN NEW;
+    RETURN NULL;
 END
 $$;
-CREATE TRIGGER step_edges_no_cycle BEFORE INSERT OR UPDATE ON tasker.step_edges
-    FOR EACH ROW EXECUTE FUNCTION tasker.step_edges_no_cycle();
+CREATE TRIGGER step_edges_no_cycle AFTER INSERT ON tasker.step_edges
+    REFERENCING NEW TABLE AS new_edges
+    FOR EACH STATEMENT EXECUTE FUNCTION tasker.step_edges_no_cycle();
+-- Edges are never updated: a changed edge is a different DAG.
+CREATE TRIGGER step_edges_immutable BEFORE UPDATE ON tasker.step_edges
+    FOR EACH ROW EXECUTE FUNCTION tasker.history_is_append_only();
 
 -- Completions, failures, retries, cancellations and manual resolutions of one task are
 -- serialized by this transaction-scoped advisory lock. Without it two parents of a join step

@@ -3,6 +3,49 @@
 -- A step is ready when it is pending, its task is pending or in_progress, every parent is
 -- complete or resolved_manually, any retry backoff has elapsed and it has attempts left.
 
+-- The one definition of "ready": among the given steps, those that are pending, have
+-- attempts left, whose backoff has elapsed, and whose every parent is complete or
+-- resolved_manually; with the moment each became ready (its last parent's completion, its
+-- backoff's end, or its creation). Callers pass the candidates: the children of a step that
+-- changed, the pending steps of one task, all pending steps. Set-based (one anti-join, not a
+-- predicate called per row) and PL/pgSQL, so its plan is cached per session rather than
+-- re-planned on every call.
+-- Time is the transaction's start (now()): every caller is a short transaction, and the retry
+-- promotion uses the same clock.
+CREATE FUNCTION tasker.ready_among(p_steps uuid[])
+RETURNS TABLE (step_uuid uuid, task_uuid uuid, ready_since timestamptz, created_at timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    SELECT s.step_uuid, s.task_uuid,
+           greatest(s.created_at, s.next_retry_at,
+                    (SELECT max(ps.completed_at)
+                     FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
+                     WHERE e.child_step_uuid = s.step_uuid)),
+           s.created_at
+    FROM tasker.workflow_steps s
+    WHERE s.step_uuid = ANY (p_steps)
+      AND s.state = 'pending'
+      AND s.attempts < s.max_attempts
+      AND (s.next_retry_at IS NULL OR s.next_retry_at <= now())
+      AND NOT EXISTS (
+          SELECT 1
+          FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
+          WHERE e.child_step_uuid = s.step_uuid
+            AND ps.state NOT IN ('complete', 'resolved_manually'));
+END
+$$;
+
+-- The ready steps of one task (whatever the task's state), driven by the pending-steps index.
+CREATE FUNCTION tasker.ready_steps_of_task(p_task_uuid uuid)
+RETURNS TABLE (step_uuid uuid, ready_since timestamptz, created_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT r.step_uuid, r.ready_since, r.created_at
+    FROM tasker.ready_among(ARRAY(
+        SELECT s.step_uuid FROM tasker.workflow_steps s
+        WHERE s.task_uuid = p_task_uuid AND s.state = 'pending')) r
+$$;
+
 CREATE FUNCTION tasker.step_readiness(p_task_uuid uuid)
 RETURNS TABLE (
     step_uuid uuid,
@@ -27,10 +70,8 @@ LANGUAGE sql STABLE AS $$
            (s.state IN ('pending', 'waiting_for_retry') AND s.attempts < s.max_attempts
                 AND (s.attempts = 0 OR s.retryable)),
            s.next_retry_at,
-           (s.state = 'pending' AND t.state IN ('pending', 'in_progress')
-                AND coalesce(p.total = p.done, true)
-                AND s.attempts < s.max_attempts
-                AND (s.next_retry_at IS NULL OR s.next_retry_at <= clock_timestamp())),
+           (t.state IN ('pending', 'in_progress')
+                AND EXISTS (SELECT 1 FROM tasker.ready_among(ARRAY[s.step_uuid]))),
            greatest(s.created_at, p.last_done, s.next_retry_at)
     FROM tasker.workflow_steps s
     JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
@@ -133,20 +174,8 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE AS $$
     WITH ready AS (
-        SELECT s.task_uuid,
-               greatest(s.created_at, s.next_retry_at,
-                        (SELECT max(ps.completed_at)
-                         FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-                         WHERE e.child_step_uuid = s.step_uuid)) AS since
-        FROM tasker.workflow_steps s
-        WHERE s.state = 'pending'
-          AND s.attempts < s.max_attempts
-          AND (s.next_retry_at IS NULL OR s.next_retry_at <= clock_timestamp())
-          AND NOT EXISTS (
-              SELECT 1
-              FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-              WHERE e.child_step_uuid = s.step_uuid
-                AND ps.state NOT IN ('complete', 'resolved_manually'))
+        SELECT r.task_uuid, r.ready_since AS since
+        FROM tasker.ready_among(ARRAY(SELECT s.step_uuid FROM tasker.workflow_steps s WHERE s.state = 'pending')) r
     ),
     per_task AS (
         SELECT r.task_uuid, count(*)::int AS n, min(r.since) AS since

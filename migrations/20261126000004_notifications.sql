@@ -16,19 +16,6 @@ LANGUAGE sql STABLE AS $$
     SELECT nullif(current_setting('tasker.traceparent', true), '')
 $$;
 
--- Is this pending step ready, judged from inside the transaction that changed its neighbours?
-CREATE FUNCTION tasker.pending_step_is_ready(p_step tasker.workflow_steps) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT p_step.state = 'pending'
-       AND p_step.attempts < p_step.max_attempts
-       AND (p_step.next_retry_at IS NULL OR p_step.next_retry_at <= clock_timestamp())
-       AND NOT EXISTS (
-           SELECT 1
-           FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-           WHERE e.child_step_uuid = p_step.step_uuid
-             AND ps.state NOT IN ('complete', 'resolved_manually'))
-$$;
-
 CREATE FUNCTION tasker.send_task_ready(
     p_task_uuid uuid, p_ready_steps integer, p_triggered_by text,
     p_step_uuid uuid, p_step_state text
@@ -67,14 +54,13 @@ DECLARE
     v_ready integer;
 BEGIN
     IF NEW.state IN ('complete', 'resolved_manually') THEN
+        -- only the children of this step are judged
         SELECT count(*) INTO v_ready
-        FROM tasker.step_edges e JOIN tasker.workflow_steps c ON c.step_uuid = e.child_step_uuid
-        WHERE e.parent_step_uuid = NEW.step_uuid
-          AND c.state = 'pending'
-          AND tasker.pending_step_is_ready(c);
+        FROM tasker.ready_among(ARRAY(
+            SELECT e.child_step_uuid FROM tasker.step_edges e WHERE e.parent_step_uuid = NEW.step_uuid));
     ELSIF NEW.state = 'pending' AND OLD.state = 'waiting_for_retry' THEN
         -- back from a retry backoff: the step itself is what became ready
-        v_ready := CASE WHEN tasker.pending_step_is_ready(NEW) THEN 1 ELSE 0 END;
+        SELECT count(*) INTO v_ready FROM tasker.ready_among(ARRAY[NEW.step_uuid]);
     ELSE
         RETURN NULL;
     END IF;
@@ -98,7 +84,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_ready integer;
 BEGIN
-    SELECT count(*) INTO v_ready FROM tasker.step_readiness(NEW.task_uuid) r WHERE r.ready;
+    SELECT count(*) INTO v_ready FROM tasker.ready_steps_of_task(NEW.task_uuid);
     IF v_ready > 0 THEN
         PERFORM tasker.send_task_ready(NEW.task_uuid, v_ready, 'task_start', NULL, NULL);
     END IF;

@@ -99,8 +99,9 @@ BEGIN
         RETURN;
     END IF;
 
-    WITH ready AS (
-        SELECT r.step_uuid, r.ready_since FROM tasker.step_readiness(p_task_uuid) r WHERE r.ready
+    -- MATERIALIZED: evaluated once, not re-filtered on every rescan of the join below
+    WITH ready AS MATERIALIZED (
+        SELECT r.step_uuid, r.ready_since FROM tasker.ready_steps_of_task(p_task_uuid) r
     ),
     moved AS (
         UPDATE tasker.workflow_steps s
@@ -141,7 +142,10 @@ RETURNS TABLE (
     step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
     parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz
 )
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- PL/pgSQL for a plan cached per session (an SQL function is re-planned on every call)
+    RETURN QUERY
     WITH picked AS (
         SELECT q.msg_id
         FROM tasker.step_queue q
@@ -171,7 +175,8 @@ LANGUAGE sql AS $$
                      WHERE e.child_step_uuid = st.step_uuid), '{}'::jsonb),
            l.visible_at, l.enqueued_at
     FROM started st JOIN leased l ON l.step_uuid = st.step_uuid
-    ORDER BY l.msg_id
+    ORDER BY l.msg_id;
+END
 $$;
 
 -- Why an attempt cannot be acted on, or NULL when the caller holds a live lease on it.
@@ -257,7 +262,9 @@ BEGIN
     FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = v_step.attempts;
     IF p_retryable AND v_step.retryable AND v_step.attempts < v_step.max_attempts THEN
-        v_next := clock_timestamp() + make_interval(secs => greatest(p_backoff_ms, 0) / 1000.0);
+        -- a zero backoff is due at once by the readiness clock (the transaction start)
+        v_next := CASE WHEN p_backoff_ms <= 0 THEN now()
+                       ELSE clock_timestamp() + make_interval(secs => p_backoff_ms / 1000.0) END;
         UPDATE tasker.workflow_steps s
         SET state = 'waiting_for_retry', last_error = p_error, next_retry_at = v_next
         WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress';
@@ -322,7 +329,7 @@ LANGUAGE sql AS $$
     WITH due AS (
         SELECT s.step_uuid FROM tasker.workflow_steps s
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-        WHERE s.state = 'waiting_for_retry' AND s.next_retry_at <= clock_timestamp()
+        WHERE s.state = 'waiting_for_retry' AND s.next_retry_at <= now()
           AND tasker.namespace_matches(t.namespace, p_namespaces)
         ORDER BY s.next_retry_at
         LIMIT p_limit

@@ -19,6 +19,7 @@
 //! - [`core`]: `OrchestrationCore`, all of the above assembled
 //! - [`worker`]: the workers' side: lease, complete, fail, extend
 //! - [`metrics`]: OpenTelemetry instruments by name
+//! - [`bench`]: the latency/throughput benchmark behind `tasker bench`
 //! - [`local_db`]: finding or starting a PostgreSQL to run against
 //! - [`proto`]: generated gRPC code and the descriptor set for reflection
 //! - [`grpc`]: tonic services, health, reflection, the error-to-status mapping
@@ -28,6 +29,7 @@
 //! The binary (`src/main.rs`) only parses the command line and calls into this library.
 
 pub mod app;
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod core;

@@ -53,6 +53,27 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Benchmark completion -> enqueue latency and throughput in every deployment mode, in one
+    /// run. Uses (and empties) database `tasker_bench` on the local server or an embedded
+    /// cluster, or the database given with --database-url.
+    Bench {
+        /// Measurement window per scenario, in seconds (after a 1 s warm-up).
+        #[arg(long, default_value_t = 8)]
+        duration_secs: u64,
+        /// Concurrent chains, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        concurrency: Vec<usize>,
+        /// Modes, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "EventDrivenOnly,Hybrid,PollingOnly"
+        )]
+        modes: Vec<String>,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Database helpers.
     Db {
         #[command(subcommand)]
@@ -140,6 +161,43 @@ fn main() -> ExitCode {
             Command::Serve { .. } => {
                 let app = tasker::app::App::build(loaded.config).await?;
                 app.run(tasker::app::shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Bench {
+                duration_secs,
+                concurrency,
+                modes,
+                json,
+            } => {
+                let modes = modes
+                    .iter()
+                    .map(|m| {
+                        m.parse::<config::DeploymentMode>()
+                            .map_err(anyhow::Error::msg)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let mut db = loaded.config.database.clone();
+                if cli.database_url.is_none() {
+                    db.url.clear(); // never empty the service's own database
+                }
+                let resolved = tasker::local_db::resolve(&db, "tasker_bench").await?;
+                eprintln!(
+                    "bench database: {} ({})",
+                    config::redact_url(&resolved.url),
+                    resolved.origin
+                );
+                let opts = tasker::bench::BenchOptions {
+                    modes,
+                    concurrency,
+                    duration: std::time::Duration::from_secs(duration_secs),
+                };
+                let report = tasker::bench::run(&resolved.url, &loaded.config, &opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    println!("{}", tasker::bench::render(&report));
+                }
+                drop(resolved);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Db {
