@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::config::TaskerConfig;
 use crate::core::OrchestrationCore;
-use crate::grpc::{GrpcServer, OVERALL};
+use crate::grpc::{ApiContext, GrpcServer, OVERALL};
 use crate::local_db::{self, EmbeddedCluster};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -63,12 +63,13 @@ impl App {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self {
+            config,
             store,
             core,
             server,
             mut embedded,
-            ..
         } = self;
+        let ctx = ApiContext::new(&core, &config);
         let health = server.health.clone();
         // SERVING only once the systems the deployment mode needs are up
         let ready = core.coordinator.ready_signal();
@@ -80,14 +81,15 @@ impl App {
                 .await;
         });
         tracing::info!(addr = %server.local_addr()?, mode = %core.coordinator.mode(), "serving gRPC");
-        let health_for_drain = health.clone();
+        let drain_ctx = ctx.clone();
         let shutdown = async move {
             shutdown.await;
-            health_for_drain
+            drain_ctx.set_draining();
+            health
                 .set_service_status(OVERALL, tonic_health::ServingStatus::NotServing)
                 .await;
         };
-        server.serve(shutdown).await.context("gRPC server")?;
+        server.serve(ctx, &config.grpc, shutdown).await?;
         serving.abort();
         core.shutdown().await;
         store.pool().close().await;

@@ -318,7 +318,7 @@ async fn chain_worker(
         let task = TaskSpec::chain(&ns, CHAIN_LENGTH)
             .into_new_task()
             .expect("a chain is a valid task");
-        store.create_task(&task, &json!({})).await.map(|_| ())
+        store.create_task(&task, &json!({}), None).await.map(|_| ())
     };
     new_chain(store.clone(), namespace.clone()).await?;
     let mut hops = Vec::new();

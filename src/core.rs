@@ -19,7 +19,7 @@ use crate::worker::WorkerQueue;
 pub struct OrchestrationCore {
     pub store: Store,
     pub commands: CommandProcessorHandle,
-    pub coordinator: UnifiedEventCoordinator,
+    pub coordinator: std::sync::Arc<UnifiedEventCoordinator>,
     pub workers: WorkerQueue,
     pub metrics: Metrics,
     processor: crate::commands::processor_task::ProcessorTask,
@@ -38,13 +38,13 @@ impl OrchestrationCore {
             metrics.clone(),
         );
         let poke = DeadlinePoke::default();
-        let coordinator = UnifiedEventCoordinator::start(
+        let coordinator = std::sync::Arc::new(UnifiedEventCoordinator::start(
             store.clone(),
             config,
             commands.clone(),
             metrics.clone(),
             poke.clone(),
-        );
+        ));
         let workers = WorkerQueue::new(store.clone(), wakeups, poke);
         let depth = commands.clone();
         let in_flight = commands.clone();

@@ -125,8 +125,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    tasker::telemetry::init(&loaded.config.telemetry);
-
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -135,6 +133,25 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        let telemetry = tasker::telemetry::init(
+            &loaded.config.telemetry,
+            loaded.config.orchestration.deployment.mode,
+        );
+        let result = run(cli, loaded).await;
+        telemetry.shutdown();
+        result
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode> {
+    {
         match cli.command {
             Command::Config {
                 action: ConfigAction::Show,
@@ -220,14 +237,6 @@ fn main() -> ExitCode {
                     status.code().unwrap_or(1).clamp(0, 255) as u8
                 ))
             }
-        }
-    });
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            let e: anyhow::Error = e;
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
         }
     }
 }

@@ -205,7 +205,7 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
         1
     );
     store
-        .cancel_task(t.task_uuid, "no longer needed", &json!({}))
+        .cancel_task(t.task_uuid, "no longer needed", &json!({}), None)
         .await
         .unwrap();
     assert!(ready_names(&store, t.task_uuid).await.is_empty());
@@ -218,7 +218,9 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
     assert_eq!(ctx.execution_status, "cancelled");
     assert_eq!(ctx.cancelled_steps, 3);
     assert_eq!(store.queue_depth(NS).await.unwrap(), 0);
-    let again = store.cancel_task(t.task_uuid, "twice", &json!({})).await;
+    let again = store
+        .cancel_task(t.task_uuid, "twice", &json!({}), None)
+        .await;
     assert!(matches!(
         again,
         Err(tasker::store::StoreError::FailedPrecondition(_))

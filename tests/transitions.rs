@@ -151,25 +151,34 @@ async fn bad_requests_write_nothing(pool: PgPool) {
     let mut dup = TaskSpec::chain(NS, 2).into_new_task().unwrap();
     dup.steps[1].name = "s0".into();
     dup.steps[1].depends_on.clear();
-    let e = store.create_task(&dup, &json!({})).await.unwrap_err();
+    let e = store.create_task(&dup, &json!({}), None).await.unwrap_err();
     assert!(
         matches!(&e, StoreError::InvalidArgument { field, .. } if field == "steps.name"),
         "{e:?}"
     );
     let mut unknown = TaskSpec::chain(NS, 2).into_new_task().unwrap();
     unknown.steps[1].depends_on = vec!["nope".into()];
-    let e = store.create_task(&unknown, &json!({})).await.unwrap_err();
+    let e = store
+        .create_task(&unknown, &json!({}), None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, StoreError::InvalidArgument { field, .. } if field == "steps.depends_on"),
         "{e:?}"
     );
     let mut cyclic = TaskSpec::chain(NS, 2).into_new_task().unwrap();
     cyclic.steps[0].depends_on = vec!["s1".into()];
-    let e = store.create_task(&cyclic, &json!({})).await.unwrap_err();
+    let e = store
+        .create_task(&cyclic, &json!({}), None)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("cycle"), "{e}");
     let mut bad_ns = TaskSpec::chain(NS, 1).into_new_task().unwrap();
     bad_ns.namespace = "Has Spaces".into();
-    let e = store.create_task(&bad_ns, &json!({})).await.unwrap_err();
+    let e = store
+        .create_task(&bad_ns, &json!({}), None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, StoreError::InvalidArgument { field, .. } if field == "namespace"),
         "{e:?}"

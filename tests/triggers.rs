@@ -222,6 +222,7 @@ async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
                 })
                 .unwrap(),
             &json!({}),
+            None,
         )
         .await
         .unwrap_err();

@@ -1,17 +1,47 @@
-//! The gRPC surface: `tasker.v1` services, standard health, and server reflection (v1 and
+//! The gRPC surface: the `tasker.v1` services, standard health, and server reflection (v1 and
 //! v1alpha, since grpcurl 1.8 and Python's grpcio-reflection only speak v1alpha).
+//!
+//! Layout:
+//! - `context`: `ApiContext`, what every handler shares
+//! - `readiness`, `admin`, `tasks`, `workers`: one file per service
+//! - `auth`: bearer tokens and scopes, a tower layer in front of everything
+//! - `error`: the one mapping from internal errors to status codes
+//! - `convert`: protobuf <-> domain conversions and field-naming request parsing
+//!
+//! Every request gets a server span (`grpc.request`, with method, peer and status code)
+//! whose parent is the caller's W3C trace context when it sent one.
+
+pub mod admin;
+pub mod auth;
+pub mod context;
+pub mod convert;
+pub mod error;
+pub mod readiness;
+pub mod tasks;
+pub mod workers;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::server::{HealthReporter, HealthService};
 
-use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::config::GrpcConfig;
+use crate::proto::{v1, FILE_DESCRIPTOR_SET};
+pub use context::ApiContext;
 
 /// The name health checks use for the whole server (the empty service name).
 pub const OVERALL: &str = "";
+
+/// The W3C `traceparent` of the current span, to carry into a database transaction (and from
+/// there into the notification it causes). `None` when tracing is not exporting.
+pub fn traceparent() -> Option<String> {
+    crate::telemetry::current_traceparent()
+}
 
 /// A bound listener and the health reporter that flips to SERVING once the core is up.
 pub struct GrpcServer {
@@ -42,26 +72,69 @@ impl GrpcServer {
         self.listener.local_addr()
     }
 
-    /// Serve until `shutdown` resolves.
+    /// Serve the API until `shutdown` resolves.
     pub async fn serve(
         self,
+        ctx: ApiContext,
+        cfg: &GrpcConfig,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> anyhow::Result<()> {
+        let limit = cfg.max_request_bytes as usize;
+        let auth = Arc::new(auth::Authenticator::from_config(&cfg.auth));
+        if auth.is_open() {
+            tracing::warn!(bind = %cfg.bind, "no gRPC tokens configured: the API is open to anyone who can reach it");
+        }
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .expect("descriptor sets are valid: built from our own protos");
+            .context("reflection v1")?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
-            .expect("descriptor sets are valid: built from our own protos");
-        Server::builder()
+            .context("reflection v1alpha")?;
+
+        let mut builder = Server::builder();
+        if !cfg.tls.cert_path.is_empty() {
+            let cert = std::fs::read(&cfg.tls.cert_path)
+                .with_context(|| format!("reading grpc.tls.cert_path {}", cfg.tls.cert_path))?;
+            let key = std::fs::read(&cfg.tls.key_path)
+                .with_context(|| format!("reading grpc.tls.key_path {}", cfg.tls.key_path))?;
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+                .context("grpc.tls")?;
+        }
+        builder
+            .timeout(Duration::from_secs(cfg.request_timeout_seconds as u64))
+            .trace_fn(crate::telemetry::grpc_request_span)
+            .layer(crate::telemetry::GrpcStatusLayer)
+            .layer(auth::AuthLayer::new(auth))
             .add_service(self.health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
+            .add_service(
+                v1::readiness_service_server::ReadinessServiceServer::new(
+                    readiness::ReadinessApi::new(ctx.clone()),
+                )
+                .max_decoding_message_size(limit),
+            )
+            .add_service(
+                v1::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(
+                    ctx.clone(),
+                ))
+                .max_decoding_message_size(limit),
+            )
+            .add_service(
+                v1::task_service_server::TaskServiceServer::new(tasks::TaskApi::new(ctx.clone()))
+                    .max_decoding_message_size(limit),
+            )
+            .add_service(
+                v1::worker_service_server::WorkerServiceServer::new(workers::WorkerApi::new(ctx))
+                    .max_decoding_message_size(limit),
+            )
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
             .await
+            .context("gRPC server")
     }
 }

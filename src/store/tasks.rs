@@ -80,10 +80,13 @@ impl Store {
         &self,
         task: &NewTask,
         metadata: &Value,
+        traceparent: Option<&str>,
     ) -> Result<CreatedTask, StoreError> {
         let steps = serde_json::to_value(&task.steps).expect("steps serialize");
         let rows: Vec<(Uuid, bool, String, Uuid)> = sqlx::query_as(
-            "SELECT task_uuid, created, step_name, step_uuid FROM tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8)",
+            "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
+             FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
+                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8) c",
         )
         .bind(task.task_uuid)
         .bind(&task.namespace)
@@ -93,6 +96,7 @@ impl Store {
         .bind(&task.idempotency_key)
         .bind(steps)
         .bind(metadata)
+        .bind(traceparent)
         .fetch_all(&self.pool)
         .await?;
         let first = rows
@@ -137,11 +141,15 @@ impl Store {
         task_uuid: Uuid,
         reason: &str,
         metadata: &Value,
+        traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let outcome: String = sqlx::query_scalar("SELECT tasker.cancel_task($1, $2, $3)")
-            .bind(task_uuid)
-            .bind(reason)
-            .bind(metadata)
+        let outcome: String = sqlx::query_scalar(
+            "SELECT tasker.cancel_task($1, $2, $3) FROM (SELECT set_config('tasker.traceparent', coalesce($4, ''), true)) tp",
+        )
+        .bind(task_uuid)
+        .bind(reason)
+        .bind(metadata)
+        .bind(traceparent)
             .fetch_one(&self.pool)
             .await?;
         match outcome.as_str() {

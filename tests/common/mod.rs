@@ -18,7 +18,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub async fn create(store: &Store, spec: TaskSpec) -> CreatedTask {
     let task = spec.into_new_task().expect("valid spec");
     store
-        .create_task(&task, &json!({}))
+        .create_task(&task, &json!({}), None)
         .await
         .expect("create task")
 }

@@ -1,0 +1,63 @@
+//! `tasker.v1.AdminService`: the deployment mode (read and switch at run time) and status.
+
+use tonic::{Request, Response, Status};
+
+use super::context::ApiContext;
+use super::convert::{self, mode_from_proto, mode_to_proto};
+use crate::proto::v1;
+use crate::readiness::ListenerState;
+
+pub struct AdminApi {
+    ctx: ApiContext,
+}
+
+impl AdminApi {
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::admin_service_server::AdminService for AdminApi {
+    async fn get_deployment_mode(
+        &self,
+        _request: Request<v1::GetDeploymentModeRequest>,
+    ) -> Result<Response<v1::GetDeploymentModeResponse>, Status> {
+        Ok(Response::new(v1::GetDeploymentModeResponse {
+            mode: mode_to_proto(self.ctx.coordinator.mode()) as i32,
+        }))
+    }
+
+    async fn set_deployment_mode(
+        &self,
+        request: Request<v1::SetDeploymentModeRequest>,
+    ) -> Result<Response<v1::SetDeploymentModeResponse>, Status> {
+        let mode = mode_from_proto("mode", request.get_ref().mode)?;
+        let previous = self.ctx.coordinator.set_mode(mode);
+        Ok(Response::new(v1::SetDeploymentModeResponse {
+            previous: mode_to_proto(previous) as i32,
+            current: mode_to_proto(mode) as i32,
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<v1::GetStatusRequest>,
+    ) -> Result<Response<v1::GetStatusResponse>, Status> {
+        let status = self.ctx.coordinator.status();
+        Ok(Response::new(v1::GetStatusResponse {
+            mode: mode_to_proto(status.mode) as i32,
+            listener_connected: status.listener.state == ListenerState::Listening,
+            listener_channels: status.listener.channels,
+            poller_last_run: convert::opt_timestamp(status.poller.last_round_at),
+            poller_last_tasks_found: status.poller.last_round_tasks_found,
+            command_queue_depth: self.ctx.commands.queue_depth() as u64,
+            commands_in_flight: self.ctx.commands.stats().in_flight(),
+            uptime: Some(convert::duration(self.ctx.started.elapsed())),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            listener_reconnects: status.listener.reconnects,
+            commands_processed: self.ctx.commands.stats().processed(),
+            draining: self.ctx.draining(),
+        }))
+    }
+}

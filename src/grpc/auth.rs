@@ -1,0 +1,252 @@
+//! Bearer-token authentication and scope authorization, as a tower layer in front of every
+//! service. Each `tasker.v1` method requires one scope (the table in [`required_scope`]);
+//! unknown methods require `admin`; health and reflection are open.
+//!
+//! Tokens are configured as SHA-256 hashes (`tasker token hash <token>` prints one), so config
+//! files hold no secret; a presented token is hashed and compared in constant time.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use sha2::{Digest, Sha256};
+use tonic::codegen::http;
+use tonic::Status;
+
+use crate::config::AuthConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Scope {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Self::Read),
+            "write" => Some(Self::Write),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// The scope a method needs, `None` for open services. Anything unknown under `tasker.` needs
+/// `admin`: a new method is closed until it is given a scope here.
+pub fn required_scope(path: &str) -> Option<Scope> {
+    let method = path.trim_start_matches('/');
+    if !method.starts_with("tasker.") {
+        return None; // grpc.health.v1, grpc.reflection.*
+    }
+    Some(match method {
+        "tasker.v1.ReadinessService/GetTaskReadiness"
+        | "tasker.v1.ReadinessService/ListReadyTasks"
+        | "tasker.v1.ReadinessService/StreamCommandEvents"
+        | "tasker.v1.AdminService/GetDeploymentMode"
+        | "tasker.v1.AdminService/GetStatus"
+        | "tasker.v1.TaskService/GetTask" => Scope::Read,
+        "tasker.v1.ReadinessService/ProcessTaskReadiness"
+        | "tasker.v1.TaskService/CreateTask"
+        | "tasker.v1.TaskService/CancelTask"
+        | "tasker.v1.WorkerService/FetchSteps"
+        | "tasker.v1.WorkerService/CompleteStep"
+        | "tasker.v1.WorkerService/FailStep"
+        | "tasker.v1.WorkerService/ExtendLease" => Scope::Write,
+        _ => Scope::Admin,
+    })
+}
+
+/// The hex SHA-256 of a token, as stored in configuration.
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[derive(Debug)]
+struct Token {
+    name: String,
+    sha256: [u8; 32],
+    scopes: HashSet<Scope>,
+}
+
+/// Checks requests against the configured tokens. With no tokens, everything is open.
+#[derive(Debug, Default)]
+pub struct Authenticator {
+    tokens: Vec<Token>,
+}
+
+impl Authenticator {
+    pub fn from_config(cfg: &AuthConfig) -> Self {
+        let tokens = cfg
+            .tokens
+            .iter()
+            .filter_map(|t| {
+                let mut sha256 = [0u8; 32];
+                for (i, chunk) in t.sha256.as_bytes().chunks(2).enumerate().take(32) {
+                    let hex = std::str::from_utf8(chunk).ok()?;
+                    sha256[i] = u8::from_str_radix(hex, 16).ok()?;
+                }
+                Some(Token {
+                    name: t.name.clone(),
+                    sha256,
+                    scopes: t.scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+                })
+            })
+            .collect();
+        Self { tokens }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// `Ok` with the caller's token name (None when open), or the status to answer with.
+    pub fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<String>, Status> {
+        let Some(scope) = required_scope(path) else {
+            return Ok(None);
+        };
+        if self.is_open() {
+            return Ok(None);
+        }
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "missing bearer token: send `authorization: Bearer <token>`",
+                )
+            })?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let token = self
+            .tokens
+            .iter()
+            .find(|t| constant_time_eq(&t.sha256, &digest))
+            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
+        if token.scopes.contains(&scope) {
+            Ok(Some(token.name.clone()))
+        } else {
+            Err(Status::permission_denied(format!(
+                "token {:?} lacks the {:?} scope this method needs",
+                token.name,
+                format!("{scope:?}").to_lowercase()
+            )))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The tower layer applying an [`Authenticator`] to every request.
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Authenticator>) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AuthService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        match self.auth.check(req.uri().path(), req.headers()) {
+            Ok(_) => Box::pin(self.inner.call(req)),
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TokenConfig;
+
+    #[test]
+    fn scopes_are_enforced_per_method() {
+        let auth = Authenticator::from_config(&AuthConfig {
+            required: true,
+            tokens: vec![TokenConfig {
+                name: "reader".into(),
+                sha256: hash_token("r-secret"),
+                scopes: vec!["read".into()],
+            }],
+        });
+        let mut h = http::HeaderMap::new();
+        assert_eq!(auth.check("/grpc.health.v1.Health/Check", &h), Ok(None));
+        assert_eq!(
+            auth.check("/tasker.v1.AdminService/GetStatus", &h)
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Bearer r-secret".parse().unwrap(),
+        );
+        assert_eq!(
+            auth.check("/tasker.v1.AdminService/GetStatus", &h),
+            Ok(Some("reader".into()))
+        );
+        assert_eq!(
+            auth.check("/tasker.v1.AdminService/SetDeploymentMode", &h)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            auth.check("/tasker.v1.NewService/Anything", &h)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        h.insert(http::header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
+        assert_eq!(
+            auth.check("/tasker.v1.TaskService/GetTask", &h)
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! The one mapping from internal errors to gRPC status codes. Client mistakes become
+//! `INVALID_ARGUMENT` with field violations (google.rpc.BadRequest), the state machine's
+//! refusals `FAILED_PRECONDITION`, a saturated processor `RESOURCE_EXHAUSTED`, a lost database
+//! `UNAVAILABLE`. Internal details (SQL messages) are logged, never sent.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::commands::SubmitError;
+use crate::dag::Violation;
+use crate::store::StoreError;
+
+/// `INVALID_ARGUMENT` naming one field and the rule it breaks.
+pub fn invalid(field: &str, message: impl Into<String>) -> Status {
+    let message = message.into();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid {field}: {message}"),
+        ErrorDetails::with_bad_request_violation(field, message),
+    )
+}
+
+/// `INVALID_ARGUMENT` listing every violation.
+pub fn violations(list: Vec<Violation>) -> Status {
+    let summary = list
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let details: Vec<FieldViolation> = list
+        .into_iter()
+        .map(|v| FieldViolation::new(v.field, v.message))
+        .collect();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        summary,
+        ErrorDetails::with_bad_request(details),
+    )
+}
+
+pub fn store(e: StoreError) -> Status {
+    match e {
+        StoreError::InvalidArgument { field, message } => invalid(&field, message),
+        StoreError::NotFound { what } => Status::not_found(format!("{what} not found")),
+        StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+        StoreError::AlreadyExists(m) => Status::already_exists(m),
+        StoreError::Unavailable(e) => {
+            tracing::warn!(error = %e, "database unavailable");
+            Status::unavailable("the database is unavailable; retry later")
+        }
+        other => {
+            tracing::error!(error = %other, "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+pub fn submit(e: SubmitError) -> Status {
+    match e {
+        SubmitError::Overloaded => Status::resource_exhausted(e.to_string()),
+        SubmitError::ShuttingDown => Status::unavailable(e.to_string()),
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        store(e)
+    }
+}

@@ -1,0 +1,242 @@
+//! `tasker.v1.ReadinessService`: readiness queries, command injection, the command stream.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::context::ApiContext;
+use super::convert::{self, uuid};
+use super::error::{self, invalid};
+use crate::commands::{CommandEvent, CommandPhase, OrchestrationCommand, TriggeredBy};
+use crate::config::namespace_name_problem;
+use crate::proto::v1;
+
+pub struct ReadinessApi {
+    ctx: ApiContext,
+}
+
+impl ReadinessApi {
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+}
+
+const MAX_PAGE: i64 = 1000;
+const PAGE_TOKEN_PREFIX: &str = "offset:";
+
+fn event_to_proto(e: &CommandEvent) -> v1::CommandEvent {
+    v1::CommandEvent {
+        command_id: e.command_id.to_string(),
+        task_uuid: e.task_uuid.to_string(),
+        namespace: e.namespace.clone(),
+        triggered_by: e.triggered_by.as_str().to_string(),
+        phase: e.phase.as_str().to_string(),
+        outcome: e.outcome.clone().unwrap_or_default(),
+        steps_enqueued: e.steps_enqueued as i32,
+        duration: Some(convert::duration(e.duration)),
+        timestamp: Some(convert::timestamp(e.timestamp)),
+        error: e.error.clone().unwrap_or_default(),
+        missed: 0,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::CommandEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::readiness_service_server::ReadinessService for ReadinessApi {
+    async fn get_task_readiness(
+        &self,
+        request: Request<v1::GetTaskReadinessRequest>,
+    ) -> Result<Response<v1::GetTaskReadinessResponse>, Status> {
+        let task = uuid("task_uuid", &request.get_ref().task_uuid)?;
+        let ctx = self.ctx.store.execution_context(task).await?;
+        let steps = self.ctx.store.step_readiness(task).await?;
+        Ok(Response::new(v1::GetTaskReadinessResponse {
+            task_uuid: ctx.task_uuid.to_string(),
+            namespace: ctx.namespace,
+            task_state: ctx.task_state,
+            execution_status: ctx.execution_status,
+            priority: ctx.priority,
+            counts: Some(v1::StepCounts {
+                total: ctx.total_steps,
+                pending: ctx.pending_steps,
+                enqueued: ctx.enqueued_steps,
+                in_progress: ctx.in_progress_steps,
+                complete: ctx.complete_steps,
+                failed: ctx.failed_steps,
+                ready: ctx.ready_steps,
+                waiting_for_retry: ctx.waiting_for_retry_steps,
+                cancelled: ctx.cancelled_steps,
+            }),
+            steps: steps
+                .into_iter()
+                .map(|s| v1::StepReadiness {
+                    step_uuid: s.step_uuid.to_string(),
+                    name: s.name,
+                    state: s.state,
+                    dependencies_satisfied: s.dependencies_satisfied,
+                    ready: s.ready,
+                    next_retry_at: convert::opt_timestamp(s.next_retry_at),
+                    attempts: s.attempts,
+                    max_attempts: s.max_attempts,
+                    retry_eligible: s.retry_eligible,
+                    total_parents: s.total_parents,
+                    completed_parents: s.completed_parents,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_ready_tasks(
+        &self,
+        request: Request<v1::ListReadyTasksRequest>,
+    ) -> Result<Response<v1::ListReadyTasksResponse>, Status> {
+        let r = request.into_inner();
+        let limit = convert::bounded("limit", i64::from(r.limit), 100, 1, MAX_PAGE)?;
+        let offset = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .strip_prefix(PAGE_TOKEN_PREFIX)
+                .and_then(|n| n.parse::<i64>().ok())
+                .filter(|n| *n >= 0 && *n <= i64::from(i32::MAX))
+                .ok_or_else(|| invalid("page_token", "is not a token this service issued"))?
+        };
+        let namespaces = if r.namespace.is_empty() {
+            None
+        } else {
+            if let Some(p) = namespace_name_problem(&r.namespace) {
+                return Err(invalid("namespace", p));
+            }
+            Some(vec![r.namespace])
+        };
+        // one more than asked, to know whether another page exists
+        let mut rows = self
+            .ctx
+            .store
+            .ready_tasks(namespaces.as_deref(), limit + 1, None, offset)
+            .await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        Ok(Response::new(v1::ListReadyTasksResponse {
+            next_page_token: if more {
+                format!("{PAGE_TOKEN_PREFIX}{}", offset + limit)
+            } else {
+                String::new()
+            },
+            tasks: rows
+                .into_iter()
+                .map(|t| v1::ReadyTask {
+                    task_uuid: t.task_uuid.to_string(),
+                    namespace: t.namespace,
+                    priority: t.priority,
+                    computed_priority: t.computed_priority,
+                    ready_steps: t.ready_steps,
+                    ready_since: Some(convert::timestamp(t.ready_since)),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn process_task_readiness(
+        &self,
+        request: Request<v1::ProcessTaskReadinessRequest>,
+    ) -> Result<Response<v1::ProcessTaskReadinessResponse>, Status> {
+        let r = request.into_inner();
+        let task_uuid = uuid("task_uuid", &r.task_uuid)?;
+        let step_uuid = if r.step_uuid.is_empty() {
+            None
+        } else {
+            Some(uuid("step_uuid", &r.step_uuid)?)
+        };
+        let task = self.ctx.store.get_task(task_uuid).await?;
+        if !r.namespace.is_empty() && r.namespace != task.namespace {
+            return Err(invalid(
+                "namespace",
+                format!(
+                    "task {task_uuid} is in namespace {:?}, not {:?}",
+                    task.namespace, r.namespace
+                ),
+            ));
+        }
+        let command = OrchestrationCommand::ProcessTaskReadiness {
+            task_uuid,
+            namespace: task.namespace,
+            priority: task.priority,
+            ready_steps: r.ready_steps,
+            triggered_by: TriggeredBy::Api,
+            step_uuid,
+            step_state: (!r.step_state.is_empty()).then_some(r.step_state),
+            task_state: (!r.task_state.is_empty()).then_some(r.task_state),
+        };
+        let result = self
+            .ctx
+            .commands
+            .execute(command)
+            .await
+            .map_err(error::submit)?;
+        Ok(Response::new(v1::ProcessTaskReadinessResponse {
+            command_id: result.command_id.to_string(),
+            outcome: result.outcome.as_str().to_string(),
+            steps_enqueued: result.enqueued_steps.len() as i32,
+            enqueued_step_uuids: result
+                .enqueued_steps
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }))
+    }
+
+    type StreamCommandEventsStream = EventStream;
+
+    async fn stream_command_events(
+        &self,
+        request: Request<v1::StreamCommandEventsRequest>,
+    ) -> Result<Response<Self::StreamCommandEventsStream>, Status> {
+        let r = request.into_inner();
+        let namespaces: HashSet<String> = r.namespaces.into_iter().collect();
+        let tasks = r
+            .task_uuids
+            .iter()
+            .enumerate()
+            .map(|(i, t)| uuid(&format!("task_uuids[{i}]"), t))
+            .collect::<Result<HashSet<_>, _>>()?;
+        let kinds = r
+            .kinds
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                CommandPhase::parse(k).ok_or_else(|| {
+                    invalid(
+                        &format!("kinds[{i}]"),
+                        format!("unknown kind {k:?}; expected received, started, completed, failed, coalesced or rejected"),
+                    )
+                })
+            })
+            .collect::<Result<HashSet<_>, _>>()?;
+        let stream =
+            BroadcastStream::new(self.ctx.commands.subscribe()).filter_map(
+                move |item| match item {
+                    Ok(e) => {
+                        let wanted = (namespaces.is_empty() || namespaces.contains(&e.namespace))
+                            && (tasks.is_empty() || tasks.contains(&e.task_uuid))
+                            && (kinds.is_empty() || kinds.contains(&e.phase));
+                        wanted.then(|| Ok(event_to_proto(&e)))
+                    }
+                    // a slow observer: say how much it missed and go on
+                    Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(v1::CommandEvent {
+                        phase: "gap".into(),
+                        missed,
+                        timestamp: Some(convert::timestamp(chrono::Utc::now())),
+                        ..Default::default()
+                    })),
+                },
+            );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

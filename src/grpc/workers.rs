@@ -1,0 +1,193 @@
+//! `tasker.v1.WorkerService`: lease steps (long-poll), complete, fail, extend a lease.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use super::context::ApiContext;
+use super::convert::{self, bounded, struct_to_json, uuid};
+use super::error::invalid;
+use crate::config::namespace_name_problem;
+use crate::dag::limits::MAX_DOCUMENT_BYTES;
+use crate::proto::v1;
+use crate::store::{FailOutcome, StepFailure};
+
+const MAX_STEPS_PER_FETCH: i64 = 100;
+const DEFAULT_LEASE_SECONDS: i64 = 30;
+const MAX_LEASE_SECONDS: i64 = 3600;
+const MAX_BACKOFF_MS: i64 = 24 * 3600 * 1000;
+const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+
+pub struct WorkerApi {
+    ctx: ApiContext,
+}
+
+impl WorkerApi {
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+}
+
+fn attempt(value: i32) -> Result<i32, Status> {
+    if value < 1 {
+        return Err(invalid(
+            "attempt",
+            format!("must be >= 1 (the attempt the step was leased as), is {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+#[tonic::async_trait]
+impl v1::worker_service_server::WorkerService for WorkerApi {
+    async fn fetch_steps(
+        &self,
+        request: Request<v1::FetchStepsRequest>,
+    ) -> Result<Response<v1::FetchStepsResponse>, Status> {
+        let r = request.into_inner();
+        if let Some(p) = namespace_name_problem(&r.namespace) {
+            return Err(invalid("namespace", p));
+        }
+        if r.worker_id.trim().is_empty() || r.worker_id.len() > 255 {
+            return Err(invalid("worker_id", "must be 1 to 255 bytes"));
+        }
+        let max = bounded(
+            "max_steps",
+            i64::from(r.max_steps),
+            1,
+            1,
+            MAX_STEPS_PER_FETCH,
+        )?;
+        let max_wait = self.ctx.max_fetch_wait.as_millis() as i64;
+        if r.wait_ms < 0 || i64::from(r.wait_ms) > max_wait {
+            return Err(invalid(
+                "wait_ms",
+                format!("must be between 0 and {max_wait}, is {}", r.wait_ms),
+            ));
+        }
+        let lease = bounded(
+            "lease_seconds",
+            i64::from(r.lease_seconds),
+            DEFAULT_LEASE_SECONDS,
+            1,
+            MAX_LEASE_SECONDS,
+        )?;
+        let steps = self
+            .ctx
+            .workers
+            .fetch(
+                &r.namespace,
+                &r.worker_id,
+                max as i32,
+                Duration::from_millis(r.wait_ms as u64),
+                Duration::from_secs(lease as u64),
+            )
+            .await?;
+        Ok(Response::new(v1::FetchStepsResponse {
+            steps: steps
+                .into_iter()
+                .map(|s| v1::LeasedStep {
+                    step_uuid: s.step_uuid.to_string(),
+                    task_uuid: s.task_uuid.to_string(),
+                    name: s.name,
+                    attempt: s.attempt,
+                    inputs: Some(convert::json_to_struct(&s.inputs)),
+                    parent_results: Some(convert::json_to_struct(&s.parent_results)),
+                    lease_expires_at: Some(convert::timestamp(s.lease_expires_at)),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn complete_step(
+        &self,
+        request: Request<v1::CompleteStepRequest>,
+    ) -> Result<Response<v1::CompleteStepResponse>, Status> {
+        let traceparent = super::traceparent();
+        let r = request.into_inner();
+        let step = uuid("step_uuid", &r.step_uuid)?;
+        let attempt = attempt(r.attempt)?;
+        let results =
+            convert::bounded_document("results", struct_to_json(r.results), MAX_DOCUMENT_BYTES)?;
+        self.ctx
+            .workers
+            .complete(step, attempt, &results, None, traceparent.as_deref())
+            .await?;
+        Ok(Response::new(v1::CompleteStepResponse {}))
+    }
+
+    async fn fail_step(
+        &self,
+        request: Request<v1::FailStepRequest>,
+    ) -> Result<Response<v1::FailStepResponse>, Status> {
+        let traceparent = super::traceparent();
+        let r = request.into_inner();
+        let step = uuid("step_uuid", &r.step_uuid)?;
+        let attempt = attempt(r.attempt)?;
+        if r.error_message.trim().is_empty() || r.error_message.len() > MAX_ERROR_MESSAGE_BYTES {
+            return Err(invalid(
+                "error_message",
+                format!("must be 1 to {MAX_ERROR_MESSAGE_BYTES} bytes"),
+            ));
+        }
+        if r.backoff_ms < 0 || r.backoff_ms > MAX_BACKOFF_MS {
+            return Err(invalid(
+                "backoff_ms",
+                format!(
+                    "must be between 0 and {MAX_BACKOFF_MS}, is {}",
+                    r.backoff_ms
+                ),
+            ));
+        }
+        let details = convert::bounded_document(
+            "error_details",
+            struct_to_json(r.error_details),
+            MAX_DOCUMENT_BYTES,
+        )?;
+        let failure = StepFailure {
+            error: json!({"message": r.error_message, "details": details}),
+            retryable: r.retryable,
+            backoff_ms: r.backoff_ms,
+        };
+        let outcome = self
+            .ctx
+            .workers
+            .fail(step, attempt, &failure, traceparent.as_deref())
+            .await?;
+        Ok(Response::new(match outcome {
+            FailOutcome::RetryScheduled { next_retry_at } => v1::FailStepResponse {
+                outcome: "retry_scheduled".into(),
+                next_retry_at: Some(convert::timestamp(next_retry_at)),
+            },
+            FailOutcome::Failed => v1::FailStepResponse {
+                outcome: "failed".into(),
+                next_retry_at: None,
+            },
+        }))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<v1::ExtendLeaseRequest>,
+    ) -> Result<Response<v1::ExtendLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let step = uuid("step_uuid", &r.step_uuid)?;
+        let attempt = attempt(r.attempt)?;
+        let lease = bounded(
+            "lease_seconds",
+            i64::from(r.lease_seconds),
+            DEFAULT_LEASE_SECONDS,
+            1,
+            MAX_LEASE_SECONDS,
+        )?;
+        let until = self
+            .ctx
+            .workers
+            .extend_lease(step, attempt, Duration::from_secs(lease as u64))
+            .await?;
+        Ok(Response::new(v1::ExtendLeaseResponse {
+            lease_expires_at: Some(convert::timestamp(until)),
+        }))
+    }
+}
