@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::config::TaskerConfig;
 use crate::core::OrchestrationCore;
-use crate::grpc::{ApiContext, GrpcServer, OVERALL};
+use crate::grpc::{ApiContext, GrpcServer};
 use crate::local_db::{self, EmbeddedCluster};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -70,27 +70,8 @@ impl App {
             mut embedded,
         } = self;
         let ctx = ApiContext::new(&core, &config);
-        let health = server.health.clone();
-        // SERVING only once the systems the deployment mode needs are up
-        let ready = core.coordinator.ready_signal();
-        let ready_health = health.clone();
-        let serving = tokio::spawn(async move {
-            ready.await;
-            ready_health
-                .set_service_status(OVERALL, tonic_health::ServingStatus::Serving)
-                .await;
-        });
         tracing::info!(addr = %server.local_addr()?, mode = %core.coordinator.mode(), "serving gRPC");
-        let drain_ctx = ctx.clone();
-        let shutdown = async move {
-            shutdown.await;
-            drain_ctx.set_draining();
-            health
-                .set_service_status(OVERALL, tonic_health::ServingStatus::NotServing)
-                .await;
-        };
         server.serve(ctx, &config.grpc, shutdown).await?;
-        serving.abort();
         core.shutdown().await;
         store.pool().close().await;
         if let Some(cluster) = embedded.as_mut() {

@@ -105,6 +105,8 @@ pub mod defaults {
     pub const COMMAND_CHANNEL_CAPACITY: i64 = 1_024;
     /// Commands processed at once. Each holds a pooled connection for one short transaction.
     pub const MAX_CONCURRENT_COMMANDS: i64 = 8;
+    /// Enough for a few seconds of a busy processor; observers further behind get a gap event.
+    pub const EVENT_BUFFER: i64 = 4_096;
     /// A task claimed by another instance is tried again after this delay: the holder may
     /// have read its ready set before a completion that made more steps ready.
     pub const CLAIM_RETRY_DELAY_MS: i64 = 25;
@@ -125,7 +127,7 @@ pub mod defaults {
     pub const GRPC_MAX_REQUEST_BYTES: i64 = 4 * 1024 * 1024;
     pub const GRPC_REQUEST_TIMEOUT_SECONDS: i64 = 30;
     /// Long-poll FetchSteps calls may wait up to this long; it bounds `wait_ms`.
-    pub const GRPC_MAX_FETCH_WAIT_MS: i64 = 30_000;
+    pub const GRPC_MAX_FETCH_WAIT_MS: i64 = 20_000;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -181,6 +183,9 @@ impl Default for TaskReadinessConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CommandProcessorConfig {
     pub channel_capacity: i64,
+    /// Lifecycle events kept for stream observers; one that falls further behind gets a gap
+    /// event saying how many it missed.
+    pub event_buffer: i64,
     pub max_concurrent_commands: i64,
     pub claim_retry_delay_ms: i64,
     pub claim_retry_attempts: i64,
@@ -191,6 +196,7 @@ impl Default for CommandProcessorConfig {
     fn default() -> Self {
         Self {
             channel_capacity: defaults::COMMAND_CHANNEL_CAPACITY,
+            event_buffer: defaults::EVENT_BUFFER,
             max_concurrent_commands: defaults::MAX_CONCURRENT_COMMANDS,
             claim_retry_delay_ms: defaults::CLAIM_RETRY_DELAY_MS,
             claim_retry_attempts: defaults::CLAIM_RETRY_ATTEMPTS,
@@ -723,6 +729,11 @@ impl TaskerConfig {
             1,
         );
         at_least(
+            "orchestration.command_processor.event_buffer",
+            cp.event_buffer,
+            1,
+        );
+        at_least(
             "orchestration.command_processor.max_concurrent_commands",
             cp.max_concurrent_commands,
             1,
@@ -816,6 +827,23 @@ impl TaskerConfig {
                     g.bind
                 ),
             ));
+        }
+        if g.max_fetch_wait_ms >= g.request_timeout_seconds * 1000 {
+            out.push((
+                "grpc.max_fetch_wait_ms".into(),
+                format!(
+                    "must be less than grpc.request_timeout_seconds ({} ms >= {} s), or long-polls are cut off by the request timeout",
+                    g.max_fetch_wait_ms, g.request_timeout_seconds
+                ),
+            ));
+        }
+        if let Ok(addr) = g.bind.parse::<std::net::SocketAddr>() {
+            if !addr.ip().is_loopback() && g.auth.tokens.is_empty() {
+                out.push((
+                    "grpc.auth.tokens".into(),
+                    format!("grpc.bind {} is reachable from other hosts: configure tokens, or bind to 127.0.0.1", g.bind),
+                ));
+            }
         }
         if g.tls.cert_path.is_empty() != g.tls.key_path.is_empty() {
             out.push((

@@ -46,6 +46,29 @@ impl WorkerQueue {
         wait: Duration,
         lease: Duration,
     ) -> Result<Vec<LeasedStep>, StoreError> {
+        self.fetch_until(
+            namespace,
+            worker_id,
+            max,
+            wait,
+            lease,
+            std::future::pending(),
+        )
+        .await
+    }
+
+    /// [`WorkerQueue::fetch`], whose waiting (never a query in flight, so no lease is lost)
+    /// also ends when `stop` resolves.
+    pub async fn fetch_until(
+        &self,
+        namespace: &str,
+        worker_id: &str,
+        max: i32,
+        wait: Duration,
+        lease: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Vec<LeasedStep>, StoreError> {
+        tokio::pin!(stop);
         let deadline = Instant::now() + wait;
         let notify = self.wakeups.for_namespace(namespace);
         loop {
@@ -65,7 +88,10 @@ impl WorkerQueue {
                 return Ok(steps);
             }
             let slice = (deadline - now).min(CROSS_INSTANCE_RECHECK);
-            let _ = tokio::time::timeout(slice, notified).await;
+            tokio::select! {
+                _ = tokio::time::timeout(slice, notified) => {}
+                _ = &mut stop => return Ok(steps),
+            }
         }
     }
 

@@ -43,8 +43,6 @@ use crate::enqueue::TaskClaimStepEnqueuer;
 use crate::metrics::Metrics;
 use crate::store::EnqueueOutcome;
 
-/// Lifecycle events kept for observers that fall behind before they see a gap.
-const EVENT_BUFFER: usize = 4096;
 /// A pass whose database work fails with a retryable error is tried this many more times.
 const TRANSIENT_RETRIES: u32 = 3;
 
@@ -239,7 +237,7 @@ impl CommandProcessor {
     ) -> (CommandProcessorHandle, ProcessorTask) {
         let capacity = cfg.channel_capacity as usize;
         let (tx, rx) = mpsc::channel(capacity);
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (events, _) = broadcast::channel(cfg.event_buffer as usize);
         let stats = Arc::new(ProcessorStats::default());
         let stop = CancellationToken::new();
         let grace = Duration::from_secs(cfg.shutdown_grace_period_seconds as u64);

@@ -1,8 +1,9 @@
 //! What every service handler shares: the store, the core's handles, limits and uptime.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::commands::CommandProcessorHandle;
 use crate::config::TaskerConfig;
@@ -19,7 +20,9 @@ pub struct ApiContext {
     pub workers: WorkerQueue,
     pub max_fetch_wait: Duration,
     pub started: Instant,
-    draining: Arc<AtomicBool>,
+    /// Cancelled when shutdown begins: streams end and long-polls return, so that the
+    /// server's graceful shutdown is not held open by observers that never hang up.
+    draining: CancellationToken,
 }
 
 impl ApiContext {
@@ -31,15 +34,20 @@ impl ApiContext {
             workers: core.workers.clone(),
             max_fetch_wait: Duration::from_millis(config.grpc.max_fetch_wait_ms as u64),
             started: Instant::now(),
-            draining: Arc::new(AtomicBool::new(false)),
+            draining: CancellationToken::new(),
         }
     }
 
     pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.draining.cancel();
     }
 
     pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.is_cancelled()
+    }
+
+    /// Resolves when shutdown begins.
+    pub fn drained(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.draining.clone().cancelled_owned()
     }
 }

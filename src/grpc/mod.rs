@@ -72,13 +72,32 @@ impl GrpcServer {
         self.listener.local_addr()
     }
 
-    /// Serve the API until `shutdown` resolves.
+    /// Serve the API until `shutdown` resolves. Health turns SERVING once the systems the
+    /// deployment mode needs are up, and NOT_SERVING as soon as shutdown begins.
     pub async fn serve(
         self,
         ctx: ApiContext,
         cfg: &GrpcConfig,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let ready = ctx.coordinator.ready_signal();
+        let health = self.health.clone();
+        let serving = tokio::spawn(async move {
+            ready.await;
+            health
+                .set_service_status(OVERALL, tonic_health::ServingStatus::Serving)
+                .await;
+        });
+        let health = self.health.clone();
+        let drain_ctx = ctx.clone();
+        let shutdown = async move {
+            shutdown.await;
+            serving.abort();
+            drain_ctx.set_draining();
+            health
+                .set_service_status(OVERALL, tonic_health::ServingStatus::NotServing)
+                .await;
+        };
         let limit = cfg.max_request_bytes as usize;
         let auth = Arc::new(auth::Authenticator::from_config(&cfg.auth));
         if auth.is_open() {

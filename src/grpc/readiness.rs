@@ -219,24 +219,25 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                 })
             })
             .collect::<Result<HashSet<_>, _>>()?;
-        let stream =
-            BroadcastStream::new(self.ctx.commands.subscribe()).filter_map(
-                move |item| match item {
-                    Ok(e) => {
-                        let wanted = (namespaces.is_empty() || namespaces.contains(&e.namespace))
-                            && (tasks.is_empty() || tasks.contains(&e.task_uuid))
-                            && (kinds.is_empty() || kinds.contains(&e.phase));
-                        wanted.then(|| Ok(event_to_proto(&e)))
-                    }
-                    // a slow observer: say how much it missed and go on
-                    Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(v1::CommandEvent {
-                        phase: "gap".into(),
-                        missed,
-                        timestamp: Some(convert::timestamp(chrono::Utc::now())),
-                        ..Default::default()
-                    })),
-                },
-            );
+        let stream = futures::StreamExt::take_until(
+            BroadcastStream::new(self.ctx.commands.subscribe()),
+            self.ctx.drained(),
+        )
+        .filter_map(move |item| match item {
+            Ok(e) => {
+                let wanted = (namespaces.is_empty() || namespaces.contains(&e.namespace))
+                    && (tasks.is_empty() || tasks.contains(&e.task_uuid))
+                    && (kinds.is_empty() || kinds.contains(&e.phase));
+                wanted.then(|| Ok(event_to_proto(&e)))
+            }
+            // a slow observer: say how much it missed and go on
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(v1::CommandEvent {
+                phase: "gap".into(),
+                missed,
+                timestamp: Some(convert::timestamp(chrono::Utc::now())),
+                ..Default::default()
+            })),
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -73,15 +73,17 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             1,
             MAX_LEASE_SECONDS,
         )?;
+        // the wait (never a query in flight) ends early when the server begins to shut down
         let steps = self
             .ctx
             .workers
-            .fetch(
+            .fetch_until(
                 &r.namespace,
                 &r.worker_id,
                 max as i32,
                 Duration::from_millis(r.wait_ms as u64),
                 Duration::from_secs(lease as u64),
+                self.ctx.drained(),
             )
             .await?;
         Ok(Response::new(v1::FetchStepsResponse {

@@ -272,3 +272,78 @@ pub async fn enqueue_count(pool: &PgPool) -> i64 {
         .await
         .unwrap()
 }
+
+// ---- an in-process gRPC server ----
+
+use std::net::SocketAddr;
+
+use tasker::grpc::{ApiContext, GrpcServer};
+use tasker::proto::v1;
+use tonic::transport::Channel;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub core: std::sync::Arc<OrchestrationCore>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Bind 127.0.0.1:0, start the core and serve; returns once the server accepts calls.
+    pub async fn start(pool: &PgPool, config: &TaskerConfig) -> Self {
+        let core = std::sync::Arc::new(start_core(pool, config).await);
+        let server = GrpcServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let ctx = ApiContext::new(&core, config);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let grpc = config.grpc.clone();
+        let join = tokio::spawn(async move {
+            server
+                .serve(ctx, &grpc, async {
+                    let _ = rx.await;
+                })
+                .await
+        });
+        Self {
+            addr,
+            core,
+            stop: Some(stop),
+            join: Some(join),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(j) = self.join.take() {
+            j.await.unwrap().unwrap();
+        }
+        if let Ok(core) = std::sync::Arc::try_unwrap(self.core) {
+            core.shutdown().await;
+        }
+    }
+}
+
+pub type Tasks = v1::task_service_client::TaskServiceClient<Channel>;
+pub type Workers = v1::worker_service_client::WorkerServiceClient<Channel>;
+pub type Readiness = v1::readiness_service_client::ReadinessServiceClient<Channel>;
+pub type Admin = v1::admin_service_client::AdminServiceClient<Channel>;
+
+pub fn step_def(name: &str, deps: &[&str]) -> v1::StepDefinition {
+    v1::StepDefinition {
+        name: name.into(),
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        ..Default::default()
+    }
+}

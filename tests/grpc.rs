@@ -1,0 +1,644 @@
+//! The gRPC API in-process: every method, every error code, auth per scope, the event stream.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sqlx::PgPool;
+use tasker::config::{DeploymentMode, TokenConfig};
+use tasker::proto::v1;
+use tokio_stream::StreamExt;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+fn diamond(ns: &str) -> v1::CreateTaskRequest {
+    v1::CreateTaskRequest {
+        namespace: ns.into(),
+        name: "diamond".into(),
+        steps: vec![
+            step_def("a", &[]),
+            step_def("b", &["a"]),
+            step_def("c", &["a"]),
+            step_def("d", &["b", "c"]),
+        ],
+        ..Default::default()
+    }
+}
+
+fn field_violations(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn workflow_through_the_api_with_every_method(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers, mut readiness, mut admin) = (
+        Tasks::new(ch.clone()),
+        Workers::new(ch.clone()),
+        Readiness::new(ch.clone()),
+        Admin::new(ch),
+    );
+
+    let mut events = readiness
+        .stream_command_events(v1::StreamCommandEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut req = diamond("api");
+    req.idempotency_key = "order-1".into();
+    req.context = Some(tasker::grpc::convert::json_to_struct(
+        &serde_json::json!({"customer": 7}),
+    ));
+    let created = tasks.create_task(req.clone()).await.unwrap().into_inner();
+    assert!(created.created);
+    assert_eq!(created.steps.len(), 4);
+    let again = tasks.create_task(req).await.unwrap().into_inner();
+    assert!(!again.created);
+    assert_eq!(again.task_uuid, created.task_uuid);
+
+    let mut order = Vec::new();
+    while order.len() < 4 {
+        let fetched = workers
+            .fetch_steps(v1::FetchStepsRequest {
+                namespace: "api".into(),
+                worker_id: "w1".into(),
+                max_steps: 10,
+                wait_ms: 5000,
+                lease_seconds: 30,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!fetched.steps.is_empty(), "fetch waited for an enqueue");
+        for s in fetched.steps {
+            if s.name == "d" {
+                let parents = tasker::grpc::convert::struct_to_json(s.parent_results.clone());
+                assert_eq!(parents["b"]["done"], serde_json::json!("b"));
+            }
+            let ext = workers
+                .extend_lease(v1::ExtendLeaseRequest {
+                    step_uuid: s.step_uuid.clone(),
+                    attempt: s.attempt,
+                    lease_seconds: 60,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(ext.lease_expires_at.is_some());
+            workers
+                .complete_step(v1::CompleteStepRequest {
+                    step_uuid: s.step_uuid.clone(),
+                    attempt: s.attempt,
+                    results: Some(tasker::grpc::convert::json_to_struct(
+                        &serde_json::json!({"done": s.name}),
+                    )),
+                })
+                .await
+                .unwrap();
+            order.push(s.name);
+        }
+    }
+    assert_eq!(order[0], "a");
+    assert_eq!(order[3], "d");
+
+    let task = tasks
+        .get_task(v1::GetTaskRequest {
+            task_uuid: created.task_uuid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.state, "complete");
+    assert_eq!(task.steps.len(), 4);
+    let r = readiness
+        .get_task_readiness(v1::GetTaskReadinessRequest {
+            task_uuid: created.task_uuid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.execution_status, "all_complete");
+    assert_eq!(r.counts.unwrap().complete, 4);
+
+    // the task's command events arrive in order: received before started before completed
+    let mut phases = Vec::new();
+    let deadline = tokio::time::sleep(WAIT);
+    tokio::pin!(deadline);
+    while phases
+        .iter()
+        .filter(|p: &&String| p.as_str() == "completed")
+        .count()
+        < 3
+    {
+        tokio::select! {
+            e = events.next() => {
+                let e = e.unwrap().unwrap();
+                if e.task_uuid == created.task_uuid && e.phase != "coalesced" {
+                    phases.push(e.phase);
+                }
+            }
+            _ = &mut deadline => panic!("events missing: {phases:?}"),
+        }
+    }
+    let first = |p: &str| phases.iter().position(|x| x == p).unwrap();
+    assert!(
+        first("received") < first("started") && first("started") < first("completed"),
+        "{phases:?}"
+    );
+
+    // inject, ready tasks, cancel
+    let t2 = tasks
+        .create_task(diamond("api"))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = readiness
+        .list_ready_tasks(v1::ListReadyTasksRequest {
+            namespace: "api".into(),
+            limit: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tasks.len() <= 1);
+    let injected = readiness
+        .process_task_readiness(v1::ProcessTaskReadinessRequest {
+            task_uuid: t2.task_uuid.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!injected.command_id.is_empty());
+    assert!(
+        ["enqueued", "nothing_ready"].contains(&injected.outcome.as_str()),
+        "{}",
+        injected.outcome
+    );
+    let cancelled = tasks
+        .cancel_task(v1::CancelTaskRequest {
+            task_uuid: t2.task_uuid.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(cancelled.state, "cancelled");
+
+    // mode change is visible in status
+    let set = admin
+        .set_deployment_mode(v1::SetDeploymentModeRequest {
+            mode: v1::DeploymentMode::PollingOnly as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.previous, v1::DeploymentMode::Hybrid as i32);
+    let status = admin
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.mode, v1::DeploymentMode::PollingOnly as i32);
+    assert!(!status.version.is_empty());
+    let mode = admin
+        .get_deployment_mode(v1::GetDeploymentModeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mode.mode, v1::DeploymentMode::PollingOnly as i32);
+    drop(events);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn every_error_code(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers, mut readiness, mut admin) = (
+        Tasks::new(ch.clone()),
+        Workers::new(ch.clone()),
+        Readiness::new(ch.clone()),
+        Admin::new(ch),
+    );
+
+    // INVALID_ARGUMENT with field violations
+    let e = tasks
+        .get_task(v1::GetTaskRequest {
+            task_uuid: "not-a-uuid".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field_violations(&e)),
+        (Code::InvalidArgument, vec!["task_uuid".to_string()])
+    );
+    let mut cyclic = diamond("api");
+    cyclic.steps[0].depends_on = vec!["d".into()];
+    cyclic.steps.push(step_def("", &["nope"]));
+    let e = tasks.create_task(cyclic).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let fields = field_violations(&e);
+    for f in ["steps[4].name", "steps[4].depends_on", "steps"] {
+        assert!(fields.contains(&f.to_string()), "{f} not in {fields:?}");
+    }
+    let e = admin
+        .set_deployment_mode(v1::SetDeploymentModeRequest { mode: 42 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field_violations(&e)),
+        (Code::InvalidArgument, vec!["mode".to_string()])
+    );
+    let e = readiness
+        .list_ready_tasks(v1::ListReadyTasksRequest {
+            page_token: "bogus".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_violations(&e), vec!["page_token".to_string()]);
+    let e = workers
+        .fetch_steps(v1::FetchStepsRequest {
+            namespace: "api".into(),
+            worker_id: "w".into(),
+            wait_ms: 10_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_violations(&e), vec!["wait_ms".to_string()]);
+    let mut huge = diamond("api");
+    huge.steps[0].inputs = Some(tasker::grpc::convert::json_to_struct(
+        &serde_json::json!({"x": "y".repeat(300_000)}),
+    ));
+    let e = tasks.create_task(huge).await.unwrap_err();
+    assert_eq!(field_violations(&e), vec!["steps[0].inputs".to_string()]);
+    let mut oversized = diamond("api");
+    oversized.context = Some(tasker::grpc::convert::json_to_struct(
+        &serde_json::json!({"x": "y".repeat(5_000_000)}),
+    ));
+    let e = tasks.create_task(oversized).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::OutOfRange,
+        "refused by the transport's size limit: {e:?}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "rejected requests wrote nothing");
+
+    // NOT_FOUND
+    let missing = uuid::Uuid::now_v7().to_string();
+    let e = tasks
+        .get_task(v1::GetTaskRequest {
+            task_uuid: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = readiness
+        .process_task_readiness(v1::ProcessTaskReadinessRequest {
+            task_uuid: missing.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // FAILED_PRECONDITION: stale attempt, expired lease, illegal transition
+    let created = tasks
+        .create_task(diamond("api"))
+        .await
+        .unwrap()
+        .into_inner();
+    let leased = workers
+        .fetch_steps(v1::FetchStepsRequest {
+            namespace: "api".into(),
+            worker_id: "w".into(),
+            wait_ms: 5000,
+            lease_seconds: 1,
+            max_steps: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps
+        .remove(0);
+    let e = workers
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: leased.step_uuid.clone(),
+            attempt: 9,
+            results: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    sqlx::query(
+        "UPDATE tasker.step_queue SET visible_at = clock_timestamp() - interval '1 second'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let e = workers
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: leased.step_uuid.clone(),
+            attempt: 1,
+            results: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("expired"), "{}", e.message());
+    tasks
+        .cancel_task(v1::CancelTaskRequest {
+            task_uuid: created.task_uuid.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let e = tasks
+        .cancel_task(v1::CancelTaskRequest {
+            task_uuid: created.task_uuid.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    // ALREADY_EXISTS is not reachable through the API (uuids are server-made); UNAVAILABLE:
+    pool.close().await;
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn saturated_processor_answers_resource_exhausted(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::PollingOnly);
+    cfg.orchestration.command_processor.channel_capacity = 1;
+    cfg.orchestration.command_processor.max_concurrent_commands = 1;
+    let server = TestServer::start(&pool, &cfg).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(
+            tasks
+                .create_task(diamond("busy"))
+                .await
+                .unwrap()
+                .into_inner()
+                .task_uuid,
+        );
+    }
+    let calls = ids.iter().map(|id| {
+        let ch = ch.clone();
+        let id = id.clone();
+        async move {
+            let mut r = Readiness::new(ch);
+            r.process_task_readiness(v1::ProcessTaskReadinessRequest {
+                task_uuid: id,
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let exhausted = results
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.code() == Code::ResourceExhausted))
+        .count();
+    assert!(
+        exhausted > 0,
+        "no RESOURCE_EXHAUSTED among {} concurrent injections",
+        results.len()
+    );
+    assert!(results
+        .iter()
+        .all(|r| r.is_ok() || r.as_ref().unwrap_err().code() == Code::ResourceExhausted));
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn database_down_answers_unavailable(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    server.core.store.pool().close().await;
+    let e = tasks.create_task(diamond("down")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(!e.message().contains("sqlx") && !e.message().contains("SELECT"));
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn auth_scopes(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::Hybrid);
+    let token = |name: &str, secret: &str, scopes: &[&str]| TokenConfig {
+        name: name.into(),
+        sha256: tasker::grpc::auth::hash_token(secret),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    };
+    cfg.grpc.auth.tokens = vec![
+        token("reader", "r", &["read"]),
+        token("writer", "w", &["read", "write"]),
+        token("admin", "a", &["read", "admin"]),
+    ];
+    let server = TestServer::start(&pool, &cfg).await;
+    let ch = server.channel().await;
+    fn with<T>(msg: T, secret: Option<&str>) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(s) = secret {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {s}").parse().unwrap());
+        }
+        r
+    }
+    let mut admin = Admin::new(ch.clone());
+    let mut tasks = Tasks::new(ch.clone());
+    assert_eq!(
+        admin
+            .get_status(with(v1::GetStatusRequest {}, None))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        admin
+            .get_status(with(v1::GetStatusRequest {}, Some("nope")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert!(admin
+        .get_status(with(v1::GetStatusRequest {}, Some("r")))
+        .await
+        .is_ok());
+    let set = |m| v1::SetDeploymentModeRequest { mode: m as i32 };
+    assert_eq!(
+        admin
+            .set_deployment_mode(with(set(v1::DeploymentMode::Hybrid), Some("r")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        admin
+            .set_deployment_mode(with(set(v1::DeploymentMode::Hybrid), Some("w")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert!(admin
+        .set_deployment_mode(with(set(v1::DeploymentMode::Hybrid), Some("a")))
+        .await
+        .is_ok());
+    assert_eq!(
+        tasks
+            .create_task(with(diamond("auth"), Some("r")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert!(tasks
+        .create_task(with(diamond("auth"), Some("w")))
+        .await
+        .is_ok());
+    // health and reflection stay open
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn slow_observer_gets_a_gap_event_and_the_stream_goes_on(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
+    cfg.orchestration.command_processor.event_buffer = 8;
+    let server = TestServer::start(&pool, &cfg).await;
+    let ch = server.channel().await;
+    // a deliberately slow observer: a tiny HTTP/2 receive window, so once it stops reading
+    // the server cannot send it anything and its events pile up
+    let slow_ch = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut readiness = Readiness::new(ch.clone());
+    let mut slow = Readiness::new(slow_ch)
+        .stream_command_events(v1::StreamCommandEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tasks = Tasks::new(ch);
+    let t = tasks
+        .create_task(diamond("gap"))
+        .await
+        .unwrap()
+        .into_inner();
+    // far more events than the observer's buffer, while it reads nothing
+    for _ in 0..200 {
+        readiness
+            .process_task_readiness(v1::ProcessTaskReadinessRequest {
+                task_uuid: t.task_uuid.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut gap = None;
+    let mut after_gap = 0;
+    let read = async {
+        while let Some(e) = slow.next().await {
+            let e = e.unwrap();
+            if e.phase == "gap" {
+                gap = Some(e.missed);
+            } else if gap.is_some() {
+                after_gap += 1;
+                if after_gap >= 3 {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("stream went on after the gap");
+    assert!(gap.unwrap() > 0);
+    // shutdown is not held open by a stream whose observer never hangs up
+    server.stop().await;
+    let drained = async { while let Some(Ok(_)) = slow.next().await {} };
+    tokio::time::timeout(WAIT, drained)
+        .await
+        .expect("the stream ends at shutdown");
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn fetch_returns_within_milliseconds_of_an_enqueue(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
+    let ch = server.channel().await;
+    let mut workers = Workers::new(ch.clone());
+    let mut tasks = Tasks::new(ch);
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = workers
+            .fetch_steps(v1::FetchStepsRequest {
+                namespace: "quick".into(),
+                worker_id: "w".into(),
+                wait_ms: 10_000,
+                max_steps: 1,
+                lease_seconds: 30,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (r, Instant::now(), started)
+    });
+    // the fetch is parked (no step exists yet); create the task that makes one ready
+    let mut status = server.core.commands.subscribe();
+    let created_at = Instant::now();
+    tasks.create_task(diamond("quick")).await.unwrap();
+    loop {
+        let e = status.recv().await.unwrap();
+        if e.phase == tasker::commands::CommandPhase::Completed && e.steps_enqueued > 0 {
+            break;
+        }
+    }
+    let enqueued_at = Instant::now();
+    let (r, returned_at, _) = waiting.await.unwrap();
+    assert_eq!(r.steps.len(), 1);
+    let after_enqueue = returned_at.saturating_duration_since(enqueued_at);
+    assert!(
+        after_enqueue < Duration::from_secs(1),
+        "fetch returned {after_enqueue:?} after the enqueue"
+    );
+    assert!(returned_at.duration_since(created_at) < Duration::from_secs(5));
+    server.stop().await;
+}
