@@ -20,6 +20,7 @@
 //! - [`worker`]: the workers' side: lease, complete, fail, extend
 //! - [`metrics`]: OpenTelemetry instruments by name
 //! - [`bench`]: the latency/throughput benchmark behind `tasker bench`
+//! - [`ctl`]: the gRPC client behind `tasker ctl`
 //! - [`local_db`]: finding or starting a PostgreSQL to run against
 //! - [`proto`]: generated gRPC code and the descriptor set for reflection
 //! - [`grpc`]: tonic services, health, reflection, the error-to-status mapping
@@ -33,6 +34,7 @@ pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod core;
+pub mod ctl;
 pub mod dag;
 pub mod enqueue;
 pub mod events;

@@ -74,6 +74,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Call a running service over gRPC (for operators and CI).
+    Ctl {
+        #[command(flatten)]
+        options: tasker::ctl::CtlOptions,
+        #[command(subcommand)]
+        command: tasker::ctl::CtlCommand,
+    },
+    /// Bearer tokens for grpc.auth.tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Database helpers.
     Db {
         #[command(subcommand)]
@@ -87,6 +99,14 @@ enum ConfigAction {
     Show,
     /// Validate the configuration; exit code 64 lists every problem.
     Check,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Print the SHA-256 to put in the config for this token.
+    Hash { token: String },
+    /// Make a new random token; prints it and its hash.
+    Generate,
 }
 
 #[derive(Subcommand)]
@@ -118,11 +138,21 @@ fn main() -> ExitCode {
             sources = sources.with_override("orchestration.deployment.mode", m.clone());
         }
     }
-    let loaded = match config::load(&sources) {
-        Ok(l) => l,
-        Err(e) => {
-            eprint!("{e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
+    // client subcommands run where the service's configuration may not be (or not be valid)
+    let client_only = matches!(cli.command, Command::Ctl { .. } | Command::Token { .. });
+    let loaded = if client_only {
+        config::LoadedConfig {
+            config: config::TaskerConfig::default(),
+            environment: sources.environment.clone(),
+            sources: Default::default(),
+        }
+    } else {
+        match config::load(&sources) {
+            Ok(l) => l,
+            Err(e) => {
+                eprint!("{e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
@@ -215,6 +245,32 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                     println!("{}", tasker::bench::render(&report));
                 }
                 drop(resolved);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Ctl { options, command } => match tasker::ctl::run(options, command).await {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("tasker ctl: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            },
+            Command::Token {
+                action: TokenAction::Hash { token },
+            } => {
+                println!("{}", tasker::grpc::auth::hash_token(&token));
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Token {
+                action: TokenAction::Generate,
+            } => {
+                let token: String = (0..32)
+                    .map(|_| format!("{:02x}", rand::random::<u8>()))
+                    .collect();
+                println!(
+                    "token:  {token}
+sha256: {}",
+                    tasker::grpc::auth::hash_token(&token)
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Db {

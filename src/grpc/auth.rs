@@ -214,7 +214,10 @@ mod tests {
             }],
         });
         let mut h = http::HeaderMap::new();
-        assert_eq!(auth.check("/grpc.health.v1.Health/Check", &h).unwrap(), None);
+        assert_eq!(
+            auth.check("/grpc.health.v1.Health/Check", &h).unwrap(),
+            None
+        );
         assert_eq!(
             auth.check("/tasker.v1.AdminService/GetStatus", &h)
                 .unwrap_err()
@@ -225,7 +228,10 @@ mod tests {
             http::header::AUTHORIZATION,
             "Bearer r-secret".parse().unwrap(),
         );
-        assert_eq!(auth.check("/tasker.v1.AdminService/GetStatus", &h).unwrap(), Some("reader".into()));
+        assert_eq!(
+            auth.check("/tasker.v1.AdminService/GetStatus", &h).unwrap(),
+            Some("reader".into())
+        );
         assert_eq!(
             auth.check("/tasker.v1.AdminService/SetDeploymentMode", &h)
                 .unwrap_err()

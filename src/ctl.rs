@@ -1,0 +1,508 @@
+//! `tasker ctl`: the gRPC client for operators and CI scripts.
+//!
+//! Every subcommand makes one call (or, for `watch`, one stream) against `--endpoint`, with
+//! `--token` (or `TASKER_TOKEN`) as the bearer token, and prints the answer as JSON
+//! (`--output json`) or as an aligned table. A failed call exits non-zero with the gRPC status
+//! code and message on stderr. When tracing is exporting, each call carries a `traceparent`,
+//! so a CI job's trace continues into the service.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::grpc::convert::{json_to_struct, struct_to_json};
+use crate::proto::v1;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Json,
+    Table,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlOptions {
+    /// The service's gRPC endpoint.
+    #[arg(
+        long,
+        env = "TASKER_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoint: String,
+    /// Bearer token (scopes: read, write, admin).
+    #[arg(long, env = "TASKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Get or set the deployment mode.
+    Mode {
+        #[command(subcommand)]
+        action: ModeAction,
+    },
+    /// Mode, listener, poller, command queue, uptime.
+    Status,
+    /// A task's readiness: execution status, counts, per-step readiness.
+    Readiness { task: String },
+    /// Tasks with ready steps, best first.
+    ReadyTasks {
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i32,
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Inject ProcessTaskReadiness for a task and print its outcome.
+    Inject { task: String },
+    /// Stream command lifecycle events as JSON lines until interrupted.
+    Watch {
+        #[arg(long = "namespace")]
+        namespaces: Vec<String>,
+        #[arg(long = "task")]
+        tasks: Vec<String>,
+        /// received, started, completed, failed, coalesced, rejected
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+    },
+    /// Create, get or cancel tasks.
+    Task {
+        #[command(subcommand)]
+        action: TaskAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModeAction {
+    Get,
+    /// EventDrivenOnly, Hybrid or PollingOnly.
+    Set {
+        mode: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskAction {
+    /// Create a task from a JSON or YAML file (by extension; `-` reads JSON from stdin).
+    Create {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    Get {
+        task: String,
+    },
+    Cancel {
+        task: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// A task file: the CreateTask request in JSON or YAML.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFile {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    context: Option<Value>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    steps: Vec<StepFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepFile {
+    name: String,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    #[serde(default)]
+    max_attempts: i32,
+    #[serde(default)]
+    retryable: Option<bool>,
+    #[serde(default)]
+    inputs: Option<Value>,
+}
+
+/// Adds the bearer token and the current trace context to every call.
+#[derive(Clone)]
+struct CallMetadata {
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for CallMetadata {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(tp) = crate::telemetry::current_traceparent().and_then(|t| t.parse().ok()) {
+            req.metadata_mut().insert("traceparent", tp);
+        }
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, CallMetadata>;
+
+/// Why `ctl` failed: a call's status, or something before any call.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(Status),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl From<Status> for CtlError {
+    fn from(s: Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> {
+    let span = tracing::info_span!("tasker.ctl", otel.kind = "client");
+    let _enter = span.enter();
+    let channel = Channel::from_shared(opts.endpoint.clone())
+        .map_err(|e| CtlError::Usage(format!("invalid --endpoint {:?}: {e}", opts.endpoint)))?
+        .connect()
+        .await
+        .map_err(|e| CtlError::Usage(format!("cannot connect to {}: {e}", opts.endpoint)))?;
+    let token = match &opts.token {
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+            CtlError::Usage("the token contains characters not allowed in a header".into())
+        })?),
+        None => None,
+    };
+    let svc: Svc = InterceptedService::new(channel, CallMetadata { token });
+    let out = opts.output;
+    let print = |v: Value| print_value(&v, out);
+    match command {
+        CtlCommand::Mode {
+            action: ModeAction::Get,
+        } => {
+            let r = v1::admin_service_client::AdminServiceClient::new(svc)
+                .get_deployment_mode(v1::GetDeploymentModeRequest {})
+                .await?
+                .into_inner();
+            print(json!({ "mode": mode_name(r.mode) }));
+        }
+        CtlCommand::Mode {
+            action: ModeAction::Set { mode },
+        } => {
+            let m: crate::config::DeploymentMode = mode.parse().map_err(CtlError::Usage)?;
+            let r = v1::admin_service_client::AdminServiceClient::new(svc)
+                .set_deployment_mode(v1::SetDeploymentModeRequest {
+                    mode: crate::grpc::convert::mode_to_proto(m) as i32,
+                })
+                .await?
+                .into_inner();
+            print(json!({ "previous": mode_name(r.previous), "current": mode_name(r.current) }));
+        }
+        CtlCommand::Status => {
+            let r = v1::admin_service_client::AdminServiceClient::new(svc)
+                .get_status(v1::GetStatusRequest {})
+                .await?
+                .into_inner();
+            print(json!({
+                "mode": mode_name(r.mode),
+                "listener_connected": r.listener_connected,
+                "listener_channels": r.listener_channels,
+                "listener_reconnects": r.listener_reconnects,
+                "poller_last_run": ts(r.poller_last_run),
+                "poller_last_tasks_found": r.poller_last_tasks_found,
+                "command_queue_depth": r.command_queue_depth,
+                "commands_in_flight": r.commands_in_flight,
+                "commands_processed": r.commands_processed,
+                "uptime_seconds": r.uptime.map(|d| d.seconds),
+                "version": r.version,
+                "draining": r.draining,
+            }));
+        }
+        CtlCommand::Readiness { task } => {
+            let r = v1::readiness_service_client::ReadinessServiceClient::new(svc)
+                .get_task_readiness(v1::GetTaskReadinessRequest { task_uuid: task })
+                .await?
+                .into_inner();
+            let c = r.counts.unwrap_or_default();
+            print(json!({
+                "task_uuid": r.task_uuid,
+                "namespace": r.namespace,
+                "task_state": r.task_state,
+                "execution_status": r.execution_status,
+                "counts": {
+                    "total": c.total, "pending": c.pending, "enqueued": c.enqueued,
+                    "in_progress": c.in_progress, "complete": c.complete, "failed": c.failed,
+                    "ready": c.ready, "waiting_for_retry": c.waiting_for_retry, "cancelled": c.cancelled,
+                },
+                "steps": r.steps.into_iter().map(|s| json!({
+                    "name": s.name, "step_uuid": s.step_uuid, "state": s.state,
+                    "dependencies_satisfied": s.dependencies_satisfied, "ready": s.ready,
+                    "attempts": s.attempts, "max_attempts": s.max_attempts,
+                    "next_retry_at": ts(s.next_retry_at),
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        CtlCommand::ReadyTasks {
+            namespace,
+            limit,
+            page_token,
+        } => {
+            let r = v1::readiness_service_client::ReadinessServiceClient::new(svc)
+                .list_ready_tasks(v1::ListReadyTasksRequest {
+                    namespace: namespace.unwrap_or_default(),
+                    limit,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "tasks": r.tasks.into_iter().map(|t| json!({
+                    "task_uuid": t.task_uuid, "namespace": t.namespace, "priority": t.priority,
+                    "computed_priority": t.computed_priority, "ready_steps": t.ready_steps,
+                    "ready_since": ts(t.ready_since),
+                })).collect::<Vec<_>>(),
+                "next_page_token": r.next_page_token,
+            }));
+        }
+        CtlCommand::Inject { task } => {
+            let r = v1::readiness_service_client::ReadinessServiceClient::new(svc)
+                .process_task_readiness(v1::ProcessTaskReadinessRequest {
+                    task_uuid: task,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "command_id": r.command_id, "outcome": r.outcome,
+                "steps_enqueued": r.steps_enqueued, "enqueued_step_uuids": r.enqueued_step_uuids,
+            }));
+        }
+        CtlCommand::Watch {
+            namespaces,
+            tasks,
+            kinds,
+        } => {
+            let mut stream = v1::readiness_service_client::ReadinessServiceClient::new(svc)
+                .stream_command_events(v1::StreamCommandEventsRequest {
+                    namespaces,
+                    task_uuids: tasks,
+                    kinds,
+                })
+                .await?
+                .into_inner();
+            while let Some(e) = stream.next().await {
+                let e = e?;
+                // always JSON lines: one event per line, for piping into jq
+                println!(
+                    "{}",
+                    json!({
+                        "command_id": e.command_id, "task_uuid": e.task_uuid, "namespace": e.namespace,
+                        "triggered_by": e.triggered_by, "phase": e.phase, "outcome": e.outcome,
+                        "steps_enqueued": e.steps_enqueued,
+                        "duration_ms": e.duration.map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6),
+                        "timestamp": ts(e.timestamp), "error": e.error, "missed": e.missed,
+                    })
+                );
+            }
+        }
+        CtlCommand::Task {
+            action: TaskAction::Create { file },
+        } => {
+            let request = read_task_file(&file)?;
+            let r = v1::task_service_client::TaskServiceClient::new(svc)
+                .create_task(request)
+                .await?
+                .into_inner();
+            print(json!({
+                "task_uuid": r.task_uuid, "created": r.created,
+                "steps": r.steps.into_iter().map(|s| json!({"name": s.name, "step_uuid": s.step_uuid})).collect::<Vec<_>>(),
+            }));
+        }
+        CtlCommand::Task {
+            action: TaskAction::Get { task },
+        } => {
+            let r = v1::task_service_client::TaskServiceClient::new(svc)
+                .get_task(v1::GetTaskRequest { task_uuid: task })
+                .await?
+                .into_inner();
+            print(task_json(r.task.unwrap_or_default()));
+        }
+        CtlCommand::Task {
+            action: TaskAction::Cancel { task, reason },
+        } => {
+            let r = v1::task_service_client::TaskServiceClient::new(svc)
+                .cancel_task(v1::CancelTaskRequest {
+                    task_uuid: task,
+                    reason,
+                })
+                .await?
+                .into_inner();
+            print(task_json(r.task.unwrap_or_default()));
+        }
+    }
+    Ok(())
+}
+
+fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskRequest, CtlError> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| CtlError::Usage(format!("reading stdin: {e}")))?
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| CtlError::Usage(format!("reading {}: {e}", path.display())))?
+    };
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    let file: TaskFile = if yaml {
+        serde_yaml::from_str(&text)
+            .map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))?
+    } else {
+        serde_json::from_str(&text)
+            .map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))?
+    };
+    Ok(v1::CreateTaskRequest {
+        namespace: file.namespace,
+        name: file.name,
+        priority: file.priority,
+        context: file.context.as_ref().map(json_to_struct),
+        idempotency_key: file.idempotency_key.unwrap_or_default(),
+        steps: file
+            .steps
+            .into_iter()
+            .map(|s| v1::StepDefinition {
+                name: s.name,
+                depends_on: s.depends_on,
+                max_attempts: s.max_attempts,
+                retryable: s.retryable,
+                inputs: s.inputs.as_ref().map(json_to_struct),
+            })
+            .collect(),
+    })
+}
+
+fn task_json(t: v1::Task) -> Value {
+    json!({
+        "task_uuid": t.task_uuid, "namespace": t.namespace, "name": t.name, "priority": t.priority,
+        "state": t.state, "context": struct_to_json(t.context), "idempotency_key": t.idempotency_key,
+        "created_at": ts(t.created_at), "completed_at": ts(t.completed_at),
+        "steps": t.steps.into_iter().map(|s| json!({
+            "name": s.name, "step_uuid": s.step_uuid, "state": s.state, "attempts": s.attempts,
+            "max_attempts": s.max_attempts, "depends_on": s.depends_on,
+            "results": s.results.map(|r| struct_to_json(Some(r))),
+            "last_error": s.last_error.map(|r| struct_to_json(Some(r))),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn mode_name(raw: i32) -> &'static str {
+    match v1::DeploymentMode::try_from(raw) {
+        Ok(v1::DeploymentMode::EventDrivenOnly) => "EventDrivenOnly",
+        Ok(v1::DeploymentMode::Hybrid) => "Hybrid",
+        Ok(v1::DeploymentMode::PollingOnly) => "PollingOnly",
+        _ => "Unspecified",
+    }
+}
+
+fn ts(t: Option<prost_types::Timestamp>) -> Value {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|d| Value::String(d.to_rfc3339()))
+        .unwrap_or(Value::Null)
+}
+
+fn print_value(v: &Value, output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(v).expect("JSON values serialize")
+        ),
+        Output::Table => print!("{}", table(v)),
+    }
+}
+
+/// Scalars as `key  value` lines; arrays of objects as aligned tables under their key.
+pub fn table(v: &Value) -> String {
+    let Value::Object(map) = v else {
+        return format!("{v}\n");
+    };
+    let mut out = String::new();
+    let width = map.keys().map(String::len).max().unwrap_or(0);
+    let scalar = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut tables = Vec::new();
+    for (k, val) in map {
+        match val {
+            Value::Array(rows) if rows.iter().all(Value::is_object) && !rows.is_empty() => {
+                tables.push((k, rows))
+            }
+            Value::Object(inner) => {
+                let flat: Vec<String> = inner
+                    .iter()
+                    .map(|(ik, iv)| format!("{ik}={}", scalar(iv)))
+                    .collect();
+                out.push_str(&format!("{k:width$}  {}\n", flat.join(" ")));
+            }
+            other => out.push_str(&format!("{k:width$}  {}\n", scalar(other))),
+        }
+    }
+    for (k, rows) in tables {
+        let cols: Vec<String> = rows[0]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                let o: &Map<String, Value> = r.as_object().expect("checked above");
+                cols.iter()
+                    .map(|c| o.get(c).map(scalar).unwrap_or_default())
+                    .collect()
+            })
+            .collect();
+        let widths: Vec<usize> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cells
+                    .iter()
+                    .map(|r| r[i].len())
+                    .chain([c.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        out.push_str(&format!("\n{k}:\n"));
+        let line = |vals: &[String]| {
+            vals.iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        };
+        out.push_str(&line(&cols));
+        out.push('\n');
+        for r in &cells {
+            out.push_str(&line(r));
+            out.push('\n');
+        }
+    }
+    out
+}
