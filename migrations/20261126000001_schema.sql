@@ -159,6 +159,8 @@ CREATE TABLE tasker.step_queue (
     visible_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     read_count   integer NOT NULL DEFAULT 0,
     leased_by    text,
+    -- W3C trace context of the enqueue, so the worker's lease continues the same trace
+    traceparent  text CHECK (traceparent IS NULL OR length(traceparent) <= 128),
     CONSTRAINT step_queue_one_message_per_attempt UNIQUE (step_uuid, attempt)
 );
 CREATE INDEX step_queue_fetch_idx ON tasker.step_queue (namespace, priority DESC, msg_id)

@@ -112,8 +112,9 @@ BEGIN
         RETURNING s.step_uuid, s.attempts, s.created_at, s.enqueued_at, ready.ready_since
     ),
     queued AS (
-        INSERT INTO tasker.step_queue (namespace, task_uuid, step_uuid, attempt, priority)
-        SELECT v_task.namespace, p_task_uuid, m.step_uuid, m.attempts, v_task.priority
+        INSERT INTO tasker.step_queue (namespace, task_uuid, step_uuid, attempt, priority, traceparent)
+        SELECT v_task.namespace, p_task_uuid, m.step_uuid, m.attempts, v_task.priority,
+               left(tasker.current_traceparent(), 128)
         FROM moved m ORDER BY m.created_at
         RETURNING step_queue.step_uuid
     )
@@ -140,7 +141,7 @@ $$;
 CREATE FUNCTION tasker.fetch_steps(p_namespace text, p_worker_id text, p_max integer, p_lease_ms bigint)
 RETURNS TABLE (
     step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
-    parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz
+    parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text
 )
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -160,7 +161,7 @@ BEGIN
             visible_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0),
             read_count = q.read_count + 1
         FROM picked WHERE q.msg_id = picked.msg_id
-        RETURNING q.msg_id, q.step_uuid, q.attempt, q.visible_at, q.enqueued_at
+        RETURNING q.msg_id, q.step_uuid, q.attempt, q.visible_at, q.enqueued_at, q.traceparent
     ),
     started AS (
         UPDATE tasker.workflow_steps s
@@ -173,7 +174,7 @@ BEGIN
            coalesce((SELECT jsonb_object_agg(ps.name, coalesce(ps.results, 'null'::jsonb))
                      FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
                      WHERE e.child_step_uuid = st.step_uuid), '{}'::jsonb),
-           l.visible_at, l.enqueued_at
+           l.visible_at, l.enqueued_at, l.traceparent
     FROM started st JOIN leased l ON l.step_uuid = st.step_uuid
     ORDER BY l.msg_id;
 END

@@ -53,9 +53,10 @@ impl TaskClaimStepEnqueuer {
             outcome = tracing::field::Empty,
             steps_enqueued = tracing::field::Empty,
         );
+        let traceparent = span.in_scope(crate::telemetry::current_traceparent);
         let result = self
             .store
-            .enqueue_ready_steps(task_uuid, metadata)
+            .enqueue_ready_steps(task_uuid, metadata, traceparent.as_deref())
             .instrument(span.clone())
             .await?;
         span.record("outcome", result.outcome.as_str());

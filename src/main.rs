@@ -168,7 +168,7 @@ fn main() -> ExitCode {
             loaded.config.orchestration.deployment.mode,
         );
         let result = run(cli, loaded).await;
-        telemetry.shutdown();
+        telemetry.shutdown().await;
         result
     });
     match result {

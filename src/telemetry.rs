@@ -47,17 +47,24 @@ impl TelemetryGuard {
         self.tracer.is_some()
     }
 
-    /// Export what is buffered and stop the exporters.
-    pub fn shutdown(self) {
-        if let Some(t) = self.tracer {
-            if let Err(e) = t.shutdown() {
-                eprintln!("telemetry: flushing traces failed: {e}");
+    /// Export what is buffered and stop the exporters. The exporters block on their OTLP
+    /// client, whose I/O runs on this runtime: the flush runs on a blocking-pool thread so the
+    /// runtime stays free to drive it.
+    pub async fn shutdown(self) {
+        let flush = move || {
+            if let Some(t) = self.tracer {
+                if let Err(e) = t.shutdown() {
+                    eprintln!("telemetry: flushing traces failed: {e}");
+                }
             }
-        }
-        if let Some(m) = self.meter {
-            if let Err(e) = m.shutdown() {
-                eprintln!("telemetry: flushing metrics failed: {e}");
+            if let Some(m) = self.meter {
+                if let Err(e) = m.shutdown() {
+                    eprintln!("telemetry: flushing metrics failed: {e}");
+                }
             }
+        };
+        if let Err(e) = tokio::task::spawn_blocking(flush).await {
+            eprintln!("telemetry: flush task failed: {e}");
         }
     }
 }

@@ -21,6 +21,39 @@ use crate::store::{FailOutcome, LeasedStep, StepFailure, Store, StoreError};
 /// other instances.
 pub const CROSS_INSTANCE_RECHECK: Duration = Duration::from_millis(250);
 
+/// A span for a step handed to a worker, in the trace of the enqueue that queued it (and so,
+/// for a step made ready by a completion, in the completing request's trace), linked to the
+/// fetch request that took it.
+fn lease_span(step: &LeasedStep, worker_id: &str) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(cx) = step
+        .traceparent
+        .as_deref()
+        .and_then(|tp| crate::telemetry::context_from_traceparent(tp, None))
+    else {
+        return;
+    };
+    let fetch = tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .clone();
+    let span = tracing::info_span!(
+        parent: None,
+        "step.lease",
+        step_uuid = %step.step_uuid,
+        task_uuid = %step.task_uuid,
+        step_name = %step.name,
+        attempt = step.attempt,
+        worker_id = %worker_id,
+    );
+    let _ = span.set_parent(cx);
+    if fetch.is_valid() {
+        span.add_link(fetch);
+    }
+}
+
 #[derive(Clone)]
 pub struct WorkerQueue {
     store: Store,
@@ -79,6 +112,9 @@ impl WorkerQueue {
                 .store
                 .fetch_steps(namespace, worker_id, max, lease.as_millis() as i64)
                 .await?;
+            for s in &steps {
+                lease_span(s, worker_id);
+            }
             if let Some(first_expiry) = steps.iter().map(|s| s.lease_expires_at).min() {
                 // a dead worker's steps must come back when their lease runs out
                 self.deadlines.deadline_at(first_expiry);

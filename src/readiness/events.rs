@@ -145,6 +145,19 @@ pub enum ClassifyError {
     },
 }
 
+/// The trace context in a payload, read before classification so the classification itself
+/// can be traced under it. Tolerates anything: a payload that is not ours has none.
+pub fn payload_traceparent(payload: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct TraceOnly {
+        traceparent: Option<String>,
+    }
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return None;
+    }
+    serde_json::from_str::<TraceOnly>(payload).ok()?.traceparent
+}
+
 /// The largest payload PostgreSQL delivers; anything claiming more is not ours.
 const MAX_PAYLOAD_BYTES: usize = 8000;
 

@@ -309,14 +309,23 @@ impl TaskReadinessListener {
         channels: &mut BTreeSet<String>,
     ) -> Result<(), String> {
         let received = Instant::now();
+        // The receive span continues the trace of the request that caused the notification
+        // (its traceparent rides in the payload); with none, it is a root: never a child of
+        // this long-lived task.
         let span = tracing::info_span!(
+            parent: None,
             "listener.receive",
             channel = n.channel(),
             payload_bytes = n.payload().len(),
             event_type = tracing::field::Empty,
         );
+        if let Some(cx) = super::events::payload_traceparent(n.payload())
+            .and_then(|tp| crate::telemetry::context_from_traceparent(&tp, None))
+        {
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, cx);
+        }
         let classified = span.in_scope(|| {
-            let _classify = tracing::debug_span!("listener.classify").entered();
+            let _classify = tracing::info_span!("listener.classify").entered();
             self.classifier.classify(n.channel(), n.payload())
         });
         let event = match classified {

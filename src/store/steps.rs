@@ -81,6 +81,8 @@ pub struct LeasedStep {
     pub parent_results: Value,
     pub lease_expires_at: DateTime<Utc>,
     pub enqueued_at: DateTime<Utc>,
+    /// Trace context of the enqueue that put this step on the queue.
+    pub traceparent: Option<String>,
 }
 
 /// Why a worker's report on an attempt was refused; nothing was changed.
@@ -141,19 +143,24 @@ pub enum FailOutcome {
 
 impl Store {
     /// Claim the task (SKIP LOCKED) and enqueue its ready steps, in one transaction.
+    /// `traceparent` is stored with the queue messages for the worker's side of the trace.
     pub async fn enqueue_ready_steps(
         &self,
         task_uuid: Uuid,
         metadata: &Value,
+        traceparent: Option<&str>,
     ) -> Result<EnqueueResult, StoreError> {
         let (outcome, namespace, steps, wait): (String, Option<String>, Vec<Uuid>, Option<f64>) =
             sqlx::query_as(
-                "SELECT outcome, namespace, enqueued_steps, max_ready_wait_ms FROM tasker.enqueue_ready_steps($1, $2)",
+                "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms
+                 FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
+                      tasker.enqueue_ready_steps($1, $2) e",
             )
-        .bind(task_uuid)
-        .bind(metadata)
-        .fetch_one(&self.pool)
-        .await?;
+            .bind(task_uuid)
+            .bind(metadata)
+            .bind(traceparent)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(EnqueueResult {
             outcome: EnqueueOutcome::parse(&outcome)?,
             namespace,

@@ -35,7 +35,7 @@ pub fn step(created: &CreatedTask, name: &str) -> Uuid {
 /// Enqueue what is ready, lease everything queued in the namespace.
 pub async fn enqueue_and_lease(store: &Store, task: Uuid, namespace: &str) -> Vec<LeasedStep> {
     store
-        .enqueue_ready_steps(task, &json!({}))
+        .enqueue_ready_steps(task, &json!({}), None)
         .await
         .expect("enqueue");
     store
@@ -291,7 +291,11 @@ pub struct TestServer {
 impl TestServer {
     /// Bind 127.0.0.1:0, start the core and serve; returns once the server accepts calls.
     pub async fn start(pool: &PgPool, config: &TaskerConfig) -> Self {
-        let core = std::sync::Arc::new(start_core(pool, config).await);
+        Self::start_with(pool, config, Metrics::noop()).await
+    }
+
+    pub async fn start_with(pool: &PgPool, config: &TaskerConfig, metrics: Metrics) -> Self {
+        let core = std::sync::Arc::new(start_core_with(pool, config, metrics).await);
         let server = GrpcServer::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();

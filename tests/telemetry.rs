@@ -1,0 +1,248 @@
+//! One trace across the database hop, received by a fake OTLP collector: CompleteStep (with
+//! the caller's traceparent) -> NOTIFY -> listener -> command -> enqueue -> the next step's
+//! lease; and the metrics exported with data.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use sqlx::PgPool;
+use tasker::config::DeploymentMode;
+use tasker::proto::v1;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+    metrics: Arc<Mutex<BTreeSet<String>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        r: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in r.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        r: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let mut names = self.metrics.lock().unwrap();
+        for rm in r.into_inner().resource_metrics {
+            for sm in rm.scope_metrics {
+                names.extend(sm.metrics.into_iter().map(|m| m.name));
+            }
+        }
+        Ok(Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        match a.value.as_ref()?.value.as_ref()? {
+            AnyValue::StringValue(s) => Some(s.clone()),
+            AnyValue::IntValue(i) => Some(i.to_string()),
+            AnyValue::BoolValue(b) => Some(b.to_string()),
+            AnyValue::DoubleValue(d) => Some(d.to_string()),
+            _ => None,
+        }
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The spans of one trace as an indented tree, for the eye.
+fn tree(spans: &[&Span]) -> String {
+    let ids: BTreeSet<String> = spans.iter().map(|s| hex(&s.span_id)).collect();
+    let mut children: BTreeMap<String, Vec<&Span>> = BTreeMap::new();
+    let mut roots = Vec::new();
+    for s in spans {
+        let parent = hex(&s.parent_span_id);
+        if ids.contains(&parent) {
+            children.entry(parent).or_default().push(s);
+        } else {
+            roots.push(*s);
+        }
+    }
+    fn walk(s: &Span, depth: usize, children: &BTreeMap<String, Vec<&Span>>, out: &mut String) {
+        let ms = (s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano)) as f64 / 1e6;
+        out.push_str(&format!("{}{} ({ms:.2} ms)\n", "  ".repeat(depth), s.name));
+        let mut kids = children.get(&hex(&s.span_id)).cloned().unwrap_or_default();
+        kids.sort_by_key(|k| k.start_time_unix_nano);
+        for k in kids {
+            walk(k, depth + 1, children, out);
+        }
+    }
+    roots.sort_by_key(|r| r.start_time_unix_nano);
+    let mut out = String::new();
+    for r in roots {
+        walk(r, 0, &children, &mut out);
+    }
+    out
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let c = collector.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(c.clone()))
+            .add_service(MetricsServiceServer::new(c))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
+    cfg.telemetry.otlp_endpoint = format!("http://127.0.0.1:{port}");
+    cfg.telemetry.log_filter = "info".into();
+    let guard = tasker::telemetry::init(&cfg.telemetry, DeploymentMode::EventDrivenOnly);
+    assert!(guard.exporting());
+    let metrics = tasker::metrics::Metrics::new(&opentelemetry::global::meter("tasker"));
+    let server = TestServer::start_with(&pool, &cfg, metrics).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut workers = Workers::new(ch);
+
+    tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "traced".into(),
+            name: "chain".into(),
+            steps: vec![step_def("first", &[]), step_def("second", &["first"])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fetch = |ws: &mut Workers| {
+        let mut ws = ws.clone();
+        async move {
+            ws.fetch_steps(v1::FetchStepsRequest {
+                namespace: "traced".into(),
+                worker_id: "w".into(),
+                wait_ms: 5000,
+                max_steps: 1,
+                lease_seconds: 30,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .steps
+            .remove(0)
+        }
+    };
+    let first = fetch(&mut workers).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut complete = Request::new(v1::CompleteStepRequest {
+        step_uuid: first.step_uuid.clone(),
+        attempt: 1,
+        results: None,
+    });
+    complete.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    workers.complete_step(complete).await.unwrap();
+    let second = fetch(&mut workers).await;
+    assert_eq!(second.name, "second");
+
+    server.stop().await;
+    guard.shutdown().await; // flushes spans and metrics to the collector
+
+    let spans = collector.spans.lock().unwrap().clone();
+    let in_trace: Vec<&Span> = spans
+        .iter()
+        .filter(|s| hex(&s.trace_id) == trace_id)
+        .collect();
+    let names: BTreeSet<&str> = in_trace.iter().map(|s| s.name.as_str()).collect();
+    println!(
+        "span tree of one hop, as received by the collector:\n{}",
+        tree(&in_trace)
+    );
+    for expected in [
+        "tasker.v1.WorkerService/CompleteStep",
+        "listener.receive",
+        "listener.classify",
+        "command.process_task_readiness",
+        "enqueue.claim_and_enqueue",
+        "step.lease",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} not in trace {trace_id}: {names:?}"
+        );
+    }
+    let command = in_trace
+        .iter()
+        .find(|s| s.name == "command.process_task_readiness")
+        .unwrap();
+    assert_eq!(
+        attr(command, "triggered_by").as_deref(),
+        Some("step_transition")
+    );
+    assert_eq!(attr(command, "namespace").as_deref(), Some("traced"));
+    assert_eq!(attr(command, "outcome").as_deref(), Some("enqueued"));
+    assert_eq!(attr(command, "steps_enqueued").as_deref(), Some("1"));
+    assert!(attr(command, "task_uuid").is_some());
+    let lease = in_trace.iter().find(|s| s.name == "step.lease").unwrap();
+    assert_eq!(attr(lease, "step_name").as_deref(), Some("second"));
+    assert_eq!(lease.links.len(), 1, "linked to the FetchSteps request");
+    let request = in_trace
+        .iter()
+        .find(|s| s.name == "tasker.v1.WorkerService/CompleteStep")
+        .unwrap();
+    assert_eq!(attr(request, "rpc.grpc.status_code").as_deref(), Some("0"));
+
+    let exported = collector.metrics.lock().unwrap().clone();
+    for m in [
+        "task_readiness_events_received",
+        "task_readiness_command_sent",
+        "task_readiness_latency",
+        "step_completion_to_enqueue_latency",
+        "commands_processed",
+        "command_queue_depth",
+        "rpc.server.requests",
+        "rpc.server.duration",
+    ] {
+        assert!(
+            exported.contains(m),
+            "metric {m} not exported: {exported:?}"
+        );
+    }
+}
