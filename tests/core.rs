@@ -74,54 +74,31 @@ async fn listener_killed_mid_workflow_reconnects_and_catches_up(pool: PgPool) {
     let core = start_core(&pool, &test_config(EventDrivenOnly)).await;
     let store = Store::new(pool.clone());
     let chain = create(&store, TaskSpec::chain(NS, 10)).await;
-    let mut status = core.coordinator.listener_status();
+    let status = core.coordinator.listener_status();
     let mut kills = 0;
-    let run = async {
-        while !all_final(&pool, &[chain.task_uuid]).await {
-            let steps = core
-                .workers
-                .fetch(
-                    NS,
-                    "w",
-                    10,
-                    Duration::from_millis(500),
-                    Duration::from_secs(30),
-                )
+    work_until_done_with(&core, &pool, NS, &[chain.task_uuid], LONG, |s| {
+        if kills >= 3 || !s.name.ends_with(['2', '5', '7']) {
+            return Box::pin(async {});
+        }
+        kills += 1;
+        // kill the LISTEN connection (once it is back up), then the step completes while
+        // the listener is gone
+        let (mut status, pool) = (status.clone(), pool.clone());
+        Box::pin(async move {
+            let pid = status
+                .wait_for(|st| st.state == ListenerState::Listening)
+                .await
+                .unwrap()
+                .backend_pid
+                .expect("listening");
+            sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .execute(&pool)
                 .await
                 .unwrap();
-            for s in &steps {
-                if kills < 3 && s.name.ends_with(['2', '5', '7']) {
-                    // kill the LISTEN connection, then complete while it is gone
-                    let pid = status.borrow().backend_pid.expect("listening");
-                    let generation = status.borrow().generation;
-                    sqlx::query("SELECT pg_terminate_backend($1)")
-                        .bind(pid)
-                        .execute(&pool)
-                        .await
-                        .unwrap();
-                    core.workers
-                        .complete(s.step_uuid, s.attempt, &json!({}), None, None)
-                        .await
-                        .unwrap();
-                    kills += 1;
-                    status
-                        .wait_for(|st| {
-                            st.generation > generation && st.state == ListenerState::Listening
-                        })
-                        .await
-                        .unwrap();
-                } else {
-                    core.workers
-                        .complete(s.step_uuid, s.attempt, &json!({}), None, None)
-                        .await
-                        .unwrap();
-                }
-            }
-        }
-    };
-    tokio::time::timeout(LONG, run)
-        .await
-        .expect("workflow finished");
+        })
+    })
+    .await;
     assert_eq!(kills, 3);
     assert!(core.coordinator.status().listener.reconnects >= 3);
     assert_eq!(enqueue_count(&pool).await, 10);
@@ -171,33 +148,13 @@ async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
         Hybrid,
     ];
     let mut switches = sequence.windows(2);
-    let run = async {
-        while !all_final(&pool, &[chain.task_uuid]).await {
-            let steps = core
-                .workers
-                .fetch(
-                    NS,
-                    "w",
-                    10,
-                    Duration::from_millis(500),
-                    Duration::from_secs(30),
-                )
-                .await
-                .unwrap();
-            for s in &steps {
-                if let Some(pair) = switches.next() {
-                    assert_eq!(core.coordinator.set_mode(pair[1]), pair[0]);
-                }
-                core.workers
-                    .complete(s.step_uuid, s.attempt, &json!({}), None, None)
-                    .await
-                    .unwrap();
-            }
+    work_until_done_with(&core, &pool, NS, &[chain.task_uuid], LONG, |_| {
+        if let Some(pair) = switches.next() {
+            assert_eq!(core.coordinator.set_mode(pair[1]), pair[0]);
         }
-    };
-    tokio::time::timeout(LONG, run)
-        .await
-        .expect("workflow finished");
+        Box::pin(async {})
+    })
+    .await;
     assert!(switches.next().is_none(), "all switches made");
     assert_eq!(core.coordinator.mode(), Hybrid);
     assert_eq!(enqueue_count(&pool).await, 8);

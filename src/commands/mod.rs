@@ -12,6 +12,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::store::EnqueueOutcome;
+
 pub use processor::{CommandProcessor, CommandProcessorHandle, ProcessorStats, SubmitError};
 
 /// The running actor's handle for shutdown.
@@ -128,17 +130,13 @@ impl OrchestrationCommand {
     }
 }
 
-/// What a command achieved.
+/// What a command achieved: the outcome of its claim-and-enqueue pass, or a failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandOutcome {
-    Enqueued,
-    NothingReady,
-    /// Another instance held the task's claim through every retry; it (or the poller) will
-    /// handle the task.
-    ClaimedElsewhere,
-    TaskNotActive,
-    TaskNotFound,
+    /// The pass ran. `ClaimedElsewhere` here means another instance held the task's claim
+    /// through every retry; it (or the poller) will handle the task.
+    Finished(EnqueueOutcome),
     /// The pass failed (database unavailable, ...); the task stays ready for the poller.
     Failed(String),
 }
@@ -146,11 +144,7 @@ pub enum CommandOutcome {
 impl CommandOutcome {
     pub fn as_str(&self) -> &'static str {
         match self {
-            Self::Enqueued => "enqueued",
-            Self::NothingReady => "nothing_ready",
-            Self::ClaimedElsewhere => "claimed_elsewhere",
-            Self::TaskNotActive => "task_not_active",
-            Self::TaskNotFound => "task_not_found",
+            Self::Finished(o) => o.as_str(),
             Self::Failed(_) => "failed",
         }
     }

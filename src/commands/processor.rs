@@ -478,16 +478,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
                     claim_retries += 1;
                     tokio::time::sleep(ctx.claim_retry_delay * claim_retries).await;
                 }
-                Ok(r) => {
-                    let outcome = match r.outcome {
-                        EnqueueOutcome::Enqueued => CommandOutcome::Enqueued,
-                        EnqueueOutcome::NothingReady => CommandOutcome::NothingReady,
-                        EnqueueOutcome::ClaimedElsewhere => CommandOutcome::ClaimedElsewhere,
-                        EnqueueOutcome::TaskNotActive => CommandOutcome::TaskNotActive,
-                        EnqueueOutcome::TaskNotFound => CommandOutcome::TaskNotFound,
-                    };
-                    break (outcome, r.enqueued_steps);
-                }
+                Ok(r) => break (CommandOutcome::Finished(r.outcome), r.enqueued_steps),
                 Err(e) if e.is_retryable() && transient_retries < TRANSIENT_RETRIES => {
                     transient_retries += 1;
                     tracing::warn!(error = %e, attempt = transient_retries, "claim-and-enqueue failed; retrying");

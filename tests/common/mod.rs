@@ -206,6 +206,27 @@ pub async fn work_until_done(
     tasks: &[Uuid],
     timeout: Duration,
 ) -> Vec<LeasedStep> {
+    work_until_done_with(
+        core,
+        pool,
+        namespace,
+        tasks,
+        timeout,
+        |_| Box::pin(async {}),
+    )
+    .await
+}
+
+/// [`work_until_done`], running `before_complete` on each leased step before completing it
+/// (to inject a fault, switch a mode, ...).
+pub async fn work_until_done_with(
+    core: &OrchestrationCore,
+    pool: &PgPool,
+    namespace: &str,
+    tasks: &[Uuid],
+    timeout: Duration,
+    mut before_complete: impl FnMut(&LeasedStep) -> futures::future::BoxFuture<'static, ()>,
+) -> Vec<LeasedStep> {
     let mut leased_all = Vec::new();
     let run = async {
         while !all_final(pool, tasks).await {
@@ -221,6 +242,7 @@ pub async fn work_until_done(
                 .await
                 .expect("fetch");
             for s in &steps {
+                before_complete(s).await;
                 core.workers
                     .complete(
                         s.step_uuid,
