@@ -48,6 +48,7 @@ impl OrchestrationCore {
         let workers = WorkerQueue::new(store.clone(), wakeups, poke);
         let depth = commands.clone();
         let in_flight = commands.clone();
+        let (pool_size, pool_idle) = (store.pool().clone(), store.pool().clone());
         let gauges = vec![
             metrics
                 .meter()
@@ -62,6 +63,20 @@ impl OrchestrationCore {
                 .with_description("Claim-and-enqueue passes running")
                 .with_unit("{command}")
                 .with_callback(move |o| o.observe(in_flight.stats().in_flight(), &[]))
+                .build(),
+            metrics
+                .meter()
+                .u64_observable_gauge("db.pool.connections")
+                .with_description("Connections open in the database pool")
+                .with_unit("{connection}")
+                .with_callback(move |o| o.observe(u64::from(pool_size.size()), &[]))
+                .build(),
+            metrics
+                .meter()
+                .u64_observable_gauge("db.pool.idle")
+                .with_description("Idle connections in the database pool (open minus in use)")
+                .with_unit("{connection}")
+                .with_callback(move |o| o.observe(pool_idle.num_idle() as u64, &[]))
                 .build(),
         ];
         Self {

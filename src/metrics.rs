@@ -16,6 +16,8 @@
 //! | `commands_rejected` | counter | `{command}` | `reason` (overloaded, shutting_down) |
 //! | `listener_reconnects` | counter | `{reconnect}` | |
 //! | `retry_promotions` | counter | `{step}` | `source` (retry, lease_expired) |
+//! | `db.pool.connections`, `db.pool.idle` | gauge | `{connection}` | |
+//! | `rpc.server.requests`, `rpc.server.duration` | counter, histogram (ms) | | `rpc.method`, `rpc.grpc.status_code` (in `telemetry`) |
 
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::KeyValue;

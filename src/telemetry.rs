@@ -14,6 +14,23 @@
 //!
 //! With export disabled, no OpenTelemetry layer is installed: spans are plain `tracing` spans
 //! and nothing is sent anywhere.
+//!
+//! # One trace per hop: children, not links
+//!
+//! A request that changes a step (CompleteStep, FailStep, CreateTask, CancelTask) sets
+//! `tasker.traceparent` in its transaction; the readiness trigger copies it into the NOTIFY
+//! payload. The listener's `listener.receive` span takes it as its *parent*, the
+//! `command.process_task_readiness` span is a child of that, `enqueue.claim_and_enqueue` a
+//! child of the command, and the enqueue stores its own context on the queue row, so the
+//! `step.lease` span emitted when a worker's FetchSteps takes the step is its child too (with
+//! a *link* to the FetchSteps request, which belongs to the worker's own trace).
+//!
+//! Children rather than links because the relation is causal and one-to-one: this
+//! completion made exactly these steps ready, and Jaeger then shows the hop as one tree with
+//! its latency in plain sight. The one place a link is right is the lease, where a worker's
+//! request (its own trace) picks up work caused by another trace. A notification folded into
+//! a pass already running for its task joins that pass's trace instead. Poller rounds, retry
+//! wake-ups and commands injected over the API start their own traces.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

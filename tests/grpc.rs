@@ -154,6 +154,51 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         "{phases:?}"
     );
 
+    // FailStep: a retryable failure with backoff, then a final one
+    let mut failing = diamond("api-fail");
+    failing.steps[0].max_attempts = 2;
+    tasks.create_task(failing).await.unwrap();
+    let fetch_one = |ws: &Workers| {
+        let mut ws = ws.clone();
+        async move {
+            ws.fetch_steps(v1::FetchStepsRequest {
+                namespace: "api-fail".into(),
+                worker_id: "w".into(),
+                wait_ms: 5000,
+                max_steps: 1,
+                lease_seconds: 30,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .steps
+            .remove(0)
+        }
+    };
+    let first = fetch_one(&workers).await;
+    let fail = |attempt: i32, retryable: bool| v1::FailStepRequest {
+        step_uuid: first.step_uuid.clone(),
+        attempt,
+        error_message: "boom".into(),
+        retryable,
+        backoff_ms: 50,
+        error_details: Some(tasker::grpc::convert::json_to_struct(
+            &serde_json::json!({"code": 7}),
+        )),
+    };
+    let r = workers.fail_step(fail(1, true)).await.unwrap().into_inner();
+    assert_eq!(r.outcome, "retry_scheduled");
+    assert!(r.next_retry_at.is_some());
+    let again = fetch_one(&workers).await; // the deadline scheduler re-enqueues after 50 ms
+    assert_eq!(
+        (again.step_uuid.as_str(), again.attempt),
+        (first.step_uuid.as_str(), 2)
+    );
+    let r = workers.fail_step(fail(2, true)).await.unwrap().into_inner();
+    assert_eq!(r.outcome, "failed", "max_attempts = 2 is honoured");
+    let e = workers.fail_step(fail(2, true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
     // inject, ready tasks, cancel
     let t2 = tasks
         .create_task(diamond("api"))

@@ -30,7 +30,36 @@ use tonic::{Request, Response, Status};
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<Span>>>,
-    metrics: Arc<Mutex<BTreeSet<String>>>,
+    /// metric name -> the largest data point value seen (sums, gauges; histogram counts)
+    metrics: Arc<Mutex<BTreeMap<String, f64>>>,
+}
+
+fn largest_value(m: &opentelemetry_proto::tonic::metrics::v1::Metric) -> f64 {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value;
+    let number = |v: &Option<Value>| match v {
+        Some(Value::AsDouble(d)) => *d,
+        Some(Value::AsInt(i)) => *i as f64,
+        None => 0.0,
+    };
+    match &m.data {
+        Some(Data::Sum(s)) => s
+            .data_points
+            .iter()
+            .map(|p| number(&p.value))
+            .fold(0.0, f64::max),
+        Some(Data::Gauge(g)) => g
+            .data_points
+            .iter()
+            .map(|p| number(&p.value))
+            .fold(0.0, f64::max),
+        Some(Data::Histogram(h)) => h
+            .data_points
+            .iter()
+            .map(|p| p.count as f64)
+            .fold(0.0, f64::max),
+        _ => 0.0,
+    }
 }
 
 #[tonic::async_trait]
@@ -57,10 +86,14 @@ impl MetricsService for Collector {
         &self,
         r: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
-        let mut names = self.metrics.lock().unwrap();
+        let mut seen = self.metrics.lock().unwrap();
         for rm in r.into_inner().resource_metrics {
             for sm in rm.scope_metrics {
-                names.extend(sm.metrics.into_iter().map(|m| m.name));
+                for m in sm.metrics {
+                    let v = largest_value(&m);
+                    let e = seen.entry(m.name).or_insert(0.0);
+                    *e = e.max(v);
+                }
             }
         }
         Ok(Response::new(ExportMetricsServiceResponse {
@@ -236,13 +269,21 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
         "task_readiness_latency",
         "step_completion_to_enqueue_latency",
         "commands_processed",
-        "command_queue_depth",
+        "fallback_polls_executed",
+        "db.pool.connections",
         "rpc.server.requests",
         "rpc.server.duration",
     ] {
+        let v = exported.get(m).copied();
         assert!(
-            exported.contains(m),
-            "metric {m} not exported: {exported:?}"
+            v.is_some_and(|v| v > 0.0),
+            "metric {m} not exported with a non-zero value: {exported:?}"
+        );
+    }
+    for m in ["command_queue_depth", "commands_in_flight", "db.pool.idle"] {
+        assert!(
+            exported.contains_key(m),
+            "gauge {m} not exported: {exported:?}"
         );
     }
 }

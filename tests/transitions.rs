@@ -255,3 +255,14 @@ async fn stale_attempts_and_expired_leases_change_nothing(pool: PgPool) {
         .unwrap();
     assert_eq!(queued, 1, "one message per live attempt");
 }
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn migrating_again_is_a_no_op(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    assert_eq!(
+        store.migrate().await.unwrap(),
+        0,
+        "already migrated by the test harness"
+    );
+    assert_eq!(store.migrate().await.unwrap(), 0);
+}
