@@ -271,6 +271,29 @@ impl EmbeddedCluster {
         )
     }
 
+    /// Restart the server (fast shutdown, then start on the same port): every session is
+    /// cut, data is kept. For fault-injection tests and operators.
+    pub fn restart(&self) -> Result<(), LocalDbError> {
+        // -l as at start: without it the new server would keep this command's output pipes
+        // open, and waiting for the command would never end
+        let log = self.data_dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir.display().to_string(),
+                "-l",
+                &log.display().to_string(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        )
+    }
+
     fn running_port(&self) -> Option<u16> {
         let pid_file = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
         let status = self.run(
