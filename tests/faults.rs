@@ -344,3 +344,404 @@ async fn f2b_database_restarted_mid_run() {
     pool.close().await;
     drop(cluster);
 }
+
+/// A `tasker serve` process on its own port, against the test's database.
+struct ServiceProcess {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+fn database_url(pool: &PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "postgres://{}@{}:{}/{}",
+        o.get_username(),
+        o.get_host(),
+        o.get_port(),
+        o.get_database().expect("test databases are named")
+    )
+}
+
+impl ServiceProcess {
+    async fn spawn(url: &str, mode: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
+            .args(["serve", "--bind", &addr.to_string(), "--mode", mode])
+            .env("DATABASE_URL", url)
+            .env(
+                "TASKER_CONFIG_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/tasker"),
+            )
+            .env("TASKER_ENV", "test")
+            .env(
+                "TASKER_ORCHESTRATION__TASK_READINESS__FALLBACK_POLLING_INTERVAL_SECONDS",
+                "1",
+            )
+            .env("TASKER_DATABASE__MAX_CONNECTIONS", "12")
+            .env("TASKER_DATABASE__MIN_CONNECTIONS", "1")
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tasker serve");
+        let me = Self { child, addr };
+        me.wait_serving().await;
+        me
+    }
+
+    /// Health SERVING is the signal that the process is up.
+    async fn wait_serving(&self) {
+        let started = Instant::now();
+        loop {
+            if let Ok(ch) = connect(self.addr).await {
+                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+                if let Ok(r) = h
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    if r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                    {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "service did not become SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn sigkill(mut self) {
+        self.child.start_kill().unwrap(); // SIGKILL: no graceful anything
+        let _ = self.child.wait().await;
+    }
+}
+
+async fn wait_completed(workers: &Workers, at_least: u64) {
+    while workers.completed.load(Ordering::Relaxed) < at_least {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn f3_service_sigkilled_and_restarted(pool: PgPool) {
+    let url = database_url(&pool);
+    let service = ServiceProcess::spawn(&url, "Hybrid").await;
+    let addr = service.addr;
+    let tasks = create_workload(addr, "f3").await;
+    let workers = Workers::start(vec![addr], "f3", 8);
+    wait_completed(&workers, 150).await;
+    service.sigkill().await;
+    let t = Instant::now();
+    // a new process on the same port: its start-up sweep takes what the dead one held
+    let port = addr.port();
+    let service = loop {
+        let s = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
+            .args([
+                "serve",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--mode",
+                "Hybrid",
+            ])
+            .env("DATABASE_URL", &url)
+            .env(
+                "TASKER_CONFIG_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/tasker"),
+            )
+            .env("TASKER_ENV", "test")
+            .env("TASKER_DATABASE__MAX_CONNECTIONS", "12")
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let p = ServiceProcess { child: s, addr };
+        p.wait_serving().await;
+        break p;
+    };
+    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
+    let recovery = t.elapsed();
+    workers.stop().await;
+    let r = invariants(&pool, &tasks).await;
+    row(
+        "3 service SIGKILLed mid-run, restarted",
+        "1 SIGKILL",
+        &r,
+        recovery,
+    );
+    assert_clean(&r);
+    service.sigkill().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let tasks = create_workload(server.addr, "f4").await;
+    // a worker that takes steps and never answers: short leases, then silence
+    let mut silent = common::Workers::new(connect(server.addr).await.unwrap());
+    let taken = silent
+        .fetch_steps(v1::FetchStepsRequest {
+            namespace: "f4".into(),
+            worker_id: "silent".into(),
+            max_steps: 20,
+            wait_ms: 5000,
+            lease_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert!(!taken.is_empty());
+    let t = Instant::now();
+    let workers = Workers::start(vec![server.addr], "f4", 8);
+    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
+    let recovery = t.elapsed();
+    workers.stop().await;
+    let r = invariants(&pool, &tasks).await;
+    row(
+        "4 silent worker (lease 1 s)",
+        &format!("{} steps held by a dead worker", taken.len()),
+        &r,
+        recovery,
+    );
+    assert_clean(&r);
+    // every abandoned step was retried as attempt 2, each attempt enqueued once
+    let retried: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_steps WHERE attempts = 2")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(retried, taken.len() as i64);
+
+    // max_attempts is honoured: a one-attempt task whose worker goes silent ends in error,
+    // visible in GetTaskReadiness
+    let mut t1 = Tasks::new(connect(server.addr).await.unwrap());
+    let mut once = v1::CreateTaskRequest {
+        namespace: "f4-once".into(),
+        name: "once".into(),
+        steps: vec![step_def("only", &[])],
+        ..Default::default()
+    };
+    once.steps[0].max_attempts = 1;
+    let id = t1.create_task(once).await.unwrap().into_inner().task_uuid;
+    let held = silent
+        .fetch_steps(v1::FetchStepsRequest {
+            namespace: "f4-once".into(),
+            worker_id: "silent".into(),
+            max_steps: 1,
+            wait_ms: 5000,
+            lease_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(held.len(), 1);
+    wait_all_final(&pool, &[id.parse().unwrap()], RECOVERY_LIMIT).await;
+    let mut rd = Readiness::new(connect(server.addr).await.unwrap());
+    let readiness = rd
+        .get_task_readiness(v1::GetTaskReadinessRequest { task_uuid: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            readiness.task_state.as_str(),
+            readiness.execution_status.as_str()
+        ),
+        ("error", "blocked_by_failures")
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn f5_three_instances_with_kills_and_restarts(pool: PgPool) {
+    let url = database_url(&pool);
+    let mut services = vec![
+        ServiceProcess::spawn(&url, "Hybrid").await,
+        ServiceProcess::spawn(&url, "Hybrid").await,
+        ServiceProcess::spawn(&url, "EventDrivenOnly").await,
+    ];
+    let addrs: Vec<SocketAddr> = services.iter().map(|s| s.addr).collect();
+    let tasks = create_workload(addrs[0], "f5").await;
+    let workers = Workers::start(addrs.clone(), "f5", 9);
+    let mut faults = 0;
+    for round in 0..3u64 {
+        wait_completed(&workers, 100 * (round + 1)).await;
+        let victim = services.remove(0);
+        let addr = victim.addr;
+        victim.sigkill().await;
+        faults += 1;
+        // the same port again, so the workers find it when they come back round
+        let s = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
+            .args(["serve", "--bind", &addr.to_string(), "--mode", "Hybrid"])
+            .env("DATABASE_URL", &url)
+            .env(
+                "TASKER_CONFIG_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/tasker"),
+            )
+            .env("TASKER_ENV", "test")
+            .env("TASKER_DATABASE__MAX_CONNECTIONS", "12")
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let p = ServiceProcess { child: s, addr };
+        p.wait_serving().await;
+        services.push(p);
+    }
+    let t = Instant::now();
+    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
+    let recovery = t.elapsed();
+    workers.stop().await;
+    let r = invariants(&pool, &tasks).await;
+    row(
+        "5 three instances on one database, killed and restarted",
+        &format!("{faults} SIGKILLs + restarts"),
+        &r,
+        recovery,
+    );
+    assert_clean(&r);
+    for s in services {
+        s.sigkill().await;
+    }
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn f6_mode_flipped_every_second(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let tasks = create_workload(server.addr, "f6").await;
+    let workers = Workers::start(vec![server.addr], "f6", 8);
+    let mut admin = Admin::new(connect(server.addr).await.unwrap());
+    let modes = [
+        v1::DeploymentMode::EventDrivenOnly,
+        v1::DeploymentMode::PollingOnly,
+        v1::DeploymentMode::Hybrid,
+    ];
+    let mut flips = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while !all_final(&pool, &tasks).await {
+        tick.tick().await;
+        admin
+            .set_deployment_mode(v1::SetDeploymentModeRequest {
+                mode: modes[flips % 3] as i32,
+            })
+            .await
+            .unwrap();
+        flips += 1;
+        assert!(flips < 90, "not done after 90 flips");
+    }
+    workers.stop().await;
+    let r = invariants(&pool, &tasks).await;
+    row(
+        "6 deployment mode flipped every second",
+        &format!("{flips} flips"),
+        &r,
+        Duration::ZERO,
+    );
+    assert_clean(&r);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn f7_command_channel_saturated(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::Hybrid);
+    cfg.orchestration.command_processor.channel_capacity = 20;
+    cfg.orchestration.command_processor.max_concurrent_commands = 2;
+    let server = TestServer::start(&pool, &cfg).await;
+    let tasks = create_workload(server.addr, "f7").await;
+    // a burst of 10x the channel size through the API, all at once
+    let ch = connect(server.addr).await.unwrap();
+    let burst = tasks.iter().map(|t| {
+        let mut r = Readiness::new(ch.clone());
+        let id = t.to_string();
+        async move {
+            r.process_task_readiness(v1::ProcessTaskReadinessRequest {
+                task_uuid: id,
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let results = futures::future::join_all(burst).await;
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.code() == tonic::Code::ResourceExhausted))
+        .count();
+    assert!(
+        refused > 0,
+        "no overload answer in a burst of {}",
+        results.len()
+    );
+    let t = Instant::now();
+    let workers = Workers::start(vec![server.addr], "f7", 8);
+    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
+    let recovery = t.elapsed();
+    workers.stop().await;
+    let r = invariants(&pool, &tasks).await;
+    row(
+        "7 command channel saturated (burst 10x capacity 20)",
+        &format!("{refused} RESOURCE_EXHAUSTED"),
+        &r,
+        recovery,
+    );
+    assert_clean(&r);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::Hybrid);
+    cfg.orchestration
+        .task_readiness
+        .fallback_polling_interval_seconds = 2;
+    let server = TestServer::start(&pool, &cfg).await;
+    let tasks = create_workload(server.addr, "f8").await;
+    let workers = Workers::start(vec![server.addr], "f8", 8);
+    wait_completed(&workers, 100).await;
+    // NOTIFY lost: the readiness trigger disabled for a while
+    sqlx::query("ALTER TABLE tasker.workflow_steps DISABLE TRIGGER workflow_steps_notify_ready")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_completed(&workers, 300).await;
+    sqlx::query("ALTER TABLE tasker.workflow_steps ENABLE TRIGGER workflow_steps_notify_ready")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
+    let recovery = t.elapsed();
+    workers.stop().await;
+    let found = server
+        .core
+        .coordinator
+        .status()
+        .poller
+        .fallback_tasks_found_total;
+    let r = invariants(&pool, &tasks).await;
+    row(
+        "8 NOTIFY lost (readiness trigger disabled), Hybrid",
+        &format!("trigger off for 200 completions; poller found {found} tasks"),
+        &r,
+        recovery,
+    );
+    assert!(found > 0, "the poller did the recovering");
+    assert_clean(&r);
+    server.stop().await;
+}
