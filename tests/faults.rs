@@ -369,7 +369,11 @@ impl ServiceProcess {
             .local_addr()
             .unwrap()
             .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Self::spawn_on(url, mode, format!("127.0.0.1:{port}").parse().unwrap()).await
+    }
+
+    /// On a given address: a restarted instance comes back where its workers expect it.
+    async fn spawn_on(url: &str, mode: &str, addr: SocketAddr) -> Self {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
             .args(["serve", "--bind", &addr.to_string(), "--mode", mode])
             .env("DATABASE_URL", url)
@@ -445,33 +449,7 @@ async fn f3_service_sigkilled_and_restarted(pool: PgPool) {
     service.sigkill().await;
     let t = Instant::now();
     // a new process on the same port: its start-up sweep takes what the dead one held
-    let port = addr.port();
-    let service = loop {
-        let s = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
-            .args([
-                "serve",
-                "--bind",
-                &format!("127.0.0.1:{port}"),
-                "--mode",
-                "Hybrid",
-            ])
-            .env("DATABASE_URL", &url)
-            .env(
-                "TASKER_CONFIG_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config/tasker"),
-            )
-            .env("TASKER_ENV", "test")
-            .env("TASKER_DATABASE__MAX_CONNECTIONS", "12")
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let p = ServiceProcess { child: s, addr };
-        p.wait_serving().await;
-        break p;
-    };
+    let service = ServiceProcess::spawn_on(&url, "Hybrid", addr).await;
     wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
     let recovery = t.elapsed();
     workers.stop().await;
@@ -586,24 +564,7 @@ async fn f5_three_instances_with_kills_and_restarts(pool: PgPool) {
         victim.sigkill().await;
         faults += 1;
         // the same port again, so the workers find it when they come back round
-        let s = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
-            .args(["serve", "--bind", &addr.to_string(), "--mode", "Hybrid"])
-            .env("DATABASE_URL", &url)
-            .env(
-                "TASKER_CONFIG_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config/tasker"),
-            )
-            .env("TASKER_ENV", "test")
-            .env("TASKER_DATABASE__MAX_CONNECTIONS", "12")
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let p = ServiceProcess { child: s, addr };
-        p.wait_serving().await;
-        services.push(p);
+        services.push(ServiceProcess::spawn_on(&url, "Hybrid", addr).await);
     }
     let t = Instant::now();
     wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
