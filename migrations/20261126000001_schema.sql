@@ -166,3 +166,14 @@ CREATE TABLE tasker.step_queue (
 CREATE INDEX step_queue_fetch_idx ON tasker.step_queue (namespace, priority DESC, msg_id)
     WHERE leased_by IS NULL;
 CREATE INDEX step_queue_lease_idx ON tasker.step_queue (visible_at) WHERE leased_by IS NOT NULL;
+
+-- The queue is a churn table (one insert and one delete per step attempt) and steps are
+-- updated three times each: vacuum them by dead-row count, not by fraction of a table that
+-- stays small, and leave room on each page for HOT updates. Without this, dead tuples pile
+-- up between autovacuum runs and the fetch and readiness look-ups slow down over hours.
+ALTER TABLE tasker.step_queue SET (
+    autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 2000,
+    autovacuum_vacuum_cost_delay = 0, fillfactor = 80);
+ALTER TABLE tasker.workflow_steps SET (
+    autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0, fillfactor = 80);
+ALTER TABLE tasker.tasks SET (fillfactor = 90);

@@ -409,3 +409,197 @@ mod tests {
         assert_eq!(LatencyStats::from_ms(vec![]).samples, 0);
     }
 }
+
+/// `tasker bench --soak`: one mode at a sustained arrival rate for a long time.
+#[derive(Debug, Clone)]
+pub struct SoakOptions {
+    pub mode: DeploymentMode,
+    pub duration: Duration,
+    /// Steps per second offered (as 10-step chains).
+    pub rate: f64,
+    /// Report every this long.
+    pub interval: Duration,
+    pub workers: usize,
+}
+
+const SOAK_CHAIN: usize = 10;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakInterval {
+    pub at_secs: f64,
+    pub completed_steps_per_sec: f64,
+    pub completion_to_enqueue: LatencyStats,
+    pub rss_mib: f64,
+    pub db_connections: i64,
+    pub notification_queue_usage: f64,
+    /// Steps ready or queued but not yet taken: a backlog that grows means the rate is
+    /// above what the machine sustains.
+    pub backlog_steps: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakReport {
+    pub mode: String,
+    pub offered_steps_per_sec: f64,
+    pub synchronous_commit: String,
+    pub intervals: Vec<SoakInterval>,
+    /// Last interval minus first (after warm-up): growth in memory and latency.
+    pub rss_growth_mib: f64,
+    pub p50_drift_ms: f64,
+    pub p99_drift_ms: f64,
+}
+
+/// The resident set of this process (service, workers and producer run in it), in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+pub async fn soak(
+    url: &str,
+    base: &TaskerConfig,
+    opts: &SoakOptions,
+) -> anyhow::Result<SoakReport> {
+    let mut cfg = base.clone();
+    cfg.database.max_connections = cfg.database.max_connections.max(opts.workers as i64 + 16);
+    cfg.orchestration.deployment.mode = opts.mode;
+    let store = Store::connect(url, &cfg.database).await?;
+    store.migrate().await?;
+    reset(&store).await?;
+    let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(store.pool())
+        .await?;
+    let core = OrchestrationCore::start(store.clone(), &cfg, Metrics::noop());
+    if !core.wait_ready(Duration::from_secs(10)).await {
+        anyhow::bail!("core did not become ready");
+    }
+    let stop = CancellationToken::new();
+    let completed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..opts.workers {
+        let (queue, stop, completed) = (core.workers.clone(), stop.clone(), completed.clone());
+        tasks.spawn(async move {
+            let id = format!("soak-{i}");
+            loop {
+                let steps = tokio::select! {
+                    _ = stop.cancelled() => return Ok::<(), StoreError>(()),
+                    r = queue.fetch("soak", &id, 8, Duration::from_secs(1), Duration::from_secs(60)) => r?,
+                };
+                for s in steps {
+                    queue.complete(s.step_uuid, s.attempt, &json!({}), Some(&id), None).await?;
+                    completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    // the producer: chains at the offered rate, fractional chains carried over
+    {
+        let (store, stop) = (store.clone(), stop.clone());
+        let per_tick = opts.rate / SOAK_CHAIN as f64 / 10.0;
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut owed = 0.0;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tick.tick() => {}
+                }
+                owed += per_tick;
+                while owed >= 1.0 {
+                    owed -= 1.0;
+                    let task = TaskSpec::chain("soak", SOAK_CHAIN)
+                        .into_new_task()
+                        .expect("valid chain");
+                    store.create_task(&task, &json!({}), None).await?;
+                }
+            }
+        });
+    }
+
+    let started = Instant::now();
+    let mut intervals = Vec::new();
+    let mut last_completed = 0u64;
+    let mut window_start = chrono::Utc::now();
+    while started.elapsed() < opts.duration {
+        tokio::time::sleep(opts.interval).await;
+        let now = chrono::Utc::now();
+        let done = completed.load(std::sync::atomic::Ordering::Relaxed);
+        let latencies: Vec<f64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM c.enqueued_at - p.last) * 1000)::float8
+             FROM tasker.workflow_steps c
+             JOIN LATERAL (SELECT max(ps.completed_at) AS last
+                           FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
+                           WHERE e.child_step_uuid = c.step_uuid) p ON p.last IS NOT NULL
+             WHERE c.enqueued_at >= $1 AND c.enqueued_at < $2",
+        )
+        .bind(window_start)
+        .bind(now)
+        .fetch_all(store.pool())
+        .await?;
+        let (connections, queue_usage, backlog): (i64, f64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()),
+                    pg_notification_queue_usage(),
+                    (SELECT count(*) FROM tasker.step_queue WHERE leased_by IS NULL)",
+        )
+        .fetch_one(store.pool())
+        .await?;
+        let interval = SoakInterval {
+            at_secs: started.elapsed().as_secs_f64(),
+            completed_steps_per_sec: (done - last_completed) as f64 / opts.interval.as_secs_f64(),
+            completion_to_enqueue: LatencyStats::from_ms(latencies),
+            rss_mib: rss_mib(),
+            db_connections: connections,
+            notification_queue_usage: queue_usage,
+            backlog_steps: backlog,
+        };
+        eprintln!(
+            "{:>7.0} s  {:>7.1} steps/s  enqueue p50 {:>6.2} ms p99 {:>7.2} ms  rss {:>6.1} MiB  conns {:>3}  notify queue {:.6}  backlog {}",
+            interval.at_secs,
+            interval.completed_steps_per_sec,
+            interval.completion_to_enqueue.p50_ms,
+            interval.completion_to_enqueue.p99_ms,
+            interval.rss_mib,
+            interval.db_connections,
+            interval.notification_queue_usage,
+            interval.backlog_steps
+        );
+        intervals.push(interval);
+        last_completed = done;
+        window_start = now;
+    }
+    stop.cancel();
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    core.shutdown().await;
+    store.pool().close().await;
+    // compare the second interval (the first includes warm-up) with the last
+    let first = intervals.get(1).or(intervals.first());
+    let last = intervals.last();
+    let (rss_growth_mib, p50_drift_ms, p99_drift_ms) = match (first, last) {
+        (Some(f), Some(l)) => (
+            l.rss_mib - f.rss_mib,
+            l.completion_to_enqueue.p50_ms - f.completion_to_enqueue.p50_ms,
+            l.completion_to_enqueue.p99_ms - f.completion_to_enqueue.p99_ms,
+        ),
+        _ => (0.0, 0.0, 0.0),
+    };
+    Ok(SoakReport {
+        mode: opts.mode.as_str().to_string(),
+        offered_steps_per_sec: opts.rate,
+        synchronous_commit,
+        intervals,
+        rss_growth_mib,
+        p50_drift_ms,
+        p99_drift_ms,
+    })
+}

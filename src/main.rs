@@ -73,6 +73,19 @@ enum Command {
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Soak instead: the first of --modes at --rate steps/s for --duration-secs, reported
+        /// every --interval-secs (memory, latency, connections, notification queue).
+        #[arg(long)]
+        soak: bool,
+        /// Soak: offered steps per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Soak: reporting interval in seconds.
+        #[arg(long, default_value_t = 10)]
+        interval_secs: u64,
+        /// Soak: concurrent workers.
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
     },
     /// Call a running service over gRPC (for operators and CI).
     Ctl {
@@ -215,6 +228,10 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                 concurrency,
                 modes,
                 json,
+                soak,
+                rate,
+                interval_secs,
+                workers,
             } => {
                 let modes = modes
                     .iter()
@@ -233,6 +250,31 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                     config::redact_url(&resolved.url),
                     resolved.origin
                 );
+                if soak {
+                    let opts = tasker::bench::SoakOptions {
+                        mode: modes.first().copied().unwrap_or_default(),
+                        duration: std::time::Duration::from_secs(duration_secs),
+                        rate,
+                        interval: std::time::Duration::from_secs(interval_secs.max(1)),
+                        workers: workers.max(1),
+                    };
+                    let report = tasker::bench::soak(&resolved.url, &loaded.config, &opts).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        println!(
+                            "soak {} at {} steps/s offered: rss growth {:+.1} MiB, p50 drift {:+.2} ms, p99 drift {:+.2} ms over {} intervals",
+                            report.mode,
+                            report.offered_steps_per_sec,
+                            report.rss_growth_mib,
+                            report.p50_drift_ms,
+                            report.p99_drift_ms,
+                            report.intervals.len()
+                        );
+                    }
+                    drop(resolved);
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let opts = tasker::bench::BenchOptions {
                     modes,
                     concurrency,
