@@ -434,3 +434,28 @@ BEGIN
     RETURN 'resolved';
 END
 $$;
+
+-- Many completions in one transaction (one commit, one pass through the NOTIFY commit lock).
+-- Each item is exactly tasker.complete_step, with its own trace context; items are taken in
+-- task order so that two batches never wait on each other's progress locks in a cycle.
+-- Returns each item's outcome by its position in the input arrays.
+CREATE FUNCTION tasker.complete_steps(
+    p_steps uuid[], p_attempts integer[], p_results jsonb[], p_traceparents text[],
+    p_metadata jsonb DEFAULT '{}'::jsonb
+) RETURNS TABLE (idx integer, outcome text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_item record;
+BEGIN
+    FOR v_item IN
+        SELECT i.ord::int AS ord, i.step_uuid, s.task_uuid
+        FROM unnest(p_steps) WITH ORDINALITY AS i(step_uuid, ord)
+        LEFT JOIN tasker.workflow_steps s ON s.step_uuid = i.step_uuid
+        ORDER BY s.task_uuid NULLS FIRST, i.ord
+    LOOP
+        PERFORM set_config('tasker.traceparent', coalesce(p_traceparents[v_item.ord], ''), true);
+        RETURN QUERY SELECT v_item.ord,
+            tasker.complete_step(v_item.step_uuid, p_attempts[v_item.ord], p_results[v_item.ord], p_metadata);
+    END LOOP;
+END
+$$;

@@ -17,6 +17,8 @@
 //!
 //! PollingOnly runs with the most aggressive polling the configuration allows (1 s interval,
 //! no age threshold) so the comparison is against polling at its best, not at its default.
+//! At every concurrency above 1 the run adds EventDrivenOnly with completion batching off
+//! (`orchestration.completions.max_batch = 1`): the before/after of batching, in one run.
 
 use std::time::{Duration, Instant};
 
@@ -129,7 +131,10 @@ pub async fn run(
 
     let mut scenarios = Vec::new();
     for &c in &opts.concurrency {
-        for &mode in &opts.modes {
+        // the same run without completion batching, for before/after at this concurrency
+        let unbatched = (c > 1).then_some((DeploymentMode::EventDrivenOnly, false));
+        let variants = opts.modes.iter().map(|m| (*m, true)).chain(unbatched);
+        for (mode, batched) in variants {
             reset(&store).await?;
             let mut cfg = base.clone();
             cfg.database = db_cfg.clone();
@@ -145,7 +150,13 @@ pub async fn run(
                     .fallback_polling_interval_seconds = 1;
                 cfg.orchestration.task_readiness.age_threshold_seconds = 0;
             }
-            let report = scenario(&store, &cfg, mode, c, opts.duration, &notify_floor).await?;
+            if !batched {
+                cfg.orchestration.completions.max_batch = 1;
+            }
+            let mut report = scenario(&store, &cfg, mode, c, opts.duration, &notify_floor).await?;
+            if !batched {
+                report.mode = format!("{} (completions unbatched)", mode.as_str());
+            }
             eprintln!(
                 "{:>15} x{:<3} {:>8.1} steps/s  enqueue p50 {:>7.2} ms p99 {:>7.2} ms  hop p50 {:>7.2} ms p99 {:>7.2} ms",
                 report.mode,

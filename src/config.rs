@@ -105,6 +105,11 @@ pub mod defaults {
     pub const COMMAND_CHANNEL_CAPACITY: i64 = 1_024;
     /// Commands processed at once. Each holds a pooled connection for one short transaction.
     pub const MAX_CONCURRENT_COMMANDS: i64 = 8;
+    /// Completions committed in one transaction: the NOTIFY commit lock is taken once per
+    /// batch instead of once per completion. A lone completion is never held back.
+    pub const COMPLETION_MAX_BATCH: i64 = 64;
+    /// Two batches at once: one commits while the next does its row work.
+    pub const COMPLETION_EXECUTORS: i64 = 2;
     /// Enough for a few seconds of a busy processor; observers further behind get a gap event.
     pub const EVENT_BUFFER: i64 = 4_096;
     /// A task claimed by another instance is tried again after this delay: the holder may
@@ -145,6 +150,26 @@ pub struct OrchestrationConfig {
     pub deployment: DeploymentConfig,
     pub task_readiness: TaskReadinessConfig,
     pub command_processor: CommandProcessorConfig,
+    pub completions: CompletionsConfig,
+}
+
+/// How workers' completions reach the database (see `completions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompletionsConfig {
+    /// Completions committed together at most; 1 commits each on its own.
+    pub max_batch: i64,
+    /// Batches in flight at once.
+    pub executors: i64,
+}
+
+impl Default for CompletionsConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: defaults::COMPLETION_MAX_BATCH,
+            executors: defaults::COMPLETION_EXECUTORS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -752,6 +777,16 @@ impl TaskerConfig {
             "orchestration.command_processor.shutdown_grace_period_seconds",
             cp.shutdown_grace_period_seconds,
             0,
+        );
+        at_least(
+            "orchestration.completions.max_batch",
+            self.orchestration.completions.max_batch,
+            1,
+        );
+        at_least(
+            "orchestration.completions.executors",
+            self.orchestration.completions.executors,
+            1,
         );
         let db = &self.database;
         at_least("database.max_connections", db.max_connections, 2);

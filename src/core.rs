@@ -45,7 +45,12 @@ impl OrchestrationCore {
             metrics.clone(),
             poke.clone(),
         ));
-        let workers = WorkerQueue::new(store.clone(), wakeups, poke);
+        let workers = WorkerQueue::new(
+            store.clone(),
+            wakeups,
+            poke,
+            &config.orchestration.completions,
+        );
         let depth = commands.clone();
         let in_flight = commands.clone();
         let (pool_size, pool_idle) = (store.pool().clone(), store.pool().clone());

@@ -18,6 +18,7 @@
 //! - [`events`]: `TaskReadinessEventSystem` and the `UnifiedEventCoordinator`
 //! - [`core`]: `OrchestrationCore`, all of the above assembled
 //! - [`worker`]: the workers' side: lease, complete, fail, extend
+//! - [`completions`]: `CompletionBatcher`, concurrent completions in one transaction
 //! - [`metrics`]: OpenTelemetry instruments by name
 //! - [`bench`]: the latency/throughput benchmark behind `tasker bench`
 //! - [`ctl`]: the gRPC client behind `tasker ctl`
@@ -32,6 +33,7 @@
 pub mod app;
 pub mod bench;
 pub mod commands;
+pub mod completions;
 pub mod config;
 pub mod core;
 pub mod ctl;

@@ -13,9 +13,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::completions::CompletionBatcher;
 use crate::enqueue::StepWakeups;
 use crate::readiness::deadlines::DeadlinePoke;
-use crate::store::{FailOutcome, LeasedStep, StepFailure, Store, StoreError};
+use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
 
 /// How often a waiting fetch re-reads the queue with no local wake-up, for steps enqueued by
 /// other instances.
@@ -59,14 +60,29 @@ pub struct WorkerQueue {
     store: Store,
     wakeups: StepWakeups,
     deadlines: DeadlinePoke,
+    /// `None`: every completion commits on its own (max_batch = 1).
+    batcher: Option<CompletionBatcher>,
 }
 
 impl WorkerQueue {
-    pub fn new(store: Store, wakeups: StepWakeups, deadlines: DeadlinePoke) -> Self {
+    pub fn new(
+        store: Store,
+        wakeups: StepWakeups,
+        deadlines: DeadlinePoke,
+        cfg: &crate::config::CompletionsConfig,
+    ) -> Self {
+        let batcher = (cfg.max_batch > 1).then(|| {
+            CompletionBatcher::spawn(
+                store.clone(),
+                cfg.max_batch as usize,
+                cfg.executors as usize,
+            )
+        });
         Self {
             store,
             wakeups,
             deadlines,
+            batcher,
         }
     }
 
@@ -139,10 +155,23 @@ impl WorkerQueue {
         worker_id: Option<&str>,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let metadata = serde_json::json!({ "worker_id": worker_id });
-        self.store
-            .complete_step(step_uuid, attempt, results, &metadata, traceparent)
-            .await
+        match &self.batcher {
+            Some(b) => {
+                b.complete(Completion {
+                    step_uuid,
+                    attempt,
+                    results: results.clone(),
+                    traceparent: traceparent.map(str::to_string),
+                })
+                .await
+            }
+            None => {
+                let metadata = serde_json::json!({ "worker_id": worker_id });
+                self.store
+                    .complete_step(step_uuid, attempt, results, &metadata, traceparent)
+                    .await
+            }
+        }
     }
 
     pub async fn fail(

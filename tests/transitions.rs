@@ -266,3 +266,38 @@ async fn migrating_again_is_a_no_op(pool: PgPool) {
     );
     assert_eq!(store.migrate().await.unwrap(), 0);
 }
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
+    use tasker::store::Completion;
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::diamond(NS)).await;
+    run_named(&store, t.task_uuid, NS, "a").await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await; // b and c
+    let mut l = listener(&pool, &["tasker_task_ready"]).await;
+    let item = |step: Uuid, attempt: i32| Completion {
+        step_uuid: step,
+        attempt,
+        results: json!({"ok": true}),
+        traceparent: None,
+    };
+    let outcomes = store
+        .complete_steps(&[
+            item(leased[0].step_uuid, 1),
+            item(leased[1].step_uuid, 7), // stale attempt
+            item(Uuid::now_v7(), 1),      // no such step
+            item(leased[1].step_uuid, 1),
+        ])
+        .await
+        .unwrap();
+    assert!(outcomes[0].is_ok() && outcomes[3].is_ok());
+    assert!(matches!(
+        outcomes[1],
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    assert!(matches!(outcomes[2], Err(StoreError::NotFound { .. })));
+    // both parents of the join completed in one transaction: the join is announced once
+    let got = drain_until_sentinel(&pool, &mut l, &["tasker_task_ready"]).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["d"]);
+}

@@ -24,7 +24,8 @@ use sqlx::PgPool;
 pub use error::{is_retryable, StoreError};
 pub use readiness::{ExecutionContext, ReadyTask, StepReadiness};
 pub use steps::{
-    AttemptOutcome, EnqueueOutcome, EnqueueResult, FailOutcome, LeasedStep, StepFailure, TaskRef,
+    AttemptOutcome, Completion, EnqueueOutcome, EnqueueResult, FailOutcome, LeasedStep,
+    StepFailure, TaskRef,
 };
 pub use tasks::{CreatedTask, NewStep, NewTask, StepRecord, TaskRecord};
 

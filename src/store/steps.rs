@@ -124,6 +124,15 @@ impl AttemptOutcome {
     }
 }
 
+/// A worker's report that an attempt succeeded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub step_uuid: Uuid,
+    pub attempt: i32,
+    pub results: Value,
+    pub traceparent: Option<String>,
+}
+
 /// A worker's report that an attempt failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepFailure {
@@ -209,6 +218,37 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         AttemptOutcome::parse(&outcome).into_result(step_uuid, attempt)
+    }
+
+    /// Complete several attempts in one transaction; each item's outcome, in input order.
+    /// Items are independent: a stale one is refused without affecting the others.
+    pub async fn complete_steps(
+        &self,
+        items: &[Completion],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let steps: Vec<Uuid> = items.iter().map(|c| c.step_uuid).collect();
+        let attempts: Vec<i32> = items.iter().map(|c| c.attempt).collect();
+        let results: Vec<Value> = items.iter().map(|c| c.results.clone()).collect();
+        let traces: Vec<Option<String>> = items.iter().map(|c| c.traceparent.clone()).collect();
+        let rows: Vec<(i32, String)> =
+            sqlx::query_as("SELECT idx, outcome FROM tasker.complete_steps($1, $2, $3, $4, $5)")
+                .bind(&steps)
+                .bind(&attempts)
+                .bind(&results)
+                .bind(&traces)
+                .bind(serde_json::json!({"batched": items.len()}))
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out: Vec<Result<(), StoreError>> = items
+            .iter()
+            .map(|c| Err(StoreError::not_found(format!("step {}", c.step_uuid))))
+            .collect();
+        for (idx, outcome) in rows {
+            let i = (idx - 1) as usize;
+            out[i] =
+                AttemptOutcome::parse(&outcome).into_result(items[i].step_uuid, items[i].attempt);
+        }
+        Ok(out)
     }
 
     pub async fn fail_step(

@@ -1,0 +1,118 @@
+//! `CompletionBatcher`: groups concurrent step completions into one transaction.
+//!
+//! A completion that makes a step ready NOTIFYs, and PostgreSQL serializes the commits of
+//! notifying transactions on one lock held through the WAL flush. Under many concurrent
+//! completions that lock, not the work, sets the pace. The batcher takes whatever completions
+//! are waiting when an executor is free (up to `max_batch`) and commits them together with
+//! `tasker.complete_steps`: one commit, one pass through the lock, the same per-item checks
+//! and outcomes as one-by-one. With nothing else waiting a completion runs alone, so a lone
+//! worker sees no added latency.
+//!
+//! ```text
+//!  complete() ──> queue ──> [executor free] take first + everything waiting (<= max_batch)
+//!                              └─> one transaction ──> each caller gets its own outcome
+//!                                  (on a whole-batch error: each item again on its own)
+//! ```
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument;
+
+use crate::store::{Completion, Store, StoreError};
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Completions waiting for an executor; senders wait when it is full.
+const QUEUE: usize = 4096;
+
+#[derive(Clone)]
+pub struct CompletionBatcher {
+    tx: mpsc::Sender<(Completion, Reply)>,
+}
+
+impl CompletionBatcher {
+    /// `executors` batches may run at once (their non-commit work overlaps).
+    pub fn spawn(store: Store, max_batch: usize, executors: usize) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(
+            run(store, rx, max_batch.max(1), executors.max(1))
+                .instrument(tracing::info_span!("completion_batcher")),
+        );
+        Self { tx }
+    }
+
+    pub async fn complete(&self, completion: Completion) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((completion, reply))
+            .await
+            .map_err(|_| StoreError::FailedPrecondition("the service is shutting down".into()))?;
+        rx.await
+            .map_err(|_| StoreError::FailedPrecondition("the service is shutting down".into()))?
+    }
+}
+
+async fn run(
+    store: Store,
+    mut rx: mpsc::Receiver<(Completion, Reply)>,
+    max_batch: usize,
+    executors: usize,
+) {
+    let permits = Arc::new(Semaphore::new(executors));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        // an executor is free: take the first waiting completion and everything behind it
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            execute(&store, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
+    if batch.len() == 1 {
+        let (c, reply) = batch.into_iter().next().expect("one item");
+        let _ = reply.send(one(store, &c).await);
+        return;
+    }
+    let (items, replies): (Vec<Completion>, Vec<Reply>) = batch.into_iter().unzip();
+    match store.complete_steps(&items).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            // the whole transaction failed (a deadlock with a lease sweep, a lost connection):
+            // nothing was committed, so every item gets its own attempt
+            tracing::warn!(error = %e, items = items.len(), "batched completion failed; completing one by one");
+            for (c, reply) in items.iter().zip(replies) {
+                let _ = reply.send(one(store, c).await);
+            }
+        }
+    }
+}
+
+async fn one(store: &Store, c: &Completion) -> Result<(), StoreError> {
+    store
+        .complete_step(
+            c.step_uuid,
+            c.attempt,
+            &c.results,
+            &serde_json::json!({}),
+            c.traceparent.as_deref(),
+        )
+        .await
+}
