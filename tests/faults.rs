@@ -226,6 +226,23 @@ fn row(scenario: &str, faults: &str, r: &Report, recovery: Duration) {
     );
 }
 
+/// Wait for every task to be final, stop the workers, check the invariants, print the row.
+async fn finish(
+    pool: &PgPool,
+    tasks: &[Uuid],
+    workers: Workers,
+    since: Instant,
+    scenario: &str,
+    faults: &str,
+) {
+    wait_all_final(pool, tasks, RECOVERY_LIMIT).await;
+    let recovery = since.elapsed();
+    workers.stop().await;
+    let r = invariants(pool, tasks).await;
+    row(scenario, faults, &r, recovery);
+    assert_clean(&r);
+}
+
 fn assert_clean(r: &Report) {
     assert_eq!(r.lost, 0, "tasks lost");
     assert_eq!(r.duplicated, 0, "step attempts enqueued twice");
@@ -258,18 +275,16 @@ async fn f1_listener_killed_repeatedly(pool: PgPool) {
             .unwrap();
     }
     let t = Instant::now();
-    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
-    let recovery = t.elapsed();
-    workers.stop().await;
-    let r = invariants(&pool, &tasks).await;
-    row(
+    assert!(kills >= 3);
+    finish(
+        &pool,
+        &tasks,
+        workers,
+        t,
         "1 listener killed repeatedly (EventDrivenOnly)",
         &format!("{kills} listener kills"),
-        &r,
-        recovery,
-    );
-    assert!(kills >= 3);
-    assert_clean(&r);
+    )
+    .await;
     server.stop().await;
 }
 
@@ -291,17 +306,15 @@ async fn f2a_all_connections_killed_at_once(pool: PgPool) {
     .await
     .unwrap();
     let t = Instant::now();
-    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
-    let recovery = t.elapsed();
-    workers.stop().await;
-    let r = invariants(&pool, &tasks).await;
-    row(
+    finish(
+        &pool,
+        &tasks,
+        workers,
+        t,
         "2a all service connections killed at once",
         &format!("{killed} backends terminated"),
-        &r,
-        recovery,
-    );
-    assert_clean(&r);
+    )
+    .await;
     server.stop().await;
 }
 
@@ -329,17 +342,15 @@ async fn f2b_database_restarted_mid_run() {
     }
     let t = Instant::now();
     cluster.restart().expect("restart");
-    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
-    let recovery = t.elapsed();
-    workers.stop().await;
-    let r = invariants(&pool, &tasks).await;
-    row(
+    finish(
+        &pool,
+        &tasks,
+        workers,
+        t,
         "2b database restarted mid-run (pg_ctl restart -m fast)",
         "1 restart",
-        &r,
-        recovery,
-    );
-    assert_clean(&r);
+    )
+    .await;
     server.stop().await;
     pool.close().await;
     drop(cluster);
@@ -450,17 +461,15 @@ async fn f3_service_sigkilled_and_restarted(pool: PgPool) {
     let t = Instant::now();
     // a new process on the same port: its start-up sweep takes what the dead one held
     let service = ServiceProcess::spawn_on(&url, "Hybrid", addr).await;
-    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
-    let recovery = t.elapsed();
-    workers.stop().await;
-    let r = invariants(&pool, &tasks).await;
-    row(
+    finish(
+        &pool,
+        &tasks,
+        workers,
+        t,
         "3 service SIGKILLed mid-run, restarted",
         "1 SIGKILL",
-        &r,
-        recovery,
-    );
-    assert_clean(&r);
+    )
+    .await;
     service.sigkill().await;
 }
 
@@ -485,17 +494,15 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
     assert!(!taken.is_empty());
     let t = Instant::now();
     let workers = Workers::start(vec![server.addr], "f4", 8);
-    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
-    let recovery = t.elapsed();
-    workers.stop().await;
-    let r = invariants(&pool, &tasks).await;
-    row(
+    finish(
+        &pool,
+        &tasks,
+        workers,
+        t,
         "4 silent worker (lease 1 s)",
         &format!("{} steps held by a dead worker", taken.len()),
-        &r,
-        recovery,
-    );
-    assert_clean(&r);
+    )
+    .await;
     // every abandoned step was retried as attempt 2, each attempt enqueued once
     let retried: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_steps WHERE attempts = 2")
@@ -567,17 +574,15 @@ async fn f5_three_instances_with_kills_and_restarts(pool: PgPool) {
         services.push(ServiceProcess::spawn_on(&url, "Hybrid", addr).await);
     }
     let t = Instant::now();
-    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
-    let recovery = t.elapsed();
-    workers.stop().await;
-    let r = invariants(&pool, &tasks).await;
-    row(
+    finish(
+        &pool,
+        &tasks,
+        workers,
+        t,
         "5 three instances on one database, killed and restarted",
         &format!("{faults} SIGKILLs + restarts"),
-        &r,
-        recovery,
-    );
-    assert_clean(&r);
+    )
+    .await;
     for s in services {
         s.sigkill().await;
     }
@@ -651,17 +656,15 @@ async fn f7_command_channel_saturated(pool: PgPool) {
     );
     let t = Instant::now();
     let workers = Workers::start(vec![server.addr], "f7", 8);
-    wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
-    let recovery = t.elapsed();
-    workers.stop().await;
-    let r = invariants(&pool, &tasks).await;
-    row(
+    finish(
+        &pool,
+        &tasks,
+        workers,
+        t,
         "7 command channel saturated (burst 10x capacity 20)",
         &format!("{refused} RESOURCE_EXHAUSTED"),
-        &r,
-        recovery,
-    );
-    assert_clean(&r);
+    )
+    .await;
     server.stop().await;
 }
 
