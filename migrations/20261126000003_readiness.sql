@@ -7,32 +7,39 @@
 -- attempts left, whose backoff has elapsed, and whose every parent is complete or
 -- resolved_manually; with the moment each became ready (its last parent's completion, its
 -- backoff's end, or its creation). Callers pass the candidates: the children of a step that
--- changed, the pending steps of one task, all pending steps. Set-based (one anti-join, not a
--- predicate called per row) and PL/pgSQL, so its plan is cached per session rather than
--- re-planned on every call.
+-- changed, the pending steps of one task, all pending steps. PL/pgSQL, so its plans are
+-- cached per session rather than re-planned on every call.
 -- Time is the transaction's start (now()): every caller is a short transaction, and the retry
 -- promotion uses the same clock.
 CREATE FUNCTION tasker.ready_among(p_steps uuid[])
 RETURNS TABLE (step_uuid uuid, task_uuid uuid, ready_since timestamptz, created_at timestamptz)
 LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_step uuid;
 BEGIN
-    RETURN QUERY
-    SELECT s.step_uuid, s.task_uuid,
-           greatest(s.created_at, s.next_retry_at,
-                    (SELECT max(ps.completed_at)
-                     FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-                     WHERE e.child_step_uuid = s.step_uuid)),
-           s.created_at
-    FROM tasker.workflow_steps s
-    WHERE s.step_uuid = ANY (p_steps)
-      AND s.state = 'pending'
-      AND s.attempts < s.max_attempts
-      AND (s.next_retry_at IS NULL OR s.next_retry_at <= now())
-      AND NOT EXISTS (
-          SELECT 1
-          FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-          WHERE e.child_step_uuid = s.step_uuid
-            AND ps.state NOT IN ('complete', 'resolved_manually'));
+    -- One look-up per candidate, by primary key and the child-edge index. A set-based query
+    -- over the whole array gets a cached generic plan that cannot know the array is small,
+    -- and drifted to hash joins over full scans of step_edges as the tables grew (measured:
+    -- 0.6 -> 1.2 ms per call within two minutes of a soak). This shape cannot degrade.
+    FOREACH v_step IN ARRAY coalesce(p_steps, '{}'::uuid[]) LOOP
+        RETURN QUERY
+        SELECT s.step_uuid, s.task_uuid,
+               greatest(s.created_at, s.next_retry_at,
+                        (SELECT max(ps.completed_at)
+                         FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
+                         WHERE e.child_step_uuid = v_step)),
+               s.created_at
+        FROM tasker.workflow_steps s
+        WHERE s.step_uuid = v_step
+          AND s.state = 'pending'
+          AND s.attempts < s.max_attempts
+          AND (s.next_retry_at IS NULL OR s.next_retry_at <= now())
+          AND NOT EXISTS (
+              SELECT 1
+              FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
+              WHERE e.child_step_uuid = v_step
+                AND ps.state NOT IN ('complete', 'resolved_manually'));
+    END LOOP;
 END
 $$;
 
