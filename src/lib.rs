@@ -19,6 +19,7 @@
 //! - [`core`]: `OrchestrationCore`, all of the above assembled
 //! - [`worker`]: the workers' side: lease, complete, fail, extend
 //! - [`completions`]: `CompletionBatcher`, concurrent completions in one transaction
+//! - [`maintenance`]: vacuuming the churn tables when autovacuum is off
 //! - [`metrics`]: OpenTelemetry instruments by name
 //! - [`bench`]: the latency/throughput benchmark behind `tasker bench`
 //! - [`ctl`]: the gRPC client behind `tasker ctl`
@@ -42,6 +43,7 @@ pub mod enqueue;
 pub mod events;
 pub mod grpc;
 pub mod local_db;
+pub mod maintenance;
 pub mod metrics;
 pub mod proto;
 pub mod readiness;

@@ -13,6 +13,9 @@
 //! | EventDrivenOnly | on | off | on |
 //! | Hybrid | on | on | on |
 //! | PollingOnly | off | on | on |
+//!
+//! It also runs `TableMaintenance` (vacuuming the churn tables when the server's autovacuum
+//! is off) in every mode.
 
 use std::time::Duration;
 
@@ -88,6 +91,7 @@ impl UnifiedEventCoordinator {
             poller_tx,
             metrics.clone(),
         );
+        let maintenance = crate::maintenance::TableMaintenance::new(store.clone());
         let deadlines = DeadlineScheduler::new(
             store,
             commands,
@@ -111,6 +115,11 @@ impl UnifiedEventCoordinator {
                 deadlines
                     .run(cancel.clone())
                     .instrument(tracing::info_span!("deadline_scheduler")),
+            ),
+            tokio::spawn(
+                maintenance
+                    .run(cancel.clone())
+                    .instrument(tracing::info_span!("table_maintenance")),
             ),
         ];
         // Start-up sweep: whatever was ready before this instance started (including commands

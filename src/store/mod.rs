@@ -78,6 +78,28 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Whether the server's autovacuum runs (it can be switched off server-wide).
+    pub async fn autovacuum_enabled(&self) -> Result<bool, StoreError> {
+        let on: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(on == "on")
+    }
+
+    /// Refresh the statistics of the tables every step churns through, and with `vacuum`
+    /// also vacuum them; tables another session is already working on are skipped.
+    pub async fn maintain_churn_tables(&self, vacuum: bool) -> Result<(), StoreError> {
+        let sql = if vacuum {
+            "VACUUM (SKIP_LOCKED, ANALYZE) tasker.step_queue, tasker.workflow_steps, tasker.tasks"
+        } else {
+            "ANALYZE (SKIP_LOCKED) tasker.step_queue, tasker.workflow_steps, tasker.tasks"
+        };
+        sqlx::query(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
 async fn applied_migrations(pool: &PgPool) -> Result<usize, StoreError> {
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
         .fetch_one(pool)
