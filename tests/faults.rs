@@ -71,19 +71,23 @@ struct Workers {
     stop: CancellationToken,
     handles: Vec<tokio::task::JoinHandle<()>>,
     completed: Arc<AtomicU64>,
+    /// Fired on every completion, so a test can wait for progress without polling.
+    progress: Arc<tokio::sync::Notify>,
 }
 
 impl Workers {
     fn start(endpoints: Vec<SocketAddr>, ns: &str, n: usize) -> Self {
         let stop = CancellationToken::new();
         let completed = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(tokio::sync::Notify::new());
         let handles = (0..n)
             .map(|i| {
-                let (endpoints, ns, stop, completed) = (
+                let (endpoints, ns, stop, completed, progress) = (
                     endpoints.clone(),
                     ns.to_string(),
                     stop.clone(),
                     completed.clone(),
+                    progress.clone(),
                 );
                 tokio::spawn(async move {
                     let mut k = i;
@@ -119,6 +123,7 @@ impl Workers {
                                 match done {
                                     Ok(_) => {
                                         completed.fetch_add(1, Ordering::Relaxed);
+                                        progress.notify_waiters();
                                     }
                                     // lease expired during a fault: the step is retried
                                     Err(e) if e.code() == tonic::Code::FailedPrecondition => {}
@@ -134,6 +139,7 @@ impl Workers {
             stop,
             handles,
             completed,
+            progress,
         }
     }
 
@@ -294,10 +300,7 @@ async fn f2a_all_connections_killed_at_once(pool: PgPool) {
     let tasks = create_workload(server.addr, "f2").await;
     let workers = Workers::start(vec![server.addr], "f2", 8);
     // once work is under way, cut every connection of the service to its database
-    while workers.completed.load(Ordering::Relaxed) < 200 {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_completed(&workers, 200).await;
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
           WHERE datname = current_database() AND pid <> pg_backend_pid()) k",
@@ -337,9 +340,7 @@ async fn f2b_database_restarted_mid_run() {
     let server = TestServer::start(&pool, &cfg).await;
     let tasks = create_workload(server.addr, "f2b").await;
     let workers = Workers::start(vec![server.addr], "f2b", 8);
-    while workers.completed.load(Ordering::Relaxed) < 200 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_completed(&workers, 200).await;
     let t = Instant::now();
     cluster.restart().expect("restart");
     finish(
@@ -444,9 +445,20 @@ impl ServiceProcess {
 }
 
 async fn wait_completed(workers: &Workers, at_least: u64) {
-    while workers.completed.load(Ordering::Relaxed) < at_least {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let wait = async {
+        loop {
+            let next = workers.progress.notified();
+            tokio::pin!(next);
+            next.as_mut().enable();
+            if workers.completed.load(Ordering::Relaxed) >= at_least {
+                return;
+            }
+            next.await;
+        }
+    };
+    tokio::time::timeout(RECOVERY_LIMIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {at_least} completions within {RECOVERY_LIMIT:?}"));
 }
 
 #[sqlx::test(migrator = "tasker::store::MIGRATOR")]
