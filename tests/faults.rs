@@ -565,16 +565,26 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "tasker::store::MIGRATOR")]
-async fn f5_three_instances_with_kills_and_restarts(pool: PgPool) {
+async fn f5a_two_instances_with_kills_and_restarts(pool: PgPool) {
+    instances_with_kills(pool, &["Hybrid", "EventDrivenOnly"], "f5a").await;
+}
+
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn f5b_three_instances_with_kills_and_restarts(pool: PgPool) {
+    instances_with_kills(pool, &["Hybrid", "Hybrid", "EventDrivenOnly"], "f5b").await;
+}
+
+/// N service processes on one database; one after another is SIGKILLed mid-run and started
+/// again on its port, three times.
+async fn instances_with_kills(pool: PgPool, modes: &[&str], ns: &str) {
     let url = database_url(&pool);
-    let mut services = vec![
-        ServiceProcess::spawn(&url, "Hybrid").await,
-        ServiceProcess::spawn(&url, "Hybrid").await,
-        ServiceProcess::spawn(&url, "EventDrivenOnly").await,
-    ];
+    let mut services = Vec::new();
+    for mode in modes {
+        services.push(ServiceProcess::spawn(&url, mode).await);
+    }
     let addrs: Vec<SocketAddr> = services.iter().map(|s| s.addr).collect();
-    let tasks = create_workload(addrs[0], "f5").await;
-    let workers = Workers::start(addrs.clone(), "f5", 9);
+    let tasks = create_workload(addrs[0], ns).await;
+    let workers = Workers::start(addrs.clone(), ns, 9);
     let mut faults = 0;
     for round in 0..3u64 {
         wait_completed(&workers, 100 * (round + 1)).await;
@@ -591,7 +601,10 @@ async fn f5_three_instances_with_kills_and_restarts(pool: PgPool) {
         &tasks,
         workers,
         t,
-        "5 three instances on one database, killed and restarted",
+        &format!(
+            "5 {} instances on one database, killed and restarted",
+            modes.len()
+        ),
         &format!("{faults} SIGKILLs + restarts"),
     )
     .await;
