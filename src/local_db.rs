@@ -248,10 +248,6 @@ impl EmbeddedCluster {
         &self.data_dir
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Stop the server now (fast shutdown: open sessions are ended, data is kept).
     pub fn stop(&mut self) -> Result<(), LocalDbError> {
         if !self.started_here {

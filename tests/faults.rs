@@ -493,11 +493,8 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
     let mut silent = common::Workers::new(connect(server.addr).await.unwrap());
     let taken = silent
         .fetch_steps(v1::FetchStepsRequest {
-            namespace: "f4".into(),
             worker_id: "silent".into(),
-            max_steps: 20,
-            wait_ms: 5000,
-            lease_seconds: 1,
+            ..fetch_request("f4", 20, 5000, 1)
         })
         .await
         .unwrap()
@@ -536,11 +533,8 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
     let id = t1.create_task(once).await.unwrap().into_inner().task_uuid;
     let held = silent
         .fetch_steps(v1::FetchStepsRequest {
-            namespace: "f4-once".into(),
             worker_id: "silent".into(),
-            max_steps: 1,
-            wait_ms: 5000,
-            lease_seconds: 1,
+            ..fetch_request("f4-once", 1, 5000, 1)
         })
         .await
         .unwrap()

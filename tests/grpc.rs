@@ -65,13 +65,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     let mut order = Vec::new();
     while order.len() < 4 {
         let fetched = workers
-            .fetch_steps(v1::FetchStepsRequest {
-                namespace: "api".into(),
-                worker_id: "w1".into(),
-                max_steps: 10,
-                wait_ms: 5000,
-                lease_seconds: 30,
-            })
+            .fetch_steps(fetch_request("api", 10, 5000, 30))
             .await
             .unwrap()
             .into_inner();
@@ -158,24 +152,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     let mut failing = diamond("api-fail");
     failing.steps[0].max_attempts = 2;
     tasks.create_task(failing).await.unwrap();
-    let fetch_one = |ws: &Workers| {
-        let mut ws = ws.clone();
-        async move {
-            ws.fetch_steps(v1::FetchStepsRequest {
-                namespace: "api-fail".into(),
-                worker_id: "w".into(),
-                wait_ms: 5000,
-                max_steps: 1,
-                lease_seconds: 30,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .steps
-            .remove(0)
-        }
-    };
-    let first = fetch_one(&workers).await;
+    let first = lease_one(&workers, "api-fail").await;
     let fail = |attempt: i32, retryable: bool| v1::FailStepRequest {
         step_uuid: first.step_uuid.clone(),
         attempt,
@@ -189,7 +166,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     let r = workers.fail_step(fail(1, true)).await.unwrap().into_inner();
     assert_eq!(r.outcome, "retry_scheduled");
     assert!(r.next_retry_at.is_some());
-    let again = fetch_one(&workers).await; // the deadline scheduler re-enqueues after 50 ms
+    let again = lease_one(&workers, "api-fail").await; // the deadline scheduler re-enqueues after 50 ms
     assert_eq!(
         (again.step_uuid.as_str(), again.attempt),
         (first.step_uuid.as_str(), 2)
@@ -654,13 +631,7 @@ async fn fetch_returns_within_milliseconds_of_an_enqueue(pool: PgPool) {
     let waiting = tokio::spawn(async move {
         let started = Instant::now();
         let r = workers
-            .fetch_steps(v1::FetchStepsRequest {
-                namespace: "quick".into(),
-                worker_id: "w".into(),
-                wait_ms: 10_000,
-                max_steps: 1,
-                lease_seconds: 30,
-            })
+            .fetch_steps(fetch_request("quick", 1, 10_000, 30))
             .await
             .unwrap()
             .into_inner();

@@ -181,24 +181,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
         })
         .await
         .unwrap();
-    let fetch = |ws: &mut Workers| {
-        let mut ws = ws.clone();
-        async move {
-            ws.fetch_steps(v1::FetchStepsRequest {
-                namespace: "traced".into(),
-                worker_id: "w".into(),
-                wait_ms: 5000,
-                max_steps: 1,
-                lease_seconds: 30,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .steps
-            .remove(0)
-        }
-    };
-    let first = fetch(&mut workers).await;
+    let first = lease_one(&workers, "traced").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut complete = Request::new(v1::CompleteStepRequest {
         step_uuid: first.step_uuid.clone(),
@@ -212,7 +195,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
             .unwrap(),
     );
     workers.complete_step(complete).await.unwrap();
-    let second = fetch(&mut workers).await;
+    let second = lease_one(&workers, "traced").await;
     assert_eq!(second.name, "second");
 
     server.stop().await;

@@ -37,12 +37,6 @@ pub use context::ApiContext;
 /// The name health checks use for the whole server (the empty service name).
 pub const OVERALL: &str = "";
 
-/// The W3C `traceparent` of the current span, to carry into a database transaction (and from
-/// there into the notification it causes). `None` when tracing is not exporting.
-pub fn traceparent() -> Option<String> {
-    crate::telemetry::current_traceparent()
-}
-
 /// A bound listener and the health reporter that flips to SERVING once the core is up.
 pub struct GrpcServer {
     listener: TcpListener,

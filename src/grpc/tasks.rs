@@ -86,7 +86,7 @@ impl v1::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<v1::CreateTaskRequest>,
     ) -> Result<Response<v1::CreateTaskResponse>, Status> {
-        let traceparent = super::traceparent();
+        let traceparent = crate::telemetry::current_traceparent();
         let task = spec_from_request(request.into_inner())
             .into_new_task()
             .map_err(error::violations)?;
@@ -124,7 +124,7 @@ impl v1::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<v1::CancelTaskRequest>,
     ) -> Result<Response<v1::CancelTaskResponse>, Status> {
-        let traceparent = super::traceparent();
+        let traceparent = crate::telemetry::current_traceparent();
         let r = request.into_inner();
         let task_uuid = uuid("task_uuid", &r.task_uuid)?;
         if r.reason.len() > 1024 {

@@ -106,7 +106,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         &self,
         request: Request<v1::CompleteStepRequest>,
     ) -> Result<Response<v1::CompleteStepResponse>, Status> {
-        let traceparent = super::traceparent();
+        let traceparent = crate::telemetry::current_traceparent();
         let r = request.into_inner();
         let step = uuid("step_uuid", &r.step_uuid)?;
         let attempt = attempt(r.attempt)?;
@@ -123,7 +123,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         &self,
         request: Request<v1::FailStepRequest>,
     ) -> Result<Response<v1::FailStepResponse>, Status> {
-        let traceparent = super::traceparent();
+        let traceparent = crate::telemetry::current_traceparent();
         let r = request.into_inner();
         let step = uuid("step_uuid", &r.step_uuid)?;
         let attempt = attempt(r.attempt)?;

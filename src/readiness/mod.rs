@@ -93,17 +93,15 @@ impl SweepRequester {
     }
 }
 
-/// `base * 2^attempt`, capped, with up to 50% jitter so instances that lost the database
-/// together do not come back in lockstep.
+/// `base * 2^attempt`, capped, then scaled by a random factor in [0.5, 1.0] so instances that
+/// lost the database together do not come back in lockstep.
 pub(crate) fn backoff(
     attempt: u32,
     base: std::time::Duration,
     max: std::time::Duration,
 ) -> std::time::Duration {
     let exp = base.saturating_mul(1u32 << attempt.min(16)).min(max);
-    let jitter = rand::random::<f64>() * 0.5;
-    exp.mul_f64(1.0 - jitter / 2.0 + jitter / 2.0 * rand::random::<f64>())
-        .min(max)
+    exp.mul_f64(0.5 + 0.5 * rand::random::<f64>())
 }
 
 /// A period with up to 10% jitter either way.

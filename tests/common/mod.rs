@@ -373,3 +373,30 @@ pub fn step_def(name: &str, deps: &[&str]) -> v1::StepDefinition {
         ..Default::default()
     }
 }
+
+/// A FetchSteps request as the tests' workers send it (worker "w").
+pub fn fetch_request(
+    namespace: &str,
+    max_steps: i32,
+    wait_ms: i32,
+    lease_seconds: i32,
+) -> v1::FetchStepsRequest {
+    v1::FetchStepsRequest {
+        namespace: namespace.into(),
+        worker_id: "w".into(),
+        max_steps,
+        wait_ms,
+        lease_seconds,
+    }
+}
+
+/// Lease the next step of `namespace` over gRPC, waiting up to 5 s for one.
+pub async fn lease_one(workers: &Workers, namespace: &str) -> v1::LeasedStep {
+    let mut w = workers.clone();
+    w.fetch_steps(fetch_request(namespace, 1, 5000, 30))
+        .await
+        .unwrap()
+        .into_inner()
+        .steps
+        .remove(0)
+}
