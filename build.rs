@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
+    // `sqlx::migrate!` embeds migrations/ at compile time; a new or edited migration must
+    // rebuild the crate, or the binary would run yesterday's schema.
+    println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out.join("tasker_descriptor.bin");

@@ -539,23 +539,27 @@ pub async fn soak(
     let started = Instant::now();
     let mut intervals = Vec::new();
     let mut last_completed = 0u64;
-    let mut window_start = chrono::Utc::now();
+    let mut last_transition = 0i64;
     while started.elapsed() < opts.duration {
         tokio::time::sleep(opts.interval).await;
-        let now = chrono::Utc::now();
         let done = completed.load(std::sync::atomic::Ordering::Relaxed);
-        let latencies: Vec<f64> = sqlx::query_scalar(
-            "SELECT (extract(epoch FROM c.enqueued_at - p.last) * 1000)::float8
-             FROM tasker.workflow_steps c
+        // Windowed by the append-only history's identity key rather than by enqueued_at,
+        // which has no index: a scan of every step ever made, growing through the run, was
+        // itself a load on the machine being measured (over a second per report at 5 min).
+        let rows: Vec<(i64, f64)> = sqlx::query_as(
+            "SELECT st.id, (extract(epoch FROM c.enqueued_at - p.last) * 1000)::float8
+             FROM tasker.step_transitions st
+             JOIN tasker.workflow_steps c ON c.step_uuid = st.step_uuid
              JOIN LATERAL (SELECT max(ps.completed_at) AS last
                            FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
                            WHERE e.child_step_uuid = c.step_uuid) p ON p.last IS NOT NULL
-             WHERE c.enqueued_at >= $1 AND c.enqueued_at < $2",
+             WHERE st.id > $1 AND st.to_state = 'enqueued'",
         )
-        .bind(window_start)
-        .bind(now)
+        .bind(last_transition)
         .fetch_all(store.pool())
         .await?;
+        last_transition = rows.iter().map(|r| r.0).max().unwrap_or(last_transition);
+        let latencies: Vec<f64> = rows.into_iter().map(|r| r.1).collect();
         let (connections, queue_usage, backlog): (i64, f64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()),
                     pg_notification_queue_usage(),
@@ -585,7 +589,6 @@ pub async fn soak(
         );
         intervals.push(interval);
         last_completed = done;
-        window_start = now;
     }
     stop.cancel();
     while let Some(r) = tasks.join_next().await {

@@ -87,15 +87,14 @@ impl Store {
         Ok(on == "on")
     }
 
-    /// Refresh the statistics of the tables every step churns through, and with `vacuum`
-    /// also vacuum them; tables another session is already working on are skipped.
-    pub async fn maintain_churn_tables(&self, vacuum: bool) -> Result<(), StoreError> {
-        let sql = if vacuum {
-            "VACUUM (SKIP_LOCKED, ANALYZE) tasker.step_queue, tasker.workflow_steps, tasker.tasks"
-        } else {
-            "ANALYZE (SKIP_LOCKED) tasker.step_queue, tasker.workflow_steps, tasker.tasks"
-        };
-        sqlx::query(sql).execute(&self.pool).await?;
+    /// Vacuum and analyze the tables every step churns through; tables another session is
+    /// already working on are skipped.
+    pub async fn maintain_churn_tables(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "VACUUM (SKIP_LOCKED, ANALYZE) tasker.step_queue, tasker.workflow_steps, tasker.tasks",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }
