@@ -339,3 +339,89 @@ async fn ready_tasks_plan_uses_indexes_at_100k_tasks(pool: PgPool) {
     );
     println!("ready_tasks plan at 100k tasks:\n{plan}");
 }
+
+/// One step through the hot path on `conn`: enqueue the task's ready steps, lease them,
+/// complete them. Returns how many steps were completed.
+async fn hot_path_round(conn: &mut sqlx::PgConnection, task_uuid: uuid::Uuid) -> usize {
+    sqlx::query("SELECT * FROM tasker.enqueue_ready_steps($1)")
+        .bind(task_uuid)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let leased: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT step_uuid, attempt FROM tasker.fetch_steps('hot', 'w', 8, 60000)",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    for (step, attempt) in &leased {
+        let outcome: String =
+            sqlx::query_scalar("SELECT tasker.complete_step($1, $2, '{}'::jsonb)")
+                .bind(step)
+                .bind(attempt)
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        assert_eq!(outcome, "completed");
+    }
+    leased.len()
+}
+
+/// The plans a session caches while the tables are nearly empty must still be key look-ups
+/// once they are large. (Found in a soak on a server with autovacuum off: the readiness check
+/// kept a cached sequential scan of workflow_steps, and every step cost a full scan.)
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn hot_path_plans_cached_on_an_empty_database_stay_keyed(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let mut conn = pool.acquire().await.unwrap();
+    // warm up one session on tiny tables: every hot statement runs more than five times,
+    // after which PL/pgSQL settles on a cached generic plan
+    for _ in 0..4 {
+        let t = create(&store, TaskSpec::chain("hot", 3)).await;
+        let mut done = 0;
+        while done < 3 {
+            done += hot_path_round(&mut conn, t.task_uuid).await;
+        }
+    }
+    // grow the tables behind the cached plans' back: 60,000 finished steps, no ANALYZE
+    let mut tx = pool.begin().await.unwrap();
+    for sql in [
+        "SET LOCAL session_replication_role = replica",
+        "INSERT INTO tasker.namespaces (name) VALUES ('bulk')",
+        "INSERT INTO tasker.tasks (task_uuid, namespace, name, state)
+         SELECT md5(i::text)::uuid, 'bulk', 't', 'complete' FROM generate_series(1, 20000) i",
+        "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, state, completed_at)
+         SELECT md5(i::text || '-' || k)::uuid, md5(i::text)::uuid, 's' || k, 'complete', clock_timestamp()
+         FROM generate_series(1, 20000) i, generate_series(0, 2) k",
+        "INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
+         SELECT md5(i::text)::uuid, md5(i::text || '-' || (k - 1))::uuid, md5(i::text || '-' || k)::uuid
+         FROM generate_series(1, 20000) i, generate_series(1, 2) k",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    // a whole 3-step task through the same session, counting the rows it reads
+    let t = create(&store, TaskSpec::chain("hot", 3)).await;
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let mut done = 0;
+    while done < 3 {
+        done += hot_path_round(&mut conn, t.task_uuid).await;
+    }
+    let reads: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, seq_tup_read, coalesce(idx_tup_fetch, 0)
+         FROM pg_stat_xact_user_tables
+         WHERE schemaname = 'tasker' AND relname IN ('workflow_steps', 'step_edges', 'tasks')",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut *conn).await.unwrap();
+    for (table, seq, idx) in &reads {
+        println!("{table}: {seq} rows read by sequential scans, {idx} by index");
+        assert!(
+            seq + idx < 500,
+            "{table}: a 3-step task read {seq} rows sequentially and {idx} by index among 60,000"
+        );
+    }
+}
