@@ -537,11 +537,13 @@ pub async fn soak(
     }
 
     let started = Instant::now();
+    let mut last_report = started;
     let mut intervals = Vec::new();
     let mut last_completed = 0u64;
     let mut last_transition = 0i64;
     while started.elapsed() < opts.duration {
         tokio::time::sleep(opts.interval).await;
+        let now = Instant::now();
         let done = completed.load(std::sync::atomic::Ordering::Relaxed);
         // Windowed by the append-only history's identity key rather than by enqueued_at,
         // which has no index: a scan of every step ever made, growing through the run, was
@@ -569,7 +571,9 @@ pub async fn soak(
         .await?;
         let interval = SoakInterval {
             at_secs: started.elapsed().as_secs_f64(),
-            completed_steps_per_sec: (done - last_completed) as f64 / opts.interval.as_secs_f64(),
+            // over the time actually elapsed: each report's own queries stretch the interval
+            completed_steps_per_sec: (done - last_completed) as f64
+                / (now - last_report).as_secs_f64(),
             completion_to_enqueue: LatencyStats::from_ms(latencies),
             rss_mib: rss_mib(),
             db_connections: connections,
@@ -589,6 +593,7 @@ pub async fn soak(
         );
         intervals.push(interval);
         last_completed = done;
+        last_report = now;
     }
     stop.cancel();
     while let Some(r) = tasks.join_next().await {

@@ -348,12 +348,11 @@ async fn hot_path_round(conn: &mut sqlx::PgConnection, task_uuid: uuid::Uuid) ->
         .execute(&mut *conn)
         .await
         .unwrap();
-    let leased: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
-        "SELECT step_uuid, attempt FROM tasker.fetch_steps('hot', 'w', 8, 60000)",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
+    let leased: Vec<(uuid::Uuid, i32)> =
+        sqlx::query_as("SELECT step_uuid, attempt FROM tasker.fetch_steps('hot', 'w', 8, 60000)")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
     for (step, attempt) in &leased {
         let outcome: String =
             sqlx::query_scalar("SELECT tasker.complete_step($1, $2, '{}'::jsonb)")
