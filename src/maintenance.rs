@@ -5,13 +5,14 @@
 //! walks past more of them. With autovacuum off (this machine's server) nothing removes them,
 //! so the service does what autovacuum would do with the schema's per-table settings: a
 //! `VACUUM (ANALYZE)` of the churn tables every [`MAINTENANCE_INTERVAL`]. Measured in
-//! 5-minute soaks at 200 steps/s once the hot-path plans were made stable (migration 6): on a
-//! server with autovacuum on (it vacuumed these tables about once a minute) the completion ->
-//! enqueue p50 stayed between 3.0 and 3.8 ms; on the autovacuum-off server with a vacuum only
-//! every five minutes it crept from 2.8 to 6.4 ms between vacuums. (An earlier finding that
-//! frequent vacuums cost more than they save was made while the plans themselves were
-//! drifting.) With autovacuum on this loop only checks once. `SKIP_LOCKED`, so instances
-//! sharing a database never queue behind each other.
+//! 5-minute soaks at 200 steps/s: with migration 6 in place, a server with autovacuum on (it
+//! vacuumed these tables about once a minute) kept the completion -> enqueue p50 between
+//! 2.96 and 4.18 ms; on the autovacuum-off server with a vacuum only every five minutes (and
+//! an early version of migration 6: planner paths pinned, `ready_among` rewritten) it crept
+//! from 2.78 to 6.42 ms before the vacuum. (An earlier finding that frequent vacuums cost more
+//! than they save was made while the plans themselves were drifting.) With autovacuum on this
+//! loop only checks once. `SKIP_LOCKED`, so instances sharing a database never queue behind
+//! each other.
 
 use std::time::Duration;
 

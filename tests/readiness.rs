@@ -277,25 +277,8 @@ async fn ready_tasks_order_by_priority_with_aging(pool: PgPool) {
 /// At 100k tasks the ready-task query must be driven by indexes, not by scanning finished work.
 #[sqlx::test(migrator = "tasker::store::MIGRATOR")]
 async fn ready_tasks_plan_uses_indexes_at_100k_tasks(pool: PgPool) {
-    let mut tx = pool.begin().await.unwrap();
-    // bulk fixture: 100k finished tasks of 3 steps each, 100 active ones (triggers off for speed)
-    for sql in [
-        "SET LOCAL session_replication_role = replica",
-        "INSERT INTO tasker.namespaces (name) VALUES ('bulk')",
-        "INSERT INTO tasker.tasks (task_uuid, namespace, name, state)
-         SELECT uuidv, 'bulk', 't', CASE WHEN i <= 100 THEN 'in_progress' ELSE 'complete' END
-         FROM (SELECT i, md5(i::text)::uuid AS uuidv FROM generate_series(1, 100000) i) g",
-        "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, state, completed_at)
-         SELECT md5(i::text || '-' || k)::uuid, md5(i::text)::uuid, 's' || k,
-                CASE WHEN i <= 100 AND k > 0 THEN 'pending' ELSE 'complete' END, clock_timestamp()
-         FROM generate_series(1, 100000) i, generate_series(0, 2) k",
-        "INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
-         SELECT md5(i::text)::uuid, md5(i::text || '-' || (k - 1))::uuid, md5(i::text || '-' || k)::uuid
-         FROM generate_series(1, 100000) i, generate_series(1, 2) k",
-    ] {
-        sqlx::query(sql).execute(&mut *tx).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    // 100k tasks of 3 steps each, 100 of them active with their first step done
+    insert_bulk_chains(&pool, 100_000, 100).await;
     sqlx::query("ANALYZE").execute(&pool).await.unwrap();
     let store = Store::new(pool.clone());
     let ready = store
@@ -338,6 +321,47 @@ async fn ready_tasks_plan_uses_indexes_at_100k_tasks(pool: PgPool) {
         "plan scans all edges:\n{plan}"
     );
     println!("ready_tasks plan at 100k tasks:\n{plan}");
+}
+
+/// Bulk fixture in namespace `bulk`: `tasks` 3-step chains written directly (triggers off, for
+/// speed). The first `active` tasks are in progress with steps 2 and 3 pending; the rest are
+/// complete.
+async fn insert_bulk_chains(pool: &PgPool, tasks: i32, active: i32) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO tasker.namespaces (name) VALUES ('bulk')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO tasker.tasks (task_uuid, namespace, name, state)
+         SELECT md5(i::text)::uuid, 'bulk', 't', CASE WHEN i <= $2 THEN 'in_progress' ELSE 'complete' END
+         FROM generate_series(1, $1) i",
+        "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, state, completed_at)
+         SELECT md5(i::text || '-' || k)::uuid, md5(i::text)::uuid, 's' || k,
+                CASE WHEN i <= $2 AND k > 0 THEN 'pending' ELSE 'complete' END, clock_timestamp()
+         FROM generate_series(1, $1) i, generate_series(0, 2) k",
+    ] {
+        sqlx::query(sql)
+            .bind(tasks)
+            .bind(active)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
+         SELECT md5(i::text)::uuid, md5(i::text || '-' || (k - 1))::uuid, md5(i::text || '-' || k)::uuid
+         FROM generate_series(1, $1) i, generate_series(1, 2) k",
+    )
+    .bind(tasks)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
 }
 
 /// One step through the hot path on `conn`: enqueue the task's ready steps, lease them,
@@ -383,22 +407,7 @@ async fn hot_path_plans_cached_on_an_empty_database_stay_keyed(pool: PgPool) {
         }
     }
     // grow the tables behind the cached plans' back: 60,000 finished steps, no ANALYZE
-    let mut tx = pool.begin().await.unwrap();
-    for sql in [
-        "SET LOCAL session_replication_role = replica",
-        "INSERT INTO tasker.namespaces (name) VALUES ('bulk')",
-        "INSERT INTO tasker.tasks (task_uuid, namespace, name, state)
-         SELECT md5(i::text)::uuid, 'bulk', 't', 'complete' FROM generate_series(1, 20000) i",
-        "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, state, completed_at)
-         SELECT md5(i::text || '-' || k)::uuid, md5(i::text)::uuid, 's' || k, 'complete', clock_timestamp()
-         FROM generate_series(1, 20000) i, generate_series(0, 2) k",
-        "INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
-         SELECT md5(i::text)::uuid, md5(i::text || '-' || (k - 1))::uuid, md5(i::text || '-' || k)::uuid
-         FROM generate_series(1, 20000) i, generate_series(1, 2) k",
-    ] {
-        sqlx::query(sql).execute(&mut *tx).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    insert_bulk_chains(&pool, 20_000, 0).await;
 
     // a whole 3-step task through the same session, counting the rows it reads
     let t = create(&store, TaskSpec::chain("hot", 3)).await;

@@ -76,9 +76,7 @@ impl Store {
         let after = applied_migrations(&self.pool).await?;
         Ok(after.saturating_sub(before))
     }
-}
 
-impl Store {
     /// Whether the server's autovacuum runs (it can be switched off server-wide).
     pub async fn autovacuum_enabled(&self) -> Result<bool, StoreError> {
         let on: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
