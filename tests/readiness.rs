@@ -433,3 +433,65 @@ async fn hot_path_plans_cached_on_an_empty_database_stay_keyed(pool: PgPool) {
         );
     }
 }
+
+/// The functions on the hot path, each of which must plan with the full-scan paths off (see
+/// the baseline migration's header). Keep in step with the migrations.
+const HOT_PATH_FUNCTIONS: &[&str] = &[
+    "ready_among",
+    "enqueue_ready_steps",
+    "fetch_steps",
+    "check_live_lease",
+    "lock_progress_of_step",
+    "complete_task_if_done",
+    "complete_step",
+    "complete_steps",
+    "record_attempt_failure",
+    "fail_step",
+    "extend_lease",
+    "promote_due_retries",
+    "expire_leases",
+    "next_deadline",
+    "cancel_task",
+    "resolve_step_manually",
+    "workflow_steps_guard",
+    "workflow_steps_history",
+    "tasks_guard",
+    "tasks_history",
+    "send_task_ready",
+    "notify_task_ready_on_step_transition",
+    "notify_task_start",
+    "notify_task_state_change",
+];
+
+/// A later `CREATE OR REPLACE FUNCTION` without the `SET` clauses silently drops them; this
+/// reads them back from the catalog.
+#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+async fn hot_path_functions_keep_their_planner_settings(pool: PgPool) {
+    let rows: Vec<(String, Option<Vec<String>>)> = sqlx::query_as(
+        "SELECT p.proname::text, p.proconfig FROM pg_proc p
+         JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = 'tasker' AND p.proname = ANY($1)",
+    )
+    .bind(HOT_PATH_FUNCTIONS)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for name in HOT_PATH_FUNCTIONS {
+        let matching: Vec<_> = rows.iter().filter(|(n, _)| n == name).collect();
+        assert!(!matching.is_empty(), "hot-path function tasker.{name} does not exist");
+        for (_, config) in matching {
+            let config = config.clone().unwrap_or_default();
+            for setting in [
+                "enable_seqscan=off",
+                "enable_bitmapscan=off",
+                "enable_hashjoin=off",
+                "enable_mergejoin=off",
+            ] {
+                assert!(
+                    config.iter().any(|c| c == setting),
+                    "tasker.{name} lost {setting}: proconfig = {config:?}"
+                );
+            }
+        }
+    }
+}
