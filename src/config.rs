@@ -329,38 +329,19 @@ impl Default for TelemetryConfig {
     }
 }
 
+pub use crate::namespaces::{namespace_name_problem, MAX_NAMESPACE_BYTES};
+
+/// The hex SHA-256 of a token, as stored in `grpc.auth.tokens[].sha256`.
+pub fn hash_token(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Scopes a token may carry.
 pub const SCOPES: [&str; 3] = ["read", "write", "admin"];
-
-/// The longest namespace whose channel `tasker_task_ready.<namespace>` fits in 63 bytes; the
-/// database enforces the same rule (`tasker.namespace_name_problem`).
-pub const MAX_NAMESPACE_BYTES: usize = 45;
-
-/// Why a namespace name is not acceptable, or `None`. Mirrors the SQL check exactly.
-pub fn namespace_name_problem(name: &str) -> Option<String> {
-    if name.is_empty() {
-        return Some("must not be empty".into());
-    }
-    if name.len() > MAX_NAMESPACE_BYTES {
-        return Some(format!(
-            "must be at most {MAX_NAMESPACE_BYTES} bytes (is {}) so that channel \"tasker_task_ready.<namespace>\" fits the 63-byte identifier limit",
-            name.len()
-        ));
-    }
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let rest_ok =
-        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    if !(first_ok && rest_ok) {
-        return Some(
-            "must match ^[a-z0-9][a-z0-9_-]*$ (lower-case letters, digits, \"_\" and \"-\", starting with a letter or digit)"
-                .into(),
-        );
-    }
-    None
-}
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,19 +1,23 @@
 //! `OrchestrationCore`: the event-driven core assembled. The command processor and its
-//! enqueuer, the coordinator with the listener, poller and deadline scheduler, and the
-//! workers' queue, sharing one store and one set of metrics.
+//! enqueuer, the coordinator with the listener, poller and deadline scheduler, the workers'
+//! queue, and table maintenance, sharing one store and one set of metrics.
 //!
-//! Shutdown order: stop the sources of commands (listener, poller, scheduler), then let the
-//! processor finish what it holds within its grace period.
+//! Shutdown order: stop the sources of commands (listener, poller, scheduler) and
+//! maintenance, then let the processor finish what it holds within its grace period.
 
 use std::time::Duration;
 
-use crate::commands::{CommandProcessor, CommandProcessorHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::config::TaskerConfig;
-use crate::enqueue::{StepWakeups, TaskClaimStepEnqueuer};
-use crate::events::UnifiedEventCoordinator;
+use crate::coordinator::UnifiedEventCoordinator;
+use crate::enqueue::TaskClaimStepEnqueuer;
+use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
-use crate::readiness::deadlines::DeadlinePoke;
 use crate::store::Store;
+use crate::wakeups::{DeadlinePoke, StepWakeups};
 use crate::worker::WorkerQueue;
 
 pub struct OrchestrationCore {
@@ -22,7 +26,9 @@ pub struct OrchestrationCore {
     pub coordinator: std::sync::Arc<UnifiedEventCoordinator>,
     pub workers: WorkerQueue,
     pub metrics: Metrics,
-    processor: crate::commands::processor_task::ProcessorTask,
+    processor: ProcessorTask,
+    /// Stops table maintenance.
+    maintenance: (CancellationToken, tokio::task::JoinHandle<()>),
     /// Kept alive so the observable gauges keep reporting.
     _gauges: Vec<opentelemetry::metrics::ObservableGauge<u64>>,
 }
@@ -50,6 +56,12 @@ impl OrchestrationCore {
             wakeups,
             poke,
             &config.orchestration.completions,
+        );
+        let stop_maintenance = CancellationToken::new();
+        let maintenance = tokio::spawn(
+            TableMaintenance::new(store.clone())
+                .run(stop_maintenance.clone())
+                .instrument(tracing::info_span!("table_maintenance")),
         );
         let depth = commands.clone();
         let in_flight = commands.clone();
@@ -91,6 +103,7 @@ impl OrchestrationCore {
             workers,
             metrics,
             processor,
+            maintenance: (stop_maintenance, maintenance),
             _gauges: gauges,
         }
     }
@@ -103,6 +116,9 @@ impl OrchestrationCore {
     /// Stop intake, then drain in-flight commands within the grace period.
     pub async fn shutdown(self) {
         self.coordinator.stop().await;
+        let (stop, join) = self.maintenance;
+        stop.cancel();
+        let _ = join.await;
         self.processor.shutdown().await;
     }
 }

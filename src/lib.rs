@@ -1,52 +1,97 @@
 //! Tasker: a gRPC control plane that orchestrates workflow tasks (DAGs of steps) stored in
 //! PostgreSQL, with event-driven readiness.
 //!
-//! When a step completes, a database trigger announces which task has newly ready steps
+//! When a step completes, the database announces which task has newly ready steps
 //! (`pg_notify`); the service turns the notification into an
 //! `OrchestrationCommand::ProcessTaskReadiness`, and the command processor claims the task and
 //! enqueues the ready steps in one transaction. A fallback poller sends the same command for
 //! anything a notification missed.
 //!
-//! # Layout
+//! # The library's API
 //!
-//! - [`config`]: `TaskerConfig`, layered TOML + environment, validation, `DeploymentMode`
-//! - [`dag`]: validating requested step DAGs; chain / diamond / fan builders
-//! - [`store`]: the pool, migrations and every SQL statement, behind typed functions
-//! - [`commands`]: `OrchestrationCommand` and the `CommandProcessor` actor
-//! - [`enqueue`]: `TaskClaimStepEnqueuer` and the workers' wake-ups
-//! - [`readiness`]: listener, event classifier, fallback poller, deadline scheduler
-//! - [`events`]: `TaskReadinessEventSystem` and the `UnifiedEventCoordinator`
-//! - [`core`]: `OrchestrationCore`, all of the above assembled
-//! - [`worker`]: the workers' side: lease, complete, fail, extend
-//! - [`completions`]: `CompletionBatcher`, concurrent completions in one transaction
-//! - [`maintenance`]: vacuuming the churn tables when autovacuum is off
-//! - [`metrics`]: OpenTelemetry instruments by name
-//! - [`bench`]: the latency/throughput benchmark behind `tasker bench`
-//! - [`ctl`]: the gRPC client behind `tasker ctl`
-//! - [`local_db`]: finding or starting a PostgreSQL to run against
-//! - [`proto`]: generated gRPC code and the descriptor set for reflection
-//! - [`grpc`]: tonic services, health, reflection, the error-to-status mapping
-//! - [`telemetry`]: tracing subscriber
-//! - [`app`]: the composition root: build (can fail), then run (cannot), graceful shutdown
+//! - [`client`]: a worker client (connect, lease, complete, fail) over the generated gRPC code;
+//! - [`proto`]: the `tasker.v1` gRPC types, and JSON / time conversions for them;
+//! - [`config`]: `TaskerConfig`, layered TOML + environment, validation;
+//! - [`App`]: the service itself, to embed (build, then run until a shutdown future);
+//! - [`telemetry`]: logs, OTLP traces and metrics for a process that embeds the service;
+//! - [`MIGRATOR`]: the database migrations.
 //!
-//! The binary (`src/main.rs`) only parses the command line and calls into this library.
+//! # Layout (internal modules)
+//!
+//! - `vocabulary`: the words every layer speaks (`TriggeredBy`, `EnqueueOutcome`)
+//! - `namespaces`: the namespace name rule, `NamespaceSelector`
+//! - `wakeups`: the in-process wake-ups (parked fetches, the deadline scheduler, sweeps)
+//! - `store`: the pool, migrations and every SQL statement, behind typed functions
+//! - `dag`: validating requested step DAGs; chain / diamond / fan builders
+//! - `enqueue`: `TaskClaimStepEnqueuer`, one claim-and-enqueue transaction
+//! - `commands`: `OrchestrationCommand` and the `CommandProcessor` actor
+//! - `events`: LISTEN connection, notification classifier, `TaskReadinessEventSystem`
+//! - `poller`: `ReadinessFallbackPoller` (periodic rounds, catch-up sweeps)
+//! - `deadlines`: `DeadlineScheduler` (retry backoffs, lease expiry)
+//! - `coordinator`: `UnifiedEventCoordinator`, the deployment mode and the systems it runs
+//! - `worker`, `completions`: the workers' side (lease, complete in batches, fail, extend)
+//! - `maintenance`: vacuuming the churn tables when autovacuum is off
+//! - `core`: `OrchestrationCore`, all of the above assembled
+//! - `grpc`: tonic services, auth, health, reflection, the error-to-status mapping
+//! - `metrics`: OpenTelemetry instruments by name
+//! - `local_db`: finding or starting a PostgreSQL to run against
+//! - `app`: the composition root: build (can fail), then run (cannot), graceful shutdown
+//!
+//! Dependencies point one way, from the top of this list to the bottom (`tests/module_graph.rs`
+//! checks that no two modules import each other). The `tasker` binary (`src/bin/tasker`:
+//! command line, `ctl` client, benchmark) uses the library from outside.
 
-pub mod app;
-pub mod bench;
-pub mod commands;
-pub mod completions;
+mod app;
+pub mod client;
+mod commands;
+mod completions;
 pub mod config;
-pub mod core;
-pub mod ctl;
-pub mod dag;
-pub mod enqueue;
-pub mod events;
-pub mod grpc;
-pub mod local_db;
-pub mod maintenance;
-pub mod metrics;
+mod coordinator;
+mod core;
+mod dag;
+mod deadlines;
+mod enqueue;
+mod events;
+mod grpc;
+mod local_db;
+mod maintenance;
+mod metrics;
+mod namespaces;
+mod poller;
 pub mod proto;
-pub mod readiness;
-pub mod store;
+mod store;
 pub mod telemetry;
-pub mod worker;
+mod vocabulary;
+mod wakeups;
+mod worker;
+
+pub use app::{shutdown_signal, App};
+
+/// The crate's migrations, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The service's internals, exported only so that this crate's integration tests (`tests/`)
+/// and the `tasker` binary's benchmark and database commands can drive them directly. Not an
+/// API: nothing here is stable, and it is hidden from the documentation.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::commands::{
+        CommandEvent, CommandFailure, CommandOutcome, CommandPhase, CommandProcessor,
+        CommandProcessorHandle, CommandResult, OrchestrationCommand, SubmitError,
+    };
+    pub use crate::coordinator::{CoordinatorStatus, UnifiedEventCoordinator};
+    pub use crate::core::OrchestrationCore;
+    pub use crate::dag::{limits, StepSpec, TaskSpec, Violation};
+    pub use crate::events::{
+        payload_traceparent, ClassifyError, EventKind, ListenerState, ListenerStatus,
+        ReadinessEventClassifier, TaskReadinessEvent, TaskReadyEvent,
+    };
+    pub use crate::grpc::convert::{mode_from_proto, uuid as parse_uuid_field};
+    pub use crate::grpc::{ApiContext, GrpcServer};
+    pub use crate::local_db::{resolve as resolve_database, EmbeddedCluster, ResolvedDatabase};
+    pub use crate::metrics::Metrics;
+    pub use crate::poller::PollerStatus;
+    pub use crate::store::*;
+    pub use crate::vocabulary::{EnqueueOutcome, TriggeredBy};
+    pub use crate::worker::WorkerQueue;
+}

@@ -14,9 +14,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::completions::CompletionBatcher;
-use crate::enqueue::StepWakeups;
-use crate::readiness::deadlines::DeadlinePoke;
 use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
+use crate::wakeups::{DeadlinePoke, StepWakeups};
 
 /// How often a waiting fetch re-reads the queue with no local wake-up, for steps enqueued by
 /// other instances.

@@ -15,9 +15,9 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::dag::{StepSpec, TaskSpec};
+use tasker::internal::ReadinessEventClassifier;
+use tasker::internal::{StepSpec, TaskSpec};
 use tasker::proto::v1;
-use tasker::readiness::ReadinessEventClassifier;
 use tonic::Code;
 
 fn name() -> impl Strategy<Value = String> {
@@ -130,7 +130,7 @@ proptest! {
     #[test]
     fn classifier_never_panics_on_any_payload(channel in "\\PC{0,80}", payload in "\\PC{0,300}") {
         let _ = ReadinessEventClassifier::default().classify(&channel, &payload);
-        let _ = tasker::readiness::events::payload_traceparent(&payload);
+        let _ = tasker::internal::payload_traceparent(&payload);
     }
 
     #[test]
@@ -163,13 +163,13 @@ proptest! {
     #[test]
     fn modes_and_uuids_parse_without_panicking(s in "\\PC{0,40}", raw in any::<i32>()) {
         let _ = s.parse::<DeploymentMode>();
-        let _ = tasker::grpc::convert::uuid("task_uuid", &s);
-        let _ = tasker::grpc::convert::mode_from_proto("mode", raw);
+        let _ = tasker::internal::parse_uuid_field("task_uuid", &s);
+        let _ = tasker::internal::mode_from_proto("mode", raw);
     }
 
     #[test]
     fn json_round_trips_through_struct(v in json_object()) {
-        prop_assert_eq!(tasker::grpc::convert::struct_to_json(Some(tasker::grpc::convert::json_to_struct(&v))), v);
+        prop_assert_eq!(tasker::proto::struct_to_json(Some(tasker::proto::json_to_struct(&v))), v);
     }
 }
 
@@ -204,7 +204,7 @@ async fn rows(pool: &PgPool) -> (i64, i64, i64) {
     .unwrap()
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let ch = server.channel().await;
@@ -292,8 +292,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
             readiness
                 .process_task_readiness(v1::ProcessTaskReadinessRequest {
                     task_uuid: s.clone(),
-                    step_uuid: s.clone(),
-                    ..Default::default()
+                    namespace: s.clone(),
                 })
                 .await
                 .err()
@@ -368,7 +367,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn malformed_notifications_from_outside_are_ignored(pool: PgPool) {
     let core = start_core(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
     let generation = core.coordinator.status().listener.generation;
@@ -390,11 +389,11 @@ async fn malformed_notifications_from_outside_are_ignored(pool: PgPool) {
             .unwrap();
     }
     // the listener neither crashed nor reconnected, and still drives work
-    let store = tasker::store::Store::new(pool.clone());
+    let store = tasker::internal::Store::new(pool.clone());
     let t = create(&store, TaskSpec::diamond("after-junk")).await;
     work_until_done(&core, &pool, "after-junk", &[t.task_uuid], WAIT).await;
     let status = core.coordinator.status().listener;
     assert_eq!(status.generation, generation, "no reconnect was needed");
-    assert_eq!(status.state, tasker::readiness::ListenerState::Listening);
+    assert_eq!(status.state, tasker::internal::ListenerState::Listening);
     core.shutdown().await;
 }

@@ -8,16 +8,16 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use sqlx::PgPool;
-use tasker::commands::{CommandPhase, OrchestrationCommand, SubmitError, TriggeredBy};
 use tasker::config::DeploymentMode::{self, EventDrivenOnly, Hybrid, PollingOnly};
-use tasker::dag::{StepSpec, TaskSpec};
-use tasker::readiness::ListenerState;
-use tasker::store::Store;
+use tasker::internal::ListenerState;
+use tasker::internal::Store;
+use tasker::internal::{CommandPhase, OrchestrationCommand, SubmitError, TriggeredBy};
+use tasker::internal::{StepSpec, TaskSpec};
 
 const NS: &str = "core";
 const LONG: Duration = Duration::from_secs(60);
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn hybrid_diamond_and_chain_complete_by_events_alone(pool: PgPool) {
     let mut cfg = test_config(Hybrid);
     // events act within milliseconds; a task ready for 5 s is one they missed
@@ -68,7 +68,7 @@ async fn hybrid_diamond_and_chain_complete_by_events_alone(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn listener_killed_mid_workflow_reconnects_and_catches_up(pool: PgPool) {
     // EventDrivenOnly: no periodic poller to hide a lost notification
     let core = start_core(&pool, &test_config(EventDrivenOnly)).await;
@@ -106,7 +106,7 @@ async fn listener_killed_mid_workflow_reconnects_and_catches_up(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn polling_only_completes_with_nothing_listening(pool: PgPool) {
     let core = start_core(&pool, &test_config(PollingOnly)).await;
     assert_eq!(
@@ -132,7 +132,7 @@ async fn polling_only_completes_with_nothing_listening(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
     let core = start_core(&pool, &test_config(Hybrid)).await;
     let store = Store::new(pool.clone());
@@ -162,7 +162,7 @@ async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn two_cores_racing_on_one_database_never_enqueue_twice(pool: PgPool) {
     let cfg = test_config(Hybrid);
     let a = start_core(&pool, &cfg).await;
@@ -183,8 +183,6 @@ async fn two_cores_racing_on_one_database_never_enqueue_twice(pool: PgPool) {
             let _ = core.commands.try_submit(OrchestrationCommand::process_task(
                 *t,
                 NS,
-                0,
-                1,
                 TriggeredBy::Api,
             ));
         }
@@ -208,7 +206,7 @@ async fn two_cores_racing_on_one_database_never_enqueue_twice(pool: PgPool) {
     b.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn overload_is_refused_then_everything_is_processed(pool: PgPool) {
     let mut cfg = test_config(EventDrivenOnly);
     cfg.orchestration.command_processor.channel_capacity = 4;
@@ -223,13 +221,10 @@ async fn overload_is_refused_then_everything_is_processed(pool: PgPool) {
     // a burst 10x the queue, with no await between sends: the processor cannot drain meanwhile
     let mut refused = 0;
     for t in &tasks {
-        match core.commands.try_submit(OrchestrationCommand::process_task(
-            *t,
-            NS,
-            0,
-            1,
-            TriggeredBy::Api,
-        )) {
+        match core
+            .commands
+            .try_submit(OrchestrationCommand::process_task(*t, NS, TriggeredBy::Api))
+        {
             Err(SubmitError::Overloaded) => refused += 1,
             Err(e) => panic!("{e}"),
             Ok(_) => {}
@@ -241,8 +236,6 @@ async fn overload_is_refused_then_everything_is_processed(pool: PgPool) {
         .execute(OrchestrationCommand::process_task(
             tasks[0],
             NS,
-            0,
-            1,
             TriggeredBy::Api,
         ))
         .await;
@@ -264,7 +257,7 @@ async fn overload_is_refused_then_everything_is_processed(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn burst_for_one_task_coalesces_into_at_most_two_passes(pool: PgPool) {
     let mut cfg = test_config(EventDrivenOnly);
     cfg.orchestration.command_processor.max_concurrent_commands = 4;
@@ -277,8 +270,6 @@ async fn burst_for_one_task_coalesces_into_at_most_two_passes(pool: PgPool) {
             .try_submit(OrchestrationCommand::process_task(
                 t.task_uuid,
                 NS,
-                0,
-                1,
                 TriggeredBy::Api,
             ))
             .unwrap();
@@ -287,8 +278,6 @@ async fn burst_for_one_task_coalesces_into_at_most_two_passes(pool: PgPool) {
         core.commands.execute(OrchestrationCommand::process_task(
             t.task_uuid,
             NS,
-            0,
-            1,
             TriggeredBy::Api,
         ))
     }))
@@ -316,7 +305,7 @@ async fn burst_for_one_task_coalesces_into_at_most_two_passes(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn instance_serving_one_namespace_ignores_the_others(pool: PgPool) {
     let mut cfg = test_config(Hybrid);
     cfg.orchestration.task_readiness.namespaces = vec!["alpha".into()];
@@ -339,7 +328,7 @@ async fn instance_serving_one_namespace_ignores_the_others(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn prefix_pattern_picks_up_namespaces_created_at_run_time(pool: PgPool) {
     let mut cfg = test_config(EventDrivenOnly);
     cfg.orchestration.task_readiness.namespaces = vec!["etl-*".into()];
@@ -355,7 +344,7 @@ async fn prefix_pattern_picks_up_namespaces_created_at_run_time(pool: PgPool) {
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn retry_backoff_wakes_precisely_without_waiting_for_the_poller(pool: PgPool) {
     let mut cfg = test_config(PollingOnly);
     cfg.orchestration
@@ -396,7 +385,7 @@ async fn retry_backoff_wakes_precisely_without_waiting_for_the_poller(pool: PgPo
     core.shutdown().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn expired_lease_is_retried_and_max_attempts_is_honoured(pool: PgPool) {
     let mut cfg = test_config(Hybrid);
     cfg.orchestration

@@ -256,7 +256,7 @@ fn assert_clean(r: &Report) {
     assert_eq!(r.errored, 0, "tasks failed");
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f1_listener_killed_repeatedly(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
     let tasks = create_workload(server.addr, "f1").await;
@@ -265,7 +265,7 @@ async fn f1_listener_killed_repeatedly(pool: PgPool) {
     let mut kills = 0;
     while !all_final(&pool, &tasks).await && kills < 10 {
         let st = status
-            .wait_for(|s| s.state == tasker::readiness::ListenerState::Listening)
+            .wait_for(|s| s.state == tasker::internal::ListenerState::Listening)
             .await
             .unwrap()
             .clone();
@@ -294,7 +294,7 @@ async fn f1_listener_killed_repeatedly(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f2a_all_connections_killed_at_once(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let tasks = create_workload(server.addr, "f2").await;
@@ -324,7 +324,7 @@ async fn f2a_all_connections_killed_at_once(pool: PgPool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f2b_database_restarted_mid_run() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = tasker::local_db::EmbeddedCluster::start(dir.path())
+    let cluster = tasker::internal::EmbeddedCluster::start(dir.path())
         .await
         .expect("throwaway cluster");
     let url = cluster.url("postgres");
@@ -334,7 +334,7 @@ async fn f2b_database_restarted_mid_run() {
         .connect(&url)
         .await
         .unwrap();
-    tasker::store::MIGRATOR.run(&pool).await.unwrap();
+    tasker::MIGRATOR.run(&pool).await.unwrap();
     let mut cfg = test_config(DeploymentMode::Hybrid);
     cfg.database.url = url;
     let server = TestServer::start(&pool, &cfg).await;
@@ -461,7 +461,7 @@ async fn wait_completed(workers: &Workers, at_least: u64) {
         .unwrap_or_else(|_| panic!("fewer than {at_least} completions within {RECOVERY_LIMIT:?}"));
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f3_service_sigkilled_and_restarted(pool: PgPool) {
     let url = database_url(&pool);
     let service = ServiceProcess::spawn(&url, "Hybrid").await;
@@ -485,7 +485,7 @@ async fn f3_service_sigkilled_and_restarted(pool: PgPool) {
     service.sigkill().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let tasks = create_workload(server.addr, "f4").await;
@@ -558,12 +558,12 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f5a_two_instances_with_kills_and_restarts(pool: PgPool) {
     instances_with_kills(pool, &["Hybrid", "EventDrivenOnly"], "f5a").await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f5b_three_instances_with_kills_and_restarts(pool: PgPool) {
     instances_with_kills(pool, &["Hybrid", "Hybrid", "EventDrivenOnly"], "f5b").await;
 }
@@ -607,7 +607,7 @@ async fn instances_with_kills(pool: PgPool, modes: &[&str], ns: &str) {
     }
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f6_mode_flipped_every_second(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let tasks = create_workload(server.addr, "f6").await;
@@ -643,7 +643,7 @@ async fn f6_mode_flipped_every_second(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f7_command_channel_saturated(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::Hybrid);
     cfg.orchestration.command_processor.channel_capacity = 20;
@@ -687,7 +687,7 @@ async fn f7_command_channel_saturated(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::Hybrid);
     cfg.orchestration

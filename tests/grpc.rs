@@ -33,7 +33,7 @@ fn field_violations(status: &tonic::Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let ch = server.channel().await;
@@ -52,7 +52,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
 
     let mut req = diamond("api");
     req.idempotency_key = "order-1".into();
-    req.context = Some(tasker::grpc::convert::json_to_struct(
+    req.context = Some(tasker::proto::json_to_struct(
         &serde_json::json!({"customer": 7}),
     ));
     let created = tasks.create_task(req.clone()).await.unwrap().into_inner();
@@ -72,7 +72,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         assert!(!fetched.steps.is_empty(), "fetch waited for an enqueue");
         for s in fetched.steps {
             if s.name == "d" {
-                let parents = tasker::grpc::convert::struct_to_json(s.parent_results.clone());
+                let parents = tasker::proto::struct_to_json(s.parent_results.clone());
                 assert_eq!(parents["b"]["done"], serde_json::json!("b"));
             }
             let ext = workers
@@ -89,7 +89,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
                 .complete_step(v1::CompleteStepRequest {
                     step_uuid: s.step_uuid.clone(),
                     attempt: s.attempt,
-                    results: Some(tasker::grpc::convert::json_to_struct(
+                    results: Some(tasker::proto::json_to_struct(
                         &serde_json::json!({"done": s.name}),
                     )),
                 })
@@ -159,7 +159,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         error_message: "boom".into(),
         retryable,
         backoff_ms: 50,
-        error_details: Some(tasker::grpc::convert::json_to_struct(
+        error_details: Some(tasker::proto::json_to_struct(
             &serde_json::json!({"code": 7}),
         )),
     };
@@ -244,7 +244,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn every_error_code(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let ch = server.channel().await;
@@ -302,13 +302,13 @@ async fn every_error_code(pool: PgPool) {
         .unwrap_err();
     assert_eq!(field_violations(&e), vec!["wait_ms".to_string()]);
     let mut huge = diamond("api");
-    huge.steps[0].inputs = Some(tasker::grpc::convert::json_to_struct(
+    huge.steps[0].inputs = Some(tasker::proto::json_to_struct(
         &serde_json::json!({"x": "y".repeat(300_000)}),
     ));
     let e = tasks.create_task(huge).await.unwrap_err();
     assert_eq!(field_violations(&e), vec!["steps[0].inputs".to_string()]);
     let mut oversized = diamond("api");
-    oversized.context = Some(tasker::grpc::convert::json_to_struct(
+    oversized.context = Some(tasker::proto::json_to_struct(
         &serde_json::json!({"x": "y".repeat(5_000_000)}),
     ));
     let e = tasks.create_task(oversized).await.unwrap_err();
@@ -406,7 +406,7 @@ async fn every_error_code(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn saturated_processor_answers_resource_exhausted(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::PollingOnly);
     cfg.orchestration.command_processor.channel_capacity = 1;
@@ -453,7 +453,7 @@ async fn saturated_processor_answers_resource_exhausted(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn database_down_answers_unavailable(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let mut tasks = Tasks::new(server.channel().await);
@@ -464,12 +464,12 @@ async fn database_down_answers_unavailable(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn auth_scopes(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::Hybrid);
     let token = |name: &str, secret: &str, scopes: &[&str]| TokenConfig {
         name: name.into(),
-        sha256: tasker::grpc::auth::hash_token(secret),
+        sha256: tasker::config::hash_token(secret),
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
     };
     cfg.grpc.auth.tokens = vec![
@@ -558,7 +558,7 @@ async fn auth_scopes(pool: PgPool) {
     server.stop().await;
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn slow_observer_gets_a_gap_event_and_the_stream_goes_on(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
     cfg.orchestration.command_processor.event_buffer = 8;
@@ -622,7 +622,7 @@ async fn slow_observer_gets_a_gap_event_and_the_stream_goes_on(pool: PgPool) {
         .expect("the stream ends at shutdown");
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn fetch_returns_within_milliseconds_of_an_enqueue(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
     let ch = server.channel().await;
@@ -643,7 +643,7 @@ async fn fetch_returns_within_milliseconds_of_an_enqueue(pool: PgPool) {
     tasks.create_task(diamond("quick")).await.unwrap();
     loop {
         let e = status.recv().await.unwrap();
-        if e.phase == tasker::commands::CommandPhase::Completed && e.steps_enqueued > 0 {
+        if e.phase == tasker::internal::CommandPhase::Completed && e.steps_enqueued > 0 {
             break;
         }
     }

@@ -29,7 +29,7 @@ async fn grpcurl(addr: std::net::SocketAddr, data: Option<&str>, args: &[&str]) 
     (out.status.success(), text)
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn grpcurl_lists_describes_and_calls_every_service(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let a = server.addr;

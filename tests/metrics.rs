@@ -9,12 +9,12 @@ use opentelemetry::metrics::MeterProvider;
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::dag::TaskSpec;
-use tasker::metrics::Metrics;
-use tasker::readiness::ListenerState;
-use tasker::store::Store;
+use tasker::internal::ListenerState;
+use tasker::internal::Metrics;
+use tasker::internal::Store;
+use tasker::internal::TaskSpec;
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn core_emits_every_named_metric(pool: PgPool) {
     let exporter = InMemoryMetricExporter::default();
     let provider = SdkMeterProvider::builder()

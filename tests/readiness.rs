@@ -5,12 +5,12 @@ mod common;
 use common::*;
 use serde_json::json;
 use sqlx::PgPool;
-use tasker::dag::{StepSpec, TaskSpec};
-use tasker::store::{FailOutcome, Store};
+use tasker::internal::{FailOutcome, Store};
+use tasker::internal::{StepSpec, TaskSpec};
 
 const NS: &str = "readiness";
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn linear_chain_is_ready_one_step_at_a_time(pool: PgPool) {
     let store = Store::new(pool);
     let t = create(&store, TaskSpec::chain(NS, 5)).await;
@@ -27,7 +27,7 @@ async fn linear_chain_is_ready_one_step_at_a_time(pool: PgPool) {
     assert_eq!(ctx.task_state, "complete");
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn diamond_join_waits_for_both_parents(pool: PgPool) {
     let store = Store::new(pool);
     let t = create(&store, TaskSpec::diamond(NS)).await;
@@ -58,7 +58,7 @@ async fn diamond_join_waits_for_both_parents(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn fan_out_fan_in_of_width_50(pool: PgPool) {
     let store = Store::new(pool);
     let t = create(&store, TaskSpec::fan(NS, 50)).await;
@@ -76,7 +76,7 @@ async fn fan_out_fan_in_of_width_50(pool: PgPool) {
     assert_eq!(ctx.execution_status, "has_ready_steps");
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 1)).await;
@@ -125,7 +125,7 @@ async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
     assert_eq!(leased[0].attempt, 2);
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn attempts_exhausted_blocks_the_task(pool: PgPool) {
     let store = Store::new(pool);
     let spec = TaskSpec::new(
@@ -158,7 +158,7 @@ async fn attempts_exhausted_blocks_the_task(pool: PgPool) {
     assert_eq!(ctx.task_state, "error");
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn parent_resolved_manually_counts_as_complete(pool: PgPool) {
     let store = Store::new(pool);
     let mut spec = TaskSpec::diamond(NS);
@@ -191,7 +191,7 @@ async fn parent_resolved_manually_counts_as_complete(pool: PgPool) {
     assert_eq!(ready_names(&store, t.task_uuid).await, vec!["b", "c"]);
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn cancelled_task_has_nothing_ready(pool: PgPool) {
     let store = Store::new(pool);
     let t = create(&store, TaskSpec::diamond(NS)).await;
@@ -223,11 +223,11 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
         .await;
     assert!(matches!(
         again,
-        Err(tasker::store::StoreError::FailedPrecondition(_))
+        Err(tasker::internal::StoreError::FailedPrecondition(_))
     ));
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn ready_tasks_order_by_priority_with_aging(pool: PgPool) {
     let store = Store::new(pool.clone());
     let mut low = TaskSpec::chain(NS, 1);
@@ -275,7 +275,7 @@ async fn ready_tasks_order_by_priority_with_aging(pool: PgPool) {
 }
 
 /// At 100k tasks the ready-task query must be driven by indexes, not by scanning finished work.
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn ready_tasks_plan_uses_indexes_at_100k_tasks(pool: PgPool) {
     // 100k tasks of 3 steps each, 100 of them active with their first step done
     insert_bulk_chains(&pool, 100_000, 100).await;
@@ -393,7 +393,7 @@ async fn hot_path_round(conn: &mut sqlx::PgConnection, task_uuid: uuid::Uuid) ->
 /// The plans a session caches while the tables are nearly empty must still be key look-ups
 /// once they are large. (Found in a soak on a server with autovacuum off: the readiness check
 /// kept a cached sequential scan of workflow_steps, and every step cost a full scan.)
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn hot_path_plans_cached_on_an_empty_database_stay_keyed(pool: PgPool) {
     let store = Store::new(pool.clone());
     let mut conn = pool.acquire().await.unwrap();
@@ -465,7 +465,7 @@ const HOT_PATH_FUNCTIONS: &[&str] = &[
 
 /// A later `CREATE OR REPLACE FUNCTION` without the `SET` clauses silently drops them; this
 /// reads them back from the catalog.
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn hot_path_functions_keep_their_planner_settings(pool: PgPool) {
     let rows: Vec<(String, Option<Vec<String>>)> = sqlx::query_as(
         "SELECT p.proname::text, p.proconfig FROM pg_proc p
@@ -478,7 +478,10 @@ async fn hot_path_functions_keep_their_planner_settings(pool: PgPool) {
     .unwrap();
     for name in HOT_PATH_FUNCTIONS {
         let matching: Vec<_> = rows.iter().filter(|(n, _)| n == name).collect();
-        assert!(!matching.is_empty(), "hot-path function tasker.{name} does not exist");
+        assert!(
+            !matching.is_empty(),
+            "hot-path function tasker.{name} does not exist"
+        );
         for (_, config) in matching {
             let config = config.clone().unwrap_or_default();
             for setting in [

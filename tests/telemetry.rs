@@ -148,7 +148,7 @@ fn tree(spans: &[&Span]) -> String {
     out
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -166,7 +166,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
     cfg.telemetry.log_filter = "info".into();
     let guard = tasker::telemetry::init(&cfg.telemetry, DeploymentMode::EventDrivenOnly);
     assert!(guard.exporting());
-    let metrics = tasker::metrics::Metrics::new(&opentelemetry::global::meter("tasker"));
+    let metrics = tasker::internal::Metrics::new(&opentelemetry::global::meter("tasker"));
     let server = TestServer::start_with(&pool, &cfg, metrics).await;
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());

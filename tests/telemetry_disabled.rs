@@ -6,10 +6,10 @@ mod common;
 use common::*;
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::dag::TaskSpec;
-use tasker::store::Store;
+use tasker::internal::Store;
+use tasker::internal::TaskSpec;
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn nothing_is_exported_and_nothing_breaks(pool: PgPool) {
     std::env::remove_var("OTEL_EXPORTER_OTLP_ENDPOINT");
     let cfg = test_config(DeploymentMode::Hybrid);

@@ -9,7 +9,7 @@ use tasker::config::DeploymentMode;
 use tasker::proto::v1;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn tls_serves_trusting_clients_only(pool: PgPool) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use serde_json::json;
 use sqlx::PgPool;
-use tasker::dag::TaskSpec;
-use tasker::store::{Store, StoreError};
+use tasker::internal::TaskSpec;
+use tasker::internal::{Store, StoreError};
 use uuid::Uuid;
 
 const NS: &str = "transitions";
@@ -28,7 +28,7 @@ async fn state_of(pool: &PgPool, step: Uuid) -> (String, i32, i64) {
     (state, attempts, history)
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn illegal_step_transitions_are_refused_and_change_nothing(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 2)).await;
@@ -68,7 +68,7 @@ async fn illegal_step_transitions_are_refused_and_change_nothing(pool: PgPool) {
         .contains("illegal task transition pending -> complete"));
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn every_transition_writes_history_and_history_is_append_only(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 1)).await;
@@ -109,7 +109,7 @@ async fn every_transition_writes_history_and_history_is_append_only(pool: PgPool
     );
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn cyclic_and_cross_task_edges_are_refused(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 3)).await;
@@ -144,7 +144,7 @@ async fn cyclic_and_cross_task_edges_are_refused(pool: PgPool) {
     assert_eq!(edges, 2);
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn bad_requests_write_nothing(pool: PgPool) {
     let store = Store::new(pool.clone());
     // the database's own checks, bypassing the service's validation
@@ -199,7 +199,7 @@ async fn bad_requests_write_nothing(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn idempotency_key_returns_the_same_task(pool: PgPool) {
     let store = Store::new(pool.clone());
     let mut spec = TaskSpec::diamond(NS);
@@ -216,7 +216,7 @@ async fn idempotency_key_returns_the_same_task(pool: PgPool) {
     assert_eq!(n, 1);
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn stale_attempts_and_expired_leases_change_nothing(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 1)).await;
@@ -256,7 +256,7 @@ async fn stale_attempts_and_expired_leases_change_nothing(pool: PgPool) {
     assert_eq!(queued, 1, "one message per live attempt");
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn migrating_again_is_a_no_op(pool: PgPool) {
     let store = Store::new(pool.clone());
     assert_eq!(
@@ -267,9 +267,9 @@ async fn migrating_again_is_a_no_op(pool: PgPool) {
     assert_eq!(store.migrate().await.unwrap(), 0);
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
-    use tasker::store::Completion;
+    use tasker::internal::Completion;
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::diamond(NS)).await;
     run_named(&store, t.task_uuid, NS, "a").await;

@@ -5,8 +5,8 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tasker::dag::TaskSpec;
-use tasker::store::Store;
+use tasker::internal::Store;
+use tasker::internal::TaskSpec;
 
 const NS: &str = "triggers";
 const READY: &str = "tasker_task_ready";
@@ -16,7 +16,7 @@ fn payload(n: &sqlx::postgres::PgNotification) -> Value {
     serde_json::from_str(n.payload()).expect("payload is JSON")
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn completing_a_parent_notifies_once_per_channel_with_exact_payload(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 2)).await;
@@ -44,7 +44,7 @@ async fn completing_a_parent_notifies_once_per_channel_with_exact_payload(pool: 
     );
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn no_notification_while_the_child_waits_for_another_parent(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::diamond(NS)).await;
@@ -61,7 +61,7 @@ async fn no_notification_while_the_child_waits_for_another_parent(pool: PgPool) 
     assert_eq!(payload(&got[0])["step_uuid"], json!(step(&t, "c")));
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn fan_in_of_50_notifies_only_for_the_last_parent(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::fan(NS, 50)).await;
@@ -76,7 +76,7 @@ async fn fan_in_of_50_notifies_only_for_the_last_parent(pool: PgPool) {
     assert_eq!(payload(&got[0])["step_uuid"], json!(leased[49].step_uuid));
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn task_creation_and_namespace_creation_notify(pool: PgPool) {
     let store = Store::new(pool.clone());
     let mut l = listener(&pool, &[READY, READY_NS, "tasker_namespace_created"]).await;
@@ -122,7 +122,7 @@ async fn task_creation_and_namespace_creation_notify(pool: PgPool) {
     assert_eq!(got.len(), 2);
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn task_state_changes_notify_on_both_channels(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 1)).await;
@@ -151,7 +151,7 @@ async fn task_state_changes_notify_on_both_channels(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn retry_return_to_pending_notifies_for_the_step_itself(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 1)).await;
@@ -175,7 +175,7 @@ async fn retry_return_to_pending_notifies_for_the_step_itself(pool: PgPool) {
     assert_eq!(p["ready_steps"], json!(1));
 }
 
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
     let store = Store::new(pool.clone());
     let ns = "n".repeat(tasker::config::MAX_NAMESPACE_BYTES);
@@ -231,7 +231,7 @@ async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
 
 /// Two parents of a join completing at the same moment in two transactions: the join is
 /// announced exactly once (completions of one task are serialized, so the second sees the first).
-#[sqlx::test(migrator = "tasker::store::MIGRATOR")]
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn concurrent_parent_completions_announce_the_join_exactly_once(pool: PgPool) {
     let store = Store::new(pool.clone());
     let mut l = listener(&pool, &[READY]).await;

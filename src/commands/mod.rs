@@ -2,7 +2,8 @@
 //! catch-up sweeps, the retry timer, the API) sends, and the lifecycle events the processor
 //! publishes for observers.
 //!
-//! Layout: this file holds the types; `processor` holds the [`CommandProcessor`] actor.
+//! Layout: this file holds the types; `processor` holds the [`CommandProcessor`] actor, which
+//! runs each pass through the `TaskClaimStepEnqueuer` (`crate::enqueue`).
 
 mod processor;
 
@@ -12,102 +13,32 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::store::EnqueueOutcome;
+use crate::vocabulary::{EnqueueOutcome, TriggeredBy};
 
-pub use processor::{CommandProcessor, CommandProcessorHandle, ProcessorStats, SubmitError};
-
-/// The running actor's handle for shutdown.
-pub mod processor_task {
-    pub use super::processor::ProcessorTask;
-}
-
-/// Where a command came from. Every source produces the same command and goes through the same
-/// handler; only this label differs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TriggeredBy {
-    /// A step transition made steps ready (database trigger -> NOTIFY).
-    StepTransition,
-    /// A task was created with ready root steps (database trigger -> NOTIFY).
-    TaskStart,
-    /// The periodic fallback poller found the task ready for longer than the age threshold.
-    FallbackPolling,
-    /// Injected through the gRPC API.
-    Api,
-    /// A sweep after the listener (re)connected, or after commands were refused.
-    CatchUp,
-    /// A retry backoff elapsed or a lease expired.
-    RetryTimer,
-}
-
-impl TriggeredBy {
-    pub const ALL: [TriggeredBy; 6] = [
-        Self::StepTransition,
-        Self::TaskStart,
-        Self::FallbackPolling,
-        Self::Api,
-        Self::CatchUp,
-        Self::RetryTimer,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::StepTransition => "step_transition",
-            Self::TaskStart => "task_start",
-            Self::FallbackPolling => "fallback_polling",
-            Self::Api => "api",
-            Self::CatchUp => "catch_up",
-            Self::RetryTimer => "retry_timer",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for TriggeredBy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use processor::{CommandProcessor, CommandProcessorHandle, ProcessorTask, SubmitError};
 
 /// The commands the processor understands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrchestrationCommand {
-    /// Claim the task and enqueue its ready steps. The other fields describe what prompted the
-    /// command (they come from the notification payload); the handler re-reads the truth from
-    /// the database and does not trust them.
+    /// Claim the task and enqueue its ready steps. The handler reads what is ready from the
+    /// database; `namespace` and `triggered_by` label the command for observers and traces.
     ProcessTaskReadiness {
         task_uuid: Uuid,
         namespace: String,
-        priority: i32,
-        ready_steps: i32,
         triggered_by: TriggeredBy,
-        step_uuid: Option<Uuid>,
-        step_state: Option<String>,
-        task_state: Option<String>,
     },
 }
 
 impl OrchestrationCommand {
-    /// A ProcessTaskReadiness with only the task known (poller, sweeps, timers, API).
     pub fn process_task(
         task_uuid: Uuid,
         namespace: impl Into<String>,
-        priority: i32,
-        ready_steps: i32,
         triggered_by: TriggeredBy,
     ) -> Self {
         Self::ProcessTaskReadiness {
             task_uuid,
             namespace: namespace.into(),
-            priority,
-            ready_steps,
             triggered_by,
-            step_uuid: None,
-            step_state: None,
-            task_state: None,
         }
     }
 
@@ -137,8 +68,40 @@ pub enum CommandOutcome {
     /// The pass ran. `ClaimedElsewhere` here means another instance held the task's claim
     /// through every retry; it (or the poller) will handle the task.
     Finished(EnqueueOutcome),
-    /// The pass failed (database unavailable, ...); the task stays ready for the poller.
-    Failed(String),
+    /// The pass failed (database unavailable, ...); the task stays ready and is swept again.
+    Failed(CommandFailure),
+}
+
+/// Why a pass failed, in words safe to show any observer: a class and a fixed message, never
+/// the database's own text (that is logged with the command id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandFailure {
+    /// The database could not be reached, or kept refusing (deadlocks, serialization) through
+    /// every retry.
+    DatabaseUnavailable,
+    /// Any other database error: a bug or an operator's change to the schema.
+    Internal,
+}
+
+impl CommandFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DatabaseUnavailable => "database_unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::DatabaseUnavailable => {
+                "the database was unavailable; the task stays ready and will be swept again"
+            }
+            Self::Internal => {
+                "internal error (logged with this command id); the task stays ready and will be swept again"
+            }
+        }
+    }
 }
 
 impl CommandOutcome {
@@ -214,5 +177,6 @@ pub struct CommandEvent {
     /// Since the command was received.
     pub duration: Duration,
     pub timestamp: DateTime<Utc>,
+    /// For failed: why, safe to show. For rejected: the reason (overloaded, shutting_down).
     pub error: Option<String>,
 }

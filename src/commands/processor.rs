@@ -37,11 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 use uuid::Uuid;
 
-use super::{CommandEvent, CommandOutcome, CommandPhase, CommandResult, OrchestrationCommand};
+use super::{
+    CommandEvent, CommandFailure, CommandOutcome, CommandPhase, CommandResult, OrchestrationCommand,
+};
 use crate::config::CommandProcessorConfig;
 use crate::enqueue::TaskClaimStepEnqueuer;
 use crate::metrics::Metrics;
-use crate::store::EnqueueOutcome;
+use crate::vocabulary::EnqueueOutcome;
 
 /// A pass whose database work fails with a retryable error is tried this many more times.
 const TRANSIENT_RETRIES: u32 = 3;
@@ -485,8 +487,14 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(transient_retries))).await;
                 }
                 Err(e) => {
+                    // the database's own words stay in the log, with the command id in the span
                     tracing::error!(error = %e, "claim-and-enqueue failed");
-                    break (CommandOutcome::Failed(e.to_string()), Vec::new());
+                    let failure = if e.is_retryable() {
+                        CommandFailure::DatabaseUnavailable
+                    } else {
+                        CommandFailure::Internal
+                    };
+                    break (CommandOutcome::Failed(failure), Vec::new());
                 }
             }
         }
@@ -497,7 +505,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
     span.record("outcome", outcome.as_str());
     span.record("steps_enqueued", steps.len());
     let (phase, error) = match &outcome {
-        CommandOutcome::Failed(e) => (CommandPhase::Failed, Some(e.clone())),
+        CommandOutcome::Failed(f) => (CommandPhase::Failed, Some(f.message().to_string())),
         _ => (CommandPhase::Completed, None),
     };
     publish(&ctx.events, owner.id, command, phase, owner.received, |e| {

@@ -1,23 +1,36 @@
-//! The event system and its coordinator.
+//! The event system: the one path from a database notification to a command.
 //!
-//! - [`TaskReadinessEventSystem`]: turns a `TaskReadyEvent` into an
-//!   `OrchestrationCommand::ProcessTaskReadiness` and hands it to the command processor. It
-//!   does nothing else: no orchestration happens on the event path.
-//! - `coordinator`: [`UnifiedEventCoordinator`], the one owner of the deployment mode, which
-//!   runs the listener, the poller and the deadline scheduler accordingly.
+//! ```text
+//!  PostgreSQL NOTIFY ──> TaskReadinessListener ──> ReadinessEventClassifier ──> TaskReadinessEvent
+//!                        (listener)                (notifications)
+//!        TaskReadyEvent ──> TaskReadinessEventSystem ──> OrchestrationCommand::ProcessTaskReadiness
+//!                                                        ──> CommandProcessor
+//! ```
+//!
+//! - `notifications`: the channels, the event types and their classifier;
+//! - `listener`: [`TaskReadinessListener`], the LISTEN connection (reconnects, catch-up
+//!   requests), which hands every classified event to the event system below;
+//! - [`TaskReadinessEventSystem`]: turns a `TaskReadyEvent` into a command and hands it to the
+//!   command processor. It does nothing else: no orchestration happens on the event path.
 //!
 //! There is one event system, so there is no `EventDrivenSystem` trait: a trait with a single
-//! implementation would only add indirection.
+//! implementation would only add indirection. Which of these run is decided by the
+//! `UnifiedEventCoordinator` (`coordinator`), per deployment mode.
 
-mod coordinator;
+pub mod listener;
+pub mod notifications;
 
 use std::time::Instant;
 
-pub use coordinator::{CoordinatorStatus, UnifiedEventCoordinator};
+pub use listener::{ListenerState, ListenerStatus, TaskReadinessListener};
+pub use notifications::{
+    payload_traceparent, ClassifyError, EventKind, ReadinessEventClassifier, TaskReadinessEvent,
+    TaskReadyEvent,
+};
 
 use crate::commands::{CommandProcessorHandle, OrchestrationCommand, SubmitError};
 use crate::metrics::Metrics;
-use crate::readiness::{SweepRequester, TaskReadyEvent};
+use crate::wakeups::SweepRequester;
 
 #[derive(Clone)]
 pub struct TaskReadinessEventSystem {
@@ -35,19 +48,10 @@ impl TaskReadinessEventSystem {
         }
     }
 
-    /// The command for an event. The payload's fields describe what prompted it; the handler
-    /// re-reads the truth from the database.
+    /// The command for an event: the task and where the event came from. The handler re-reads
+    /// the truth from the database.
     pub fn command_for(event: TaskReadyEvent) -> OrchestrationCommand {
-        OrchestrationCommand::ProcessTaskReadiness {
-            task_uuid: event.task_uuid,
-            namespace: event.namespace,
-            priority: event.priority,
-            ready_steps: event.ready_steps,
-            triggered_by: event.triggered_by,
-            step_uuid: event.step_uuid,
-            step_state: event.step_state,
-            task_state: event.task_state,
-        }
+        OrchestrationCommand::process_task(event.task_uuid, event.namespace, event.triggered_by)
     }
 
     /// Convert and submit without waiting: the listener must keep reading. A full processor

@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256};
 use tonic::codegen::http;
 use tonic::Status;
 
+#[cfg(test)]
+use crate::config::hash_token;
 use crate::config::AuthConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,14 +58,6 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         | "tasker.v1.WorkerService/ExtendLease" => Scope::Write,
         _ => Scope::Admin,
     })
-}
-
-/// The hex SHA-256 of a token, as stored in configuration.
-pub fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[derive(Debug)]

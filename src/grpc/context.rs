@@ -7,8 +7,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::CommandProcessorHandle;
 use crate::config::TaskerConfig;
+use crate::coordinator::UnifiedEventCoordinator;
 use crate::core::OrchestrationCore;
-use crate::events::UnifiedEventCoordinator;
 use crate::store::Store;
 use crate::worker::WorkerQueue;
 

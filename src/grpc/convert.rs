@@ -1,10 +1,8 @@
-//! Conversions between protobuf messages and domain values: JSON documents <->
-//! `google.protobuf.Struct`, times <-> `Timestamp`, and request fields parsed with errors
-//! naming the field.
+//! Request fields parsed with errors naming the field, and the deployment mode between its
+//! protobuf and domain forms. (JSON <-> `Struct` and time conversions are in `crate::proto`,
+//! where clients can use them too.)
 
-use chrono::{DateTime, Utc};
-use prost_types::value::Kind;
-use serde_json::{Map, Number, Value};
+use serde_json::Value;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -19,98 +17,18 @@ pub fn uuid(field: &str, s: &str) -> Result<Uuid, Status> {
     Uuid::parse_str(s).map_err(|_| invalid(field, format!("{s:?} is not a UUID")))
 }
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
-pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
-    t.map(timestamp)
-}
-
-pub fn duration(d: std::time::Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
-/// A Struct as a JSON object (absent: empty object).
-pub fn struct_to_json(s: Option<prost_types::Struct>) -> Value {
-    match s {
-        Some(s) => Value::Object(
-            s.fields
-                .into_iter()
-                .map(|(k, v)| (k, value_to_json(v)))
-                .collect(),
-        ),
-        None => Value::Object(Map::new()),
-    }
-}
-
-fn value_to_json(v: prost_types::Value) -> Value {
-    match v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::NumberValue(n)) => {
-            // integral values stay integers so they round-trip through JSON unchanged
-            if n.fract() == 0.0 && n.abs() < 9.0e15 {
-                Value::Number(Number::from(n as i64))
-            } else {
-                Number::from_f64(n)
-                    .map(Value::Number)
-                    .unwrap_or(Value::Null)
-            }
+impl From<DeploymentMode> for v1::DeploymentMode {
+    fn from(m: DeploymentMode) -> Self {
+        match m {
+            DeploymentMode::EventDrivenOnly => Self::EventDrivenOnly,
+            DeploymentMode::Hybrid => Self::Hybrid,
+            DeploymentMode::PollingOnly => Self::PollingOnly,
         }
-        Some(Kind::StringValue(s)) => Value::String(s),
-        Some(Kind::StructValue(s)) => struct_to_json(Some(s)),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(value_to_json).collect()),
     }
-}
-
-/// A JSON object as a Struct; other JSON values are wrapped as `{"value": ...}`.
-pub fn json_to_struct(v: &Value) -> prost_types::Struct {
-    match v {
-        Value::Object(m) => prost_types::Struct {
-            fields: m
-                .iter()
-                .map(|(k, v)| (k.clone(), json_to_value(v)))
-                .collect(),
-        },
-        other => prost_types::Struct {
-            fields: [("value".to_string(), json_to_value(other))]
-                .into_iter()
-                .collect(),
-        },
-    }
-}
-
-pub fn opt_json_to_struct(v: Option<&Value>) -> Option<prost_types::Struct> {
-    v.map(json_to_struct)
-}
-
-fn json_to_value(v: &Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(json_to_value).collect(),
-        }),
-        Value::Object(_) => Kind::StructValue(json_to_struct(v)),
-    };
-    prost_types::Value { kind: Some(kind) }
 }
 
 pub fn mode_to_proto(m: DeploymentMode) -> v1::DeploymentMode {
-    match m {
-        DeploymentMode::EventDrivenOnly => v1::DeploymentMode::EventDrivenOnly,
-        DeploymentMode::Hybrid => v1::DeploymentMode::Hybrid,
-        DeploymentMode::PollingOnly => v1::DeploymentMode::PollingOnly,
-    }
+    m.into()
 }
 
 pub fn mode_from_proto(field: &str, raw: i32) -> Result<DeploymentMode, Status> {
@@ -149,15 +67,4 @@ pub fn bounded_document(field: &str, doc: Value, max_bytes: usize) -> Result<Val
         ));
     }
     Ok(doc)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_round_trips_through_struct() {
-        let v = serde_json::json!({"a": 1, "b": [true, null, "x", 2.5], "c": {"d": -3}});
-        assert_eq!(struct_to_json(Some(json_to_struct(&v))), v);
-    }
 }

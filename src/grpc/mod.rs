@@ -3,7 +3,7 @@
 //!
 //! Layout:
 //! - `context`: `ApiContext`, what every handler shares
-//! - `readiness`, `admin`, `tasks`, `workers`: one file per service
+//! - `readiness_api`, `admin_api`, `task_api`, `worker_api`: one file per service
 //! - `auth`: bearer tokens and scopes, a tower layer in front of everything
 //! - `error`: the one mapping from internal errors to status codes
 //! - `convert`: protobuf <-> domain conversions and field-naming request parsing
@@ -11,14 +11,14 @@
 //! Every request gets a server span (`grpc.request`, with method, peer and status code)
 //! whose parent is the caller's W3C trace context when it sent one.
 
-pub mod admin;
+mod admin_api;
 pub mod auth;
-pub mod context;
+mod context;
 pub mod convert;
 pub mod error;
-pub mod readiness;
-pub mod tasks;
-pub mod workers;
+mod readiness_api;
+mod task_api;
+mod worker_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -128,23 +128,27 @@ impl GrpcServer {
             .add_service(reflection_v1alpha)
             .add_service(
                 v1::readiness_service_server::ReadinessServiceServer::new(
-                    readiness::ReadinessApi::new(ctx.clone()),
+                    readiness_api::ReadinessApi::new(ctx.clone()),
                 )
                 .max_decoding_message_size(limit),
             )
             .add_service(
-                v1::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(
+                v1::admin_service_server::AdminServiceServer::new(admin_api::AdminApi::new(
                     ctx.clone(),
                 ))
                 .max_decoding_message_size(limit),
             )
             .add_service(
-                v1::task_service_server::TaskServiceServer::new(tasks::TaskApi::new(ctx.clone()))
-                    .max_decoding_message_size(limit),
+                v1::task_service_server::TaskServiceServer::new(task_api::TaskApi::new(
+                    ctx.clone(),
+                ))
+                .max_decoding_message_size(limit),
             )
             .add_service(
-                v1::worker_service_server::WorkerServiceServer::new(workers::WorkerApi::new(ctx))
-                    .max_decoding_message_size(limit),
+                v1::worker_service_server::WorkerServiceServer::new(worker_api::WorkerApi::new(
+                    ctx,
+                ))
+                .max_decoding_message_size(limit),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
             .await

@@ -19,6 +19,13 @@ pub enum StoreError {
     Unavailable(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migration(String),
+    /// A database function answered with a value this code does not know: a bug (a schema
+    /// newer than the service, or a function changed without its caller).
+    #[error("{function} answered {value:?}, which this service does not know")]
+    Unexpected {
+        function: &'static str,
+        value: String,
+    },
     /// Anything else; its details are logged, never sent to a client.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
@@ -34,6 +41,13 @@ impl StoreError {
 
     pub fn not_found(what: impl Into<String>) -> Self {
         Self::NotFound { what: what.into() }
+    }
+
+    pub fn unexpected(function: &'static str, value: impl Into<String>) -> Self {
+        Self::Unexpected {
+            function,
+            value: value.into(),
+        }
     }
 }
 

@@ -4,35 +4,35 @@
 //! Layout:
 //! - `error`: [`StoreError`], SQLSTATE -> domain error, [`is_retryable`]
 //! - `tasks`: create, get, cancel, resolve manually
-//! - `readiness`: per-step readiness, execution context, ready tasks
+//! - `views`: read-only readiness views: per-step readiness, execution context, ready tasks
 //! - `steps`: claim-and-enqueue, the workers' fetch / complete / fail / extend, retry and lease
 //!   deadlines
+//! - `diagnostics`: what the benchmark and operators measure (hop latencies from the history,
+//!   the commit + NOTIFY floor, server settings), and emptying a scratch database
 //!
 //! The state machine itself lives in the database (`migrations/`): the functions here call one
 //! SQL function per operation, so each operation is one round trip and one transaction.
 
+mod diagnostics;
 mod error;
-mod readiness;
 mod steps;
 mod tasks;
+mod views;
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub use diagnostics::{ServerSettings, SoakSnapshot};
 pub use error::{is_retryable, StoreError};
-pub use readiness::{ExecutionContext, ReadyTask, StepReadiness};
 pub use steps::{
-    AttemptOutcome, Completion, EnqueueOutcome, EnqueueResult, FailOutcome, LeasedStep,
-    StepFailure, TaskRef,
+    AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, TaskRef,
 };
 pub use tasks::{CreatedTask, NewStep, NewTask, StepRecord, TaskRecord};
+pub use views::{ExecutionContext, ReadyTask, StepReadiness};
 
 use crate::config::DatabaseConfig;
-
-/// The crate's migrations, embedded at compile time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Handle to the database. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -69,7 +69,7 @@ impl Store {
     /// Apply pending migrations; a no-op when the schema is current. Returns how many ran.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
         let before = applied_migrations(&self.pool).await.unwrap_or(0);
-        MIGRATOR
+        crate::MIGRATOR
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Migration(e.to_string()))?;

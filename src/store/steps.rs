@@ -7,48 +7,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-
-/// What one claim-and-enqueue pass did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EnqueueOutcome {
-    /// Ready steps were moved to the queue.
-    Enqueued,
-    /// The claim succeeded but no step was ready (another pass got there first, or nothing is).
-    NothingReady,
-    /// Another instance holds the task's claim right now.
-    ClaimedElsewhere,
-    /// The task is complete, failed or cancelled.
-    TaskNotActive,
-    TaskNotFound,
-}
-
-impl EnqueueOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Enqueued => "enqueued",
-            Self::NothingReady => "nothing_ready",
-            Self::ClaimedElsewhere => "claimed_elsewhere",
-            Self::TaskNotActive => "task_not_active",
-            Self::TaskNotFound => "task_not_found",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "enqueued" => Self::Enqueued,
-            "nothing_ready" => Self::NothingReady,
-            "claimed_elsewhere" => Self::ClaimedElsewhere,
-            "task_not_active" => Self::TaskNotActive,
-            "task_not_found" => Self::TaskNotFound,
-            other => {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "unexpected enqueue outcome {other}"
-                )))
-            }
-        })
-    }
-}
+use crate::vocabulary::EnqueueOutcome;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnqueueResult {
@@ -85,7 +44,8 @@ pub struct LeasedStep {
     pub traceparent: Option<String>,
 }
 
-/// Why a worker's report on an attempt was refused; nothing was changed.
+/// The answer to a worker's report on an attempt: done, or why it was refused (and nothing
+/// was changed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {
     Done,
@@ -96,14 +56,17 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
-    fn parse(s: &str) -> Self {
-        match s {
+    /// `done` is the word `function` answers on success (`completed`, `extended`); any word
+    /// that is neither it nor a known refusal is a bug, reported with the value.
+    fn parse(function: &'static str, done: &str, s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
             "step_not_found" => Self::StepNotFound,
             "stale_attempt" => Self::StaleAttempt,
             "not_in_progress" => Self::NotInProgress,
             "lease_expired" => Self::LeaseExpired,
-            _ => Self::Done,
-        }
+            other if other == done => Self::Done,
+            other => return Err(StoreError::unexpected(function, other)),
+        })
     }
 
     /// `Ok` for success, the matching error otherwise.
@@ -171,7 +134,8 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(EnqueueResult {
-            outcome: EnqueueOutcome::parse(&outcome)?,
+            outcome: EnqueueOutcome::parse(&outcome)
+                .ok_or_else(|| StoreError::unexpected("tasker.enqueue_ready_steps", &outcome))?,
             namespace,
             enqueued_steps: steps,
             max_ready_wait_ms: wait,
@@ -217,7 +181,8 @@ impl Store {
         .bind(traceparent)
         .fetch_one(&self.pool)
         .await?;
-        AttemptOutcome::parse(&outcome).into_result(step_uuid, attempt)
+        AttemptOutcome::parse("tasker.complete_step", "completed", &outcome)?
+            .into_result(step_uuid, attempt)
     }
 
     /// Complete several attempts in one transaction; each item's outcome, in input order.
@@ -245,8 +210,8 @@ impl Store {
             .collect();
         for (idx, outcome) in rows {
             let i = (idx - 1) as usize;
-            out[i] =
-                AttemptOutcome::parse(&outcome).into_result(items[i].step_uuid, items[i].attempt);
+            out[i] = AttemptOutcome::parse("tasker.complete_steps", "completed", &outcome)
+                .and_then(|o| o.into_result(items[i].step_uuid, items[i].attempt));
         }
         Ok(out)
     }
@@ -277,10 +242,10 @@ impl Store {
             ("retry_scheduled", Some(at)) => Ok(FailOutcome::RetryScheduled { next_retry_at: at }),
             ("failed", _) => Ok(FailOutcome::Failed),
             (other, _) => {
-                AttemptOutcome::parse(other).into_result(step_uuid, attempt)?;
-                Err(StoreError::FailedPrecondition(format!(
-                    "unexpected outcome {other}"
-                )))
+                // a refusal is an error here; "retry_scheduled" without a time is not an answer
+                AttemptOutcome::parse("tasker.fail_step", "", other)?
+                    .into_result(step_uuid, attempt)?;
+                Err(StoreError::unexpected("tasker.fail_step", other))
             }
         }
     }
@@ -298,8 +263,10 @@ impl Store {
                 .bind(lease_ms)
                 .fetch_one(&self.pool)
                 .await?;
-        AttemptOutcome::parse(&outcome).into_result(step_uuid, attempt)?;
-        until.ok_or_else(|| StoreError::FailedPrecondition("lease not extended".into()))
+        AttemptOutcome::parse("tasker.extend_lease", "extended", &outcome)?
+            .into_result(step_uuid, attempt)?;
+        until
+            .ok_or_else(|| StoreError::unexpected("tasker.extend_lease", "extended without a time"))
     }
 
     /// Steps whose backoff elapsed go back to pending, in the namespaces matching `namespaces`

@@ -155,9 +155,10 @@ impl Store {
         match outcome.as_str() {
             "cancelled" => Ok(()),
             "task_not_found" => Err(StoreError::not_found(format!("task {task_uuid}"))),
-            other => Err(StoreError::FailedPrecondition(format!(
-                "task {task_uuid} cannot be cancelled: {other}"
+            "task_already_final" => Err(StoreError::FailedPrecondition(format!(
+                "task {task_uuid} cannot be cancelled: it is already complete or cancelled"
             ))),
+            other => Err(StoreError::unexpected("tasker.cancel_task", other)),
         }
     }
 
@@ -179,9 +180,13 @@ impl Store {
         match outcome.as_str() {
             "resolved" => Ok(()),
             "step_not_found" => Err(StoreError::not_found(format!("step {step_uuid}"))),
-            other => Err(StoreError::FailedPrecondition(format!(
-                "step {step_uuid} cannot be resolved manually: {other}"
+            "illegal_transition" => Err(StoreError::FailedPrecondition(format!(
+                "step {step_uuid} cannot be resolved manually from its current state"
             ))),
+            other => Err(StoreError::unexpected(
+                "tasker.resolve_step_manually",
+                other,
+            )),
         }
     }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::PgPool;
-use tasker::dag::TaskSpec;
-use tasker::store::{CreatedTask, LeasedStep, Store};
+use tasker::internal::TaskSpec;
+use tasker::internal::{CreatedTask, LeasedStep, Store};
 use uuid::Uuid;
 
 /// How long a test waits for something it expects before failing.
@@ -132,8 +132,8 @@ pub fn failure(
     error: serde_json::Value,
     retryable: bool,
     backoff_ms: i64,
-) -> tasker::store::StepFailure {
-    tasker::store::StepFailure {
+) -> tasker::internal::StepFailure {
+    tasker::internal::StepFailure {
         error,
         retryable,
         backoff_ms,
@@ -143,8 +143,8 @@ pub fn failure(
 // ---- helpers for tests that run the orchestration core ----
 
 use tasker::config::{DeploymentMode, TaskerConfig};
-use tasker::core::OrchestrationCore;
-use tasker::metrics::Metrics;
+use tasker::internal::Metrics;
+use tasker::internal::OrchestrationCore;
 
 /// A configuration for tests: fast polling, no age threshold, quick claim retries.
 pub fn test_config(mode: DeploymentMode) -> TaskerConfig {
@@ -299,7 +299,7 @@ pub async fn enqueue_count(pool: &PgPool) -> i64 {
 
 use std::net::SocketAddr;
 
-use tasker::grpc::{ApiContext, GrpcServer};
+use tasker::internal::{ApiContext, GrpcServer};
 use tasker::proto::v1;
 use tonic::transport::Channel;
 

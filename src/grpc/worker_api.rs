@@ -6,11 +6,12 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
-use super::convert::{self, bounded, struct_to_json, uuid};
+use super::convert::{self, bounded, uuid};
 use super::error::invalid;
-use crate::config::namespace_name_problem;
 use crate::dag::limits::MAX_DOCUMENT_BYTES;
-use crate::proto::v1;
+use crate::namespaces::namespace_name_problem;
+use crate::proto::struct_to_json;
+use crate::proto::{self, v1};
 use crate::store::{FailOutcome, StepFailure};
 
 const MAX_STEPS_PER_FETCH: i64 = 100;
@@ -94,9 +95,9 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
                     task_uuid: s.task_uuid.to_string(),
                     name: s.name,
                     attempt: s.attempt,
-                    inputs: Some(convert::json_to_struct(&s.inputs)),
-                    parent_results: Some(convert::json_to_struct(&s.parent_results)),
-                    lease_expires_at: Some(convert::timestamp(s.lease_expires_at)),
+                    inputs: Some(proto::json_to_struct(&s.inputs)),
+                    parent_results: Some(proto::json_to_struct(&s.parent_results)),
+                    lease_expires_at: Some(proto::timestamp(s.lease_expires_at)),
                 })
                 .collect(),
         }))
@@ -160,7 +161,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         Ok(Response::new(match outcome {
             FailOutcome::RetryScheduled { next_retry_at } => v1::FailStepResponse {
                 outcome: "retry_scheduled".into(),
-                next_retry_at: Some(convert::timestamp(next_retry_at)),
+                next_retry_at: Some(proto::timestamp(next_retry_at)),
             },
             FailOutcome::Failed => v1::FailStepResponse {
                 outcome: "failed".into(),
@@ -189,7 +190,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             .extend_lease(step, attempt, Duration::from_secs(lease as u64))
             .await?;
         Ok(Response::new(v1::ExtendLeaseResponse {
-            lease_expires_at: Some(convert::timestamp(until)),
+            lease_expires_at: Some(proto::timestamp(until)),
         }))
     }
 }

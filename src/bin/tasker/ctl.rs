@@ -11,14 +11,10 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tasker::client::{AuthorizedChannel, Connect};
+use tasker::proto::{json_to_struct, struct_to_json, v1};
 use tokio_stream::StreamExt;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Request, Status};
-
-use crate::grpc::convert::{json_to_struct, struct_to_json};
-use crate::proto::v1;
+use tonic::Status;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {
@@ -28,7 +24,7 @@ pub enum Output {
 
 #[derive(Debug, Args)]
 pub struct CtlOptions {
-    /// The service's gRPC endpoint.
+    /// The service's gRPC endpoint: http://host:port, or https://host:port for TLS.
     #[arg(
         long,
         env = "TASKER_ENDPOINT",
@@ -38,6 +34,10 @@ pub struct CtlOptions {
     /// Bearer token (scopes: read, write, admin).
     #[arg(long, env = "TASKER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (https:// endpoints); without
+    /// it the system's trusted roots are used.
+    #[arg(long, env = "TASKER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -136,25 +136,7 @@ struct StepFile {
     inputs: Option<Value>,
 }
 
-/// Adds the bearer token and the current trace context to every call.
-#[derive(Clone)]
-struct CallMetadata {
-    token: Option<MetadataValue<tonic::metadata::Ascii>>,
-}
-
-impl tonic::service::Interceptor for CallMetadata {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        if let Some(tp) = crate::telemetry::current_traceparent().and_then(|t| t.parse().ok()) {
-            req.metadata_mut().insert("traceparent", tp);
-        }
-        Ok(req)
-    }
-}
-
-type Svc = InterceptedService<Channel, CallMetadata>;
+type Svc = AuthorizedChannel;
 
 /// Why `ctl` failed: a call's status, or something before any call.
 #[derive(Debug, thiserror::Error)]
@@ -174,18 +156,16 @@ impl From<Status> for CtlError {
 pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> {
     let span = tracing::info_span!("tasker.ctl", otel.kind = "client");
     let _enter = span.enter();
-    let channel = Channel::from_shared(opts.endpoint.clone())
-        .map_err(|e| CtlError::Usage(format!("invalid --endpoint {:?}: {e}", opts.endpoint)))?
-        .connect()
-        .await
-        .map_err(|e| CtlError::Usage(format!("cannot connect to {}: {e}", opts.endpoint)))?;
-    let token = match &opts.token {
-        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-            CtlError::Usage("the token contains characters not allowed in a header".into())
-        })?),
-        None => None,
+    let connect = Connect {
+        endpoint: opts.endpoint.clone(),
+        token: opts.token.clone(),
+        ca_cert: opts.ca_cert.clone(),
+        connect_timeout: std::time::Duration::from_secs(5),
     };
-    let svc: Svc = InterceptedService::new(channel, CallMetadata { token });
+    let svc: Svc = connect
+        .channel()
+        .await
+        .map_err(|e| CtlError::Usage(e.to_string()))?;
     let out = opts.output;
     let print = |v: Value| print_value(&v, out);
     match command {
@@ -201,10 +181,10 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
         CtlCommand::Mode {
             action: ModeAction::Set { mode },
         } => {
-            let m: crate::config::DeploymentMode = mode.parse().map_err(CtlError::Usage)?;
+            let m: tasker::config::DeploymentMode = mode.parse().map_err(CtlError::Usage)?;
             let r = v1::admin_service_client::AdminServiceClient::new(svc)
                 .set_deployment_mode(v1::SetDeploymentModeRequest {
-                    mode: crate::grpc::convert::mode_to_proto(m) as i32,
+                    mode: v1::DeploymentMode::from(m) as i32,
                 })
                 .await?
                 .into_inner();

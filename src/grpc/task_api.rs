@@ -4,10 +4,11 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
-use super::convert::{self, struct_to_json, uuid};
+use super::convert::uuid;
 use super::error;
 use crate::dag::{StepSpec, TaskSpec};
-use crate::proto::v1;
+use crate::proto::struct_to_json;
+use crate::proto::{self, v1};
 use crate::store::{StepRecord, TaskRecord};
 
 pub struct TaskApi {
@@ -32,11 +33,11 @@ fn task_to_proto(t: TaskRecord, steps: Vec<StepRecord>) -> v1::Task {
         name: t.name,
         priority: t.priority,
         state: t.state,
-        context: Some(convert::json_to_struct(&t.context)),
+        context: Some(proto::json_to_struct(&t.context)),
         idempotency_key: t.idempotency_key.unwrap_or_default(),
-        created_at: Some(convert::timestamp(t.created_at)),
-        updated_at: Some(convert::timestamp(t.updated_at)),
-        completed_at: convert::opt_timestamp(t.completed_at),
+        created_at: Some(proto::timestamp(t.created_at)),
+        updated_at: Some(proto::timestamp(t.updated_at)),
+        completed_at: proto::opt_timestamp(t.completed_at),
         steps: steps
             .into_iter()
             .map(|s| v1::Step {
@@ -46,13 +47,13 @@ fn task_to_proto(t: TaskRecord, steps: Vec<StepRecord>) -> v1::Task {
                 attempts: s.attempts,
                 max_attempts: s.max_attempts,
                 depends_on: s.depends_on,
-                inputs: Some(convert::json_to_struct(&s.inputs)),
-                results: convert::opt_json_to_struct(s.results.as_ref()),
-                last_error: convert::opt_json_to_struct(s.last_error.as_ref()),
-                next_retry_at: convert::opt_timestamp(s.next_retry_at),
-                enqueued_at: convert::opt_timestamp(s.enqueued_at),
-                started_at: convert::opt_timestamp(s.started_at),
-                completed_at: convert::opt_timestamp(s.completed_at),
+                inputs: Some(proto::json_to_struct(&s.inputs)),
+                results: proto::opt_json_to_struct(s.results.as_ref()),
+                last_error: proto::opt_json_to_struct(s.last_error.as_ref()),
+                next_retry_at: proto::opt_timestamp(s.next_retry_at),
+                enqueued_at: proto::opt_timestamp(s.enqueued_at),
+                started_at: proto::opt_timestamp(s.started_at),
+                completed_at: proto::opt_timestamp(s.completed_at),
             })
             .collect(),
     }

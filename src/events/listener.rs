@@ -32,14 +32,24 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::events::{EventKind, ReadinessEventClassifier, TaskReadinessEvent};
-use super::{backoff, NamespaceSelector, SweepRequester};
+use super::notifications::{
+    payload_traceparent, EventKind, ReadinessEventClassifier, TaskReadinessEvent,
+};
+use super::TaskReadinessEventSystem;
 use crate::config::DeploymentMode;
-use crate::events::TaskReadinessEventSystem;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::namespaces::NamespaceSelector;
+use crate::store::{Store, StoreError};
+use crate::wakeups::SweepRequester;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `base * 2^attempt`, capped, then scaled by a random factor in [0.5, 1.0] so instances that
+/// lost the database together do not come back in lockstep.
+fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16)).min(max);
+    exp.mul_f64(0.5 + 0.5 * rand::random::<f64>())
+}
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +93,41 @@ impl Default for ListenerStatus {
 enum Exit {
     Cancelled,
     ModeOff,
-    Lost(String),
+    Lost(ListenerError),
+}
+
+/// Why the LISTEN connection was lost or could not be set up. Every kind is retried with
+/// backoff (the database may come back); the kinds that will not heal by themselves (bad
+/// credentials, a missing database) are logged as errors that need an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("{during}: {source}")]
+    Database {
+        during: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("reading the namespaces to listen on: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0} did not finish within {CONNECT_TIMEOUT:?}")]
+    TimedOut(&'static str),
+    #[error("the connection closed")]
+    Closed,
+}
+
+impl ListenerError {
+    fn db(during: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| Self::Database { during, source }
+    }
+
+    /// Whether waiting and trying again can fix it.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Database { source, .. } => crate::store::is_retryable(source),
+            Self::Store(e) => e.is_retryable(),
+            Self::TimedOut(_) | Self::Closed => true,
+        }
+    }
 }
 
 pub struct TaskReadinessListener {
@@ -181,10 +225,15 @@ impl TaskReadinessListener {
                     tracing::info!("deployment mode no longer listens; LISTEN connection closed");
                     continue;
                 }
-                Exit::Lost(reason) => {
+                Exit::Lost(error) => {
                     attempt += 1;
                     let delay = backoff(attempt - 1, BACKOFF_BASE, self.max_backoff);
-                    tracing::warn!(attempt, reason = %reason, retry_in_ms = delay.as_millis() as u64, "listener connection lost; reconnecting");
+                    let retry_in_ms = delay.as_millis() as u64;
+                    if error.is_retryable() {
+                        tracing::warn!(attempt, %error, retry_in_ms, "listener connection lost; reconnecting");
+                    } else {
+                        tracing::error!(attempt, %error, retry_in_ms, "listener cannot connect and this will not heal by itself (check the database URL, credentials and database); retrying");
+                    }
                     self.status.send_modify(|s| {
                         s.state = ListenerState::Reconnecting { attempt };
                         s.backend_pid = None;
@@ -212,32 +261,29 @@ impl TaskReadinessListener {
         });
     }
 
-    async fn connect(&mut self) -> Result<(PgListener, i32, BTreeSet<String>), String> {
+    async fn connect(&mut self) -> Result<(PgListener, i32, BTreeSet<String>), ListenerError> {
         let fut = async {
-            let mut listener = PgListener::connect_with(&self.pool).await?;
+            let mut listener = PgListener::connect_with(&self.pool)
+                .await
+                .map_err(ListenerError::db("connecting"))?;
             listener.eager_reconnect(false);
             let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                 .fetch_one(&mut listener)
-                .await?;
-            let channels = self
-                .channels()
                 .await
-                .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                .map_err(ListenerError::db("reading the backend pid"))?;
+            let channels = self.channels().await?;
             listener
                 .listen_all(channels.iter().map(String::as_str))
-                .await?;
-            Ok::<_, sqlx::Error>((listener, pid, channels))
+                .await
+                .map_err(ListenerError::db("LISTEN"))?;
+            Ok((listener, pid, channels))
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "connect and LISTEN did not finish within {CONNECT_TIMEOUT:?}"
-            )),
-        }
+        tokio::time::timeout(CONNECT_TIMEOUT, fut)
+            .await
+            .unwrap_or(Err(ListenerError::TimedOut("connect and LISTEN")))
     }
 
-    async fn channels(&self) -> Result<BTreeSet<String>, crate::store::StoreError> {
+    async fn channels(&self) -> Result<BTreeSet<String>, StoreError> {
         let map = self.classifier.channels();
         let mut channels = BTreeSet::from([map.channel(EventKind::NamespaceCreated, None)]);
         if self.selector.patterns().is_none() {
@@ -287,14 +333,14 @@ impl TaskReadinessListener {
                             return Exit::Lost(e);
                         }
                     }
-                    Ok(Ok(None)) => return Exit::Lost("connection closed".into()),
-                    Ok(Err(e)) => return Exit::Lost(e.to_string()),
+                    Ok(Ok(None)) => return Exit::Lost(ListenerError::Closed),
+                    Ok(Err(e)) => return Exit::Lost(ListenerError::Database { during: "receiving", source: e }),
                     Err(_idle) => {
                         let ping = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query("SELECT 1").execute(&mut listener)).await;
                         match ping {
                             Ok(Ok(_)) => {}
-                            Ok(Err(e)) => return Exit::Lost(format!("ping failed: {e}")),
-                            Err(_) => return Exit::Lost("ping timed out".into()),
+                            Ok(Err(e)) => return Exit::Lost(ListenerError::Database { during: "ping", source: e }),
+                            Err(_) => return Exit::Lost(ListenerError::TimedOut("ping")),
                         }
                     }
                 }
@@ -307,7 +353,7 @@ impl TaskReadinessListener {
         n: PgNotification,
         listener: &mut PgListener,
         channels: &mut BTreeSet<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ListenerError> {
         let received = Instant::now();
         // The receive span continues the trace of the request that caused the notification
         // (its traceparent rides in the payload); with none, it is a root: never a child of
@@ -319,7 +365,7 @@ impl TaskReadinessListener {
             payload_bytes = n.payload().len(),
             event_type = tracing::field::Empty,
         );
-        if let Some(cx) = super::events::payload_traceparent(n.payload())
+        if let Some(cx) = payload_traceparent(n.payload())
             .and_then(|tp| crate::telemetry::context_from_traceparent(&tp, None))
         {
             let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, cx);
@@ -361,7 +407,7 @@ impl TaskReadinessListener {
                         listener
                             .listen_all(new.iter().map(String::as_str))
                             .await
-                            .map_err(|e| format!("LISTEN on a new namespace failed: {e}"))?;
+                            .map_err(ListenerError::db("LISTEN on a new namespace"))?;
                         channels.extend(new);
                         let list: Vec<String> = channels.iter().cloned().collect();
                         self.status.send_modify(|s| s.channels = list);
@@ -373,5 +419,19 @@ impl TaskReadinessListener {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        assert!(backoff(0, base, max) <= base);
+        assert!(backoff(20, base, max) <= max);
+        assert!(backoff(5, base, max) >= Duration::from_millis(1600));
     }
 }

@@ -12,9 +12,10 @@ use tonic::{Request, Response, Status};
 use super::context::ApiContext;
 use super::convert::{self, uuid};
 use super::error::{self, invalid};
-use crate::commands::{CommandEvent, CommandPhase, OrchestrationCommand, TriggeredBy};
-use crate::config::namespace_name_problem;
-use crate::proto::v1;
+use crate::commands::{CommandEvent, CommandPhase, OrchestrationCommand};
+use crate::namespaces::namespace_name_problem;
+use crate::proto::{self, v1};
+use crate::vocabulary::TriggeredBy;
 
 pub struct ReadinessApi {
     ctx: ApiContext,
@@ -38,8 +39,8 @@ fn event_to_proto(e: &CommandEvent) -> v1::CommandEvent {
         phase: e.phase.as_str().to_string(),
         outcome: e.outcome.clone().unwrap_or_default(),
         steps_enqueued: e.steps_enqueued as i32,
-        duration: Some(convert::duration(e.duration)),
-        timestamp: Some(convert::timestamp(e.timestamp)),
+        duration: Some(proto::duration(e.duration)),
+        timestamp: Some(proto::timestamp(e.timestamp)),
         error: e.error.clone().unwrap_or_default(),
         missed: 0,
     }
@@ -81,7 +82,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                     state: s.state,
                     dependencies_satisfied: s.dependencies_satisfied,
                     ready: s.ready,
-                    next_retry_at: convert::opt_timestamp(s.next_retry_at),
+                    next_retry_at: proto::opt_timestamp(s.next_retry_at),
                     attempts: s.attempts,
                     max_attempts: s.max_attempts,
                     retry_eligible: s.retry_eligible,
@@ -137,7 +138,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                     priority: t.priority,
                     computed_priority: t.computed_priority,
                     ready_steps: t.ready_steps,
-                    ready_since: Some(convert::timestamp(t.ready_since)),
+                    ready_since: Some(proto::timestamp(t.ready_since)),
                 })
                 .collect(),
         }))
@@ -149,11 +150,6 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
     ) -> Result<Response<v1::ProcessTaskReadinessResponse>, Status> {
         let r = request.into_inner();
         let task_uuid = uuid("task_uuid", &r.task_uuid)?;
-        let step_uuid = if r.step_uuid.is_empty() {
-            None
-        } else {
-            Some(uuid("step_uuid", &r.step_uuid)?)
-        };
         let task = self.ctx.store.get_task(task_uuid).await?;
         if !r.namespace.is_empty() && r.namespace != task.namespace {
             return Err(invalid(
@@ -164,16 +160,8 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                 ),
             ));
         }
-        let command = OrchestrationCommand::ProcessTaskReadiness {
-            task_uuid,
-            namespace: task.namespace,
-            priority: task.priority,
-            ready_steps: r.ready_steps,
-            triggered_by: TriggeredBy::Api,
-            step_uuid,
-            step_state: (!r.step_state.is_empty()).then_some(r.step_state),
-            task_state: (!r.task_state.is_empty()).then_some(r.task_state),
-        };
+        let command =
+            OrchestrationCommand::process_task(task_uuid, task.namespace, TriggeredBy::Api);
         let result = self
             .ctx
             .commands
@@ -234,7 +222,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
             Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(v1::CommandEvent {
                 phase: "gap".into(),
                 missed,
-                timestamp: Some(convert::timestamp(chrono::Utc::now())),
+                timestamp: Some(proto::timestamp(chrono::Utc::now())),
                 ..Default::default()
             })),
         });

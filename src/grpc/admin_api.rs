@@ -3,9 +3,9 @@
 use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
-use super::convert::{self, mode_from_proto, mode_to_proto};
-use crate::proto::v1;
-use crate::readiness::ListenerState;
+use super::convert::{mode_from_proto, mode_to_proto};
+use crate::events::ListenerState;
+use crate::proto::{self, v1};
 
 pub struct AdminApi {
     ctx: ApiContext,
@@ -49,11 +49,11 @@ impl v1::admin_service_server::AdminService for AdminApi {
             mode: mode_to_proto(status.mode) as i32,
             listener_connected: status.listener.state == ListenerState::Listening,
             listener_channels: status.listener.channels,
-            poller_last_run: convert::opt_timestamp(status.poller.last_round_at),
+            poller_last_run: proto::opt_timestamp(status.poller.last_round_at),
             poller_last_tasks_found: status.poller.last_round_tasks_found,
             command_queue_depth: self.ctx.commands.queue_depth() as u64,
             commands_in_flight: self.ctx.commands.stats().in_flight(),
-            uptime: Some(convert::duration(self.ctx.started.elapsed())),
+            uptime: Some(proto::duration(self.ctx.started.elapsed())),
             version: env!("CARGO_PKG_VERSION").to_string(),
             listener_reconnects: status.listener.reconnects,
             commands_processed: self.ctx.commands.stats().processed(),

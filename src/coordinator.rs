@@ -13,9 +13,6 @@
 //! | EventDrivenOnly | on | off | on |
 //! | Hybrid | on | on | on |
 //! | PollingOnly | off | on | on |
-//!
-//! It also runs `TableMaintenance` (vacuuming the churn tables when the server's autovacuum
-//! is off) in every mode.
 
 use std::time::Duration;
 
@@ -24,16 +21,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::TaskReadinessEventSystem;
 use crate::commands::CommandProcessorHandle;
 use crate::config::{DeploymentMode, TaskerConfig};
-use crate::metrics::Metrics;
-use crate::readiness::deadlines::DeadlinePoke;
-use crate::readiness::{
-    DeadlineScheduler, ListenerState, ListenerStatus, NamespaceSelector, PollerStatus,
-    ReadinessFallbackPoller, SweepRequester, TaskReadinessListener,
+use crate::deadlines::DeadlineScheduler;
+use crate::events::{
+    ListenerState, ListenerStatus, TaskReadinessEventSystem, TaskReadinessListener,
 };
+use crate::metrics::Metrics;
+use crate::namespaces::NamespaceSelector;
+use crate::poller::{PollerStatus, ReadinessFallbackPoller};
 use crate::store::Store;
+use crate::wakeups::{DeadlinePoke, SweepRequester};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordinatorStatus {
@@ -91,7 +89,6 @@ impl UnifiedEventCoordinator {
             poller_tx,
             metrics.clone(),
         );
-        let maintenance = crate::maintenance::TableMaintenance::new(store.clone());
         let deadlines = DeadlineScheduler::new(
             store,
             commands,
@@ -115,11 +112,6 @@ impl UnifiedEventCoordinator {
                 deadlines
                     .run(cancel.clone())
                     .instrument(tracing::info_span!("deadline_scheduler")),
-            ),
-            tokio::spawn(
-                maintenance
-                    .run(cancel.clone())
-                    .instrument(tracing::info_span!("table_maintenance")),
             ),
         ];
         // Start-up sweep: whatever was ready before this instance started (including commands

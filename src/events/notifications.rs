@@ -1,6 +1,6 @@
 //! Readiness events and their classification.
 //!
-//! The database announces changes on a few channels (see `migrations/*_notifications.sql`).
+//! The database announces changes on a few channels (see the notification functions in `migrations/`).
 //! [`ChannelMap`] is the one table that says which channel carries which kind of event;
 //! [`ReadinessEventClassifier`] uses it to turn a `(channel, payload)` pair into a typed
 //! [`TaskReadinessEvent`], or an error that the listener counts and logs. No other code matches
@@ -9,8 +9,8 @@
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::commands::TriggeredBy;
-use crate::config::namespace_name_problem;
+use crate::namespaces::namespace_name_problem;
+use crate::vocabulary::TriggeredBy;
 
 /// The kinds of event the database announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

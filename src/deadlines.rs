@@ -14,53 +14,19 @@
 //! The sleep is capped at the poll interval because other instances create deadlines too.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
+use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::NamespaceSelector;
-use crate::commands::{CommandProcessorHandle, OrchestrationCommand, TriggeredBy};
+use crate::commands::{CommandProcessorHandle, OrchestrationCommand};
 use crate::metrics::Metrics;
+use crate::namespaces::NamespaceSelector;
 use crate::store::{Store, TaskRef};
+use crate::vocabulary::TriggeredBy;
+use crate::wakeups::DeadlinePoke;
 
 const BATCH: i32 = 500;
-
-/// Wakes the scheduler early when a new deadline (a retry's due time, a lease's expiry) comes
-/// before the one it sleeps towards. The scheduler publishes its planned wake-up, so callers
-/// compare against it without a query and poke only when it matters.
-#[derive(Clone, Debug)]
-pub struct DeadlinePoke {
-    notify: Arc<Notify>,
-    /// Unix milliseconds of the scheduler's planned wake-up.
-    planned_ms: Arc<AtomicI64>,
-}
-
-impl Default for DeadlinePoke {
-    fn default() -> Self {
-        Self {
-            notify: Arc::default(),
-            planned_ms: Arc::new(AtomicI64::new(i64::MAX)),
-        }
-    }
-}
-
-impl DeadlinePoke {
-    /// A deadline now exists at `at`: wake the scheduler if it plans to sleep past it.
-    pub fn deadline_at(&self, at: DateTime<Utc>) {
-        if at.timestamp_millis() < self.planned_ms.load(Ordering::Relaxed) {
-            self.notify.notify_one();
-        }
-    }
-
-    fn plan(&self, at: DateTime<Utc>) {
-        self.planned_ms
-            .store(at.timestamp_millis(), Ordering::Relaxed);
-    }
-}
 
 pub struct DeadlineScheduler {
     store: Store,
@@ -109,7 +75,7 @@ impl DeadlineScheduler {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(sleep) => {}
-                    _ = self.poke.notify.notified() => continue,
+                    _ = self.poke.poked() => continue,
                 }
             }
             if cancel.is_cancelled() {
@@ -152,8 +118,6 @@ impl DeadlineScheduler {
             let command = OrchestrationCommand::process_task(
                 t.task_uuid,
                 t.namespace,
-                t.priority,
-                1,
                 TriggeredBy::RetryTimer,
             );
             if self.commands.submit_waiting(command).await.is_ok() {

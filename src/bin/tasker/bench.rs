@@ -24,15 +24,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::{DeploymentMode, TaskerConfig};
-use crate::core::OrchestrationCore;
-use crate::dag::TaskSpec;
-use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use tasker::config::{DeploymentMode, TaskerConfig};
+use tasker::internal::{Metrics, OrchestrationCore, Store, StoreError, TaskSpec, WorkerQueue};
 
 /// Steps per chain; a finished chain is replaced by a new one.
 const CHAIN_LENGTH: usize = 50;
@@ -117,13 +113,10 @@ pub async fn run(
     db_cfg.max_connections = (max_c as i64 + 24).max(db_cfg.max_connections);
     let store = Store::connect(url, &db_cfg).await?;
     store.migrate().await?;
-    let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
-        .fetch_one(store.pool())
-        .await?;
-    let server_version: String = sqlx::query_scalar("SHOW server_version")
-        .fetch_one(store.pool())
-        .await?;
-    let notify_floor = measure_floor(&store).await?;
+    let settings = store.server_settings().await?;
+    let (synchronous_commit, server_version) =
+        (settings.synchronous_commit, settings.server_version);
+    let notify_floor = LatencyStats::from_ms(store.notify_floor_ms(FLOOR_ITERATIONS).await?);
     eprintln!(
         "notify floor: p50 {:.3} ms p99 {:.3} ms (synchronous_commit = {synchronous_commit})",
         notify_floor.p50_ms, notify_floor.p99_ms
@@ -135,7 +128,7 @@ pub async fn run(
         let unbatched = (c > 1).then_some((DeploymentMode::EventDrivenOnly, false));
         let variants = opts.modes.iter().map(|m| (*m, true)).chain(unbatched);
         for (mode, batched) in variants {
-            reset(&store).await?;
+            store.truncate_all().await?;
             let mut cfg = base.clone();
             cfg.database = db_cfg.clone();
             cfg.orchestration.deployment.mode = mode;
@@ -198,50 +191,6 @@ pub async fn run(
     })
 }
 
-async fn reset(store: &Store) -> Result<(), StoreError> {
-    sqlx::query(
-        "TRUNCATE tasker.step_queue, tasker.step_transitions, tasker.task_transitions, tasker.step_edges,
-                  tasker.workflow_steps, tasker.tasks, tasker.namespaces",
-    )
-    .execute(store.pool())
-    .await?;
-    Ok(())
-}
-
-/// The floor: commit an UPDATE + pg_notify on one connection, wait for a LISTEN connection.
-async fn measure_floor(store: &Store) -> anyhow::Result<LatencyStats> {
-    let pool = store.pool();
-    sqlx::query("CREATE TABLE IF NOT EXISTS tasker_bench_floor (id int PRIMARY KEY, v int)")
-        .execute(pool)
-        .await?;
-    sqlx::query("INSERT INTO tasker_bench_floor VALUES (1, 0) ON CONFLICT DO NOTHING")
-        .execute(pool)
-        .await?;
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen("tasker_bench_floor").await?;
-    let mut conn = pool.acquire().await?;
-    let mut samples = Vec::with_capacity(FLOOR_ITERATIONS);
-    for i in 0..FLOOR_ITERATIONS {
-        let t0 = Instant::now();
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        sqlx::query("UPDATE tasker_bench_floor SET v = v + 1 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SELECT pg_notify('tasker_bench_floor', $1)")
-            .bind(i.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        listener.recv().await?;
-        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
-    }
-    drop(listener);
-    sqlx::query("DROP TABLE tasker_bench_floor")
-        .execute(pool)
-        .await?;
-    Ok(LatencyStats::from_ms(samples))
-}
-
 async fn scenario(
     store: &Store,
     cfg: &TaskerConfig,
@@ -282,18 +231,9 @@ async fn scenario(
     let poller_tasks_found = core.coordinator.status().poller.fallback_tasks_found_total;
     core.shutdown().await;
 
-    let enqueue: Vec<f64> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM c.enqueued_at - p.last) * 1000)::float8
-         FROM tasker.workflow_steps c
-         JOIN LATERAL (SELECT max(ps.completed_at) AS last
-                       FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-                       WHERE e.child_step_uuid = c.step_uuid) p ON p.last IS NOT NULL
-         WHERE c.enqueued_at BETWEEN $1 AND $2",
-    )
-    .bind(db_window_start)
-    .bind(db_window_end)
-    .fetch_all(store.pool())
-    .await?;
+    let enqueue = store
+        .completion_to_enqueue_ms(db_window_start, db_window_end)
+        .await?;
     let completion_to_enqueue = LatencyStats::from_ms(enqueue);
     let window_secs = duration.as_secs_f64();
     Ok(ScenarioReport {
@@ -318,7 +258,7 @@ async fn scenario(
 /// and the steps completed inside the window.
 async fn chain_worker(
     store: Store,
-    queue: crate::worker::WorkerQueue,
+    queue: WorkerQueue,
     namespace: String,
     stop: CancellationToken,
     window_start: Instant,
@@ -485,10 +425,8 @@ pub async fn soak(
     cfg.orchestration.deployment.mode = opts.mode;
     let store = Store::connect(url, &cfg.database).await?;
     store.migrate().await?;
-    reset(&store).await?;
-    let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
-        .fetch_one(store.pool())
-        .await?;
+    store.truncate_all().await?;
+    let synchronous_commit = store.server_settings().await?.synchronous_commit;
     let core = OrchestrationCore::start(store.clone(), &cfg, Metrics::noop());
     if !core.wait_ready(Duration::from_secs(10)).await {
         anyhow::bail!("core did not become ready");
@@ -545,30 +483,9 @@ pub async fn soak(
         tokio::time::sleep(opts.interval).await;
         let now = Instant::now();
         let done = completed.load(std::sync::atomic::Ordering::Relaxed);
-        // Windowed by the append-only history's identity key rather than by enqueued_at,
-        // which has no index: a scan of every step ever made, growing through the run, was
-        // itself a load on the machine being measured (over a second per report at 5 min).
-        let rows: Vec<(i64, f64)> = sqlx::query_as(
-            "SELECT st.id, (extract(epoch FROM c.enqueued_at - p.last) * 1000)::float8
-             FROM tasker.step_transitions st
-             JOIN tasker.workflow_steps c ON c.step_uuid = st.step_uuid
-             JOIN LATERAL (SELECT max(ps.completed_at) AS last
-                           FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-                           WHERE e.child_step_uuid = c.step_uuid) p ON p.last IS NOT NULL
-             WHERE st.id > $1 AND st.to_state = 'enqueued'",
-        )
-        .bind(last_transition)
-        .fetch_all(store.pool())
-        .await?;
-        last_transition = rows.iter().map(|r| r.0).max().unwrap_or(last_transition);
-        let latencies: Vec<f64> = rows.into_iter().map(|r| r.1).collect();
-        let (connections, queue_usage, backlog): (i64, f64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()),
-                    pg_notification_queue_usage(),
-                    (SELECT count(*) FROM tasker.step_queue WHERE leased_by IS NULL)",
-        )
-        .fetch_one(store.pool())
-        .await?;
+        let (latencies, last) = store.enqueue_latencies_since(last_transition).await?;
+        last_transition = last;
+        let snapshot = store.soak_snapshot().await?;
         let interval = SoakInterval {
             at_secs: started.elapsed().as_secs_f64(),
             // over the time actually elapsed: each report's own queries stretch the interval
@@ -576,9 +493,9 @@ pub async fn soak(
                 / (now - last_report).as_secs_f64(),
             completion_to_enqueue: LatencyStats::from_ms(latencies),
             rss_mib: rss_mib(),
-            db_connections: connections,
-            notification_queue_usage: queue_usage,
-            backlog_steps: backlog,
+            db_connections: snapshot.connections,
+            notification_queue_usage: snapshot.notification_queue_usage,
+            backlog_steps: snapshot.backlog_steps,
         };
         eprintln!(
             "{:>7.0} s  {:>7.1} steps/s  enqueue p50 {:>6.2} ms p99 {:>7.2} ms  rss {:>6.1} MiB  conns {:>3}  notify queue {:.6}  backlog {}",

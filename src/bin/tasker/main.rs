@@ -1,9 +1,18 @@
-//! The `tasker` command line: parses arguments and calls the library. Nothing else lives here.
+//! The `tasker` command line: parses arguments and calls the library.
+//!
+//! Layout of this binary: `main.rs` (the command line), `ctl` (the gRPC client for operators
+//! and CI), `bench` (the benchmark). The service itself is the library (`tasker::App`); these
+//! sit outside it and use it as any other program would (the benchmark also drives the
+//! service's internals for its in-process floor).
+
+mod bench;
+mod ctl;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tasker::config::{self, ConfigSources, EXIT_CONFIG};
+use tasker::internal::{resolve_database, Store};
 
 #[derive(Parser)]
 #[command(
@@ -90,9 +99,9 @@ enum Command {
     /// Call a running service over gRPC (for operators and CI).
     Ctl {
         #[command(flatten)]
-        options: tasker::ctl::CtlOptions,
+        options: ctl::CtlOptions,
         #[command(subcommand)]
-        command: tasker::ctl::CtlCommand,
+        command: ctl::CtlCommand,
     },
     /// Bearer tokens for grpc.auth.tokens.
     Token {
@@ -210,17 +219,16 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                 Ok(ExitCode::SUCCESS)
             }
             Command::Migrate => {
-                let resolved = tasker::local_db::resolve(&loaded.config.database, "tasker").await?;
-                let store =
-                    tasker::store::Store::connect(&resolved.url, &loaded.config.database).await?;
+                let resolved = resolve_database(&loaded.config.database, "tasker").await?;
+                let store = Store::connect(&resolved.url, &loaded.config.database).await?;
                 let applied = store.migrate().await?;
                 println!("{applied} migration(s) applied; schema is current");
                 store.pool().close().await;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Serve { .. } => {
-                let app = tasker::app::App::build(loaded.config).await?;
-                app.run(tasker::app::shutdown_signal()).await?;
+                let app = tasker::App::build(loaded.config).await?;
+                app.run(tasker::shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Bench {
@@ -244,21 +252,21 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                 if cli.database_url.is_none() {
                     db.url.clear(); // never empty the service's own database
                 }
-                let resolved = tasker::local_db::resolve(&db, "tasker_bench").await?;
+                let resolved = resolve_database(&db, "tasker_bench").await?;
                 eprintln!(
                     "bench database: {} ({})",
                     config::redact_url(&resolved.url),
                     resolved.origin
                 );
                 if soak {
-                    let opts = tasker::bench::SoakOptions {
+                    let opts = bench::SoakOptions {
                         mode: modes.first().copied().unwrap_or_default(),
                         duration: std::time::Duration::from_secs(duration_secs),
                         rate,
                         interval: std::time::Duration::from_secs(interval_secs.max(1)),
                         workers: workers.max(1),
                     };
-                    let report = tasker::bench::soak(&resolved.url, &loaded.config, &opts).await?;
+                    let report = bench::soak(&resolved.url, &loaded.config, &opts).await?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&report)?);
                     } else {
@@ -275,21 +283,21 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                     drop(resolved);
                     return Ok(ExitCode::SUCCESS);
                 }
-                let opts = tasker::bench::BenchOptions {
+                let opts = bench::BenchOptions {
                     modes,
                     concurrency,
                     duration: std::time::Duration::from_secs(duration_secs),
                 };
-                let report = tasker::bench::run(&resolved.url, &loaded.config, &opts).await?;
+                let report = bench::run(&resolved.url, &loaded.config, &opts).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    println!("{}", tasker::bench::render(&report));
+                    println!("{}", bench::render(&report));
                 }
                 drop(resolved);
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Ctl { options, command } => match tasker::ctl::run(options, command).await {
+            Command::Ctl { options, command } => match ctl::run(options, command).await {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("tasker ctl: {e}");
@@ -299,7 +307,7 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
             Command::Token {
                 action: TokenAction::Hash { token },
             } => {
-                println!("{}", tasker::grpc::auth::hash_token(&token));
+                println!("{}", tasker::config::hash_token(&token));
                 Ok(ExitCode::SUCCESS)
             }
             Command::Token {
@@ -311,15 +319,14 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                 println!(
                     "token:  {token}
 sha256: {}",
-                    tasker::grpc::auth::hash_token(&token)
+                    tasker::config::hash_token(&token)
                 );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Db {
                 action: DbAction::Exec { database, command },
             } => {
-                let resolved =
-                    tasker::local_db::resolve(&loaded.config.database, &database).await?;
+                let resolved = resolve_database(&loaded.config.database, &database).await?;
                 eprintln!(
                     "tasker db exec: DATABASE_URL={} ({})",
                     config::redact_url(&resolved.url),

@@ -28,11 +28,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{jittered, NamespaceSelector, SweepRequester};
-use crate::commands::{CommandProcessorHandle, OrchestrationCommand, TriggeredBy};
+use crate::commands::{CommandProcessorHandle, OrchestrationCommand};
 use crate::config::{DeploymentMode, TaskReadinessConfig};
 use crate::metrics::Metrics;
+use crate::namespaces::NamespaceSelector;
 use crate::store::Store;
+use crate::vocabulary::TriggeredBy;
+use crate::wakeups::SweepRequester;
+
+/// A period with up to 10% jitter either way, so instances do not poll in lockstep.
+fn jittered(period: Duration) -> Duration {
+    period.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+}
 
 /// A round stops after this many batches even if tasks keep coming; the next round continues.
 const MAX_BATCHES_PER_ROUND: usize = 100;
@@ -153,13 +160,7 @@ impl ReadinessFallbackPoller {
             let span =
                 tracing::info_span!("poller.round", kind = kind.as_str(), tasks = fresh.len());
             let sends = fresh.into_iter().map(|r| {
-                let command = OrchestrationCommand::process_task(
-                    r.task_uuid,
-                    r.namespace,
-                    r.priority,
-                    r.ready_steps,
-                    kind,
-                );
+                let command = OrchestrationCommand::process_task(r.task_uuid, r.namespace, kind);
                 let commands = self.commands.clone();
                 let metrics = self.metrics.clone();
                 async move {

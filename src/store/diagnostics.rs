@@ -1,0 +1,155 @@
+//! What the benchmark and operators measure, read from the database: the server's settings,
+//! the completion -> enqueue latency of recent hops (from the history), a soak's snapshot,
+//! and the physical floor of one hop (commit of an UPDATE + `pg_notify`, received by a
+//! LISTEN connection). Also emptying a scratch database between benchmark scenarios.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgListener;
+
+use super::{Store, StoreError};
+
+/// Server settings that decide what a measurement means.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub server_version: String,
+    pub synchronous_commit: String,
+    pub autovacuum: String,
+}
+
+/// One soak interval's view of the database.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SoakSnapshot {
+    /// Connections to this database.
+    pub connections: i64,
+    /// `pg_notification_queue_usage()`: a listener that falls behind fills this.
+    pub notification_queue_usage: f64,
+    /// Queued steps not yet leased.
+    pub backlog_steps: i64,
+}
+
+impl Store {
+    pub async fn server_settings(&self) -> Result<ServerSettings, StoreError> {
+        let (server_version, synchronous_commit, autovacuum): (String, String, String) =
+            sqlx::query_as(
+                "SELECT current_setting('server_version'), current_setting('synchronous_commit'),
+                        current_setting('autovacuum')",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(ServerSettings {
+            server_version,
+            synchronous_commit,
+            autovacuum,
+        })
+    }
+
+    /// Empty every Tasker table. For the benchmark's scratch database only: the caller makes
+    /// sure it is not a database anyone uses.
+    pub async fn truncate_all(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "TRUNCATE tasker.step_queue, tasker.step_transitions, tasker.task_transitions,
+                      tasker.step_edges, tasker.workflow_steps, tasker.tasks, tasker.namespaces",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Completion -> enqueue latency (ms, database clock) of every step enqueued between
+    /// `from` and `to` that has a parent: its `enqueued_at` minus its last parent's
+    /// `completed_at`.
+    pub async fn completion_to_enqueue_ms(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<f64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT (extract(epoch FROM c.enqueued_at - p.last) * 1000)::float8
+             FROM tasker.workflow_steps c
+             JOIN LATERAL (SELECT max(ps.completed_at) AS last
+                           FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
+                           WHERE e.child_step_uuid = c.step_uuid) p ON p.last IS NOT NULL
+             WHERE c.enqueued_at BETWEEN $1 AND $2",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Completion -> enqueue latencies (ms) of the enqueues recorded in the history after
+    /// history row `after`, and the last row id seen. Windowed by the append-only history's
+    /// identity key: a scan of every step ever made, growing through a soak, was itself a load
+    /// on the machine being measured (over a second per report at 5 minutes).
+    pub async fn enqueue_latencies_since(&self, after: i64) -> Result<(Vec<f64>, i64), StoreError> {
+        let rows: Vec<(i64, f64)> = sqlx::query_as(
+            "SELECT st.id, (extract(epoch FROM c.enqueued_at - p.last) * 1000)::float8
+             FROM tasker.step_transitions st
+             JOIN tasker.workflow_steps c ON c.step_uuid = st.step_uuid
+             JOIN LATERAL (SELECT max(ps.completed_at) AS last
+                           FROM tasker.step_edges e JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
+                           WHERE e.child_step_uuid = c.step_uuid) p ON p.last IS NOT NULL
+             WHERE st.id > $1 AND st.to_state = 'enqueued'",
+        )
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = rows.iter().map(|r| r.0).max().unwrap_or(after);
+        Ok((rows.into_iter().map(|r| r.1).collect(), last))
+    }
+
+    pub async fn soak_snapshot(&self) -> Result<SoakSnapshot, StoreError> {
+        let (connections, notification_queue_usage, backlog_steps): (i64, f64, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()),
+                        pg_notification_queue_usage(),
+                        (SELECT count(*) FROM tasker.step_queue WHERE leased_by IS NULL)",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(SoakSnapshot {
+            connections,
+            notification_queue_usage,
+            backlog_steps,
+        })
+    }
+
+    /// The physical floor of one hop, `rounds` times: commit an UPDATE + `pg_notify` on one
+    /// connection, wait for it on a LISTEN connection. Milliseconds per round. Uses (and then
+    /// drops) a scratch table `tasker_floor` in the public schema.
+    pub async fn notify_floor_ms(&self, rounds: usize) -> Result<Vec<f64>, StoreError> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS tasker_floor (id int PRIMARY KEY, v int)")
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("INSERT INTO tasker_floor VALUES (1, 0) ON CONFLICT DO NOTHING")
+            .execute(&self.pool)
+            .await?;
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("tasker_floor").await?;
+        let mut conn = self.pool.acquire().await?;
+        let mut samples = Vec::with_capacity(rounds);
+        for i in 0..rounds {
+            let t0 = Instant::now();
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            sqlx::query("UPDATE tasker_floor SET v = v + 1 WHERE id = 1")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_notify('tasker_floor', $1)")
+                .bind(i.to_string())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            listener.recv().await?;
+            samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        drop(listener);
+        drop(conn);
+        sqlx::query("DROP TABLE tasker_floor")
+            .execute(&self.pool)
+            .await?;
+        Ok(samples)
+    }
+}
