@@ -37,7 +37,7 @@ impl App {
             .context("connecting to the database")?;
         let applied = store.migrate().await.context("applying migrations")?;
         tracing::info!(applied, "migrations up to date");
-        let addr: SocketAddr = config.grpc.bind.parse().context("grpc.bind")?;
+        let addr = config.grpc.bind;
         let server = GrpcServer::bind(addr)
             .await
             .with_context(|| format!("binding gRPC on {addr}"))?;

@@ -6,9 +6,10 @@
 //! 3. `config/tasker/environments/<TASKER_ENV>/*.toml` (`TASKER_ENV` defaults to `development`),
 //! 4. `DATABASE_URL` (as `database.url`),
 //! 5. environment variables `TASKER_<SECTION>__<KEY>`, `__` between levels
-//!    (`TASKER_ORCHESTRATION__DEPLOYMENT__MODE=PollingOnly`). Only names containing `__` are
-//!    read: every setting lives in a section, and plain `TASKER_ENV`, `TASKER_TOKEN`, ... are
-//!    the process's own variables, not settings,
+//!    (`TASKER_ORCHESTRATION__DEPLOYMENT__MODE=PollingOnly`). The process's own variables
+//!    ([`PROCESS_VARIABLES`]: `TASKER_ENV`, `TASKER_TOKEN`, ...) are not settings; any other
+//!    `TASKER_` variable without `__` is reported as a problem, with the setting it probably
+//!    meant (`TASKER_DATABASE_URL` -> `TASKER_DATABASE__URL`), rather than silently ignored,
 //! 6. command-line flags.
 //!
 //! [`load`] checks everything before it returns: unknown keys, values of the wrong type,
@@ -18,7 +19,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
@@ -90,49 +93,112 @@ impl std::str::FromStr for DeploymentMode {
 
 /// Defaults, each with the reason it has this value.
 pub mod defaults {
-    /// The design note's figure: events do the work, the poller is a safety net.
-    pub const FALLBACK_POLLING_INTERVAL_SECONDS: i64 = 30;
+    use std::time::Duration;
+
+    /// Events do the work, the poller is a safety net; with the jitter and the age threshold
+    /// it finds a missed event within [`MISSED_EVENT_BOUND`](super::MISSED_EVENT_BOUND).
+    pub const FALLBACK_POLLING_INTERVAL: Duration = Duration::from_secs(25);
     /// A task ready for less than this is probably being handled by its notification right now.
-    pub const AGE_THRESHOLD_SECONDS: i64 = 5;
+    pub const AGE_THRESHOLD: Duration = Duration::from_secs(2);
     /// Tasks per poller query; the poller loops while a round comes back full.
-    pub const BATCH_SIZE: i64 = 50;
+    pub const BATCH_SIZE: u32 = 50;
     /// Upper bound of the listener's reconnect backoff (jittered, doubling from 100 ms).
-    pub const LISTENER_MAX_BACKOFF_MS: i64 = 5_000;
+    pub const LISTENER_MAX_BACKOFF: Duration = Duration::from_millis(5_000);
     /// A LISTEN connection that is silently dead (no RST) is noticed within this interval.
-    pub const LISTENER_PING_INTERVAL_SECONDS: i64 = 15;
+    pub const LISTENER_PING_INTERVAL: Duration = Duration::from_secs(15);
     /// Bounded command queue: beyond this, senders are told "overloaded" instead of queueing
     /// without limit; the poller picks up whatever was refused.
-    pub const COMMAND_CHANNEL_CAPACITY: i64 = 1_024;
+    pub const COMMAND_CHANNEL_CAPACITY: usize = 1_024;
     /// Commands processed at once. Each holds a pooled connection for one short transaction.
-    pub const MAX_CONCURRENT_COMMANDS: i64 = 8;
+    pub const MAX_CONCURRENT_COMMANDS: usize = 8;
     /// Completions committed in one transaction: the NOTIFY commit lock is taken once per
     /// batch instead of once per completion. A lone completion is never held back.
-    pub const COMPLETION_MAX_BATCH: i64 = 64;
+    pub const COMPLETION_MAX_BATCH: usize = 64;
     /// Two batches at once: one commits while the next does its row work.
-    pub const COMPLETION_EXECUTORS: i64 = 2;
+    pub const COMPLETION_EXECUTORS: usize = 2;
     /// Enough for a few seconds of a busy processor; observers further behind get a gap event.
-    pub const EVENT_BUFFER: i64 = 4_096;
+    pub const EVENT_BUFFER: usize = 4_096;
     /// A task claimed by another instance is tried again after this delay: the holder may
     /// have read its ready set before a completion that made more steps ready.
-    pub const CLAIM_RETRY_DELAY_MS: i64 = 25;
-    pub const CLAIM_RETRY_ATTEMPTS: i64 = 8;
+    pub const CLAIM_RETRY_DELAY: Duration = Duration::from_millis(25);
+    pub const CLAIM_RETRY_ATTEMPTS: u32 = 8;
     /// In-flight commands get this long to finish on shutdown before they are abandoned (their
     /// tasks stay ready and are picked up by the next instance's startup sweep).
-    pub const SHUTDOWN_GRACE_PERIOD_SECONDS: i64 = 10;
-    pub const DATABASE_MAX_CONNECTIONS: i64 = 20;
-    pub const DATABASE_MIN_CONNECTIONS: i64 = 2;
-    pub const DATABASE_ACQUIRE_TIMEOUT_SECONDS: i64 = 5;
-    pub const DATABASE_CONNECT_TIMEOUT_SECONDS: i64 = 5;
+    pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(10);
+    pub const DATABASE_MAX_CONNECTIONS: u32 = 20;
+    pub const DATABASE_MIN_CONNECTIONS: u32 = 2;
+    /// Bounds both waiting for a pooled connection and opening a new one.
+    pub const DATABASE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
     /// Tried when no database URL is configured, before an embedded cluster is started.
     pub const LOCAL_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tasker";
     pub const EMBEDDED_DATA_DIR: &str = ".tasker/pg";
     pub const GRPC_BIND: &str = "127.0.0.1:50051";
     /// Large enough for a task of 1,000 steps with modest inputs; oversized requests are
     /// refused by the transport before they are decoded.
-    pub const GRPC_MAX_REQUEST_BYTES: i64 = 4 * 1024 * 1024;
-    pub const GRPC_REQUEST_TIMEOUT_SECONDS: i64 = 30;
+    pub const GRPC_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+    pub const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// Long-poll FetchSteps calls may wait up to this long; it bounds `wait_ms`.
-    pub const GRPC_MAX_FETCH_WAIT_MS: i64 = 20_000;
+    pub const GRPC_MAX_FETCH_WAIT: Duration = Duration::from_millis(20_000);
+}
+
+/// The longest a ready task waits for the fallback poller after its notification was lost,
+/// with the default settings: the age threshold, then at most one polling period with its
+/// +10 % jitter (2 s + 27.5 s). In general the bound is
+/// `age_threshold + 1.1 x fallback_polling_interval`.
+pub const MISSED_EVENT_BOUND: Duration = Duration::from_secs(30);
+
+/// Durations in configuration files are whole numbers in the unit their key names
+/// (`*_seconds`, `*_ms`).
+mod seconds {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// An optional value, written as `""` when absent (TOML has no null).
+mod empty_is_none {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::str::FromStr;
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => v.serialize(s),
+            None => "".serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -158,9 +224,9 @@ pub struct OrchestrationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CompletionsConfig {
     /// Completions committed together at most; 1 commits each on its own.
-    pub max_batch: i64,
+    pub max_batch: usize,
     /// Batches in flight at once.
-    pub executors: i64,
+    pub executors: usize,
 }
 
 impl Default for CompletionsConfig {
@@ -181,25 +247,29 @@ pub struct DeploymentConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskReadinessConfig {
-    pub fallback_polling_interval_seconds: i64,
-    pub age_threshold_seconds: i64,
-    pub batch_size: i64,
+    #[serde(rename = "fallback_polling_interval_seconds", with = "seconds")]
+    pub fallback_polling_interval: Duration,
+    #[serde(rename = "age_threshold_seconds", with = "seconds")]
+    pub age_threshold: Duration,
+    pub batch_size: u32,
     /// Namespaces this instance serves: exact names or prefix patterns ending in `*`
     /// (`billing-*`). Empty means all (the global channels).
     pub namespaces: Vec<String>,
-    pub listener_max_backoff_ms: i64,
-    pub listener_ping_interval_seconds: i64,
+    #[serde(rename = "listener_max_backoff_ms", with = "millis")]
+    pub listener_max_backoff: Duration,
+    #[serde(rename = "listener_ping_interval_seconds", with = "seconds")]
+    pub listener_ping_interval: Duration,
 }
 
 impl Default for TaskReadinessConfig {
     fn default() -> Self {
         Self {
-            fallback_polling_interval_seconds: defaults::FALLBACK_POLLING_INTERVAL_SECONDS,
-            age_threshold_seconds: defaults::AGE_THRESHOLD_SECONDS,
+            fallback_polling_interval: defaults::FALLBACK_POLLING_INTERVAL,
+            age_threshold: defaults::AGE_THRESHOLD,
             batch_size: defaults::BATCH_SIZE,
             namespaces: Vec::new(),
-            listener_max_backoff_ms: defaults::LISTENER_MAX_BACKOFF_MS,
-            listener_ping_interval_seconds: defaults::LISTENER_PING_INTERVAL_SECONDS,
+            listener_max_backoff: defaults::LISTENER_MAX_BACKOFF,
+            listener_ping_interval: defaults::LISTENER_PING_INTERVAL,
         }
     }
 }
@@ -207,14 +277,16 @@ impl Default for TaskReadinessConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CommandProcessorConfig {
-    pub channel_capacity: i64,
+    pub channel_capacity: usize,
     /// Lifecycle events kept for stream observers; one that falls further behind gets a gap
     /// event saying how many it missed.
-    pub event_buffer: i64,
-    pub max_concurrent_commands: i64,
-    pub claim_retry_delay_ms: i64,
-    pub claim_retry_attempts: i64,
-    pub shutdown_grace_period_seconds: i64,
+    pub event_buffer: usize,
+    pub max_concurrent_commands: usize,
+    #[serde(rename = "claim_retry_delay_ms", with = "millis")]
+    pub claim_retry_delay: Duration,
+    pub claim_retry_attempts: u32,
+    #[serde(rename = "shutdown_grace_period_seconds", with = "seconds")]
+    pub shutdown_grace_period: Duration,
 }
 
 impl Default for CommandProcessorConfig {
@@ -223,9 +295,9 @@ impl Default for CommandProcessorConfig {
             channel_capacity: defaults::COMMAND_CHANNEL_CAPACITY,
             event_buffer: defaults::EVENT_BUFFER,
             max_concurrent_commands: defaults::MAX_CONCURRENT_COMMANDS,
-            claim_retry_delay_ms: defaults::CLAIM_RETRY_DELAY_MS,
+            claim_retry_delay: defaults::CLAIM_RETRY_DELAY,
             claim_retry_attempts: defaults::CLAIM_RETRY_ATTEMPTS,
-            shutdown_grace_period_seconds: defaults::SHUTDOWN_GRACE_PERIOD_SECONDS,
+            shutdown_grace_period: defaults::SHUTDOWN_GRACE_PERIOD,
         }
     }
 }
@@ -233,24 +305,26 @@ impl Default for CommandProcessorConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// Empty: use [`defaults::LOCAL_DATABASE_URL`] if it answers, else an embedded cluster.
-    pub url: String,
-    pub max_connections: i64,
-    pub min_connections: i64,
-    pub acquire_timeout_seconds: i64,
-    pub connect_timeout_seconds: i64,
-    pub embedded_data_dir: String,
+    /// `None` (`""` in files): use [`defaults::LOCAL_DATABASE_URL`] if it answers, else an
+    /// embedded cluster.
+    #[serde(with = "empty_is_none")]
+    pub url: Option<String>,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    /// Waiting for a pooled connection, including opening a new one.
+    #[serde(rename = "acquire_timeout_seconds", with = "seconds")]
+    pub acquire_timeout: Duration,
+    pub embedded_data_dir: PathBuf,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
-            url: String::new(),
+            url: None,
             max_connections: defaults::DATABASE_MAX_CONNECTIONS,
             min_connections: defaults::DATABASE_MIN_CONNECTIONS,
-            acquire_timeout_seconds: defaults::DATABASE_ACQUIRE_TIMEOUT_SECONDS,
-            connect_timeout_seconds: defaults::DATABASE_CONNECT_TIMEOUT_SECONDS,
-            embedded_data_dir: defaults::EMBEDDED_DATA_DIR.to_string(),
+            acquire_timeout: defaults::DATABASE_ACQUIRE_TIMEOUT,
+            embedded_data_dir: PathBuf::from(defaults::EMBEDDED_DATA_DIR),
         }
     }
 }
@@ -258,10 +332,12 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcConfig {
-    pub bind: String,
-    pub max_request_bytes: i64,
-    pub request_timeout_seconds: i64,
-    pub max_fetch_wait_ms: i64,
+    pub bind: SocketAddr,
+    pub max_request_bytes: usize,
+    #[serde(rename = "request_timeout_seconds", with = "seconds")]
+    pub request_timeout: Duration,
+    #[serde(rename = "max_fetch_wait_ms", with = "millis")]
+    pub max_fetch_wait: Duration,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
 }
@@ -269,10 +345,12 @@ pub struct GrpcConfig {
 impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
-            bind: defaults::GRPC_BIND.to_string(),
+            bind: defaults::GRPC_BIND
+                .parse()
+                .expect("a valid default address"),
             max_request_bytes: defaults::GRPC_MAX_REQUEST_BYTES,
-            request_timeout_seconds: defaults::GRPC_REQUEST_TIMEOUT_SECONDS,
-            max_fetch_wait_ms: defaults::GRPC_MAX_FETCH_WAIT_MS,
+            request_timeout: defaults::GRPC_REQUEST_TIMEOUT,
+            max_fetch_wait: defaults::GRPC_MAX_FETCH_WAIT,
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
         }
@@ -299,19 +377,33 @@ pub struct TokenConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
-    pub cert_path: String,
-    pub key_path: String,
+    /// PEM certificate chain; set together with `key_path`.
+    #[serde(with = "empty_is_none")]
+    pub cert_path: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub key_path: Option<PathBuf>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// `text` (human-readable) or `json`.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// An env-filter directive; `RUST_LOG` overrides it.
     pub log_filter: String,
-    /// OTLP/gRPC endpoint; empty disables export unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
-    pub otlp_endpoint: String,
+    /// OTLP/gRPC endpoint; `None` disables export unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    #[serde(with = "empty_is_none")]
+    pub otlp_endpoint: Option<String>,
     pub service_name: String,
     /// Fraction of root traces sampled, 0.0 ..= 1.0.
     pub sample_ratio: f64,
@@ -320,16 +412,14 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
-            log_format: "text".to_string(),
+            log_format: LogFormat::Text,
             log_filter: "info,sqlx=warn".to_string(),
-            otlp_endpoint: String::new(),
+            otlp_endpoint: None,
             service_name: "tasker".to_string(),
             sample_ratio: 1.0,
         }
     }
 }
-
-pub use crate::namespaces::{namespace_name_problem, MAX_NAMESPACE_BYTES};
 
 /// The hex SHA-256 of a token, as stored in `grpc.auth.tokens[].sha256`.
 pub fn hash_token(token: &str) -> String {
@@ -339,6 +429,8 @@ pub fn hash_token(token: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+pub use crate::namespaces::{namespace_name_problem, MAX_NAMESPACE_BYTES};
 
 /// Scopes a token may carry.
 pub const SCOPES: [&str; 3] = ["read", "write", "admin"];
@@ -517,13 +609,28 @@ fn build_figment(sources: &ConfigSources, problems: &mut Vec<ConfigProblem>) -> 
         ));
     }
     for (k, v) in &vars {
-        if let Some(rest) = k.strip_prefix("TASKER_").filter(|r| r.contains("__")) {
+        let Some(rest) = k.strip_prefix("TASKER_") else {
+            continue;
+        };
+        if rest.contains("__") {
             let key = rest.to_ascii_lowercase().replace("__", ".");
             figment = figment.merge(Layer::new(
                 &format!("environment variable {k}"),
                 &key,
                 parse_env_value(v),
             ));
+        } else if !PROCESS_VARIABLES.contains(&k.as_str()) {
+            problems.push(ConfigProblem {
+                key: k.clone(),
+                message: format!(
+                    "not a setting: settings are TASKER_<SECTION>__<KEY> with `__` between levels{}; the process's own variables are {}",
+                    meant_setting(rest)
+                        .map(|s| format!(" (did you mean {s}?)"))
+                        .unwrap_or_default(),
+                    PROCESS_VARIABLES.join(", ")
+                ),
+                source: Some(format!("environment variable {k}")),
+            });
         }
     }
     for (key, value) in &sources.overrides {
@@ -534,6 +641,43 @@ fn build_figment(sources: &ConfigSources, problems: &mut Vec<ConfigProblem>) -> 
         ));
     }
     figment
+}
+
+/// `TASKER_` variables that belong to the process (the binary's flags read them), not to the
+/// configuration.
+pub const PROCESS_VARIABLES: [&str; 5] = [
+    "TASKER_ENV",
+    "TASKER_CONFIG_DIR",
+    "TASKER_ENDPOINT",
+    "TASKER_TOKEN",
+    "TASKER_CA_CERT",
+];
+
+/// For a variable written with single underscores (`DATABASE_URL`), the `__` spelling of a
+/// setting it matches (`TASKER_DATABASE__URL`), if any.
+fn meant_setting(rest: &str) -> Option<String> {
+    let defaults = serde_json::to_value(TaskerConfig::default()).ok()?;
+    let lower = rest.to_ascii_lowercase();
+    let mut found = None;
+    walk_leaves(&defaults, &mut Vec::new(), &mut |path| {
+        if path.join("_") == lower {
+            found = Some(format!("TASKER_{}", path.join("__").to_ascii_uppercase()));
+        }
+    });
+    found
+}
+
+fn walk_leaves(value: &Value, path: &mut Vec<String>, f: &mut impl FnMut(&[String])) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                path.push(k.clone());
+                walk_leaves(v, path, f);
+                path.pop();
+            }
+        }
+        _ => f(path),
+    }
 }
 
 /// One value at a dotted key, named after where it came from so `config show` and error
@@ -593,12 +737,10 @@ fn source_of(figment: &Figment, path: &[String]) -> Option<String> {
     let key = path.join(".");
     let meta = figment.find_metadata(&key)?;
     let name = meta.name.to_string();
-    if name.contains("Serialized") {
-        // compiled defaults are not a source worth naming
-        return None;
-    }
     Some(match &meta.source {
         Some(figment::Source::File(p)) => p.display().to_string(),
+        // the compiled defaults (`Serialized::defaults`) are not a source worth naming
+        Some(figment::Source::Code(_)) => return None,
         Some(other) => format!("{name} {other}"),
         None => name,
     })
@@ -698,101 +840,139 @@ fn kind(v: &Value) -> &'static str {
 }
 
 impl TaskerConfig {
-    /// Range and cross-field rules: (dotted key, message) for every violation.
+    /// Range and cross-field rules: (dotted key, message) for every violation. Types (whole
+    /// numbers, addresses, enums) were already checked while reading.
     pub fn validate(&self, environment: &str) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        let mut at_least = |key: &str, value: i64, min: i64| {
-            if value < min {
-                out.push((key.to_string(), format!("must be >= {min}, is {value}")));
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut range = |key: &str, value: u64, min: u64, max: u64| {
+            if value < min || value > max {
+                out.push((
+                    key.to_string(),
+                    format!("must be between {min} and {max}, is {value}"),
+                ));
             }
         };
         let tr = &self.orchestration.task_readiness;
-        at_least(
+        let cp = &self.orchestration.command_processor;
+        let co = &self.orchestration.completions;
+        let db = &self.database;
+        let g = &self.grpc;
+        const DAY_S: u64 = 86_400;
+        range(
             "orchestration.task_readiness.fallback_polling_interval_seconds",
-            tr.fallback_polling_interval_seconds,
+            tr.fallback_polling_interval.as_secs(),
             1,
+            DAY_S,
         );
-        at_least(
+        range(
             "orchestration.task_readiness.age_threshold_seconds",
-            tr.age_threshold_seconds,
+            tr.age_threshold.as_secs(),
             0,
+            DAY_S,
         );
-        at_least("orchestration.task_readiness.batch_size", tr.batch_size, 1);
-        at_least(
+        range(
+            "orchestration.task_readiness.batch_size",
+            tr.batch_size.into(),
+            1,
+            10_000,
+        );
+        range(
             "orchestration.task_readiness.listener_max_backoff_ms",
-            tr.listener_max_backoff_ms,
+            tr.listener_max_backoff.as_millis() as u64,
+            100,
+            600_000,
+        );
+        range(
+            "orchestration.task_readiness.listener_ping_interval_seconds",
+            tr.listener_ping_interval.as_secs(),
+            1,
+            3_600,
+        );
+        range(
+            "orchestration.command_processor.channel_capacity",
+            cp.channel_capacity as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "orchestration.command_processor.event_buffer",
+            cp.event_buffer as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "orchestration.command_processor.max_concurrent_commands",
+            cp.max_concurrent_commands as u64,
+            1,
+            1_000,
+        );
+        range(
+            "orchestration.command_processor.claim_retry_delay_ms",
+            cp.claim_retry_delay.as_millis() as u64,
+            1,
+            60_000,
+        );
+        range(
+            "orchestration.command_processor.claim_retry_attempts",
+            cp.claim_retry_attempts.into(),
+            0,
             100,
         );
-        at_least(
-            "orchestration.task_readiness.listener_ping_interval_seconds",
-            tr.listener_ping_interval_seconds,
-            1,
-        );
-        let cp = &self.orchestration.command_processor;
-        at_least(
-            "orchestration.command_processor.channel_capacity",
-            cp.channel_capacity,
-            1,
-        );
-        at_least(
-            "orchestration.command_processor.event_buffer",
-            cp.event_buffer,
-            1,
-        );
-        at_least(
-            "orchestration.command_processor.max_concurrent_commands",
-            cp.max_concurrent_commands,
-            1,
-        );
-        at_least(
-            "orchestration.command_processor.claim_retry_delay_ms",
-            cp.claim_retry_delay_ms,
-            1,
-        );
-        at_least(
-            "orchestration.command_processor.claim_retry_attempts",
-            cp.claim_retry_attempts,
-            0,
-        );
-        at_least(
+        range(
             "orchestration.command_processor.shutdown_grace_period_seconds",
-            cp.shutdown_grace_period_seconds,
+            cp.shutdown_grace_period.as_secs(),
             0,
+            3_600,
         );
-        at_least(
+        range(
             "orchestration.completions.max_batch",
-            self.orchestration.completions.max_batch,
+            co.max_batch as u64,
             1,
+            10_000,
         );
-        at_least(
+        range(
             "orchestration.completions.executors",
-            self.orchestration.completions.executors,
+            co.executors as u64,
             1,
+            64,
         );
-        let db = &self.database;
-        at_least("database.max_connections", db.max_connections, 2);
-        at_least("database.min_connections", db.min_connections, 0);
-        at_least(
+        range(
+            "database.max_connections",
+            db.max_connections.into(),
+            2,
+            10_000,
+        );
+        range(
+            "database.min_connections",
+            db.min_connections.into(),
+            0,
+            10_000,
+        );
+        range(
             "database.acquire_timeout_seconds",
-            db.acquire_timeout_seconds,
+            db.acquire_timeout.as_secs(),
             1,
+            3_600,
         );
-        at_least(
-            "database.connect_timeout_seconds",
-            db.connect_timeout_seconds,
+        range(
+            "grpc.max_request_bytes",
+            g.max_request_bytes as u64,
+            1024,
+            1 << 30,
+        );
+        range(
+            "grpc.request_timeout_seconds",
+            g.request_timeout.as_secs(),
             1,
+            DAY_S,
         );
-        let g = &self.grpc;
-        at_least("grpc.max_request_bytes", g.max_request_bytes, 1024);
-        at_least("grpc.request_timeout_seconds", g.request_timeout_seconds, 1);
-        at_least("grpc.max_fetch_wait_ms", g.max_fetch_wait_ms, 0);
+        range(
+            "grpc.max_fetch_wait_ms",
+            g.max_fetch_wait.as_millis() as u64,
+            0,
+            DAY_S * 1000,
+        );
 
-        if tr.batch_size > 10_000 {
-            out.push((
-                "orchestration.task_readiness.batch_size".into(),
-                format!("must be <= 10000, is {}", tr.batch_size),
-            ));
-        }
         for (i, ns) in tr.namespaces.iter().enumerate() {
             // an entry is a namespace, or a prefix pattern ending in '*'
             let problem = match ns.strip_suffix('*') {
@@ -817,7 +997,7 @@ impl TaskerConfig {
             ));
         }
         // Every command holds a connection; the listener, the poller and gRPC reads need some too.
-        if cp.max_concurrent_commands >= db.max_connections {
+        if cp.max_concurrent_commands as u64 >= u64::from(db.max_connections) {
             out.push((
                 "orchestration.command_processor.max_concurrent_commands".into(),
                 format!(
@@ -826,42 +1006,34 @@ impl TaskerConfig {
                 ),
             ));
         }
-        if !(db.url.is_empty()
-            || db.url.starts_with("postgres://")
-            || db.url.starts_with("postgresql://"))
-        {
-            out.push((
-                "database.url".into(),
-                "must start with postgres:// or postgresql://".into(),
-            ));
+        if let Some(url) = &db.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                out.push((
+                    "database.url".into(),
+                    "must start with postgres:// or postgresql://".into(),
+                ));
+            }
         }
-        if g.bind.parse::<std::net::SocketAddr>().is_err() {
-            out.push((
-                "grpc.bind".into(),
-                format!(
-                    "must be an address:port such as 127.0.0.1:50051, is {:?}",
-                    g.bind
-                ),
-            ));
-        }
-        if g.max_fetch_wait_ms >= g.request_timeout_seconds * 1000 {
+        if g.max_fetch_wait >= g.request_timeout {
             out.push((
                 "grpc.max_fetch_wait_ms".into(),
                 format!(
                     "must be less than grpc.request_timeout_seconds ({} ms >= {} s), or long-polls are cut off by the request timeout",
-                    g.max_fetch_wait_ms, g.request_timeout_seconds
+                    g.max_fetch_wait.as_millis(),
+                    g.request_timeout.as_secs()
                 ),
             ));
         }
-        if let Ok(addr) = g.bind.parse::<std::net::SocketAddr>() {
-            if !addr.ip().is_loopback() && g.auth.tokens.is_empty() {
-                out.push((
-                    "grpc.auth.tokens".into(),
-                    format!("grpc.bind {} is reachable from other hosts: configure tokens, or bind to 127.0.0.1", g.bind),
-                ));
-            }
+        if !g.bind.ip().is_loopback() && g.auth.tokens.is_empty() {
+            out.push((
+                "grpc.auth.tokens".into(),
+                format!(
+                    "grpc.bind {} is reachable from other hosts: configure tokens, or bind to 127.0.0.1",
+                    g.bind
+                ),
+            ));
         }
-        if g.tls.cert_path.is_empty() != g.tls.key_path.is_empty() {
+        if g.tls.cert_path.is_some() != g.tls.key_path.is_some() {
             out.push((
                 "grpc.tls".into(),
                 "cert_path and key_path must be set together".into(),
@@ -899,15 +1071,6 @@ impl TaskerConfig {
                 "grpc.auth.tokens".into(),
                 format!(
                     "at least one token is required (grpc.auth.required = true in environment {environment:?})"
-                ),
-            ));
-        }
-        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
-            out.push((
-                "telemetry.log_format".into(),
-                format!(
-                    "must be \"text\" or \"json\", is {:?}",
-                    self.telemetry.log_format
                 ),
             ));
         }
@@ -956,17 +1119,38 @@ fn redact(value: &mut Value) {
     }
 }
 
-/// `postgres://user:secret@host/db` -> `postgres://user:<redacted>@host/db`.
+/// A URL with its secrets replaced: the password in the userinfo
+/// (`postgres://user:secret@host/db` -> `postgres://user:<redacted>@host/db`) and any
+/// `password`, `sslpassword` or `passfile`-like query parameter.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_string();
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+                None => base.to_string(),
+            },
+            None => base.to_string(),
+        },
+        None => base.to_string(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
-        None => url.to_string(),
+    match query {
+        None => base,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                        format!("{k}=<redacted>")
+                    }
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
     }
 }
 
@@ -997,5 +1181,27 @@ fn render_table(
         path.push(k.clone());
         render_table(v, path, sources, out);
         path.pop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted_in_userinfo_and_query() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:<redacted>@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=secret&sslmode=require"),
+            "postgres://u@h/db?password=<redacted>&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p%40ss@h/db?sslpassword=x"),
+            "postgres://u:<redacted>@h/db?sslpassword=<redacted>"
+        );
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
     }
 }

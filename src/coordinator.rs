@@ -76,8 +76,8 @@ impl UnifiedEventCoordinator {
             listener_tx,
             sweeps.clone(),
             metrics.clone(),
-            Duration::from_millis(tr.listener_max_backoff_ms as u64),
-            Duration::from_secs(tr.listener_ping_interval_seconds as u64),
+            tr.listener_max_backoff,
+            tr.listener_ping_interval,
         );
         let poller = ReadinessFallbackPoller::new(
             store.clone(),
@@ -93,7 +93,7 @@ impl UnifiedEventCoordinator {
             store,
             commands,
             selector,
-            Duration::from_secs(tr.fallback_polling_interval_seconds as u64),
+            tr.fallback_polling_interval,
             poke,
             metrics,
         );

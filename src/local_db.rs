@@ -61,9 +61,9 @@ pub async fn resolve(
     cfg: &DatabaseConfig,
     database_name: &str,
 ) -> Result<ResolvedDatabase, LocalDbError> {
-    if !cfg.url.is_empty() {
+    if let Some(url) = &cfg.url {
         return Ok(ResolvedDatabase {
-            url: cfg.url.clone(),
+            url: url.clone(),
             origin: "configured database.url",
             embedded: None,
         });

@@ -88,8 +88,8 @@ impl TelemetryGuard {
 
 /// The OTLP endpoint to export to, if any: configuration first, then the standard variable.
 pub fn otlp_endpoint(cfg: &TelemetryConfig) -> Option<String> {
-    if !cfg.otlp_endpoint.is_empty() {
-        return Some(cfg.otlp_endpoint.clone());
+    if let Some(endpoint) = &cfg.otlp_endpoint {
+        return Some(endpoint.clone());
     }
     std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
         .ok()
@@ -103,7 +103,7 @@ pub fn init(cfg: &TelemetryConfig, mode: DeploymentMode) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log_filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = if cfg.log_format == "json" {
+    let fmt = if cfg.log_format == crate::config::LogFormat::Json {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)

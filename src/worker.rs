@@ -70,13 +70,8 @@ impl WorkerQueue {
         deadlines: DeadlinePoke,
         cfg: &crate::config::CompletionsConfig,
     ) -> Self {
-        let batcher = (cfg.max_batch > 1).then(|| {
-            CompletionBatcher::spawn(
-                store.clone(),
-                cfg.max_batch as usize,
-                cfg.executors as usize,
-            )
-        });
+        let batcher = (cfg.max_batch > 1)
+            .then(|| CompletionBatcher::spawn(store.clone(), cfg.max_batch, cfg.executors));
         Self {
             store,
             wakeups,

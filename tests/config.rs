@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use tasker::config::{self, ConfigSources, DeploymentMode};
 
@@ -81,7 +82,8 @@ fn layers_merge_in_order_base_overlay_env_override() {
         "overlay beats base"
     );
     assert_eq!(
-        c.config.orchestration.task_readiness.age_threshold_seconds, 5,
+        c.config.orchestration.task_readiness.age_threshold,
+        Duration::from_secs(5),
         "base kept where overlay is silent"
     );
     assert_eq!(
@@ -103,8 +105,8 @@ fn layers_merge_in_order_base_overlay_env_override() {
         "env beats overlay"
     );
     assert_eq!(
-        c.config.orchestration.task_readiness.age_threshold_seconds,
-        2
+        c.config.orchestration.task_readiness.age_threshold,
+        Duration::from_secs(2)
     );
     assert_eq!(
         c.sources["orchestration.task_readiness.batch_size"],
@@ -118,7 +120,7 @@ fn layers_merge_in_order_base_overlay_env_override() {
             ("TASKER_ORCHESTRATION__DEPLOYMENT__MODE", "PollingOnly"),
             (
                 "TASKER_ORCHESTRATION__TASK_READINESS__FALLBACK_POLLING_INTERVAL_SECONDS",
-                "1",
+                "3",
             ),
             ("DATABASE_URL", "postgres://u:secret@db/x"),
             ("TASKER_ENV", "ignored-not-a-setting"),
@@ -135,10 +137,13 @@ fn layers_merge_in_order_base_overlay_env_override() {
         c.config
             .orchestration
             .task_readiness
-            .fallback_polling_interval_seconds,
-        1
+            .fallback_polling_interval,
+        Duration::from_secs(3)
     );
-    assert_eq!(c.config.database.url, "postgres://u:secret@db/x");
+    assert_eq!(
+        c.config.database.url.as_deref(),
+        Some("postgres://u:secret@db/x")
+    );
     let shown = c.config.render(&c.sources);
     assert!(shown.contains("postgres://u:<redacted>@db/x"), "{shown}");
     assert!(!shown.contains("secret"));
@@ -152,8 +157,8 @@ fn layers_merge_in_order_base_overlay_env_override() {
         ],
     );
     assert_eq!(
-        config::load(&s).unwrap().config.database.url,
-        "postgres://b@h/two"
+        config::load(&s).unwrap().config.database.url.as_deref(),
+        Some("postgres://b@h/two")
     );
 }
 
@@ -253,5 +258,61 @@ fn config_check_exit_codes() {
             && stderr.contains("Hibrid")
             && stderr.contains("batch_size"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_tasker_variable_that_is_no_setting_is_reported_with_what_it_meant() {
+    let d = fixture();
+    let e = config::load(&sources(
+        d.path(),
+        "test",
+        &[
+            ("TASKER_DATABASE_URL", "postgres://x@h/db"),
+            ("TASKER_ENV", "test"),
+            ("TASKER_TOKEN", "secret"),
+        ],
+    ))
+    .unwrap_err();
+    assert_eq!(e.problems.len(), 1, "{e}");
+    assert_eq!(e.problems[0].key, "TASKER_DATABASE_URL");
+    assert!(
+        e.problems[0]
+            .message
+            .contains("did you mean TASKER_DATABASE__URL?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn durations_and_addresses_are_typed_when_read() {
+    let d = fixture();
+    let c = config::load(&sources(
+        d.path(),
+        "test",
+        &[
+            ("TASKER_GRPC__MAX_FETCH_WAIT_MS", "1500"),
+            ("TASKER_GRPC__BIND", "\"127.0.0.1:7000\""),
+            ("TASKER_TELEMETRY__LOG_FORMAT", "json"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(c.config.grpc.max_fetch_wait, Duration::from_millis(1500));
+    assert_eq!(c.config.grpc.bind, "127.0.0.1:7000".parse().unwrap());
+    assert_eq!(c.config.telemetry.log_format, config::LogFormat::Json);
+    let e = config::load(&sources(
+        d.path(),
+        "test",
+        &[
+            ("TASKER_GRPC__MAX_FETCH_WAIT_MS", "1.5"),
+            ("TASKER_TELEMETRY__LOG_FORMAT", "xml"),
+        ],
+    ))
+    .unwrap_err();
+    let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["grpc.max_fetch_wait_ms", "telemetry.log_format"],
+        "{e}"
     );
 }

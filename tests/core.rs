@@ -21,7 +21,7 @@ const LONG: Duration = Duration::from_secs(60);
 async fn hybrid_diamond_and_chain_complete_by_events_alone(pool: PgPool) {
     let mut cfg = test_config(Hybrid);
     // events act within milliseconds; a task ready for 5 s is one they missed
-    cfg.orchestration.task_readiness.age_threshold_seconds = 5;
+    cfg.orchestration.task_readiness.age_threshold = Duration::from_secs(5);
     let core = start_core(&pool, &cfg).await;
     let store = Store::new(pool.clone());
     let diamond = create(&store, TaskSpec::diamond(NS)).await;
@@ -347,9 +347,7 @@ async fn prefix_pattern_picks_up_namespaces_created_at_run_time(pool: PgPool) {
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn retry_backoff_wakes_precisely_without_waiting_for_the_poller(pool: PgPool) {
     let mut cfg = test_config(PollingOnly);
-    cfg.orchestration
-        .task_readiness
-        .fallback_polling_interval_seconds = 600;
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
     let store = Store::new(pool.clone());
     create(&store, TaskSpec::chain(NS, 1)).await;
     // created before start: the start-up sweep enqueues it; after that only the deadline
@@ -388,9 +386,7 @@ async fn retry_backoff_wakes_precisely_without_waiting_for_the_poller(pool: PgPo
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn expired_lease_is_retried_and_max_attempts_is_honoured(pool: PgPool) {
     let mut cfg = test_config(Hybrid);
-    cfg.orchestration
-        .task_readiness
-        .fallback_polling_interval_seconds = 600;
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
     let core = start_core(&pool, &cfg).await;
     let store = Store::new(pool.clone());
     let t = create(

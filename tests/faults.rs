@@ -336,7 +336,7 @@ async fn f2b_database_restarted_mid_run() {
         .unwrap();
     tasker::MIGRATOR.run(&pool).await.unwrap();
     let mut cfg = test_config(DeploymentMode::Hybrid);
-    cfg.database.url = url;
+    cfg.database.url = Some(url);
     let server = TestServer::start(&pool, &cfg).await;
     let tasks = create_workload(server.addr, "f2b").await;
     let workers = Workers::start(vec![server.addr], "f2b", 8);
@@ -690,9 +690,7 @@ async fn f7_command_channel_saturated(pool: PgPool) {
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::Hybrid);
-    cfg.orchestration
-        .task_readiness
-        .fallback_polling_interval_seconds = 2;
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(2);
     let server = TestServer::start(&pool, &cfg).await;
     let tasks = create_workload(server.addr, "f8").await;
     let workers = Workers::start(vec![server.addr], "f8", 8);

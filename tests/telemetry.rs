@@ -162,7 +162,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
     );
 
     let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
-    cfg.telemetry.otlp_endpoint = format!("http://127.0.0.1:{port}");
+    cfg.telemetry.otlp_endpoint = Some(format!("http://127.0.0.1:{port}"));
     cfg.telemetry.log_filter = "info".into();
     let guard = tasker::telemetry::init(&cfg.telemetry, DeploymentMode::EventDrivenOnly);
     assert!(guard.exporting());

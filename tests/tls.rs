@@ -18,8 +18,8 @@ async fn tls_serves_trusting_clients_only(pool: PgPool) {
     std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
 
     let mut cfg = test_config(DeploymentMode::Hybrid);
-    cfg.grpc.tls.cert_path = cert_path.display().to_string();
-    cfg.grpc.tls.key_path = key_path.display().to_string();
+    cfg.grpc.tls.cert_path = Some(cert_path.clone());
+    cfg.grpc.tls.key_path = Some(key_path.clone());
     let server = TestServer::start(&pool, &cfg).await;
 
     let tls = ClientTlsConfig::new()

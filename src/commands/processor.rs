@@ -237,12 +237,12 @@ impl CommandProcessor {
         enqueuer: TaskClaimStepEnqueuer,
         metrics: Metrics,
     ) -> (CommandProcessorHandle, ProcessorTask) {
-        let capacity = cfg.channel_capacity as usize;
+        let capacity = cfg.channel_capacity;
         let (tx, rx) = mpsc::channel(capacity);
-        let (events, _) = broadcast::channel(cfg.event_buffer as usize);
+        let (events, _) = broadcast::channel(cfg.event_buffer);
         let stats = Arc::new(ProcessorStats::default());
         let stop = CancellationToken::new();
-        let grace = Duration::from_secs(cfg.shutdown_grace_period_seconds as u64);
+        let grace = cfg.shutdown_grace_period;
         let actor = Actor {
             rx,
             pass: PassContext {
@@ -250,10 +250,10 @@ impl CommandProcessor {
                 events: events.clone(),
                 metrics: metrics.clone(),
                 stats: stats.clone(),
-                claim_retry_delay: Duration::from_millis(cfg.claim_retry_delay_ms as u64),
-                claim_retry_attempts: cfg.claim_retry_attempts as u32,
+                claim_retry_delay: cfg.claim_retry_delay,
+                claim_retry_attempts: cfg.claim_retry_attempts,
             },
-            max_concurrent: cfg.max_concurrent_commands as usize,
+            max_concurrent: cfg.max_concurrent_commands,
             in_flight: HashMap::new(),
             running: JoinSet::new(),
             running_tasks: HashMap::new(),

@@ -32,7 +32,7 @@ impl ApiContext {
             commands: core.commands.clone(),
             coordinator: core.coordinator.clone(),
             workers: core.workers.clone(),
-            max_fetch_wait: Duration::from_millis(config.grpc.max_fetch_wait_ms as u64),
+            max_fetch_wait: config.grpc.max_fetch_wait,
             started: Instant::now(),
             draining: CancellationToken::new(),
         }

@@ -22,7 +22,6 @@ mod worker_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -92,7 +91,7 @@ impl GrpcServer {
                 .set_service_status(OVERALL, tonic_health::ServingStatus::NotServing)
                 .await;
         };
-        let limit = cfg.max_request_bytes as usize;
+        let limit = cfg.max_request_bytes;
         let auth = Arc::new(auth::Authenticator::from_config(&cfg.auth));
         if auth.is_open() {
             tracing::warn!(bind = %cfg.bind, "no gRPC tokens configured: the API is open to anyone who can reach it");
@@ -109,17 +108,17 @@ impl GrpcServer {
             .context("reflection v1alpha")?;
 
         let mut builder = Server::builder();
-        if !cfg.tls.cert_path.is_empty() {
-            let cert = std::fs::read(&cfg.tls.cert_path)
-                .with_context(|| format!("reading grpc.tls.cert_path {}", cfg.tls.cert_path))?;
-            let key = std::fs::read(&cfg.tls.key_path)
-                .with_context(|| format!("reading grpc.tls.key_path {}", cfg.tls.key_path))?;
+        if let (Some(cert_path), Some(key_path)) = (&cfg.tls.cert_path, &cfg.tls.key_path) {
+            let cert = std::fs::read(cert_path)
+                .with_context(|| format!("reading grpc.tls.cert_path {}", cert_path.display()))?;
+            let key = std::fs::read(key_path)
+                .with_context(|| format!("reading grpc.tls.key_path {}", key_path.display()))?;
             builder = builder
                 .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
                 .context("grpc.tls")?;
         }
         builder
-            .timeout(Duration::from_secs(cfg.request_timeout_seconds as u64))
+            .timeout(cfg.request_timeout)
             .trace_fn(crate::telemetry::grpc_request_span)
             .layer(crate::telemetry::GrpcStatusLayer)
             .layer(auth::AuthLayer::new(auth))

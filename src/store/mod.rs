@@ -19,8 +19,6 @@ mod steps;
 mod tasks;
 mod views;
 
-use std::time::Duration;
-
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
@@ -54,9 +52,9 @@ impl Store {
             .map_err(StoreError::from)?
             .application_name("tasker");
         let pool = PgPoolOptions::new()
-            .max_connections(cfg.max_connections as u32)
-            .min_connections(cfg.min_connections as u32)
-            .acquire_timeout(Duration::from_secs(cfg.acquire_timeout_seconds as u64))
+            .max_connections(cfg.max_connections)
+            .min_connections(cfg.min_connections)
+            .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options)
             .await?;
         Ok(Self { pool })

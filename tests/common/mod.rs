@@ -150,15 +150,11 @@ use tasker::internal::OrchestrationCore;
 pub fn test_config(mode: DeploymentMode) -> TaskerConfig {
     let mut c = TaskerConfig::default();
     c.orchestration.deployment.mode = mode;
-    c.orchestration
-        .task_readiness
-        .fallback_polling_interval_seconds = 1;
-    c.orchestration.task_readiness.age_threshold_seconds = 0;
-    c.orchestration.task_readiness.listener_max_backoff_ms = 200;
-    c.orchestration.command_processor.claim_retry_delay_ms = 5;
-    c.orchestration
-        .command_processor
-        .shutdown_grace_period_seconds = 2;
+    c.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(1);
+    c.orchestration.task_readiness.age_threshold = Duration::from_secs(0);
+    c.orchestration.task_readiness.listener_max_backoff = Duration::from_millis(200);
+    c.orchestration.command_processor.claim_retry_delay = Duration::from_millis(5);
+    c.orchestration.command_processor.shutdown_grace_period = Duration::from_secs(2);
     c
 }
 

@@ -110,7 +110,7 @@ pub async fn run(
 ) -> anyhow::Result<BenchReport> {
     let max_c = opts.concurrency.iter().copied().max().unwrap_or(1);
     let mut db_cfg = base.database.clone();
-    db_cfg.max_connections = (max_c as i64 + 24).max(db_cfg.max_connections);
+    db_cfg.max_connections = (max_c as u32 + 24).max(db_cfg.max_connections);
     let store = Store::connect(url, &db_cfg).await?;
     store.migrate().await?;
     let settings = store.server_settings().await?;
@@ -138,10 +138,8 @@ pub async fn run(
                 .max_concurrent_commands
                 .max(8);
             if mode == DeploymentMode::PollingOnly {
-                cfg.orchestration
-                    .task_readiness
-                    .fallback_polling_interval_seconds = 1;
-                cfg.orchestration.task_readiness.age_threshold_seconds = 0;
+                cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(1);
+                cfg.orchestration.task_readiness.age_threshold = Duration::from_secs(0);
             }
             if !batched {
                 cfg.orchestration.completions.max_batch = 1;
@@ -421,7 +419,7 @@ pub async fn soak(
     opts: &SoakOptions,
 ) -> anyhow::Result<SoakReport> {
     let mut cfg = base.clone();
-    cfg.database.max_connections = cfg.database.max_connections.max(opts.workers as i64 + 16);
+    cfg.database.max_connections = cfg.database.max_connections.max(opts.workers as u32 + 16);
     cfg.orchestration.deployment.mode = opts.mode;
     let store = Store::connect(url, &cfg.database).await?;
     store.migrate().await?;

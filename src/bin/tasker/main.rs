@@ -250,7 +250,7 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let mut db = loaded.config.database.clone();
                 if cli.database_url.is_none() {
-                    db.url.clear(); // never empty the service's own database
+                    db.url = None; // never empty the service's own database
                 }
                 let resolved = resolve_database(&db, "tasker_bench").await?;
                 eprintln!(
