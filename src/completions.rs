@@ -47,9 +47,10 @@ impl CompletionBatcher {
         self.tx
             .send((completion, reply))
             .await
-            .map_err(|_| StoreError::FailedPrecondition("the service is shutting down".into()))?;
-        rx.await
-            .map_err(|_| StoreError::FailedPrecondition("the service is shutting down".into()))?
+            .map_err(|_| StoreError::ShuttingDown)?;
+        // no reply: the batch was abandoned as the runtime stopped; whether it committed is
+        // unknown, and a retry of the same attempt answers that
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
     }
 }
 

@@ -57,13 +57,13 @@ impl UnifiedEventCoordinator {
         commands: CommandProcessorHandle,
         metrics: Metrics,
         poke: DeadlinePoke,
+        sweeps: SweepRequester,
     ) -> Self {
         let tr = &config.orchestration.task_readiness;
         let selector = NamespaceSelector::from_config(&tr.namespaces);
         let (mode_tx, _) = watch::channel(config.orchestration.deployment.mode);
         let (listener_tx, listener_rx) = watch::channel(ListenerStatus::default());
         let (poller_tx, poller_rx) = watch::channel(PollerStatus::default());
-        let sweeps = SweepRequester::new();
         let cancel = CancellationToken::new();
 
         let event_system =

@@ -17,7 +17,7 @@ use crate::enqueue::TaskClaimStepEnqueuer;
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::wakeups::{DeadlinePoke, StepWakeups};
+use crate::wakeups::{DeadlinePoke, StepWakeups, SweepRequester};
 use crate::worker::WorkerQueue;
 
 pub struct OrchestrationCore {
@@ -38,9 +38,11 @@ impl OrchestrationCore {
     pub fn start(store: Store, config: &TaskerConfig, metrics: Metrics) -> Self {
         let wakeups = StepWakeups::new();
         let enqueuer = TaskClaimStepEnqueuer::new(store.clone(), wakeups.clone(), metrics.clone());
+        let sweeps = SweepRequester::new();
         let (commands, processor) = CommandProcessor::spawn(
             &config.orchestration.command_processor,
             enqueuer,
+            sweeps.clone(),
             metrics.clone(),
         );
         let poke = DeadlinePoke::default();
@@ -50,6 +52,7 @@ impl OrchestrationCore {
             commands.clone(),
             metrics.clone(),
             poke.clone(),
+            sweeps,
         ));
         let workers = WorkerQueue::new(
             store.clone(),

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::commands::{CommandProcessorHandle, OrchestrationCommand};
+use crate::commands::{CommandOutcome, CommandProcessorHandle, OrchestrationCommand};
 use crate::config::{DeploymentMode, TaskReadinessConfig};
 use crate::metrics::Metrics;
 use crate::namespaces::NamespaceSelector;
@@ -98,15 +98,33 @@ impl ReadinessFallbackPoller {
 
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut next_tick = Instant::now() + jittered(self.interval);
+        // After a catch-up sweep that failed (its query, or a command it sent), the next one
+        // waits for this back-off instead of following the next request at once: a database
+        // that refuses would otherwise be swept in a tight loop.
+        let mut retry: Option<(Instant, u32)> = None;
         loop {
             let periodic = self.mode.borrow_and_update().polls();
             self.status
                 .send_if_modified(|s| std::mem::replace(&mut s.periodic, periodic) != periodic);
+            let retry_at = retry.map(|(at, _)| at);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                _ = self.sweeps.requested() => {
-                    self.round(TriggeredBy::CatchUp).await;
+                _ = self.sweeps.requested(), if retry.is_none() => {
+                    if !self.round(TriggeredBy::CatchUp).await.complete {
+                        retry = Some((Instant::now() + SWEEP_RETRY_BASE, 1));
+                    }
+                }
+                _ = sleep_until_opt(retry_at) => {
+                    let failures = retry.map_or(0, |(_, n)| n);
+                    retry = if self.round(TriggeredBy::CatchUp).await.complete {
+                        None
+                    } else {
+                        let delay = SWEEP_RETRY_BASE
+                            .saturating_mul(1 << failures.min(8))
+                            .min(self.interval.max(SWEEP_RETRY_BASE));
+                        Some((Instant::now() + delay, failures + 1))
+                    };
                 }
                 _ = tokio::time::sleep_until(next_tick), if periodic => {
                     self.round(TriggeredBy::FallbackPolling).await;
@@ -126,8 +144,8 @@ impl ReadinessFallbackPoller {
         }
     }
 
-    /// One round: a periodic poll or a catch-up sweep. Returns the tasks found.
-    pub async fn round(&self, kind: TriggeredBy) -> u64 {
+    /// One round: a periodic poll or a catch-up sweep.
+    pub async fn round(&self, kind: TriggeredBy) -> RoundResult {
         let ready_before = match kind {
             TriggeredBy::FallbackPolling => Some(
                 Utc::now() - chrono::Duration::from_std(self.age_threshold).unwrap_or_default(),
@@ -136,6 +154,7 @@ impl ReadinessFallbackPoller {
         };
         let mut seen = HashSet::new();
         let mut found = 0u64;
+        let failed = std::sync::atomic::AtomicBool::new(false);
         for _ in 0..MAX_BATCHES_PER_ROUND {
             let rows = match self
                 .store
@@ -144,7 +163,8 @@ impl ReadinessFallbackPoller {
             {
                 Ok(rows) => rows,
                 Err(e) => {
-                    tracing::warn!(error = %e, kind = kind.as_str(), "readiness sweep query failed; next round retries");
+                    tracing::warn!(error = %e, kind = kind.as_str(), "readiness sweep query failed; retrying later");
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
                     break;
                 }
             };
@@ -163,9 +183,16 @@ impl ReadinessFallbackPoller {
                 let command = OrchestrationCommand::process_task(r.task_uuid, r.namespace, kind);
                 let commands = self.commands.clone();
                 let metrics = self.metrics.clone();
+                let failed = &failed;
                 async move {
-                    if commands.execute_waiting(command).await.is_ok() {
-                        metrics.command_sent(kind.as_str());
+                    match commands.execute_waiting(command).await {
+                        Ok(result) => {
+                            metrics.command_sent(kind.as_str());
+                            if matches!(result.outcome, CommandOutcome::Failed(_)) {
+                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => failed.store(true, std::sync::atomic::Ordering::Relaxed),
                     }
                 }
             });
@@ -191,6 +218,28 @@ impl ReadinessFallbackPoller {
             s.last_round_at = Some(Utc::now());
             s.last_round_tasks_found = found;
         });
-        found
+        RoundResult {
+            found,
+            complete: !failed.into_inner(),
+        }
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundResult {
+    /// Tasks found with ready steps.
+    pub found: u64,
+    /// false: the query failed, or a command it sent failed; the tasks may still be ready.
+    pub complete: bool,
+}
+
+/// The first back-off after a failed catch-up sweep; it doubles up to the polling interval.
+const SWEEP_RETRY_BASE: Duration = Duration::from_secs(1);
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

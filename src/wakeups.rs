@@ -82,6 +82,13 @@ impl DeadlinePoke {
         }
     }
 
+    /// The scheduler's side: it is reading the next deadline, so every deadline announced from
+    /// now until its next [`plan`](Self::plan) must poke (and the poke waits as a permit).
+    pub(crate) fn awake(&self) {
+        // "planned to sleep forever": every deadline is earlier, so every one pokes
+        self.planned_ms.store(i64::MAX, Ordering::Relaxed);
+    }
+
     /// The scheduler's side: it will wake at `at` unless poked.
     pub(crate) fn plan(&self, at: DateTime<Utc>) {
         self.planned_ms

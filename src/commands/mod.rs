@@ -15,6 +15,8 @@ use uuid::Uuid;
 
 use crate::vocabulary::{EnqueueOutcome, TriggeredBy};
 
+#[cfg(test)]
+pub(crate) use processor::PassRunner;
 pub use processor::{CommandProcessor, CommandProcessorHandle, ProcessorTask, SubmitError};
 
 /// The commands the processor understands.

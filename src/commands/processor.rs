@@ -27,9 +27,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use chrono::Utc;
+use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -43,7 +46,37 @@ use super::{
 use crate::config::CommandProcessorConfig;
 use crate::enqueue::TaskClaimStepEnqueuer;
 use crate::metrics::Metrics;
-use crate::vocabulary::EnqueueOutcome;
+use crate::store::{EnqueueResult, StoreError};
+use crate::vocabulary::{EnqueueOutcome, TriggeredBy};
+use crate::wakeups::SweepRequester;
+
+/// What a pass runs: one claim-and-enqueue for a task. The service's is the
+/// [`TaskClaimStepEnqueuer`]; the unit tests below script their own to drive the actor's
+/// timing (coalescing, retries, overload, shutdown) under a paused clock.
+pub trait PassRunner: Send + Sync + 'static {
+    fn run(
+        &self,
+        task_uuid: Uuid,
+        metadata: serde_json::Value,
+        triggered_by: TriggeredBy,
+    ) -> BoxFuture<'static, Result<EnqueueResult, StoreError>>;
+}
+
+impl PassRunner for TaskClaimStepEnqueuer {
+    fn run(
+        &self,
+        task_uuid: Uuid,
+        metadata: serde_json::Value,
+        triggered_by: TriggeredBy,
+    ) -> BoxFuture<'static, Result<EnqueueResult, StoreError>> {
+        let enqueuer = self.clone();
+        Box::pin(async move {
+            enqueuer
+                .claim_and_enqueue(task_uuid, &metadata, triggered_by)
+                .await
+        })
+    }
+}
 
 /// A pass whose database work fails with a retryable error is tried this many more times.
 const TRANSIENT_RETRIES: u32 = 3;
@@ -232,9 +265,12 @@ impl ProcessorTask {
 pub struct CommandProcessor;
 
 impl CommandProcessor {
+    /// `sweeps`: a pass that fails for good asks for a catch-up sweep, so that its task is
+    /// tried again in every deployment mode (with no periodic poller, nothing else would).
     pub fn spawn(
         cfg: &CommandProcessorConfig,
-        enqueuer: TaskClaimStepEnqueuer,
+        runner: impl PassRunner,
+        sweeps: SweepRequester,
         metrics: Metrics,
     ) -> (CommandProcessorHandle, ProcessorTask) {
         let capacity = cfg.channel_capacity;
@@ -246,7 +282,8 @@ impl CommandProcessor {
         let actor = Actor {
             rx,
             pass: PassContext {
-                enqueuer,
+                runner: Arc::new(runner),
+                sweeps,
                 events: events.clone(),
                 metrics: metrics.clone(),
                 stats: stats.clone(),
@@ -281,7 +318,8 @@ impl CommandProcessor {
 /// What a pass needs, shared by all passes.
 #[derive(Clone)]
 struct PassContext {
-    enqueuer: TaskClaimStepEnqueuer,
+    runner: Arc<dyn PassRunner>,
+    sweeps: SweepRequester,
     events: broadcast::Sender<CommandEvent>,
     metrics: Metrics,
     stats: Arc<ProcessorStats>,
@@ -438,7 +476,7 @@ impl Actor {
 
 async fn sleep_until_grace(since: Option<Instant>, grace: Duration) {
     match since {
-        Some(s) => tokio::time::sleep_until((s + grace).into()).await,
+        Some(s) => tokio::time::sleep_until(s + grace).await,
         None => std::future::pending().await,
     }
 }
@@ -473,7 +511,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
         let mut claim_retries = 0;
         let mut transient_retries = 0;
         loop {
-            match ctx.enqueuer.claim_and_enqueue(task_uuid, &metadata, triggered_by).await {
+            match ctx.runner.run(task_uuid, metadata.clone(), triggered_by).await {
                 Ok(r) if r.outcome == EnqueueOutcome::ClaimedElsewhere && claim_retries < ctx.claim_retry_attempts => {
                     // The holder may have read its ready set before a completion that made more
                     // steps ready; try again once it is likely done.
@@ -494,6 +532,8 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
                     } else {
                         CommandFailure::Internal
                     };
+                    // the task is still ready in the database: a sweep tries it again
+                    ctx.sweeps.request();
                     break (CommandOutcome::Failed(failure), Vec::new());
                 }
             }
@@ -561,4 +601,303 @@ fn publish(
     };
     fill(&mut event);
     let _ = events.send(event);
+}
+
+#[cfg(test)]
+mod tests {
+    //! The actor's timing, under a paused clock: each pass is answered by the test through a
+    //! scripted runner, so every interleaving below is exact.
+
+    use super::*;
+    use crate::vocabulary::TriggeredBy;
+    use futures::FutureExt;
+
+    struct Call {
+        task: Uuid,
+        at: Instant,
+        answer: oneshot::Sender<Result<EnqueueResult, StoreError>>,
+    }
+
+    #[derive(Clone)]
+    struct Scripted {
+        calls: mpsc::UnboundedSender<Call>,
+    }
+
+    impl PassRunner for Scripted {
+        fn run(
+            &self,
+            task: Uuid,
+            _metadata: serde_json::Value,
+            _triggered_by: TriggeredBy,
+        ) -> BoxFuture<'static, Result<EnqueueResult, StoreError>> {
+            let (answer, rx) = oneshot::channel();
+            let _ = self.calls.send(Call {
+                task,
+                at: Instant::now(),
+                answer,
+            });
+            Box::pin(async move { rx.await.unwrap_or(Err(StoreError::ShuttingDown)) })
+        }
+    }
+
+    fn result(outcome: EnqueueOutcome) -> Result<EnqueueResult, StoreError> {
+        Ok(EnqueueResult {
+            outcome,
+            namespace: Some("ns".into()),
+            enqueued_steps: Vec::new(),
+            max_ready_wait_ms: None,
+        })
+    }
+
+    fn config(capacity: usize, max_concurrent: usize) -> CommandProcessorConfig {
+        CommandProcessorConfig {
+            channel_capacity: capacity,
+            max_concurrent_commands: max_concurrent,
+            claim_retry_delay: Duration::from_millis(25),
+            claim_retry_attempts: 3,
+            shutdown_grace_period: Duration::from_secs(2),
+            ..CommandProcessorConfig::default()
+        }
+    }
+
+    fn start(
+        cfg: &CommandProcessorConfig,
+    ) -> (
+        CommandProcessorHandle,
+        ProcessorTask,
+        mpsc::UnboundedReceiver<Call>,
+        SweepRequester,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sweeps = SweepRequester::new();
+        let (handle, task) =
+            CommandProcessor::spawn(cfg, Scripted { calls: tx }, sweeps.clone(), Metrics::noop());
+        (handle, task, rx, sweeps)
+    }
+
+    fn command(task: Uuid) -> OrchestrationCommand {
+        OrchestrationCommand::process_task(task, "ns", TriggeredBy::Api)
+    }
+
+    /// The next call to the runner; fails the test (instead of hanging it) when none comes.
+    /// With the clock paused, an idle runtime jumps straight to the timeout.
+    async fn next_call(calls: &mut mpsc::UnboundedReceiver<Call>) -> Call {
+        tokio::time::timeout(Duration::from_secs(60), calls.recv())
+            .await
+            .expect("the runner was not called")
+            .expect("the processor stopped")
+    }
+
+    /// Nothing more is asked of the runner: with the clock paused, an idle runtime jumps
+    /// straight to the timeout.
+    async fn no_more_calls(calls: &mut mpsc::UnboundedReceiver<Call>) {
+        let more = tokio::time::timeout(Duration::from_secs(60), calls.recv()).await;
+        assert!(more.is_err(), "an unexpected pass ran");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_for_one_task_costs_exactly_two_passes() {
+        let (handle, task, mut calls, _) = start(&config(1024, 4));
+        let mut events = handle.subscribe();
+        let t = Uuid::now_v7();
+        handle.try_submit(command(t)).unwrap();
+        let first = next_call(&mut calls).await;
+        assert_eq!(first.task, t);
+        // 50 more while the first pass runs, and one caller that waits for its result
+        for _ in 0..50 {
+            handle.try_submit(command(t)).unwrap();
+        }
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.execute(command(t)).await }
+        });
+        let mut coalesced = 0;
+        while coalesced < 51 {
+            let e = tokio::time::timeout(Duration::from_secs(60), events.recv())
+                .await
+                .expect("commands for a task in flight are coalesced")
+                .unwrap();
+            if e.phase == CommandPhase::Coalesced {
+                coalesced += 1;
+            }
+        }
+        first.answer.send(result(EnqueueOutcome::Enqueued)).unwrap();
+        // one rerun sees everything committed before it started
+        let rerun = next_call(&mut calls).await;
+        assert_eq!(rerun.task, t);
+        rerun
+            .answer
+            .send(result(EnqueueOutcome::NothingReady))
+            .unwrap();
+        let r = waiting.await.unwrap().unwrap();
+        assert!(r.coalesced);
+        assert_eq!(
+            r.outcome,
+            CommandOutcome::Finished(EnqueueOutcome::NothingReady)
+        );
+        no_more_calls(&mut calls).await;
+        assert_eq!(handle.stats().processed(), 2);
+        task.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_at_once_and_says_so() {
+        // one pass at a time, two queued behind it
+        let (handle, task, mut calls, _) = start(&config(2, 1));
+        let mut events = handle.subscribe();
+        handle.try_submit(command(Uuid::now_v7())).unwrap();
+        let running = next_call(&mut calls).await;
+        handle.try_submit(command(Uuid::now_v7())).unwrap();
+        handle.try_submit(command(Uuid::now_v7())).unwrap();
+        // the actor gets every chance to run: no second pass starts beside the first, and
+        // the two commands stay queued
+        no_more_calls(&mut calls).await;
+        assert_eq!(handle.queue_depth(), 2);
+        assert_eq!(
+            handle.try_submit(command(Uuid::now_v7())),
+            Err(SubmitError::Overloaded)
+        );
+        assert!(matches!(
+            handle.execute(command(Uuid::now_v7())).now_or_never(),
+            Some(Err(SubmitError::Overloaded))
+        ));
+        let mut rejected = 0;
+        while let Ok(e) = events.try_recv() {
+            if e.phase == CommandPhase::Rejected {
+                assert_eq!(e.error.as_deref(), Some("overloaded"));
+                rejected += 1;
+            }
+        }
+        assert_eq!(rejected, 2);
+        running
+            .answer
+            .send(result(EnqueueOutcome::Enqueued))
+            .unwrap();
+        for _ in 0..2 {
+            next_call(&mut calls)
+                .await
+                .answer
+                .send(result(EnqueueOutcome::Enqueued))
+                .unwrap();
+        }
+        task.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_held_elsewhere_is_retried_with_growing_delays() {
+        let (handle, task, mut calls, _) = start(&config(16, 4));
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.execute(command(Uuid::now_v7())).await }
+        });
+        let mut times = Vec::new();
+        for _ in 0..4 {
+            let call = next_call(&mut calls).await;
+            times.push(call.at);
+            call.answer
+                .send(result(EnqueueOutcome::ClaimedElsewhere))
+                .unwrap();
+        }
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(
+            gaps,
+            [25, 50, 75].map(Duration::from_millis),
+            "delay x attempt, three retries"
+        );
+        let r = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            r.outcome,
+            CommandOutcome::Finished(EnqueueOutcome::ClaimedElsewhere)
+        );
+        no_more_calls(&mut calls).await;
+        task.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_that_fails_for_good_reports_a_safe_error_and_asks_for_a_sweep() {
+        let (handle, task, mut calls, sweeps) = start(&config(16, 4));
+        let mut events = handle.subscribe();
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.execute(command(Uuid::now_v7())).await }
+        });
+        next_call(&mut calls)
+            .await
+            .answer
+            .send(Err(StoreError::Database(sqlx::Error::Protocol(
+                "relation tasker.secret_table does not exist".into(),
+            ))))
+            .unwrap();
+        let r = waiting.await.unwrap().unwrap();
+        assert_eq!(r.outcome, CommandOutcome::Failed(CommandFailure::Internal));
+        let failed = loop {
+            let e = tokio::time::timeout(Duration::from_secs(60), events.recv())
+                .await
+                .expect("a failed event")
+                .unwrap();
+            if e.phase == CommandPhase::Failed {
+                break e;
+            }
+        };
+        let error = failed.error.unwrap();
+        assert_eq!(error, CommandFailure::Internal.message());
+        assert!(!error.contains("secret"), "{error}");
+        assert!(
+            sweeps.requested().now_or_never().is_some(),
+            "a catch-up sweep was requested"
+        );
+        no_more_calls(&mut calls).await;
+        task.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_are_retried_then_reported_as_unavailable() {
+        let (handle, task, mut calls, _) = start(&config(16, 4));
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.execute(command(Uuid::now_v7())).await }
+        });
+        let mut times = Vec::new();
+        for _ in 0..=TRANSIENT_RETRIES {
+            let call = next_call(&mut calls).await;
+            times.push(call.at);
+            call.answer
+                .send(Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)))
+                .unwrap();
+        }
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps, [50, 100, 150].map(Duration::from_millis));
+        let r = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            r.outcome,
+            CommandOutcome::Failed(CommandFailure::DatabaseUnavailable)
+        );
+        task.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_intake_and_abandons_work_after_the_grace_period() {
+        let cfg = config(16, 4);
+        let (handle, task, mut calls, _) = start(&cfg);
+        let stuck = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.execute(command(Uuid::now_v7())).await }
+        });
+        let _never_answered = next_call(&mut calls).await;
+        let started = Instant::now();
+        let stopping = tokio::spawn(task.shutdown());
+        // intake stops at once, while the stuck pass still holds its grace period
+        tokio::task::yield_now().await;
+        assert_eq!(
+            handle.try_submit(command(Uuid::now_v7())),
+            Err(SubmitError::ShuttingDown)
+        );
+        stopping.await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= cfg.shutdown_grace_period && took < cfg.shutdown_grace_period * 2,
+            "stopped after {took:?}"
+        );
+        assert_eq!(stuck.await.unwrap(), Err(SubmitError::ShuttingDown));
+    }
 }

@@ -44,6 +44,9 @@ pub fn store(e: StoreError) -> Status {
         StoreError::NotFound { what } => Status::not_found(format!("{what} not found")),
         StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
         StoreError::AlreadyExists(m) => Status::already_exists(m),
+        StoreError::ShuttingDown => {
+            Status::unavailable("the service is shutting down; retry (on another instance)")
+        }
         StoreError::Unavailable(e) => {
             tracing::warn!(error = %e, "database unavailable");
             Status::unavailable("the database is unavailable; retry later")

@@ -14,6 +14,9 @@ pub enum StoreError {
     FailedPrecondition(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// This instance is shutting down: try again (on another instance).
+    #[error("the service is shutting down")]
+    ShuttingDown,
     /// The database cannot be reached (connection refused, reset, pool timed out).
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
@@ -142,7 +145,7 @@ pub fn is_retryable(e: &sqlx::Error) -> bool {
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Unavailable(_) => true,
+            Self::Unavailable(_) | Self::ShuttingDown => true,
             Self::Database(e) => is_retryable(e),
             _ => false,
         }
