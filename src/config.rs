@@ -116,6 +116,9 @@ pub mod defaults {
     pub const COMPLETION_MAX_BATCH: usize = 64;
     /// Two batches at once: one commits while the next does its row work.
     pub const COMPLETION_EXECUTORS: usize = 2;
+    /// Steps enqueued by this replica wake its parked fetches at once; until wake-ups cross
+    /// replicas, this is how soon a fetch parked here finds a step another replica enqueued.
+    pub const FETCH_RECHECK_INTERVAL: Duration = Duration::from_millis(250);
     /// Enough for a few seconds of a busy processor; observers further behind get a gap event.
     pub const EVENT_BUFFER: usize = 4_096;
     /// A task claimed by another instance is tried again after this delay: the holder may
@@ -217,6 +220,25 @@ pub struct OrchestrationConfig {
     pub task_readiness: TaskReadinessConfig,
     pub command_processor: CommandProcessorConfig,
     pub completions: CompletionsConfig,
+    pub workers: WorkersConfig,
+}
+
+/// The workers' side: parked `FetchSteps` long-polls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// A parked fetch re-reads the queue this often even without a wake-up: a safety net
+    /// for a wake-up that was missed (a step enqueued by another replica).
+    #[serde(rename = "fetch_recheck_interval_ms", with = "millis")]
+    pub fetch_recheck_interval: Duration,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            fetch_recheck_interval: defaults::FETCH_RECHECK_INTERVAL,
+        }
+    }
 }
 
 /// How workers' completions reach the database (see `completions`).
@@ -929,6 +951,15 @@ impl TaskerConfig {
             co.max_batch as u64,
             1,
             10_000,
+        );
+        range(
+            "orchestration.workers.fetch_recheck_interval_ms",
+            self.orchestration
+                .workers
+                .fetch_recheck_interval
+                .as_millis() as u64,
+            10,
+            DAY_S * 1000,
         );
         range(
             "orchestration.completions.executors",

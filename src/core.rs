@@ -54,12 +54,7 @@ impl OrchestrationCore {
             poke.clone(),
             sweeps,
         ));
-        let workers = WorkerQueue::new(
-            store.clone(),
-            wakeups,
-            poke,
-            &config.orchestration.completions,
-        );
+        let workers = WorkerQueue::new(store.clone(), wakeups, poke, &config.orchestration);
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(
             TableMaintenance::new(store.clone())

@@ -5,21 +5,19 @@
 //! A long-poll registers for the namespace's wake-up *before* it reads the queue, so an
 //! enqueue that commits between the read and the wait still wakes it. The wake-up is
 //! in-process: a step enqueued by another instance is found at the latest after
-//! [`CROSS_INSTANCE_RECHECK`].
+//! `orchestration.workers.fetch_recheck_interval_ms`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::completions::CompletionBatcher;
 use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
 use crate::wakeups::{DeadlinePoke, StepWakeups};
-
-/// How often a waiting fetch re-reads the queue with no local wake-up, for steps enqueued by
-/// other instances.
-pub const CROSS_INSTANCE_RECHECK: Duration = Duration::from_millis(250);
 
 /// A span for a step handed to a worker, in the trace of the enqueue that queued it (and so,
 /// for a step made ready by a completion, in the completing request's trace), linked to the
@@ -61,6 +59,25 @@ pub struct WorkerQueue {
     deadlines: DeadlinePoke,
     /// `None`: every completion commits on its own (max_batch = 1).
     batcher: Option<CompletionBatcher>,
+    recheck: Duration,
+    /// Fetches parked waiting for a step, for status, limits and tests.
+    parked: Arc<watch::Sender<usize>>,
+}
+
+/// Counts a fetch as parked while it lives.
+struct Parked(Arc<watch::Sender<usize>>);
+
+impl Parked {
+    fn new(counter: &Arc<watch::Sender<usize>>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl WorkerQueue {
@@ -68,16 +85,24 @@ impl WorkerQueue {
         store: Store,
         wakeups: StepWakeups,
         deadlines: DeadlinePoke,
-        cfg: &crate::config::CompletionsConfig,
+        cfg: &crate::config::OrchestrationConfig,
     ) -> Self {
-        let batcher = (cfg.max_batch > 1)
-            .then(|| CompletionBatcher::spawn(store.clone(), cfg.max_batch, cfg.executors));
+        let c = &cfg.completions;
+        let batcher = (c.max_batch > 1)
+            .then(|| CompletionBatcher::spawn(store.clone(), c.max_batch, c.executors));
         Self {
             store,
             wakeups,
             deadlines,
             batcher,
+            recheck: cfg.workers.fetch_recheck_interval,
+            parked: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// How many fetches are parked waiting for a step right now.
+    pub fn parked_fetches(&self) -> watch::Receiver<usize> {
+        self.parked.subscribe()
     }
 
     /// Lease up to `max` steps, waiting up to `wait` for the first to be enqueued.
@@ -133,7 +158,8 @@ impl WorkerQueue {
             if !steps.is_empty() || now >= deadline {
                 return Ok(steps);
             }
-            let slice = (deadline - now).min(CROSS_INSTANCE_RECHECK);
+            let slice = (deadline - now).min(self.recheck);
+            let _parked = Parked::new(&self.parked);
             tokio::select! {
                 _ = tokio::time::timeout(slice, notified) => {}
                 _ = &mut stop => return Ok(steps),

@@ -132,12 +132,17 @@ async fn polling_only_completes_with_nothing_listening(pool: PgPool) {
     core.shutdown().await;
 }
 
+/// Every ordered pair of distinct modes, one switch per step of a running chain: after each
+/// switch the mode is in effect (LISTEN connection present or gone, periodic rounds running
+/// or stopped), and the chain completes with every step enqueued once.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
-    let core = start_core(&pool, &test_config(Hybrid)).await;
+    let cfg = test_config(Hybrid);
+    let interval = cfg.orchestration.task_readiness.fallback_polling_interval;
+    let core = start_core(&pool, &cfg).await;
     let store = Store::new(pool.clone());
-    let chain = create(&store, TaskSpec::chain(NS, 8)).await;
-    // every ordered pair of distinct modes once
+    let chain = create(&store, TaskSpec::chain(NS, 7)).await;
+    assert_mode_in_effect(&core, &pool, Hybrid, interval).await;
     let sequence: [DeploymentMode; 7] = [
         Hybrid,
         EventDrivenOnly,
@@ -147,17 +152,29 @@ async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
         EventDrivenOnly,
         Hybrid,
     ];
-    let mut switches = sequence.windows(2);
-    work_until_done_with(&core, &pool, NS, &[chain.task_uuid], LONG, |_| {
-        if let Some(pair) = switches.next() {
-            assert_eq!(core.coordinator.set_mode(pair[1]), pair[0]);
-        }
-        Box::pin(async {})
-    })
-    .await;
-    assert!(switches.next().is_none(), "all switches made");
+    for pair in sequence.windows(2) {
+        let leased = core
+            .workers
+            .fetch(NS, "w", 1, WAIT, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1, "the chain's next step, in {}", pair[0]);
+        assert_eq!(core.coordinator.set_mode(pair[1]), pair[0]);
+        assert_mode_in_effect(&core, &pool, pair[1], interval).await;
+        complete(&store, &leased[0]).await;
+    }
+    let last = core
+        .workers
+        .fetch(NS, "w", 1, WAIT, Duration::from_secs(60))
+        .await
+        .unwrap();
+    complete(&store, &last[0]).await;
     assert_eq!(core.coordinator.mode(), Hybrid);
-    assert_eq!(enqueue_count(&pool).await, 8);
+    assert_eq!(
+        store.get_task(chain.task_uuid).await.unwrap().state,
+        "complete"
+    );
+    assert_eq!(enqueue_count(&pool).await, 7);
     assert_exactly_once_in_order(&pool).await;
     core.shutdown().await;
 }

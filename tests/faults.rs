@@ -622,14 +622,39 @@ async fn f6_mode_flipped_every_second(pool: PgPool) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while !all_final(&pool, &tasks).await {
         tick.tick().await;
+        let mode = modes[flips % 3];
         admin
-            .set_deployment_mode(v1::SetDeploymentModeRequest {
-                mode: modes[flips % 3] as i32,
-            })
+            .set_deployment_mode(v1::SetDeploymentModeRequest { mode: mode as i32 })
             .await
             .unwrap();
         flips += 1;
         assert!(flips < 90, "not done after 90 flips");
+        // the flip takes effect: listener and poller as the mode says, and no LISTEN
+        // connection left behind by a mode that does not listen
+        let listens = mode != v1::DeploymentMode::PollingOnly;
+        let polls = mode != v1::DeploymentMode::EventDrivenOnly;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = admin
+                .get_status(v1::GetStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let connections = listen_connections(&pool).await.len();
+            if s.listener_connected == listens
+                && s.poller_periodic == polls
+                && connections == usize::from(listens)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mode:?} not in effect: listener {} poller {} LISTEN connections {connections}",
+                s.listener_connected,
+                s.poller_periodic
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     workers.stop().await;
     let r = invariants(&pool, &tasks).await;

@@ -622,39 +622,42 @@ async fn slow_observer_gets_a_gap_event_and_the_stream_goes_on(pool: PgPool) {
         .expect("the stream ends at shutdown");
 }
 
+/// A parked fetch is woken by the enqueue itself: the periodic re-read is set to an hour, so
+/// only the wake-up can return it within the bound.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
-async fn fetch_returns_within_milliseconds_of_an_enqueue(pool: PgPool) {
-    let server = TestServer::start(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
+async fn a_parked_fetch_is_woken_by_the_enqueue(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
+    cfg.orchestration.workers.fetch_recheck_interval = Duration::from_secs(3600);
+    let server = TestServer::start(&pool, &cfg).await;
     let ch = server.channel().await;
     let mut workers = Workers::new(ch.clone());
     let mut tasks = Tasks::new(ch);
+    let mut parked = server.core.workers.parked_fetches();
     let waiting = tokio::spawn(async move {
-        let started = Instant::now();
         let r = workers
-            .fetch_steps(fetch_request("quick", 1, 10_000, 30))
+            .fetch_steps(fetch_request("quick", 1, 15_000, 30))
             .await
             .unwrap()
             .into_inner();
-        (r, Instant::now(), started)
+        (r, Instant::now())
     });
-    // the fetch is parked (no step exists yet); create the task that makes one ready
-    let mut status = server.core.commands.subscribe();
+    // the fetch has read an empty queue and parked
+    tokio::time::timeout(WAIT, parked.wait_for(|n| *n == 1))
+        .await
+        .expect("the fetch parked")
+        .unwrap();
     let created_at = Instant::now();
     tasks.create_task(diamond("quick")).await.unwrap();
-    loop {
-        let e = status.recv().await.unwrap();
-        if e.phase == tasker::internal::CommandPhase::Completed && e.steps_enqueued > 0 {
-            break;
-        }
-    }
-    let enqueued_at = Instant::now();
-    let (r, returned_at, _) = waiting.await.unwrap();
+    let (r, returned_at) = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the parked fetch returned before its 15 s wait ran out")
+        .unwrap();
     assert_eq!(r.steps.len(), 1);
-    let after_enqueue = returned_at.saturating_duration_since(enqueued_at);
+    assert_eq!(r.steps[0].name, "a");
+    let took = returned_at.duration_since(created_at);
     assert!(
-        after_enqueue < Duration::from_secs(1),
-        "fetch returned {after_enqueue:?} after the enqueue"
+        took < Duration::from_secs(5),
+        "returned {took:?} after the create"
     );
-    assert!(returned_at.duration_since(created_at) < Duration::from_secs(5));
     server.stop().await;
 }

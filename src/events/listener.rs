@@ -131,9 +131,12 @@ impl ListenerError {
 }
 
 pub struct TaskReadinessListener {
-    /// A pool of one connection, separate from the main pool: a LISTEN connection is held for
-    /// good and must not starve (or be starved by) request handling.
-    pool: PgPool,
+    /// How to open the LISTEN connection: the main pool's options, named `tasker-listener`.
+    /// Each connection gets a pool of its own (of one), separate from the main pool: a LISTEN
+    /// connection is held for good and must not starve (or be starved by) request handling,
+    /// and closing that pool when listening stops closes the connection itself (a mode
+    /// without the listener leaves no LISTEN connection behind).
+    options: sqlx::postgres::PgConnectOptions,
     store: Store,
     selector: NamespaceSelector,
     classifier: ReadinessEventClassifier,
@@ -162,13 +165,8 @@ impl TaskReadinessListener {
         let options = (*store.pool().connect_options())
             .clone()
             .application_name("tasker-listener");
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_lazy_with(options);
         Self {
-            pool,
+            options,
             store,
             selector,
             classifier: ReadinessEventClassifier::default(),
@@ -197,7 +195,12 @@ impl TaskReadinessListener {
             if attempt == 0 {
                 self.set_state(ListenerState::Connecting, None, Vec::new());
             }
-            let exit = match self.connect().await {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .acquire_timeout(CONNECT_TIMEOUT)
+                .connect_lazy_with(self.options.clone());
+            let exit = match self.connect(&pool).await {
                 Ok((listener, pid, channels)) => {
                     if attempt > 0 {
                         self.metrics.listener_reconnected();
@@ -219,6 +222,8 @@ impl TaskReadinessListener {
                 }
                 Err(e) => Exit::Lost(e),
             };
+            // the listener is gone (dropped by `listen`): close its connection for good
+            pool.close().await;
             match exit {
                 Exit::Cancelled => break,
                 Exit::ModeOff => {
@@ -247,7 +252,6 @@ impl TaskReadinessListener {
             }
         }
         self.set_state(ListenerState::Stopped, None, Vec::new());
-        self.pool.close().await;
     }
 
     fn set_state(&self, state: ListenerState, pid: Option<i32>, channels: Vec<String>) {
@@ -261,9 +265,12 @@ impl TaskReadinessListener {
         });
     }
 
-    async fn connect(&mut self) -> Result<(PgListener, i32, BTreeSet<String>), ListenerError> {
+    async fn connect(
+        &mut self,
+        pool: &PgPool,
+    ) -> Result<(PgListener, i32, BTreeSet<String>), ListenerError> {
         let fut = async {
-            let mut listener = PgListener::connect_with(&self.pool)
+            let mut listener = PgListener::connect_with(pool)
                 .await
                 .map_err(ListenerError::db("connecting"))?;
             listener.eager_reconnect(false);

@@ -58,6 +58,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
             listener_reconnects: status.listener.reconnects,
             commands_processed: self.ctx.commands.stats().processed(),
             draining: self.ctx.draining(),
+            poller_periodic: status.poller.periodic,
         }))
     }
 }

@@ -143,6 +143,7 @@ pub fn failure(
 // ---- helpers for tests that run the orchestration core ----
 
 use tasker::config::{DeploymentMode, TaskerConfig};
+use tasker::internal::ListenerState;
 use tasker::internal::Metrics;
 use tasker::internal::OrchestrationCore;
 
@@ -395,4 +396,73 @@ pub async fn lease_one(workers: &Workers, namespace: &str) -> v1::LeasedStep {
         .into_inner()
         .steps
         .remove(0)
+}
+
+// ---- what a deployment mode runs, observed ----
+
+/// LISTEN connections of this test's database (the listener names its connection).
+pub async fn listen_connections(pool: &PgPool) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE application_name = 'tasker-listener' AND datname = current_database()",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Wait until `mode` is in effect, and check it is, in the database and in the poller:
+/// - listening modes: the listener is listening, on exactly one connection, whose backend
+///   pid it reports; otherwise no LISTEN connection exists;
+/// - polling modes: periodic rounds run (one more happens); otherwise they stop (none in
+///   three polling intervals).
+pub async fn assert_mode_in_effect(
+    core: &OrchestrationCore,
+    pool: &PgPool,
+    mode: DeploymentMode,
+    interval: Duration,
+) {
+    let mut listener = core.coordinator.listener_status();
+    let status = tokio::time::timeout(
+        WAIT,
+        listener.wait_for(|s| {
+            (s.state == ListenerState::Listening) == mode.listens()
+                && (mode.listens() || s.state == ListenerState::Disabled)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("listener state did not follow {mode}"))
+    .unwrap()
+    .clone();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let pids = listen_connections(pool).await;
+        let expected: Vec<i32> = status.backend_pid.into_iter().collect();
+        if pids == expected {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{mode}: LISTEN connections {pids:?}, expected {expected:?}"
+        );
+        // the backend of a closed connection leaves pg_stat_activity a moment after the close
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut poller = core.coordinator.poller_status();
+    let periodic = tokio::time::timeout(WAIT, poller.wait_for(|s| s.periodic == mode.polls()))
+        .await
+        .unwrap_or_else(|_| panic!("{mode}: the poller's periodic rounds did not follow"))
+        .unwrap();
+    let rounds = periodic.rounds;
+    drop(periodic);
+    let next_round =
+        tokio::time::timeout(interval * 3, poller.wait_for(|s| s.rounds > rounds)).await;
+    if mode.polls() {
+        assert!(
+            next_round.is_ok(),
+            "{mode}: no periodic round in three intervals"
+        );
+    } else {
+        assert!(next_round.is_err(), "{mode}: the poller kept polling");
+    }
 }
