@@ -17,6 +17,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::store::{Completion, Store, StoreError};
@@ -29,17 +30,26 @@ const QUEUE: usize = 4096;
 #[derive(Clone)]
 pub struct CompletionBatcher {
     tx: mpsc::Sender<(Completion, Reply)>,
+    stop: CancellationToken,
 }
 
 impl CompletionBatcher {
     /// `executors` batches may run at once (their non-commit work overlaps).
     pub fn spawn(store: Store, max_batch: usize, executors: usize) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let stop = CancellationToken::new();
         tokio::spawn(
-            run(store, rx, max_batch.max(1), executors.max(1))
+            run(store, rx, max_batch.max(1), executors.max(1), stop.clone())
                 .instrument(tracing::info_span!("completion_batcher")),
         );
-        Self { tx }
+        Self { tx, stop }
+    }
+
+    /// Refuse new completions (`ShuttingDown`), commit those already queued, and return once
+    /// every batch has finished.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tx.closed().await;
     }
 
     pub async fn complete(&self, completion: Completion) -> Result<(), StoreError> {
@@ -59,6 +69,7 @@ async fn run(
     mut rx: mpsc::Receiver<(Completion, Reply)>,
     max_batch: usize,
     executors: usize,
+    stop: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(executors));
     loop {
@@ -66,7 +77,16 @@ async fn run(
             return;
         };
         // an executor is free: take the first waiting completion and everything behind it
-        let Some(first) = rx.recv().await else { return };
+        let first = tokio::select! {
+            biased;
+            item = rx.recv() => item,
+            _ = stop.cancelled() => {
+                // no new completions; what is queued is still committed
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { break };
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match rx.try_recv() {
@@ -80,6 +100,8 @@ async fn run(
             drop(permit);
         });
     }
+    // every executor is back: the batches in flight have answered
+    let _ = permits.acquire_many(executors as u32).await;
 }
 
 async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {

@@ -111,8 +111,10 @@ impl OrchestrationCore {
         self.coordinator.wait_ready(timeout).await
     }
 
-    /// Stop intake, then drain in-flight commands within the grace period.
+    /// Stop intake, then drain in-flight commands within the grace period. Called after the
+    /// gRPC server has drained its requests.
     pub async fn shutdown(self) {
+        self.workers.shutdown().await;
         self.coordinator.stop().await;
         let (stop, join) = self.maintenance;
         stop.cancel();

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::completions::CompletionBatcher;
@@ -62,6 +63,9 @@ pub struct WorkerQueue {
     recheck: Duration,
     /// Fetches parked waiting for a step, for status, limits and tests.
     parked: Arc<watch::Sender<usize>>,
+    /// Set when the core shuts down: every worker call answers `ShuttingDown` (UNAVAILABLE:
+    /// retry on another instance) and parked fetches return.
+    stopped: CancellationToken,
 }
 
 /// Counts a fetch as parked while it lives.
@@ -97,7 +101,23 @@ impl WorkerQueue {
             batcher,
             recheck: cfg.workers.fetch_recheck_interval,
             parked: Arc::new(watch::channel(0).0),
+            stopped: CancellationToken::new(),
         }
+    }
+
+    /// Refuse new calls, let parked fetches return, commit the completions already queued.
+    pub async fn shutdown(&self) {
+        self.stopped.cancel();
+        if let Some(b) = &self.batcher {
+            b.shutdown().await;
+        }
+    }
+
+    fn check_running(&self) -> Result<(), StoreError> {
+        if self.stopped.is_cancelled() {
+            return Err(StoreError::ShuttingDown);
+        }
+        Ok(())
     }
 
     /// How many fetches are parked waiting for a step right now.
@@ -136,6 +156,7 @@ impl WorkerQueue {
         lease: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<Vec<LeasedStep>, StoreError> {
+        self.check_running()?;
         tokio::pin!(stop);
         let deadline = Instant::now() + wait;
         let notify = self.wakeups.for_namespace(namespace);
@@ -163,6 +184,7 @@ impl WorkerQueue {
             tokio::select! {
                 _ = tokio::time::timeout(slice, notified) => {}
                 _ = &mut stop => return Ok(steps),
+                _ = self.stopped.cancelled() => return Ok(steps),
             }
         }
     }
@@ -175,6 +197,7 @@ impl WorkerQueue {
         worker_id: Option<&str>,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
+        self.check_running()?;
         match &self.batcher {
             Some(b) => {
                 b.complete(Completion {
@@ -201,6 +224,7 @@ impl WorkerQueue {
         failure: &StepFailure,
         traceparent: Option<&str>,
     ) -> Result<FailOutcome, StoreError> {
+        self.check_running()?;
         let outcome = self
             .store
             .fail_step(
@@ -224,6 +248,7 @@ impl WorkerQueue {
         attempt: i32,
         lease: Duration,
     ) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+        self.check_running()?;
         let until = self
             .store
             .extend_lease(step_uuid, attempt, lease.as_millis() as i64)

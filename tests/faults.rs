@@ -197,13 +197,7 @@ async fn invariants(pool: &PgPool, tasks: &[Uuid]) -> Report {
     .fetch_one(pool)
     .await
     .unwrap();
-    let duplicated: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT step_uuid, attempt FROM tasker.step_transitions
-          WHERE to_state = 'enqueued' GROUP BY 1, 2 HAVING count(*) > 1) d",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let duplicated = duplicate_enqueues(pool).await;
     let stuck: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM tasker.workflow_steps WHERE state IN ('enqueued', 'in_progress', 'pending', 'waiting_for_retry')",
     )
@@ -251,9 +245,61 @@ async fn finish(
 
 fn assert_clean(r: &Report) {
     assert_eq!(r.lost, 0, "tasks lost");
-    assert_eq!(r.duplicated, 0, "step attempts enqueued twice");
+    assert_eq!(
+        r.duplicated, 0,
+        "steps enqueued again while their previous attempt was open"
+    );
     assert_eq!(r.stuck, 0, "steps stuck");
     assert_eq!(r.errored, 0, "tasks failed");
+}
+
+/// The duplicate check itself: a step put back on the queue while its attempt is still in
+/// progress (the state machine's guard switched off to do it) is counted.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn the_duplicate_check_sees_an_enqueue_while_an_attempt_is_open(pool: PgPool) {
+    let store = tasker::internal::Store::new(pool.clone());
+    let t = create(&store, tasker::internal::TaskSpec::chain("dup", 2)).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, "dup").await;
+    assert_eq!(duplicate_enqueues(&pool).await, 0);
+    // a retry that followed the rules: the attempt ended first
+    store
+        .fail_step(
+            leased[0].step_uuid,
+            1,
+            &failure(serde_json::json!({}), true, 0),
+            &serde_json::json!({}),
+            None,
+        )
+        .await
+        .unwrap();
+    let again = enqueue_and_lease(&store, t.task_uuid, "dup").await;
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(duplicate_enqueues(&pool).await, 0);
+    // a double delivery: enqueued again while attempt 2 is in progress
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE tasker.workflow_steps DISABLE TRIGGER workflow_steps_guard")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE tasker.workflow_steps SET state = 'enqueued', attempts = attempts + 1
+         WHERE step_uuid = $1",
+    )
+    .bind(again[0].step_uuid)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(duplicate_enqueues(&pool).await, 1);
+    // what the suite counted before: repeated (step, attempt) pairs, blind to this
+    let repeated_pairs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT step_uuid, attempt FROM tasker.step_transitions
+          WHERE to_state = 'enqueued' GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(repeated_pairs, 0);
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]

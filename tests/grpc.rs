@@ -182,16 +182,6 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         .await
         .unwrap()
         .into_inner();
-    let listed = readiness
-        .list_ready_tasks(v1::ListReadyTasksRequest {
-            namespace: "api".into(),
-            limit: 10,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.tasks.len() <= 1);
     let injected = readiness
         .process_task_readiness(v1::ProcessTaskReadinessRequest {
             task_uuid: t2.task_uuid.clone(),
@@ -658,6 +648,116 @@ async fn a_parked_fetch_is_woken_by_the_enqueue(pool: PgPool) {
     assert!(
         took < Duration::from_secs(5),
         "returned {took:?} after the create"
+    );
+    server.stop().await;
+}
+
+/// Ready tasks are listed best first and paged; nothing enqueues them here (PollingOnly with
+/// a ten-minute interval, after the start-up sweep), so the list is exact.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn list_ready_tasks_pages_best_first(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::PollingOnly);
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
+    let server = TestServer::start(&pool, &cfg).await;
+    let mut poller = server.core.coordinator.poller_status();
+    tokio::time::timeout(WAIT, poller.wait_for(|s| s.catch_up_sweeps >= 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let ch = server.channel().await;
+    let (mut tasks, readiness) = (Tasks::new(ch.clone()), Readiness::new(ch));
+    let mut by_priority = Vec::new();
+    for priority in [0, 5, -5] {
+        let mut req = diamond("listed");
+        req.priority = priority;
+        let id = tasks.create_task(req).await.unwrap().into_inner().task_uuid;
+        by_priority.push((priority, id));
+    }
+    // a task elsewhere is not listed for this namespace
+    tasks.create_task(diamond("other")).await.unwrap();
+    by_priority.sort_by_key(|(p, _)| -p);
+    let page = |token: String| {
+        let mut r = readiness.clone();
+        async move {
+            r.list_ready_tasks(v1::ListReadyTasksRequest {
+                namespace: "listed".into(),
+                limit: 2,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let first = page(String::new()).await;
+    let ids: Vec<&str> = first.tasks.iter().map(|t| t.task_uuid.as_str()).collect();
+    assert_eq!(ids, [by_priority[0].1.as_str(), by_priority[1].1.as_str()]);
+    assert!(first.tasks.iter().all(|t| t.ready_steps == 1));
+    assert!(!first.next_page_token.is_empty());
+    let second = page(first.next_page_token).await;
+    let ids: Vec<&str> = second.tasks.iter().map(|t| t.task_uuid.as_str()).collect();
+    assert_eq!(ids, [by_priority[2].1.as_str()]);
+    assert!(second.next_page_token.is_empty(), "no third page");
+    server.stop().await;
+}
+
+/// A pass that fails tells observers why in words safe for any reader: the database's own
+/// message (here one naming a secret table) stays in the service's log.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_failed_command_streams_a_safe_error(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::PollingOnly);
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
+    let server = TestServer::start(&pool, &cfg).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut readiness) = (Tasks::new(ch.clone()), Readiness::new(ch));
+    let task = tasks
+        .create_task(diamond("broken"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    // every enqueue now fails inside the database, with a message no client should see
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'relation payroll_secrets is locked by %', current_user; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON tasker.workflow_steps
+             FOR EACH ROW WHEN (NEW.state = 'enqueued') EXECUTE FUNCTION public.refuse()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut events = readiness
+        .stream_command_events(v1::StreamCommandEventsRequest {
+            task_uuids: vec![task.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let injected = readiness
+        .process_task_readiness(v1::ProcessTaskReadinessRequest {
+            task_uuid: task.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(injected.outcome, "failed");
+    let failed = tokio::time::timeout(WAIT, async {
+        loop {
+            let e = events.next().await.unwrap().unwrap();
+            if e.phase == "failed" {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("a failed event");
+    assert!(!failed.error.is_empty());
+    assert!(
+        !failed.error.contains("payroll") && !failed.error.contains("postgres"),
+        "{}",
+        failed.error
     );
     server.stop().await;
 }

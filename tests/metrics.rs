@@ -1,21 +1,65 @@
-//! The core's metrics are emitted: every instrument named in the design, with data.
+//! The core's metrics are emitted with the values the work implies: every instrument named in
+//! the design, counted by its attributes.
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use common::*;
 use opentelemetry::metrics::MeterProvider;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::internal::ListenerState;
-use tasker::internal::Metrics;
-use tasker::internal::Store;
-use tasker::internal::TaskSpec;
+use tasker::internal::{ListenerState, Metrics, Store, TaskSpec};
+
+/// `name{attr=value,...}` -> value (sums and gauges) or count (histograms), from the last
+/// export (cumulative).
+fn readings(exporter: &InMemoryMetricExporter) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics() {
+                let mut put = |attrs: Vec<String>, v: f64| {
+                    out.insert(format!("{}{{{}}}", m.name(), attrs.join(",")), v);
+                };
+                let attrs = |it: &mut dyn Iterator<Item = &opentelemetry::KeyValue>| {
+                    let mut a: Vec<String> =
+                        it.map(|kv| format!("{}={}", kv.key, kv.value)).collect();
+                    a.sort();
+                    a
+                };
+                match m.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(s)) => {
+                        for p in s.data_points() {
+                            put(attrs(&mut p.attributes()), p.value() as f64);
+                        }
+                    }
+                    AggregatedMetrics::U64(MetricData::Gauge(g)) => {
+                        for p in g.data_points() {
+                            put(attrs(&mut p.attributes()), p.value() as f64);
+                        }
+                    }
+                    AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                        for p in h.data_points() {
+                            put(attrs(&mut p.attributes()), p.count() as f64);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+fn reading(r: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *r.get(key)
+        .unwrap_or_else(|| panic!("no reading {key} among {:#?}", r.keys()))
+}
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
-async fn core_emits_every_named_metric(pool: PgPool) {
+async fn core_emits_every_named_metric_with_the_values_the_work_implies(pool: PgPool) {
     let exporter = InMemoryMetricExporter::default();
     let provider = SdkMeterProvider::builder()
         .with_periodic_exporter(exporter.clone())
@@ -46,33 +90,56 @@ async fn core_emits_every_named_metric(pool: PgPool) {
     poller.wait_for(|s| s.rounds >= 1).await.unwrap();
 
     provider.force_flush().unwrap();
-    let names: BTreeSet<String> = exporter
-        .get_finished_metrics()
-        .unwrap()
-        .iter()
-        .flat_map(|rm| {
-            rm.scope_metrics()
-                .flat_map(|sm| sm.metrics().map(|m| m.name().to_string()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for expected in [
-        "task_readiness_events_received",
-        "task_readiness_command_sent",
-        "task_readiness_latency",
-        "task_readiness_malformed_notifications",
-        "fallback_polls_executed",
-        "fallback_tasks_found",
-        "step_completion_to_enqueue_latency",
-        "command_queue_depth",
-        "commands_in_flight",
-        "commands_processed",
-        "listener_reconnects",
-    ] {
-        assert!(
-            names.contains(expected),
-            "{expected} missing from {names:?}"
-        );
-    }
+    let r = readings(&exporter);
+    // the diamond: a ready at creation, then b and c together, then d
+    assert_eq!(
+        reading(&r, "task_readiness_events_received{event_type=task_ready}"),
+        3.0
+    );
+    assert_eq!(
+        reading(
+            &r,
+            "task_readiness_events_received{event_type=task_state_change}"
+        ),
+        2.0,
+        "pending -> in_progress -> complete"
+    );
+    assert_eq!(reading(&r, "task_readiness_latency{}"), 3.0);
+    assert_eq!(
+        reading(&r, "task_readiness_command_sent{triggered_by=task_start}"),
+        1.0
+    );
+    assert_eq!(
+        reading(
+            &r,
+            "task_readiness_command_sent{triggered_by=step_transition}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        reading(
+            &r,
+            "step_completion_to_enqueue_latency{triggered_by=step_transition}"
+        ),
+        2.0,
+        "one enqueue pass for b and c, one for d"
+    );
+    assert_eq!(
+        reading(
+            &r,
+            "task_readiness_malformed_notifications{channel=tasker_task_ready}"
+        ),
+        1.0
+    );
+    assert_eq!(reading(&r, "listener_reconnects{}"), 1.0);
+    assert!(reading(&r, "commands_processed{outcome=enqueued}") >= 3.0);
+    assert!(
+        reading(&r, "fallback_polls_executed{kind=catch_up}") >= 2.0,
+        "start-up and reconnect sweeps"
+    );
+    assert!(reading(&r, "fallback_polls_executed{kind=fallback_polling}") >= 1.0);
+    assert_eq!(reading(&r, "command_queue_depth{}"), 0.0);
+    assert_eq!(reading(&r, "commands_in_flight{}"), 0.0);
+    assert!(reading(&r, "db.pool.connections{}") >= 1.0);
     core.shutdown().await;
 }

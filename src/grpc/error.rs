@@ -70,3 +70,20 @@ impl From<StoreError> for Status {
         store(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutting_down_is_unavailable_and_sql_text_never_leaks() {
+        assert_eq!(store(StoreError::ShuttingDown).code(), Code::Unavailable);
+        let internal = store(StoreError::Database(sqlx::Error::Protocol(
+            "relation tasker.secret does not exist".into(),
+        )));
+        assert_eq!(internal.code(), Code::Internal);
+        assert!(!internal.message().contains("secret"));
+        let unexpected = store(StoreError::unexpected("tasker.f", "maybe"));
+        assert_eq!(unexpected.code(), Code::Internal);
+    }
+}
