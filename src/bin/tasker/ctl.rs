@@ -348,7 +348,7 @@ fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskRequest, CtlEr
         Some("yaml" | "yml")
     );
     let file: TaskFile = if yaml {
-        serde_yaml::from_str(&text)
+        serde_saphyr::from_str(&text)
             .map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))?
     } else {
         serde_json::from_str(&text)
@@ -485,4 +485,20 @@ pub fn table(v: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_task_files_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let yaml = read_task_file(&dir.join("diamond.yaml")).unwrap();
+        assert_eq!((yaml.namespace.as_str(), yaml.steps.len()), ("demo", 4));
+        assert_eq!(yaml.steps[3].depends_on, ["charge", "pack"]);
+        assert_eq!(yaml.steps[1].max_attempts, 5);
+        let json = read_task_file(&dir.join("chain.json")).unwrap();
+        assert!(!json.steps.is_empty());
+    }
 }
