@@ -44,9 +44,16 @@ pub struct Connect {
 }
 
 impl Connect {
+    /// `endpoint`: a URL, or `host:port` for plaintext (as grpcurl takes it).
     pub fn new(endpoint: impl Into<String>) -> Self {
+        let endpoint = endpoint.into();
+        let endpoint = if endpoint.contains("://") {
+            endpoint
+        } else {
+            format!("http://{endpoint}")
+        };
         Self {
-            endpoint: endpoint.into(),
+            endpoint,
             token: None,
             ca_cert: None,
             connect_timeout: Duration::from_secs(5),

@@ -1,0 +1,109 @@
+//! A Tasker worker in Rust, on the crate's client (`tasker::client`).
+//!
+//! ```sh
+//! cargo run --example worker -- --namespace demo                 # until interrupted
+//! cargo run --example worker -- --namespace demo --steps 4        # stop after 4 steps
+//! TASKER_TOKEN=... cargo run --example worker -- --endpoint https://tasker.example:50051 --namespace demo
+//! ```
+//!
+//! Each step it leases is "done" by echoing what it was given: its results are
+//! `{"step": <name>, "attempt": n, "inputs": ..., "parents": [<parent names>]}`. A step whose
+//! inputs say `{"fail": "<message>"}` is failed instead (retryable, 100 ms backoff), which
+//! shows the retry path.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tasker::client::{Connect, WorkerClient};
+
+struct Args {
+    endpoint: String,
+    namespace: String,
+    worker_id: String,
+    /// Stop after this many steps (completed or failed); `None`: run until interrupted.
+    steps: Option<u64>,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        endpoint: std::env::var("TASKER_ENDPOINT")
+            .unwrap_or_else(|_| "http://127.0.0.1:50051".into()),
+        namespace: String::new(),
+        worker_id: format!("example-worker-{}", std::process::id()),
+        steps: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--endpoint" => a.endpoint = value()?,
+            "--namespace" => a.namespace = value()?,
+            "--worker-id" => a.worker_id = value()?,
+            "--steps" => {
+                a.steps = Some(value()?.parse().map_err(|e| format!("--steps: {e}"))?);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.namespace.is_empty() {
+        return Err("--namespace is required".into());
+    }
+    Ok(a)
+}
+
+/// The work itself: echo the step back.
+fn work(name: &str, attempt: i32, inputs: &Value, parents: &Value) -> Result<Value, String> {
+    if let Some(message) = inputs.get("fail").and_then(Value::as_str) {
+        return Err(message.to_string());
+    }
+    let parents: Vec<&String> = parents
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    Ok(json!({ "step": name, "attempt": attempt, "inputs": inputs, "parents": parents }))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = args().map_err(|e| {
+        format!("{e}\nusage: worker --namespace NS [--endpoint URL] [--worker-id ID] [--steps N]")
+    })?;
+    let mut connect = Connect::new(&args.endpoint);
+    if let Ok(token) = std::env::var("TASKER_TOKEN") {
+        connect = connect.token(token);
+    }
+    let mut worker = WorkerClient::connect(&connect, &args.namespace, &args.worker_id).await?;
+    eprintln!(
+        "{} working namespace {:?} at {}",
+        args.worker_id, args.namespace, args.endpoint
+    );
+    let mut handled = 0u64;
+    while args.steps.is_none_or(|n| handled < n) {
+        let leased = tokio::select! {
+            r = worker.fetch(1, Duration::from_secs(10)) => r?,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        for step in leased {
+            match work(&step.name, step.attempt, &step.inputs, &step.parent_results) {
+                Ok(results) => {
+                    worker.complete(&step, &results).await?;
+                    println!(
+                        "completed {} (attempt {}) of task {}",
+                        step.name, step.attempt, step.task_uuid
+                    );
+                }
+                Err(message) => {
+                    let r = worker
+                        .fail(&step, &message, true, Duration::from_millis(100))
+                        .await?;
+                    println!(
+                        "failed {} (attempt {}): {message}; {}",
+                        step.name, step.attempt, r.outcome
+                    );
+                }
+            }
+            handled += 1;
+        }
+    }
+    Ok(())
+}

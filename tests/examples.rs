@@ -1,0 +1,97 @@
+//! The worker examples users start from run against a live server: the Rust one on the
+//! crate's client (`cargo run --example worker`), the Python one on stubs generated from
+//! `proto/` with grpcio-tools. Each works a diamond to completion as a separate process.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use common::*;
+use sqlx::PgPool;
+use tasker::config::DeploymentMode;
+use tasker::proto::{struct_to_json, v1};
+
+fn diamond(ns: &str) -> v1::CreateTaskRequest {
+    v1::CreateTaskRequest {
+        namespace: ns.into(),
+        name: "diamond".into(),
+        steps: vec![
+            step_def("a", &[]),
+            step_def("b", &["a"]),
+            step_def("c", &["a"]),
+            step_def("d", &["b", "c"]),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Run a worker process for four steps, then check the diamond completed through it.
+async fn run_worker_on_a_diamond(pool: &PgPool, ns: &str, worker: tokio::process::Command) {
+    let server = TestServer::start(pool, &test_config(DeploymentMode::Hybrid)).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let task = tasks
+        .create_task(diamond(ns))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let mut worker = worker;
+    let endpoint = format!("{}", server.addr);
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        worker
+            .args(["--namespace", ns, "--steps", "4", "--endpoint", &endpoint])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the worker finished its four steps")
+    .expect("the worker ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "worker failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches("completed ").count(), 4, "{stdout}");
+    let t = tasks
+        .get_task(v1::GetTaskRequest { task_uuid: task })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(t.state, "complete");
+    let d = t.steps.iter().find(|s| s.name == "d").unwrap();
+    let results = struct_to_json(d.results.clone());
+    assert_eq!(results["step"], "d");
+    assert_eq!(results["parents"], serde_json::json!(["b", "c"]));
+    server.stop().await;
+}
+
+fn target_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tasker"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn the_rust_worker_example_completes_a_workflow(pool: PgPool) {
+    let exe = target_dir().join("examples").join("worker");
+    assert!(exe.exists(), "{} is built by `cargo test`", exe.display());
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.env_remove("TASKER_TOKEN");
+    run_worker_on_a_diamond(&pool, "rust-example", cmd).await;
+}
+
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn the_python_worker_example_completes_a_workflow(pool: PgPool) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python/worker.py");
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(script).env_remove("TASKER_TOKEN");
+    run_worker_on_a_diamond(&pool, "python-example", cmd).await;
+}
