@@ -153,3 +153,68 @@ impl Store {
         Ok(samples)
     }
 }
+
+/// Cumulative activity counters of this database, for per-step budgets: read before and
+/// after a run (with the server idle, so the statistics have been flushed), subtract.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ActivityCounters {
+    pub commits: i64,
+    /// Per Tasker table: rows inserted, updated (of them HOT), deleted.
+    pub tables: Vec<TableActivity>,
+    /// Top-level statements executed, when `pg_stat_statements` is loaded.
+    pub statements: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, sqlx::FromRow)]
+pub struct TableActivity {
+    pub table: String,
+    pub inserted: i64,
+    pub updated: i64,
+    pub hot_updated: i64,
+    pub deleted: i64,
+}
+
+impl Store {
+    pub async fn activity_counters(&self) -> Result<ActivityCounters, StoreError> {
+        let commits: i64 = sqlx::query_scalar(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let tables: Vec<TableActivity> = sqlx::query_as(
+            "SELECT relname::text AS table, n_tup_ins AS inserted, n_tup_upd AS updated,
+                    n_tup_hot_upd AS hot_updated, n_tup_del AS deleted
+             FROM pg_stat_user_tables WHERE schemaname = 'tasker' ORDER BY relname",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let has_statements: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let statements = if has_statements {
+            sqlx::query_scalar(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .ok()
+        } else {
+            None
+        };
+        Ok(ActivityCounters {
+            commits,
+            tables,
+            statements,
+        })
+    }
+
+    /// The backend pid of one of this pool's connections (to find the server's processes).
+    pub async fn backend_pid(&self) -> Result<i32, StoreError> {
+        Ok(sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}

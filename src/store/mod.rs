@@ -22,7 +22,7 @@ mod views;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use diagnostics::{ServerSettings, SoakSnapshot};
+pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActivity};
 pub use error::{is_retryable, StoreError};
 pub use steps::{
     AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, TaskRef,

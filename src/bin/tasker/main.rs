@@ -62,39 +62,17 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
-    /// Benchmark completion -> enqueue latency and throughput in every deployment mode, in one
-    /// run. Uses (and empties) database `tasker_bench` on the local server or an embedded
-    /// cluster, or the database given with --database-url.
-    Bench {
-        /// Measurement window per scenario, in seconds (after a 1 s warm-up).
-        #[arg(long, default_value_t = 8)]
-        duration_secs: u64,
-        /// Concurrent chains, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,64")]
-        concurrency: Vec<usize>,
-        /// Modes, comma-separated.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "EventDrivenOnly,Hybrid,PollingOnly"
-        )]
-        modes: Vec<String>,
-        /// Print the report as JSON on stdout.
+    /// Benchmark what users see: the service as its own process, workers in another, through
+    /// the gRPC API (latency, steps/s, CPU and database budget per step, beside the machine's
+    /// commit + NOTIFY floor). `--in-process` for the service's own floor, `--soak` for a
+    /// long run. Uses (and empties) database `tasker_bench`.
+    Bench(bench::BenchArgs),
+    /// The benchmark's worker process (started by `tasker bench`).
+    #[command(hide = true)]
+    BenchWorker {
+        /// The worker spec, JSON.
         #[arg(long)]
-        json: bool,
-        /// Soak instead: the first of --modes at --rate steps/s for --duration-secs, reported
-        /// every --interval-secs (memory, latency, connections, notification queue).
-        #[arg(long)]
-        soak: bool,
-        /// Soak: offered steps per second.
-        #[arg(long, default_value_t = 200.0)]
-        rate: f64,
-        /// Soak: reporting interval in seconds.
-        #[arg(long, default_value_t = 10)]
-        interval_secs: u64,
-        /// Soak: concurrent workers.
-        #[arg(long, default_value_t = 16)]
-        workers: usize,
+        spec: String,
     },
     /// Call a running service over gRPC (for operators and CI).
     Ctl {
@@ -161,7 +139,10 @@ fn main() -> ExitCode {
         }
     }
     // client subcommands run where the service's configuration may not be (or not be valid)
-    let client_only = matches!(cli.command, Command::Ctl { .. } | Command::Token { .. });
+    let client_only = matches!(
+        cli.command,
+        Command::Ctl { .. } | Command::Token { .. } | Command::BenchWorker { .. }
+    );
     let loaded = if client_only {
         config::LoadedConfig {
             config: config::TaskerConfig::default(),
@@ -231,26 +212,17 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                 app.run(tasker::shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Bench {
-                duration_secs,
-                concurrency,
-                modes,
-                json,
-                soak,
-                rate,
-                interval_secs,
-                workers,
-            } => {
-                let modes = modes
-                    .iter()
-                    .map(|m| {
-                        m.parse::<config::DeploymentMode>()
-                            .map_err(anyhow::Error::msg)
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+            Command::Bench(args) => {
                 let mut db = loaded.config.database.clone();
-                if cli.database_url.is_none() {
-                    db.url = None; // never empty the service's own database
+                match &cli.database_url {
+                    // never empty a database someone named without saying so
+                    Some(_) if !args.allow_emptying => anyhow::bail!(
+                        "tasker bench empties the Tasker tables of the database it runs on: add \
+                         --allow-emptying to use --database-url"
+                    ),
+                    Some(_) => {}
+                    // never the service's own database (database.url / DATABASE_URL)
+                    None => db.url = None,
                 }
                 let resolved = resolve_database(&db, "tasker_bench").await?;
                 eprintln!(
@@ -258,43 +230,12 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                     config::redact_url(&resolved.url),
                     resolved.origin
                 );
-                if soak {
-                    let opts = bench::SoakOptions {
-                        mode: modes.first().copied().unwrap_or_default(),
-                        duration: std::time::Duration::from_secs(duration_secs),
-                        rate,
-                        interval: std::time::Duration::from_secs(interval_secs.max(1)),
-                        workers: workers.max(1),
-                    };
-                    let report = bench::soak(&resolved.url, &loaded.config, &opts).await?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    } else {
-                        println!(
-                            "soak {} at {} steps/s offered: rss growth {:+.1} MiB, p50 drift {:+.2} ms, p99 drift {:+.2} ms over {} intervals",
-                            report.mode,
-                            report.offered_steps_per_sec,
-                            report.rss_growth_mib,
-                            report.p50_drift_ms,
-                            report.p99_drift_ms,
-                            report.intervals.len()
-                        );
-                    }
-                    drop(resolved);
-                    return Ok(ExitCode::SUCCESS);
-                }
-                let opts = bench::BenchOptions {
-                    modes,
-                    concurrency,
-                    duration: std::time::Duration::from_secs(duration_secs),
-                };
-                let report = bench::run(&resolved.url, &loaded.config, &opts).await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    println!("{}", bench::render(&report));
-                }
+                bench::run(args, &resolved.url, &loaded.config).await?;
                 drop(resolved);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::BenchWorker { spec } => {
+                bench::worker::run(serde_json::from_str(&spec)?).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Ctl { options, command } => match ctl::run(options, command).await {

@@ -1,0 +1,227 @@
+//! `tasker bench`: what users see, measured.
+//!
+//! - default: the remote benchmark (`remote`): the service as its own process, workers in
+//!   another, through the public gRPC API; scenarios of chains and a fan-out, CPU per step,
+//!   the per-step database budget, beside the machine's commit + NOTIFY floor;
+//! - `--in-process` (`inprocess`): the service's own floor, workers inside the process (no
+//!   gRPC), every deployment mode;
+//! - `--soak` (`soak`): one mode at a sustained rate for a long time.
+//!
+//! The benchmark uses (and empties) database `tasker_bench` on the local server or an
+//! embedded cluster, or the database given with `--database-url` together with
+//! `--allow-emptying`.
+
+pub mod inprocess;
+mod procstat;
+pub mod remote;
+pub mod soak;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+use tasker::config::{DeploymentMode, TaskerConfig};
+use tasker::internal::Store;
+
+/// The benchmark's command line.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Measurement window per scenario, in seconds (after the warm-up).
+    #[arg(long, default_value_t = 8)]
+    pub duration_secs: u64,
+    /// Warm-up before each window, in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    pub warmup_ms: u64,
+    /// Remote scenarios, comma-separated: chains:<count>x<length>, fan:<width>x<workers>.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chains:1x10,chains:1x1000,chains:8x10,chains:64x10,fan:200x8"
+    )]
+    pub scenarios: Vec<String>,
+    /// Deployment modes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "Hybrid")]
+    pub modes: Vec<String>,
+    /// Remote: replica processes on one database, comma-separated counts.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub replicas: Vec<usize>,
+    /// Remote: the service binary to measure (default: this one), e.g. an older build for a
+    /// before/after in one run.
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Remote: that binary's configuration directory (default: this process's).
+    #[arg(long)]
+    pub server_config_dir: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Run the in-process benchmark instead: the service's floor without gRPC.
+    #[arg(long)]
+    pub in_process: bool,
+    /// In-process: concurrent chains, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub concurrency: Vec<usize>,
+    /// Soak instead: the first of --modes at --rate steps/s for --duration-secs, reported
+    /// every --interval-secs (memory, latency, connections, notification queue).
+    #[arg(long)]
+    pub soak: bool,
+    /// Soak: offered steps per second.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Soak: reporting interval in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub interval_secs: u64,
+    /// Soak: concurrent workers.
+    #[arg(long, default_value_t = 16)]
+    pub workers: usize,
+    /// With --database-url: yes, empty that database's Tasker tables.
+    #[arg(long)]
+    pub allow_emptying: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LatencyStats {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LatencyStats {
+    pub fn from_ms(mut v: Vec<f64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Self {
+            samples: v.len(),
+            p50_ms: pct(0.50),
+            p95_ms: pct(0.95),
+            p99_ms: pct(0.99),
+            max_ms: *v.last().expect("non-empty"),
+        }
+    }
+}
+
+/// Rounds of the commit + NOTIFY floor measured in every run.
+pub const FLOOR_ROUNDS: usize = 500;
+
+#[derive(Debug, Serialize)]
+struct RemoteReport {
+    server_version: String,
+    synchronous_commit: String,
+    notify_floor: LatencyStats,
+    scenarios: Vec<remote::RemoteScenario>,
+}
+
+/// Run what the arguments ask for against `url` (a database the benchmark may empty).
+pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Result<()> {
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| m.parse::<DeploymentMode>().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let duration = Duration::from_secs(args.duration_secs);
+    if args.soak {
+        let opts = soak::SoakOptions {
+            mode: modes.first().copied().unwrap_or_default(),
+            duration,
+            rate: args.rate,
+            interval: Duration::from_secs(args.interval_secs.max(1)),
+            workers: args.workers.max(1),
+        };
+        let report = soak::soak(url, base, &opts).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{}", soak::summary(&report));
+        }
+        return Ok(());
+    }
+    if args.in_process {
+        let opts = inprocess::BenchOptions {
+            modes,
+            concurrency: args.concurrency,
+            duration,
+        };
+        let report = inprocess::run(url, base, &opts).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{}", inprocess::render(&report));
+        }
+        return Ok(());
+    }
+    let scenarios = args
+        .scenarios
+        .iter()
+        .map(|s| remote::parse_scenario(s).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // the services migrate the database themselves (a build given with --server-bin carries
+    // its own schema), so this connection only measures
+    let store = Store::connect(url, &base.database).await?;
+    let settings = store.server_settings().await?;
+    let notify_floor = LatencyStats::from_ms(store.notify_floor_ms(FLOOR_ROUNDS).await?);
+    eprintln!(
+        "notify floor: p50 {:.3} ms p99 {:.3} ms (PostgreSQL {}, synchronous_commit = {})",
+        notify_floor.p50_ms,
+        notify_floor.p99_ms,
+        settings.server_version,
+        settings.synchronous_commit
+    );
+    let opts = remote::RemoteOptions {
+        scenarios,
+        modes,
+        warmup: Duration::from_millis(args.warmup_ms),
+        window: duration,
+        server_bin: match args.server_bin {
+            Some(b) => b,
+            None => std::env::current_exe()?,
+        },
+        server_config_dir: match args.server_config_dir {
+            Some(d) => d,
+            None => std::env::var_os("TASKER_CONFIG_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("config/tasker"))
+                .canonicalize()?,
+        },
+        replicas: args.replicas,
+    };
+    let scenarios = remote::run(&store, url, &opts).await?;
+    store.pool().close().await;
+    if args.json {
+        let report = RemoteReport {
+            server_version: settings.server_version,
+            synchronous_commit: settings.synchronous_commit,
+            notify_floor,
+            scenarios,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "PostgreSQL {} | synchronous_commit = {} | notify floor (commit + NOTIFY -> received): p50 {:.3} ms, p99 {:.3} ms\n",
+            settings.server_version, settings.synchronous_commit, notify_floor.p50_ms, notify_floor.p99_ms
+        );
+        println!("{}", remote::render(&scenarios, &notify_floor));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let s = LatencyStats::from_ms((1..=100).map(f64::from).collect());
+        assert_eq!(
+            (s.samples, s.p50_ms, s.p99_ms, s.max_ms),
+            (100, 51.0, 99.0, 100.0)
+        );
+        assert_eq!(LatencyStats::from_ms(vec![]).samples, 0);
+    }
+}

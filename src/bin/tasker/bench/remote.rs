@@ -1,0 +1,447 @@
+//! The headline benchmark: what users see. The service runs as its own process (`tasker serve`,
+//! or any other build given with `--server-bin`), the workers as another (`tasker
+//! bench-worker`), talking over loopback TCP through the public gRPC API.
+//!
+//! ```text
+//!  bench ──spawns──> tasker serve (1..n replicas) ──── PostgreSQL
+//!    │                    ^ gRPC (loopback)
+//!    └──spawns──> tasker bench-worker ── CreateTask, FetchSteps (long-poll), CompleteStep
+//!         reads "window-start" / "window-end" / report from its stdout
+//! ```
+//!
+//! Per scenario it reports the worker-observed latency (next step starts, or fan-out/fan-in),
+//! steps/s in the window, and CPU per step of the service processes, of PostgreSQL (its
+//! postmaster and every child, from `/proc`) and of the worker process, measured between the
+//! worker's window marks; and the per-step database budget over the whole run (commits, rows
+//! written by table and how many updates were HOT, statements when `pg_stat_statements` is
+//! loaded), read from PostgreSQL's statistics with the service idle before and after.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Serialize;
+use tasker::config::DeploymentMode;
+use tasker::internal::{ActivityCounters, Store};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::procstat;
+use super::worker::{Shape, WorkerReport, WorkerSpec};
+use super::LatencyStats;
+
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub scenarios: Vec<Shape>,
+    pub modes: Vec<DeploymentMode>,
+    pub warmup: Duration,
+    pub window: Duration,
+    /// The service binary to benchmark (this one by default).
+    pub server_bin: PathBuf,
+    /// Its configuration directory (this checkout's by default).
+    pub server_config_dir: PathBuf,
+    /// Replica processes per scenario, each on its own port; workers spread over them.
+    pub replicas: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteScenario {
+    pub scenario: String,
+    pub mode: String,
+    pub replicas: usize,
+    pub window_secs: f64,
+    pub steps_per_sec: f64,
+    /// Chains: CompleteStep sent -> successor received.
+    pub next_step: LatencyStats,
+    pub fan_out: LatencyStats,
+    pub fan_in: LatencyStats,
+    /// CPU milliseconds per step completed in the window.
+    pub cpu_ms_per_step: CpuPerStep,
+    /// Per step over the whole run (warm-up included).
+    pub budget: Budget,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuPerStep {
+    pub service: f64,
+    pub postgres: f64,
+    /// service + postgres: what the target counts.
+    pub service_and_postgres: f64,
+    /// The worker process (the client side).
+    pub workers: f64,
+    /// Every core of the machine, whatever ran.
+    pub machine: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Budget {
+    pub steps: u64,
+    pub commits: f64,
+    pub statements: Option<f64>,
+    /// table -> (inserted, updated, of them HOT, deleted) per step.
+    pub rows: Vec<(String, f64, f64, f64, f64)>,
+}
+
+pub fn scenario_name(s: &Shape) -> String {
+    match s {
+        Shape::Chains { count, length } => format!("chains {count} x {length} steps"),
+        Shape::Fan { width, workers } => format!("fan-out 1 -> {width} -> 1, {workers} workers"),
+    }
+}
+
+/// Parse `chains:8x10` or `fan:200x8`.
+pub fn parse_scenario(s: &str) -> Result<Shape, String> {
+    let bad =
+        || format!("scenario {s:?}: expected chains:<count>x<length> or fan:<width>x<workers>");
+    let (kind, dims) = s.split_once(':').ok_or_else(bad)?;
+    let (a, b) = dims.split_once('x').ok_or_else(bad)?;
+    let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || b == 0 {
+        return Err(bad());
+    }
+    match kind {
+        "chains" => Ok(Shape::Chains {
+            count: a,
+            length: b,
+        }),
+        "fan" => Ok(Shape::Fan {
+            width: a,
+            workers: b,
+        }),
+        _ => Err(bad()),
+    }
+}
+
+pub async fn run(
+    store: &Store,
+    url: &str,
+    opts: &RemoteOptions,
+) -> anyhow::Result<Vec<RemoteScenario>> {
+    let mut out = Vec::new();
+    for &mode in &opts.modes {
+        for &replicas in &opts.replicas {
+            for shape in &opts.scenarios {
+                let r = scenario(store, url, opts, mode, replicas, shape).await?;
+                eprintln!(
+                    "{:>15} {:<34} x{replicas} {:>7.0} steps/s  next step p50 {:>6.2} p99 {:>7.2} ms  fan-out p50 {:>7.2} fan-in p50 {:>6.2} ms  cpu/step svc {:.2} pg {:.2} ms",
+                    r.mode,
+                    r.scenario,
+                    r.steps_per_sec,
+                    r.next_step.p50_ms,
+                    r.next_step.p99_ms,
+                    r.fan_out.p50_ms,
+                    r.fan_in.p50_ms,
+                    r.cpu_ms_per_step.service,
+                    r.cpu_ms_per_step.postgres
+                );
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Service {
+    child: Child,
+    addr: String,
+}
+
+async fn spawn_service(
+    opts: &RemoteOptions,
+    url: &str,
+    mode: DeploymentMode,
+    log: &std::path::Path,
+) -> anyhow::Result<Service> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let child = Command::new(&opts.server_bin)
+        .arg("serve")
+        .env("TASKER_CONFIG_DIR", &opts.server_config_dir)
+        .env("TASKER_ENV", "development")
+        .env("DATABASE_URL", url)
+        .env("TASKER_GRPC__BIND", &addr)
+        .env("TASKER_ORCHESTRATION__DEPLOYMENT__MODE", mode.as_str())
+        .env("RUST_LOG", "warn")
+        .env_remove("TASKER_DATABASE__URL")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let service = Service { child, addr };
+    wait_serving(&service.addr).await?;
+    Ok(service)
+}
+
+async fn wait_serving(addr: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+        {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+            let serving = h
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .map(|r| {
+                    r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                })
+                .unwrap_or(false);
+            if serving {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the service on {addr} did not become SERVING within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stop a service gracefully (SIGTERM), killing it if it does not stop.
+async fn stop_service(mut s: Service) {
+    if let Some(pid) = s.child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+    if tokio::time::timeout(Duration::from_secs(20), s.child.wait())
+        .await
+        .is_err()
+    {
+        let _ = s.child.kill().await;
+    }
+}
+
+#[derive(Default)]
+struct CpuSample {
+    services: f64,
+    postgres: f64,
+    worker: f64,
+    machine: f64,
+}
+
+fn sample_cpu(services: &[u32], worker: u32, backend: u32) -> CpuSample {
+    CpuSample {
+        services: services
+            .iter()
+            .filter_map(|p| procstat::process_cpu_secs(*p))
+            .sum(),
+        postgres: procstat::postgres_cpu_secs(backend).unwrap_or(f64::NAN),
+        worker: procstat::process_cpu_secs(worker).unwrap_or(f64::NAN),
+        machine: procstat::machine_busy_secs().unwrap_or(f64::NAN),
+    }
+}
+
+/// Let PostgreSQL flush the statistics of the connections that just went idle (it does so
+/// within a second of a backend going idle).
+const STATS_FLUSH: Duration = Duration::from_millis(1500);
+
+async fn scenario(
+    store: &Store,
+    url: &str,
+    opts: &RemoteOptions,
+    mode: DeploymentMode,
+    replicas: usize,
+    shape: &Shape,
+) -> anyhow::Result<RemoteScenario> {
+    let log = std::env::temp_dir().join(format!("tasker-bench-{}.log", std::process::id()));
+    let mut services = Vec::new();
+    for _ in 0..replicas {
+        services.push(spawn_service(opts, url, mode, &log).await?);
+    }
+    // the services have migrated the database (a build under test may carry its own schema);
+    // they are idle: start from empty tables
+    store.truncate_all().await?;
+    tokio::time::sleep(STATS_FLUSH).await;
+    let before = store.activity_counters().await?;
+    let backend = store.backend_pid().await? as u32;
+    let spec = WorkerSpec {
+        endpoints: services
+            .iter()
+            .map(|s| format!("http://{}", s.addr))
+            .collect(),
+        shape: shape.clone(),
+        warmup_ms: opts.warmup.as_millis() as u64,
+        window_ms: opts.window.as_millis() as u64,
+        namespace: "bench".into(),
+    };
+    let mut worker = Command::new(std::env::current_exe()?)
+        .arg("bench-worker")
+        .arg("--spec")
+        .arg(serde_json::to_string(&spec)?)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let worker_pid = worker.id().unwrap_or(0);
+    let service_pids: Vec<u32> = services.iter().filter_map(|s| s.child.id()).collect();
+    let mut lines = BufReader::new(worker.stdout.take().expect("piped")).lines();
+    let (mut start, mut end) = (CpuSample::default(), CpuSample::default());
+    let mut report: Option<WorkerReport> = None;
+    while let Some(line) = lines.next_line().await? {
+        match line.as_str() {
+            "window-start" => start = sample_cpu(&service_pids, worker_pid, backend),
+            "window-end" => end = sample_cpu(&service_pids, worker_pid, backend),
+            json => report = Some(serde_json::from_str(json)?),
+        }
+    }
+    let status = worker.wait().await?;
+    let report = report.filter(|_| status.success()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the worker process failed ({status}); server log: {}",
+            log.display()
+        )
+    })?;
+    tokio::time::sleep(STATS_FLUSH).await;
+    let after = store.activity_counters().await?;
+    for s in services {
+        stop_service(s).await;
+    }
+    let steps = report.steps_in_window.max(1) as f64;
+    let per_step = |a: f64, b: f64| (b - a) * 1000.0 / steps;
+    let cpu = CpuPerStep {
+        service: per_step(start.services, end.services),
+        postgres: per_step(start.postgres, end.postgres),
+        service_and_postgres: per_step(
+            start.services + start.postgres,
+            end.services + end.postgres,
+        ),
+        workers: per_step(start.worker, end.worker),
+        machine: per_step(start.machine, end.machine),
+    };
+    Ok(RemoteScenario {
+        scenario: scenario_name(shape),
+        mode: mode.as_str().to_string(),
+        replicas,
+        window_secs: report.window_secs,
+        steps_per_sec: report.steps_in_window as f64 / report.window_secs,
+        next_step: LatencyStats::from_ms(report.next_step_ms),
+        fan_out: LatencyStats::from_ms(report.fan_out_ms),
+        fan_in: LatencyStats::from_ms(report.fan_in_ms),
+        cpu_ms_per_step: cpu,
+        budget: budget(&before, &after, report.steps_total),
+    })
+}
+
+fn budget(before: &ActivityCounters, after: &ActivityCounters, steps: u64) -> Budget {
+    let n = steps.max(1) as f64;
+    let rows = after
+        .tables
+        .iter()
+        .map(|a| {
+            let b = before
+                .tables
+                .iter()
+                .find(|b| b.table == a.table)
+                .cloned()
+                .unwrap_or_default();
+            (
+                a.table.clone(),
+                (a.inserted - b.inserted) as f64 / n,
+                (a.updated - b.updated) as f64 / n,
+                (a.hot_updated - b.hot_updated) as f64 / n,
+                (a.deleted - b.deleted) as f64 / n,
+            )
+        })
+        .filter(|r| r.1 + r.2 + r.4 > 0.0)
+        .collect();
+    Budget {
+        steps,
+        commits: (after.commits - before.commits) as f64 / n,
+        statements: after
+            .statements
+            .zip(before.statements)
+            .map(|(a, b)| (a - b) as f64 / n),
+        rows,
+    }
+}
+
+/// The scenarios as a table, the notify floor and ratios to it included.
+pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
+    let mut out = String::from(
+        "| scenario | mode | replicas | steps/s | next step p50 / p95 / p99 (ms) | p50 vs floor | fan-out / fan-in p50 (ms) | CPU ms/step: service + PostgreSQL (workers) | commits / statements per step |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for s in scenarios {
+        let next = if s.next_step.samples > 0 {
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                s.next_step.p50_ms, s.next_step.p95_ms, s.next_step.p99_ms
+            )
+        } else {
+            "-".into()
+        };
+        let vs_floor = if s.next_step.samples > 0 && floor.p50_ms > 0.0 {
+            format!("{:.1}x", s.next_step.p50_ms / floor.p50_ms)
+        } else {
+            "-".into()
+        };
+        let fan = if s.fan_out.samples > 0 {
+            format!("{:.1} / {:.2}", s.fan_out.p50_ms, s.fan_in.p50_ms)
+        } else {
+            "-".into()
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {:.2} + {:.2} = {:.2} ({:.2}) | {:.2} / {} |\n",
+            s.scenario,
+            s.mode,
+            s.replicas,
+            s.steps_per_sec,
+            next,
+            vs_floor,
+            fan,
+            s.cpu_ms_per_step.service,
+            s.cpu_ms_per_step.postgres,
+            s.cpu_ms_per_step.service_and_postgres,
+            s.cpu_ms_per_step.workers,
+            s.budget.commits,
+            s.budget
+                .statements
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        ));
+    }
+    out.push_str("\nRows written per step (whole run):\n\n| scenario | table | inserted | updated | of them HOT | deleted |\n|---|---|---|---|---|---|\n");
+    for s in scenarios {
+        for (table, ins, upd, hot, del) in &s.budget.rows {
+            out.push_str(&format!(
+                "| {} | {table} | {ins:.2} | {upd:.2} | {hot:.2} | {del:.2} |\n",
+                s.scenario
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenarios_parse() {
+        assert_eq!(
+            parse_scenario("chains:8x10"),
+            Ok(Shape::Chains {
+                count: 8,
+                length: 10
+            })
+        );
+        assert_eq!(
+            parse_scenario("fan:200x8"),
+            Ok(Shape::Fan {
+                width: 200,
+                workers: 8
+            })
+        );
+        assert!(parse_scenario("chains:0x10").is_err());
+        assert!(parse_scenario("tree:1x2").is_err());
+    }
+}
