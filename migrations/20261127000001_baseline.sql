@@ -4,40 +4,46 @@
 -- Sections, in order: schema; state machine and history; readiness; notifications;
 -- operations. Every function is defined once, here, with its settings inline.
 --
+-- What a hop costs. A completion and the enqueue it causes do work proportional to the
+-- completed step's children and to the steps that became ready, never to the size of the
+-- task or of the database:
+--   * each step counts its unfinished parents (`unfinished_parents`); a completion decrements
+--     its children's counters, and a child whose counter reaches 0 is ready;
+--   * "ready" is `state = 'pending' AND unfinished_parents = 0`, answered by a partial index
+--     that holds only ready steps (the enqueue's look-up and the poller's scan both use it);
+--   * each task counts its remaining steps; the completion that brings it to 0 finishes it.
+-- A row lock on the child makes two parents completing at once see each other's decrement,
+-- so a join step is announced exactly once.
+--
 -- Plans that cannot drift. PL/pgSQL caches a generic plan per statement and session, costed
 -- with the statistics of the moment: a service started on an empty database would keep plans
 -- made for empty tables (with autovacuum off, nothing invalidates them; measured in a soak:
 -- sequential scans of workflow_steps for one step's parents, the completion -> enqueue p50
 -- rising from 3 ms to seconds). So every statement on the hot path touches a handful of rows
 -- by key and is written so that its right plan is its only sensible one:
---   1. single-table statements with an equality on a unique key, or an ordered walk of the
---      one index made for them; joins to a parent or queued row are LATERAL subqueries that
---      cannot be flattened (OFFSET 0), so they run as a key probe per outer row;
+--   1. single-table statements with an equality on a unique key, or a walk of the one index
+--      made for them; joins run as a key probe per outer row;
 --   2. no statement's WHERE implies the predicate of a partial index it should not use;
 --   3. hot functions plan with sequential, bitmap, hash-join and merge-join paths off (the
 --      `SET` clauses in their definitions; they hold while the function runs). The test
 --      `hot_path_functions_keep_their_planner_settings` fails if one loses them.
--- Reporting functions that scan many rows (ready_tasks, step_readiness,
--- task_execution_context) and create_task keep the planner's own choice.
+-- Reporting functions that read a whole task (step_readiness, task_execution_context) and
+-- create_task keep the planner's own choice.
 
--- Tasker schema: namespaces, tasks, workflow steps, the step DAG, transition history and the
--- step queue. Everything lives in schema `tasker`.
---
 -- States (ARCHITECTURE.md):
 --   step: pending -> enqueued -> in_progress -> complete
 --         in_progress -> waiting_for_retry -> pending       (retry with backoff)
 --         in_progress -> error                              (attempts exhausted / not retryable)
 --         cancelled, resolved_manually (counts as complete for dependents)
 --   task: pending -> in_progress -> complete | error | cancelled
--- The legal transitions are enforced by the triggers below; CHECK constraints
--- here keep the state vocabulary closed.
+-- The legal transitions are enforced by the triggers below; CHECK constraints here keep the
+-- state vocabulary closed.
 
 CREATE SCHEMA IF NOT EXISTS tasker;
 
--- Channel names are `tasker_task_ready.<namespace>` and `tasker_task_state.<namespace>`: an
--- 18-byte prefix. PostgreSQL truncates identifiers (and so channel names) to 63 bytes, so a
--- namespace may use at most 45 bytes. The charset keeps channel names unambiguous and safe to
--- LISTEN on without surprises from quoting.
+-- Namespace names are short and plain so that a channel `<prefix>.<namespace>` always fits
+-- PostgreSQL's 63-byte identifier limit (the longest prefix in use is 18 bytes) and needs no
+-- quoting: at most 45 bytes of [a-z0-9_-].
 CREATE FUNCTION tasker.namespace_name_problem(p_name text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
@@ -79,6 +85,9 @@ CREATE TABLE tasker.tasks (
     priority         integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
     state            text NOT NULL DEFAULT 'pending'
                      CHECK (state IN ('pending', 'in_progress', 'complete', 'error', 'cancelled')),
+    -- steps not yet complete or resolved manually: the completion that brings it to 0
+    -- finishes the task, without looking at its other steps
+    remaining_steps  integer NOT NULL CHECK (remaining_steps >= 0),
     context          jsonb NOT NULL DEFAULT '{}'::jsonb,
     idempotency_key  text CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 255),
     created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -88,33 +97,44 @@ CREATE TABLE tasker.tasks (
 );
 
 CREATE TABLE tasker.workflow_steps (
-    step_uuid      uuid PRIMARY KEY,
-    task_uuid      uuid NOT NULL REFERENCES tasker.tasks (task_uuid),
-    name           text NOT NULL CHECK (length(name) BETWEEN 1 AND 255),
-    state          text NOT NULL DEFAULT 'pending'
-                   CHECK (state IN ('pending', 'enqueued', 'in_progress', 'complete',
-                                    'waiting_for_retry', 'error', 'cancelled', 'resolved_manually')),
-    -- attempts counts enqueues: attempt N of a step is the N-th time it was put on the queue.
-    attempts       integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-    max_attempts   integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 100),
-    retryable      boolean NOT NULL DEFAULT true,
-    next_retry_at  timestamptz,
-    inputs         jsonb NOT NULL DEFAULT '{}'::jsonb,
-    results        jsonb,
-    last_error     jsonb,
-    created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
-    updated_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
-    enqueued_at    timestamptz,
-    started_at     timestamptz,
-    completed_at   timestamptz,
+    step_uuid           uuid PRIMARY KEY,
+    task_uuid           uuid NOT NULL REFERENCES tasker.tasks (task_uuid),
+    name                text NOT NULL CHECK (length(name) BETWEEN 1 AND 255),
+    -- the step's place in a topological order of its task (parents come first), computed by
+    -- the service; every edge must go from a lower position to a higher one, which rules out
+    -- cycles with one comparison per edge
+    position            integer NOT NULL CHECK (position >= 0),
+    state               text NOT NULL DEFAULT 'pending'
+                        CHECK (state IN ('pending', 'enqueued', 'in_progress', 'complete',
+                                         'waiting_for_retry', 'error', 'cancelled', 'resolved_manually')),
+    -- parents not yet complete or resolved manually; 0 and pending means ready
+    unfinished_parents  integer NOT NULL CHECK (unfinished_parents >= 0),
+    -- when the step last became ready: created without parents, its last parent finished, or
+    -- its retry came due
+    ready_at            timestamptz,
+    -- attempts counts enqueues: attempt N of a step is the N-th time it was put on the queue
+    attempts            integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    max_attempts        integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 100),
+    retryable           boolean NOT NULL DEFAULT true,
+    next_retry_at       timestamptz,
+    inputs              jsonb NOT NULL DEFAULT '{}'::jsonb,
+    results             jsonb,
+    last_error          jsonb,
+    created_at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    enqueued_at         timestamptz,
+    started_at          timestamptz,
+    completed_at        timestamptz,
     CONSTRAINT workflow_steps_name_unique UNIQUE (task_uuid, name),
     -- target of the edge foreign keys that keep both ends of an edge in one task
     CONSTRAINT workflow_steps_task_step_unique UNIQUE (task_uuid, step_uuid),
     CONSTRAINT workflow_steps_attempts_bounded CHECK (attempts <= max_attempts)
 );
--- Readiness scans start from pending steps only; in a busy system they are a small minority.
-CREATE INDEX workflow_steps_pending_idx ON tasker.workflow_steps (task_uuid)
-    WHERE state = 'pending' AND attempts < max_attempts;
+-- Ready steps only: a step is in this index from the moment it becomes ready until it is
+-- enqueued, so the enqueue's look-up for a task and the poller's scan of the whole database
+-- both read what is ready and nothing else.
+CREATE INDEX workflow_steps_ready_idx ON tasker.workflow_steps (task_uuid)
+    WHERE state = 'pending' AND unfinished_parents = 0;
 CREATE INDEX workflow_steps_retry_due_idx ON tasker.workflow_steps (next_retry_at)
     WHERE state = 'waiting_for_retry' AND next_retry_at IS NOT NULL;
 
@@ -189,7 +209,7 @@ CREATE INDEX step_queue_fetch_idx ON tasker.step_queue (namespace, priority DESC
 CREATE INDEX step_queue_lease_idx ON tasker.step_queue (visible_at) WHERE leased_by IS NOT NULL;
 
 -- The queue is a churn table (one insert and one delete per step attempt) and steps are
--- updated three times each: vacuum them by dead-row count, not by fraction of a table that
+-- updated several times each: vacuum them by dead-row count, not by fraction of a table that
 -- stays small, and leave room on each page for HOT updates. Without this, dead tuples pile
 -- up between autovacuum runs and the fetch and readiness look-ups slow down over hours.
 ALTER TABLE tasker.step_queue SET (
@@ -257,8 +277,10 @@ BEGIN
                 USING ERRCODE = 'TK001';
         END IF;
     END IF;
-    IF NEW.task_uuid IS DISTINCT FROM OLD.task_uuid OR NEW.step_uuid IS DISTINCT FROM OLD.step_uuid THEN
-        RAISE EXCEPTION 'a step''s identity is immutable (step %)', OLD.step_uuid USING ERRCODE = 'TK001';
+    IF NEW.task_uuid IS DISTINCT FROM OLD.task_uuid OR NEW.step_uuid IS DISTINCT FROM OLD.step_uuid
+       OR NEW.position IS DISTINCT FROM OLD.position THEN
+        RAISE EXCEPTION 'a step''s identity and position are immutable (step %)', OLD.step_uuid
+            USING ERRCODE = 'TK001';
     END IF;
     NEW.updated_at := clock_timestamp();
     RETURN NEW;
@@ -324,112 +346,55 @@ CREATE TRIGGER tasks_history_update AFTER UPDATE OF state ON tasker.tasks
     FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
     EXECUTE FUNCTION tasker.tasks_history();
 
--- New edges must not close a cycle. Checked once per statement over all inserted edges (a
--- task's whole DAG arrives in one INSERT): walk down from each new edge's child; reaching
--- that edge's parent means a cycle. CreateTask validates the DAG before writing; this is the
--- database's own guarantee.
-CREATE FUNCTION tasker.step_edges_no_cycle() RETURNS trigger
+-- New edges must go from a lower position to a higher one. Positions are a topological order,
+-- so no edge can close a cycle: the database's own guarantee, one comparison per edge (two
+-- key look-ups), whatever the shape or size of the DAG. (A recursive walk of descendants per
+-- new edge cost W^4 joins for a layered DAG of width W: 8 s and 167 MiB at W = 30.)
+-- CreateTask validates the DAG and computes the positions before writing.
+CREATE FUNCTION tasker.step_edges_in_order() RETURNS trigger
 LANGUAGE plpgsql
-SET enable_hashjoin = off SET enable_mergejoin = off
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
     v_edge record;
 BEGIN
-    WITH RECURSIVE walk(origin_parent, origin_child, step_uuid) AS (
-        SELECT n.parent_step_uuid, n.child_step_uuid, n.child_step_uuid FROM new_edges n
-        UNION
-        SELECT w.origin_parent, w.origin_child, e.child_step_uuid
-        FROM walk w JOIN tasker.step_edges e ON e.parent_step_uuid = w.step_uuid
-    )
-    SELECT origin_parent, origin_child INTO v_edge FROM walk WHERE step_uuid = origin_parent LIMIT 1;
+    SELECT n.parent_step_uuid, n.child_step_uuid INTO v_edge
+    FROM new_edges n
+    CROSS JOIN LATERAL (SELECT s.position FROM tasker.workflow_steps s
+                        WHERE s.step_uuid = n.parent_step_uuid OFFSET 0) p
+    CROSS JOIN LATERAL (SELECT s.position FROM tasker.workflow_steps s
+                        WHERE s.step_uuid = n.child_step_uuid OFFSET 0) c
+    WHERE p.position >= c.position
+    LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'edge % -> % would create a dependency cycle', v_edge.origin_parent, v_edge.origin_child
+        RAISE EXCEPTION 'edge % -> % goes against the task''s order: the dependencies form a cycle',
+            v_edge.parent_step_uuid, v_edge.child_step_uuid
             USING ERRCODE = 'TK003';
     END IF;
     RETURN NULL;
 END
 $$;
--- The walk follows edges by index from a handful of new edges; a hash join over the whole
--- edge table (which the planner picked as the table grew: 4 -> 13 ms per task in a soak)
--- makes creation slower the longer the service runs.
-CREATE TRIGGER step_edges_no_cycle AFTER INSERT ON tasker.step_edges
+CREATE TRIGGER step_edges_in_order AFTER INSERT ON tasker.step_edges
     REFERENCING NEW TABLE AS new_edges
-    FOR EACH STATEMENT EXECUTE FUNCTION tasker.step_edges_no_cycle();
+    FOR EACH STATEMENT EXECUTE FUNCTION tasker.step_edges_in_order();
 -- Edges are never updated: a changed edge is a different DAG.
 CREATE TRIGGER step_edges_immutable BEFORE UPDATE ON tasker.step_edges
     FOR EACH ROW EXECUTE FUNCTION tasker.history_is_append_only();
 
--- Completions, failures, retries, cancellations and manual resolutions of one task are
--- serialized by this transaction-scoped advisory lock. Without it two parents of a join step
--- completing in concurrent transactions would each see the other still in progress, neither
--- would notify, and the join step would wait for the fallback poller. The lock is separate
--- from the task row lock that the enqueuer claims with SKIP LOCKED, so a completion never
--- makes an enqueuer skip. Key collisions only cost extra serialization.
-CREATE FUNCTION tasker.lock_task_progress(p_task_uuid uuid) RETURNS void
-LANGUAGE sql AS $$
-    SELECT pg_advisory_xact_lock(hashtextextended('tasker.task_progress:' || p_task_uuid::text, 0))
-$$;
+-- Every change to a task's steps (completion, failure, retry, expiry, cancellation, manual
+-- resolution) first locks the task's row (FOR NO KEY UPDATE), so changes to one task are
+-- serialized and always take their locks in the same order (task, then steps): two
+-- completions that share a child cannot deadlock, and batches take their items in task
+-- order. The enqueuer's claim is a separate advisory lock (see enqueue_ready_steps), so a
+-- completion never makes an enqueuer skip the task.
 
 -- Readiness: which steps can run now, what state a task is in, which tasks have work.
 --
--- A step is ready when it is pending, its task is pending or in_progress, every parent is
--- complete or resolved_manually, any retry backoff has elapsed and it has attempts left.
-
--- The one definition of "ready": among the given steps, those that are pending, have
--- attempts left, whose backoff has elapsed, and whose every parent is complete or
--- resolved_manually; with the moment each became ready (its last parent's completion, its
--- backoff's end, or its creation). Callers pass the candidates: the children of a step that
--- changed, the pending steps of one task, all pending steps. One candidate at a time: the
--- step by primary key, then its parents by the child-edge index and a primary-key probe each
--- (a set-based query over the array got a cached generic plan that drifted to hash joins
--- over full scans as the tables grew).
--- Time is the transaction's start (now()): every caller is a short transaction, and the retry
--- promotion uses the same clock.
-CREATE FUNCTION tasker.ready_among(p_steps uuid[])
-RETURNS TABLE (step_uuid uuid, task_uuid uuid, ready_since timestamptz, created_at timestamptz)
-LANGUAGE plpgsql STABLE
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-DECLARE
-    v_step uuid;
-    v_s record;
-    v_unfinished bigint;
-    v_last_parent timestamptz;
-BEGIN
-    FOREACH v_step IN ARRAY coalesce(p_steps, '{}'::uuid[]) LOOP
-        SELECT s.task_uuid, s.state, s.attempts, s.max_attempts, s.next_retry_at, s.created_at
-        INTO v_s
-        FROM tasker.workflow_steps s WHERE s.step_uuid = v_step;
-        CONTINUE WHEN NOT FOUND
-            OR v_s.state <> 'pending'
-            OR v_s.attempts >= v_s.max_attempts
-            OR (v_s.next_retry_at IS NOT NULL AND v_s.next_retry_at > now());
-        SELECT count(*) FILTER (WHERE ps.state NOT IN ('complete', 'resolved_manually')),
-               max(ps.completed_at)
-        INTO v_unfinished, v_last_parent
-        FROM tasker.step_edges e
-        CROSS JOIN LATERAL (SELECT p.state, p.completed_at FROM tasker.workflow_steps p
-                            WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
-        WHERE e.child_step_uuid = v_step;
-        CONTINUE WHEN v_unfinished > 0;
-        step_uuid := v_step;
-        task_uuid := v_s.task_uuid;
-        ready_since := greatest(v_s.created_at, v_s.next_retry_at, v_last_parent);
-        created_at := v_s.created_at;
-        RETURN NEXT;
-    END LOOP;
-END
-$$;
-
--- The ready steps of one task (whatever the task's state), driven by the pending-steps index.
-CREATE FUNCTION tasker.ready_steps_of_task(p_task_uuid uuid)
-RETURNS TABLE (step_uuid uuid, ready_since timestamptz, created_at timestamptz)
-LANGUAGE sql STABLE AS $$
-    SELECT r.step_uuid, r.ready_since, r.created_at
-    FROM tasker.ready_among(ARRAY(
-        SELECT s.step_uuid FROM tasker.workflow_steps s
-        WHERE s.task_uuid = p_task_uuid AND s.state = 'pending' AND s.attempts < s.max_attempts)) r
-$$;
+-- A step is ready when it is pending and none of its parents is unfinished
+-- (`state = 'pending' AND unfinished_parents = 0`); its task must be pending or in_progress
+-- for it to be enqueued. A step waiting out a retry backoff is `waiting_for_retry`, not
+-- pending, until the backoff ends; a pending step always has attempts left (a step out of
+-- attempts ends in `error`).
 
 CREATE FUNCTION tasker.step_readiness(p_task_uuid uuid)
 RETURNS TABLE (
@@ -448,28 +413,21 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE AS $$
     SELECT s.step_uuid, s.name, s.state, s.attempts, s.max_attempts,
-           coalesce(p.total, 0)::int,
-           coalesce(p.done, 0)::int,
-           coalesce(p.total = p.done, true),
+           p.total::int,
+           (p.total - s.unfinished_parents)::int,
+           s.unfinished_parents = 0,
            -- another attempt may still be made for this step
            (s.state IN ('pending', 'waiting_for_retry') AND s.attempts < s.max_attempts
                 AND (s.attempts = 0 OR s.retryable)),
            s.next_retry_at,
-           (t.state IN ('pending', 'in_progress')
-                AND EXISTS (SELECT 1 FROM tasker.ready_among(ARRAY[s.step_uuid]))),
-           greatest(s.created_at, p.last_done, s.next_retry_at)
+           (t.state IN ('pending', 'in_progress') AND s.state = 'pending' AND s.unfinished_parents = 0),
+           CASE WHEN s.unfinished_parents = 0 THEN s.ready_at END
     FROM tasker.workflow_steps s
     JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-    LEFT JOIN LATERAL (
-        SELECT count(*) AS total,
-               count(*) FILTER (WHERE ps.state IN ('complete', 'resolved_manually')) AS done,
-               max(ps.completed_at) AS last_done
-        FROM tasker.step_edges e
-        JOIN tasker.workflow_steps ps ON ps.step_uuid = e.parent_step_uuid
-        WHERE e.child_step_uuid = s.step_uuid
-    ) p ON true
+    CROSS JOIN LATERAL (SELECT count(*) AS total FROM tasker.step_edges e
+                        WHERE e.child_step_uuid = s.step_uuid) p
     WHERE s.task_uuid = p_task_uuid
-    ORDER BY s.created_at, s.name
+    ORDER BY s.position, s.name
 $$;
 
 CREATE FUNCTION tasker.task_execution_context(p_task_uuid uuid)
@@ -490,26 +448,26 @@ RETURNS TABLE (
     execution_status text
 )
 LANGUAGE sql STABLE AS $$
-    WITH r AS (SELECT * FROM tasker.step_readiness(p_task_uuid)),
-    c AS (
+    WITH c AS (
         SELECT count(*)::int AS total,
-               count(*) FILTER (WHERE r.state = 'pending')::int AS pending,
-               count(*) FILTER (WHERE r.state = 'enqueued')::int AS enqueued,
-               count(*) FILTER (WHERE r.state = 'in_progress')::int AS in_progress,
-               count(*) FILTER (WHERE r.state IN ('complete', 'resolved_manually'))::int AS complete,
-               count(*) FILTER (WHERE r.state = 'error')::int AS failed,
-               count(*) FILTER (WHERE r.state = 'waiting_for_retry')::int AS waiting,
-               count(*) FILTER (WHERE r.state = 'cancelled')::int AS cancelled,
-               count(*) FILTER (WHERE r.ready)::int AS ready
-        FROM r
+               count(*) FILTER (WHERE s.state = 'pending')::int AS pending,
+               count(*) FILTER (WHERE s.state = 'enqueued')::int AS enqueued,
+               count(*) FILTER (WHERE s.state = 'in_progress')::int AS in_progress,
+               count(*) FILTER (WHERE s.state IN ('complete', 'resolved_manually'))::int AS complete,
+               count(*) FILTER (WHERE s.state = 'error')::int AS failed,
+               count(*) FILTER (WHERE s.state = 'waiting_for_retry')::int AS waiting,
+               count(*) FILTER (WHERE s.state = 'cancelled')::int AS cancelled,
+               count(*) FILTER (WHERE s.state = 'pending' AND s.unfinished_parents = 0)::int AS ready
+        FROM tasker.workflow_steps s WHERE s.task_uuid = p_task_uuid
     )
     SELECT t.task_uuid, t.namespace, t.state, t.priority,
            c.total, c.pending, c.enqueued, c.in_progress, c.complete, c.failed, c.waiting,
-           c.cancelled, c.ready,
+           c.cancelled,
+           CASE WHEN t.state IN ('pending', 'in_progress') THEN c.ready ELSE 0 END,
            CASE
                WHEN t.state = 'cancelled' THEN 'cancelled'
                WHEN c.total > 0 AND c.complete = c.total THEN 'all_complete'
-               WHEN c.ready > 0 THEN 'has_ready_steps'
+               WHEN t.state IN ('pending', 'in_progress') AND c.ready > 0 THEN 'has_ready_steps'
                WHEN c.enqueued + c.in_progress > 0 THEN 'processing'
                WHEN c.failed > 0 THEN 'blocked_by_failures'
                ELSE 'waiting_for_dependencies'
@@ -526,14 +484,8 @@ LANGUAGE sql STABLE AS $$
     SELECT p_priority + least(floor(greatest(extract(epoch FROM clock_timestamp() - p_ready_since), 0) / 60), 100000)::int
 $$;
 
--- Tasks with at least one ready step, best first. p_namespaces: NULL for all namespaces, or
--- a list of namespace patterns (see namespace_matches).
--- p_ready_before keeps only tasks whose oldest ready step has been ready since before it (the
--- fallback poller's age threshold; a lower bound on age only, never an upper one).
--- Cost: driven by the partial index on pending steps, then primary-key and edge-index look-ups;
--- it never scans finished work.
 -- A namespace matches a pattern when equal to it, or, for a pattern ending in '*', when it
--- starts with what precedes the '*'.
+-- starts with what precedes the '*'. NULL patterns: every namespace.
 CREATE FUNCTION tasker.namespace_matches(p_namespace text, p_patterns text[]) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
     SELECT p_patterns IS NULL OR EXISTS (
@@ -542,6 +494,13 @@ LANGUAGE sql IMMUTABLE AS $$
                    ELSE p_namespace = p END)
 $$;
 
+-- Tasks with at least one ready step, best first. p_namespaces: NULL for all namespaces, or
+-- a list of namespace patterns (see namespace_matches). p_ready_before keeps only tasks whose
+-- oldest ready step has been ready since before it (the fallback poller's age threshold; a
+-- lower bound on age only, never an upper one).
+-- Cost: a scan of the ready index, which holds ready steps only (in normal operation a step is
+-- in it for the milliseconds between becoming ready and being enqueued), then a primary-key
+-- probe per task: it reads what is ready, not what is pending or finished.
 CREATE FUNCTION tasker.ready_tasks(
     p_namespaces text[] DEFAULT NULL,
     p_limit integer DEFAULT 100,
@@ -557,39 +516,40 @@ RETURNS TABLE (
     ready_since timestamptz,
     task_state text
 )
-LANGUAGE sql STABLE AS $$
-    WITH ready AS (
-        SELECT r.task_uuid, r.ready_since AS since
-        FROM tasker.ready_among(ARRAY(
-            SELECT s.step_uuid FROM tasker.workflow_steps s
-            WHERE s.state = 'pending' AND s.attempts < s.max_attempts)) r
-    ),
-    per_task AS (
-        SELECT r.task_uuid, count(*)::int AS n, min(r.since) AS since
-        FROM ready r
-        GROUP BY r.task_uuid
+LANGUAGE plpgsql STABLE
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH per_task AS (
+        SELECT s.task_uuid, count(*)::int AS n, min(coalesce(s.ready_at, s.created_at)) AS since
+        FROM tasker.workflow_steps s
+        WHERE s.state = 'pending' AND s.unfinished_parents = 0
+        GROUP BY s.task_uuid
     )
     SELECT t.task_uuid, t.namespace, t.priority,
            tasker.computed_priority(t.priority, pt.since) AS cp,
            pt.n, pt.since, t.state
     FROM per_task pt
-    JOIN tasker.tasks t ON t.task_uuid = pt.task_uuid
+    CROSS JOIN LATERAL (SELECT k.task_uuid, k.namespace, k.priority, k.state FROM tasker.tasks k
+                        WHERE k.task_uuid = pt.task_uuid OFFSET 0) t
     WHERE t.state IN ('pending', 'in_progress')
       AND tasker.namespace_matches(t.namespace, p_namespaces)
       AND pt.since < p_ready_before
     ORDER BY cp DESC, pt.since, t.task_uuid
-    LIMIT p_limit OFFSET p_offset
+    LIMIT p_limit OFFSET p_offset;
+END
 $$;
 
--- Notification triggers: the database announces readiness the moment it changes.
+-- Notifications: the database announces readiness the moment it changes.
 --
 -- Channels (payloads are small JSON documents, far below the 8000-byte limit):
---   tasker_task_ready, tasker_task_ready.<namespace>    a step became ready (TaskReady)
---   tasker_task_state, tasker_task_state.<namespace>    a task changed state (TaskStateChange)
---   tasker_namespace_created                            a namespace was created
---
--- The ready check looks only at the children of the step that changed (is every parent of
--- each child complete?), never at the whole task: O(children x parents), index-backed.
+--   tasker_task_ready    steps of a task became ready: {task_uuid, namespace, triggered_by}
+--   tasker_task_state    a task changed state: {task_uuid, namespace, priority, from_state, to_state}
+-- One channel each: PostgreSQL's notification queue is shared, and every listening connection
+-- reads every entry whatever its channel, so per-namespace channels saved a listener nothing
+-- and cost a second pg_notify per event. An instance serving some namespaces filters by the
+-- payload's namespace.
 -- NOTIFY is delivered at commit, so a listener never hears of a state it cannot yet read.
 -- When a request carries a W3C trace context it sets `tasker.traceparent` for its transaction
 -- and the payload carries it on, so the trace follows the hop through the database.
@@ -599,90 +559,23 @@ LANGUAGE sql STABLE AS $$
     SELECT nullif(current_setting('tasker.traceparent', true), '')
 $$;
 
-CREATE FUNCTION tasker.send_task_ready(
-    p_task_uuid uuid, p_ready_steps integer, p_triggered_by text,
-    p_step_uuid uuid, p_step_state text
-) RETURNS void
+-- Announce that steps of an active task became ready.
+CREATE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
+RETURNS void
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
-    v_task record;
-    v_payload jsonb;
     v_traceparent text := tasker.current_traceparent();
+    v_payload jsonb := jsonb_build_object(
+        'task_uuid', p_task_uuid, 'namespace', p_namespace, 'triggered_by', p_triggered_by);
 BEGIN
-    SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
-    -- a finished or cancelled task has nothing to enqueue
-    IF NOT FOUND OR v_task.state NOT IN ('pending', 'in_progress') THEN
-        RETURN;
-    END IF;
-    v_payload := jsonb_build_object(
-        'task_uuid', p_task_uuid,
-        'namespace', v_task.namespace,
-        'priority', v_task.priority,
-        'ready_steps', p_ready_steps,
-        'triggered_by', p_triggered_by,
-        'step_uuid', p_step_uuid,
-        'step_state', p_step_state,
-        'task_state', v_task.state);
     IF v_traceparent IS NOT NULL THEN
         v_payload := v_payload || jsonb_build_object('traceparent', left(v_traceparent, 128));
     END IF;
     PERFORM pg_notify('tasker_task_ready', v_payload::text);
-    PERFORM pg_notify('tasker_task_ready.' || v_task.namespace, v_payload::text);
 END
 $$;
-
-CREATE FUNCTION tasker.notify_task_ready_on_step_transition() RETURNS trigger
-LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-DECLARE
-    v_ready integer;
-BEGIN
-    IF NEW.state IN ('complete', 'resolved_manually') THEN
-        -- only the children of this step are judged
-        SELECT count(*) INTO v_ready
-        FROM tasker.ready_among(ARRAY(
-            SELECT e.child_step_uuid FROM tasker.step_edges e WHERE e.parent_step_uuid = NEW.step_uuid));
-    ELSIF NEW.state = 'pending' AND OLD.state = 'waiting_for_retry' THEN
-        -- back from a retry backoff: the step itself is what became ready
-        SELECT count(*) INTO v_ready FROM tasker.ready_among(ARRAY[NEW.step_uuid]);
-    ELSE
-        RETURN NULL;
-    END IF;
-    IF v_ready > 0 THEN
-        PERFORM tasker.send_task_ready(NEW.task_uuid, v_ready, 'step_transition', NEW.step_uuid, NEW.state);
-    END IF;
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER workflow_steps_notify_ready AFTER UPDATE OF state ON tasker.workflow_steps
-    FOR EACH ROW
-    WHEN (OLD.state IS DISTINCT FROM NEW.state
-          AND (NEW.state IN ('complete', 'resolved_manually')
-               OR (NEW.state = 'pending' AND OLD.state = 'waiting_for_retry')))
-    EXECUTE FUNCTION tasker.notify_task_ready_on_step_transition();
-
--- A new task's steps and edges are written after the task row, so the check runs at commit
--- (deferred constraint trigger), when the whole DAG is there.
-CREATE FUNCTION tasker.notify_task_start() RETURNS trigger
-LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-DECLARE
-    v_ready integer;
-BEGIN
-    SELECT count(*) INTO v_ready FROM tasker.ready_steps_of_task(NEW.task_uuid);
-    IF v_ready > 0 THEN
-        PERFORM tasker.send_task_ready(NEW.task_uuid, v_ready, 'task_start', NULL, NULL);
-    END IF;
-    RETURN NULL;
-END
-$$;
-CREATE CONSTRAINT TRIGGER tasks_notify_start AFTER INSERT ON tasker.tasks
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION tasker.notify_task_start();
 
 CREATE FUNCTION tasker.notify_task_state_change() RETURNS trigger
 LANGUAGE plpgsql
@@ -701,7 +594,6 @@ BEGIN
         v_payload := v_payload || jsonb_build_object('traceparent', left(v_traceparent, 128));
     END IF;
     PERFORM pg_notify('tasker_task_state', v_payload::text);
-    PERFORM pg_notify('tasker_task_state.' || NEW.namespace, v_payload::text);
     RETURN NULL;
 END
 $$;
@@ -709,27 +601,19 @@ CREATE TRIGGER tasks_notify_state AFTER UPDATE OF state ON tasker.tasks
     FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
     EXECUTE FUNCTION tasker.notify_task_state_change();
 
-CREATE FUNCTION tasker.notify_namespace_created() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('tasker_namespace_created', jsonb_build_object('namespace', NEW.name)::text);
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER namespaces_notify_created AFTER INSERT ON tasker.namespaces
-    FOR EACH ROW EXECUTE FUNCTION tasker.notify_namespace_created();
-
 -- Operations: every state-changing action of the service is one function, so each is one
 -- round trip and one transaction. Outcomes are returned as text codes (never raised) when they
 -- are a normal answer to a caller (a stale attempt, a task claimed by another instance); the
--- service maps them to gRPC status codes.
+-- service maps them to gRPC status codes and refuses any code it does not know.
 
 -- Create a task with its DAG. p_steps is a JSON array of
---   {"step_uuid": uuid, "name": text, "depends_on": [text], "max_attempts": int,
+--   {"step_uuid": uuid, "name": text, "position": int, "parents": [uuid], "max_attempts": int,
 --    "retryable": bool, "inputs": object}
--- The service validates the DAG first; the database still refuses unknown dependencies
--- (TK004), duplicate names (unique violation) and cycles (TK003). An idempotency key that
--- already names a task in the namespace returns that task (created = false) and writes nothing.
+-- in which the service has resolved dependencies by name to the parents' uuids and ordered
+-- the steps topologically (`position`). The database still refuses a parent that is not a
+-- step of this task (foreign key), duplicate names (unique) and an edge against the order
+-- (TK003: a cycle). An idempotency key that already names a task in the namespace returns that
+-- task (created = false) and writes nothing.
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb
@@ -738,60 +622,58 @@ RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_existing uuid;
-    v_missing text;
 BEGIN
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     INSERT INTO tasker.namespaces (name) VALUES (p_namespace) ON CONFLICT DO NOTHING;
 
-    INSERT INTO tasker.tasks AS t (task_uuid, namespace, name, priority, context, idempotency_key)
-    VALUES (p_task_uuid, p_namespace, p_name, p_priority, coalesce(p_context, '{}'::jsonb), p_idempotency_key)
+    INSERT INTO tasker.tasks AS t (task_uuid, namespace, name, priority, context, idempotency_key,
+                                   remaining_steps)
+    VALUES (p_task_uuid, p_namespace, p_name, p_priority, coalesce(p_context, '{}'::jsonb),
+            p_idempotency_key, jsonb_array_length(p_steps))
     ON CONFLICT ON CONSTRAINT tasks_idempotency_key_unique DO NOTHING;
     IF NOT FOUND THEN
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
         WHERE t.namespace = p_namespace AND t.idempotency_key = p_idempotency_key;
         RETURN QUERY SELECT v_existing, false, s.name, s.step_uuid
-            FROM tasker.workflow_steps s WHERE s.task_uuid = v_existing ORDER BY s.created_at, s.name;
+            FROM tasker.workflow_steps s WHERE s.task_uuid = v_existing ORDER BY s.position;
         RETURN;
     END IF;
 
-    INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, max_attempts, retryable, inputs)
-    SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name',
+    INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents,
+                                       ready_at, max_attempts, retryable, inputs)
+    SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
+           CASE WHEN p.n = 0 THEN clock_timestamp() END,
            coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
            coalesce(e->'inputs', '{}'::jsonb)
-    FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS x(e, i)
-    ORDER BY i;
-
-    SELECT d.dep INTO v_missing
-    FROM jsonb_array_elements(p_steps) e, jsonb_array_elements_text(coalesce(e->'depends_on', '[]'::jsonb)) d(dep)
-    WHERE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_steps) o WHERE o->>'name' = d.dep)
-    LIMIT 1;
-    IF v_missing IS NOT NULL THEN
-        RAISE EXCEPTION 'unknown dependency %', quote_literal(v_missing) USING ERRCODE = 'TK004';
-    END IF;
+    FROM jsonb_array_elements(p_steps) AS x(e)
+    CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
+                        FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p
+    ORDER BY (e->>'position')::int;
 
     INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
-    SELECT DISTINCT p_task_uuid, (p->>'step_uuid')::uuid, (c->>'step_uuid')::uuid
-    FROM jsonb_array_elements(p_steps) c,
-         jsonb_array_elements_text(coalesce(c->'depends_on', '[]'::jsonb)) d(dep),
-         jsonb_array_elements(p_steps) p
-    WHERE p->>'name' = d.dep;
+    SELECT DISTINCT p_task_uuid, d::uuid, (e->>'step_uuid')::uuid
+    FROM jsonb_array_elements(p_steps) AS x(e),
+         jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d;
 
+    -- a DAG has at least one root: it is ready now
+    PERFORM tasker.send_task_ready(p_task_uuid, p_namespace, 'task_start');
     RETURN QUERY SELECT p_task_uuid, true, s.name, s.step_uuid
-        FROM tasker.workflow_steps s WHERE s.task_uuid = p_task_uuid ORDER BY s.created_at, s.name;
+        FROM tasker.workflow_steps s WHERE s.task_uuid = p_task_uuid ORDER BY s.position;
 END
 $$;
 
 -- Claim a task and enqueue every ready step, in one transaction.
 --
--- Claim: the task row lock, taken with SKIP LOCKED. A task locked by another instance's
--- enqueuer answers 'claimed_elsewhere' at once; the caller retries shortly, because the
--- holder's snapshot may predate a completion that made more steps ready.
+-- Claim: a transaction-scoped advisory lock on the task, tried without waiting. A task claimed
+-- by another instance's enqueuer answers 'claimed_elsewhere' at once; the caller retries
+-- shortly, because the holder's snapshot may predate a completion that made more steps ready.
 -- Exactly once: the CAS pending -> enqueued plus the unique (step_uuid, attempt) queue key.
+-- Cost: the ready steps of this task, found by the ready index; nothing else of the task.
 -- Durability: synchronous_commit = off for this transaction only. Enqueue state is derivable:
 -- if a crash loses the commit, the steps are still pending and ready, and the startup sweep or
--- the fallback poller enqueues them again. Anything that depends on the enqueue (a worker's
--- fetch, a completion) commits synchronously later, which flushes the WAL up to and including
--- this commit, so nothing durable can ever rest on a lost enqueue.
+-- the fallback poller enqueues them again. Anything that depends on the enqueue (a completion)
+-- commits synchronously later, which flushes the WAL up to and including this commit, so
+-- nothing durable can ever rest on a lost enqueue.
 CREATE FUNCTION tasker.enqueue_ready_steps(p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb)
 RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
                max_ready_wait_ms double precision)
@@ -800,20 +682,13 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 AS $$
 DECLARE
     v_task record;
-    v_ready record;
-    v_attempt integer;
-    v_enqueued_at timestamptz;
-    v_steps uuid[] := '{}';
+    v_steps uuid[];
     v_wait double precision;
     v_traceparent text := left(tasker.current_traceparent(), 128);
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
-
-    SELECT t.namespace, t.priority, t.state INTO v_task
-    FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid
-    FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
+    IF NOT pg_try_advisory_xact_lock(hashtextextended('tasker.claim:' || p_task_uuid::text, 0)) THEN
         IF EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid) THEN
             RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8;
         ELSE
@@ -821,28 +696,41 @@ BEGIN
         END IF;
         RETURN;
     END IF;
+    SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8;
+        RETURN;
+    END IF;
+    IF v_task.state = 'pending' THEN
+        -- this pass will move the task to in_progress: lock it first, like every change to a
+        -- task (task, then steps)
+        SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t
+        WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
+    END IF;
     IF v_task.state NOT IN ('pending', 'in_progress') THEN
         RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8;
         RETURN;
     END IF;
 
-    FOR v_ready IN
-        SELECT r.step_uuid, r.ready_since FROM tasker.ready_steps_of_task(p_task_uuid) r
-        ORDER BY r.created_at, r.step_uuid
-    LOOP
+    WITH moved AS (
         UPDATE tasker.workflow_steps s
         SET state = 'enqueued', attempts = s.attempts + 1, enqueued_at = clock_timestamp(),
             next_retry_at = NULL
-        WHERE s.step_uuid = v_ready.step_uuid AND s.state = 'pending'
-        RETURNING s.attempts, s.enqueued_at INTO v_attempt, v_enqueued_at;
-        CONTINUE WHEN NOT FOUND;
+        WHERE s.task_uuid = p_task_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
+        RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at
+    ),
+    queued AS (
         INSERT INTO tasker.step_queue (namespace, task_uuid, step_uuid, attempt, priority, traceparent)
-        VALUES (v_task.namespace, p_task_uuid, v_ready.step_uuid, v_attempt, v_task.priority, v_traceparent);
-        v_steps := v_steps || v_ready.step_uuid;
-        -- ready_since is when the step's last parent completed (or its backoff ended): the
-        -- wait from there to enqueued_at is the completion -> enqueue latency reported
-        v_wait := greatest(v_wait, extract(epoch FROM v_enqueued_at - v_ready.ready_since) * 1000);
-    END LOOP;
+        SELECT v_task.namespace, p_task_uuid, m.step_uuid, m.attempts, v_task.priority, v_traceparent
+        FROM moved m ORDER BY m.position
+        RETURNING 1
+    )
+    -- ready_at is when the step's last parent finished (or its backoff ended): the wait from
+    -- there to enqueued_at is the completion -> enqueue latency the service reports
+    SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
+           extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000
+    INTO v_steps, v_wait
+    FROM moved m;
 
     IF cardinality(v_steps) = 0 THEN
         RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8;
@@ -855,8 +743,12 @@ BEGIN
 END
 $$;
 
--- Lease up to p_max steps of a namespace to a worker: enqueued -> in_progress, message
--- invisible until the lease expires.
+-- Lease up to p_max steps of a namespace to a worker, best priority first: enqueued ->
+-- in_progress, message invisible until the lease expires. An ordered walk of the fetch index,
+-- then each message and its step by key, and the parents' results by the child-edge index.
+-- Durability: synchronous_commit = off. A lease lost in a crash leaves the step enqueued and
+-- unleased, to be leased again (the worker's completion of the lost lease is refused); the
+-- completion that builds on a lease commits synchronously and so flushes it first.
 CREATE FUNCTION tasker.fetch_steps(p_namespace text, p_worker_id text, p_max integer, p_lease_ms bigint)
 RETURNS TABLE (
     step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
@@ -870,6 +762,7 @@ DECLARE
     v_q record;
     v_s record;
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     FOR v_msg IN
         SELECT q.msg_id
         FROM tasker.step_queue q
@@ -908,8 +801,9 @@ BEGIN
 END
 $$;
 
--- Why an attempt cannot be acted on, or NULL when the caller holds a live lease on it.
--- Locks the step row. Outcomes: step_not_found, not_in_progress, stale_attempt, lease_expired.
+-- Why an attempt cannot be acted on, or NULL when the caller holds a live lease on it. Locks
+-- the step row. Outcomes: step_not_found, not_in_progress, stale_attempt, lease_expired. The
+-- queue row is found by its unique (step, attempt) key, not by walking the lease index.
 CREATE FUNCTION tasker.check_live_lease(p_step_uuid uuid, p_attempt integer)
 RETURNS text
 LANGUAGE plpgsql
@@ -934,33 +828,32 @@ BEGIN
 END
 $$;
 
--- The task of a step, with the task's progress lock taken (see lock_task_progress).
-CREATE FUNCTION tasker.lock_progress_of_step(p_step_uuid uuid) RETURNS uuid
-LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-DECLARE
-    v_task uuid;
-BEGIN
-    SELECT s.task_uuid INTO v_task FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
-    IF FOUND THEN
-        PERFORM tasker.lock_task_progress(v_task);
-    END IF;
-    RETURN v_task;
-END
-$$;
-
--- Finish the task when no step is left to do. Caller holds the task's progress lock.
-CREATE FUNCTION tasker.complete_task_if_done(p_task_uuid uuid) RETURNS void
+-- A step finished (completed, or resolved manually): its children each have one unfinished
+-- parent fewer, and the task one step fewer to go. Caller holds the task's row lock. Returns
+-- how many children became ready; the task's state after the change.
+CREATE FUNCTION tasker.finish_step(p_step_uuid uuid, p_task_uuid uuid,
+                                   OUT ready_children integer, OUT task_state text)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM tasker.workflow_steps s
-                   WHERE s.task_uuid = p_task_uuid AND s.state NOT IN ('complete', 'resolved_manually')) THEN
-        UPDATE tasker.tasks t SET state = 'complete', completed_at = clock_timestamp()
-        WHERE t.task_uuid = p_task_uuid AND t.state = 'in_progress';
-    END IF;
+    WITH released AS (
+        UPDATE tasker.workflow_steps c
+        SET unfinished_parents = c.unfinished_parents - 1,
+            ready_at = CASE WHEN c.unfinished_parents = 1 THEN clock_timestamp() ELSE c.ready_at END
+        FROM tasker.step_edges e
+        WHERE e.parent_step_uuid = p_step_uuid AND c.step_uuid = e.child_step_uuid
+        RETURNING c.unfinished_parents, c.state
+    )
+    SELECT count(*) FILTER (WHERE r.unfinished_parents = 0 AND r.state = 'pending')::int
+    INTO ready_children FROM released r;
+    UPDATE tasker.tasks t
+    SET remaining_steps = t.remaining_steps - 1,
+        state = CASE WHEN t.remaining_steps = 1 AND t.state = 'in_progress' THEN 'complete' ELSE t.state END,
+        completed_at = CASE WHEN t.remaining_steps = 1 AND t.state = 'in_progress'
+                            THEN clock_timestamp() ELSE t.completed_at END
+    WHERE t.task_uuid = p_task_uuid
+    RETURNING t.state INTO task_state;
 END
 $$;
 
@@ -971,24 +864,62 @@ LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
-    v_task uuid := tasker.lock_progress_of_step(p_step_uuid);
-    v_problem text := tasker.check_live_lease(p_step_uuid, p_attempt);
+    v_task_uuid uuid;
+    v_task record;
+    v_problem text;
+    v_finished record;
 BEGIN
+    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
+    SELECT t.namespace, t.state INTO v_task FROM tasker.tasks t
+    WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
+    v_problem := tasker.check_live_lease(p_step_uuid, p_attempt);
     IF v_problem IS NOT NULL THEN RETURN v_problem; END IF;
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt;
     UPDATE tasker.workflow_steps s
     SET state = 'complete', results = coalesce(p_results, '{}'::jsonb), completed_at = clock_timestamp()
     WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress' AND s.attempts = p_attempt;
-    PERFORM tasker.complete_task_if_done(v_task);
+    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid);
+    IF v_finished.ready_children > 0 AND v_finished.task_state IN ('pending', 'in_progress') THEN
+        PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
+    END IF;
     RETURN 'completed';
 END
 $$;
 
--- The end of a failed attempt (the caller checked the lease and holds the progress lock):
+-- Many completions in one transaction (one commit, one pass through the NOTIFY commit lock).
+-- Each item is exactly tasker.complete_step, with its own trace context; items are taken in
+-- task order, so two batches lock tasks in the same order and never wait on each other in a
+-- cycle. Returns each item's outcome by its position in the input arrays.
+CREATE FUNCTION tasker.complete_steps(
+    p_steps uuid[], p_attempts integer[], p_results jsonb[], p_traceparents text[],
+    p_metadata jsonb DEFAULT '{}'::jsonb
+) RETURNS TABLE (idx integer, outcome text)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_item record;
+BEGIN
+    FOR v_item IN
+        SELECT i.ord::int AS ord, i.step_uuid, s.task_uuid
+        FROM unnest(p_steps) WITH ORDINALITY AS i(step_uuid, ord)
+        LEFT JOIN LATERAL (SELECT w.task_uuid FROM tasker.workflow_steps w
+                           WHERE w.step_uuid = i.step_uuid OFFSET 0) s ON true
+        ORDER BY s.task_uuid NULLS FIRST, i.ord
+    LOOP
+        PERFORM set_config('tasker.traceparent', coalesce(p_traceparents[v_item.ord], ''), true);
+        RETURN QUERY SELECT v_item.ord,
+            tasker.complete_step(v_item.step_uuid, p_attempts[v_item.ord], p_results[v_item.ord], p_metadata);
+    END LOOP;
+END
+$$;
+
+-- The end of a failed attempt (the caller checked the lease and holds the task's row lock):
 -- retry after the backoff when attempts remain and both the step and the failure allow it,
 -- otherwise the step is in error and so is its task. A zero backoff returns the step to
--- pending at once, which notifies like any other readiness change.
+-- pending at once, which is a readiness change and is announced.
 CREATE FUNCTION tasker.record_attempt_failure(
     p_step_uuid uuid, p_error jsonb, p_retryable boolean, p_backoff_ms bigint
 ) RETURNS TABLE (outcome text, next_retry_at timestamptz)
@@ -1003,15 +934,15 @@ BEGIN
     FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = v_step.attempts;
     IF p_retryable AND v_step.retryable AND v_step.attempts < v_step.max_attempts THEN
-        -- a zero backoff is due at once by the readiness clock (the transaction start)
-        v_next := CASE WHEN p_backoff_ms <= 0 THEN now()
-                       ELSE clock_timestamp() + make_interval(secs => p_backoff_ms / 1000.0) END;
+        v_next := clock_timestamp() + make_interval(secs => greatest(p_backoff_ms, 0) / 1000.0);
         UPDATE tasker.workflow_steps s
         SET state = 'waiting_for_retry', last_error = p_error, next_retry_at = v_next
         WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress';
         IF p_backoff_ms <= 0 THEN
-            UPDATE tasker.workflow_steps s SET state = 'pending'
+            UPDATE tasker.workflow_steps s SET state = 'pending', ready_at = clock_timestamp()
             WHERE s.step_uuid = p_step_uuid AND s.state = 'waiting_for_retry';
+            PERFORM tasker.send_task_ready(v_step.task_uuid, t.namespace, 'step_transition')
+            FROM tasker.tasks t WHERE t.task_uuid = v_step.task_uuid AND t.state IN ('pending', 'in_progress');
         END IF;
         RETURN QUERY SELECT 'retry_scheduled'::text, v_next;
     ELSE
@@ -1033,9 +964,16 @@ LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
-    v_task uuid := tasker.lock_progress_of_step(p_step_uuid);
-    v_problem text := tasker.check_live_lease(p_step_uuid, p_attempt);
+    v_task_uuid uuid;
+    v_problem text;
 BEGIN
+    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'step_not_found'::text, NULL::timestamptz;
+        RETURN;
+    END IF;
+    PERFORM 1 FROM tasker.tasks t WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
+    v_problem := tasker.check_live_lease(p_step_uuid, p_attempt);
     IF v_problem IS NOT NULL THEN
         RETURN QUERY SELECT v_problem, NULL::timestamptz;
         RETURN;
@@ -1066,26 +1004,36 @@ BEGIN
 END
 $$;
 
--- Steps whose retry backoff has elapsed go back to pending (the trigger then notifies).
+-- Steps whose retry backoff has elapsed go back to pending (and so are ready: they ran, so no
+-- parent is unfinished). The caller sends a command for each task returned.
 -- p_namespaces: NULL for all, or namespace patterns (see namespace_matches).
 CREATE FUNCTION tasker.promote_due_retries(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
 RETURNS TABLE (task_uuid uuid, step_uuid uuid, namespace text, priority integer)
-LANGUAGE sql
+LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
+BEGIN
+    RETURN QUERY
     WITH due AS (
         SELECT s.step_uuid FROM tasker.workflow_steps s
-        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-        WHERE s.state = 'waiting_for_retry' AND s.next_retry_at <= now()
-          AND tasker.namespace_matches(t.namespace, p_namespaces)
+        WHERE s.state = 'waiting_for_retry' AND s.next_retry_at IS NOT NULL
+          AND s.next_retry_at <= clock_timestamp()
         ORDER BY s.next_retry_at
         LIMIT p_limit
         FOR UPDATE OF s SKIP LOCKED
+    ),
+    promoted AS (
+        UPDATE tasker.workflow_steps s SET state = 'pending', ready_at = clock_timestamp()
+        FROM due
+        WHERE s.step_uuid = due.step_uuid AND s.state = 'waiting_for_retry'
+        RETURNING s.task_uuid, s.step_uuid
     )
-    UPDATE tasker.workflow_steps s SET state = 'pending'
-    FROM due, tasker.tasks t
-    WHERE s.step_uuid = due.step_uuid AND s.state = 'waiting_for_retry' AND t.task_uuid = s.task_uuid
-    RETURNING s.task_uuid, s.step_uuid, t.namespace, t.priority
+    SELECT p.task_uuid, p.step_uuid, t.namespace, t.priority
+    FROM promoted p
+    CROSS JOIN LATERAL (SELECT k.namespace, k.priority FROM tasker.tasks k
+                        WHERE k.task_uuid = p.task_uuid OFFSET 0) t
+    WHERE tasker.namespace_matches(t.namespace, p_namespaces);
+END
 $$;
 
 -- Leases that ran out end their attempt as a retryable failure with no backoff: the worker
@@ -1107,8 +1055,8 @@ BEGIN
         ORDER BY q.visible_at
         LIMIT p_limit
     LOOP
-        PERFORM tasker.lock_task_progress(v_msg.task_uuid);
-        -- re-check under the lock: the worker may have answered in the meantime
+        PERFORM 1 FROM tasker.tasks t WHERE t.task_uuid = v_msg.task_uuid FOR NO KEY UPDATE;
+        -- re-check under the locks: the worker may have answered in the meantime
         IF tasker.check_live_lease(v_msg.step_uuid, v_msg.attempt) = 'lease_expired'
            AND EXISTS (SELECT 1 FROM tasker.step_queue q WHERE q.step_uuid = v_msg.step_uuid AND q.attempt = v_msg.attempt)
         THEN
@@ -1144,10 +1092,9 @@ AS $$
 DECLARE
     v_state text;
 BEGIN
-    PERFORM tasker.lock_task_progress(p_task_uuid);
     PERFORM set_config('tasker.transition_metadata',
         (coalesce(p_metadata, '{}'::jsonb) || jsonb_build_object('reason', p_reason))::text, true);
-    SELECT t.state INTO v_state FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid FOR UPDATE;
+    SELECT t.state INTO v_state FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
     IF NOT FOUND THEN RETURN 'task_not_found'; END IF;
     IF v_state NOT IN ('pending', 'in_progress', 'error') THEN RETURN 'task_already_final'; END IF;
     UPDATE tasker.tasks t SET state = 'cancelled', completed_at = clock_timestamp()
@@ -1168,52 +1115,34 @@ LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
-    v_task uuid := tasker.lock_progress_of_step(p_step_uuid);
+    v_task_uuid uuid;
+    v_task record;
     v_state text;
+    v_finished record;
 BEGIN
-    IF v_task IS NULL THEN RETURN 'step_not_found'; END IF;
+    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
+    SELECT t.namespace, t.state INTO v_task FROM tasker.tasks t
+    WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
     PERFORM set_config('tasker.transition_metadata',
         (coalesce(p_metadata, '{}'::jsonb) || jsonb_build_object('reason', p_reason))::text, true);
     SELECT s.state INTO v_state FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid FOR UPDATE;
     IF NOT tasker.step_transition_allowed(v_state, 'resolved_manually') THEN RETURN 'illegal_transition'; END IF;
-    -- reopen first, so that the readiness trigger sees an active task
-    IF NOT EXISTS (SELECT 1 FROM tasker.workflow_steps s
-                   WHERE s.task_uuid = v_task AND s.state = 'error' AND s.step_uuid <> p_step_uuid) THEN
+    -- reopen first, so that the readiness announcement sees an active task
+    IF v_task.state = 'error' AND NOT EXISTS (
+        SELECT 1 FROM tasker.workflow_steps s
+        WHERE s.task_uuid = v_task_uuid AND s.state = 'error' AND s.step_uuid <> p_step_uuid) THEN
         UPDATE tasker.tasks t SET state = 'in_progress', completed_at = NULL
-        WHERE t.task_uuid = v_task AND t.state = 'error';
+        WHERE t.task_uuid = v_task_uuid AND t.state = 'error';
     END IF;
+    DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid;
     UPDATE tasker.workflow_steps s
     SET state = 'resolved_manually', results = coalesce(p_results, s.results), completed_at = clock_timestamp()
     WHERE s.step_uuid = p_step_uuid;
-    PERFORM tasker.complete_task_if_done(v_task);
+    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid);
+    IF v_finished.ready_children > 0 AND v_finished.task_state IN ('pending', 'in_progress') THEN
+        PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
+    END IF;
     RETURN 'resolved';
-END
-$$;
-
--- Many completions in one transaction (one commit, one pass through the NOTIFY commit lock).
--- Each item is exactly tasker.complete_step, with its own trace context; items are taken in
--- task order so that two batches never wait on each other's progress locks in a cycle.
--- Returns each item's outcome by its position in the input arrays.
-CREATE FUNCTION tasker.complete_steps(
-    p_steps uuid[], p_attempts integer[], p_results jsonb[], p_traceparents text[],
-    p_metadata jsonb DEFAULT '{}'::jsonb
-) RETURNS TABLE (idx integer, outcome text)
-LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-DECLARE
-    v_item record;
-BEGIN
-    FOR v_item IN
-        SELECT i.ord::int AS ord, i.step_uuid, s.task_uuid
-        FROM unnest(p_steps) WITH ORDINALITY AS i(step_uuid, ord)
-        LEFT JOIN LATERAL (SELECT w.task_uuid FROM tasker.workflow_steps w
-                           WHERE w.step_uuid = i.step_uuid OFFSET 0) s ON true
-        ORDER BY s.task_uuid NULLS FIRST, i.ord
-    LOOP
-        PERFORM set_config('tasker.traceparent', coalesce(p_traceparents[v_item.ord], ''), true);
-        RETURN QUERY SELECT v_item.ord,
-            tasker.complete_step(v_item.step_uuid, p_attempts[v_item.ord], p_results[v_item.ord], p_metadata);
-    END LOOP;
 END
 $$;

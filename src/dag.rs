@@ -16,7 +16,12 @@ use crate::store::{NewStep, NewTask};
 /// Size limits: a task is a unit of orchestration, not a data store.
 pub mod limits {
     pub const MAX_STEPS: usize = 1_000;
-    pub const MAX_DEPENDENCIES_PER_STEP: usize = 100;
+    /// A join may wait for every other step of the task; the total is capped by `MAX_EDGES`.
+    pub const MAX_DEPENDENCIES_PER_STEP: usize = 1_000;
+    /// Dependencies (edges) in one task, all steps together: writing and checking them is
+    /// linear in this, and a task of 1,000 steps with 100 dependencies each (99,000 edges) is
+    /// a data-flow graph, not a workflow.
+    pub const MAX_EDGES: usize = 10_000;
     pub const MAX_NAME_BYTES: usize = 255;
     pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
     /// Serialized JSON of one step's inputs, or a task's context, or a step's results.
@@ -235,7 +240,17 @@ impl TaskSpec {
                 }
             }
         }
-        if let Some(cycle) = self.find_cycle() {
+        let edges: usize = self.steps.iter().map(|s| s.depends_on.len()).sum();
+        if edges > limits::MAX_EDGES {
+            push(
+                "steps".into(),
+                format!(
+                    "at most {} dependencies in all the steps together, got {edges}",
+                    limits::MAX_EDGES
+                ),
+            );
+        }
+        if let Err(cycle) = self.topological_order() {
             push(
                 "steps".into(),
                 format!("dependency cycle: {}", cycle.join(" -> ")),
@@ -244,9 +259,10 @@ impl TaskSpec {
         v
     }
 
-    /// A cycle among the steps, as step names, if there is one (Kahn's algorithm, then a walk
-    /// through what is left to name the cycle).
-    fn find_cycle(&self) -> Option<Vec<String>> {
+    /// The steps' indices in an order where every step comes after all its parents (Kahn's
+    /// algorithm), or a cycle among them, as step names (a walk through what is left).
+    /// Dependencies on unknown names are ignored here (`validate` reports them).
+    fn topological_order(&self) -> Result<Vec<usize>, Vec<String>> {
         let index: HashMap<&str, usize> = self
             .steps
             .iter()
@@ -267,9 +283,9 @@ impl TaskSpec {
             }
         }
         let mut queue: VecDeque<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
-        let mut done = 0;
+        let mut order = Vec::with_capacity(n);
         while let Some(i) = queue.pop_front() {
-            done += 1;
+            order.push(i);
             for &c in &children[i] {
                 indegree[c] -= 1;
                 if indegree[c] == 0 {
@@ -277,11 +293,13 @@ impl TaskSpec {
                 }
             }
         }
-        if done == n {
-            return None;
+        if order.len() == n {
+            return Ok(order);
         }
         // Every remaining node has a remaining parent: walk parents until one repeats.
-        let start = (0..n).find(|&i| indegree[i] > 0)?;
+        let start = (0..n)
+            .find(|&i| indegree[i] > 0)
+            .expect("a node is left when the order is short");
         let mut path = vec![start];
         let mut on_path: HashMap<usize, usize> = HashMap::from([(start, 0)]);
         let mut cur = start;
@@ -290,7 +308,8 @@ impl TaskSpec {
                 .depends_on
                 .iter()
                 .filter_map(|d| index.get(d.as_str()).copied())
-                .find(|&p| indegree[p] > 0 && p != cur)?;
+                .find(|&p| indegree[p] > 0 && p != cur)
+                .expect("every node left has a parent left");
             if let Some(&pos) = on_path.get(&parent) {
                 let mut cycle: Vec<String> = path[pos..]
                     .iter()
@@ -298,7 +317,7 @@ impl TaskSpec {
                     .map(|&i| self.steps[i].name.clone())
                     .collect();
                 cycle.push(cycle[0].clone());
-                return Some(cycle);
+                return Err(cycle);
             }
             on_path.insert(parent, path.len());
             path.push(parent);
@@ -306,12 +325,41 @@ impl TaskSpec {
         }
     }
 
-    /// Validate, then assign uuids (v7: time-ordered, index friendly).
+    /// Validate, then assign uuids (v7: time-ordered, index friendly), positions in a
+    /// topological order, and each step's parents by uuid.
     pub fn into_new_task(self) -> Result<NewTask, Vec<Violation>> {
         let violations = self.validate();
         if !violations.is_empty() {
             return Err(violations);
         }
+        let order = self.topological_order().expect("validate found no cycle");
+        let mut position = vec![0i32; self.steps.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            position[i] = pos as i32;
+        }
+        let uuids: HashMap<&str, Uuid> = self
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), Uuid::now_v7()))
+            .collect();
+        let steps = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| NewStep {
+                step_uuid: uuids[s.name.as_str()],
+                name: s.name.clone(),
+                position: position[i],
+                parents: s.depends_on.iter().map(|d| uuids[d.as_str()]).collect(),
+                max_attempts: if s.max_attempts == 0 {
+                    limits::DEFAULT_MAX_ATTEMPTS
+                } else {
+                    s.max_attempts
+                },
+                retryable: s.retryable,
+                inputs: s.inputs.clone(),
+            })
+            .collect();
         Ok(NewTask {
             task_uuid: Uuid::now_v7(),
             namespace: self.namespace,
@@ -319,22 +367,7 @@ impl TaskSpec {
             priority: self.priority,
             context: self.context,
             idempotency_key: self.idempotency_key,
-            steps: self
-                .steps
-                .into_iter()
-                .map(|s| NewStep {
-                    step_uuid: Uuid::now_v7(),
-                    name: s.name,
-                    depends_on: s.depends_on,
-                    max_attempts: if s.max_attempts == 0 {
-                        limits::DEFAULT_MAX_ATTEMPTS
-                    } else {
-                        s.max_attempts
-                    },
-                    retryable: s.retryable,
-                    inputs: s.inputs,
-                })
-                .collect(),
+            steps,
         })
     }
 }
@@ -454,5 +487,64 @@ mod tests {
         let mut p = TaskSpec::diamond("ns");
         p.priority = 5000;
         assert_eq!(fields(&p), vec!["priority".to_string()]);
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+
+    #[test]
+    fn positions_put_every_parent_first() {
+        let t = TaskSpec::new(
+            "ns",
+            "t",
+            vec![
+                StepSpec::new("d", &["b", "c"]),
+                StepSpec::new("c", &["a"]),
+                StepSpec::new("b", &["a"]),
+                StepSpec::new("a", &[]),
+            ],
+        )
+        .into_new_task()
+        .unwrap();
+        let pos: HashMap<Uuid, i32> = t.steps.iter().map(|s| (s.step_uuid, s.position)).collect();
+        for s in &t.steps {
+            for p in &s.parents {
+                assert!(pos[p] < s.position, "{} after a parent", s.name);
+            }
+        }
+        let d = t.steps.iter().find(|s| s.name == "d").unwrap();
+        assert_eq!(d.parents.len(), 2);
+    }
+
+    #[test]
+    fn edges_are_capped() {
+        // 11 layers of 10, each step depending on the whole layer before: 1,000 edges is fine
+        let layered = |width: usize, layers: usize| {
+            let mut steps = Vec::new();
+            for l in 0..layers {
+                for w in 0..width {
+                    let deps: Vec<String> = if l == 0 {
+                        vec![]
+                    } else {
+                        (0..width).map(|p| format!("l{}s{p}", l - 1)).collect()
+                    };
+                    steps.push(StepSpec {
+                        depends_on: deps,
+                        ..StepSpec::new(format!("l{l}s{w}"), &[])
+                    });
+                }
+            }
+            TaskSpec::new("ns", "layered", steps)
+        };
+        assert!(layered(10, 11).validate().is_empty());
+        let too_many = layered(100, 10).validate();
+        assert!(
+            too_many
+                .iter()
+                .any(|v| v.field == "steps" && v.message.contains("10000")),
+            "{too_many:?}"
+        );
     }
 }

@@ -61,19 +61,6 @@ impl NamespaceSelector {
             }),
         }
     }
-
-    /// Exact names listed (prefix patterns excluded).
-    pub fn exact_names(&self) -> impl Iterator<Item = &str> {
-        self.patterns
-            .iter()
-            .flatten()
-            .filter(|p| !p.ends_with('*'))
-            .map(String::as_str)
-    }
-
-    pub fn has_prefix_patterns(&self) -> bool {
-        self.patterns.iter().flatten().any(|p| p.ends_with('*'))
-    }
 }
 
 #[cfg(test)]
@@ -86,7 +73,6 @@ mod tests {
         assert!(s.matches("billing") && s.matches("etl-eu") && s.matches("etl-"));
         assert!(!s.matches("billing2") && !s.matches("etl"));
         assert!(NamespaceSelector::from_config(&[]).matches("anything"));
-        assert_eq!(s.exact_names().collect::<Vec<_>>(), vec!["billing"]);
     }
 
     #[test]

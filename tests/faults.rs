@@ -766,16 +766,22 @@ async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
     let tasks = create_workload(server.addr, "f8").await;
     let workers = Workers::start(vec![server.addr], "f8", 8);
     wait_completed(&workers, 100).await;
-    // NOTIFY lost: the readiness trigger disabled for a while
-    sqlx::query("ALTER TABLE tasker.workflow_steps DISABLE TRIGGER workflow_steps_notify_ready")
-        .execute(&pool)
-        .await
-        .unwrap();
+    // NOTIFY lost: the readiness announcement replaced by one that says nothing, for a while
+    let original: String = sqlx::query_scalar(
+        "SELECT pg_get_functiondef('tasker.send_task_ready(uuid, text, text)'::regprocedure)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
+         RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     wait_completed(&workers, 300).await;
-    sqlx::query("ALTER TABLE tasker.workflow_steps ENABLE TRIGGER workflow_steps_notify_ready")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&original).execute(&pool).await.unwrap();
     let t = Instant::now();
     wait_all_final(&pool, &tasks, RECOVERY_LIMIT).await;
     let recovery = t.elapsed();
@@ -788,8 +794,8 @@ async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
         .fallback_tasks_found_total;
     let r = invariants(&pool, &tasks).await;
     row(
-        "8 NOTIFY lost (readiness trigger disabled), Hybrid",
-        &format!("trigger off for 200 completions; poller found {found} tasks"),
+        "8 NOTIFY lost (readiness announcements silenced), Hybrid",
+        &format!("silent for 200 completions; poller found {found} tasks"),
         &r,
         recovery,
     );

@@ -17,11 +17,10 @@
 //! eager reconnect off, so this loop owns backoff, logging and the sweep. An idle connection is
 //! pinged every `listener_ping_interval_seconds`, so one that died without a RST is noticed.
 //!
-//! Channels: the global ones when the instance serves all namespaces (a namespace created
-//! later needs nothing new); otherwise `tasker_task_ready.<ns>` per served namespace, and for
-//! `prefix*` patterns also every matching namespace created at run time (announced on
-//! `tasker_namespace_created`), followed by a catch-up sweep since its first tasks may have
-//! been announced before the LISTEN.
+//! Channels: one per kind of event (`tasker_task_ready`, `tasker_task_state`). An instance that
+//! serves some namespaces drops the events of the others here, by the payload's namespace:
+//! PostgreSQL hands every listening connection every notification of the shared queue anyway,
+//! whatever the channel, so a channel per namespace saved nothing and cost a second NOTIFY.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -39,7 +38,7 @@ use super::TaskReadinessEventSystem;
 use crate::config::DeploymentMode;
 use crate::metrics::Metrics;
 use crate::namespaces::NamespaceSelector;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::wakeups::SweepRequester;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,8 +106,6 @@ pub enum ListenerError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("reading the namespaces to listen on: {0}")]
-    Store(#[from] StoreError),
     #[error("{0} did not finish within {CONNECT_TIMEOUT:?}")]
     TimedOut(&'static str),
     #[error("the connection closed")]
@@ -124,7 +121,6 @@ impl ListenerError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Database { source, .. } => crate::store::is_retryable(source),
-            Self::Store(e) => e.is_retryable(),
             Self::TimedOut(_) | Self::Closed => true,
         }
     }
@@ -137,7 +133,6 @@ pub struct TaskReadinessListener {
     /// and closing that pool when listening stops closes the connection itself (a mode
     /// without the listener leaves no LISTEN connection behind).
     options: sqlx::postgres::PgConnectOptions,
-    store: Store,
     selector: NamespaceSelector,
     classifier: ReadinessEventClassifier,
     events: TaskReadinessEventSystem,
@@ -167,9 +162,8 @@ impl TaskReadinessListener {
             .application_name("tasker-listener");
         Self {
             options,
-            store,
             selector,
-            classifier: ReadinessEventClassifier::default(),
+            classifier: ReadinessEventClassifier,
             events,
             mode,
             status,
@@ -218,7 +212,7 @@ impl TaskReadinessListener {
                     });
                     // LISTEN is in place: whatever became ready while nobody listened is found now
                     self.sweeps.request();
-                    self.listen(listener, channels, &cancel).await
+                    self.listen(listener, &cancel).await
                 }
                 Err(e) => Exit::Lost(e),
             };
@@ -278,7 +272,7 @@ impl TaskReadinessListener {
                 .fetch_one(&mut listener)
                 .await
                 .map_err(ListenerError::db("reading the backend pid"))?;
-            let channels = self.channels().await?;
+            let channels = Self::channels();
             listener
                 .listen_all(channels.iter().map(String::as_str))
                 .await
@@ -290,38 +284,14 @@ impl TaskReadinessListener {
             .unwrap_or(Err(ListenerError::TimedOut("connect and LISTEN")))
     }
 
-    async fn channels(&self) -> Result<BTreeSet<String>, StoreError> {
-        let map = self.classifier.channels();
-        let mut channels = BTreeSet::from([map.channel(EventKind::NamespaceCreated, None)]);
-        if self.selector.patterns().is_none() {
-            channels.insert(map.channel(EventKind::TaskReady, None));
-            channels.insert(map.channel(EventKind::TaskStateChange, None));
-            return Ok(channels);
-        }
-        let mut namespaces: BTreeSet<String> =
-            self.selector.exact_names().map(str::to_string).collect();
-        if self.selector.has_prefix_patterns() {
-            namespaces.extend(
-                self.store
-                    .namespaces()
-                    .await?
-                    .into_iter()
-                    .filter(|n| self.selector.matches(n)),
-            );
-        }
-        for ns in namespaces {
-            channels.insert(map.channel(EventKind::TaskReady, Some(&ns)));
-            channels.insert(map.channel(EventKind::TaskStateChange, Some(&ns)));
-        }
-        Ok(channels)
+    fn channels() -> BTreeSet<String> {
+        EventKind::ALL
+            .into_iter()
+            .map(|k| k.channel().to_string())
+            .collect()
     }
 
-    async fn listen(
-        &mut self,
-        mut listener: PgListener,
-        mut channels: BTreeSet<String>,
-        cancel: &CancellationToken,
-    ) -> Exit {
+    async fn listen(&mut self, mut listener: PgListener, cancel: &CancellationToken) -> Exit {
         loop {
             tokio::select! {
                 biased;
@@ -336,7 +306,7 @@ impl TaskReadinessListener {
                 }
                 received = tokio::time::timeout(self.ping_interval, listener.try_recv()) => match received {
                     Ok(Ok(Some(n))) => {
-                        if let Err(e) = self.handle(n, &mut listener, &mut channels).await {
+                        if let Err(e) = self.handle(n).await {
                             return Exit::Lost(e);
                         }
                     }
@@ -355,12 +325,7 @@ impl TaskReadinessListener {
         }
     }
 
-    async fn handle(
-        &mut self,
-        n: PgNotification,
-        listener: &mut PgListener,
-        channels: &mut BTreeSet<String>,
-    ) -> Result<(), ListenerError> {
+    async fn handle(&mut self, n: PgNotification) -> Result<(), ListenerError> {
         let received = Instant::now();
         // The receive span continues the trace of the request that caused the notification
         // (its traceparent rides in the payload); with none, it is a root: never a child of
@@ -389,6 +354,10 @@ impl TaskReadinessListener {
                 return Ok(());
             }
         };
+        if !self.selector.matches(event.namespace()) {
+            // another instance serves this namespace
+            return Ok(());
+        }
         self.metrics.event_received(event.kind().as_str());
         span.record("event_type", event.kind().as_str());
         match event {
@@ -399,30 +368,6 @@ impl TaskReadinessListener {
             }
             TaskReadinessEvent::TaskStateChange(e) => {
                 tracing::debug!(task_uuid = %e.task_uuid, from = %e.from_state, to = %e.to_state, "task state changed");
-            }
-            TaskReadinessEvent::NamespaceCreated(e) => {
-                if self.selector.patterns().is_some() && self.selector.matches(&e.namespace) {
-                    let map = self.classifier.channels();
-                    let new: Vec<String> = [
-                        map.channel(EventKind::TaskReady, Some(&e.namespace)),
-                        map.channel(EventKind::TaskStateChange, Some(&e.namespace)),
-                    ]
-                    .into_iter()
-                    .filter(|c| !channels.contains(c))
-                    .collect();
-                    if !new.is_empty() {
-                        listener
-                            .listen_all(new.iter().map(String::as_str))
-                            .await
-                            .map_err(ListenerError::db("LISTEN on a new namespace"))?;
-                        channels.extend(new);
-                        let list: Vec<String> = channels.iter().cloned().collect();
-                        self.status.send_modify(|s| s.channels = list);
-                        tracing::info!(namespace = %e.namespace, "listening on a new namespace");
-                        // its first tasks may have been announced before this LISTEN
-                        self.sweeps.request();
-                    }
-                }
             }
         }
         Ok(())

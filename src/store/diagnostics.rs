@@ -161,8 +161,9 @@ pub struct ActivityCounters {
     pub commits: i64,
     /// Per Tasker table: rows inserted, updated (of them HOT), deleted.
     pub tables: Vec<TableActivity>,
-    /// Top-level statements executed, when `pg_stat_statements` is loaded.
-    pub statements: Option<i64>,
+    /// Statements executed, when `pg_stat_statements` is loaded: (sent by clients, and all
+    /// of them including those run inside functions when `pg_stat_statements.track = all`).
+    pub statements: Option<(i64, i64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, sqlx::FromRow)]
@@ -194,8 +195,10 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         let statements = if has_statements {
-            sqlx::query_scalar(
-                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+            sqlx::query_as(
+                "SELECT coalesce(sum(calls) FILTER (WHERE toplevel), 0)::bigint,
+                        coalesce(sum(calls), 0)::bigint
+                 FROM pg_stat_statements
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .fetch_one(&self.pool)

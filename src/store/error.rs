@@ -67,6 +67,17 @@ impl From<sqlx::Error> for StoreError {
                 Some("TK002") => return Self::invalid("namespace", message),
                 Some("TK003") => return Self::invalid("steps", message),
                 Some("TK004") => return Self::invalid("steps.depends_on", message),
+                Some("23503")
+                    if matches!(
+                        db.constraint(),
+                        Some("step_edges_parent_same_task" | "step_edges_child_same_task")
+                    ) =>
+                {
+                    return Self::invalid(
+                        "steps.depends_on",
+                        "a dependency is not a step of this task",
+                    )
+                }
                 Some("23505") => {
                     return match db.constraint() {
                         Some("workflow_steps_name_unique") => {

@@ -20,11 +20,14 @@ pub struct NewTask {
     pub steps: Vec<NewStep>,
 }
 
+/// A step to create, as `tasker.create_task` takes it: parents already resolved to uuids,
+/// `position` a topological order of the task (every parent lower than its children).
 #[derive(Debug, Clone, Serialize)]
 pub struct NewStep {
     pub step_uuid: Uuid,
     pub name: String,
-    pub depends_on: Vec<String>,
+    pub position: i32,
+    pub parents: Vec<Uuid>,
     pub max_attempts: i32,
     pub retryable: bool,
     pub inputs: Value,
@@ -75,7 +78,8 @@ pub struct StepRecord {
 
 impl Store {
     /// Create a task and its DAG in one transaction; with an idempotency key already used in
-    /// the namespace, return that task instead and write nothing.
+    /// the namespace, return that task instead and write nothing. Steps come back in their
+    /// topological order.
     pub async fn create_task(
         &self,
         task: &NewTask,
@@ -128,7 +132,7 @@ impl Store {
                               FROM tasker.step_edges e JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
                               WHERE e.child_step_uuid = s.step_uuid), '{}') AS depends_on,
                     s.created_at, s.enqueued_at, s.started_at, s.completed_at
-             FROM tasker.workflow_steps s WHERE s.task_uuid = $1 ORDER BY s.created_at, s.name",
+             FROM tasker.workflow_steps s WHERE s.task_uuid = $1 ORDER BY s.position",
         )
         .bind(task_uuid)
         .fetch_all(&self.pool)

@@ -77,7 +77,8 @@ pub struct CpuPerStep {
 pub struct Budget {
     pub steps: u64,
     pub commits: f64,
-    pub statements: Option<f64>,
+    /// Statements sent by clients per step, and all statements (inside functions too).
+    pub statements: Option<(f64, f64)>,
     /// table -> (inserted, updated, of them HOT, deleted) per step.
     pub rows: Vec<(String, f64, f64, f64, f64)>,
 }
@@ -360,7 +361,7 @@ fn budget(before: &ActivityCounters, after: &ActivityCounters, steps: u64) -> Bu
         statements: after
             .statements
             .zip(before.statements)
-            .map(|(a, b)| (a - b) as f64 / n),
+            .map(|(a, b)| ((a.0 - b.0) as f64 / n, (a.1 - b.1) as f64 / n)),
         rows,
     }
 }
@@ -405,7 +406,7 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
             s.budget.commits,
             s.budget
                 .statements
-                .map(|v| format!("{v:.2}"))
+                .map(|(top, all)| format!("{top:.2} ({all:.1} with nested)"))
                 .unwrap_or_else(|| "-".into()),
         ));
     }

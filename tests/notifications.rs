@@ -1,4 +1,4 @@
-//! Notification triggers: exactly the expected notifications, with the exact payload fields.
+//! Notifications: exactly the expected ones, on one channel per kind, with the exact payload.
 
 mod common;
 
@@ -10,36 +10,26 @@ use tasker::internal::TaskSpec;
 
 const NS: &str = "triggers";
 const READY: &str = "tasker_task_ready";
-const READY_NS: &str = "tasker_task_ready.triggers";
 
 fn payload(n: &sqlx::postgres::PgNotification) -> Value {
     serde_json::from_str(n.payload()).expect("payload is JSON")
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
-async fn completing_a_parent_notifies_once_per_channel_with_exact_payload(pool: PgPool) {
+async fn completing_a_parent_notifies_once_with_exact_payload(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 2)).await;
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
-    let mut l = listener(&pool, &[READY, READY_NS]).await;
+    let mut l = listener(&pool, &[READY]).await;
     complete(&store, &leased[0]).await;
-    let got = drain_until_sentinel(&pool, &mut l, &[READY, READY_NS]).await;
-    let mut channels: Vec<_> = got.iter().map(|n| n.channel().to_string()).collect();
-    channels.sort();
-    assert_eq!(channels, vec![READY.to_string(), READY_NS.to_string()]);
-    assert_eq!(got[0].payload(), got[1].payload());
-    let p = payload(&got[0]);
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1);
     assert_eq!(
-        p,
+        payload(&got[0]),
         json!({
             "task_uuid": t.task_uuid,
             "namespace": NS,
-            "priority": 0,
-            "ready_steps": 1,
             "triggered_by": "step_transition",
-            "step_uuid": step(&t, "s0"),
-            "step_state": "complete",
-            "task_state": "in_progress",
         })
     );
 }
@@ -50,15 +40,15 @@ async fn no_notification_while_the_child_waits_for_another_parent(pool: PgPool) 
     let t = create(&store, TaskSpec::diamond(NS)).await;
     run_named(&store, t.task_uuid, NS, "a").await;
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
-    let mut l = listener(&pool, &[READY, READY_NS]).await;
+    let mut l = listener(&pool, &[READY]).await;
     complete(&store, &leased[0]).await; // b: d still waits for c
-    assert!(drain_until_sentinel(&pool, &mut l, &[READY, READY_NS])
+    assert!(drain_until_sentinel(&pool, &mut l, &[READY])
         .await
         .is_empty());
     complete(&store, &leased[1]).await; // c: d is ready now
-    let got = drain_until_sentinel(&pool, &mut l, &[READY, READY_NS]).await;
-    assert_eq!(got.len(), 2);
-    assert_eq!(payload(&got[0])["step_uuid"], json!(step(&t, "c")));
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(payload(&got[0])["task_uuid"], json!(t.task_uuid));
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
@@ -68,73 +58,43 @@ async fn fan_in_of_50_notifies_only_for_the_last_parent(pool: PgPool) {
     run_named(&store, t.task_uuid, NS, "root").await;
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
     let mut l = listener(&pool, &[READY]).await;
-    for s in &leased {
+    for (i, s) in leased.iter().enumerate() {
         complete(&store, s).await;
+        let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+        let expected = usize::from(i == leased.len() - 1);
+        assert_eq!(got.len(), expected, "after {} of 50 leaves", i + 1);
     }
-    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
-    assert_eq!(got.len(), 1, "one notification: the join became ready once");
-    assert_eq!(payload(&got[0])["step_uuid"], json!(leased[49].step_uuid));
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["join"]);
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
-async fn task_creation_and_namespace_creation_notify(pool: PgPool) {
+async fn task_creation_notifies_once(pool: PgPool) {
     let store = Store::new(pool.clone());
-    let mut l = listener(&pool, &[READY, READY_NS, "tasker_namespace_created"]).await;
+    let mut l = listener(&pool, &[READY]).await;
     let t = create(&store, TaskSpec::fan(NS, 3)).await;
-    let got = drain_until_sentinel(
-        &pool,
-        &mut l,
-        &[READY, READY_NS, "tasker_namespace_created"],
-    )
-    .await;
-    let created: Vec<_> = got
-        .iter()
-        .filter(|n| n.channel() == "tasker_namespace_created")
-        .collect();
-    assert_eq!(created.len(), 1);
-    assert_eq!(payload(created[0]), json!({"namespace": NS}));
-    let ready: Vec<_> = got
-        .iter()
-        .filter(|n| n.channel() != "tasker_namespace_created")
-        .collect();
-    assert_eq!(ready.len(), 2);
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1);
     assert_eq!(
-        payload(ready[0]),
-        json!({
-            "task_uuid": t.task_uuid, "namespace": NS, "priority": 0, "ready_steps": 1,
-            "triggered_by": "task_start", "step_uuid": null, "step_state": null, "task_state": "pending",
-        })
+        payload(&got[0]),
+        json!({"task_uuid": t.task_uuid, "namespace": NS, "triggered_by": "task_start"})
     );
-    // a second task in the same namespace: no namespace notification
+    // a second task in the same namespace: one more
     create(&store, TaskSpec::chain(NS, 1)).await;
-    let got = drain_until_sentinel(
-        &pool,
-        &mut l,
-        &[READY, READY_NS, "tasker_namespace_created"],
-    )
-    .await;
-    assert_eq!(
-        got.iter()
-            .filter(|n| n.channel() == "tasker_namespace_created")
-            .count(),
-        0
-    );
-    assert_eq!(got.len(), 2);
+    assert_eq!(drain_until_sentinel(&pool, &mut l, &[READY]).await.len(), 1);
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
-async fn task_state_changes_notify_on_both_channels(pool: PgPool) {
+async fn task_state_changes_notify(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 1)).await;
-    let chans = ["tasker_task_state", "tasker_task_state.triggers"];
+    let chans = ["tasker_task_state"];
     let mut l = listener(&pool, &chans).await;
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await; // pending -> in_progress
     complete(&store, &leased[0]).await; // in_progress -> complete
     let got = drain_until_sentinel(&pool, &mut l, &chans).await;
-    assert_eq!(got.len(), 4);
+    assert_eq!(got.len(), 2);
     let transitions: Vec<(Value, Value)> = got
         .iter()
-        .filter(|n| n.channel() == "tasker_task_state")
         .map(|n| {
             (
                 payload(n)["from_state"].clone(),
@@ -169,18 +129,19 @@ async fn retry_return_to_pending_notifies_for_the_step_itself(pool: PgPool) {
         .unwrap();
     let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
     assert_eq!(got.len(), 1);
-    let p = payload(&got[0]);
-    assert_eq!(p["step_uuid"], json!(leased[0].step_uuid));
-    assert_eq!(p["step_state"], json!("pending"));
-    assert_eq!(p["ready_steps"], json!(1));
+    assert_eq!(payload(&got[0])["task_uuid"], json!(t.task_uuid));
+    assert_eq!(ready_names(&store, t.task_uuid).await, vec!["s0"]);
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
     let store = Store::new(pool.clone());
     let ns = "n".repeat(tasker::config::MAX_NAMESPACE_BYTES);
-    let channel = format!("tasker_task_ready.{ns}");
-    assert_eq!(channel.len(), 63, "the longest channel name fits exactly");
+    assert_eq!(
+        format!("tasker_task_ready.{ns}").len(),
+        63,
+        "a channel named after the longest namespace still fits"
+    );
     let mut spec = TaskSpec::chain(&ns, 2);
     spec.name = "t".repeat(255);
     spec.steps[0].name = "x".repeat(255);
@@ -189,7 +150,7 @@ async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
     spec.priority = -1000;
     let t = create(&store, spec).await;
     let leased = enqueue_and_lease(&store, t.task_uuid, &ns).await;
-    let mut l = listener(&pool, &[READY, &channel]).await;
+    let mut l = listener(&pool, &[READY]).await;
     let traceparent = format!("00-{}-{}-01", "a".repeat(32), "b".repeat(16));
     store
         .complete_step(
@@ -201,8 +162,8 @@ async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
         )
         .await
         .unwrap();
-    let got = drain_until_sentinel(&pool, &mut l, &[READY, &channel]).await;
-    assert_eq!(got.len(), 2, "delivered on the 63-byte channel too");
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1);
     for n in &got {
         assert!(
             n.payload().len() < 1000,
