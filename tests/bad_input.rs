@@ -129,7 +129,7 @@ proptest! {
 
     #[test]
     fn classifier_never_panics_on_any_payload(channel in "\\PC{0,80}", payload in "\\PC{0,300}") {
-        let _ = ReadinessEventClassifier::default().classify(&channel, &payload);
+        let _ = ReadinessEventClassifier.classify(&channel, &payload);
         let _ = tasker::internal::payload_traceparent(&payload);
     }
 
@@ -146,7 +146,7 @@ proptest! {
                                Just("tasker_task_state".to_string()), Just("tasker_namespace_created".to_string())],
     ) {
         let payload = serde_json::to_string(&fields).unwrap();
-        let _ = ReadinessEventClassifier::default().classify(&channel, &payload);
+        let _ = ReadinessEventClassifier.classify(&channel, &payload);
     }
 
     #[test]
