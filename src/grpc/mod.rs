@@ -33,6 +33,20 @@ use crate::config::GrpcConfig;
 use crate::proto::{v1, FILE_DESCRIPTOR_SET};
 pub use context::ApiContext;
 
+/// Accepted connections, with Nagle's algorithm off. Connections accepted from our own
+/// listener do not get tonic's socket settings, and with Nagle on, a response that spans two
+/// segments waits for the client's delayed ACK: measured, 40-48 ms added to every CreateTask
+/// of a 10-step chain and to the slowest hops.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
 /// The name health checks use for the whole server (the empty service name).
 pub const OVERALL: &str = "";
 
@@ -149,7 +163,7 @@ impl GrpcServer {
                 ))
                 .max_decoding_message_size(limit),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await
             .context("gRPC server")
     }

@@ -221,3 +221,47 @@ impl Store {
             .await?)
     }
 }
+
+impl Store {
+    /// Fill an empty database with `blocked` pending steps that wait for an unfinished parent
+    /// (as 2-step chains whose first step is in progress) and `ready` ready ones, in namespace
+    /// `scale`, written directly in one transaction (triggers off, for speed). For measuring
+    /// the poller's query at scale.
+    pub async fn seed_blocked_and_ready(&self, blocked: i64, ready: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL session_replication_role = replica")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO tasker.namespaces (name) VALUES ('scale') ON CONFLICT DO NOTHING")
+            .execute(&mut *tx)
+            .await?;
+        // task i: step 0 in progress, step 1 pending behind it; the first `ready` tasks have
+        // step 0 complete instead, so their step 1 is ready
+        sqlx::query(
+            "INSERT INTO tasker.tasks (task_uuid, namespace, name, state, remaining_steps)
+             SELECT md5('scale' || i)::uuid, 'scale', 't', 'in_progress', 2
+             FROM generate_series(1, $1) i",
+        )
+        .bind(blocked + ready)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, state,
+                                                unfinished_parents, ready_at, attempts)
+             SELECT md5('scale' || i || '-' || k)::uuid, md5('scale' || i)::uuid, 's' || k, k,
+                    CASE WHEN k = 1 THEN 'pending' WHEN i <= $2 THEN 'complete' ELSE 'in_progress' END,
+                    CASE WHEN k = 1 AND i > $2 THEN 1 ELSE 0 END,
+                    clock_timestamp(), CASE WHEN k = 0 THEN 1 ELSE 0 END
+             FROM generate_series(1, $1) i, generate_series(0, 1) k",
+        )
+        .bind(blocked + ready)
+        .bind(ready)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        sqlx::query("ANALYZE tasker.workflow_steps, tasker.tasks")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

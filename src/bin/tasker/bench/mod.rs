@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// With --database-url: yes, empty that database's Tasker tables.
     #[arg(long)]
     pub allow_emptying: bool,
+    /// Instead: time the fallback poller's query with this many pending steps blocked behind
+    /// unfinished parents and 10 ready ones.
+    #[arg(long)]
+    pub poller_scale: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -140,6 +144,31 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         } else {
             println!("{}", soak::summary(&report));
         }
+        return Ok(());
+    }
+    if let Some(blocked) = args.poller_scale {
+        let store = Store::connect(url, &base.database).await?;
+        store.migrate().await?;
+        store.truncate_all().await?;
+        eprintln!("seeding {blocked} blocked and 10 ready steps ...");
+        store.seed_blocked_and_ready(blocked, 10).await?;
+        let mut samples = Vec::new();
+        for _ in 0..200 {
+            let t0 = std::time::Instant::now();
+            let found = store.ready_tasks(None, 100, None, 0).await?;
+            samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(
+                found.len() == 10,
+                "found {} ready tasks, not 10",
+                found.len()
+            );
+        }
+        let s = LatencyStats::from_ms(samples);
+        println!(
+            "ready_tasks with {blocked} blocked pending steps and 10 ready ones (client round trip, 200 calls): p50 {:.3} ms, p99 {:.3} ms",
+            s.p50_ms, s.p99_ms
+        );
+        store.truncate_all().await?;
         return Ok(());
     }
     if args.in_process {
