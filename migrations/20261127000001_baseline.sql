@@ -240,6 +240,9 @@ LANGUAGE sql IMMUTABLE AS $$
         ('pending', 'resolved_manually'),
         ('enqueued', 'in_progress'),
         ('enqueued', 'cancelled'),
+        -- a lease handed to a fetch that had gone before it was delivered: back on the queue,
+        -- same attempt (the worker never had it)
+        ('in_progress', 'enqueued'),
         ('in_progress', 'complete'),
         ('in_progress', 'waiting_for_retry'),
         ('in_progress', 'error'),
@@ -666,7 +669,10 @@ BEGIN
 END
 $$;
 
--- Claim a task and enqueue every ready step, in one transaction.
+-- Claim a task and enqueue every ready step, in one transaction; then lease the first of them
+-- to the parked fetches in p_takers ([{"worker_id", "max", "lease_ms"}], first come first
+-- served), so that a waiting worker receives its step without a transaction of its own.
+-- `leased` is a JSON array of the leased steps, each with the index of its taker.
 --
 -- Claim: a transaction-scoped advisory lock on the task, tried without waiting. A task claimed
 -- by another instance's enqueuer answers 'claimed_elsewhere' at once; the caller retries
@@ -678,9 +684,11 @@ $$;
 -- the fallback poller enqueues them again. Anything that depends on the enqueue (a completion)
 -- commits synchronously later, which flushes the WAL up to and including this commit, so
 -- nothing durable can ever rest on a lost enqueue.
-CREATE FUNCTION tasker.enqueue_ready_steps(p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb)
+CREATE FUNCTION tasker.enqueue_ready_steps(
+    p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb
+)
 RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
-               max_ready_wait_ms double precision)
+               max_ready_wait_ms double precision, leased jsonb)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
@@ -689,20 +697,24 @@ DECLARE
     v_steps uuid[];
     v_wait double precision;
     v_traceparent text := left(tasker.current_traceparent(), 128);
+    v_taker record;
+    v_msg record;
+    v_handed integer := 0;
+    v_leased jsonb := '[]'::jsonb;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     IF NOT pg_try_advisory_xact_lock(hashtextextended('tasker.claim:' || p_task_uuid::text, 0)) THEN
         IF EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid) THEN
-            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8;
+            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
         ELSE
-            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8;
+            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
         END IF;
         RETURN;
     END IF;
     SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8;
+        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
@@ -712,7 +724,7 @@ BEGIN
         WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
     END IF;
     IF v_task.state NOT IN ('pending', 'in_progress') THEN
-        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8;
+        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb;
         RETURN;
     END IF;
 
@@ -737,19 +749,82 @@ BEGIN
     FROM moved m;
 
     IF cardinality(v_steps) = 0 THEN
-        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8;
+        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb;
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
         UPDATE tasker.tasks t SET state = 'in_progress' WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
     END IF;
-    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait;
+    -- hand the steps, in order, to the parked fetches, each up to its max
+    FOR v_taker IN
+        SELECT (x.ord - 1)::int AS idx, x.t->>'worker_id' AS worker_id, (x.t->>'max')::int AS max,
+               (x.t->>'lease_ms')::bigint AS lease_ms
+        FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
+        ORDER BY x.ord
+    LOOP
+        EXIT WHEN v_handed >= cardinality(v_steps);
+        FOR v_msg IN
+            SELECT q.msg_id FROM unnest(v_steps[v_handed + 1 : v_handed + v_taker.max]) AS u(step_uuid)
+            CROSS JOIN LATERAL (SELECT m.msg_id FROM tasker.step_queue m
+                                WHERE m.step_uuid = u.step_uuid AND m.leased_by IS NULL OFFSET 0) q
+        LOOP
+            v_leased := v_leased || (
+                SELECT coalesce(jsonb_agg(to_jsonb(l) || jsonb_build_object('taker', v_taker.idx)), '[]'::jsonb)
+                FROM tasker.lease_message(v_msg.msg_id, v_taker.worker_id, v_taker.lease_ms) l);
+            v_handed := v_handed + 1;
+        END LOOP;
+    END LOOP;
+    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased;
 END
 $$;
 
--- Lease up to p_max steps of a namespace to a worker, best priority first: enqueued ->
--- in_progress, message invisible until the lease expires. An ordered walk of the fetch index,
--- then each message and its step by key, and the parents' results by the child-edge index.
+-- Lease one queued message to a worker: the message invisible until the lease expires, its
+-- step enqueued -> in_progress; the step as the worker receives it, its parents' results
+-- included (by the child-edge index and a primary-key probe per parent). Nothing when the
+-- message's step is not enqueued at this attempt any more.
+CREATE FUNCTION tasker.lease_message(p_msg_id bigint, p_worker_id text, p_lease_ms bigint)
+RETURNS TABLE (
+    step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
+    parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text
+)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_q record;
+    v_s record;
+BEGIN
+    UPDATE tasker.step_queue q
+    SET leased_by = p_worker_id,
+        visible_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0),
+        read_count = q.read_count + 1
+    WHERE q.msg_id = p_msg_id
+    RETURNING q.step_uuid, q.attempt, q.visible_at, q.enqueued_at, q.traceparent INTO v_q;
+    UPDATE tasker.workflow_steps s
+    SET state = 'in_progress', started_at = clock_timestamp()
+    WHERE s.step_uuid = v_q.step_uuid AND s.state = 'enqueued' AND s.attempts = v_q.attempt
+    RETURNING s.task_uuid, s.name, s.inputs INTO v_s;
+    IF NOT FOUND THEN RETURN; END IF;
+    step_uuid := v_q.step_uuid;
+    task_uuid := v_s.task_uuid;
+    name := v_s.name;
+    attempt := v_q.attempt;
+    inputs := v_s.inputs;
+    SELECT coalesce(jsonb_object_agg(ps.name, coalesce(ps.results, 'null'::jsonb)), '{}'::jsonb)
+    INTO parent_results
+    FROM tasker.step_edges e
+    CROSS JOIN LATERAL (SELECT p.name, p.results FROM tasker.workflow_steps p
+                        WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
+    WHERE e.child_step_uuid = v_q.step_uuid;
+    lease_expires_at := v_q.visible_at;
+    enqueued_at := v_q.enqueued_at;
+    traceparent := v_q.traceparent;
+    RETURN NEXT;
+END
+$$;
+
+-- Lease up to p_max steps of a namespace to a worker, best priority first: an ordered walk of
+-- the fetch index, then each message by key.
 -- Durability: synchronous_commit = off. A lease lost in a crash leaves the step enqueued and
 -- unleased, to be leased again (the worker's completion of the lost lease is refused); the
 -- completion that builds on a lease commits synchronously and so flushes it first.
@@ -763,8 +838,6 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 AS $$
 DECLARE
     v_msg record;
-    v_q record;
-    v_s record;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     FOR v_msg IN
@@ -775,33 +848,32 @@ BEGIN
         LIMIT p_max
         FOR UPDATE SKIP LOCKED
     LOOP
-        UPDATE tasker.step_queue q
-        SET leased_by = p_worker_id,
-            visible_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0),
-            read_count = q.read_count + 1
-        WHERE q.msg_id = v_msg.msg_id
-        RETURNING q.step_uuid, q.attempt, q.visible_at, q.enqueued_at, q.traceparent INTO v_q;
-        UPDATE tasker.workflow_steps s
-        SET state = 'in_progress', started_at = clock_timestamp()
-        WHERE s.step_uuid = v_q.step_uuid AND s.state = 'enqueued' AND s.attempts = v_q.attempt
-        RETURNING s.task_uuid, s.name, s.inputs INTO v_s;
-        CONTINUE WHEN NOT FOUND;
-        step_uuid := v_q.step_uuid;
-        task_uuid := v_s.task_uuid;
-        name := v_s.name;
-        attempt := v_q.attempt;
-        inputs := v_s.inputs;
-        SELECT coalesce(jsonb_object_agg(ps.name, coalesce(ps.results, 'null'::jsonb)), '{}'::jsonb)
-        INTO parent_results
-        FROM tasker.step_edges e
-        CROSS JOIN LATERAL (SELECT p.name, p.results FROM tasker.workflow_steps p
-                            WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
-        WHERE e.child_step_uuid = v_q.step_uuid;
-        lease_expires_at := v_q.visible_at;
-        enqueued_at := v_q.enqueued_at;
-        traceparent := v_q.traceparent;
-        RETURN NEXT;
+        RETURN QUERY SELECT * FROM tasker.lease_message(v_msg.msg_id, p_worker_id, p_lease_ms);
     END LOOP;
+END
+$$;
+
+-- A lease handed to a fetch that had gone away before the steps reached it: the step goes back
+-- on the queue at the same attempt (its worker never had it), to be leased again.
+CREATE FUNCTION tasker.release_lease(p_step_uuid uuid, p_attempt integer, p_worker_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_task_uuid uuid;
+BEGIN
+    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN RETURN false; END IF;
+    PERFORM 1 FROM tasker.tasks t WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
+    PERFORM set_config('tasker.transition_metadata',
+        jsonb_build_object('reason', 'lease undelivered', 'worker_id', p_worker_id)::text, true);
+    UPDATE tasker.step_queue q SET leased_by = NULL, visible_at = clock_timestamp()
+    WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt AND q.leased_by = p_worker_id;
+    IF NOT FOUND THEN RETURN false; END IF;
+    UPDATE tasker.workflow_steps s SET state = 'enqueued', started_at = NULL
+    WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress' AND s.attempts = p_attempt;
+    RETURN FOUND;
 END
 $$;
 

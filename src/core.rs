@@ -13,11 +13,11 @@ use tracing::Instrument;
 use crate::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::config::TaskerConfig;
 use crate::coordinator::UnifiedEventCoordinator;
-use crate::enqueue::TaskClaimStepEnqueuer;
+use crate::enqueue::{StepHandoff, TaskClaimStepEnqueuer};
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::wakeups::{DeadlinePoke, StepWakeups, SweepRequester};
+use crate::wakeups::{DeadlinePoke, SweepRequester};
 use crate::worker::WorkerQueue;
 
 pub struct OrchestrationCore {
@@ -36,8 +36,8 @@ pub struct OrchestrationCore {
 impl OrchestrationCore {
     /// Start everything. The store must be migrated.
     pub fn start(store: Store, config: &TaskerConfig, metrics: Metrics) -> Self {
-        let wakeups = StepWakeups::new();
-        let enqueuer = TaskClaimStepEnqueuer::new(store.clone(), wakeups.clone(), metrics.clone());
+        let handoff = StepHandoff::new();
+        let enqueuer = TaskClaimStepEnqueuer::new(store.clone(), handoff.clone(), metrics.clone());
         let sweeps = SweepRequester::new();
         let (commands, processor) = CommandProcessor::spawn(
             &config.orchestration.command_processor,
@@ -54,7 +54,7 @@ impl OrchestrationCore {
             poke.clone(),
             sweeps,
         ));
-        let workers = WorkerQueue::new(store.clone(), wakeups, poke, &config.orchestration);
+        let workers = WorkerQueue::new(store.clone(), handoff, poke, &config.orchestration);
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(
             TableMaintenance::new(store.clone())

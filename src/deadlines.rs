@@ -225,6 +225,7 @@ mod tests {
         fn run(
             &self,
             task: Uuid,
+            _: String,
             _: serde_json::Value,
             triggered_by: TriggeredBy,
         ) -> BoxFuture<'static, Result<EnqueueResult, StoreError>> {
@@ -235,6 +236,7 @@ mod tests {
                     namespace: None,
                     enqueued_steps: Vec::new(),
                     max_ready_wait_ms: None,
+                    leased: Vec::new(),
                 })
             })
         }

@@ -17,30 +17,42 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use crate::store::{EnqueueResult, Store, StoreError};
+use crate::store::{EnqueueResult, LeasedStep, Store, StoreError, Taker};
 use crate::vocabulary::TriggeredBy;
-use crate::wakeups::StepWakeups;
+use crate::wakeups::{ParkedFetches, Waiter};
+
+/// The parked `FetchSteps` of each namespace, which receive leased steps straight from an
+/// enqueue.
+pub type StepHandoff = ParkedFetches<Vec<LeasedStep>>;
+
+/// Parked fetches one enqueue takes at most: a task rarely makes more steps ready at once,
+/// and the rest are queued for the next fetches.
+const MAX_TAKERS: usize = 64;
 
 #[derive(Clone)]
 pub struct TaskClaimStepEnqueuer {
     store: Store,
-    wakeups: StepWakeups,
+    handoff: StepHandoff,
     metrics: Metrics,
 }
 
 impl TaskClaimStepEnqueuer {
-    pub fn new(store: Store, wakeups: StepWakeups, metrics: Metrics) -> Self {
+    pub fn new(store: Store, handoff: StepHandoff, metrics: Metrics) -> Self {
         Self {
             store,
-            wakeups,
+            handoff,
             metrics,
         }
     }
 
-    /// One claim-and-enqueue pass. `metadata` goes into the history rows.
+    /// One claim-and-enqueue pass for a task of `namespace`. The fetches parked on the
+    /// namespace are taken first and given the steps in the same transaction; those that got
+    /// nothing go back, and steps left on the queue wake that many others. `metadata` goes
+    /// into the history rows.
     pub async fn claim_and_enqueue(
         &self,
         task_uuid: Uuid,
+        namespace: &str,
         metadata: &Value,
         triggered_by: TriggeredBy,
     ) -> Result<EnqueueResult, StoreError> {
@@ -49,24 +61,93 @@ impl TaskClaimStepEnqueuer {
             task_uuid = %task_uuid,
             outcome = tracing::field::Empty,
             steps_enqueued = tracing::field::Empty,
+            steps_handed_off = tracing::field::Empty,
         );
         let traceparent = span.in_scope(crate::telemetry::current_traceparent);
-        let result = self
+        let waiters = self.handoff.take(namespace, MAX_TAKERS);
+        let takers: Vec<Taker> = waiters
+            .iter()
+            .map(|w| Taker {
+                worker_id: w.worker_id.clone(),
+                max: w.max,
+                lease_ms: w.lease_ms,
+            })
+            .collect();
+        let result = match self
             .store
-            .enqueue_ready_steps(task_uuid, metadata, traceparent.as_deref())
+            .enqueue_ready_steps(task_uuid, metadata, traceparent.as_deref(), &takers)
             .instrument(span.clone())
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.handoff.give_back(namespace, waiters);
+                return Err(e);
+            }
+        };
         span.record("outcome", result.outcome.as_str());
         span.record("steps_enqueued", result.enqueued_steps.len());
+        span.record("steps_handed_off", result.leased.len());
+        let queued = result.enqueued_steps.len() - result.leased.len();
+        self.deliver(namespace, waiters, &result.leased).await;
+        if queued > 0 {
+            self.handoff.queued(namespace, queued);
+        }
         if !result.enqueued_steps.is_empty() {
-            if let Some(ns) = &result.namespace {
-                self.wakeups.notify(ns, result.enqueued_steps.len());
-            }
             if let Some(ms) = result.max_ready_wait_ms {
                 self.metrics
                     .completion_to_enqueue(ms, triggered_by.as_str());
             }
         }
         Ok(result)
+    }
+
+    /// Hand each taken fetch its leased steps; give back those that got none. A fetch that
+    /// went away meanwhile cannot receive its steps: they go back on the queue (same attempt)
+    /// for the next fetch.
+    async fn deliver(
+        &self,
+        namespace: &str,
+        waiters: Vec<Waiter<Vec<LeasedStep>>>,
+        leased: &[(usize, LeasedStep)],
+    ) {
+        let mut unused = Vec::new();
+        let mut undelivered = Vec::new();
+        for (i, waiter) in waiters.into_iter().enumerate() {
+            let steps: Vec<LeasedStep> = leased
+                .iter()
+                .filter(|(taker, _)| *taker == i)
+                .map(|(_, s)| s.clone())
+                .collect();
+            if steps.is_empty() {
+                unused.push(waiter);
+                continue;
+            }
+            let worker_id = waiter.worker_id.clone();
+            if let Err(steps) = waiter.deliver(steps) {
+                undelivered.extend(steps.into_iter().map(|s| (s, worker_id.clone())));
+            }
+        }
+        self.handoff.give_back(namespace, unused);
+        if undelivered.is_empty() {
+            return;
+        }
+        let mut released = 0;
+        for (step, worker_id) in undelivered {
+            match self
+                .store
+                .release_lease(step.step_uuid, step.attempt, &worker_id)
+                .await
+            {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                // the lease runs out and the deadline scheduler retries the step
+                Err(e) => tracing::warn!(error = %e, step_uuid = %step.step_uuid, "releasing an undelivered lease failed"),
+            }
+        }
+        if released > 0 {
+            tracing::debug!(released, "leases whose fetch had gone were put back on the queue");
+            self.handoff.queued(namespace, released);
+        }
     }
 }

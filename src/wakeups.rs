@@ -2,7 +2,8 @@
 //! instead of on its next tick. Each is a wake-up only; the database stays the truth, and
 //! every sleeper re-reads it after waking.
 //!
-//! - [`StepWakeups`]: steps were enqueued in a namespace -> that many parked `FetchSteps`.
+//! - [`ParkedFetches`]: steps were enqueued in a namespace -> handed straight to the
+//!   `FetchSteps` long-polls parked there, or those woken to read the queue.
 //! - [`DeadlinePoke`]: a retry or lease deadline now exists earlier than the deadline
 //!   scheduler planned to wake -> the scheduler.
 //! - [`SweepRequester`]: something may have been missed (listener reconnected, mode changed,
@@ -15,43 +16,199 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
-/// Per-namespace wake-ups for workers long-polling for steps. The enqueuer notifies after its
-/// commit; a waiting fetch registers before it reads the queue, so no wake-up falls between.
+/// The `FetchSteps` long-polls parked on each namespace, first come first served, so that an
+/// enqueue can hand its steps straight to them.
 ///
-/// An enqueue of `n` steps wakes at most `n` waiters, not all of them: waking every idle
-/// worker for one step made the others run an empty fetch each (measured in a soak with 16
-/// workers: 6.9 fetch queries per enqueued step, three quarters of a core on this machine).
-/// A waiter woken while its own fetch is in flight, and then dropped because that fetch found
-/// steps, hands its wake-up on to the next waiter (`tokio::sync::Notify` semantics), so a
-/// wake-up is never lost to a fetch that no longer needs it.
-#[derive(Clone, Default)]
-pub struct StepWakeups {
-    by_namespace: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+/// ```text
+///  fetch:   note epoch ─> read the queue ─> empty? park ─> epoch moved? withdraw, read again
+///             └─ wait: steps delivered (leased to it in the enqueue's transaction): return them
+///                      sender dropped (a plain wake-up): read the queue again
+///                      recheck interval / deadline / stop: withdraw (or, if already taken,
+///                      wait for what is being delivered)
+///  enqueue: take parked fetches ─> one transaction enqueues and leases to them ─> deliver;
+///           give back the fetches that got nothing; wake one more fetch per step left queued
+/// ```
+///
+/// The epoch closes the gap between a fetch's read of the queue and its parking: an enqueue
+/// that committed in between (and found nobody parked) moved the epoch, so the fetch reads
+/// again instead of waiting for the recheck. A delivery that finds its fetch gone (the client
+/// hung up) fails to send, and the enqueuer puts the steps back on the queue.
+pub struct ParkedFetches<T> {
+    inner: Arc<Mutex<HashMap<String, Parked<T>>>>,
 }
 
-impl StepWakeups {
+impl<T> Clone for ParkedFetches<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> Default for ParkedFetches<T> {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+        }
+    }
+}
+
+struct Parked<T> {
+    waiters: std::collections::VecDeque<Waiter<T>>,
+    /// Bumped whenever steps were queued without being handed to a parked fetch.
+    epoch: u64,
+    next_id: u64,
+}
+
+impl<T> Default for Parked<T> {
+    fn default() -> Self {
+        Self {
+            waiters: Default::default(),
+            epoch: 0,
+            next_id: 0,
+        }
+    }
+}
+
+/// A parked fetch, as the enqueuer sees it.
+pub struct Waiter<T> {
+    id: u64,
+    pub worker_id: String,
+    /// At most this many steps for it.
+    pub max: i32,
+    pub lease_ms: i64,
+    deliver: tokio::sync::oneshot::Sender<T>,
+}
+
+impl<T> Waiter<T> {
+    /// Hand it what it waits for; `Err` gives the value back when the fetch is gone.
+    pub fn deliver(self, value: T) -> Result<(), T> {
+        self.deliver.send(value)
+    }
+
+    /// Whether the fetch behind it has gone away.
+    pub fn is_gone(&self) -> bool {
+        self.deliver.is_closed()
+    }
+}
+
+/// A fetch's place in the queue. Dropping it (a client that hung up) withdraws it.
+pub struct Ticket<T> {
+    parked: ParkedFetches<T>,
+    namespace: String,
+    id: u64,
+    /// Resolves with a delivery, or with an error when woken without one.
+    pub delivery: tokio::sync::oneshot::Receiver<T>,
+}
+
+impl<T> Ticket<T> {
+    /// Leave the queue. `false`: an enqueuer has taken this fetch already, and `delivery`
+    /// resolves soon (with steps, or empty-handed).
+    pub fn withdraw(&self) -> bool {
+        self.parked.withdraw(&self.namespace, self.id)
+    }
+}
+
+impl<T> Drop for Ticket<T> {
+    fn drop(&mut self) {
+        self.parked.withdraw(&self.namespace, self.id);
+    }
+}
+
+impl<T> ParkedFetches<T> {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The `Notify` for a namespace (created on first use).
-    pub fn for_namespace(&self, namespace: &str) -> Arc<Notify> {
-        // the lock guards a map look-up only; never held across an await
-        let mut map = self.by_namespace.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(namespace.to_string()).or_default().clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Parked<T>>> {
+        // the lock guards a few queue operations; never held across an await
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `steps` were enqueued in `namespace`: wake that many waiting fetches.
-    pub fn notify(&self, namespace: &str, steps: usize) {
-        let notify = {
-            let map = self.by_namespace.lock().unwrap_or_else(|e| e.into_inner());
-            map.get(namespace).cloned()
+    /// The namespace's epoch, read before a fetch reads the queue.
+    pub fn epoch(&self, namespace: &str) -> u64 {
+        self.lock().get(namespace).map_or(0, |p| p.epoch)
+    }
+
+    /// Park a fetch at the back of the namespace's queue.
+    pub fn park(&self, namespace: &str, worker_id: &str, max: i32, lease_ms: i64) -> Ticket<T> {
+        let (deliver, delivery) = tokio::sync::oneshot::channel();
+        let mut map = self.lock();
+        let parked = map.entry(namespace.to_string()).or_default();
+        let id = parked.next_id;
+        parked.next_id += 1;
+        parked.waiters.push_back(Waiter {
+            id,
+            worker_id: worker_id.to_string(),
+            max,
+            lease_ms,
+            deliver,
+        });
+        drop(map);
+        Ticket {
+            parked: self.clone(),
+            namespace: namespace.to_string(),
+            id,
+            delivery,
+        }
+    }
+
+    fn withdraw(&self, namespace: &str, id: u64) -> bool {
+        let mut map = self.lock();
+        let Some(parked) = map.get_mut(namespace) else {
+            return false;
         };
-        if let Some(n) = notify {
-            for _ in 0..steps {
-                n.notify_one();
+        let before = parked.waiters.len();
+        parked.waiters.retain(|w| w.id != id);
+        let removed = parked.waiters.len() < before;
+        if parked.waiters.is_empty() && parked.epoch == 0 {
+            map.remove(namespace);
+        }
+        removed
+    }
+
+    /// Take up to `limit` parked fetches of the namespace, oldest first (skipping those whose
+    /// client has gone).
+    pub fn take(&self, namespace: &str, limit: usize) -> Vec<Waiter<T>> {
+        let mut map = self.lock();
+        let Some(parked) = map.get_mut(namespace) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        while taken.len() < limit {
+            match parked.waiters.pop_front() {
+                Some(w) if w.is_gone() => continue,
+                Some(w) => taken.push(w),
+                None => break,
             }
         }
+        taken
+    }
+
+    /// Put back fetches that were taken but got nothing, at the front, in their order.
+    pub fn give_back(&self, namespace: &str, waiters: Vec<Waiter<T>>) {
+        if waiters.is_empty() {
+            return;
+        }
+        let mut map = self.lock();
+        let parked = map.entry(namespace.to_string()).or_default();
+        for w in waiters.into_iter().rev() {
+            parked.waiters.push_front(w);
+        }
+    }
+
+    /// `steps` were queued in the namespace without a fetch to hand them to: move the epoch
+    /// and wake that many parked fetches, to read the queue.
+    pub fn queued(&self, namespace: &str, steps: usize) {
+        let woken = {
+            let mut map = self.lock();
+            let parked = map.entry(namespace.to_string()).or_default();
+            parked.epoch += 1;
+            let n = steps.min(parked.waiters.len());
+            parked.waiters.drain(..n).collect::<Vec<_>>()
+        };
+        // dropping a waiter's sender wakes its fetch without a delivery
+        drop(woken);
     }
 }
 
@@ -125,50 +282,63 @@ impl SweepRequester {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::FutureExt;
-    use std::time::Duration;
 
-    /// Three waiters, two steps: exactly the first two registered wake; the third sleeps
-    /// until the next enqueue. Polled once each, so nothing races the assertion.
     #[test]
-    fn an_enqueue_wakes_one_waiter_per_step() {
-        let wakeups = StepWakeups::new();
-        let notify = wakeups.for_namespace("ns");
-        let mut waiters: Vec<_> = (0..3)
-            .map(|_| {
-                let mut waiter = Box::pin(notify.notified());
-                waiter.as_mut().enable();
-                waiter
-            })
-            .collect();
-        wakeups.notify("ns", 2);
-        let woken: Vec<bool> = waiters
-            .iter_mut()
-            .map(|w| w.as_mut().now_or_never().is_some())
-            .collect();
+    fn parked_fetches_are_served_first_come_first_served() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        let tickets: Vec<_> = (0..3).map(|i| parked.park("ns", &format!("w{i}"), 1, 1000)).collect();
+        let taken = parked.take("ns", 2);
         assert_eq!(
-            woken,
-            vec![true, true, false],
-            "first registered, first woken"
+            taken.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(),
+            ["w0", "w1"]
         );
-        wakeups.notify("ns", 1);
-        assert!(waiters[2].as_mut().now_or_never().is_some());
+        // the first gets a step, the second nothing: it goes back to the front
+        let mut taken = taken.into_iter();
+        taken.next().unwrap().deliver(7).unwrap();
+        parked.give_back("ns", taken.collect());
+        let again = parked.take("ns", 5);
+        assert_eq!(
+            again.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(),
+            ["w1", "w2"]
+        );
+        parked.give_back("ns", again);
+        let mut tickets = tickets.into_iter();
+        let mut first = tickets.next().unwrap();
+        assert_eq!(first.delivery.try_recv(), Ok(7));
+        assert!(!first.withdraw(), "it was taken");
+        let second = tickets.next().unwrap();
+        assert!(second.withdraw());
+        assert!(!second.withdraw(), "only once");
     }
 
-    /// A waiter notified and then dropped (its own fetch found steps) passes the wake-up on.
-    #[tokio::test]
-    async fn a_dropped_waiter_hands_its_wake_up_on() {
-        let wakeups = StepWakeups::new();
-        let notify = wakeups.for_namespace("ns");
-        let mut first = Box::pin(notify.notified());
-        first.as_mut().enable();
-        let second = notify.notified();
-        tokio::pin!(second);
-        second.as_mut().enable();
-        wakeups.notify("ns", 1);
-        drop(first);
-        tokio::time::timeout(Duration::from_secs(5), second)
-            .await
-            .expect("the wake-up moved to the second waiter");
+    #[test]
+    fn a_step_queued_without_a_taker_moves_the_epoch_and_wakes_one_fetch_per_step() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        let e0 = parked.epoch("ns");
+        let mut a = parked.park("ns", "a", 1, 1000);
+        let mut b = parked.park("ns", "b", 1, 1000);
+        parked.queued("ns", 1);
+        assert_ne!(parked.epoch("ns"), e0);
+        assert!(matches!(
+            a.delivery.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        ), "woken empty-handed: read the queue");
+        assert!(matches!(
+            b.delivery.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ), "still parked");
+    }
+
+    #[test]
+    fn a_fetch_that_hung_up_is_skipped_and_forgotten() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        let gone = parked.park("ns", "gone", 1, 1000);
+        let _here = parked.park("ns", "here", 1, 1000);
+        drop(gone);
+        let taken = parked.take("ns", 5);
+        assert_eq!(
+            taken.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(),
+            ["here"]
+        );
     }
 }

@@ -2,10 +2,11 @@
 //! (long-polling until one is enqueued), complete them, fail them (retry with backoff, or
 //! final), extend a lease. Completing a step is what fires the readiness trigger.
 //!
-//! A long-poll registers for the namespace's wake-up *before* it reads the queue, so an
-//! enqueue that commits between the read and the wait still wakes it. The wake-up is
-//! in-process: a step enqueued by another instance is found at the latest after
-//! `orchestration.workers.fetch_recheck_interval_ms`.
+//! A long-poll that finds the queue empty parks on its namespace; the next enqueue of that
+//! namespace leases its steps to the parked fetches in its own transaction and hands them over
+//! (`wakeups::ParkedFetches`), so a waiting worker receives its step without a transaction of
+//! its own. The hand-off is in-process: a step enqueued by another instance is found by the
+//! periodic re-read, `orchestration.workers.fetch_recheck_interval_ms`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,8 @@ use uuid::Uuid;
 
 use crate::completions::CompletionBatcher;
 use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
-use crate::wakeups::{DeadlinePoke, StepWakeups};
+use crate::enqueue::StepHandoff;
+use crate::wakeups::{DeadlinePoke, Ticket};
 
 /// A span for a step handed to a worker, in the trace of the enqueue that queued it (and so,
 /// for a step made ready by a completion, in the completing request's trace), linked to the
@@ -56,7 +58,7 @@ fn lease_span(step: &LeasedStep, worker_id: &str) {
 #[derive(Clone)]
 pub struct WorkerQueue {
     store: Store,
-    wakeups: StepWakeups,
+    handoff: StepHandoff,
     deadlines: DeadlinePoke,
     /// `None`: every completion commits on its own (max_batch = 1).
     batcher: Option<CompletionBatcher>,
@@ -87,7 +89,7 @@ impl Drop for Parked {
 impl WorkerQueue {
     pub fn new(
         store: Store,
-        wakeups: StepWakeups,
+        handoff: StepHandoff,
         deadlines: DeadlinePoke,
         cfg: &crate::config::OrchestrationConfig,
     ) -> Self {
@@ -96,7 +98,7 @@ impl WorkerQueue {
             .then(|| CompletionBatcher::spawn(store.clone(), c.max_batch, c.executors));
         Self {
             store,
-            wakeups,
+            handoff,
             deadlines,
             batcher,
             recheck: cfg.workers.fetch_recheck_interval,
@@ -159,34 +161,72 @@ impl WorkerQueue {
         self.check_running()?;
         tokio::pin!(stop);
         let deadline = Instant::now() + wait;
-        let notify = self.wakeups.for_namespace(namespace);
+        let lease_ms = lease.as_millis() as i64;
         loop {
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            let epoch = self.handoff.epoch(namespace);
             let steps = self
                 .store
-                .fetch_steps(namespace, worker_id, max, lease.as_millis() as i64)
+                .fetch_steps(namespace, worker_id, max, lease_ms)
                 .await?;
-            for s in &steps {
-                lease_span(s, worker_id);
-            }
-            if let Some(first_expiry) = steps.iter().map(|s| s.lease_expires_at).min() {
-                // a dead worker's steps must come back when their lease runs out
-                self.deadlines.deadline_at(first_expiry);
-            }
             let now = Instant::now();
             if !steps.is_empty() || now >= deadline {
-                return Ok(steps);
+                return Ok(self.leased(steps, worker_id));
             }
-            let slice = (deadline - now).min(self.recheck);
+            let mut ticket = self.handoff.park(namespace, worker_id, max, lease_ms);
+            if self.handoff.epoch(namespace) != epoch && ticket.withdraw() {
+                // steps were queued after the read above and before parking: read again
+                continue;
+            }
             let _parked = Parked::new(&self.parked);
-            tokio::select! {
-                _ = tokio::time::timeout(slice, notified) => {}
-                _ = &mut stop => return Ok(steps),
-                _ = self.stopped.cancelled() => return Ok(steps),
+            let slice = (deadline - now).min(self.recheck);
+            let woken = tokio::select! {
+                d = &mut ticket.delivery => Some(d),
+                _ = tokio::time::sleep(slice) => None,
+                _ = &mut stop => return Ok(self.on_leaving(ticket, worker_id).await),
+                _ = self.stopped.cancelled() => return Ok(self.on_leaving(ticket, worker_id).await),
+            };
+            match woken {
+                // leased to this fetch in the enqueue's own transaction
+                Some(Ok(steps)) => return Ok(self.leased(steps, worker_id)),
+                // a plain wake-up: steps were queued; read the queue
+                Some(Err(_)) => continue,
+                // the periodic re-read (steps another instance queued), or the deadline
+                None => {
+                    let steps = self.on_leaving(ticket, worker_id).await;
+                    if !steps.is_empty() {
+                        return Ok(steps);
+                    }
+                }
             }
         }
+    }
+
+    /// Leaving the queue of parked fetches: if an enqueue took this fetch meanwhile, its steps
+    /// are on their way, leased to this worker: wait for them rather than strand them.
+    async fn on_leaving(
+        &self,
+        mut ticket: Ticket<Vec<LeasedStep>>,
+        worker_id: &str,
+    ) -> Vec<LeasedStep> {
+        if ticket.withdraw() {
+            return Vec::new();
+        }
+        match (&mut ticket.delivery).await {
+            Ok(steps) => self.leased(steps, worker_id),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Steps leased to this worker: their trace spans, and the lease deadline for the
+    /// scheduler (a dead worker's steps must come back when their lease runs out).
+    fn leased(&self, steps: Vec<LeasedStep>, worker_id: &str) -> Vec<LeasedStep> {
+        for s in &steps {
+            lease_span(s, worker_id);
+        }
+        if let Some(first_expiry) = steps.iter().map(|s| s.lease_expires_at).min() {
+            self.deadlines.deadline_at(first_expiry);
+        }
+        steps
     }
 
     pub async fn complete(

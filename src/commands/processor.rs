@@ -57,6 +57,7 @@ pub trait PassRunner: Send + Sync + 'static {
     fn run(
         &self,
         task_uuid: Uuid,
+        namespace: String,
         metadata: serde_json::Value,
         triggered_by: TriggeredBy,
     ) -> BoxFuture<'static, Result<EnqueueResult, StoreError>>;
@@ -66,13 +67,14 @@ impl PassRunner for TaskClaimStepEnqueuer {
     fn run(
         &self,
         task_uuid: Uuid,
+        namespace: String,
         metadata: serde_json::Value,
         triggered_by: TriggeredBy,
     ) -> BoxFuture<'static, Result<EnqueueResult, StoreError>> {
         let enqueuer = self.clone();
         Box::pin(async move {
             enqueuer
-                .claim_and_enqueue(task_uuid, &metadata, triggered_by)
+                .claim_and_enqueue(task_uuid, &namespace, &metadata, triggered_by)
                 .await
         })
     }
@@ -511,7 +513,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
         let mut claim_retries = 0;
         let mut transient_retries = 0;
         loop {
-            match ctx.runner.run(task_uuid, metadata.clone(), triggered_by).await {
+            match ctx.runner.run(task_uuid, command.namespace().to_string(), metadata.clone(), triggered_by).await {
                 Ok(r) if r.outcome == EnqueueOutcome::ClaimedElsewhere && claim_retries < ctx.claim_retry_attempts => {
                     // The holder may have read its ready set before a completion that made more
                     // steps ready; try again once it is likely done.
@@ -627,6 +629,7 @@ mod tests {
         fn run(
             &self,
             task: Uuid,
+            _namespace: String,
             _metadata: serde_json::Value,
             _triggered_by: TriggeredBy,
         ) -> BoxFuture<'static, Result<EnqueueResult, StoreError>> {
@@ -646,6 +649,7 @@ mod tests {
             namespace: Some("ns".into()),
             enqueued_steps: Vec::new(),
             max_ready_wait_ms: None,
+            leased: Vec::new(),
         })
     }
 

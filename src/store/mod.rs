@@ -25,7 +25,8 @@ use sqlx::PgPool;
 pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActivity};
 pub use error::{is_retryable, StoreError};
 pub use steps::{
-    AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, TaskRef,
+    AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, Taker,
+    TaskRef,
 };
 pub use tasks::{CreatedTask, NewStep, NewTask, StepRecord, TaskRecord};
 pub use views::{ExecutionContext, ReadyTask, StepReadiness};

@@ -17,6 +17,18 @@ pub struct EnqueueResult {
     /// The longest wait, among the steps enqueued, from becoming ready (last parent complete)
     /// to enqueued, by the database clock.
     pub max_ready_wait_ms: Option<f64>,
+    /// Steps leased in the same transaction to the parked fetches given as takers: (the
+    /// taker's index, the step).
+    pub leased: Vec<(usize, LeasedStep)>,
+}
+
+/// A parked fetch that an enqueue may lease steps to, in its own transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Taker {
+    pub worker_id: String,
+    /// Steps it takes at most.
+    pub max: i32,
+    pub lease_ms: i64,
 }
 
 /// A step whose state a maintenance function changed, with what a command for its task needs.
@@ -29,7 +41,7 @@ pub struct TaskRef {
 }
 
 /// A step leased to a worker.
-#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, serde::Deserialize)]
 pub struct LeasedStep {
     pub step_uuid: Uuid,
     pub task_uuid: Uuid,
@@ -114,32 +126,65 @@ pub enum FailOutcome {
 }
 
 impl Store {
-    /// Claim the task (SKIP LOCKED) and enqueue its ready steps, in one transaction.
-    /// `traceparent` is stored with the queue messages for the worker's side of the trace.
+    /// Claim the task and enqueue its ready steps, in one transaction, leasing the first of
+    /// them to `takers` (parked fetches, first come first served). `traceparent` is stored
+    /// with the queue messages for the worker's side of the trace.
     pub async fn enqueue_ready_steps(
         &self,
         task_uuid: Uuid,
         metadata: &Value,
         traceparent: Option<&str>,
+        takers: &[Taker],
     ) -> Result<EnqueueResult, StoreError> {
-        let (outcome, namespace, steps, wait): (String, Option<String>, Vec<Uuid>, Option<f64>) =
-            sqlx::query_as(
-                "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms
-                 FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
-                      tasker.enqueue_ready_steps($1, $2) e",
-            )
-            .bind(task_uuid)
-            .bind(metadata)
-            .bind(traceparent)
-            .fetch_one(&self.pool)
-            .await?;
+        #[derive(serde::Deserialize)]
+        struct Leased {
+            taker: usize,
+            #[serde(flatten)]
+            step: LeasedStep,
+        }
+        let takers = serde_json::to_value(takers).expect("takers serialize");
+        let (outcome, namespace, steps, wait, leased): (
+            String,
+            Option<String>,
+            Vec<Uuid>,
+            Option<f64>,
+            Value,
+        ) = sqlx::query_as(
+            "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased
+             FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
+                  tasker.enqueue_ready_steps($1, $2, $4) e",
+        )
+        .bind(task_uuid)
+        .bind(metadata)
+        .bind(traceparent)
+        .bind(takers)
+        .fetch_one(&self.pool)
+        .await?;
+        let leased: Vec<Leased> = serde_json::from_value(leased)
+            .map_err(|e| StoreError::unexpected("tasker.enqueue_ready_steps", e.to_string()))?;
         Ok(EnqueueResult {
             outcome: EnqueueOutcome::parse(&outcome)
                 .ok_or_else(|| StoreError::unexpected("tasker.enqueue_ready_steps", &outcome))?,
             namespace,
             enqueued_steps: steps,
             max_ready_wait_ms: wait,
+            leased: leased.into_iter().map(|l| (l.taker, l.step)).collect(),
         })
+    }
+
+    /// Put back on the queue a step leased to a fetch that went away before receiving it.
+    pub async fn release_lease(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        worker_id: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar("SELECT tasker.release_lease($1, $2, $3)")
+            .bind(step_uuid)
+            .bind(attempt)
+            .bind(worker_id)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Lease up to `max` queued steps of `namespace` to `worker_id` for `lease_ms`.
