@@ -130,13 +130,25 @@ CREATE TABLE tasker.workflow_steps (
     CONSTRAINT workflow_steps_task_step_unique UNIQUE (task_uuid, step_uuid),
     CONSTRAINT workflow_steps_attempts_bounded CHECK (attempts <= max_attempts)
 );
--- Ready steps only: a step is in this index from the moment it becomes ready until it is
--- enqueued, so the enqueue's look-up for a task and the poller's scan of the whole database
--- both read what is ready and nothing else.
-CREATE INDEX workflow_steps_ready_idx ON tasker.workflow_steps (task_uuid)
-    WHERE state = 'pending' AND unfinished_parents = 0;
+-- Steps with a retry due time. The predicate does not name `state`: no index of this table
+-- depends on a column that the transitions of a hop change (state, attempts, the parents'
+-- counter, timestamps, results), so those updates are HOT (no index entries written, the old
+-- version pruned in place), with the room fillfactor 80 leaves on each page.
 CREATE INDEX workflow_steps_retry_due_idx ON tasker.workflow_steps (next_retry_at)
-    WHERE state = 'waiting_for_retry' AND next_retry_at IS NOT NULL;
+    WHERE next_retry_at IS NOT NULL;
+
+-- The ready set: one row per step that is ready (pending, no unfinished parent) and not yet
+-- enqueued. A step enters it when it becomes ready (created without parents, its last parent
+-- finished, its retry came due) and leaves it when it is enqueued, cancelled or resolved. The
+-- enqueue's look-up for a task and the poller's scan of the whole database read what is ready
+-- and nothing else. (A partial index on workflow_steps would do the same, but its predicate
+-- would make every state change of every step write a new version to every index.)
+CREATE TABLE tasker.ready_steps (
+    step_uuid  uuid PRIMARY KEY,
+    task_uuid  uuid NOT NULL,
+    ready_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX ready_steps_task_idx ON tasker.ready_steps (task_uuid);
 
 CREATE TABLE tasker.step_edges (
     task_uuid         uuid NOT NULL,
@@ -219,6 +231,9 @@ CREATE INDEX step_queue_lease_idx ON tasker.step_queue (visible_at) WHERE leased
 ALTER TABLE tasker.step_queue SET (
     autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 2000,
     autovacuum_vacuum_cost_delay = 0, fillfactor = 80);
+ALTER TABLE tasker.ready_steps SET (
+    autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 2000,
+    autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE tasker.workflow_steps SET (
     autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0, fillfactor = 80);
 ALTER TABLE tasker.tasks SET (fillfactor = 90);
@@ -398,8 +413,8 @@ CREATE TRIGGER step_edges_immutable BEFORE UPDATE ON tasker.step_edges
 -- Readiness: which steps can run now, what state a task is in, which tasks have work.
 --
 -- A step is ready when it is pending and none of its parents is unfinished
--- (`state = 'pending' AND unfinished_parents = 0`); its task must be pending or in_progress
--- for it to be enqueued. A step waiting out a retry backoff is `waiting_for_retry`, not
+-- (`state = 'pending' AND unfinished_parents = 0`), which is when it has a row in
+-- tasker.ready_steps; its task must be pending or in_progress for it to be enqueued. A step waiting out a retry backoff is `waiting_for_retry`, not
 -- pending, until the backoff ends; a pending step always has attempts left (a step out of
 -- attempts ends in `error`).
 
@@ -505,7 +520,7 @@ $$;
 -- a list of namespace patterns (see namespace_matches). p_ready_before keeps only tasks whose
 -- oldest ready step has been ready since before it (the fallback poller's age threshold; a
 -- lower bound on age only, never an upper one).
--- Cost: a scan of the ready index, which holds ready steps only (in normal operation a step is
+-- Cost: a scan of the ready set, which holds ready steps only (in normal operation a step is
 -- in it for the milliseconds between becoming ready and being enqueued), then a primary-key
 -- probe per task: it reads what is ready, not what is pending or finished.
 CREATE FUNCTION tasker.ready_tasks(
@@ -529,10 +544,9 @@ AS $$
 BEGIN
     RETURN QUERY
     WITH per_task AS (
-        SELECT s.task_uuid, count(*)::int AS n, min(coalesce(s.ready_at, s.created_at)) AS since
-        FROM tasker.workflow_steps s
-        WHERE s.state = 'pending' AND s.unfinished_parents = 0
-        GROUP BY s.task_uuid
+        SELECT r.task_uuid, count(*)::int AS n, min(r.ready_at) AS since
+        FROM tasker.ready_steps r
+        GROUP BY r.task_uuid
     )
     SELECT t.task_uuid, t.namespace, t.priority,
            tasker.computed_priority(t.priority, pt.since) AS cp,
@@ -662,6 +676,10 @@ BEGIN
     FROM jsonb_array_elements(p_steps) AS x(e),
          jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d;
 
+    INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
+    SELECT s.step_uuid, p_task_uuid, s.ready_at FROM tasker.workflow_steps s
+    WHERE s.task_uuid = p_task_uuid AND s.unfinished_parents = 0;
+
     -- a DAG has at least one root: it is ready now
     PERFORM tasker.send_task_ready(p_task_uuid, p_namespace, 'task_start');
     RETURN QUERY SELECT p_task_uuid, true, s.name, s.step_uuid
@@ -678,7 +696,8 @@ $$;
 -- by another instance's enqueuer answers 'claimed_elsewhere' at once; the caller retries
 -- shortly, because the holder's snapshot may predate a completion that made more steps ready.
 -- Exactly once: the CAS pending -> enqueued plus the unique (step_uuid, attempt) queue key.
--- Cost: the ready steps of this task, found by the ready index; nothing else of the task.
+-- Cost: the ready steps of this task, taken out of the ready set by its task index; nothing
+-- else of the task.
 -- Durability: synchronous_commit = off for this transaction only. Enqueue state is derivable:
 -- if a crash loses the commit, the steps are still pending and ready, and the startup sweep or
 -- the fallback poller enqueues them again. Anything that depends on the enqueue (a completion)
@@ -728,11 +747,16 @@ BEGIN
         RETURN;
     END IF;
 
-    WITH moved AS (
+    WITH taken AS (
+        DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid
+        RETURNING r.step_uuid
+    ),
+    moved AS (
         UPDATE tasker.workflow_steps s
         SET state = 'enqueued', attempts = s.attempts + 1, enqueued_at = clock_timestamp(),
             next_retry_at = NULL
-        WHERE s.task_uuid = p_task_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
+        FROM taken
+        WHERE s.step_uuid = taken.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
         RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at
     ),
     queued AS (
@@ -919,10 +943,15 @@ BEGIN
             ready_at = CASE WHEN c.unfinished_parents = 1 THEN clock_timestamp() ELSE c.ready_at END
         FROM tasker.step_edges e
         WHERE e.parent_step_uuid = p_step_uuid AND c.step_uuid = e.child_step_uuid
-        RETURNING c.unfinished_parents, c.state
+        RETURNING c.step_uuid, c.unfinished_parents, c.state, c.ready_at
+    ),
+    became_ready AS (
+        INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
+        SELECT r.step_uuid, p_task_uuid, r.ready_at FROM released r
+        WHERE r.unfinished_parents = 0 AND r.state = 'pending'
+        RETURNING 1
     )
-    SELECT count(*) FILTER (WHERE r.unfinished_parents = 0 AND r.state = 'pending')::int
-    INTO ready_children FROM released r;
+    SELECT count(*)::int INTO ready_children FROM became_ready;
     UPDATE tasker.tasks t
     SET remaining_steps = t.remaining_steps - 1,
         state = CASE WHEN t.remaining_steps = 1 AND t.state = 'in_progress' THEN 'complete' ELSE t.state END,
@@ -1017,6 +1046,7 @@ BEGIN
         IF p_backoff_ms <= 0 THEN
             UPDATE tasker.workflow_steps s SET state = 'pending', ready_at = clock_timestamp()
             WHERE s.step_uuid = p_step_uuid AND s.state = 'waiting_for_retry';
+            INSERT INTO tasker.ready_steps (step_uuid, task_uuid) VALUES (p_step_uuid, v_step.task_uuid);
             PERFORM tasker.send_task_ready(v_step.task_uuid, t.namespace, 'step_transition')
             FROM tasker.tasks t WHERE t.task_uuid = v_step.task_uuid AND t.state IN ('pending', 'in_progress');
         END IF;
@@ -1092,8 +1122,8 @@ BEGIN
     RETURN QUERY
     WITH due AS (
         SELECT s.step_uuid FROM tasker.workflow_steps s
-        WHERE s.state = 'waiting_for_retry' AND s.next_retry_at IS NOT NULL
-          AND s.next_retry_at <= clock_timestamp()
+        WHERE s.next_retry_at IS NOT NULL AND s.next_retry_at <= clock_timestamp()
+          AND s.state = 'waiting_for_retry'
         ORDER BY s.next_retry_at
         LIMIT p_limit
         FOR UPDATE OF s SKIP LOCKED
@@ -1102,10 +1132,15 @@ BEGIN
         UPDATE tasker.workflow_steps s SET state = 'pending', ready_at = clock_timestamp()
         FROM due
         WHERE s.step_uuid = due.step_uuid AND s.state = 'waiting_for_retry'
-        RETURNING s.task_uuid, s.step_uuid
+        RETURNING s.task_uuid, s.step_uuid, s.ready_at
+    ),
+    readied AS (
+        INSERT INTO tasker.ready_steps AS r (step_uuid, task_uuid, ready_at)
+        SELECT p.step_uuid, p.task_uuid, p.ready_at FROM promoted p
+        RETURNING r.step_uuid, r.task_uuid
     )
     SELECT p.task_uuid, p.step_uuid, t.namespace, t.priority
-    FROM promoted p
+    FROM readied p
     CROSS JOIN LATERAL (SELECT k.namespace, k.priority FROM tasker.tasks k
                         WHERE k.task_uuid = p.task_uuid OFFSET 0) t
     WHERE tasker.namespace_matches(t.namespace, p_namespaces);
@@ -1154,7 +1189,7 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 AS $$
     SELECT least(
         (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-         WHERE s.state = 'waiting_for_retry' AND s.next_retry_at IS NOT NULL
+         WHERE s.next_retry_at IS NOT NULL AND s.state = 'waiting_for_retry'
            AND tasker.namespace_matches(t.namespace, p_namespaces)),
         (SELECT min(q.visible_at) FROM tasker.step_queue q
          WHERE q.leased_by IS NOT NULL AND tasker.namespace_matches(q.namespace, p_namespaces)))
@@ -1178,6 +1213,7 @@ BEGIN
     UPDATE tasker.workflow_steps s SET state = 'cancelled', completed_at = clock_timestamp()
     WHERE s.task_uuid = p_task_uuid AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry');
     DELETE FROM tasker.step_queue q WHERE q.task_uuid = p_task_uuid;
+    DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid;
     RETURN 'cancelled';
 END
 $$;
@@ -1212,6 +1248,7 @@ BEGIN
         WHERE t.task_uuid = v_task_uuid AND t.state = 'error';
     END IF;
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid;
+    DELETE FROM tasker.ready_steps r WHERE r.step_uuid = p_step_uuid;
     UPDATE tasker.workflow_steps s
     SET state = 'resolved_manually', results = coalesce(p_results, s.results), completed_at = clock_timestamp()
     WHERE s.step_uuid = p_step_uuid;

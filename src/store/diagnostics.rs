@@ -50,7 +50,7 @@ impl Store {
     /// sure it is not a database anyone uses.
     pub async fn truncate_all(&self) -> Result<(), StoreError> {
         sqlx::query(
-            "TRUNCATE tasker.step_queue, tasker.step_transitions, tasker.task_transitions,
+            "TRUNCATE tasker.step_queue, tasker.ready_steps, tasker.step_transitions, tasker.task_transitions,
                       tasker.step_edges, tasker.workflow_steps, tasker.tasks, tasker.namespaces",
         )
         .execute(&self.pool)
@@ -255,6 +255,14 @@ impl Store {
              FROM generate_series(1, $1) i, generate_series(0, 1) k",
         )
         .bind(blocked + ready)
+        .bind(ready)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tasker.ready_steps (step_uuid, task_uuid)
+             SELECT md5('scale' || i || '-1')::uuid, md5('scale' || i)::uuid
+             FROM generate_series(1, $1) i",
+        )
         .bind(ready)
         .execute(&mut *tx)
         .await?;
