@@ -20,7 +20,8 @@ use tokio::sync::Notify;
 /// enqueue can hand its steps straight to them.
 ///
 /// ```text
-///  fetch:   note epoch ─> read the queue ─> empty? park ─> epoch moved? withdraw, read again
+///  fetch:   queue known empty? park ─> (else) note epoch ─> read the queue ─> empty? park
+///             ─> epoch moved? withdraw, read again
 ///             └─ wait: steps delivered (leased to it in the enqueue's transaction): return them
 ///                      sender dropped (a plain wake-up): read the queue again
 ///                      recheck interval / deadline / stop: withdraw (or, if already taken,
@@ -31,7 +32,9 @@ use tokio::sync::Notify;
 ///
 /// The epoch closes the gap between a fetch's read of the queue and its parking: an enqueue
 /// that committed in between (and found nobody parked) moved the epoch, so the fetch reads
-/// again instead of waiting for the recheck. A delivery that finds its fetch gone (the client
+/// again instead of waiting for the recheck. It also lets a fetch skip the read when an
+/// earlier one found the queue empty and nothing has been queued since (`known_empty`): in a
+/// chain, the worker's next fetch parks at once and its step is handed over, with no read. A delivery that finds its fetch gone (the client
 /// hung up) fails to send, and the enqueuer puts the steps back on the queue.
 pub struct ParkedFetches<T> {
     inner: Arc<Mutex<HashMap<String, Parked<T>>>>,
@@ -57,6 +60,8 @@ struct Parked<T> {
     waiters: std::collections::VecDeque<Waiter<T>>,
     /// Bumped whenever steps were queued without being handed to a parked fetch.
     epoch: u64,
+    /// A read of the queue that found it empty, at this epoch, at this time.
+    empty_at: Option<(u64, std::time::Instant)>,
     next_id: u64,
 }
 
@@ -65,6 +70,7 @@ impl<T> Default for Parked<T> {
         Self {
             waiters: Default::default(),
             epoch: 0,
+            empty_at: None,
             next_id: 0,
         }
     }
@@ -130,6 +136,29 @@ impl<T> ParkedFetches<T> {
         self.lock().get(namespace).map_or(0, |p| p.epoch)
     }
 
+    /// A fetch read the queue at `epoch` (the epoch it noted before reading) and found it
+    /// empty.
+    pub fn found_empty(&self, namespace: &str, epoch: u64) {
+        let mut map = self.lock();
+        let parked = map.entry(namespace.to_string()).or_default();
+        if parked.epoch == epoch {
+            parked.empty_at = Some((epoch, std::time::Instant::now()));
+        }
+    }
+
+    /// Whether the queue is known to be empty: a read found it so, within `fresh`, and
+    /// nothing was queued here since. A fetch may then park without reading it again (in a
+    /// chain, every fetch after the first). Steps another instance queued are invisible to
+    /// this, as to a parked fetch: the freshness bound is the fetches' periodic re-read.
+    pub fn known_empty(&self, namespace: &str, fresh: std::time::Duration) -> Option<u64> {
+        let map = self.lock();
+        let parked = map.get(namespace)?;
+        match parked.empty_at {
+            Some((epoch, at)) if epoch == parked.epoch && at.elapsed() < fresh => Some(epoch),
+            _ => None,
+        }
+    }
+
     /// Park a fetch at the back of the namespace's queue.
     pub fn park(&self, namespace: &str, worker_id: &str, max: i32, lease_ms: i64) -> Ticket<T> {
         let (deliver, delivery) = tokio::sync::oneshot::channel();
@@ -161,7 +190,7 @@ impl<T> ParkedFetches<T> {
         let before = parked.waiters.len();
         parked.waiters.retain(|w| w.id != id);
         let removed = parked.waiters.len() < before;
-        if parked.waiters.is_empty() && parked.epoch == 0 {
+        if parked.waiters.is_empty() && parked.epoch == 0 && parked.empty_at.is_none() {
             map.remove(namespace);
         }
         removed
@@ -327,6 +356,22 @@ mod tests {
             b.delivery.try_recv(),
             Err(tokio::sync::oneshot::error::TryRecvError::Empty)
         ), "still parked");
+    }
+
+    #[test]
+    fn an_empty_read_is_known_until_something_is_queued_or_it_grows_old() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        let fresh = std::time::Duration::from_secs(60);
+        assert_eq!(parked.known_empty("ns", fresh), None, "never read");
+        let e = parked.epoch("ns");
+        parked.found_empty("ns", e);
+        assert_eq!(parked.known_empty("ns", fresh), Some(e));
+        assert_eq!(parked.known_empty("ns", std::time::Duration::ZERO), None, "too old");
+        parked.queued("ns", 1);
+        assert_eq!(parked.known_empty("ns", fresh), None, "a step was queued since");
+        // a read that began before the step was queued does not count
+        parked.found_empty("ns", e);
+        assert_eq!(parked.known_empty("ns", fresh), None);
     }
 
     #[test]

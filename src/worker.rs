@@ -163,18 +163,27 @@ impl WorkerQueue {
         let deadline = Instant::now() + wait;
         let lease_ms = lease.as_millis() as i64;
         loop {
-            let epoch = self.handoff.epoch(namespace);
-            let steps = self
-                .store
-                .fetch_steps(namespace, worker_id, max, lease_ms)
-                .await?;
+            let epoch = match self.handoff.known_empty(namespace, self.recheck) {
+                // a read found the queue empty and nothing was queued here since: wait for
+                // the next enqueue without reading it again
+                Some(epoch) if Instant::now() < deadline => epoch,
+                _ => {
+                    let epoch = self.handoff.epoch(namespace);
+                    let steps = self
+                        .store
+                        .fetch_steps(namespace, worker_id, max, lease_ms)
+                        .await?;
+                    if !steps.is_empty() || Instant::now() >= deadline {
+                        return Ok(self.leased(steps, worker_id));
+                    }
+                    self.handoff.found_empty(namespace, epoch);
+                    epoch
+                }
+            };
             let now = Instant::now();
-            if !steps.is_empty() || now >= deadline {
-                return Ok(self.leased(steps, worker_id));
-            }
             let mut ticket = self.handoff.park(namespace, worker_id, max, lease_ms);
             if self.handoff.epoch(namespace) != epoch && ticket.withdraw() {
-                // steps were queued after the read above and before parking: read again
+                // steps were queued since the queue was found empty: read it
                 continue;
             }
             let _parked = Parked::new(&self.parked);
