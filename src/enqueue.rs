@@ -142,11 +142,16 @@ impl TaskClaimStepEnqueuer {
                 Ok(true) => released += 1,
                 Ok(false) => {}
                 // the lease runs out and the deadline scheduler retries the step
-                Err(e) => tracing::warn!(error = %e, step_uuid = %step.step_uuid, "releasing an undelivered lease failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, step_uuid = %step.step_uuid, "releasing an undelivered lease failed")
+                }
             }
         }
         if released > 0 {
-            tracing::debug!(released, "leases whose fetch had gone were put back on the queue");
+            tracing::debug!(
+                released,
+                "leases whose fetch had gone were put back on the queue"
+            );
             self.handoff.queued(namespace, released);
         }
     }

@@ -315,10 +315,15 @@ mod tests {
     #[test]
     fn parked_fetches_are_served_first_come_first_served() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
-        let tickets: Vec<_> = (0..3).map(|i| parked.park("ns", &format!("w{i}"), 1, 1000)).collect();
+        let tickets: Vec<_> = (0..3)
+            .map(|i| parked.park("ns", &format!("w{i}"), 1, 1000))
+            .collect();
         let taken = parked.take("ns", 2);
         assert_eq!(
-            taken.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(),
+            taken
+                .iter()
+                .map(|w| w.worker_id.as_str())
+                .collect::<Vec<_>>(),
             ["w0", "w1"]
         );
         // the first gets a step, the second nothing: it goes back to the front
@@ -327,7 +332,10 @@ mod tests {
         parked.give_back("ns", taken.collect());
         let again = parked.take("ns", 5);
         assert_eq!(
-            again.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(),
+            again
+                .iter()
+                .map(|w| w.worker_id.as_str())
+                .collect::<Vec<_>>(),
             ["w1", "w2"]
         );
         parked.give_back("ns", again);
@@ -348,14 +356,20 @@ mod tests {
         let mut b = parked.park("ns", "b", 1, 1000);
         parked.queued("ns", 1);
         assert_ne!(parked.epoch("ns"), e0);
-        assert!(matches!(
-            a.delivery.try_recv(),
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
-        ), "woken empty-handed: read the queue");
-        assert!(matches!(
-            b.delivery.try_recv(),
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-        ), "still parked");
+        assert!(
+            matches!(
+                a.delivery.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+            ),
+            "woken empty-handed: read the queue"
+        );
+        assert!(
+            matches!(
+                b.delivery.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ),
+            "still parked"
+        );
     }
 
     #[test]
@@ -366,9 +380,17 @@ mod tests {
         let e = parked.epoch("ns");
         parked.found_empty("ns", e);
         assert_eq!(parked.known_empty("ns", fresh), Some(e));
-        assert_eq!(parked.known_empty("ns", std::time::Duration::ZERO), None, "too old");
+        assert_eq!(
+            parked.known_empty("ns", std::time::Duration::ZERO),
+            None,
+            "too old"
+        );
         parked.queued("ns", 1);
-        assert_eq!(parked.known_empty("ns", fresh), None, "a step was queued since");
+        assert_eq!(
+            parked.known_empty("ns", fresh),
+            None,
+            "a step was queued since"
+        );
         // a read that began before the step was queued does not count
         parked.found_empty("ns", e);
         assert_eq!(parked.known_empty("ns", fresh), None);
@@ -382,7 +404,10 @@ mod tests {
         drop(gone);
         let taken = parked.take("ns", 5);
         assert_eq!(
-            taken.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(),
+            taken
+                .iter()
+                .map(|w| w.worker_id.as_str())
+                .collect::<Vec<_>>(),
             ["here"]
         );
     }

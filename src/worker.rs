@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::completions::CompletionBatcher;
-use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
 use crate::enqueue::StepHandoff;
+use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
 use crate::wakeups::{DeadlinePoke, Ticket};
 
 /// A span for a step handed to a worker, in the trace of the enqueue that queued it (and so,

@@ -25,8 +25,7 @@ use sqlx::PgPool;
 pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActivity};
 pub use error::{is_retryable, StoreError};
 pub use steps::{
-    AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, Taker,
-    TaskRef,
+    AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, Taker, TaskRef,
 };
 pub use tasks::{CreatedTask, NewStep, NewTask, StepRecord, TaskRecord};
 pub use views::{ExecutionContext, ReadyTask, StepReadiness};

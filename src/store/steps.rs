@@ -179,12 +179,14 @@ impl Store {
         attempt: i32,
         worker_id: &str,
     ) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar("SELECT tasker.release_lease($1, $2, $3)")
-            .bind(step_uuid)
-            .bind(attempt)
-            .bind(worker_id)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT tasker.release_lease($1, $2, $3)")
+                .bind(step_uuid)
+                .bind(attempt)
+                .bind(worker_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Lease up to `max` queued steps of `namespace` to `worker_id` for `lease_ms`.
