@@ -9,11 +9,12 @@
 -- task or of the database:
 --   * each step counts its unfinished parents (`unfinished_parents`); a completion decrements
 --     its children's counters, and a child whose counter reaches 0 is ready;
---   * "ready" is `state = 'pending' AND unfinished_parents = 0`, answered by a partial index
---     that holds only ready steps (the enqueue's look-up and the poller's scan both use it);
+--   * "ready" is `state = 'pending' AND unfinished_parents = 0`; the ready steps are also
+--     rows of `ready_steps`, the ready set, which the enqueue's look-up and the poller's scan
+--     read (they never walk what is pending but blocked);
 --   * each task counts its remaining steps; the completion that brings it to 0 finishes it.
--- A row lock on the child makes two parents completing at once see each other's decrement,
--- so a join step is announced exactly once.
+-- Changes to one task's steps are ordered by a lock on its task row, so two parents of a join
+-- completing at once see each other's decrement and the join is announced exactly once.
 --
 -- Plans that cannot drift. PL/pgSQL caches a generic plan per statement and session, costed
 -- with the statistics of the moment: a service started on an empty database would keep plans

@@ -267,6 +267,33 @@ async fn migrating_again_is_a_no_op(pool: PgPool) {
     assert_eq!(store.migrate().await.unwrap(), 0);
 }
 
+/// A database migrated by a build from before the baseline (a migration this build does not
+/// have) gets a message that says what to do, and `tasker db reset` recreates it.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_pre_baseline_database_is_named_and_reset(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    create(&store, TaskSpec::diamond(NS)).await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (20261120000001, 'readiness functions', true, '\\x00', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let err = store.migrate().await.unwrap_err().to_string();
+    assert!(
+        err.contains("20261120000001") && err.contains("tasker db reset"),
+        "{err}"
+    );
+    assert!(store.reset().await.unwrap() >= 1);
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tasks, 0, "the schema was recreated");
+    assert_eq!(store.migrate().await.unwrap(), 0, "and is current");
+}
+
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
     use tasker::internal::Completion;

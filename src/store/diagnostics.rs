@@ -47,11 +47,15 @@ impl Store {
     }
 
     /// Empty every Tasker table. For the benchmark's scratch database only: the caller makes
-    /// sure it is not a database anyone uses.
+    /// sure it is not a database anyone uses. Every table of the schema, as found in the
+    /// catalog, so that it also empties the database of an older build measured beside this
+    /// one (`tasker bench --server-bin`).
     pub async fn truncate_all(&self) -> Result<(), StoreError> {
-        sqlx::query(
-            "TRUNCATE tasker.step_queue, tasker.ready_steps, tasker.step_transitions, tasker.task_transitions,
-                      tasker.step_edges, tasker.workflow_steps, tasker.tasks, tasker.namespaces",
+        sqlx::raw_sql(
+            "DO $$ BEGIN
+                 EXECUTE (SELECT 'TRUNCATE ' || string_agg(format('%I.%I', schemaname, tablename), ', ')
+                          FROM pg_tables WHERE schemaname = 'tasker');
+             END $$",
         )
         .execute(&self.pool)
         .await?;

@@ -67,12 +67,29 @@ impl Store {
     /// Apply pending migrations; a no-op when the schema is current. Returns how many ran.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
         let before = applied_migrations(&self.pool).await.unwrap_or(0);
-        crate::MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        crate::MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            // the database was migrated by a build from before the baseline, whose migrations
+            // no longer exist: nothing was released, so such a database is a developer's own
+            sqlx::migrate::MigrateError::VersionMissing(v) => StoreError::Migration(format!(
+                "this database has migration {v} applied, which this build does not have: it \
+                 was made by a build from before the baseline migration (or a newer one). \
+                 Recreate it with `tasker db reset --yes` (this deletes its Tasker data)"
+            )),
+            e => StoreError::Migration(e.to_string()),
+        })?;
         let after = applied_migrations(&self.pool).await?;
         Ok(after.saturating_sub(before))
+    }
+
+    /// Drop the Tasker schema and the migration ledger, then migrate from scratch. Deletes
+    /// every task; for a developer's database made by a build from before the baseline.
+    pub async fn reset(&self) -> Result<usize, StoreError> {
+        sqlx::raw_sql(
+            "DROP SCHEMA IF EXISTS tasker CASCADE; DROP TABLE IF EXISTS public._sqlx_migrations",
+        )
+        .execute(&self.pool)
+        .await?;
+        self.migrate().await
     }
 
     /// Whether the server's autovacuum runs (it can be switched off server-wide).

@@ -120,6 +120,13 @@ enum DbAction {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// Delete the Tasker schema of the configured database and migrate it from scratch: for a
+    /// development database made by a build from before the baseline migration.
+    Reset {
+        /// Yes, delete every task in that database.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -262,6 +269,24 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
 sha256: {}",
                     tasker::config::hash_token(&token)
                 );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Db {
+                action: DbAction::Reset { yes },
+            } => {
+                let resolved = resolve_database(&loaded.config.database, "tasker").await?;
+                let target = config::redact_url(&resolved.url);
+                if !yes {
+                    eprintln!(
+                        "tasker db reset deletes every task in {target} ({}); run it again with --yes",
+                        resolved.origin
+                    );
+                    return Ok(ExitCode::from(64));
+                }
+                let store = Store::connect(&resolved.url, &loaded.config.database).await?;
+                let applied = store.reset().await?;
+                println!("{target}: Tasker schema recreated, {applied} migration(s) applied");
+                store.pool().close().await;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Db {
