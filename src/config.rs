@@ -132,6 +132,9 @@ pub mod defaults {
     pub const DATABASE_MIN_CONNECTIONS: u32 = 2;
     /// Bounds both waiting for a pooled connection and opening a new one.
     pub const DATABASE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Every statement of the service's pool is cancelled by PostgreSQL after this long: no
+    /// request can hold a backend for minutes.
+    pub const DATABASE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
     /// Tried when no database URL is configured, before an embedded cluster is started.
     pub const LOCAL_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tasker";
     pub const EMBEDDED_DATA_DIR: &str = ".tasker/pg";
@@ -142,6 +145,24 @@ pub mod defaults {
     pub const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// Long-poll FetchSteps calls may wait up to this long; it bounds `wait_ms`.
     pub const GRPC_MAX_FETCH_WAIT: Duration = Duration::from_millis(20_000);
+    /// The largest response the server encodes: gRPC clients refuse bigger ones by default.
+    pub const GRPC_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+    /// Open connections at once; further ones are closed as soon as they are accepted.
+    pub const GRPC_MAX_CONNECTIONS: usize = 1_024;
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 256;
+    /// Requests one connection may have in the service at once.
+    pub const GRPC_CONCURRENCY_PER_CONNECTION: usize = 256;
+    pub const GRPC_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const GRPC_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const GRPC_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+    /// A new connection must finish its TLS handshake and send the HTTP/2 preface within this.
+    pub const GRPC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// FetchSteps calls waiting at once, over all namespaces; beyond it, RESOURCE_EXHAUSTED.
+    pub const MAX_PARKED_FETCHES: usize = 1_024;
+    /// The results of a step's parents, together, that the step can be given when it is
+    /// leased; a completion that would take a child past it is refused.
+    pub const MAX_PARENT_RESULTS_BYTES: usize = 1024 * 1024;
 }
 
 /// The longest a ready task waits for the fallback poller after its notification was lost,
@@ -231,12 +252,18 @@ pub struct WorkersConfig {
     /// for a wake-up that was missed (a step enqueued by another replica).
     #[serde(rename = "fetch_recheck_interval_ms", with = "millis")]
     pub fetch_recheck_interval: Duration,
+    /// FetchSteps calls waiting at once (all namespaces); beyond it, RESOURCE_EXHAUSTED.
+    pub max_parked_fetches: usize,
+    /// Bytes of parent results one step can be given (the sum over its parents).
+    pub max_parent_results_bytes: usize,
 }
 
 impl Default for WorkersConfig {
     fn default() -> Self {
         Self {
             fetch_recheck_interval: defaults::FETCH_RECHECK_INTERVAL,
+            max_parked_fetches: defaults::MAX_PARKED_FETCHES,
+            max_parent_results_bytes: defaults::MAX_PARENT_RESULTS_BYTES,
         }
     }
 }
@@ -336,6 +363,11 @@ pub struct DatabaseConfig {
     /// Waiting for a pooled connection, including opening a new one.
     #[serde(rename = "acquire_timeout_seconds", with = "seconds")]
     pub acquire_timeout: Duration,
+    /// PostgreSQL cancels any statement of the service's pool that runs longer.
+    #[serde(rename = "statement_timeout_ms", with = "millis")]
+    pub statement_timeout: Duration,
+    /// true: `url` must be set; no fallback to a local server or an embedded cluster.
+    pub require_url: bool,
     pub embedded_data_dir: PathBuf,
 }
 
@@ -346,6 +378,8 @@ impl Default for DatabaseConfig {
             max_connections: defaults::DATABASE_MAX_CONNECTIONS,
             min_connections: defaults::DATABASE_MIN_CONNECTIONS,
             acquire_timeout: defaults::DATABASE_ACQUIRE_TIMEOUT,
+            statement_timeout: defaults::DATABASE_STATEMENT_TIMEOUT,
+            require_url: false,
             embedded_data_dir: PathBuf::from(defaults::EMBEDDED_DATA_DIR),
         }
     }
@@ -360,6 +394,18 @@ pub struct GrpcConfig {
     pub request_timeout: Duration,
     #[serde(rename = "max_fetch_wait_ms", with = "millis")]
     pub max_fetch_wait: Duration,
+    pub max_response_bytes: usize,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub concurrency_per_connection: usize,
+    #[serde(rename = "http2_keepalive_interval_seconds", with = "seconds")]
+    pub http2_keepalive_interval: Duration,
+    #[serde(rename = "http2_keepalive_timeout_seconds", with = "seconds")]
+    pub http2_keepalive_timeout: Duration,
+    #[serde(rename = "tcp_keepalive_seconds", with = "seconds")]
+    pub tcp_keepalive: Duration,
+    #[serde(rename = "handshake_timeout_seconds", with = "seconds")]
+    pub handshake_timeout: Duration,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
 }
@@ -373,6 +419,14 @@ impl Default for GrpcConfig {
             max_request_bytes: defaults::GRPC_MAX_REQUEST_BYTES,
             request_timeout: defaults::GRPC_REQUEST_TIMEOUT,
             max_fetch_wait: defaults::GRPC_MAX_FETCH_WAIT,
+            max_response_bytes: defaults::GRPC_MAX_RESPONSE_BYTES,
+            max_connections: defaults::GRPC_MAX_CONNECTIONS,
+            max_concurrent_streams: defaults::GRPC_MAX_CONCURRENT_STREAMS,
+            concurrency_per_connection: defaults::GRPC_CONCURRENCY_PER_CONNECTION,
+            http2_keepalive_interval: defaults::GRPC_HTTP2_KEEPALIVE_INTERVAL,
+            http2_keepalive_timeout: defaults::GRPC_HTTP2_KEEPALIVE_TIMEOUT,
+            tcp_keepalive: defaults::GRPC_TCP_KEEPALIVE,
+            handshake_timeout: defaults::GRPC_HANDSHAKE_TIMEOUT,
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
         }
@@ -404,6 +458,10 @@ pub struct TlsConfig {
     pub cert_path: Option<PathBuf>,
     #[serde(with = "empty_is_none")]
     pub key_path: Option<PathBuf>,
+    /// true: allow tokens over plaintext on a non-loopback address (for a TLS-terminating
+    /// proxy in front of the service). Off by default: tokens must not cross a network in
+    /// the clear.
+    pub allow_plaintext: bool,
 }
 
 /// How log lines are written.
@@ -986,6 +1044,73 @@ impl TaskerConfig {
             3_600,
         );
         range(
+            "database.statement_timeout_ms",
+            db.statement_timeout.as_millis() as u64,
+            100,
+            DAY_S * 1000,
+        );
+        let wk = &self.orchestration.workers;
+        range(
+            "orchestration.workers.max_parked_fetches",
+            wk.max_parked_fetches as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "orchestration.workers.max_parent_results_bytes",
+            wk.max_parent_results_bytes as u64,
+            1024,
+            1 << 30,
+        );
+        range(
+            "grpc.max_response_bytes",
+            g.max_response_bytes as u64,
+            64 * 1024,
+            1 << 30,
+        );
+        range(
+            "grpc.max_connections",
+            g.max_connections as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "grpc.max_concurrent_streams",
+            g.max_concurrent_streams.into(),
+            1,
+            100_000,
+        );
+        range(
+            "grpc.concurrency_per_connection",
+            g.concurrency_per_connection as u64,
+            1,
+            100_000,
+        );
+        range(
+            "grpc.http2_keepalive_interval_seconds",
+            g.http2_keepalive_interval.as_secs(),
+            1,
+            DAY_S,
+        );
+        range(
+            "grpc.http2_keepalive_timeout_seconds",
+            g.http2_keepalive_timeout.as_secs(),
+            1,
+            3_600,
+        );
+        range(
+            "grpc.tcp_keepalive_seconds",
+            g.tcp_keepalive.as_secs(),
+            1,
+            DAY_S,
+        );
+        range(
+            "grpc.handshake_timeout_seconds",
+            g.handshake_timeout.as_secs(),
+            1,
+            3_600,
+        );
+        range(
             "grpc.max_request_bytes",
             g.max_request_bytes as u64,
             1024,
@@ -1060,6 +1185,45 @@ impl TaskerConfig {
                 "grpc.auth.tokens".into(),
                 format!(
                     "grpc.bind {} is reachable from other hosts: configure tokens, or bind to 127.0.0.1",
+                    g.bind
+                ),
+            ));
+        }
+        // one step (its inputs, its parents' results, names and ids) must always fit in a
+        // FetchSteps response, or it could never be delivered
+        let one_step =
+            wk.max_parent_results_bytes + crate::dag::limits::MAX_DOCUMENT_BYTES + 64 * 1024;
+        if one_step > g.max_response_bytes {
+            out.push((
+                "orchestration.workers.max_parent_results_bytes".into(),
+                format!(
+                    "plus a step's inputs ({} bytes) and 64 KiB must fit in grpc.max_response_bytes ({} + {} + {} > {}), or a step could be too large to deliver",
+                    crate::dag::limits::MAX_DOCUMENT_BYTES,
+                    wk.max_parent_results_bytes,
+                    crate::dag::limits::MAX_DOCUMENT_BYTES,
+                    64 * 1024,
+                    g.max_response_bytes
+                ),
+            ));
+        }
+        if db.require_url && db.url.is_none() {
+            out.push((
+                "database.url".into(),
+                format!(
+                    "must be set: database.require_url = true (environment {environment:?}) does not fall back to a local server or an embedded cluster"
+                ),
+            ));
+        }
+        let tls_on = g.tls.cert_path.is_some() && g.tls.key_path.is_some();
+        if !g.bind.ip().is_loopback()
+            && !g.auth.tokens.is_empty()
+            && !tls_on
+            && !g.tls.allow_plaintext
+        {
+            out.push((
+                "grpc.tls".into(),
+                format!(
+                    "grpc.bind {} is reachable from other hosts, and bearer tokens would cross the network in cleartext: set grpc.tls.cert_path and grpc.tls.key_path, or grpc.tls.allow_plaintext = true behind a TLS-terminating proxy",
                     g.bind
                 ),
             ));

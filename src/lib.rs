@@ -88,7 +88,10 @@ pub mod internal {
     };
     pub use crate::grpc::convert::{mode_from_proto, uuid as parse_uuid_field};
     pub use crate::grpc::{ApiContext, GrpcServer};
-    pub use crate::local_db::{resolve as resolve_database, EmbeddedCluster, ResolvedDatabase};
+    pub use crate::local_db::{
+        create_private_temp_dir, find_bin_dir, resolve as resolve_database, with_database,
+        EmbeddedCluster, LocalDbError, ResolvedDatabase,
+    };
     pub use crate::metrics::Metrics;
     pub use crate::poller::PollerStatus;
     pub use crate::store::*;

@@ -8,6 +8,18 @@
 //! PostgreSQL refuses to run as root, so when this process is root the cluster is initialised
 //! and run as the `postgres` user (or `nobody`), through `runuser`.
 //!
+//! The embedded cluster trusts no one but its owner: it listens on no TCP address at all
+//! (`listen_addresses = ''`), only on a Unix socket inside its own 0700 data directory, so
+//! another local user can neither reach it over the network nor open the socket. A data
+//! directory that exists but belongs to someone else is refused. When the configured directory
+//! is unreachable for the unprivileged server (as root, under /root), a fresh directory with a
+//! random name is created exclusively under the system temp directory (never one that
+//! already exists: a predictable path could be prepared by another user).
+//!
+//! The local server on 127.0.0.1:5432 is a development convenience: it is used only when no
+//! `database.url` is configured and `database.require_url` is off (production sets it), and
+//! the start-up log says so.
+//!
 //! ```text
 //! resolve ──url set──────────────────────────────> use it
 //!    │ └─local server answers──> CREATE DATABASE if missing ──> use it
@@ -42,6 +54,13 @@ pub enum LocalDbError {
         #[source]
         source: sqlx::Error,
     },
+    #[error(
+        "database.url is not set and database.require_url is on: refusing to fall back to a \
+         local server or an embedded cluster"
+    )]
+    UrlRequired,
+    #[error("embedded cluster directory {dir}: {problem}")]
+    UnsafeDirectory { dir: String, problem: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -68,13 +87,17 @@ pub async fn resolve(
             embedded: None,
         });
     }
+    if cfg.require_url {
+        return Err(LocalDbError::UrlRequired);
+    }
     let local = defaults::LOCAL_DATABASE_URL;
     let local_admin = with_database(local, "postgres");
     if answers(&local_admin).await {
         ensure_database(&local_admin, database_name).await?;
         return Ok(ResolvedDatabase {
             url: with_database(local, database_name),
-            origin: "local server on 127.0.0.1:5432",
+            origin: "no database.url configured: the local development server on 127.0.0.1:5432 \
+                     (a development convenience; production sets database.require_url)",
             embedded: None,
         });
     }
@@ -169,22 +192,32 @@ impl EmbeddedCluster {
         } else {
             None
         };
-        std::fs::create_dir_all(data_dir)?;
+        create_private_dir_all(data_dir)?;
         let mut data_dir = data_dir.canonicalize()?;
+        // before anything is chowned or started: a directory someone else owns is theirs
+        check_owned_by(&data_dir, run_as.as_deref())?;
         if run_as.is_some() && !reachable_by_others(&data_dir) {
             // The unprivileged server could not even reach a directory under, say, /root.
-            let fallback =
-                std::env::temp_dir().join(format!("tasker-pg-{:016x}", path_hash(&data_dir)));
+            let fallback = create_private_temp_dir()?;
             tracing::warn!(
                 wanted = %data_dir.display(),
                 using = %fallback.display(),
-                "the embedded cluster's data directory is not reachable by an unprivileged user; using a directory under the system temp dir"
+                "the embedded cluster's data directory is not reachable by an unprivileged user; using a new private directory under the system temp dir"
             );
-            std::fs::create_dir_all(&fallback)?;
             data_dir = fallback;
         }
         if let Some(user) = &run_as {
             chown_recursive(&data_dir, user)?;
+        }
+        // the socket file's path must fit in sockaddr_un (107 bytes)
+        let socket_path_len = data_dir.as_os_str().len() + "/.s.PGSQL.65535".len();
+        if socket_path_len > 107 {
+            return Err(LocalDbError::UnsafeDirectory {
+                dir: data_dir.display().to_string(),
+                problem: format!(
+                    "is too long for the cluster's Unix socket ({socket_path_len} > 107 bytes): set a shorter database.embedded_data_dir"
+                ),
+            });
         }
         let mut cluster = Self {
             data_dir,
@@ -214,8 +247,9 @@ impl EmbeddedCluster {
         } else {
             cluster.port = free_port()?;
             let log = cluster.data_dir.join("server.log");
+            // no TCP at all; the socket lives in the 0700 data directory
             let opts = format!(
-                "-p {} -c listen_addresses=127.0.0.1 -k {}",
+                "-p {} -c listen_addresses='' -k {}",
                 cluster.port,
                 cluster.data_dir.display()
             );
@@ -240,8 +274,19 @@ impl EmbeddedCluster {
         Ok(cluster)
     }
 
+    /// The URL of `database` in this cluster: its Unix socket (the `host` parameter is the
+    /// socket's directory; the port names the socket file).
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres@localhost:{}/{database}?host={}",
+            self.port,
+            percent_encode_path(&self.data_dir)
+        )
+    }
+
+    /// The socket's port number (no TCP listener has it).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -351,11 +396,80 @@ fn reachable_by_others(dir: &Path) -> bool {
     })
 }
 
-fn path_hash(p: &Path) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    p.hash(&mut h);
-    h.finish()
+/// Create `dir` and its missing parents with mode 0700 (the parents too: `.tasker` holds
+/// nothing others should list).
+fn create_private_dir_all(dir: &Path) -> Result<(), LocalDbError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    Ok(())
+}
+
+/// A new directory with a random name under the system temp directory, created exclusively
+/// with mode 0700: if the name exists (another user's trap, or a collision), creation fails
+/// and another name is tried.
+pub fn create_private_temp_dir() -> Result<PathBuf, LocalDbError> {
+    use std::os::unix::fs::DirBuilderExt;
+    for _ in 0..16 {
+        let name: String = (0..16)
+            .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("tasker-pg-{name}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(LocalDbError::UnsafeDirectory {
+        dir: std::env::temp_dir().display().to_string(),
+        problem: "could not create a fresh private directory in 16 tries".into(),
+    })
+}
+
+/// Refuse a data directory that belongs to anyone but this process's user or the cluster's
+/// (when root runs it as `postgres`): whoever owns it controls the server's configuration.
+fn check_owned_by(dir: &Path, run_as: Option<&str>) -> Result<(), LocalDbError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let me = std::fs::metadata("/proc/self")?.uid();
+    let cluster_user = run_as.and_then(uid_of);
+    if !meta.is_dir() || (meta.uid() != me && Some(meta.uid()) != cluster_user) {
+        return Err(LocalDbError::UnsafeDirectory {
+            dir: dir.display().to_string(),
+            problem: format!(
+                "is owned by uid {} (or is not a directory), neither this process's user (uid {me}) nor the cluster's; refusing to use it",
+                meta.uid()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn uid_of(user: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next()? == user).then(|| f.nth(1)?.parse().ok())?
+        })
+}
+
+/// A path as a URL query value.
+fn percent_encode_path(p: &Path) -> String {
+    p.display()
+        .to_string()
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn free_port() -> Result<u16, LocalDbError> {

@@ -46,7 +46,7 @@ fn fixture() -> tempfile::TempDir {
 }
 
 #[test]
-fn repository_config_is_valid_in_every_environment_but_production_without_tokens() {
+fn repository_config_is_valid_in_every_environment_but_production_without_tokens_and_url() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tasker");
     for env in ["development", "test"] {
         let loaded =
@@ -58,9 +58,12 @@ fn repository_config_is_valid_in_every_environment_but_production_without_tokens
     }
     let base = config::load(&sources(&dir, "test", &[])).unwrap();
     assert_eq!(base.config.orchestration.task_readiness.batch_size, 50);
+    // production names both what it lacks: tokens, and a database it was told to use (it
+    // never falls back to whatever answers on 127.0.0.1:5432)
     let e = config::load(&sources(&dir, "production", &[])).unwrap_err();
-    assert_eq!(e.problems.len(), 1);
-    assert_eq!(e.problems[0].key, "grpc.auth.tokens");
+    let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["database.url", "grpc.auth.tokens"], "{e}");
+    assert!(e.to_string().contains("database.require_url"), "{e}");
     let token = format!(
         "[{{name = \"ci\", sha256 = \"{}\", scopes = [\"read\"]}}]",
         "a".repeat(64)
@@ -68,7 +71,10 @@ fn repository_config_is_valid_in_every_environment_but_production_without_tokens
     let ok = config::load(&sources(
         &dir,
         "production",
-        &[("TASKER_GRPC__AUTH__TOKENS", &token)],
+        &[
+            ("TASKER_GRPC__AUTH__TOKENS", &token),
+            ("DATABASE_URL", "postgres://tasker@db.internal/tasker"),
+        ],
     ));
     assert!(ok.is_ok(), "{ok:?}");
 }
@@ -208,6 +214,36 @@ fn every_invalid_value_is_reported_at_once() {
     );
     assert!(text.contains("bad.toml"), "names the file: {text}");
     assert!(text.contains("unknown key"), "{text}");
+}
+
+/// Tokens on a non-loopback address need TLS, unless plaintext is allowed explicitly (a
+/// TLS-terminating proxy in front).
+#[test]
+fn tokens_do_not_cross_a_network_in_cleartext() {
+    let d = fixture();
+    let token = format!(
+        "[{{name = \"ci\", sha256 = \"{}\", scopes = [\"read\"]}}]",
+        "a".repeat(64)
+    );
+    let open_bind = [
+        ("TASKER_GRPC__BIND", "0.0.0.0:50051"),
+        ("TASKER_GRPC__AUTH__TOKENS", token.as_str()),
+    ];
+    let e = config::load(&sources(d.path(), "test", &open_bind)).unwrap_err();
+    assert_eq!(e.problems.len(), 1, "{e}");
+    assert_eq!(e.problems[0].key, "grpc.tls");
+    assert!(e.to_string().contains("allow_plaintext"), "{e}");
+
+    let mut allowed = open_bind.to_vec();
+    allowed.push(("TASKER_GRPC__TLS__ALLOW_PLAINTEXT", "true"));
+    assert!(config::load(&sources(d.path(), "test", &allowed)).is_ok());
+    let mut with_tls = open_bind.to_vec();
+    with_tls.push(("TASKER_GRPC__TLS__CERT_PATH", "\"/etc/tasker/cert.pem\""));
+    with_tls.push(("TASKER_GRPC__TLS__KEY_PATH", "\"/etc/tasker/key.pem\""));
+    assert!(config::load(&sources(d.path(), "test", &with_tls)).is_ok());
+    // loopback stays plaintext without a word
+    let loopback = [("TASKER_GRPC__AUTH__TOKENS", token.as_str())];
+    assert!(config::load(&sources(d.path(), "test", &loopback)).is_ok());
 }
 
 #[test]

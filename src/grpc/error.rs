@@ -47,6 +47,9 @@ pub fn store(e: StoreError) -> Status {
         StoreError::ShuttingDown => {
             Status::unavailable("the service is shutting down; retry (on another instance)")
         }
+        StoreError::StatementTimeout => Status::deadline_exceeded(
+            "the database cancelled the request's statement: it ran longer than database.statement_timeout_ms",
+        ),
         StoreError::Unavailable(e) => {
             tracing::warn!(error = %e, "database unavailable");
             Status::unavailable("the database is unavailable; retry later")

@@ -29,6 +29,9 @@ pub enum StoreError {
         function: &'static str,
         value: String,
     },
+    /// PostgreSQL cancelled the statement: it ran past `database.statement_timeout_ms`.
+    #[error("the database cancelled the statement after database.statement_timeout_ms")]
+    StatementTimeout,
     /// Anything else; its details are logged, never sent to a client.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
@@ -104,6 +107,7 @@ impl From<sqlx::Error> for StoreError {
                         format!("violates rule {}", db.constraint().unwrap_or("check")),
                     );
                 }
+                Some("57014") => return Self::StatementTimeout,
                 Some("22P02") | Some("22023") => {
                     return Self::invalid("request", "malformed value")
                 }

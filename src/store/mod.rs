@@ -7,12 +7,14 @@
 //! - `views`: read-only readiness views: per-step readiness, execution context, ready tasks
 //! - `steps`: claim-and-enqueue, the workers' fetch / complete / fail / extend, retry and lease
 //!   deadlines
+//! - `cancel`: [`cancel::CancelOnDrop`], a statement cancelled when its request is dropped
 //! - `diagnostics`: what the benchmark and operators measure (hop latencies from the history,
 //!   the commit + NOTIFY floor, server settings), and emptying a scratch database
 //!
 //! The state machine itself lives in the database (`migrations/`): the functions here call one
 //! SQL function per operation, so each operation is one round trip and one transaction.
 
+mod cancel;
 mod diagnostics;
 mod error;
 mod steps;
@@ -43,14 +45,20 @@ impl Store {
         Self { pool }
     }
 
-    /// Connect a pool sized by configuration. TCP keepalive is on (sqlx's default for TCP), and
+    /// Connect a pool sized by configuration. TCP keepalive is on (sqlx's default for TCP),
     /// every connection gets an application name so operators can find them in
-    /// `pg_stat_activity`.
+    /// `pg_stat_activity`, and `database.statement_timeout_ms` as its `statement_timeout`.
     pub async fn connect(url: &str, cfg: &DatabaseConfig) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()
             .map_err(StoreError::from)?
-            .application_name("tasker");
+            .application_name("tasker")
+            // no statement of the service holds a backend longer than this: a request that
+            // would is cancelled by the server, whatever its client does
+            .options([(
+                "statement_timeout",
+                format!("{}ms", cfg.statement_timeout.as_millis()),
+            )]);
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
             .min_connections(cfg.min_connections)
@@ -67,7 +75,17 @@ impl Store {
     /// Apply pending migrations; a no-op when the schema is current. Returns how many ran.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
         let before = applied_migrations(&self.pool).await.unwrap_or(0);
-        crate::MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+        // a migration may take longer than a request's statement timeout
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+        let result = crate::MIGRATOR.run(&mut *conn).await;
+        sqlx::query("RESET statement_timeout")
+            .execute(&mut *conn)
+            .await?;
+        drop(conn);
+        result.map_err(|e| match e {
             // the database was migrated by a build from before the baseline, whose migrations
             // no longer exist: nothing was released, so such a database is a developer's own
             sqlx::migrate::MigrateError::VersionMissing(v) => StoreError::Migration(format!(
@@ -103,11 +121,17 @@ impl Store {
     /// Vacuum and analyze the tables every step churns through; tables another session is
     /// already working on are skipped.
     pub async fn maintain_churn_tables(&self) -> Result<(), StoreError> {
-        sqlx::query(
-            "VACUUM (SKIP_LOCKED, ANALYZE) tasker.step_queue, tasker.workflow_steps, tasker.tasks",
-        )
-        .execute(&self.pool)
-        .await?;
+        // maintenance may take longer than a request's statement timeout
+        let mut conn = self.pool.acquire().await?;
+        // (three statements: VACUUM refuses to run in a multi-statement string)
+        for sql in [
+            "SET statement_timeout = 0",
+            "VACUUM (SKIP_LOCKED, ANALYZE) tasker.step_queue, tasker.ready_steps,
+                                          tasker.workflow_steps, tasker.tasks",
+            "RESET statement_timeout",
+        ] {
+            sqlx::query(sql).execute(&mut *conn).await?;
+        }
         Ok(())
     }
 }

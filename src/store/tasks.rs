@@ -87,7 +87,10 @@ impl Store {
         traceparent: Option<&str>,
     ) -> Result<CreatedTask, StoreError> {
         let steps = serde_json::to_value(&task.steps).expect("steps serialize");
-        let rows: Vec<(Uuid, bool, String, Uuid)> = sqlx::query_as(
+        // a large task is the one request that can run long: if its client gives up, so does
+        // the database
+        let mut conn = super::cancel::CancelOnDrop::acquire(&self.pool).await?;
+        let rows: Result<Vec<(Uuid, bool, String, Uuid)>, sqlx::Error> = sqlx::query_as(
             "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
              FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
                   tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8) c",
@@ -101,8 +104,10 @@ impl Store {
         .bind(steps)
         .bind(metadata)
         .bind(traceparent)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(conn.conn())
+        .await;
+        conn.release();
+        let rows = rows?;
         let first = rows
             .first()
             .ok_or_else(|| StoreError::invalid("steps", "a task needs at least one step"))?;
