@@ -1191,16 +1191,15 @@ impl TaskerConfig {
         }
         // one step (its inputs, its parents' results, names and ids) must always fit in a
         // FetchSteps response, or it could never be delivered
-        let one_step =
-            wk.max_parent_results_bytes + crate::dag::limits::MAX_DOCUMENT_BYTES + 64 * 1024;
+        let one_step = wk.max_parent_results_bytes + crate::limits::MAX_DOCUMENT_BYTES + 64 * 1024;
         if one_step > g.max_response_bytes {
             out.push((
                 "orchestration.workers.max_parent_results_bytes".into(),
                 format!(
                     "plus a step's inputs ({} bytes) and 64 KiB must fit in grpc.max_response_bytes ({} + {} + {} > {}), or a step could be too large to deliver",
-                    crate::dag::limits::MAX_DOCUMENT_BYTES,
+                    crate::limits::MAX_DOCUMENT_BYTES,
                     wk.max_parent_results_bytes,
-                    crate::dag::limits::MAX_DOCUMENT_BYTES,
+                    crate::limits::MAX_DOCUMENT_BYTES,
                     64 * 1024,
                     g.max_response_bytes
                 ),

@@ -10,27 +10,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::config::namespace_name_problem;
+use crate::namespaces::namespace_name_problem;
 use crate::store::{NewStep, NewTask};
 
-/// Size limits: a task is a unit of orchestration, not a data store.
-pub mod limits {
-    pub const MAX_STEPS: usize = 1_000;
-    /// A join may wait for every other step of the task; the total is capped by `MAX_EDGES`.
-    pub const MAX_DEPENDENCIES_PER_STEP: usize = 1_000;
-    /// Dependencies (edges) in one task, all steps together: writing and checking them is
-    /// linear in this, and a task of 1,000 steps with 100 dependencies each (99,000 edges) is
-    /// a data-flow graph, not a workflow.
-    pub const MAX_EDGES: usize = 10_000;
-    pub const MAX_NAME_BYTES: usize = 255;
-    pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
-    /// Serialized JSON of one step's inputs, or a task's context, or a step's results.
-    pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
-    pub const MIN_PRIORITY: i32 = -1_000;
-    pub const MAX_PRIORITY: i32 = 1_000;
-    pub const MAX_ATTEMPTS: i32 = 100;
-    pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
-}
+pub(crate) use crate::limits;
 
 /// A requested step, before uuids are assigned.
 #[derive(Debug, Clone, PartialEq)]

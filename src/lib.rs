@@ -53,6 +53,7 @@ mod deadlines;
 mod enqueue;
 mod events;
 mod grpc;
+pub mod limits;
 mod local_db;
 mod maintenance;
 mod metrics;
@@ -81,13 +82,14 @@ pub mod internal {
     };
     pub use crate::coordinator::{CoordinatorStatus, UnifiedEventCoordinator};
     pub use crate::core::OrchestrationCore;
-    pub use crate::dag::{limits, StepSpec, TaskSpec, Violation};
+    pub use crate::dag::{StepSpec, TaskSpec, Violation};
     pub use crate::events::{
         payload_traceparent, ClassifyError, EventKind, ListenerState, ListenerStatus,
         ReadinessEventClassifier, TaskReadinessEvent, TaskReadyEvent,
     };
     pub use crate::grpc::convert::{mode_from_proto, uuid as parse_uuid_field};
     pub use crate::grpc::{ApiContext, GrpcServer};
+    pub use crate::limits;
     pub use crate::local_db::{
         create_private_temp_dir, find_bin_dir, resolve as resolve_database, with_database,
         EmbeddedCluster, LocalDbError, ResolvedDatabase,

@@ -10,7 +10,7 @@
 //!   commands refused) -> the poller runs a catch-up sweep.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -36,14 +36,24 @@ use tokio::sync::Notify;
 /// earlier one found the queue empty and nothing has been queued since (`known_empty`): in a
 /// chain, the worker's next fetch parks at once and its step is handed over, with no read. A delivery that finds its fetch gone (the client
 /// hung up) fails to send, and the enqueuer puts the steps back on the queue.
+///
+/// Memory stays bounded whatever namespaces clients name: an entry without parked fetches is
+/// only a hint (the epoch, the last empty read), so idle entries are dropped once there are
+/// more than [`IDLE_ENTRIES_KEPT`]. Epochs come from one counter for all namespaces, so an
+/// entry dropped and made again never shows a fetch the epoch it noted before.
 pub struct ParkedFetches<T> {
     inner: Arc<Mutex<HashMap<String, Parked<T>>>>,
+    epochs: Arc<AtomicU64>,
 }
+
+/// Namespaces whose wake-up state is kept while nobody is parked on them.
+pub const IDLE_ENTRIES_KEPT: usize = 1024;
 
 impl<T> Clone for ParkedFetches<T> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            epochs: self.epochs.clone(),
         }
     }
 }
@@ -52,6 +62,7 @@ impl<T> Default for ParkedFetches<T> {
     fn default() -> Self {
         Self {
             inner: Arc::default(),
+            epochs: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -136,10 +147,23 @@ impl<T> ParkedFetches<T> {
         self.lock().get(namespace).map_or(0, |p| p.epoch)
     }
 
+    /// Namespaces with wake-up state (parked fetches or hints).
+    pub fn tracked_namespaces(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Drop the entries nobody is parked on, once there are too many of them.
+    fn evict_idle(map: &mut HashMap<String, Parked<T>>) {
+        if map.len() > IDLE_ENTRIES_KEPT {
+            map.retain(|_, p| !p.waiters.is_empty());
+        }
+    }
+
     /// A fetch read the queue at `epoch` (the epoch it noted before reading) and found it
     /// empty.
     pub fn found_empty(&self, namespace: &str, epoch: u64) {
         let mut map = self.lock();
+        Self::evict_idle(&mut map);
         let parked = map.entry(namespace.to_string()).or_default();
         if parked.epoch == epoch {
             parked.empty_at = Some((epoch, std::time::Instant::now()));
@@ -163,6 +187,7 @@ impl<T> ParkedFetches<T> {
     pub fn park(&self, namespace: &str, worker_id: &str, max: i32, lease_ms: i64) -> Ticket<T> {
         let (deliver, delivery) = tokio::sync::oneshot::channel();
         let mut map = self.lock();
+        Self::evict_idle(&mut map);
         let parked = map.entry(namespace.to_string()).or_default();
         let id = parked.next_id;
         parked.next_id += 1;
@@ -231,8 +256,9 @@ impl<T> ParkedFetches<T> {
     pub fn queued(&self, namespace: &str, steps: usize) {
         let woken = {
             let mut map = self.lock();
+            Self::evict_idle(&mut map);
             let parked = map.entry(namespace.to_string()).or_default();
-            parked.epoch += 1;
+            parked.epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
             let n = steps.min(parked.waiters.len());
             parked.waiters.drain(..n).collect::<Vec<_>>()
         };
@@ -311,6 +337,44 @@ impl SweepRequester {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fetches on 30,000 made-up namespaces (read empty, parked, gone) leave a bounded map,
+    /// and the namespace someone is parked on keeps its place.
+    #[test]
+    fn made_up_namespaces_leave_bounded_state() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        let _waiting = parked.park("real", "w", 1, 1000);
+        for i in 0..30_000 {
+            let ns = format!("made-up-{i}");
+            let epoch = parked.epoch(&ns);
+            parked.found_empty(&ns, epoch);
+            drop(parked.park(&ns, "w", 1, 1000));
+            parked.queued(&ns, 1);
+        }
+        let tracked = parked.tracked_namespaces();
+        assert!(
+            tracked <= IDLE_ENTRIES_KEPT + 1,
+            "{tracked} namespaces tracked"
+        );
+        assert_eq!(
+            parked.take("real", 1).len(),
+            1,
+            "the parked fetch is still there"
+        );
+    }
+
+    /// An entry dropped and made again never shows the epoch a fetch noted before it.
+    #[test]
+    fn epochs_never_repeat_across_evictions() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        parked.queued("ns", 1);
+        let noted = parked.epoch("ns");
+        for i in 0..(IDLE_ENTRIES_KEPT + 10) {
+            parked.queued(&format!("other-{i}"), 1);
+        }
+        parked.queued("ns", 1);
+        assert_ne!(parked.epoch("ns"), noted);
+    }
 
     #[test]
     fn parked_fetches_are_served_first_come_first_served() {

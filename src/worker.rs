@@ -65,6 +65,7 @@ pub struct WorkerQueue {
     recheck: Duration,
     /// Fetches parked waiting for a step, for status, limits and tests.
     parked: Arc<watch::Sender<usize>>,
+    max_parked: usize,
     /// Set when the core shuts down: every worker call answers `ShuttingDown` (UNAVAILABLE:
     /// retry on another instance) and parked fetches return.
     stopped: CancellationToken,
@@ -74,11 +75,23 @@ pub struct WorkerQueue {
 struct Parked(Arc<watch::Sender<usize>>);
 
 impl Parked {
-    fn new(counter: &Arc<watch::Sender<usize>>) -> Self {
-        counter.send_modify(|n| *n += 1);
-        Self(counter.clone())
+    /// A parking slot, if fewer than `max` fetches hold one.
+    fn try_new(counter: &Arc<watch::Sender<usize>>, max: usize) -> Option<Self> {
+        let mut got = false;
+        counter.send_if_modified(|n| {
+            got = *n < max;
+            if got {
+                *n += 1;
+            }
+            got
+        });
+        got.then(|| Self(counter.clone()))
     }
 }
+
+/// An idle parked fetch re-reads the queue at the recheck interval, then at twice it, and so
+/// on up to this many times it: long idle waits cost few queries.
+const MAX_RECHECK_BACKOFF: u32 = 8;
 
 impl Drop for Parked {
     fn drop(&mut self) {
@@ -103,6 +116,7 @@ impl WorkerQueue {
             batcher,
             recheck: cfg.workers.fetch_recheck_interval,
             parked: Arc::new(watch::channel(0).0),
+            max_parked: cfg.workers.max_parked_fetches,
             stopped: CancellationToken::new(),
         }
     }
@@ -162,6 +176,9 @@ impl WorkerQueue {
         tokio::pin!(stop);
         let deadline = Instant::now() + wait;
         let lease_ms = lease.as_millis() as i64;
+        // held from the first time this fetch parks until it returns
+        let mut slot: Option<Parked> = None;
+        let mut recheck = self.recheck;
         loop {
             let epoch = match self.handoff.known_empty(namespace, self.recheck) {
                 // a read found the queue empty and nothing was queued here since: wait for
@@ -180,14 +197,21 @@ impl WorkerQueue {
                     epoch
                 }
             };
+            if slot.is_none() {
+                slot = Some(Parked::try_new(&self.parked, self.max_parked).ok_or_else(|| {
+                    StoreError::ResourceExhausted(format!(
+                        "{} FetchSteps calls are waiting already (orchestration.workers.max_parked_fetches); retry later",
+                        self.max_parked
+                    ))
+                })?);
+            }
             let now = Instant::now();
             let mut ticket = self.handoff.park(namespace, worker_id, max, lease_ms);
             if self.handoff.epoch(namespace) != epoch && ticket.withdraw() {
                 // steps were queued since the queue was found empty: read it
                 continue;
             }
-            let _parked = Parked::new(&self.parked);
-            let slice = (deadline - now).min(self.recheck);
+            let slice = (deadline - now).min(recheck);
             let woken = tokio::select! {
                 d = &mut ticket.delivery => Some(d),
                 _ = tokio::time::sleep(slice) => None,
@@ -199,12 +223,14 @@ impl WorkerQueue {
                 Some(Ok(steps)) => return Ok(self.leased(steps, worker_id)),
                 // a plain wake-up: steps were queued; read the queue
                 Some(Err(_)) => continue,
-                // the periodic re-read (steps another instance queued), or the deadline
+                // the periodic re-read (steps another instance queued), or the deadline;
+                // the next one comes later, while nothing turns up
                 None => {
                     let steps = self.on_leaving(ticket, worker_id).await;
                     if !steps.is_empty() {
                         return Ok(steps);
                     }
+                    recheck = (recheck * 2).min(self.recheck * MAX_RECHECK_BACKOFF);
                 }
             }
         }

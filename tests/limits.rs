@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use tasker::config::{DatabaseConfig, DeploymentMode};
 use tasker::internal::{Store, StoreError, TaskSpec};
 use tasker::proto::v1;
+use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 /// A trigger that makes every task insert take `seconds`: a stand-in for a statement that
@@ -175,5 +176,191 @@ async fn layered_dags_are_created_at_once_or_refused(pool: PgPool) {
     assert!(refused.message().contains("10000"), "{}", refused.message());
     assert!(took < Duration::from_secs(1), "W=100 took {took:?}");
     assert_eq!(task_count(&pool).await, 1, "only the W=30 task");
+    server.stop().await;
+}
+
+/// Reads from `socket` until the server closes it (EOF or reset); how long that took.
+async fn closed_by_server(socket: &mut (impl tokio::io::AsyncRead + Unpin)) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(WAIT, socket.read(&mut buf)).await {
+            Err(_) => panic!("the server kept a silent connection open for {WAIT:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            // HTTP/2 settings frames and the like: keep reading
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+fn limits_config() -> tasker::config::TaskerConfig {
+    let mut cfg = test_config(DeploymentMode::Hybrid);
+    cfg.grpc.handshake_timeout = Duration::from_secs(1);
+    cfg
+}
+
+/// A socket that never sends the HTTP/2 preface is closed at the handshake deadline, and so
+/// is one that completes a TLS handshake and then says nothing.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn silent_connections_are_closed_at_the_handshake_deadline(pool: PgPool) {
+    let server = TestServer::start(&pool, &limits_config()).await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let took = closed_by_server(&mut silent).await;
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    server.stop().await;
+
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let mut cfg = limits_config();
+    cfg.grpc.tls.cert_path = Some(cert_path);
+    cfg.grpc.tls.key_path = Some(key_path);
+    let server = TestServer::start(&pool, &cfg).await;
+
+    // no ClientHello
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    closed_by_server(&mut silent).await;
+
+    // a full TLS handshake, then silence
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    closed_by_server(&mut tls).await;
+    server.stop().await;
+}
+
+/// Beyond `grpc.max_connections` a new connection is closed at once; when one closes, calls
+/// work again.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn connections_beyond_the_cap_are_closed(pool: PgPool) {
+    let mut cfg = limits_config();
+    cfg.grpc.max_connections = 2;
+    cfg.grpc.handshake_timeout = Duration::from_secs(30);
+    let server = TestServer::start(&pool, &cfg).await;
+    let first = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let took = closed_by_server(&mut third).await;
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+
+    drop(first);
+    // the slot comes back once the server has seen the close
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ok = match Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(ch) => Admin::new(ch)
+                .get_deployment_mode(v1::GetDeploymentModeRequest {})
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no call got through after a slot was freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+/// One connection cannot open more than `grpc.max_concurrent_streams` calls: the next waits
+/// until one ends (health watches need no token, so this is what an anonymous client meets).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn streams_per_connection_are_capped(pool: PgPool) {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let mut cfg = limits_config();
+    cfg.grpc.max_concurrent_streams = 4;
+    let server = TestServer::start(&pool, &cfg).await;
+    let channel = server.channel().await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut stream = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().expect("first status");
+        open.push(stream);
+    }
+    let mut fifth = HealthClient::new(channel.clone());
+    let call = fifth.watch(HealthCheckRequest::default());
+    tokio::pin!(call);
+    // the fifth is held back by the client's HTTP/2 layer, as the server told it to
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut call)
+            .await
+            .is_err(),
+        "a fifth stream was opened on a connection limited to 4"
+    );
+    open.pop();
+    let mut stream = tokio::time::timeout(WAIT, call)
+        .await
+        .expect("the fifth stream opens once one ends")
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("first status");
+    drop((open, stream));
+    server.stop().await;
+}
+
+/// FetchSteps calls waiting at once are bounded: beyond the limit, RESOURCE_EXHAUSTED naming
+/// it, without a query.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn waiting_fetches_are_bounded(pool: PgPool) {
+    let mut cfg = limits_config();
+    cfg.orchestration.workers.max_parked_fetches = 2;
+    let server = TestServer::start(&pool, &cfg).await;
+    let channel = server.channel().await;
+    let mut parked = server.core.workers.parked_fetches();
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let mut workers = Workers::new(channel.clone());
+            tokio::spawn(async move {
+                workers
+                    .fetch_steps(fetch_request("idle", 1, 10_000, 30))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::timeout(WAIT, parked.wait_for(|n| *n == 2))
+        .await
+        .expect("two fetches parked")
+        .unwrap();
+    let refused = Workers::new(channel.clone())
+        .fetch_steps(fetch_request("idle", 1, 10_000, 30))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("max_parked_fetches"),
+        "{refused:?}"
+    );
+    for w in waiting {
+        w.abort();
+    }
     server.stop().await;
 }

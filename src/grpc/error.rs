@@ -47,6 +47,7 @@ pub fn store(e: StoreError) -> Status {
         StoreError::ShuttingDown => {
             Status::unavailable("the service is shutting down; retry (on another instance)")
         }
+        StoreError::ResourceExhausted(m) => Status::resource_exhausted(m),
         StoreError::StatementTimeout => Status::deadline_exceeded(
             "the database cancelled the request's statement: it ran longer than database.statement_timeout_ms",
         ),

@@ -29,6 +29,9 @@ pub enum StoreError {
         function: &'static str,
         value: String,
     },
+    /// A limit of the service is reached (the message names it): retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// PostgreSQL cancelled the statement: it ran past `database.statement_timeout_ms`.
     #[error("the database cancelled the statement after database.statement_timeout_ms")]
     StatementTimeout,
