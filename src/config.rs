@@ -501,6 +501,9 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// `hash_token("")`: refused as a configured hash, since it admits an empty bearer token.
+const EMPTY_TOKEN_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
 /// The hex SHA-256 of a token, as stored in `grpc.auth.tokens[].sha256`.
 pub fn hash_token(token: &str) -> String {
     use sha2::Digest;
@@ -1242,6 +1245,12 @@ impl TaskerConfig {
                 out.push((
                     format!("{key}.sha256"),
                     "must be the 64 hex digits of the token's SHA-256 (see `tasker token hash`)"
+                        .into(),
+                ));
+            } else if t.sha256.eq_ignore_ascii_case(EMPTY_TOKEN_SHA256) {
+                out.push((
+                    format!("{key}.sha256"),
+                    "is the SHA-256 of the empty string: it would admit a request with an empty bearer token"
                         .into(),
                 ));
             }

@@ -16,6 +16,73 @@ pub mod tasker {
 
 pub use tasker::v1;
 
+/// The codec of every `tasker.v1` service: prost's, except that a request that is not a valid
+/// protobuf message (truncated, wrong wire types, a `Struct` nested deeper than the decoder's
+/// recursion limit) answers INVALID_ARGUMENT, as the caller's fault, instead of tonic's
+/// INTERNAL. A response that fails to decode on the client stays INTERNAL.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+    use tonic::Status;
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    #[derive(Debug, Clone)]
+    pub struct TaskerCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for TaskerCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for TaskerCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = RequestDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            RequestDecoder(ProstDecoder::default())
+        }
+    }
+
+    /// prost's decoder with the status of a malformed message chosen by who sent it.
+    #[derive(Debug)]
+    pub struct RequestDecoder<U>(ProstDecoder<U>);
+
+    impl<U: prost::Message + Default> Decoder for RequestDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(buf).map_err(|status| {
+                // Servers decode `*Request` messages, clients everything else.
+                if std::any::type_name::<U>().ends_with("Request") {
+                    Status::invalid_argument(format!(
+                        "the request is not a valid protobuf message: {}",
+                        status.message()
+                    ))
+                } else {
+                    status
+                }
+            })
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}
+
 /// The `FileDescriptorSet` of every proto file, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tasker_descriptor.bin"));

@@ -246,6 +246,25 @@ fn tokens_do_not_cross_a_network_in_cleartext() {
     assert!(config::load(&sources(d.path(), "test", &loopback)).is_ok());
 }
 
+/// The SHA-256 of the empty string would admit `authorization: Bearer ` with nothing after it.
+#[test]
+fn the_hash_of_an_empty_token_is_refused() {
+    let d = fixture();
+    let token = format!(
+        "[{{name = \"ci\", sha256 = \"{}\", scopes = [\"read\"]}}]",
+        config::hash_token("").to_uppercase()
+    );
+    let e = config::load(&sources(
+        d.path(),
+        "test",
+        &[("TASKER_GRPC__AUTH__TOKENS", token.as_str())],
+    ))
+    .unwrap_err();
+    assert_eq!(e.problems.len(), 1, "{e}");
+    assert_eq!(e.problems[0].key, "grpc.auth.tokens[0].sha256");
+    assert!(e.to_string().contains("empty string"), "{e}");
+}
+
 #[test]
 fn deployment_mode_parses_canonical_and_snake_case() {
     assert_eq!(

@@ -364,3 +364,102 @@ async fn waiting_fetches_are_bounded(pool: PgPool) {
     }
     server.stop().await;
 }
+
+/// Sends a request body as is: bytes that are not the message the method expects.
+#[derive(Clone, Default)]
+struct RawBytes;
+
+struct RawEncoder;
+struct EmptyDecoder;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = EmptyDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> EmptyDecoder {
+        EmptyDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for EmptyDecoder {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        use prost::bytes::Buf;
+        buf.advance(buf.remaining());
+        Ok(Some(()))
+    }
+}
+
+async fn send_raw(channel: &Channel, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawBytes,
+    )
+    .await
+    .expect_err("a malformed request is refused")
+}
+
+/// A request that is not valid protobuf, or nests a Struct deeper than the decoder allows, is
+/// the caller's error (INVALID_ARGUMENT) and writes nothing.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn malformed_requests_are_invalid_arguments(pool: PgPool) {
+    let server = TestServer::start(&pool, &limits_config()).await;
+    let channel = server.channel().await;
+    // field 1 (namespace) as a length-delimited string of 100 bytes, with 3 present
+    let truncated = vec![0x0a, 100, b'a', b'b', b'c'];
+    let status = send_raw(&channel, "/tasker.v1.TaskService/CreateTask", truncated).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("not a valid protobuf"), "{status:?}");
+
+    let mut deep = prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(1.0)),
+    };
+    for _ in 0..120 {
+        deep = prost_types::Value {
+            kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
+                fields: [("a".to_string(), deep)].into(),
+            })),
+        };
+    }
+    let Some(prost_types::value::Kind::StructValue(context)) = deep.kind else {
+        unreachable!()
+    };
+    let status = Tasks::new(channel.clone())
+        .create_task(v1::CreateTaskRequest {
+            namespace: "limits".into(),
+            name: "deep".into(),
+            context: Some(context),
+            steps: vec![step_def("a", &[])],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(task_count(&pool).await, 0);
+    server.stop().await;
+}

@@ -67,6 +67,16 @@ struct Token {
     scopes: HashSet<Scope>,
 }
 
+impl Token {
+    /// `admin` implies `read`: an operator who may change the deployment mode may also see
+    /// the status it changes. It does not imply `write`: creating tasks and working steps
+    /// stay with the tokens meant for them.
+    fn grants(&self, needed: Scope) -> bool {
+        self.scopes.contains(&needed)
+            || (needed == Scope::Read && self.scopes.contains(&Scope::Admin))
+    }
+}
+
 /// Checks requests against the configured tokens. With no tokens, everything is open.
 #[derive(Debug, Default)]
 pub struct Authenticator {
@@ -109,11 +119,7 @@ impl Authenticator {
         let presented = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(bearer_credentials)
             .ok_or_else(|| {
                 Status::unauthenticated(
                     "missing bearer token: send `authorization: Bearer <token>`",
@@ -125,16 +131,25 @@ impl Authenticator {
             .iter()
             .find(|t| constant_time_eq(&t.sha256, &digest))
             .ok_or_else(|| Status::unauthenticated("unknown token"))?;
-        if token.scopes.contains(&scope) {
+        if token.grants(scope) {
             Ok(Some(token.name.clone()))
         } else {
+            // The token's configured name stays in the server's logs: it tells a caller
+            // holding a stolen token which identity it impersonates.
             Err(Status::permission_denied(format!(
-                "token {:?} lacks the {:?} scope this method needs",
-                token.name,
+                "this token lacks the {:?} scope this method needs",
                 format!("{scope:?}").to_lowercase()
             )))
         }
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header. The scheme is matched
+/// case-insensitively (RFC 7235 section 2.1); `None` for any other scheme or an empty token.
+fn bearer_credentials(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -245,5 +260,64 @@ mod tests {
                 .code(),
             tonic::Code::Unauthenticated
         );
+    }
+
+    fn one_token(name: &str, secret: &str, scopes: &[&str]) -> Authenticator {
+        Authenticator::from_config(&AuthConfig {
+            required: true,
+            tokens: vec![TokenConfig {
+                name: name.into(),
+                sha256: hash_token(secret),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            }],
+        })
+    }
+
+    fn with_authorization(value: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let auth = one_token("ops", "s3cret", &["read"]);
+        for header in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "bEaReR  s3cret"] {
+            assert_eq!(
+                auth.check("/tasker.v1.TaskService/GetTask", &with_authorization(header))
+                    .unwrap(),
+                Some("ops".into()),
+                "{header}"
+            );
+        }
+        for header in ["Basic s3cret", "Bearer", "Bearer ", "s3cret", "Bearers3cret"] {
+            assert_eq!(
+                auth.check("/tasker.v1.TaskService/GetTask", &with_authorization(header))
+                    .unwrap_err()
+                    .code(),
+                tonic::Code::Unauthenticated,
+                "{header}"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_implies_read_but_not_write() {
+        let auth = one_token("ops", "s3cret", &["admin"]);
+        let h = with_authorization("Bearer s3cret");
+        assert!(auth.check("/tasker.v1.AdminService/GetStatus", &h).is_ok());
+        assert!(auth
+            .check("/tasker.v1.AdminService/SetDeploymentMode", &h)
+            .is_ok());
+        let denied = auth
+            .check("/tasker.v1.TaskService/CreateTask", &h)
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            !denied.message().contains("ops"),
+            "the token's name is not told to its bearer: {}",
+            denied.message()
+        );
+        assert!(denied.message().contains("\"write\""), "{}", denied.message());
     }
 }
