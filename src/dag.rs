@@ -356,19 +356,34 @@ impl TaskSpec {
 }
 
 fn check_name(name: &str, field: &str, push: &mut impl FnMut(String, String)) {
+    if let Some(problem) = name_problem(name) {
+        push(field.into(), problem);
+    }
+}
+
+/// Why a task, step or worker name is not acceptable, or `None`. Names reach terminals,
+/// logs and dashboards: control characters (terminal escapes) and the Unicode bidirectional
+/// controls (which make text display in another order than it reads, as in U+202E) are
+/// refused.
+pub fn name_problem(name: &str) -> Option<String> {
     if name.trim().is_empty() {
-        push(field.into(), "must not be empty".into());
+        Some("must not be empty".into())
     } else if name.len() > limits::MAX_NAME_BYTES {
-        push(
-            field.into(),
-            format!(
-                "must be at most {} bytes, is {}",
-                limits::MAX_NAME_BYTES,
-                name.len()
-            ),
-        );
-    } else if name.chars().any(char::is_control) {
-        push(field.into(), "must not contain control characters".into());
+        Some(format!(
+            "must be at most {} bytes, is {}",
+            limits::MAX_NAME_BYTES,
+            name.len()
+        ))
+    } else if let Some(c) = name
+        .chars()
+        .find(|&c| c.is_control() || limits::is_bidi_control(c))
+    {
+        Some(format!(
+            "must not contain control or bidirectional-formatting characters (found U+{:04X})",
+            c as u32
+        ))
+    } else {
+        None
     }
 }
 

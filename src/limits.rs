@@ -16,3 +16,9 @@ pub const MIN_PRIORITY: i32 = -1_000;
 pub const MAX_PRIORITY: i32 = 1_000;
 pub const MAX_ATTEMPTS: i32 = 100;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+
+/// The Unicode characters that reorder how text is displayed (Bidi_Control, as in U+202E):
+/// refused in names, and escaped by `tasker ctl` along with control characters.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}

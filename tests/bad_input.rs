@@ -397,3 +397,48 @@ async fn malformed_notifications_from_outside_are_ignored(pool: PgPool) {
     assert_eq!(status.state, tasker::internal::ListenerState::Listening);
     core.shutdown().await;
 }
+
+/// Names and worker ids reach terminals and logs: terminal escapes and bidirectional controls
+/// are refused, naming the field, and nothing is written.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn names_that_would_drive_a_terminal_are_refused(pool: PgPool) {
+    use tonic_types::StatusExt;
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let fields = |status: &tonic::Status| -> Vec<String> {
+        status
+            .get_details_bad_request()
+            .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+            .unwrap_or_default()
+    };
+    for hostile in [
+        "invoice\u{202e}fdp.exe",
+        "a\u{1b}]0;title\u{7}",
+        "b\u{9b}2J",
+    ] {
+        let refused = Tasks::new(ch.clone())
+            .create_task(v1::CreateTaskRequest {
+                namespace: "names".into(),
+                name: hostile.into(),
+                steps: vec![step_def(hostile, &[])],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert_eq!(fields(&refused), ["name", "steps[0].name"], "{refused:?}");
+        let refused = Workers::new(ch.clone())
+            .fetch_steps(v1::FetchStepsRequest {
+                namespace: "names".into(),
+                worker_id: hostile.into(),
+                max_steps: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert_eq!(fields(&refused), ["worker_id"], "{refused:?}");
+    }
+    assert_eq!(rows(&pool).await, (0, 0, 0));
+    server.stop().await;
+}

@@ -434,7 +434,10 @@ async fn malformed_requests_are_invalid_arguments(pool: PgPool) {
     let truncated = vec![0x0a, 100, b'a', b'b', b'c'];
     let status = send_raw(&channel, "/tasker.v1.TaskService/CreateTask", truncated).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("not a valid protobuf"), "{status:?}");
+    assert!(
+        status.message().contains("not a valid protobuf"),
+        "{status:?}"
+    );
 
     let mut deep = prost_types::Value {
         kind: Some(prost_types::value::Kind::NumberValue(1.0)),

@@ -282,19 +282,36 @@ mod tests {
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
         let auth = one_token("ops", "s3cret", &["read"]);
-        for header in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "bEaReR  s3cret"] {
+        for header in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "bEaReR  s3cret",
+        ] {
             assert_eq!(
-                auth.check("/tasker.v1.TaskService/GetTask", &with_authorization(header))
-                    .unwrap(),
+                auth.check(
+                    "/tasker.v1.TaskService/GetTask",
+                    &with_authorization(header)
+                )
+                .unwrap(),
                 Some("ops".into()),
                 "{header}"
             );
         }
-        for header in ["Basic s3cret", "Bearer", "Bearer ", "s3cret", "Bearers3cret"] {
+        for header in [
+            "Basic s3cret",
+            "Bearer",
+            "Bearer ",
+            "s3cret",
+            "Bearers3cret",
+        ] {
             assert_eq!(
-                auth.check("/tasker.v1.TaskService/GetTask", &with_authorization(header))
-                    .unwrap_err()
-                    .code(),
+                auth.check(
+                    "/tasker.v1.TaskService/GetTask",
+                    &with_authorization(header)
+                )
+                .unwrap_err()
+                .code(),
                 tonic::Code::Unauthenticated,
                 "{header}"
             );
@@ -318,6 +335,10 @@ mod tests {
             "the token's name is not told to its bearer: {}",
             denied.message()
         );
-        assert!(denied.message().contains("\"write\""), "{}", denied.message());
+        assert!(
+            denied.message().contains("\"write\""),
+            "{}",
+            denied.message()
+        );
     }
 }

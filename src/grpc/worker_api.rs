@@ -8,7 +8,8 @@ use tonic::{Request, Response, Status};
 use super::context::ApiContext;
 use super::convert::{self, bounded, uuid};
 use super::error::invalid;
-use crate::dag::limits::MAX_DOCUMENT_BYTES;
+use crate::dag::name_problem;
+use crate::limits::MAX_DOCUMENT_BYTES;
 use crate::namespaces::namespace_name_problem;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
@@ -50,8 +51,8 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         if let Some(p) = namespace_name_problem(&r.namespace) {
             return Err(invalid("namespace", p));
         }
-        if r.worker_id.trim().is_empty() || r.worker_id.len() > 255 {
-            return Err(invalid("worker_id", "must be 1 to 255 bytes"));
+        if let Some(p) = name_problem(&r.worker_id) {
+            return Err(invalid("worker_id", p));
         }
         let max = bounded(
             "max_steps",

@@ -287,13 +287,13 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                 // always JSON lines: one event per line, for piping into jq
                 println!(
                     "{}",
-                    json!({
+                    terminal_safe(&json!({
                         "command_id": e.command_id, "task_uuid": e.task_uuid, "namespace": e.namespace,
                         "triggered_by": e.triggered_by, "phase": e.phase, "outcome": e.outcome,
                         "steps_enqueued": e.steps_enqueued,
                         "duration_ms": e.duration.map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6),
                         "timestamp": ts(e.timestamp), "error": e.error, "missed": e.missed,
-                    })
+                    }).to_string(), true)
                 );
             }
         }
@@ -407,7 +407,10 @@ fn print_value(v: &Value, output: Output) {
     match output {
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(v).expect("JSON values serialize")
+            terminal_safe(
+                &serde_json::to_string_pretty(v).expect("JSON values serialize"),
+                true
+            )
         ),
         Output::Table => print!("{}", table(v)),
     }
@@ -421,12 +424,13 @@ pub fn table(v: &Value) -> String {
     let mut out = String::new();
     let width = map.keys().map(String::len).max().unwrap_or(0);
     let scalar = |v: &Value| match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => terminal_safe(s, false),
         Value::Null => "-".into(),
-        other => other.to_string(),
+        other => terminal_safe(&other.to_string(), false),
     };
     let mut tables = Vec::new();
     for (k, val) in map {
+        let k = terminal_safe(k, false);
         match val {
             Value::Array(rows) if rows.iter().all(Value::is_object) && !rows.is_empty() => {
                 tables.push((k, rows))
@@ -434,7 +438,7 @@ pub fn table(v: &Value) -> String {
             Value::Object(inner) => {
                 let flat: Vec<String> = inner
                     .iter()
-                    .map(|(ik, iv)| format!("{ik}={}", scalar(iv)))
+                    .map(|(ik, iv)| format!("{}={}", terminal_safe(ik, false), scalar(iv)))
                     .collect();
                 out.push_str(&format!("{k:width$}  {}\n", flat.join(" ")));
             }
@@ -455,7 +459,8 @@ pub fn table(v: &Value) -> String {
                     .collect()
             })
             .collect();
-        let widths: Vec<usize> = cols
+        let header: Vec<String> = cols.iter().map(|c| terminal_safe(c, false)).collect();
+        let widths: Vec<usize> = header
             .iter()
             .enumerate()
             .map(|(i, c)| {
@@ -477,11 +482,27 @@ pub fn table(v: &Value) -> String {
                 .trim_end()
                 .to_string()
         };
-        out.push_str(&line(&cols));
+        out.push_str(&line(&header));
         out.push('\n');
         for r in &cells {
             out.push_str(&line(r));
             out.push('\n');
+        }
+    }
+    out
+}
+
+/// Text from the server made safe to print: control characters (terminal escape sequences,
+/// carriage returns, C1 controls) and Unicode bidirectional controls are shown as `\u001b`
+/// escapes instead of acting on the terminal. `keep_newlines` spares the line breaks of
+/// pretty-printed JSON, whose string values never contain a raw one.
+fn terminal_safe(s: &str, keep_newlines: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if (c.is_control() && !(keep_newlines && c == '\n')) || tasker::limits::is_bidi_control(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
         }
     }
     out
@@ -500,5 +521,29 @@ mod tests {
         assert_eq!(yaml.steps[1].max_attempts, 5);
         let json = read_task_file(&dir.join("chain.json")).unwrap();
         assert!(!json.steps.is_empty());
+    }
+
+    #[test]
+    fn server_text_cannot_drive_the_terminal() {
+        let hostile = json!({
+            "name": "a\u{1b}]0;pwned\u{7}b",
+            "context": {"k\u{1b}[2J": "x\u{202e}y\rz"},
+            "steps": [{"name": "s\u{9b}31m", "state": "pending"}],
+        });
+        let text = table(&hostile);
+        assert!(
+            !text
+                .chars()
+                .any(|c| (c.is_control() && c != '\n') || tasker::limits::is_bidi_control(c)),
+            "{text:?}"
+        );
+        assert!(text.contains("a\\u001b]0;pwned\\u0007b"), "{text}");
+        assert!(text.contains("x\\u202ey\\u000dz"), "{text}");
+        assert!(text.contains("s\\u009b31m"), "{text}");
+        let json = terminal_safe(&serde_json::to_string_pretty(&hostile).unwrap(), true);
+        assert!(!json
+            .chars()
+            .any(|c| (c.is_control() && c != '\n') || tasker::limits::is_bidi_control(c)));
+        assert!(json.contains("x\\u202ey"), "{json}");
     }
 }
