@@ -645,19 +645,34 @@ CREATE TRIGGER tasks_notify_state AFTER UPDATE OF state ON tasker.tasks
 -- the steps topologically (`position`). The database still refuses a parent that is not a
 -- step of this task (foreign key), duplicate names (unique) and an edge against the order
 -- (TK003: a cycle). An idempotency key that already names a task in the namespace returns that
--- task (created = false) and writes nothing.
+-- task (created = false) and writes nothing. A task in a namespace not seen before creates the
+-- namespace, unless p_max_namespaces exist already (TK005; NULL: no cap).
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
-    p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb
+    p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
+    p_max_namespaces integer DEFAULT NULL
 )
 RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_existing uuid;
+    v_namespaces bigint;
 BEGIN
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     -- a new namespace only: the name checks run when it is created, not for every task
     IF NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = p_namespace) THEN
+        IF p_max_namespaces IS NOT NULL THEN
+            -- creations of namespaces queue here, so that concurrent ones cannot overshoot
+            -- the cap; they are rare (the first task of each namespace)
+            PERFORM pg_advisory_xact_lock(hashtext('tasker.namespaces'));
+            SELECT count(*) INTO v_namespaces FROM tasker.namespaces;
+            IF v_namespaces >= p_max_namespaces
+               AND NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = p_namespace) THEN
+                RAISE EXCEPTION 'namespace % would be one more than the % allowed (database.max_namespaces)',
+                    quote_literal(p_namespace), p_max_namespaces
+                    USING ERRCODE = 'TK005';
+            END IF;
+        END IF;
         INSERT INTO tasker.namespaces (name) VALUES (p_namespace) ON CONFLICT DO NOTHING;
     END IF;
 

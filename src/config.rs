@@ -135,6 +135,7 @@ pub mod defaults {
     /// Every statement of the service's pool is cancelled by PostgreSQL after this long: no
     /// request can hold a backend for minutes.
     pub const DATABASE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DATABASE_MAX_NAMESPACES: u32 = 1_000;
     /// Tried when no database URL is configured, before an embedded cluster is started.
     pub const LOCAL_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tasker";
     pub const EMBEDDED_DATA_DIR: &str = ".tasker/pg";
@@ -369,6 +370,9 @@ pub struct DatabaseConfig {
     /// true: `url` must be set; no fallback to a local server or an embedded cluster.
     pub require_url: bool,
     pub embedded_data_dir: PathBuf,
+    /// Namespaces the database may hold: each costs LISTEN channels and a catch-up sweep, and
+    /// CreateTask creates one on first use. Beyond it, RESOURCE_EXHAUSTED.
+    pub max_namespaces: u32,
 }
 
 impl Default for DatabaseConfig {
@@ -381,6 +385,7 @@ impl Default for DatabaseConfig {
             statement_timeout: defaults::DATABASE_STATEMENT_TIMEOUT,
             require_url: false,
             embedded_data_dir: PathBuf::from(defaults::EMBEDDED_DATA_DIR),
+            max_namespaces: defaults::DATABASE_MAX_NAMESPACES,
         }
     }
 }
@@ -1051,6 +1056,12 @@ impl TaskerConfig {
             db.statement_timeout.as_millis() as u64,
             100,
             DAY_S * 1000,
+        );
+        range(
+            "database.max_namespaces",
+            u64::from(db.max_namespaces),
+            1,
+            1_000_000,
         );
         let wk = &self.orchestration.workers;
         range(

@@ -36,6 +36,7 @@ pub struct OrchestrationCore {
 impl OrchestrationCore {
     /// Start everything. The store must be migrated.
     pub fn start(store: Store, config: &TaskerConfig, metrics: Metrics) -> Self {
+        let store = store.with_max_namespaces(config.database.max_namespaces);
         let handoff = StepHandoff::new();
         let enqueuer = TaskClaimStepEnqueuer::new(store.clone(), handoff.clone(), metrics.clone());
         let sweeps = SweepRequester::new();

@@ -466,3 +466,36 @@ async fn malformed_requests_are_invalid_arguments(pool: PgPool) {
     assert_eq!(task_count(&pool).await, 0);
     server.stop().await;
 }
+
+/// CreateTask creates a namespace on first use, up to database.max_namespaces; one more is
+/// RESOURCE_EXHAUSTED naming the limit and writes nothing, while existing namespaces go on.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn namespaces_are_capped(pool: PgPool) {
+    let mut cfg = limits_config();
+    cfg.database.max_namespaces = 3;
+    let server = TestServer::start(&pool, &cfg).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let create = |namespace: &str| v1::CreateTaskRequest {
+        namespace: namespace.into(),
+        name: "capped".into(),
+        steps: vec![step_def("a", &[])],
+        ..Default::default()
+    };
+    for ns in ["ns-a", "ns-b", "ns-c"] {
+        tasks.create_task(create(ns)).await.unwrap();
+    }
+    let refused = tasks.create_task(create("ns-d")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("database.max_namespaces"),
+        "{refused:?}"
+    );
+    assert_eq!(task_count(&pool).await, 3);
+    tasks.create_task(create("ns-a")).await.unwrap();
+    let namespaces: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.namespaces")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(namespaces, 3);
+    server.stop().await;
+}

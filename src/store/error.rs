@@ -73,6 +73,7 @@ impl From<sqlx::Error> for StoreError {
                 Some("TK002") => return Self::invalid("namespace", message),
                 Some("TK003") => return Self::invalid("steps", message),
                 Some("TK004") => return Self::invalid("steps.depends_on", message),
+                Some("TK005") => return Self::ResourceExhausted(message),
                 Some("23503")
                     if matches!(
                         db.constraint(),

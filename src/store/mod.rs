@@ -38,11 +38,22 @@ use crate::config::DatabaseConfig;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Namespaces `create_task` may bring the database to; `None`: no cap.
+    max_namespaces: Option<u32>,
 }
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            max_namespaces: None,
+        }
+    }
+
+    /// Cap the namespaces that `create_task` may create (`database.max_namespaces`).
+    pub fn with_max_namespaces(mut self, max: u32) -> Self {
+        self.max_namespaces = Some(max);
+        self
     }
 
     /// Connect a pool sized by configuration. TCP keepalive is on (sqlx's default for TCP),
@@ -65,7 +76,7 @@ impl Store {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self::new(pool).with_max_namespaces(cfg.max_namespaces))
     }
 
     pub fn pool(&self) -> &PgPool {

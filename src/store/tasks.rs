@@ -93,7 +93,7 @@ impl Store {
         let rows: Result<Vec<(Uuid, bool, String, Uuid)>, sqlx::Error> = sqlx::query_as(
             "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
              FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
-                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8) c",
+                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10) c",
         )
         .bind(task.task_uuid)
         .bind(&task.namespace)
@@ -104,6 +104,7 @@ impl Store {
         .bind(steps)
         .bind(metadata)
         .bind(traceparent)
+        .bind(self.max_namespaces.map(|n| n as i32))
         .fetch_all(conn.conn())
         .await;
         conn.release();
