@@ -115,6 +115,10 @@ CREATE TABLE tasker.workflow_steps (
     state               text NOT NULL DEFAULT 'pending',
     -- parents not yet complete or resolved manually; 0 and pending means ready
     unfinished_parents  integer NOT NULL,
+    -- bytes of the parent results this step will be leased with (each finished parent's name
+    -- and results as JSON text), so that a completion which would take a child past the
+    -- service's budget is refused before anything changes
+    parent_results_bytes integer NOT NULL DEFAULT 0,
     -- when the step last became ready: created without parents, its last parent finished, or
     -- its retry came due
     ready_at            timestamptz,
@@ -958,9 +962,10 @@ END
 $$;
 
 -- A step finished (completed, or resolved manually): its children each have one unfinished
--- parent fewer, and the task one step fewer to go. Caller holds the task's row lock. Returns
--- how many children became ready; the task's state after the change.
-CREATE FUNCTION tasker.finish_step(p_step_uuid uuid, p_task_uuid uuid,
+-- parent fewer and p_results_bytes more of parent results, and the task one step fewer to go.
+-- Caller holds the task's row lock. Returns how many children became ready; the task's state
+-- after the change.
+CREATE FUNCTION tasker.finish_step(p_step_uuid uuid, p_task_uuid uuid, p_results_bytes integer,
                                    OUT ready_children integer, OUT task_state text)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -969,6 +974,7 @@ BEGIN
     WITH released AS (
         UPDATE tasker.workflow_steps c
         SET unfinished_parents = c.unfinished_parents - 1,
+            parent_results_bytes = c.parent_results_bytes + p_results_bytes,
             ready_at = CASE WHEN c.unfinished_parents = 1 THEN clock_timestamp() ELSE c.ready_at END
         FROM tasker.step_edges e
         WHERE e.parent_step_uuid = p_step_uuid AND c.step_uuid = e.child_step_uuid
@@ -991,30 +997,47 @@ BEGIN
 END
 $$;
 
+-- Complete an attempt. p_max_parent_results_bytes (NULL: no budget): refused with
+-- 'parent_results_too_large', changing nothing, when these results would give a child more
+-- parent results than that to be leased with.
 CREATE FUNCTION tasker.complete_step(
-    p_step_uuid uuid, p_attempt integer, p_results jsonb, p_metadata jsonb DEFAULT '{}'::jsonb
+    p_step_uuid uuid, p_attempt integer, p_results jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
+    p_max_parent_results_bytes integer DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
     v_task_uuid uuid;
+    v_bytes integer;
     v_task record;
     v_problem text;
     v_finished record;
 BEGIN
-    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    -- what a child receives of this step: "<name>": <results>, as JSON text
+    SELECT s.task_uuid, octet_length(s.name) + octet_length(coalesce(p_results, '{}'::jsonb)::text) + 4
+    INTO v_task_uuid, v_bytes
+    FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
     IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
     SELECT t.namespace, t.state INTO v_task FROM tasker.tasks t
     WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
     v_problem := tasker.check_live_lease(p_step_uuid, p_attempt);
     IF v_problem IS NOT NULL THEN RETURN v_problem; END IF;
+    -- the children's counters cannot move meanwhile: every finish holds the task's row lock
+    IF p_max_parent_results_bytes IS NOT NULL AND EXISTS (
+        SELECT 1 FROM tasker.step_edges e
+        CROSS JOIN LATERAL (SELECT c.parent_results_bytes FROM tasker.workflow_steps c
+                            WHERE c.step_uuid = e.child_step_uuid OFFSET 0) c
+        WHERE e.parent_step_uuid = p_step_uuid
+          AND c.parent_results_bytes + v_bytes > p_max_parent_results_bytes) THEN
+        RETURN 'parent_results_too_large';
+    END IF;
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt;
     UPDATE tasker.workflow_steps s
     SET state = 'complete', results = coalesce(p_results, '{}'::jsonb), completed_at = clock_timestamp()
     WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress' AND s.attempts = p_attempt;
-    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid);
+    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
     IF v_finished.ready_children > 0 AND v_finished.task_state IN ('pending', 'in_progress') THEN
         PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
     END IF;
@@ -1028,7 +1051,7 @@ $$;
 -- cycle. Returns each item's outcome by its position in the input arrays.
 CREATE FUNCTION tasker.complete_steps(
     p_steps uuid[], p_attempts integer[], p_results jsonb[], p_traceparents text[],
-    p_metadata jsonb DEFAULT '{}'::jsonb
+    p_metadata jsonb DEFAULT '{}'::jsonb, p_max_parent_results_bytes integer DEFAULT NULL
 ) RETURNS TABLE (idx integer, outcome text)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -1045,7 +1068,8 @@ BEGIN
     LOOP
         PERFORM set_config('tasker.traceparent', coalesce(p_traceparents[v_item.ord], ''), true);
         RETURN QUERY SELECT v_item.ord,
-            tasker.complete_step(v_item.step_uuid, p_attempts[v_item.ord], p_results[v_item.ord], p_metadata);
+            tasker.complete_step(v_item.step_uuid, p_attempts[v_item.ord], p_results[v_item.ord], p_metadata,
+                                 p_max_parent_results_bytes);
     END LOOP;
 END
 $$;
@@ -1259,6 +1283,7 @@ DECLARE
     v_task_uuid uuid;
     v_task record;
     v_state text;
+    v_bytes integer;
     v_finished record;
 BEGIN
     SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
@@ -1280,8 +1305,10 @@ BEGIN
     DELETE FROM tasker.ready_steps r WHERE r.step_uuid = p_step_uuid;
     UPDATE tasker.workflow_steps s
     SET state = 'resolved_manually', results = coalesce(p_results, s.results), completed_at = clock_timestamp()
-    WHERE s.step_uuid = p_step_uuid;
-    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid);
+    WHERE s.step_uuid = p_step_uuid
+    RETURNING octet_length(s.name) + octet_length(coalesce(s.results, 'null'::jsonb)::text) + 4 INTO v_bytes;
+    -- an operator's results are not held to the workers' budget, but they are counted
+    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
     IF v_finished.ready_children > 0 AND v_finished.task_state IN ('pending', 'in_progress') THEN
         PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
     END IF;

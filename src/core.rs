@@ -16,7 +16,7 @@ use crate::coordinator::UnifiedEventCoordinator;
 use crate::enqueue::{StepHandoff, TaskClaimStepEnqueuer};
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreLimits};
 use crate::wakeups::{DeadlinePoke, SweepRequester};
 use crate::worker::WorkerQueue;
 
@@ -36,7 +36,13 @@ pub struct OrchestrationCore {
 impl OrchestrationCore {
     /// Start everything. The store must be migrated.
     pub fn start(store: Store, config: &TaskerConfig, metrics: Metrics) -> Self {
-        let store = store.with_max_namespaces(config.database.max_namespaces);
+        let store = store.with_limits(StoreLimits {
+            max_namespaces: Some(config.database.max_namespaces),
+            max_parent_results_bytes: Some(
+                u32::try_from(config.orchestration.workers.max_parent_results_bytes)
+                    .unwrap_or(u32::MAX),
+            ),
+        });
         let handoff = StepHandoff::new();
         let enqueuer = TaskClaimStepEnqueuer::new(store.clone(), handoff.clone(), metrics.clone());
         let sweeps = SweepRequester::new();

@@ -129,30 +129,34 @@ impl TaskClaimStepEnqueuer {
             }
         }
         self.handoff.give_back(namespace, unused);
-        if undelivered.is_empty() {
-            return;
-        }
-        let mut released = 0;
-        for (step, worker_id) in undelivered {
-            match self
-                .store
-                .release_lease(step.step_uuid, step.attempt, &worker_id)
-                .await
-            {
-                Ok(true) => released += 1,
-                Ok(false) => {}
-                // the lease runs out and the deadline scheduler retries the step
-                Err(e) => {
-                    tracing::warn!(error = %e, step_uuid = %step.step_uuid, "releasing an undelivered lease failed")
-                }
+        release_undelivered(&self.store, &self.handoff, namespace, undelivered).await;
+    }
+}
+
+/// Put leased steps that never reached their worker back on the queue, at the same attempt
+/// (the worker never had them), and wake the namespace's fetches for them. A release that
+/// fails leaves the lease to run out; the deadline scheduler then retries the step.
+pub(crate) async fn release_undelivered(
+    store: &Store,
+    handoff: &StepHandoff,
+    namespace: &str,
+    undelivered: Vec<(LeasedStep, String)>,
+) {
+    let mut released = 0;
+    for (step, worker_id) in undelivered {
+        match store
+            .release_lease(step.step_uuid, step.attempt, &worker_id)
+            .await
+        {
+            Ok(true) => released += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, step_uuid = %step.step_uuid, "releasing an undelivered lease failed")
             }
         }
-        if released > 0 {
-            tracing::debug!(
-                released,
-                "leases whose fetch had gone were put back on the queue"
-            );
-            self.handoff.queued(namespace, released);
-        }
+    }
+    if released > 0 {
+        tracing::debug!(released, "undelivered leases were put back on the queue");
+        handoff.queued(namespace, released);
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::completions::CompletionBatcher;
-use crate::enqueue::StepHandoff;
+use crate::enqueue::{release_undelivered, StepHandoff};
 use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
 use crate::wakeups::{DeadlinePoke, Ticket};
 
@@ -234,6 +234,16 @@ impl WorkerQueue {
                 }
             }
         }
+    }
+
+    /// Steps leased to `worker_id` that its response cannot carry (over the response budget):
+    /// back on the queue at the same attempt, for the next fetch.
+    pub async fn give_back(&self, namespace: &str, worker_id: &str, steps: Vec<LeasedStep>) {
+        let undelivered = steps
+            .into_iter()
+            .map(|s| (s, worker_id.to_string()))
+            .collect();
+        release_undelivered(&self.store, &self.handoff, namespace, undelivered).await;
     }
 
     /// Leaving the queue of parked fetches: if an enqueue took this fetch meanwhile, its steps

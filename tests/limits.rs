@@ -499,3 +499,129 @@ async fn namespaces_are_capped(pool: PgPool) {
     assert_eq!(namespaces, 3);
     server.stop().await;
 }
+
+fn blob_struct(bytes: usize) -> prost_types::Struct {
+    tasker::proto::json_to_struct(&serde_json::json!({ "blob": "x".repeat(bytes) }))
+}
+
+/// A join of 20 parents with 255 KiB results each: the completion that would give the join
+/// more than orchestration.workers.max_parent_results_bytes is refused (INVALID_ARGUMENT,
+/// naming the limit, nothing recorded, the lease still good), and the join is then delivered
+/// to a client with the default 4 MiB message limit.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn parent_results_are_held_to_their_budget(pool: PgPool) {
+    let cfg = limits_config();
+    let budget = cfg.orchestration.workers.max_parent_results_bytes;
+    let server = TestServer::start(&pool, &cfg).await;
+    let channel = server.channel().await;
+    let parents: Vec<String> = (0..20).map(|i| format!("p{i:02}")).collect();
+    let parent_refs: Vec<&str> = parents.iter().map(String::as_str).collect();
+    let mut steps: Vec<v1::StepDefinition> = parents.iter().map(|p| step_def(p, &[])).collect();
+    steps.push(step_def("join", &parent_refs));
+    Tasks::new(channel.clone())
+        .create_task(v1::CreateTaskRequest {
+            namespace: "budget".into(),
+            name: "wide-join".into(),
+            steps,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut workers = Workers::new(channel.clone());
+    let leased = workers
+        .fetch_steps(fetch_request("budget", 20, 5000, 60))
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(leased.len(), 20);
+    let (mut accepted, mut refused) = (0, 0);
+    for step in &leased {
+        let big = v1::CompleteStepRequest {
+            step_uuid: step.step_uuid.clone(),
+            attempt: step.attempt,
+            results: Some(blob_struct(255 * 1024)),
+        };
+        match workers.complete_step(big).await {
+            Ok(_) => accepted += 1,
+            Err(status) => {
+                refused += 1;
+                assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+                assert!(
+                    status
+                        .message()
+                        .contains("orchestration.workers.max_parent_results_bytes"),
+                    "{status:?}"
+                );
+                // nothing was recorded and the lease still holds: small results go through
+                workers
+                    .complete_step(v1::CompleteStepRequest {
+                        step_uuid: step.step_uuid.clone(),
+                        attempt: step.attempt,
+                        results: Some(blob_struct(10)),
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        accepted,
+        budget / (255 * 1024 + 16),
+        "as many as fit the budget"
+    );
+    assert_eq!(refused, 20 - accepted);
+    // the join arrives whole, within a default client's 4 MiB limit
+    let join = lease_one(&workers, "budget").await;
+    assert_eq!(join.name, "join");
+    let parents = tasker::proto::struct_to_json(join.parent_results);
+    assert_eq!(parents.as_object().unwrap().len(), 20);
+    assert!(serde_json::to_vec(&parents).unwrap().len() <= budget);
+    server.stop().await;
+}
+
+/// A fetch whose steps would not all fit the response budget returns those that fit and
+/// leaves the others on the queue, unleased and at the same attempt, for the next fetch.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_fetch_leases_only_what_its_response_can_carry(pool: PgPool) {
+    let mut cfg = limits_config();
+    cfg.grpc.max_response_bytes = 700 * 1024;
+    let server = TestServer::start(&pool, &cfg).await;
+    let channel = server.channel().await;
+    let mut tasks = Tasks::new(channel.clone());
+    for i in 0..5 {
+        tasks
+            .create_task(v1::CreateTaskRequest {
+                namespace: "budget".into(),
+                name: format!("big-{i}"),
+                steps: vec![v1::StepDefinition {
+                    inputs: Some(blob_struct(200 * 1024)),
+                    ..step_def("only", &[])
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut workers = Workers::new(channel.clone());
+    let mut delivered = Vec::new();
+    while delivered.len() < 5 {
+        let got = workers
+            .fetch_steps(fetch_request("budget", 5, 0, 60))
+            .await
+            .unwrap()
+            .into_inner()
+            .steps;
+        assert!(!got.is_empty() && got.len() <= 3, "{} steps", got.len());
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasker.step_queue WHERE leased_by IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        delivered.extend(got);
+        assert_eq!(leased as usize, delivered.len(), "leased but not delivered");
+    }
+    assert!(delivered.iter().all(|s| s.attempt == 1));
+    server.stop().await;
+}

@@ -19,6 +19,8 @@ pub struct ApiContext {
     pub coordinator: Arc<UnifiedEventCoordinator>,
     pub workers: WorkerQueue,
     pub max_fetch_wait: Duration,
+    /// The largest response the server encodes (`grpc.max_response_bytes`).
+    pub max_response_bytes: usize,
     pub started: Instant,
     /// Cancelled when shutdown begins: streams end and long-polls return, so that the
     /// server's graceful shutdown is not held open by observers that never hang up.
@@ -33,6 +35,7 @@ impl ApiContext {
             coordinator: core.coordinator.clone(),
             workers: core.workers.clone(),
             max_fetch_wait: config.grpc.max_fetch_wait,
+            max_response_bytes: config.grpc.max_response_bytes,
             started: Instant::now(),
             draining: CancellationToken::new(),
         }

@@ -13,7 +13,7 @@ use crate::limits::MAX_DOCUMENT_BYTES;
 use crate::namespaces::namespace_name_problem;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
-use crate::store::{FailOutcome, StepFailure};
+use crate::store::{FailOutcome, LeasedStep, StepFailure};
 
 const MAX_STEPS_PER_FETCH: i64 = 100;
 const DEFAULT_LEASE_SECONDS: i64 = 30;
@@ -88,20 +88,16 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
                 self.ctx.drained(),
             )
             .await?;
-        Ok(Response::new(v1::FetchStepsResponse {
-            steps: steps
-                .into_iter()
-                .map(|s| v1::LeasedStep {
-                    step_uuid: s.step_uuid.to_string(),
-                    task_uuid: s.task_uuid.to_string(),
-                    name: s.name,
-                    attempt: s.attempt,
-                    inputs: Some(proto::json_to_struct(&s.inputs)),
-                    parent_results: Some(proto::json_to_struct(&s.parent_results)),
-                    lease_expires_at: Some(proto::timestamp(s.lease_expires_at)),
-                })
-                .collect(),
-        }))
+        // Every step leased here is delivered: those past the response budget go back on
+        // the queue at the same attempt instead of failing the whole response at encoding.
+        let (steps, excess) = within_budget(steps, self.ctx.max_response_bytes);
+        if !excess.is_empty() {
+            self.ctx
+                .workers
+                .give_back(&r.namespace, &r.worker_id, excess)
+                .await;
+        }
+        Ok(Response::new(v1::FetchStepsResponse { steps }))
     }
 
     async fn complete_step(
@@ -194,4 +190,37 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             lease_expires_at: Some(proto::timestamp(until)),
         }))
     }
+}
+
+/// The leased steps as the response carries them, as many as fit `budget` bytes (at least
+/// one: the configuration guarantees that one step's inputs and parent results fit), and the
+/// ones that did not fit.
+fn within_budget(steps: Vec<LeasedStep>, budget: usize) -> (Vec<v1::LeasedStep>, Vec<LeasedStep>) {
+    let mut out = Vec::with_capacity(steps.len());
+    let mut excess = Vec::new();
+    let mut used = 0;
+    for s in steps {
+        if !excess.is_empty() {
+            excess.push(s);
+            continue;
+        }
+        let message = v1::LeasedStep {
+            step_uuid: s.step_uuid.to_string(),
+            task_uuid: s.task_uuid.to_string(),
+            name: s.name.clone(),
+            attempt: s.attempt,
+            inputs: Some(proto::json_to_struct(&s.inputs)),
+            parent_results: Some(proto::json_to_struct(&s.parent_results)),
+            lease_expires_at: Some(proto::timestamp(s.lease_expires_at)),
+        };
+        // the entry's tag and length prefix: at most 1 + 5 bytes
+        let size = prost::Message::encoded_len(&message) + 6;
+        if !out.is_empty() && used + size > budget {
+            excess.push(s);
+            continue;
+        }
+        used += size;
+        out.push(message);
+    }
+    (out, excess)
 }

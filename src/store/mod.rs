@@ -34,25 +34,34 @@ pub use views::{ExecutionContext, ReadyTask, StepReadiness};
 
 use crate::config::DatabaseConfig;
 
+/// What the store holds writes to on the service's behalf (from its configuration); a bare
+/// [`Store::new`] enforces none of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Namespaces `create_task` may bring the database to (`database.max_namespaces`).
+    pub max_namespaces: Option<u32>,
+    /// Bytes of parent results a completion may give any child
+    /// (`orchestration.workers.max_parent_results_bytes`).
+    pub max_parent_results_bytes: Option<u32>,
+}
+
 /// Handle to the database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
-    /// Namespaces `create_task` may bring the database to; `None`: no cap.
-    max_namespaces: Option<u32>,
+    limits: StoreLimits,
 }
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
-            max_namespaces: None,
+            limits: StoreLimits::default(),
         }
     }
 
-    /// Cap the namespaces that `create_task` may create (`database.max_namespaces`).
-    pub fn with_max_namespaces(mut self, max: u32) -> Self {
-        self.max_namespaces = Some(max);
+    pub fn with_limits(mut self, limits: StoreLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -76,7 +85,7 @@ impl Store {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self::new(pool).with_max_namespaces(cfg.max_namespaces))
+        Ok(Self::new(pool))
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -65,6 +65,8 @@ pub enum AttemptOutcome {
     StaleAttempt,
     NotInProgress,
     LeaseExpired,
+    /// The results would give a child more parent results than the budget allows.
+    ParentResultsTooLarge,
 }
 
 impl AttemptOutcome {
@@ -76,6 +78,7 @@ impl AttemptOutcome {
             "stale_attempt" => Self::StaleAttempt,
             "not_in_progress" => Self::NotInProgress,
             "lease_expired" => Self::LeaseExpired,
+            "parent_results_too_large" => Self::ParentResultsTooLarge,
             other if other == done => Self::Done,
             other => return Err(StoreError::unexpected(function, other)),
         })
@@ -83,6 +86,16 @@ impl AttemptOutcome {
 
     /// `Ok` for success, the matching error otherwise.
     pub fn into_result(self, step_uuid: Uuid, attempt: i32) -> Result<(), StoreError> {
+        self.into_result_within(step_uuid, attempt, None)
+    }
+
+    /// [`AttemptOutcome::into_result`], naming the parent-results budget when it refused.
+    pub fn into_result_within(
+        self,
+        step_uuid: Uuid,
+        attempt: i32,
+        parent_results_budget: Option<u32>,
+    ) -> Result<(), StoreError> {
         match self {
             Self::Done => Ok(()),
             Self::StepNotFound => Err(StoreError::not_found(format!("step {step_uuid}"))),
@@ -95,6 +108,13 @@ impl AttemptOutcome {
             Self::LeaseExpired => Err(StoreError::FailedPrecondition(format!(
                 "the lease on attempt {attempt} of step {step_uuid} has expired"
             ))),
+            Self::ParentResultsTooLarge => Err(StoreError::invalid(
+                "results",
+                format!(
+                    "these results would give a step that depends on {step_uuid} more than {} bytes of its parents' results (orchestration.workers.max_parent_results_bytes); nothing was recorded",
+                    parent_results_budget.map_or_else(|| "the allowed".into(), |b| b.to_string())
+                ),
+            )),
         }
     }
 }
@@ -208,6 +228,12 @@ impl Store {
         )
     }
 
+    fn parent_results_budget(&self) -> Option<i32> {
+        self.limits
+            .max_parent_results_bytes
+            .map(|b| i32::try_from(b).unwrap_or(i32::MAX))
+    }
+
     /// Complete an attempt the caller holds a live lease on. `traceparent` travels into the
     /// notification the completion causes.
     pub async fn complete_step(
@@ -219,17 +245,21 @@ impl Store {
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
         let outcome: String = sqlx::query_scalar(
-            "SELECT tasker.complete_step($1, $2, $3, $4) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
+            "SELECT tasker.complete_step($1, $2, $3, $4, $6) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
         )
         .bind(step_uuid)
         .bind(attempt)
         .bind(results)
         .bind(metadata)
         .bind(traceparent)
+        .bind(self.parent_results_budget())
         .fetch_one(&self.pool)
         .await?;
-        AttemptOutcome::parse("tasker.complete_step", "completed", &outcome)?
-            .into_result(step_uuid, attempt)
+        AttemptOutcome::parse("tasker.complete_step", "completed", &outcome)?.into_result_within(
+            step_uuid,
+            attempt,
+            self.limits.max_parent_results_bytes,
+        )
     }
 
     /// Complete several attempts in one transaction; each item's outcome, in input order.
@@ -242,15 +272,17 @@ impl Store {
         let attempts: Vec<i32> = items.iter().map(|c| c.attempt).collect();
         let results: Vec<Value> = items.iter().map(|c| c.results.clone()).collect();
         let traces: Vec<Option<String>> = items.iter().map(|c| c.traceparent.clone()).collect();
-        let rows: Vec<(i32, String)> =
-            sqlx::query_as("SELECT idx, outcome FROM tasker.complete_steps($1, $2, $3, $4, $5)")
-                .bind(&steps)
-                .bind(&attempts)
-                .bind(&results)
-                .bind(&traces)
-                .bind(serde_json::json!({"batched": items.len()}))
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<(i32, String)> = sqlx::query_as(
+            "SELECT idx, outcome FROM tasker.complete_steps($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&steps)
+        .bind(&attempts)
+        .bind(&results)
+        .bind(&traces)
+        .bind(serde_json::json!({"batched": items.len()}))
+        .bind(self.parent_results_budget())
+        .fetch_all(&self.pool)
+        .await?;
         let mut out: Vec<Result<(), StoreError>> = items
             .iter()
             .map(|c| Err(StoreError::not_found(format!("step {}", c.step_uuid))))
@@ -258,7 +290,13 @@ impl Store {
         for (idx, outcome) in rows {
             let i = (idx - 1) as usize;
             out[i] = AttemptOutcome::parse("tasker.complete_steps", "completed", &outcome)
-                .and_then(|o| o.into_result(items[i].step_uuid, items[i].attempt));
+                .and_then(|o| {
+                    o.into_result_within(
+                        items[i].step_uuid,
+                        items[i].attempt,
+                        self.limits.max_parent_results_bytes,
+                    )
+                });
         }
         Ok(out)
     }

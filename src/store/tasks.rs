@@ -104,7 +104,7 @@ impl Store {
         .bind(steps)
         .bind(metadata)
         .bind(traceparent)
-        .bind(self.max_namespaces.map(|n| n as i32))
+        .bind(self.limits.max_namespaces.map(|n| n as i32))
         .fetch_all(conn.conn())
         .await;
         conn.release();
