@@ -270,6 +270,9 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
             tasks
                 .get_task(v1::GetTaskRequest {
                     task_uuid: s.clone(),
+                    include_step_data: raw % 2 == 0,
+                    page_size: lim,
+                    page_token: s.clone(),
                 })
                 .await
                 .err()

@@ -58,7 +58,11 @@ async fn run_worker_on_a_diamond(pool: &PgPool, ns: &str, worker: tokio::process
     );
     assert_eq!(stdout.matches("completed ").count(), 4, "{stdout}");
     let t = tasks
-        .get_task(v1::GetTaskRequest { task_uuid: task })
+        .get_task(v1::GetTaskRequest {
+            task_uuid: task,
+            include_step_data: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

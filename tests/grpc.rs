@@ -104,6 +104,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     let task = tasks
         .get_task(v1::GetTaskRequest {
             task_uuid: created.task_uuid.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -249,6 +250,7 @@ async fn every_error_code(pool: PgPool) {
     let e = tasks
         .get_task(v1::GetTaskRequest {
             task_uuid: "not-a-uuid".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -318,6 +320,7 @@ async fn every_error_code(pool: PgPool) {
     let e = tasks
         .get_task(v1::GetTaskRequest {
             task_uuid: missing.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

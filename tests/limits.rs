@@ -625,3 +625,115 @@ async fn a_fetch_leases_only_what_its_response_can_carry(pool: PgPool) {
     assert!(delivered.iter().all(|s| s.attempt == 1));
     server.stop().await;
 }
+
+/// GetTask sends step inputs and results only when asked, and pages the steps: by page_size,
+/// and early when the next step would pass the response limit. Every step comes exactly once,
+/// in topological order; a token the server did not issue is INVALID_ARGUMENT.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn get_task_pages_its_steps_and_sends_their_data_on_request(pool: PgPool) {
+    let mut cfg = limits_config();
+    cfg.grpc.max_response_bytes = 700 * 1024;
+    let server = TestServer::start(&pool, &cfg).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let names: Vec<String> = (0..12).map(|i| format!("s{i:02}")).collect();
+    let steps = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| v1::StepDefinition {
+            inputs: Some(blob_struct(200 * 1024)),
+            ..step_def(
+                n,
+                &if i == 0 {
+                    vec![]
+                } else {
+                    vec![names[i - 1].as_str()]
+                },
+            )
+        })
+        .collect();
+    let created = tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "pages".into(),
+            name: "big".into(),
+            steps,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |include_step_data: bool, page_size: i32, page_token: String| v1::GetTaskRequest {
+        task_uuid: created.task_uuid.clone(),
+        include_step_data,
+        page_size,
+        page_token,
+    };
+
+    // without data: every step in one response, no inputs
+    let r = tasks
+        .get_task(get(false, 0, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let t = r.task.unwrap();
+    assert_eq!(t.steps.len(), 12);
+    assert!(t
+        .steps
+        .iter()
+        .all(|s| s.inputs.is_none() && s.results.is_none()));
+    assert_eq!(r.next_page_token, "");
+
+    // by page size
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = tasks
+            .get_task(get(false, 5, token))
+            .await
+            .unwrap()
+            .into_inner();
+        let page = r.task.unwrap().steps;
+        assert!(page.len() <= 5);
+        seen.extend(page.into_iter().map(|s| s.name));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(seen, names);
+
+    // with data: pages end at the response limit (three 200 KiB steps per 700 KiB)
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let r = tasks
+            .get_task(get(true, 0, token))
+            .await
+            .unwrap()
+            .into_inner();
+        let page = r.task.unwrap().steps;
+        assert!(!page.is_empty() && page.len() <= 3, "{} steps", page.len());
+        assert!(page.iter().all(|s| s.inputs.is_some()));
+        seen.extend(page.into_iter().map(|s| s.name));
+        pages += 1;
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(seen, names);
+    assert_eq!(pages, 4);
+
+    for (size, token) in [(0, "made-up"), (0, "steps-after--3"), (1001, ""), (-1, "")] {
+        let refused = tasks
+            .get_task(get(false, size, token.into()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{size} {token}: {refused:?}"
+        );
+    }
+    server.stop().await;
+}

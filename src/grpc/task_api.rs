@@ -20,9 +20,132 @@ impl TaskApi {
         Self { ctx }
     }
 
-    async fn task_message(&self, task: TaskRecord) -> Result<v1::Task, Status> {
-        let steps = self.ctx.store.get_steps(task.task_uuid).await?;
-        Ok(task_to_proto(task, steps))
+    /// The task with one page of its steps (as many as `page_size` and the response budget
+    /// allow), and the token of the next page if steps remain.
+    async fn task_page(
+        &self,
+        task: TaskRecord,
+        page: StepPage,
+    ) -> Result<(v1::Task, String), Status> {
+        // one more than the page, to know whether another follows
+        let mut steps = self
+            .ctx
+            .store
+            .get_steps(
+                task.task_uuid,
+                page.after,
+                i64::from(page.size) + 1,
+                page.with_data,
+            )
+            .await?;
+        let more = steps.len() > page.size as usize;
+        steps.truncate(page.size as usize);
+        let mut message = task_to_proto(task, Vec::new());
+        let mut used = prost::Message::encoded_len(&message) + RESPONSE_OVERHEAD;
+        let (mut last, mut cut) = (None, false);
+        for s in steps {
+            let position = s.position;
+            let step = step_to_proto(s);
+            // the entry's tag and length prefix: at most 1 + 5 bytes
+            let size = prost::Message::encoded_len(&step) + 6;
+            if !message.steps.is_empty() && used + size > self.ctx.max_response_bytes {
+                cut = true;
+                break;
+            }
+            used += size;
+            message.steps.push(step);
+            last = Some(position);
+        }
+        let token = if more || cut {
+            page_token(last)
+        } else {
+            String::new()
+        };
+        Ok((message, token))
+    }
+}
+
+/// Room for the response's own fields (the page token) beyond the task.
+const RESPONSE_OVERHEAD: usize = 64;
+/// Steps per GetTask page unless asked for fewer: every step of the largest task.
+const MAX_STEPS_PER_PAGE: i32 = crate::limits::MAX_STEPS as i32;
+
+/// Which steps a GetTask response carries.
+struct StepPage {
+    /// Topological position of the last step of the previous page.
+    after: Option<i32>,
+    size: i32,
+    with_data: bool,
+}
+
+impl StepPage {
+    /// The first page of every step, without their data (what CancelTask answers with).
+    const SUMMARY: Self = Self {
+        after: None,
+        size: MAX_STEPS_PER_PAGE,
+        with_data: false,
+    };
+
+    fn from_request(r: &v1::GetTaskRequest) -> Result<Self, Status> {
+        let size = match r.page_size {
+            0 => MAX_STEPS_PER_PAGE,
+            n if (1..=MAX_STEPS_PER_PAGE).contains(&n) => n,
+            n => {
+                return Err(error::invalid(
+                    "page_size",
+                    format!("must be between 0 and {MAX_STEPS_PER_PAGE}, is {n}"),
+                ))
+            }
+        };
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                r.page_token
+                    .strip_prefix(PAGE_TOKEN_PREFIX)
+                    .and_then(|p| p.parse::<i32>().ok())
+                    .filter(|p| *p >= 0)
+                    .ok_or_else(|| {
+                        error::invalid(
+                            "page_token",
+                            "is not a next_page_token this server returned",
+                        )
+                    })?,
+            )
+        };
+        Ok(Self {
+            after,
+            size,
+            with_data: r.include_step_data,
+        })
+    }
+}
+
+/// Page tokens name the last step's topological position; the prefix makes them recognisable
+/// (and versioned) without promising their form.
+const PAGE_TOKEN_PREFIX: &str = "steps-after-";
+
+fn page_token(last_position: Option<i32>) -> String {
+    last_position
+        .map(|p| format!("{PAGE_TOKEN_PREFIX}{p}"))
+        .unwrap_or_default()
+}
+
+fn step_to_proto(s: StepRecord) -> v1::Step {
+    v1::Step {
+        step_uuid: s.step_uuid.to_string(),
+        name: s.name,
+        state: s.state,
+        attempts: s.attempts,
+        max_attempts: s.max_attempts,
+        depends_on: s.depends_on,
+        inputs: proto::opt_json_to_struct(s.inputs.as_ref()),
+        results: proto::opt_json_to_struct(s.results.as_ref()),
+        last_error: proto::opt_json_to_struct(s.last_error.as_ref()),
+        next_retry_at: proto::opt_timestamp(s.next_retry_at),
+        enqueued_at: proto::opt_timestamp(s.enqueued_at),
+        started_at: proto::opt_timestamp(s.started_at),
+        completed_at: proto::opt_timestamp(s.completed_at),
     }
 }
 
@@ -38,24 +161,7 @@ fn task_to_proto(t: TaskRecord, steps: Vec<StepRecord>) -> v1::Task {
         created_at: Some(proto::timestamp(t.created_at)),
         updated_at: Some(proto::timestamp(t.updated_at)),
         completed_at: proto::opt_timestamp(t.completed_at),
-        steps: steps
-            .into_iter()
-            .map(|s| v1::Step {
-                step_uuid: s.step_uuid.to_string(),
-                name: s.name,
-                state: s.state,
-                attempts: s.attempts,
-                max_attempts: s.max_attempts,
-                depends_on: s.depends_on,
-                inputs: Some(proto::json_to_struct(&s.inputs)),
-                results: proto::opt_json_to_struct(s.results.as_ref()),
-                last_error: proto::opt_json_to_struct(s.last_error.as_ref()),
-                next_retry_at: proto::opt_timestamp(s.next_retry_at),
-                enqueued_at: proto::opt_timestamp(s.enqueued_at),
-                started_at: proto::opt_timestamp(s.started_at),
-                completed_at: proto::opt_timestamp(s.completed_at),
-            })
-            .collect(),
+        steps: steps.into_iter().map(step_to_proto).collect(),
     }
 }
 
@@ -114,10 +220,14 @@ impl v1::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<v1::GetTaskRequest>,
     ) -> Result<Response<v1::GetTaskResponse>, Status> {
-        let task_uuid = uuid("task_uuid", &request.get_ref().task_uuid)?;
+        let r = request.into_inner();
+        let task_uuid = uuid("task_uuid", &r.task_uuid)?;
+        let page = StepPage::from_request(&r)?;
         let task = self.ctx.store.get_task(task_uuid).await?;
+        let (task, next_page_token) = self.task_page(task, page).await?;
         Ok(Response::new(v1::GetTaskResponse {
-            task: Some(self.task_message(task).await?),
+            task: Some(task),
+            next_page_token,
         }))
     }
 
@@ -147,7 +257,7 @@ impl v1::task_service_server::TaskService for TaskApi {
             .await?;
         let task = self.ctx.store.get_task(task_uuid).await?;
         Ok(Response::new(v1::CancelTaskResponse {
-            task: Some(self.task_message(task).await?),
+            task: Some(self.task_page(task, StepPage::SUMMARY).await?.0),
         }))
     }
 }

@@ -61,12 +61,15 @@ pub struct StepRecord {
     pub step_uuid: Uuid,
     pub task_uuid: Uuid,
     pub name: String,
+    /// Place in the task's topological order (unique within the task).
+    pub position: i32,
     pub state: String,
     pub attempts: i32,
     pub max_attempts: i32,
     pub retryable: bool,
     pub next_retry_at: Option<DateTime<Utc>>,
-    pub inputs: Value,
+    /// `None` when not asked for.
+    pub inputs: Option<Value>,
     pub results: Option<Value>,
     pub last_error: Option<Value>,
     pub depends_on: Vec<String>,
@@ -130,17 +133,34 @@ impl Store {
         .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))
     }
 
-    pub async fn get_steps(&self, task_uuid: Uuid) -> Result<Vec<StepRecord>, StoreError> {
+    /// Up to `limit` steps of a task after topological position `after`, in that order.
+    /// Without `with_data`, their inputs, results and last errors are not read.
+    pub async fn get_steps(
+        &self,
+        task_uuid: Uuid,
+        after: Option<i32>,
+        limit: i64,
+        with_data: bool,
+    ) -> Result<Vec<StepRecord>, StoreError> {
         Ok(sqlx::query_as::<_, StepRecord>(
-            "SELECT s.step_uuid, s.task_uuid, s.name, s.state, s.attempts, s.max_attempts, s.retryable,
-                    s.next_retry_at, s.inputs, s.results, s.last_error,
+            "SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state, s.attempts, s.max_attempts,
+                    s.retryable, s.next_retry_at,
+                    CASE WHEN $4 THEN s.inputs END AS inputs,
+                    CASE WHEN $4 THEN s.results END AS results,
+                    CASE WHEN $4 THEN s.last_error END AS last_error,
                     coalesce((SELECT array_agg(p.name ORDER BY p.name)
                               FROM tasker.step_edges e JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
                               WHERE e.child_step_uuid = s.step_uuid), '{}') AS depends_on,
                     s.created_at, s.enqueued_at, s.started_at, s.completed_at
-             FROM tasker.workflow_steps s WHERE s.task_uuid = $1 ORDER BY s.position",
+             FROM tasker.workflow_steps s
+             WHERE s.task_uuid = $1 AND s.position > coalesce($2, -1)
+             ORDER BY s.position
+             LIMIT $3",
         )
         .bind(task_uuid)
+        .bind(after)
+        .bind(limit)
+        .bind(with_data)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -99,6 +99,9 @@ pub enum TaskAction {
     },
     Get {
         task: String,
+        /// Also show each step's results and last error (read page by page).
+        #[arg(long)]
+        data: bool,
     },
     Cancel {
         task: String,
@@ -311,13 +314,32 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             }));
         }
         CtlCommand::Task {
-            action: TaskAction::Get { task },
+            action: TaskAction::Get { task, data },
         } => {
-            let r = v1::task_service_client::TaskServiceClient::new(svc)
-                .get_task(v1::GetTaskRequest { task_uuid: task })
-                .await?
-                .into_inner();
-            print(task_json(r.task.unwrap_or_default()));
+            let mut client = v1::task_service_client::TaskServiceClient::new(svc);
+            let mut whole: Option<v1::Task> = None;
+            let mut page_token = String::new();
+            loop {
+                let r = client
+                    .get_task(v1::GetTaskRequest {
+                        task_uuid: task.clone(),
+                        include_step_data: data,
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                let page = r.task.unwrap_or_default();
+                match &mut whole {
+                    Some(t) => t.steps.extend(page.steps),
+                    None => whole = Some(page),
+                }
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            print(task_json(whole.unwrap_or_default()));
         }
         CtlCommand::Task {
             action: TaskAction::Cancel { task, reason },
