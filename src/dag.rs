@@ -374,16 +374,15 @@ pub fn name_problem(name: &str) -> Option<String> {
             limits::MAX_NAME_BYTES,
             name.len()
         ))
-    } else if let Some(c) = name
-        .chars()
-        .find(|&c| c.is_control() || limits::is_bidi_control(c))
-    {
-        Some(format!(
-            "must not contain control or bidirectional-formatting characters (found U+{:04X})",
-            c as u32
-        ))
     } else {
-        None
+        name.chars()
+            .find(|&c| c.is_control() || limits::is_bidi_control(c))
+            .map(|c| {
+                format!(
+                    "must not contain control or bidirectional-formatting characters (found U+{:04X})",
+                    c as u32
+                )
+            })
     }
 }
 

@@ -87,7 +87,7 @@ pub fn incoming(
                 // closed at once: a client at the cap gets a reset, not a hang
                 drop(tcp);
                 refused_since_log += 1;
-                if refused_since_log == 1 || refused_since_log % 1000 == 0 {
+                if refused_since_log == 1 || refused_since_log.is_multiple_of(1000) {
                     tracing::warn!(
                         max_connections = policy.max_connections,
                         refused = refused_since_log,
