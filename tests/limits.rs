@@ -737,3 +737,30 @@ async fn get_task_pages_its_steps_and_sends_their_data_on_request(pool: PgPool) 
     }
     server.stop().await;
 }
+
+/// `tasker bench --database-url X` would empty X's Tasker tables: without --allow-emptying it
+/// refuses, says why, and X keeps its tasks.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn bench_never_empties_a_named_database_unasked(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let task = TaskSpec::chain("kept", 2).into_new_task().unwrap();
+    store
+        .create_task(&task, &serde_json::json!({}), None)
+        .await
+        .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
+        .args([
+            "--database-url",
+            &own_url(&pool).await,
+            "bench",
+            "--scenarios",
+            "chains:1x2",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("--allow-emptying"), "{stderr}");
+    assert_eq!(task_count(&pool).await, 1);
+}
