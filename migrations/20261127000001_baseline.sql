@@ -637,6 +637,39 @@ CREATE TRIGGER tasks_notify_state AFTER UPDATE OF state ON tasker.tasks
     FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
     EXECUTE FUNCTION tasker.notify_task_state_change();
 
+-- Replicas: each running service process keeps a row here fresh (its heartbeat). One that stops
+-- heart-beating is considered gone after the service's `gone_after`; its row is removed after
+-- ten times that. Nothing else depends on these rows: they say who is alive.
+CREATE TABLE tasker.replicas (
+    replica_id    uuid PRIMARY KEY,
+    address       text NOT NULL,
+    version       text NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- A replica's heartbeat: its row created or refreshed, long-gone rows removed; returns how many
+-- other replicas are alive. Asynchronous commit: a lost heartbeat is only a late one.
+CREATE FUNCTION tasker.replica_heartbeat(p_replica_id uuid, p_address text, p_version text,
+                                         p_gone_after_ms bigint)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_others integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO tasker.replicas AS r (replica_id, address, version)
+    VALUES (p_replica_id, p_address, p_version)
+    ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = clock_timestamp();
+    DELETE FROM tasker.replicas r
+    WHERE r.heartbeat_at < clock_timestamp() - make_interval(secs => p_gone_after_ms * 10 / 1000.0);
+    SELECT count(*)::int INTO v_others FROM tasker.replicas r
+    WHERE r.replica_id <> p_replica_id
+      AND r.heartbeat_at >= clock_timestamp() - make_interval(secs => p_gone_after_ms / 1000.0);
+    RETURN v_others;
+END
+$$;
+
 -- Operations: every state-changing action of the service is one function, so each is one
 -- round trip and one transaction. Outcomes are returned as text codes (never raised) when they
 -- are a normal answer to a caller (a stale attempt, a task claimed by another instance); the
@@ -737,7 +770,8 @@ $$;
 -- commits synchronously later, which flushes the WAL up to and including this commit, so
 -- nothing durable can ever rest on a lost enqueue.
 CREATE FUNCTION tasker.enqueue_ready_steps(
-    p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb
+    p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
+    p_announce_as uuid DEFAULT NULL
 )
 RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
                max_ready_wait_ms double precision, leased jsonb)
@@ -831,6 +865,14 @@ BEGIN
             v_handed := v_handed + 1;
         END LOOP;
     END LOOP;
+    -- steps no fetch parked on this replica took: fetches parked on the other replicas hear of
+    -- them (p_announce_as: this replica, given only while others are alive, so a single
+    -- replica pays nothing for it)
+    IF p_announce_as IS NOT NULL AND v_handed < cardinality(v_steps) THEN
+        PERFORM pg_notify('tasker_steps_enqueued', json_build_object(
+            'namespace', v_task.namespace, 'steps', cardinality(v_steps) - v_handed,
+            'replica', p_announce_as)::text);
+    END IF;
     RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased;
 END
 $$;

@@ -164,6 +164,8 @@ pub mod defaults {
     /// The results of a step's parents, together, that the step can be given when it is
     /// leased; a completion that would take a child past it is refused.
     pub const MAX_PARENT_RESULTS_BYTES: usize = 1024 * 1024;
+    pub const REPLICA_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+    pub const REPLICA_GONE_AFTER: Duration = Duration::from_secs(5);
 }
 
 /// The longest a ready task waits for the fallback poller after its notification was lost,
@@ -243,6 +245,28 @@ pub struct OrchestrationConfig {
     pub command_processor: CommandProcessorConfig,
     pub completions: CompletionsConfig,
     pub workers: WorkersConfig,
+    pub replicas: ReplicasConfig,
+}
+
+/// The replica registry: each service process heart-beats into the database, so replicas know
+/// whether others are alive (and then announce enqueued steps to their parked fetches).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicasConfig {
+    #[serde(rename = "heartbeat_interval_ms", with = "millis")]
+    pub heartbeat_interval: Duration,
+    /// A replica whose heartbeat is older than this is gone.
+    #[serde(rename = "gone_after_ms", with = "millis")]
+    pub gone_after: Duration,
+}
+
+impl Default for ReplicasConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: defaults::REPLICA_HEARTBEAT_INTERVAL,
+            gone_after: defaults::REPLICA_GONE_AFTER,
+        }
+    }
 }
 
 /// The workers' side: parked `FetchSteps` long-polls.
@@ -1063,6 +1087,13 @@ impl TaskerConfig {
             1,
             1_000_000,
         );
+        let rp = &self.orchestration.replicas;
+        range(
+            "orchestration.replicas.heartbeat_interval_ms",
+            rp.heartbeat_interval.as_millis() as u64,
+            100,
+            60_000,
+        );
         let wk = &self.orchestration.workers;
         range(
             "orchestration.workers.max_parked_fetches",
@@ -1238,6 +1269,16 @@ impl TaskerConfig {
                 format!(
                     "grpc.bind {} is reachable from other hosts, and bearer tokens would cross the network in cleartext: set grpc.tls.cert_path and grpc.tls.key_path, or grpc.tls.allow_plaintext = true behind a TLS-terminating proxy",
                     g.bind
+                ),
+            ));
+        }
+        if rp.gone_after < rp.heartbeat_interval * 2 {
+            out.push((
+                "orchestration.replicas.gone_after_ms".into(),
+                format!(
+                    "must be at least twice heartbeat_interval_ms ({} ms), is {} ms",
+                    rp.heartbeat_interval.as_millis(),
+                    rp.gone_after.as_millis()
                 ),
             ));
         }

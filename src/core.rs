@@ -1,6 +1,7 @@
 //! `OrchestrationCore`: the event-driven core assembled. The command processor and its
 //! enqueuer, the coordinator with the listener, poller and deadline scheduler, the workers'
-//! queue, and table maintenance, sharing one store and one set of metrics.
+//! queue, table maintenance and the replica heartbeat, sharing one store and one set of
+//! metrics.
 //!
 //! Shutdown order: stop the sources of commands (listener, poller, scheduler) and
 //! maintenance, then let the processor finish what it holds within its grace period.
@@ -14,6 +15,7 @@ use crate::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::config::TaskerConfig;
 use crate::coordinator::UnifiedEventCoordinator;
 use crate::enqueue::{StepHandoff, TaskClaimStepEnqueuer};
+use crate::fleet::Fleet;
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreLimits};
@@ -27,8 +29,14 @@ pub struct OrchestrationCore {
     pub workers: WorkerQueue,
     pub metrics: Metrics,
     processor: ProcessorTask,
-    /// Stops table maintenance.
-    maintenance: (CancellationToken, tokio::task::JoinHandle<()>),
+    /// This replica in the registry.
+    pub fleet: Fleet,
+    /// Stops table maintenance and the replica heartbeat.
+    maintenance: (
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<()>,
+    ),
     /// Kept alive so the observable gauges keep reporting.
     _gauges: Vec<opentelemetry::metrics::ObservableGauge<u64>>,
 }
@@ -44,7 +52,13 @@ impl OrchestrationCore {
             ),
         });
         let handoff = StepHandoff::new();
-        let enqueuer = TaskClaimStepEnqueuer::new(store.clone(), handoff.clone(), metrics.clone());
+        let fleet = Fleet::new();
+        let enqueuer = TaskClaimStepEnqueuer::new(
+            store.clone(),
+            handoff.clone(),
+            fleet.clone(),
+            metrics.clone(),
+        );
         let sweeps = SweepRequester::new();
         let (commands, processor) = CommandProcessor::spawn(
             &config.orchestration.command_processor,
@@ -60,6 +74,8 @@ impl OrchestrationCore {
             metrics.clone(),
             poke.clone(),
             sweeps,
+            handoff.clone(),
+            fleet.clone(),
         ));
         let workers = WorkerQueue::new(store.clone(), handoff, poke, &config.orchestration);
         let stop_maintenance = CancellationToken::new();
@@ -67,6 +83,17 @@ impl OrchestrationCore {
             TableMaintenance::new(store.clone())
                 .run(stop_maintenance.clone())
                 .instrument(tracing::info_span!("table_maintenance")),
+        );
+        let heartbeat = tokio::spawn(
+            fleet
+                .clone()
+                .heartbeat(
+                    store.clone(),
+                    config.orchestration.replicas.clone(),
+                    config.grpc.bind.to_string(),
+                    stop_maintenance.clone(),
+                )
+                .instrument(tracing::info_span!("replica_heartbeat")),
         );
         let depth = commands.clone();
         let in_flight = commands.clone();
@@ -108,7 +135,8 @@ impl OrchestrationCore {
             workers,
             metrics,
             processor,
-            maintenance: (stop_maintenance, maintenance),
+            fleet,
+            maintenance: (stop_maintenance, maintenance, heartbeat),
             _gauges: gauges,
         }
     }
@@ -123,9 +151,10 @@ impl OrchestrationCore {
     pub async fn shutdown(self) {
         self.workers.shutdown().await;
         self.coordinator.stop().await;
-        let (stop, join) = self.maintenance;
+        let (stop, maintenance, heartbeat) = self.maintenance;
         stop.cancel();
-        let _ = join.await;
+        let _ = maintenance.await;
+        let _ = heartbeat.await;
         self.processor.shutdown().await;
     }
 }

@@ -16,6 +16,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::store::{EnqueueResult, LeasedStep, Store, StoreError, Taker};
 use crate::vocabulary::TriggeredBy;
@@ -33,14 +34,16 @@ const MAX_TAKERS: usize = 64;
 pub struct TaskClaimStepEnqueuer {
     store: Store,
     handoff: StepHandoff,
+    fleet: Fleet,
     metrics: Metrics,
 }
 
 impl TaskClaimStepEnqueuer {
-    pub fn new(store: Store, handoff: StepHandoff, metrics: Metrics) -> Self {
+    pub fn new(store: Store, handoff: StepHandoff, fleet: Fleet, metrics: Metrics) -> Self {
         Self {
             store,
             handoff,
+            fleet,
             metrics,
         }
     }
@@ -75,7 +78,13 @@ impl TaskClaimStepEnqueuer {
             .collect();
         let result = match self
             .store
-            .enqueue_ready_steps(task_uuid, metadata, traceparent.as_deref(), &takers)
+            .enqueue_ready_steps(
+                task_uuid,
+                metadata,
+                traceparent.as_deref(),
+                &takers,
+                self.fleet.announce_as(),
+            )
             .instrument(span.clone())
             .await
         {

@@ -52,6 +52,7 @@ mod dag;
 mod deadlines;
 mod enqueue;
 mod events;
+mod fleet;
 mod grpc;
 pub mod limits;
 mod local_db;

@@ -422,16 +422,31 @@ fn database_url(pool: &PgPool) -> String {
 
 impl ServiceProcess {
     async fn spawn(url: &str, mode: &str) -> Self {
+        Self::spawn_with(url, mode, &[]).await
+    }
+
+    /// With extra `TASKER_*` settings.
+    async fn spawn_with(url: &str, mode: &str, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        Self::spawn_on(url, mode, format!("127.0.0.1:{port}").parse().unwrap()).await
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        Self::spawn_configured(url, mode, addr, env).await
     }
 
     /// On a given address: a restarted instance comes back where its workers expect it.
     async fn spawn_on(url: &str, mode: &str, addr: SocketAddr) -> Self {
+        Self::spawn_configured(url, mode, addr, &[]).await
+    }
+
+    async fn spawn_configured(
+        url: &str,
+        mode: &str,
+        addr: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Self {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
             .args(["serve", "--bind", &addr.to_string(), "--mode", mode])
             .env("DATABASE_URL", url)
@@ -447,6 +462,7 @@ impl ServiceProcess {
             .env("TASKER_DATABASE__MAX_CONNECTIONS", "12")
             .env("TASKER_DATABASE__MIN_CONNECTIONS", "1")
             .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -802,4 +818,108 @@ async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
     assert!(found > 0, "the poller did the recovering");
     assert_clean(&r);
     server.stop().await;
+}
+
+async fn status(addr: SocketAddr) -> v1::GetStatusResponse {
+    v1::admin_service_client::AdminServiceClient::new(connect(addr).await.unwrap())
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Three replica processes on one database. Replicas B and C serve readiness for another
+/// namespace only and re-read an idle queue once an hour, so a worker parked on B can be woken
+/// only by replica A's announcement of the step it enqueued: it holds the step within 50 ms
+/// of the enqueue (with the periodic re-read alone, it would wait an hour).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_step_enqueued_by_one_replica_wakes_a_fetch_parked_on_another(pool: PgPool) {
+    let url = database_url(&pool);
+    let elsewhere = [
+        (
+            "TASKER_ORCHESTRATION__WORKERS__FETCH_RECHECK_INTERVAL_MS",
+            "3600000",
+        ),
+        (
+            "TASKER_ORCHESTRATION__TASK_READINESS__NAMESPACES",
+            "[\"elsewhere\"]",
+        ),
+    ];
+    let a = ServiceProcess::spawn(&url, "Hybrid").await;
+    let b = ServiceProcess::spawn_with(&url, "Hybrid", &elsewhere).await;
+    let c = ServiceProcess::spawn_with(&url, "Hybrid", &elsewhere).await;
+    // A announces once a heartbeat of its has seen B and C: wait for two of A's heartbeats
+    // after C registered, the first of which may have been under way
+    let a_id = status(a.addr).await.replica_id;
+    let seen_after_c = async {
+        let mut beats = 0;
+        let mut last = None;
+        while beats < 2 {
+            let fleet = status(a.addr).await.replicas;
+            let a_beat = fleet
+                .iter()
+                .find(|r| r.replica_id == a_id)
+                .and_then(|r| r.heartbeat_at.clone())
+                .map(|t| (t.seconds, t.nanos));
+            let c_started = fleet
+                .iter()
+                .filter_map(|r| r.started_at.clone())
+                .map(|t| (t.seconds, t.nanos))
+                .max();
+            if fleet.len() == 3 && a_beat > c_started && a_beat != last {
+                beats += 1;
+                last = a_beat;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), seen_after_c)
+        .await
+        .expect("replica A saw the other two");
+    assert_eq!(status(b.addr).await.replicas.len(), 3);
+
+    // a worker parks on B (observable in B's status), then a task is created through A
+    let mut on_b =
+        v1::worker_service_client::WorkerServiceClient::new(connect(b.addr).await.unwrap());
+    let fetch = tokio::spawn(async move {
+        on_b.fetch_steps(fetch_request("cross", 1, 15_000, 30))
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while status(b.addr).await.parked_fetches == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the fetch parked on B");
+    v1::task_service_client::TaskServiceClient::new(connect(a.addr).await.unwrap())
+        .create_task(v1::CreateTaskRequest {
+            namespace: "cross".into(),
+            name: "hop".into(),
+            steps: vec![step_def("only", &[])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let leased = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .expect("the fetch parked on B returned well before its wait ran out")
+        .unwrap()
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(leased.len(), 1);
+    let wake_ms: f64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM started_at - enqueued_at) * 1000)::float8 FROM tasker.workflow_steps",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        wake_ms < 50.0,
+        "enqueued on A, leased on B after {wake_ms:.1} ms"
+    );
+    for s in [a, b, c] {
+        s.sigkill().await;
+    }
 }

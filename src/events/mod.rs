@@ -5,6 +5,7 @@
 //!                        (listener)                (notifications)
 //!        TaskReadyEvent ──> TaskReadinessEventSystem ──> OrchestrationCommand::ProcessTaskReadiness
 //!                                                        ──> CommandProcessor
+//!    StepsEnqueuedEvent ──> TaskReadinessEventSystem ──> wake-up of the fetches parked here
 //! ```
 //!
 //! - `notifications`: the channels, the event types and their classifier;
@@ -24,11 +25,13 @@ use std::time::Instant;
 
 pub use listener::{ListenerState, ListenerStatus, TaskReadinessListener};
 pub use notifications::{
-    payload_traceparent, ClassifyError, EventKind, ReadinessEventClassifier, TaskReadinessEvent,
-    TaskReadyEvent,
+    payload_traceparent, ClassifyError, EventKind, ReadinessEventClassifier, StepsEnqueuedEvent,
+    TaskReadinessEvent, TaskReadyEvent,
 };
 
 use crate::commands::{CommandProcessorHandle, OrchestrationCommand, SubmitError};
+use crate::enqueue::StepHandoff;
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::wakeups::SweepRequester;
 
@@ -36,15 +39,33 @@ use crate::wakeups::SweepRequester;
 pub struct TaskReadinessEventSystem {
     commands: CommandProcessorHandle,
     sweeps: SweepRequester,
+    handoff: StepHandoff,
+    fleet: Fleet,
     metrics: Metrics,
 }
 
 impl TaskReadinessEventSystem {
-    pub fn new(commands: CommandProcessorHandle, sweeps: SweepRequester, metrics: Metrics) -> Self {
+    pub fn new(
+        commands: CommandProcessorHandle,
+        sweeps: SweepRequester,
+        handoff: StepHandoff,
+        fleet: Fleet,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             commands,
             sweeps,
+            handoff,
+            fleet,
             metrics,
+        }
+    }
+
+    /// Another replica enqueued steps no fetch parked there took: wake as many fetches parked
+    /// here on that namespace (they read the queue; one that finds it taken parks again).
+    pub fn steps_enqueued(&self, event: StepsEnqueuedEvent) {
+        if self.fleet.is_other(event.replica) {
+            self.handoff.queued(&event.namespace, event.steps as usize);
         }
     }
 

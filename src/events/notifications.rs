@@ -17,15 +17,19 @@ use crate::vocabulary::TriggeredBy;
 pub enum EventKind {
     TaskReady,
     TaskStateChange,
+    /// Steps another replica enqueued that no fetch parked there took: a wake-up for the
+    /// fetches parked here, not a readiness change.
+    StepsEnqueued,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 2] = [Self::TaskReady, Self::TaskStateChange];
+    pub const ALL: [EventKind; 3] = [Self::TaskReady, Self::TaskStateChange, Self::StepsEnqueued];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::TaskReady => "task_ready",
             Self::TaskStateChange => "task_state_change",
+            Self::StepsEnqueued => "steps_enqueued",
         }
     }
 
@@ -34,6 +38,7 @@ impl EventKind {
         match self {
             Self::TaskReady => "tasker_task_ready",
             Self::TaskStateChange => "tasker_task_state",
+            Self::StepsEnqueued => "tasker_steps_enqueued",
         }
     }
 
@@ -65,10 +70,20 @@ pub struct TaskStateChangeEvent {
     pub traceparent: Option<String>,
 }
 
+/// Steps put on a namespace's queue by another replica (see `fleet`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct StepsEnqueuedEvent {
+    pub namespace: String,
+    pub steps: u32,
+    /// The replica that enqueued them: it woke its own fetches already.
+    pub replica: Uuid,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskReadinessEvent {
     TaskReady(TaskReadyEvent),
     TaskStateChange(TaskStateChangeEvent),
+    StepsEnqueued(StepsEnqueuedEvent),
 }
 
 impl TaskReadinessEvent {
@@ -76,6 +91,7 @@ impl TaskReadinessEvent {
         match self {
             Self::TaskReady(_) => EventKind::TaskReady,
             Self::TaskStateChange(_) => EventKind::TaskStateChange,
+            Self::StepsEnqueued(_) => EventKind::StepsEnqueued,
         }
     }
 
@@ -83,6 +99,7 @@ impl TaskReadinessEvent {
         match self {
             Self::TaskReady(e) => &e.namespace,
             Self::TaskStateChange(e) => &e.namespace,
+            Self::StepsEnqueued(e) => &e.namespace,
         }
     }
 }
@@ -156,6 +173,9 @@ impl ReadinessEventClassifier {
             EventKind::TaskStateChange => TaskReadinessEvent::TaskStateChange(
                 serde_json::from_str(payload).map_err(|e| malformed(e.to_string()))?,
             ),
+            EventKind::StepsEnqueued => TaskReadinessEvent::StepsEnqueued(
+                serde_json::from_str(payload).map_err(|e| malformed(e.to_string()))?,
+            ),
         };
         if let Some(problem) = namespace_name_problem(event.namespace()) {
             return Err(malformed(format!("namespace {problem}")));
@@ -188,6 +208,16 @@ mod tests {
             )
             .unwrap();
         assert_eq!(st.kind(), EventKind::TaskStateChange);
+        let TaskReadinessEvent::StepsEnqueued(e) = c
+            .classify(
+                "tasker_steps_enqueued",
+                r#"{"namespace":"billing","steps":3,"replica":"01890a5d-ac96-774b-bcce-b302099a8057"}"#,
+            )
+            .unwrap()
+        else {
+            panic!("not steps enqueued")
+        };
+        assert_eq!((e.namespace.as_str(), e.steps), ("billing", 3));
     }
 
     #[test]

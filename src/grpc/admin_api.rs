@@ -45,6 +45,25 @@ impl v1::admin_service_server::AdminService for AdminApi {
         _request: Request<v1::GetStatusRequest>,
     ) -> Result<Response<v1::GetStatusResponse>, Status> {
         let status = self.ctx.coordinator.status();
+        let replicas = self
+            .ctx
+            .store
+            .live_replicas(self.ctx.replica_gone_after)
+            .await
+            // the status must answer while the database is away: then without the fleet
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading the replica registry failed");
+                Vec::new()
+            })
+            .into_iter()
+            .map(|r| v1::Replica {
+                replica_id: r.replica_id.to_string(),
+                address: r.address,
+                version: r.version,
+                started_at: Some(proto::timestamp(r.started_at)),
+                heartbeat_at: Some(proto::timestamp(r.heartbeat_at)),
+            })
+            .collect();
         Ok(Response::new(v1::GetStatusResponse {
             mode: mode_to_proto(status.mode) as i32,
             listener_connected: status.listener.state == ListenerState::Listening,
@@ -59,6 +78,9 @@ impl v1::admin_service_server::AdminService for AdminApi {
             commands_processed: self.ctx.commands.stats().processed(),
             draining: self.ctx.draining(),
             poller_periodic: status.poller.periodic,
+            parked_fetches: *self.ctx.workers.parked_fetches().borrow() as u64,
+            replica_id: self.ctx.fleet.replica_id().to_string(),
+            replicas,
         }))
     }
 }

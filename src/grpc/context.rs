@@ -9,6 +9,7 @@ use crate::commands::CommandProcessorHandle;
 use crate::config::TaskerConfig;
 use crate::coordinator::UnifiedEventCoordinator;
 use crate::core::OrchestrationCore;
+use crate::fleet::Fleet;
 use crate::store::Store;
 use crate::worker::WorkerQueue;
 
@@ -18,6 +19,9 @@ pub struct ApiContext {
     pub commands: CommandProcessorHandle,
     pub coordinator: Arc<UnifiedEventCoordinator>,
     pub workers: WorkerQueue,
+    pub fleet: Fleet,
+    /// A replica silent this long is not listed (`orchestration.replicas.gone_after_ms`).
+    pub replica_gone_after: Duration,
     pub max_fetch_wait: Duration,
     /// The largest response the server encodes (`grpc.max_response_bytes`).
     pub max_response_bytes: usize,
@@ -34,6 +38,8 @@ impl ApiContext {
             commands: core.commands.clone(),
             coordinator: core.coordinator.clone(),
             workers: core.workers.clone(),
+            fleet: core.fleet.clone(),
+            replica_gone_after: config.orchestration.replicas.gone_after,
             max_fetch_wait: config.grpc.max_fetch_wait,
             max_response_bytes: config.grpc.max_response_bytes,
             started: Instant::now(),

@@ -7,6 +7,7 @@
 //! - `views`: read-only readiness views: per-step readiness, execution context, ready tasks
 //! - `steps`: claim-and-enqueue, the workers' fetch / complete / fail / extend, retry and lease
 //!   deadlines
+//! - `replicas`: the replica registry's heartbeats and the fleet listing
 //! - `cancel`: [`cancel::CancelOnDrop`], a statement cancelled when its request is dropped
 //! - `diagnostics`: what the benchmark and operators measure (hop latencies from the history,
 //!   the commit + NOTIFY floor, server settings), and emptying a scratch database
@@ -17,6 +18,7 @@
 mod cancel;
 mod diagnostics;
 mod error;
+mod replicas;
 mod steps;
 mod tasks;
 mod views;
@@ -26,6 +28,7 @@ use sqlx::PgPool;
 
 pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActivity};
 pub use error::{is_retryable, StoreError};
+pub use replicas::ReplicaRecord;
 pub use steps::{
     AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, Taker, TaskRef,
 };

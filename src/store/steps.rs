@@ -155,6 +155,7 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
         takers: &[Taker],
+        announce_as: Option<Uuid>,
     ) -> Result<EnqueueResult, StoreError> {
         #[derive(serde::Deserialize)]
         struct Leased {
@@ -172,12 +173,13 @@ impl Store {
         ) = sqlx::query_as(
             "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased
              FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
-                  tasker.enqueue_ready_steps($1, $2, $4) e",
+                  tasker.enqueue_ready_steps($1, $2, $4, $5) e",
         )
         .bind(task_uuid)
         .bind(metadata)
         .bind(traceparent)
         .bind(takers)
+        .bind(announce_as)
         .fetch_one(&self.pool)
         .await?;
         let leased: Vec<Leased> = serde_json::from_value(leased)

@@ -35,7 +35,7 @@ pub fn step(created: &CreatedTask, name: &str) -> Uuid {
 /// Enqueue what is ready, lease everything queued in the namespace.
 pub async fn enqueue_and_lease(store: &Store, task: Uuid, namespace: &str) -> Vec<LeasedStep> {
     store
-        .enqueue_ready_steps(task, &json!({}), None, &[])
+        .enqueue_ready_steps(task, &json!({}), None, &[], None)
         .await
         .expect("enqueue");
     store

@@ -1,0 +1,62 @@
+//! The replica registry's rows: heartbeats, goodbyes, and the fleet as the database sees it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// A replica as registered.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ReplicaRecord {
+    pub replica_id: Uuid,
+    pub address: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Create or refresh this replica's row; how many other replicas are alive (heart-beat
+    /// within `gone_after`).
+    pub async fn replica_heartbeat(
+        &self,
+        replica_id: Uuid,
+        address: &str,
+        gone_after: Duration,
+    ) -> Result<i32, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT tasker.replica_heartbeat($1, $2, $3, $4)")
+                .bind(replica_id)
+                .bind(address)
+                .bind(env!("CARGO_PKG_VERSION"))
+                .bind(gone_after.as_millis() as i64)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn remove_replica(&self, replica_id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM tasker.replicas WHERE replica_id = $1")
+            .bind(replica_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Replicas alive (heart-beat within `gone_after`), oldest first.
+    pub async fn live_replicas(
+        &self,
+        gone_after: Duration,
+    ) -> Result<Vec<ReplicaRecord>, StoreError> {
+        Ok(sqlx::query_as::<_, ReplicaRecord>(
+            "SELECT replica_id, address, version, started_at, heartbeat_at FROM tasker.replicas
+             WHERE heartbeat_at >= clock_timestamp() - make_interval(secs => $1 / 1000.0)
+             ORDER BY started_at, replica_id",
+        )
+        .bind(gone_after.as_millis() as i64)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
