@@ -915,6 +915,7 @@ async fn a_step_enqueued_by_one_replica_wakes_a_fetch_parked_on_another(pool: Pg
     .fetch_one(&pool)
     .await
     .unwrap();
+    println!("enqueued on replica A, leased on replica B after {wake_ms:.2} ms");
     assert!(
         wake_ms < 50.0,
         "enqueued on A, leased on B after {wake_ms:.1} ms"
