@@ -24,11 +24,9 @@ use tracing::Instrument;
 use crate::commands::CommandProcessorHandle;
 use crate::config::{DeploymentMode, TaskerConfig};
 use crate::deadlines::DeadlineScheduler;
-use crate::enqueue::StepHandoff;
 use crate::events::{
     ListenerState, ListenerStatus, TaskReadinessEventSystem, TaskReadinessListener,
 };
-use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::namespaces::NamespaceSelector;
 use crate::poller::{PollerStatus, ReadinessFallbackPoller};
@@ -60,8 +58,7 @@ impl UnifiedEventCoordinator {
         metrics: Metrics,
         poke: DeadlinePoke,
         sweeps: SweepRequester,
-        handoff: StepHandoff,
-        fleet: Fleet,
+        event_system: TaskReadinessEventSystem,
     ) -> Self {
         let tr = &config.orchestration.task_readiness;
         let selector = NamespaceSelector::from_config(&tr.namespaces);
@@ -70,13 +67,6 @@ impl UnifiedEventCoordinator {
         let (poller_tx, poller_rx) = watch::channel(PollerStatus::default());
         let cancel = CancellationToken::new();
 
-        let event_system = TaskReadinessEventSystem::new(
-            commands.clone(),
-            sweeps.clone(),
-            handoff,
-            fleet,
-            metrics.clone(),
-        );
         let listener = TaskReadinessListener::new(
             store.clone(),
             selector.clone(),

@@ -15,6 +15,7 @@ use crate::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::config::TaskerConfig;
 use crate::coordinator::UnifiedEventCoordinator;
 use crate::enqueue::{StepHandoff, TaskClaimStepEnqueuer};
+use crate::events::TaskReadinessEventSystem;
 use crate::fleet::Fleet;
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
@@ -73,9 +74,14 @@ impl OrchestrationCore {
             commands.clone(),
             metrics.clone(),
             poke.clone(),
-            sweeps,
-            handoff.clone(),
-            fleet.clone(),
+            sweeps.clone(),
+            TaskReadinessEventSystem::new(
+                commands.clone(),
+                sweeps,
+                handoff.clone(),
+                fleet.clone(),
+                metrics.clone(),
+            ),
         ));
         let workers = WorkerQueue::new(store.clone(), handoff, poke, &config.orchestration);
         let stop_maintenance = CancellationToken::new();

@@ -859,11 +859,11 @@ async fn a_step_enqueued_by_one_replica_wakes_a_fetch_parked_on_another(pool: Pg
             let a_beat = fleet
                 .iter()
                 .find(|r| r.replica_id == a_id)
-                .and_then(|r| r.heartbeat_at.clone())
+                .and_then(|r| r.heartbeat_at)
                 .map(|t| (t.seconds, t.nanos));
             let c_started = fleet
                 .iter()
-                .filter_map(|r| r.started_at.clone())
+                .filter_map(|r| r.started_at)
                 .map(|t| (t.seconds, t.nanos))
                 .max();
             if fleet.len() == 3 && a_beat > c_started && a_beat != last {
