@@ -95,6 +95,8 @@ pub struct Waiter<T> {
     pub max: i32,
     pub lease_ms: i64,
     deliver: tokio::sync::oneshot::Sender<T>,
+    /// The namespace's epoch when an enqueue took it (see `give_back`).
+    taken_at: u64,
 }
 
 impl<T> Waiter<T> {
@@ -197,6 +199,7 @@ impl<T> ParkedFetches<T> {
             max,
             lease_ms,
             deliver,
+            taken_at: 0,
         });
         drop(map);
         Ticket {
@@ -232,23 +235,37 @@ impl<T> ParkedFetches<T> {
         while taken.len() < limit {
             match parked.waiters.pop_front() {
                 Some(w) if w.is_gone() => continue,
-                Some(w) => taken.push(w),
+                Some(mut w) => {
+                    w.taken_at = parked.epoch;
+                    taken.push(w)
+                }
                 None => break,
             }
         }
         taken
     }
 
-    /// Put back fetches that were taken but got nothing, at the front, in their order.
+    /// Put back fetches that were taken but got nothing, at the front, in their order. If
+    /// steps were queued meanwhile (the epoch moved: another enqueue here, or another
+    /// replica's announcement), their wake-up found these fetches out: wake them now, to read
+    /// the queue, instead of parking them past those steps.
     pub fn give_back(&self, namespace: &str, waiters: Vec<Waiter<T>>) {
         if waiters.is_empty() {
             return;
         }
+        let mut woken = Vec::new();
         let mut map = self.lock();
         let parked = map.entry(namespace.to_string()).or_default();
         for w in waiters.into_iter().rev() {
-            parked.waiters.push_front(w);
+            if w.taken_at == parked.epoch {
+                parked.waiters.push_front(w);
+            } else {
+                woken.push(w);
+            }
         }
+        drop(map);
+        // dropping a waiter's sender wakes its fetch without a delivery
+        drop(woken);
     }
 
     /// `steps` were queued in the namespace without a fetch to hand them to: move the epoch
@@ -374,6 +391,32 @@ mod tests {
         }
         parked.queued("ns", 1);
         assert_ne!(parked.epoch("ns"), noted);
+    }
+
+    /// Steps queued while an enqueue had the parked fetches out (taken, to lease to them)
+    /// found nobody to wake: the fetches it gives back unused are woken then, not parked past
+    /// those steps until their periodic re-read.
+    #[tokio::test]
+    async fn fetches_given_back_after_steps_were_queued_are_woken() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        let mut quiet = parked.park("ns", "w0", 1, 1000);
+        let taken = parked.take("ns", 5);
+        parked.give_back("ns", taken);
+        assert!(
+            futures::FutureExt::now_or_never(&mut quiet.delivery).is_none(),
+            "nothing was queued: it stays parked"
+        );
+        let taken = parked.take("ns", 5);
+        // another enqueue (or replica) queued a step; no parked fetch was there to wake
+        parked.queued("ns", 1);
+        parked.give_back("ns", taken);
+        assert!(
+            matches!(
+                futures::FutureExt::now_or_never(&mut quiet.delivery),
+                Some(Err(_))
+            ),
+            "woken to read the queue"
+        );
     }
 
     #[test]
