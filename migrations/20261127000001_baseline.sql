@@ -648,14 +648,32 @@ CREATE TABLE tasker.replicas (
     heartbeat_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
--- A replica's heartbeat: its row created or refreshed, long-gone rows removed; returns how many
--- other replicas are alive. Asynchronous commit: a lost heartbeat is only a late one.
-CREATE FUNCTION tasker.replica_heartbeat(p_replica_id uuid, p_address text, p_version text,
-                                         p_gone_after_ms bigint)
-RETURNS integer
+-- The fleet's deployment mode, set through any replica (SetDeploymentMode, scope fleet): every
+-- replica applies it unless it has its own override; NULL leaves each to its configuration.
+CREATE TABLE tasker.fleet_settings (
+    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    deployment_mode  text CHECK (deployment_mode IN ('EventDrivenOnly', 'Hybrid', 'PollingOnly')),
+    changed_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Set (or with NULL clear) the fleet's mode and announce it to the listening replicas; the
+-- others read it with their next heartbeat.
+CREATE FUNCTION tasker.set_fleet_mode(p_mode text) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_others integer;
+BEGIN
+    INSERT INTO tasker.fleet_settings AS f (singleton, deployment_mode) VALUES (true, p_mode)
+    ON CONFLICT (singleton) DO UPDATE SET deployment_mode = p_mode, changed_at = clock_timestamp();
+    PERFORM pg_notify('tasker_fleet_mode', json_build_object('mode', p_mode)::text);
+END
+$$;
+
+-- A replica's heartbeat: its row created or refreshed, long-gone rows removed; returns how many
+-- other replicas are alive, and the fleet's mode. Asynchronous commit: a lost heartbeat is
+-- only a late one.
+CREATE FUNCTION tasker.replica_heartbeat(p_replica_id uuid, p_address text, p_version text,
+                                         p_gone_after_ms bigint,
+                                         OUT other_replicas integer, OUT fleet_mode text)
+LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     INSERT INTO tasker.replicas AS r (replica_id, address, version)
@@ -663,10 +681,10 @@ BEGIN
     ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = clock_timestamp();
     DELETE FROM tasker.replicas r
     WHERE r.heartbeat_at < clock_timestamp() - make_interval(secs => p_gone_after_ms * 10 / 1000.0);
-    SELECT count(*)::int INTO v_others FROM tasker.replicas r
+    SELECT count(*)::int INTO other_replicas FROM tasker.replicas r
     WHERE r.replica_id <> p_replica_id
       AND r.heartbeat_at >= clock_timestamp() - make_interval(secs => p_gone_after_ms / 1000.0);
-    RETURN v_others;
+    SELECT f.deployment_mode INTO fleet_mode FROM tasker.fleet_settings f;
 END
 $$;
 

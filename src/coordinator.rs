@@ -13,6 +13,12 @@
 //! | EventDrivenOnly | on | off | on |
 //! | Hybrid | on | on | on |
 //! | PollingOnly | off | on | on |
+//!
+//! The mode in effect comes from three sources, the first that is set winning: this replica's
+//! own override (`SetDeploymentMode`, replica scope), the fleet's mode (`SetDeploymentMode`,
+//! fleet scope: stored in the database, heard by notification and heartbeat, so it reaches
+//! every replica within a heartbeat and survives restarts), and the configuration
+//! (`orchestration.deployment.mode`).
 
 use std::time::Duration;
 
@@ -40,8 +46,35 @@ pub struct CoordinatorStatus {
     pub poller: PollerStatus,
 }
 
+/// Where the mode in effect comes from (highest first: replica, fleet, config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeSource {
+    Replica,
+    Fleet,
+    Config,
+}
+
+/// Every source of the mode; the effective one is the first set of replica, fleet, config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeSources {
+    pub config: DeploymentMode,
+    pub fleet: Option<DeploymentMode>,
+    pub replica: Option<DeploymentMode>,
+}
+
+impl ModeSources {
+    pub fn effective(&self) -> (DeploymentMode, ModeSource) {
+        match (self.replica, self.fleet) {
+            (Some(m), _) => (m, ModeSource::Replica),
+            (None, Some(m)) => (m, ModeSource::Fleet),
+            (None, None) => (self.config, ModeSource::Config),
+        }
+    }
+}
+
 pub struct UnifiedEventCoordinator {
     mode: watch::Sender<DeploymentMode>,
+    sources: std::sync::Mutex<ModeSources>,
     listener: watch::Receiver<ListenerStatus>,
     poller: watch::Receiver<PollerStatus>,
     sweeps: SweepRequester,
@@ -119,6 +152,11 @@ impl UnifiedEventCoordinator {
         tracing::info!(mode = %config.orchestration.deployment.mode, "event coordinator started");
         Self {
             mode: mode_tx,
+            sources: std::sync::Mutex::new(ModeSources {
+                config: config.orchestration.deployment.mode,
+                fleet: None,
+                replica: None,
+            }),
             listener: listener_rx,
             poller: poller_rx,
             sweeps,
@@ -131,14 +169,56 @@ impl UnifiedEventCoordinator {
         *self.mode.borrow()
     }
 
-    /// Switch mode at once; returns the previous mode.
+    /// This replica's own mode, over the fleet's and the configuration's; in effect at once.
+    /// Returns the mode in effect before.
     pub fn set_mode(&self, mode: DeploymentMode) -> DeploymentMode {
+        self.change_sources(|s| s.replica = Some(mode))
+    }
+
+    /// Drop this replica's own mode: the fleet's or the configuration's applies again.
+    pub fn clear_replica_mode(&self) -> DeploymentMode {
+        self.change_sources(|s| s.replica = None)
+    }
+
+    /// The fleet's mode as heard (`None`: none set).
+    pub fn set_fleet_mode(&self, mode: Option<DeploymentMode>) -> DeploymentMode {
+        self.change_sources(|s| s.fleet = mode)
+    }
+
+    pub fn mode_sources(&self) -> ModeSources {
+        *self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn mode_source(&self) -> ModeSource {
+        self.mode_sources().effective().1
+    }
+
+    fn change_sources(&self, change: impl FnOnce(&mut ModeSources)) -> DeploymentMode {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut sources);
+        let (mode, source) = sources.effective();
         let previous = self.mode.send_replace(mode);
         if previous != mode {
-            tracing::info!(from = %previous, to = %mode, "deployment mode changed");
+            tracing::info!(from = %previous, to = %mode, source = ?source, "deployment mode changed");
             self.sweeps.request();
         }
         previous
+    }
+
+    /// Apply the fleet's mode as this replica hears it, until `stop`.
+    pub async fn follow_fleet_mode(
+        &self,
+        mut fleet_mode: watch::Receiver<Option<DeploymentMode>>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let heard = *fleet_mode.borrow_and_update();
+            self.set_fleet_mode(heard);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = fleet_mode.changed() => if changed.is_err() { return },
+            }
+        }
     }
 
     pub fn status(&self) -> CoordinatorStatus {

@@ -32,12 +32,8 @@ pub struct OrchestrationCore {
     processor: ProcessorTask,
     /// This replica in the registry.
     pub fleet: Fleet,
-    /// Stops table maintenance and the replica heartbeat.
-    maintenance: (
-        CancellationToken,
-        tokio::task::JoinHandle<()>,
-        tokio::task::JoinHandle<()>,
-    ),
+    /// Stops table maintenance, the replica heartbeat and the following of the fleet's mode.
+    maintenance: (CancellationToken, Vec<tokio::task::JoinHandle<()>>),
     /// Kept alive so the observable gauges keep reporting.
     _gauges: Vec<opentelemetry::metrics::ObservableGauge<u64>>,
 }
@@ -101,6 +97,14 @@ impl OrchestrationCore {
                 )
                 .instrument(tracing::info_span!("replica_heartbeat")),
         );
+        let follow = {
+            let (coordinator, heard, stop) = (
+                coordinator.clone(),
+                fleet.fleet_mode(),
+                stop_maintenance.clone(),
+            );
+            tokio::spawn(async move { coordinator.follow_fleet_mode(heard, stop).await })
+        };
         let depth = commands.clone();
         let in_flight = commands.clone();
         let (pool_size, pool_idle) = (store.pool().clone(), store.pool().clone());
@@ -142,7 +146,7 @@ impl OrchestrationCore {
             metrics,
             processor,
             fleet,
-            maintenance: (stop_maintenance, maintenance, heartbeat),
+            maintenance: (stop_maintenance, vec![maintenance, heartbeat, follow]),
             _gauges: gauges,
         }
     }
@@ -157,10 +161,11 @@ impl OrchestrationCore {
     pub async fn shutdown(self) {
         self.workers.shutdown().await;
         self.coordinator.stop().await;
-        let (stop, maintenance, heartbeat) = self.maintenance;
+        let (stop, tasks) = self.maintenance;
         stop.cancel();
-        let _ = maintenance.await;
-        let _ = heartbeat.await;
+        for t in tasks {
+            let _ = t.await;
+        }
         self.processor.shutdown().await;
     }
 }

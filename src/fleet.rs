@@ -1,19 +1,24 @@
 //! The replica registry, as this replica sees it: its id, its heartbeat into
 //! `tasker.replicas`, and whether any other replica is alive.
 //!
-//! That last fact decides one thing today: an enqueue announces the steps no local fetch took
-//! (`tasker_steps_enqueued`) only while another replica could have a fetch parked for them.
+//! That fact decides whether an enqueue announces the steps no local fetch took
+//! (`tasker_steps_enqueued`): only while another replica could have a fetch parked for them.
 //! A single replica sends no such notification and pays nothing for the registry but one
 //! asynchronous-commit heartbeat per interval.
+//!
+//! The heartbeat also brings the fleet's deployment mode (set through any replica), as does
+//! its notification (`tasker_fleet_mode`) to listening replicas; [`Fleet::fleet_mode`] is
+//! what the coordinator applies, below this replica's own override.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::ReplicasConfig;
+use crate::config::{DeploymentMode, ReplicasConfig};
 use crate::store::Store;
 
 /// This replica's identity and what it last heard of the others. Cheap to clone.
@@ -21,6 +26,7 @@ use crate::store::Store;
 pub struct Fleet {
     replica_id: Uuid,
     peers_alive: Arc<AtomicBool>,
+    fleet_mode: Arc<watch::Sender<Option<DeploymentMode>>>,
 }
 
 impl Default for Fleet {
@@ -34,7 +40,22 @@ impl Fleet {
         Self {
             replica_id: Uuid::now_v7(),
             peers_alive: Arc::new(AtomicBool::new(false)),
+            fleet_mode: Arc::new(watch::Sender::new(None)),
         }
+    }
+
+    /// The fleet's deployment mode as last heard (`None`: none set), changes included.
+    pub fn fleet_mode(&self) -> watch::Receiver<Option<DeploymentMode>> {
+        self.fleet_mode.subscribe()
+    }
+
+    /// The fleet's mode, from a heartbeat or an announcement.
+    pub fn heard_fleet_mode(&self, mode: Option<DeploymentMode>) {
+        self.fleet_mode.send_if_modified(|m| {
+            let changed = *m != mode;
+            *m = mode;
+            changed
+        });
     }
 
     pub fn replica_id(&self) -> Uuid {
@@ -73,11 +94,13 @@ impl Fleet {
                 .replica_heartbeat(self.replica_id, &address, cfg.gone_after)
                 .await
             {
-                Ok(others) => {
+                Ok(beat) => {
+                    let others = beat.other_replicas;
                     let before = self.peers_alive.swap(others > 0, Ordering::Relaxed);
                     if before != (others > 0) {
                         tracing::info!(other_replicas = others, "replicas alive changed");
                     }
+                    self.heard_fleet_mode(beat.fleet_mode);
                 }
                 Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
             }

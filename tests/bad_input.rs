@@ -363,7 +363,11 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
             );
         }
         let mode = admin
-            .set_deployment_mode(v1::SetDeploymentModeRequest { mode: raw })
+            .set_deployment_mode(v1::SetDeploymentModeRequest {
+                mode: raw,
+                scope: raw % 4,
+                clear: raw % 3 == 0,
+            })
             .await;
         assert!(mode.is_ok() || mode.unwrap_err().code() == Code::InvalidArgument);
     }

@@ -686,7 +686,10 @@ async fn f6_mode_flipped_every_second(pool: PgPool) {
         tick.tick().await;
         let mode = modes[flips % 3];
         admin
-            .set_deployment_mode(v1::SetDeploymentModeRequest { mode: mode as i32 })
+            .set_deployment_mode(v1::SetDeploymentModeRequest {
+                mode: mode as i32,
+                ..Default::default()
+            })
             .await
             .unwrap();
         flips += 1;
@@ -922,5 +925,115 @@ async fn a_step_enqueued_by_one_replica_wakes_a_fetch_parked_on_another(pool: Pg
     );
     for s in [a, b, c] {
         s.sigkill().await;
+    }
+}
+
+async fn deployment_mode(addr: SocketAddr) -> v1::GetDeploymentModeResponse {
+    v1::admin_service_client::AdminServiceClient::new(connect(addr).await.unwrap())
+        .get_deployment_mode(v1::GetDeploymentModeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls `check` every 20 ms until it holds; how long that took, or a panic after `limit`.
+async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+/// The fleet's mode, set through replica A: B and C apply it within a second (their LISTEN
+/// connections go, and come back when the fleet returns to Hybrid), and all three come back
+/// in it after being killed and restarted.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn the_fleet_mode_reaches_every_replica_and_survives_restarts(pool: PgPool) {
+    use v1::DeploymentMode as M;
+    let url = database_url(&pool);
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(ServiceProcess::spawn(&url, "Hybrid").await);
+    }
+    let addr_list: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+    let addrs = &addr_list[..];
+    within(Duration::from_secs(10), "three listeners", || async {
+        listen_connections(&pool).await.len() == 3
+    })
+    .await;
+    let set_fleet = |mode: M| async move {
+        v1::admin_service_client::AdminServiceClient::new(connect(addrs[0]).await.unwrap())
+            .set_deployment_mode(v1::SetDeploymentModeRequest {
+                mode: mode as i32,
+                scope: v1::DeploymentModeScope::Fleet as i32,
+                clear: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let all_in = |mode: M| async move {
+        for &a in addrs {
+            let m = deployment_mode(a).await;
+            if m.mode != mode as i32 || m.source != v1::DeploymentModeSource::Fleet as i32 {
+                return false;
+            }
+        }
+        true
+    };
+
+    let answer = set_fleet(M::PollingOnly).await;
+    assert_eq!(answer.current, M::PollingOnly as i32);
+    let took = within(
+        Duration::from_secs(1),
+        "PollingOnly on every replica",
+        || all_in(M::PollingOnly),
+    )
+    .await;
+    println!("fleet mode PollingOnly on all three replicas after {took:?}");
+    within(
+        Duration::from_secs(5),
+        "LISTEN connections closed",
+        || async { listen_connections(&pool).await.is_empty() },
+    )
+    .await;
+
+    set_fleet(M::Hybrid).await;
+    within(Duration::from_secs(1), "Hybrid on every replica", || {
+        all_in(M::Hybrid)
+    })
+    .await;
+    within(Duration::from_secs(5), "three listeners again", || async {
+        listen_connections(&pool).await.len() == 3
+    })
+    .await;
+
+    // stored: killed and restarted, every replica comes back in the fleet's mode
+    set_fleet(M::PollingOnly).await;
+    for r in replicas {
+        r.sigkill().await;
+    }
+    let mut restarted = Vec::new();
+    for &a in addrs {
+        restarted.push(ServiceProcess::spawn_on(&url, "Hybrid", a).await);
+    }
+    within(Duration::from_secs(2), "PollingOnly after restart", || {
+        all_in(M::PollingOnly)
+    })
+    .await;
+    within(
+        Duration::from_secs(5),
+        "no LISTEN after restart",
+        || async { listen_connections(&pool).await.is_empty() },
+    )
+    .await;
+    for r in restarted {
+        r.sigkill().await;
     }
 }

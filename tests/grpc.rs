@@ -213,6 +213,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     let set = admin
         .set_deployment_mode(v1::SetDeploymentModeRequest {
             mode: v1::DeploymentMode::PollingOnly as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -268,7 +269,10 @@ async fn every_error_code(pool: PgPool) {
         assert!(fields.contains(&f.to_string()), "{f} not in {fields:?}");
     }
     let e = admin
-        .set_deployment_mode(v1::SetDeploymentModeRequest { mode: 42 })
+        .set_deployment_mode(v1::SetDeploymentModeRequest {
+            mode: 42,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(
@@ -502,7 +506,10 @@ async fn auth_scopes(pool: PgPool) {
         .get_status(with(v1::GetStatusRequest {}, Some("r")))
         .await
         .is_ok());
-    let set = |m| v1::SetDeploymentModeRequest { mode: m as i32 };
+    let set = |m| v1::SetDeploymentModeRequest {
+        mode: m as i32,
+        ..Default::default()
+    };
     assert_eq!(
         admin
             .set_deployment_mode(with(set(v1::DeploymentMode::Hybrid), Some("r")))

@@ -17,8 +17,9 @@
 //! eager reconnect off, so this loop owns backoff, logging and the sweep. An idle connection is
 //! pinged every `listener_ping_interval_seconds`, so one that died without a RST is noticed.
 //!
-//! Channels: one per kind of event (`tasker_task_ready`, `tasker_task_state`, and
-//! `tasker_steps_enqueued`, the other replicas' wake-ups for parked fetches). An instance that
+//! Channels: one per kind of event (`tasker_task_ready`, `tasker_task_state`,
+//! `tasker_steps_enqueued`, the other replicas' wake-ups for parked fetches, and
+//! `tasker_fleet_mode`, the fleet's deployment mode). An instance that
 //! serves some namespaces drops the events of the others here, by the payload's namespace:
 //! PostgreSQL hands every listening connection every notification of the shared queue anyway,
 //! whatever the channel, so a channel per namespace saved nothing and cost a second NOTIFY.
@@ -357,10 +358,14 @@ impl TaskReadinessListener {
         };
         // another instance serves this namespace's readiness; wake-ups are for any worker
         // parked here, whichever namespaces this instance claims for
-        if !matches!(event, TaskReadinessEvent::StepsEnqueued(_))
-            && !self.selector.matches(event.namespace())
+        if let (
+            TaskReadinessEvent::TaskReady(_) | TaskReadinessEvent::TaskStateChange(_),
+            Some(ns),
+        ) = (&event, event.namespace())
         {
-            return Ok(());
+            if !self.selector.matches(ns) {
+                return Ok(());
+            }
         }
         self.metrics.event_received(event.kind().as_str());
         span.record("event_type", event.kind().as_str());
@@ -374,6 +379,7 @@ impl TaskReadinessListener {
                 tracing::debug!(task_uuid = %e.task_uuid, from = %e.from_state, to = %e.to_state, "task state changed");
             }
             TaskReadinessEvent::StepsEnqueued(e) => self.events.steps_enqueued(e),
+            TaskReadinessEvent::FleetMode(e) => self.events.fleet_mode(e),
         }
         Ok(())
     }

@@ -25,8 +25,8 @@ use std::time::Instant;
 
 pub use listener::{ListenerState, ListenerStatus, TaskReadinessListener};
 pub use notifications::{
-    payload_traceparent, ClassifyError, EventKind, ReadinessEventClassifier, StepsEnqueuedEvent,
-    TaskReadinessEvent, TaskReadyEvent,
+    payload_traceparent, ClassifyError, EventKind, FleetModeEvent, ReadinessEventClassifier,
+    StepsEnqueuedEvent, TaskReadinessEvent, TaskReadyEvent,
 };
 
 use crate::commands::{CommandProcessorHandle, OrchestrationCommand, SubmitError};
@@ -59,6 +59,12 @@ impl TaskReadinessEventSystem {
             fleet,
             metrics,
         }
+    }
+
+    /// The fleet's deployment mode changed: the coordinator applies it (below this
+    /// replica's own override), as it would from the next heartbeat.
+    pub fn fleet_mode(&self, event: FleetModeEvent) {
+        self.fleet.heard_fleet_mode(event.mode);
     }
 
     /// Another replica enqueued steps no fetch parked there took: wake as many fetches parked

@@ -9,6 +9,7 @@
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::config::DeploymentMode;
 use crate::namespaces::namespace_name_problem;
 use crate::vocabulary::TriggeredBy;
 
@@ -20,16 +21,24 @@ pub enum EventKind {
     /// Steps another replica enqueued that no fetch parked there took: a wake-up for the
     /// fetches parked here, not a readiness change.
     StepsEnqueued,
+    /// The fleet's deployment mode was set or cleared through some replica.
+    FleetMode,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 3] = [Self::TaskReady, Self::TaskStateChange, Self::StepsEnqueued];
+    pub const ALL: [EventKind; 4] = [
+        Self::TaskReady,
+        Self::TaskStateChange,
+        Self::StepsEnqueued,
+        Self::FleetMode,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::TaskReady => "task_ready",
             Self::TaskStateChange => "task_state_change",
             Self::StepsEnqueued => "steps_enqueued",
+            Self::FleetMode => "fleet_mode",
         }
     }
 
@@ -39,6 +48,7 @@ impl EventKind {
             Self::TaskReady => "tasker_task_ready",
             Self::TaskStateChange => "tasker_task_state",
             Self::StepsEnqueued => "tasker_steps_enqueued",
+            Self::FleetMode => "tasker_fleet_mode",
         }
     }
 
@@ -79,11 +89,18 @@ pub struct StepsEnqueuedEvent {
     pub replica: Uuid,
 }
 
+/// The fleet's deployment mode, `None` when it was cleared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetModeEvent {
+    pub mode: Option<DeploymentMode>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskReadinessEvent {
     TaskReady(TaskReadyEvent),
     TaskStateChange(TaskStateChangeEvent),
     StepsEnqueued(StepsEnqueuedEvent),
+    FleetMode(FleetModeEvent),
 }
 
 impl TaskReadinessEvent {
@@ -92,14 +109,17 @@ impl TaskReadinessEvent {
             Self::TaskReady(_) => EventKind::TaskReady,
             Self::TaskStateChange(_) => EventKind::TaskStateChange,
             Self::StepsEnqueued(_) => EventKind::StepsEnqueued,
+            Self::FleetMode(_) => EventKind::FleetMode,
         }
     }
 
-    pub fn namespace(&self) -> &str {
+    /// The namespace the event concerns; `None` for the fleet-wide ones.
+    pub fn namespace(&self) -> Option<&str> {
         match self {
-            Self::TaskReady(e) => &e.namespace,
-            Self::TaskStateChange(e) => &e.namespace,
-            Self::StepsEnqueued(e) => &e.namespace,
+            Self::TaskReady(e) => Some(&e.namespace),
+            Self::TaskStateChange(e) => Some(&e.namespace),
+            Self::StepsEnqueued(e) => Some(&e.namespace),
+            Self::FleetMode(_) => None,
         }
     }
 }
@@ -176,8 +196,22 @@ impl ReadinessEventClassifier {
             EventKind::StepsEnqueued => TaskReadinessEvent::StepsEnqueued(
                 serde_json::from_str(payload).map_err(|e| malformed(e.to_string()))?,
             ),
+            EventKind::FleetMode => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Payload {
+                    mode: Option<String>,
+                }
+                let p: Payload =
+                    serde_json::from_str(payload).map_err(|e| malformed(e.to_string()))?;
+                let mode = p
+                    .mode
+                    .map(|m| m.parse::<DeploymentMode>().map_err(malformed))
+                    .transpose()?;
+                TaskReadinessEvent::FleetMode(FleetModeEvent { mode })
+            }
         };
-        if let Some(problem) = namespace_name_problem(event.namespace()) {
+        if let Some(problem) = event.namespace().and_then(namespace_name_problem) {
             return Err(malformed(format!("namespace {problem}")));
         }
         Ok(event)
@@ -218,6 +252,21 @@ mod tests {
             panic!("not steps enqueued")
         };
         assert_eq!((e.namespace.as_str(), e.steps), ("billing", 3));
+        for (payload, mode) in [
+            (
+                r#"{"mode":"PollingOnly"}"#,
+                Some(DeploymentMode::PollingOnly),
+            ),
+            (r#"{"mode":null}"#, None),
+        ] {
+            assert_eq!(
+                c.classify("tasker_fleet_mode", payload).unwrap(),
+                TaskReadinessEvent::FleetMode(FleetModeEvent { mode })
+            );
+        }
+        assert!(c
+            .classify("tasker_fleet_mode", r#"{"mode":"Sometimes"}"#)
+            .is_err());
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! `tasker.v1.AdminService`: the deployment mode (read and switch at run time) and status.
+//! `tasker.v1.AdminService`: the deployment mode (read, and switch at run time for this replica
+//! or the fleet) and status (this replica and the fleet).
 
 use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
 use super::convert::{mode_from_proto, mode_to_proto};
+use super::error::invalid;
+use crate::config::DeploymentMode;
+use crate::coordinator::ModeSource;
 use crate::events::ListenerState;
 use crate::proto::{self, v1};
 
@@ -23,8 +27,17 @@ impl v1::admin_service_server::AdminService for AdminApi {
         &self,
         _request: Request<v1::GetDeploymentModeRequest>,
     ) -> Result<Response<v1::GetDeploymentModeResponse>, Status> {
+        let sources = self.ctx.coordinator.mode_sources();
+        let (mode, source) = sources.effective();
+        let opt = |m: Option<DeploymentMode>| {
+            m.map_or(v1::DeploymentMode::Unspecified, mode_to_proto) as i32
+        };
         Ok(Response::new(v1::GetDeploymentModeResponse {
-            mode: mode_to_proto(self.ctx.coordinator.mode()) as i32,
+            mode: mode_to_proto(mode) as i32,
+            source: source_to_proto(source) as i32,
+            replica_mode: opt(sources.replica),
+            fleet_mode: opt(sources.fleet),
+            config_mode: mode_to_proto(sources.config) as i32,
         }))
     }
 
@@ -32,11 +45,38 @@ impl v1::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<v1::SetDeploymentModeRequest>,
     ) -> Result<Response<v1::SetDeploymentModeResponse>, Status> {
-        let mode = mode_from_proto("mode", request.get_ref().mode)?;
-        let previous = self.ctx.coordinator.set_mode(mode);
+        let r = request.into_inner();
+        let scope = v1::DeploymentModeScope::try_from(r.scope).map_err(|_| {
+            invalid(
+                "scope",
+                format!("unknown scope {}; expected DEPLOYMENT_MODE_SCOPE_REPLICA or DEPLOYMENT_MODE_SCOPE_FLEET", r.scope),
+            )
+        })?;
+        let mode = if r.clear {
+            if r.mode != v1::DeploymentMode::Unspecified as i32 {
+                return Err(invalid("mode", "must be left unspecified with clear"));
+            }
+            None
+        } else {
+            Some(mode_from_proto("mode", r.mode)?)
+        };
+        let coordinator = &self.ctx.coordinator;
+        let previous = match scope {
+            v1::DeploymentModeScope::Fleet => {
+                // stored first: the other replicas hear it from the database, this one too
+                self.ctx.store.set_fleet_mode(mode).await?;
+                coordinator.set_fleet_mode(mode)
+            }
+            v1::DeploymentModeScope::Unspecified | v1::DeploymentModeScope::Replica => match mode {
+                Some(m) => coordinator.set_mode(m),
+                None => coordinator.clear_replica_mode(),
+            },
+        };
+        let (current, source) = coordinator.mode_sources().effective();
         Ok(Response::new(v1::SetDeploymentModeResponse {
             previous: mode_to_proto(previous) as i32,
-            current: mode_to_proto(mode) as i32,
+            current: mode_to_proto(current) as i32,
+            source: source_to_proto(source) as i32,
         }))
     }
 
@@ -82,5 +122,13 @@ impl v1::admin_service_server::AdminService for AdminApi {
             replica_id: self.ctx.fleet.replica_id().to_string(),
             replicas,
         }))
+    }
+}
+
+fn source_to_proto(s: ModeSource) -> v1::DeploymentModeSource {
+    match s {
+        ModeSource::Replica => v1::DeploymentModeSource::Replica,
+        ModeSource::Fleet => v1::DeploymentModeSource::Fleet,
+        ModeSource::Config => v1::DeploymentModeSource::Config,
     }
 }

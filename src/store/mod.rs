@@ -28,7 +28,7 @@ use sqlx::PgPool;
 
 pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActivity};
 pub use error::{is_retryable, StoreError};
-pub use replicas::ReplicaRecord;
+pub use replicas::{Heartbeat, ReplicaRecord};
 pub use steps::{
     AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, Taker, TaskRef,
 };

@@ -6,6 +6,15 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Store, StoreError};
+use crate::config::DeploymentMode;
+
+/// What a heartbeat learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub other_replicas: i32,
+    /// Set through SetDeploymentMode with the fleet scope; `None` when never set or cleared.
+    pub fleet_mode: Option<DeploymentMode>,
+}
 
 /// A replica as registered.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -19,22 +28,41 @@ pub struct ReplicaRecord {
 
 impl Store {
     /// Create or refresh this replica's row; how many other replicas are alive (heart-beat
-    /// within `gone_after`).
+    /// within `gone_after`), and the fleet's deployment mode.
     pub async fn replica_heartbeat(
         &self,
         replica_id: Uuid,
         address: &str,
         gone_after: Duration,
-    ) -> Result<i32, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT tasker.replica_heartbeat($1, $2, $3, $4)")
-                .bind(replica_id)
-                .bind(address)
-                .bind(env!("CARGO_PKG_VERSION"))
-                .bind(gone_after.as_millis() as i64)
-                .fetch_one(&self.pool)
-                .await?,
+    ) -> Result<Heartbeat, StoreError> {
+        let (other_replicas, fleet_mode): (i32, Option<String>) = sqlx::query_as(
+            "SELECT other_replicas, fleet_mode FROM tasker.replica_heartbeat($1, $2, $3, $4)",
         )
+        .bind(replica_id)
+        .bind(address)
+        .bind(env!("CARGO_PKG_VERSION"))
+        .bind(gone_after.as_millis() as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        let fleet_mode = fleet_mode
+            .map(|m| {
+                m.parse::<DeploymentMode>()
+                    .map_err(|_| StoreError::unexpected("tasker.replica_heartbeat", &m))
+            })
+            .transpose()?;
+        Ok(Heartbeat {
+            other_replicas,
+            fleet_mode,
+        })
+    }
+
+    /// Set (`None`: clear) the fleet's deployment mode, announced to every replica.
+    pub async fn set_fleet_mode(&self, mode: Option<DeploymentMode>) -> Result<(), StoreError> {
+        sqlx::query("SELECT tasker.set_fleet_mode($1)")
+            .bind(mode.map(|m| m.to_string()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn remove_replica(&self, replica_id: Uuid) -> Result<(), StoreError> {

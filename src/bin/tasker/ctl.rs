@@ -83,11 +83,37 @@ pub enum CtlCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ModeAction {
+    /// The mode in effect here, where it comes from, and each source's value.
     Get,
-    /// EventDrivenOnly, Hybrid or PollingOnly.
+    /// EventDrivenOnly, Hybrid or PollingOnly: for this replica, or with --fleet for every
+    /// replica (stored in the database; a replica's own mode still wins on that replica).
     Set {
         mode: String,
+        #[arg(long)]
+        fleet: bool,
     },
+    /// Remove this replica's own mode (or with --fleet, the fleet's): the next source applies.
+    Clear {
+        #[arg(long)]
+        fleet: bool,
+    },
+}
+
+fn mode_scope(fleet: bool) -> i32 {
+    if fleet {
+        v1::DeploymentModeScope::Fleet as i32
+    } else {
+        v1::DeploymentModeScope::Replica as i32
+    }
+}
+
+fn source_name(raw: i32) -> &'static str {
+    match v1::DeploymentModeSource::try_from(raw) {
+        Ok(v1::DeploymentModeSource::Replica) => "replica",
+        Ok(v1::DeploymentModeSource::Fleet) => "fleet",
+        Ok(v1::DeploymentModeSource::Config) => "config",
+        _ => "unspecified",
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,19 +205,46 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                 .get_deployment_mode(v1::GetDeploymentModeRequest {})
                 .await?
                 .into_inner();
-            print(json!({ "mode": mode_name(r.mode) }));
+            let set = |raw: i32| match mode_name(raw) {
+                "Unspecified" => Value::Null,
+                name => Value::String(name.into()),
+            };
+            print(json!({
+                "mode": mode_name(r.mode), "source": source_name(r.source),
+                "replica_mode": set(r.replica_mode), "fleet_mode": set(r.fleet_mode),
+                "config_mode": set(r.config_mode),
+            }));
         }
         CtlCommand::Mode {
-            action: ModeAction::Set { mode },
+            action: ModeAction::Set { mode, fleet },
         } => {
             let m: tasker::config::DeploymentMode = mode.parse().map_err(CtlError::Usage)?;
             let r = v1::admin_service_client::AdminServiceClient::new(svc)
                 .set_deployment_mode(v1::SetDeploymentModeRequest {
                     mode: v1::DeploymentMode::from(m) as i32,
+                    scope: mode_scope(fleet),
+                    clear: false,
                 })
                 .await?
                 .into_inner();
-            print(json!({ "previous": mode_name(r.previous), "current": mode_name(r.current) }));
+            print(
+                json!({ "previous": mode_name(r.previous), "current": mode_name(r.current), "source": source_name(r.source) }),
+            );
+        }
+        CtlCommand::Mode {
+            action: ModeAction::Clear { fleet },
+        } => {
+            let r = v1::admin_service_client::AdminServiceClient::new(svc)
+                .set_deployment_mode(v1::SetDeploymentModeRequest {
+                    mode: v1::DeploymentMode::Unspecified as i32,
+                    scope: mode_scope(fleet),
+                    clear: true,
+                })
+                .await?
+                .into_inner();
+            print(
+                json!({ "previous": mode_name(r.previous), "current": mode_name(r.current), "source": source_name(r.source) }),
+            );
         }
         CtlCommand::Status => {
             let r = v1::admin_service_client::AdminServiceClient::new(svc)
