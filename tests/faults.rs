@@ -1037,3 +1037,45 @@ async fn the_fleet_mode_reaches_every_replica_and_survives_restarts(pool: PgPool
         r.sigkill().await;
     }
 }
+
+/// A replica killed with SIGKILL (no goodbye) leaves the fleet listing once it has been silent
+/// for orchestration.replicas.gone_after_ms, and not before its heartbeats stop.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_killed_replica_leaves_the_fleet_after_gone_after(pool: PgPool) {
+    let url = database_url(&pool);
+    let fast = [
+        (
+            "TASKER_ORCHESTRATION__REPLICAS__HEARTBEAT_INTERVAL_MS",
+            "200",
+        ),
+        ("TASKER_ORCHESTRATION__REPLICAS__GONE_AFTER_MS", "1000"),
+    ];
+    let a = ServiceProcess::spawn_with(&url, "Hybrid", &fast).await;
+    let b = ServiceProcess::spawn_with(&url, "Hybrid", &fast).await;
+    let b_id = status(b.addr).await.replica_id;
+    within(Duration::from_secs(5), "both listed", || async {
+        status(a.addr).await.replicas.len() == 2
+    })
+    .await;
+    let killed = Instant::now();
+    b.sigkill().await;
+    within(
+        Duration::from_secs(5),
+        "the killed replica gone",
+        || async {
+            !status(a.addr)
+                .await
+                .replicas
+                .iter()
+                .any(|r| r.replica_id == b_id)
+        },
+    )
+    .await;
+    let gone = killed.elapsed();
+    println!("killed replica left the fleet listing after {gone:?}");
+    assert!(
+        gone >= Duration::from_millis(600),
+        "listed as gone after {gone:?}, before it could have missed its heartbeats"
+    );
+    a.sigkill().await;
+}
