@@ -6,13 +6,15 @@
 //!        TaskReadyEvent ──> TaskReadinessEventSystem ──> OrchestrationCommand::ProcessTaskReadiness
 //!                                                        ──> CommandProcessor
 //!    StepsEnqueuedEvent ──> TaskReadinessEventSystem ──> wake-up of the fetches parked here
+//!        FleetModeEvent ──> TaskReadinessEventSystem ──> the fleet's mode, for the coordinator
 //! ```
 //!
 //! - `notifications`: the channels, the event types and their classifier;
 //! - `listener`: [`TaskReadinessListener`], the LISTEN connection (reconnects, catch-up
 //!   requests), which hands every classified event to the event system below;
 //! - [`TaskReadinessEventSystem`]: turns a `TaskReadyEvent` into a command and hands it to the
-//!   command processor. It does nothing else: no orchestration happens on the event path.
+//!   command processor; passes on the other replicas' wake-ups (to the parked fetches) and the
+//!   fleet's mode (to the coordinator). No orchestration happens on the event path.
 //!
 //! There is one event system, so there is no `EventDrivenSystem` trait: a trait with a single
 //! implementation would only add indirection. Which of these run is decided by the
