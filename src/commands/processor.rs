@@ -96,6 +96,9 @@ pub enum SubmitError {
 pub struct ProcessorStats {
     in_flight: AtomicU64,
     processed: AtomicU64,
+    /// Claim attempts that found the task's claim held by someone else (another replica, or
+    /// another pass here): each retry counts.
+    claims_lost: AtomicU64,
 }
 
 impl ProcessorStats {
@@ -105,6 +108,10 @@ impl ProcessorStats {
 
     pub fn processed(&self) -> u64 {
         self.processed.load(Ordering::Relaxed)
+    }
+
+    pub fn claims_lost(&self) -> u64 {
+        self.claims_lost.load(Ordering::Relaxed)
     }
 }
 
@@ -513,7 +520,11 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
         let mut claim_retries = 0;
         let mut transient_retries = 0;
         loop {
-            match ctx.runner.run(task_uuid, command.namespace().to_string(), metadata.clone(), triggered_by).await {
+            let ran = ctx.runner.run(task_uuid, command.namespace().to_string(), metadata.clone(), triggered_by).await;
+            if matches!(&ran, Ok(r) if r.outcome == EnqueueOutcome::ClaimedElsewhere) {
+                ctx.stats.claims_lost.fetch_add(1, Ordering::Relaxed);
+            }
+            match ran {
                 Ok(r) if r.outcome == EnqueueOutcome::ClaimedElsewhere && claim_retries < ctx.claim_retry_attempts => {
                     // The holder may have read its ready set before a completion that made more
                     // steps ready; try again once it is likely done.
@@ -812,6 +823,11 @@ mod tests {
         assert_eq!(
             r.outcome,
             CommandOutcome::Finished(EnqueueOutcome::ClaimedElsewhere)
+        );
+        assert_eq!(
+            handle.stats().claims_lost(),
+            4,
+            "every attempt that lost counts"
         );
         no_more_calls(&mut calls).await;
         task.shutdown().await;

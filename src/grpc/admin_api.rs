@@ -119,6 +119,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
             draining: self.ctx.draining(),
             poller_periodic: status.poller.periodic,
             parked_fetches: *self.ctx.workers.parked_fetches().borrow() as u64,
+            claims_lost: self.ctx.commands.stats().claims_lost(),
             replica_id: self.ctx.fleet.replica_id().to_string(),
             replicas,
         }))

@@ -59,6 +59,9 @@ pub struct RemoteScenario {
     pub cpu_ms_per_step: CpuPerStep,
     /// Per step over the whole run (warm-up included).
     pub budget: Budget,
+    /// Claim attempts that found the claim held by another, summed over the replicas, per
+    /// step over the whole run (GetStatus `claims_lost`).
+    pub claims_lost_per_step: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -124,7 +127,7 @@ pub async fn run(
             for shape in &opts.scenarios {
                 let r = scenario(store, url, opts, mode, replicas, shape).await?;
                 eprintln!(
-                    "{:>15} {:<34} x{replicas} {:>7.0} steps/s  next step p50 {:>6.2} p99 {:>7.2} ms  fan-out p50 {:>7.2} fan-in p50 {:>6.2} ms  cpu/step svc {:.2} pg {:.2} ms",
+                    "{:>15} {:<34} x{replicas} {:>7.0} steps/s  next step p50 {:>6.2} p99 {:>7.2} ms  fan-out p50 {:>7.2} fan-in p50 {:>6.2} ms  cpu/step svc {:.2} pg {:.2} ms  claims lost/step {:.2}",
                     r.mode,
                     r.scenario,
                     r.steps_per_sec,
@@ -133,7 +136,8 @@ pub async fn run(
                     r.fan_out.p50_ms,
                     r.fan_in.p50_ms,
                     r.cpu_ms_per_step.service,
-                    r.cpu_ms_per_step.postgres
+                    r.cpu_ms_per_step.postgres,
+                    r.claims_lost_per_step
                 );
                 out.push(r);
             }
@@ -304,6 +308,10 @@ async fn scenario(
     })?;
     tokio::time::sleep(STATS_FLUSH).await;
     let after = store.activity_counters().await?;
+    let mut claims_lost = 0;
+    for s in &services {
+        claims_lost += claims_lost_on(&s.addr).await?;
+    }
     for s in services {
         stop_service(s).await;
     }
@@ -330,7 +338,22 @@ async fn scenario(
         fan_in: LatencyStats::from_ms(report.fan_in_ms),
         cpu_ms_per_step: cpu,
         budget: budget(&before, &after, report.steps_total),
+        claims_lost_per_step: claims_lost as f64 / report.steps_total.max(1) as f64,
     })
+}
+
+/// A replica's count of claim attempts that found the claim held elsewhere.
+async fn claims_lost_on(addr: &str) -> anyhow::Result<u64> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(
+        tasker::proto::v1::admin_service_client::AdminServiceClient::new(channel)
+            .get_status(tasker::proto::v1::GetStatusRequest {})
+            .await?
+            .into_inner()
+            .claims_lost,
+    )
 }
 
 fn budget(before: &ActivityCounters, after: &ActivityCounters, steps: u64) -> Budget {
@@ -369,7 +392,7 @@ fn budget(before: &ActivityCounters, after: &ActivityCounters, steps: u64) -> Bu
 /// The scenarios as a table, the notify floor and ratios to it included.
 pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
     let mut out = String::from(
-        "| scenario | mode | replicas | steps/s | next step p50 / p95 / p99 (ms) | p50 vs floor | fan-out / fan-in p50 (ms) | CPU ms/step: service + PostgreSQL (workers) | commits / statements per step |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | mode | replicas | steps/s | next step p50 / p95 / p99 (ms) | p50 vs floor | fan-out / fan-in p50 (ms) | CPU ms/step: service + PostgreSQL (workers) | commits / statements per step | claims lost per step |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in scenarios {
         let next = if s.next_step.samples > 0 {
@@ -391,7 +414,7 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
             "-".into()
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {:.2} + {:.2} = {:.2} ({:.2}) | {:.2} / {} |\n",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {:.2} + {:.2} = {:.2} ({:.2}) | {:.2} / {} | {:.2} |\n",
             s.scenario,
             s.mode,
             s.replicas,
@@ -408,6 +431,7 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
                 .statements
                 .map(|(top, all)| format!("{top:.2} ({all:.1} with nested)"))
                 .unwrap_or_else(|| "-".into()),
+            s.claims_lost_per_step,
         ));
     }
     out.push_str("\nRows written per step (whole run):\n\n| scenario | table | inserted | updated | of them HOT | deleted |\n|---|---|---|---|---|---|\n");
