@@ -49,12 +49,16 @@ impl Store {
     /// Empty every Tasker table. For the benchmark's scratch database only: the caller makes
     /// sure it is not a database anyone uses. Every table of the schema, as found in the
     /// catalog, so that it also empties the database of an older build measured beside this
-    /// one (`tasker bench --server-bin`).
+    /// one (`tasker bench --server-bin`). The replica registry is kept: the replicas under
+    /// test are running, and a TRUNCATE beside their heartbeats deadlocks (it locks the tables
+    /// in another order than a heartbeat does).
     pub async fn truncate_all(&self) -> Result<(), StoreError> {
         sqlx::raw_sql(
             "DO $$ BEGIN
                  EXECUTE (SELECT 'TRUNCATE ' || string_agg(format('%I.%I', schemaname, tablename), ', ')
-                          FROM pg_tables WHERE schemaname = 'tasker');
+                          FROM pg_tables
+                          WHERE schemaname = 'tasker'
+                            AND tablename NOT IN ('replicas', 'fleet_settings'));
              END $$",
         )
         .execute(&self.pool)
