@@ -888,13 +888,10 @@ async fn a_step_enqueued_by_one_replica_wakes_a_fetch_parked_on_another(pool: Pg
         on_b.fetch_steps(fetch_request("cross", 1, 15_000, 30))
             .await
     });
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while status(b.addr).await.parked_fetches == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    within(Duration::from_secs(10), "the fetch parked on B", || async {
+        status(b.addr).await.parked_fetches > 0
     })
-    .await
-    .expect("the fetch parked on B");
+    .await;
     v1::task_service_client::TaskServiceClient::new(connect(a.addr).await.unwrap())
         .create_task(v1::CreateTaskRequest {
             namespace: "cross".into(),

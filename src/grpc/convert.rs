@@ -68,3 +68,9 @@ pub fn bounded_document(field: &str, doc: Value, max_bytes: usize) -> Result<Val
     }
     Ok(doc)
 }
+
+/// Bytes a message adds to a response as one entry of a repeated field: its encoding plus the
+/// entry's tag and length prefix (at most 1 + 5 bytes). What the response budgets count.
+pub fn repeated_entry_len(message: &impl prost::Message) -> usize {
+    message.encoded_len() + 6
+}

@@ -4,7 +4,7 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
-use super::convert::uuid;
+use super::convert::{repeated_entry_len, uuid};
 use super::error;
 use crate::dag::{StepSpec, TaskSpec};
 use crate::proto::struct_to_json;
@@ -40,14 +40,13 @@ impl TaskApi {
             .await?;
         let more = steps.len() > page.size as usize;
         steps.truncate(page.size as usize);
-        let mut message = task_to_proto(task, Vec::new());
+        let mut message = task_to_proto(task);
         let mut used = prost::Message::encoded_len(&message) + RESPONSE_OVERHEAD;
         let (mut last, mut cut) = (None, false);
         for s in steps {
             let position = s.position;
             let step = step_to_proto(s);
-            // the entry's tag and length prefix: at most 1 + 5 bytes
-            let size = prost::Message::encoded_len(&step) + 6;
+            let size = repeated_entry_len(&step);
             if !message.steps.is_empty() && used + size > self.ctx.max_response_bytes {
                 cut = true;
                 break;
@@ -149,7 +148,8 @@ fn step_to_proto(s: StepRecord) -> v1::Step {
     }
 }
 
-fn task_to_proto(t: TaskRecord, steps: Vec<StepRecord>) -> v1::Task {
+/// The task without its steps: `task_page` adds them within the response budget.
+fn task_to_proto(t: TaskRecord) -> v1::Task {
     v1::Task {
         task_uuid: t.task_uuid.to_string(),
         namespace: t.namespace,
@@ -161,7 +161,7 @@ fn task_to_proto(t: TaskRecord, steps: Vec<StepRecord>) -> v1::Task {
         created_at: Some(proto::timestamp(t.created_at)),
         updated_at: Some(proto::timestamp(t.updated_at)),
         completed_at: proto::opt_timestamp(t.completed_at),
-        steps: steps.into_iter().map(step_to_proto).collect(),
+        steps: Vec::new(),
     }
 }
 

@@ -6,7 +6,7 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
-use super::convert::{self, bounded, uuid};
+use super::convert::{self, bounded, repeated_entry_len, uuid};
 use super::error::invalid;
 use crate::dag::name_problem;
 use crate::limits::MAX_DOCUMENT_BYTES;
@@ -213,8 +213,7 @@ fn within_budget(steps: Vec<LeasedStep>, budget: usize) -> (Vec<v1::LeasedStep>,
             parent_results: Some(proto::json_to_struct(&s.parent_results)),
             lease_expires_at: Some(proto::timestamp(s.lease_expires_at)),
         };
-        // the entry's tag and length prefix: at most 1 + 5 bytes
-        let size = prost::Message::encoded_len(&message) + 6;
+        let size = repeated_entry_len(&message);
         if !out.is_empty() && used + size > budget {
             excess.push(s);
             continue;
