@@ -169,6 +169,11 @@ impl UnifiedEventCoordinator {
         *self.mode.borrow()
     }
 
+    /// The mode in effect, changes included.
+    pub fn mode_changes(&self) -> watch::Receiver<DeploymentMode> {
+        self.mode.subscribe()
+    }
+
     /// This replica's own mode, over the fleet's and the configuration's; in effect at once.
     /// Returns the mode in effect before.
     pub fn set_mode(&self, mode: DeploymentMode) -> DeploymentMode {

@@ -16,7 +16,7 @@ use crate::config::TaskerConfig;
 use crate::coordinator::UnifiedEventCoordinator;
 use crate::enqueue::{StepHandoff, TaskClaimStepEnqueuer};
 use crate::events::TaskReadinessEventSystem;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, ReplicaState};
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreLimits};
@@ -57,6 +57,7 @@ impl OrchestrationCore {
             metrics.clone(),
         );
         let sweeps = SweepRequester::new();
+        let claim_sweeps = sweeps.clone();
         let (commands, processor) = CommandProcessor::spawn(
             &config.orchestration.command_processor,
             enqueuer,
@@ -93,6 +94,11 @@ impl OrchestrationCore {
                     store.clone(),
                     config.orchestration.replicas.clone(),
                     config.grpc.bind.to_string(),
+                    ReplicaState {
+                        mode: coordinator.mode_changes(),
+                        listener: coordinator.listener_status(),
+                    },
+                    claim_sweeps,
                     stop_maintenance.clone(),
                 )
                 .instrument(tracing::info_span!("replica_heartbeat")),

@@ -65,8 +65,18 @@ async fn connect(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
-/// Workers over gRPC: lease, complete; on any transport error reconnect (to the next
-/// endpoint) after a short back-off. Workers are clients: retrying is their job.
+/// How a worker spreads its calls over the service's endpoints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Balancing {
+    /// One endpoint until a call to it fails, then the next (a client-side failover).
+    Sticky,
+    /// Every call to the next endpoint (a round-robin load balancer): a step is often fetched
+    /// from one replica and completed through another.
+    RoundRobin,
+}
+
+/// Workers over gRPC: lease, complete; on any transport error move to the next endpoint after
+/// a short back-off. Workers are clients: retrying is their job.
 struct Workers {
     stop: CancellationToken,
     handles: Vec<tokio::task::JoinHandle<()>>,
@@ -75,60 +85,114 @@ struct Workers {
     progress: Arc<tokio::sync::Notify>,
 }
 
+/// A worker's connections, one per endpoint, made when first needed and dropped on failure.
+struct Endpoints {
+    addrs: Vec<SocketAddr>,
+    clients: Vec<Option<common::Workers>>,
+    next: usize,
+    balancing: Balancing,
+}
+
+impl Endpoints {
+    /// The client for the next call; `None` (after a back-off) when its endpoint is down.
+    async fn client(&mut self) -> Option<(usize, common::Workers)> {
+        let i = self.next % self.addrs.len();
+        if self.balancing == Balancing::RoundRobin {
+            self.next += 1;
+        }
+        if self.clients[i].is_none() {
+            match connect(self.addrs[i]).await {
+                Ok(ch) => self.clients[i] = Some(common::Workers::new(ch)),
+                Err(_) => {
+                    self.failed(i);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return None;
+                }
+            }
+        }
+        self.clients[i].clone().map(|c| (i, c))
+    }
+
+    fn failed(&mut self, i: usize) {
+        self.clients[i] = None;
+        if self.balancing == Balancing::Sticky {
+            self.next += 1;
+        }
+    }
+}
+
 impl Workers {
     fn start(endpoints: Vec<SocketAddr>, ns: &str, n: usize) -> Self {
+        Self::start_balanced(endpoints, ns, n, Balancing::Sticky)
+    }
+
+    fn start_balanced(
+        endpoints: Vec<SocketAddr>,
+        ns: &str,
+        n: usize,
+        balancing: Balancing,
+    ) -> Self {
         let stop = CancellationToken::new();
         let completed = Arc::new(AtomicU64::new(0));
         let progress = Arc::new(tokio::sync::Notify::new());
         let handles = (0..n)
             .map(|i| {
-                let (endpoints, ns, stop, completed, progress) = (
-                    endpoints.clone(),
+                let (ns, stop, completed, progress) = (
                     ns.to_string(),
                     stop.clone(),
                     completed.clone(),
                     progress.clone(),
                 );
+                let mut endpoints = Endpoints {
+                    clients: vec![None; endpoints.len()],
+                    addrs: endpoints.clone(),
+                    next: i,
+                    balancing,
+                };
                 tokio::spawn(async move {
-                    let mut k = i;
                     while !stop.is_cancelled() {
-                        let addr = endpoints[k % endpoints.len()];
-                        k += 1;
-                        let Ok(ch) = connect(addr).await else {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        let Some((at, mut w)) = endpoints.client().await else {
                             continue;
                         };
-                        let mut w = common::Workers::new(ch);
-                        loop {
-                            let req = v1::FetchStepsRequest {
-                                namespace: ns.clone(),
-                                worker_id: format!("w{i}"),
-                                max_steps: 4,
-                                wait_ms: 1000,
-                                lease_seconds: 5,
+                        let req = v1::FetchStepsRequest {
+                            namespace: ns.clone(),
+                            worker_id: format!("w{i}"),
+                            max_steps: 4,
+                            wait_ms: 1000,
+                            lease_seconds: 5,
+                        };
+                        let fetched = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            r = w.fetch_steps(req) => r,
+                        };
+                        let fetched = match fetched {
+                            Ok(f) => f,
+                            Err(_) => {
+                                endpoints.failed(at);
+                                continue;
+                            }
+                        };
+                        for s in fetched.into_inner().steps {
+                            // a step whose completion cannot be delivered stays leased; its
+                            // lease runs out and it is retried
+                            let Some((at, mut w)) = endpoints.client().await else {
+                                continue;
                             };
-                            let fetched = tokio::select! {
-                                _ = stop.cancelled() => return,
-                                r = w.fetch_steps(req) => r,
-                            };
-                            let Ok(fetched) = fetched else { break };
-                            for s in fetched.into_inner().steps {
-                                let done = w
-                                    .complete_step(v1::CompleteStepRequest {
-                                        step_uuid: s.step_uuid,
-                                        attempt: s.attempt,
-                                        results: None,
-                                    })
-                                    .await;
-                                match done {
-                                    Ok(_) => {
-                                        completed.fetch_add(1, Ordering::Relaxed);
-                                        progress.notify_waiters();
-                                    }
-                                    // lease expired during a fault: the step is retried
-                                    Err(e) if e.code() == tonic::Code::FailedPrecondition => {}
-                                    Err(_) => break,
+                            let done = w
+                                .complete_step(v1::CompleteStepRequest {
+                                    step_uuid: s.step_uuid,
+                                    attempt: s.attempt,
+                                    results: None,
+                                })
+                                .await;
+                            match done {
+                                Ok(_) => {
+                                    completed.fetch_add(1, Ordering::Relaxed);
+                                    progress.notify_waiters();
                                 }
+                                // lease expired during a fault: the step is retried
+                                Err(e) if e.code() == tonic::Code::FailedPrecondition => {}
+                                Err(_) => endpoints.failed(at),
                             }
                         }
                     }
@@ -622,34 +686,60 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f5a_two_instances_with_kills_and_restarts(pool: PgPool) {
-    instances_with_kills(pool, &["Hybrid", "EventDrivenOnly"], "f5a").await;
+    instances_with_kills(
+        pool,
+        &["Hybrid", "EventDrivenOnly"],
+        "f5a",
+        Balancing::Sticky,
+    )
+    .await;
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn f5b_three_instances_with_kills_and_restarts(pool: PgPool) {
-    instances_with_kills(pool, &["Hybrid", "Hybrid", "EventDrivenOnly"], "f5b").await;
+    instances_with_kills(
+        pool,
+        &["Hybrid", "Hybrid", "EventDrivenOnly"],
+        "f5b",
+        Balancing::Sticky,
+    )
+    .await;
+}
+
+/// Three replicas behind a round-robin worker pool: steps fetched from one replica are
+/// completed through another, and replicas die and come back under it. No replica polls: a
+/// dead replica's share of the claim split is taken over by the others' catch-up sweeps alone.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn f5c_three_instances_behind_round_robin_workers_with_kills(pool: PgPool) {
+    instances_with_kills(
+        pool,
+        &["EventDrivenOnly", "EventDrivenOnly", "EventDrivenOnly"],
+        "f5c",
+        Balancing::RoundRobin,
+    )
+    .await;
 }
 
 /// N service processes on one database; one after another is SIGKILLed mid-run and started
 /// again on its port, three times.
-async fn instances_with_kills(pool: PgPool, modes: &[&str], ns: &str) {
+async fn instances_with_kills(pool: PgPool, modes: &[&str], ns: &str, balancing: Balancing) {
     let url = database_url(&pool);
     let mut services = Vec::new();
     for mode in modes {
-        services.push(ServiceProcess::spawn(&url, mode).await);
+        services.push((ServiceProcess::spawn(&url, mode).await, *mode));
     }
-    let addrs: Vec<SocketAddr> = services.iter().map(|s| s.addr).collect();
+    let addrs: Vec<SocketAddr> = services.iter().map(|(s, _)| s.addr).collect();
     let tasks = create_workload(addrs[0], ns).await;
-    let workers = Workers::start(addrs.clone(), ns, 9);
+    let workers = Workers::start_balanced(addrs.clone(), ns, 9, balancing);
     let mut faults = 0;
     for round in 0..3u64 {
         wait_completed(&workers, 100 * (round + 1)).await;
-        let victim = services.remove(0);
+        let (victim, mode) = services.remove(0);
         let addr = victim.addr;
         victim.sigkill().await;
         faults += 1;
-        // the same port again, so the workers find it when they come back round
-        services.push(ServiceProcess::spawn_on(&url, "Hybrid", addr).await);
+        // the same port and mode again, so the workers find it when they come back round
+        services.push((ServiceProcess::spawn_on(&url, mode, addr).await, mode));
     }
     let t = Instant::now();
     finish(
@@ -658,13 +748,17 @@ async fn instances_with_kills(pool: PgPool, modes: &[&str], ns: &str) {
         workers,
         t,
         &format!(
-            "5 {} instances on one database, killed and restarted",
-            modes.len()
+            "5 {} instances on one database, killed and restarted ({} workers)",
+            modes.len(),
+            match balancing {
+                Balancing::Sticky => "failover",
+                Balancing::RoundRobin => "round-robin",
+            }
         ),
         &format!("{faults} SIGKILLs + restarts"),
     )
     .await;
-    for s in services {
+    for (s, _) in services {
         s.sigkill().await;
     }
 }

@@ -10,7 +10,9 @@
 //!     │ task already in flight? ─yes─> mark it to run once more (coalesce); keep the reply
 //!     │                          no ──> spawn a pass
 //!     ▼
-//!  pass: TaskClaimStepEnqueuer (claimed elsewhere -> retry after a short delay)
+//!  pass: TaskClaimStepEnqueuer
+//!     │ claimed elsewhere ──> slot free; the task stays in flight; after delay x attempt the
+//!     │                       pass queues again for a slot (ahead of new commands)
 //!     │ finished: rerun marked? ─yes─> one more pass for the task (same slot)
 //!     │                          no ──> slot free
 //! ```
@@ -24,7 +26,7 @@
 //! what is already queued and in flight for up to the grace period, then abandons the rest:
 //! abandoned tasks are still ready in the database and the next start-up sweep takes them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -302,6 +304,8 @@ impl CommandProcessor {
             max_concurrent: cfg.max_concurrent_commands,
             in_flight: HashMap::new(),
             running: JoinSet::new(),
+            delayed: JoinSet::new(),
+            retries_due: VecDeque::new(),
             running_tasks: HashMap::new(),
             stop: stop.clone(),
             grace,
@@ -341,6 +345,25 @@ struct Pass {
     owner: Envelope,
     /// Replies for coalesced commands: (their command id, sender).
     coalesced: Vec<(Uuid, oneshot::Sender<CommandResult>)>,
+    /// Attempts so far that found the task's claim held elsewhere.
+    claim_retries: u32,
+}
+
+impl Pass {
+    fn new(owner: Envelope) -> Self {
+        Self {
+            owner,
+            coalesced: Vec::new(),
+            claim_retries: 0,
+        }
+    }
+}
+
+/// How a pass ended: done, or to be tried again after a delay (the claim was held elsewhere)
+/// without holding a slot meanwhile.
+enum PassEnd {
+    Done,
+    RetryAfter(Duration, Pass),
 }
 
 struct Actor {
@@ -349,7 +372,11 @@ struct Actor {
     max_concurrent: usize,
     /// Tasks with a pass running -> the rerun to do after it, if any command came meanwhile.
     in_flight: HashMap<Uuid, Option<Pass>>,
-    running: JoinSet<Uuid>,
+    running: JoinSet<PassEnd>,
+    /// Passes waiting out a claim-retry delay; they hold no slot (their task stays in flight).
+    delayed: JoinSet<Pass>,
+    /// Passes whose delay is over, waiting for a slot; served before new commands.
+    retries_due: VecDeque<Pass>,
     /// Which task each running pass serves, so a pass that panics still frees its task.
     running_tasks: HashMap<tokio::task::Id, Uuid>,
     stop: CancellationToken,
@@ -360,11 +387,20 @@ impl Actor {
     async fn run(mut self) {
         let mut draining_since: Option<Instant> = None;
         loop {
+            while self.running.len() < self.max_concurrent {
+                let Some(pass) = self.retries_due.pop_front() else {
+                    break;
+                };
+                self.spawn(pass);
+            }
             let room = self.running.len() < self.max_concurrent;
             tokio::select! {
                 biased;
                 Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.pass_finished(done);
+                }
+                Some(Ok(pass)) = self.delayed.join_next(), if !self.delayed.is_empty() => {
+                    self.retries_due.push_back(pass);
                 }
                 _ = self.stop.cancelled(), if draining_since.is_none() => {
                     // stop intake: senders now get ShuttingDown; what is queued is still received
@@ -374,6 +410,8 @@ impl Actor {
                 maybe = self.rx.recv(), if room => match maybe {
                     Some(env) => self.accept(env),
                     None => {
+                        // passes still waiting out a claim retry are abandoned: the claim
+                        // they wait for is held by another replica, which works the task
                         if self.running.is_empty() {
                             break;
                         }
@@ -430,12 +468,7 @@ impl Actor {
                     |_| {},
                 );
                 match rerun {
-                    None => {
-                        *rerun = Some(Pass {
-                            owner: env,
-                            coalesced: Vec::new(),
-                        })
-                    }
+                    None => *rerun = Some(Pass::new(env)),
                     Some(pass) => {
                         if let Some(reply) = env.reply {
                             pass.coalesced.push((env.id, reply));
@@ -445,27 +478,36 @@ impl Actor {
             }
             None => {
                 self.in_flight.insert(task, None);
-                self.spawn(Pass {
-                    owner: env,
-                    coalesced: Vec::new(),
-                });
+                self.spawn(Pass::new(env));
             }
         }
     }
 
-    fn pass_finished(&mut self, done: Result<(tokio::task::Id, Uuid), tokio::task::JoinError>) {
+    fn pass_finished(&mut self, done: Result<(tokio::task::Id, PassEnd), tokio::task::JoinError>) {
         let id = match &done {
             Ok((id, _)) => *id,
             Err(e) => e.id(),
         };
-        if let Err(e) = &done {
-            // the task is still ready in the database; the rerun or the poller will take it
-            tracing::error!(error = %e, "command pass ended abnormally");
-            self.pass.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
         let Some(task) = self.running_tasks.remove(&id) else {
             return;
         };
+        match done {
+            Ok((_, PassEnd::RetryAfter(delay, pass))) => {
+                // the slot is free; the task stays in flight, so commands for it meanwhile
+                // coalesce into the rerun as usual
+                self.delayed.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    pass
+                });
+                return;
+            }
+            Ok((_, PassEnd::Done)) => {}
+            Err(e) => {
+                // the task is still ready in the database; the rerun or the poller will take it
+                tracing::error!(error = %e, "command pass ended abnormally");
+                self.pass.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         match self.in_flight.get_mut(&task).and_then(Option::take) {
             Some(rerun) => self.spawn(rerun),
             None => {
@@ -490,9 +532,14 @@ async fn sleep_until_grace(since: Option<Instant>, grace: Duration) {
     }
 }
 
-/// One claim-and-enqueue pass for the owner's task; replies to everyone waiting on it.
-async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
-    let Pass { owner, coalesced } = pass;
+/// One claim-and-enqueue pass for the owner's task; replies to everyone waiting on it, unless
+/// the claim was held elsewhere and it is to be tried again (then it replies to nobody yet).
+async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
+    let Pass {
+        owner,
+        coalesced,
+        claim_retries,
+    } = pass;
     let command = &owner.command;
     let task_uuid = command.task_uuid();
     let triggered_by = command.triggered_by();
@@ -503,21 +550,23 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
         task_uuid = %task_uuid,
         namespace = %command.namespace(),
         triggered_by = triggered_by.as_str(),
+        claim_retries,
         outcome = tracing::field::Empty,
         steps_enqueued = tracing::field::Empty,
     );
-    publish(
-        &ctx.events,
-        owner.id,
-        command,
-        CommandPhase::Started,
-        owner.received,
-        |_| {},
-    );
+    if claim_retries == 0 {
+        publish(
+            &ctx.events,
+            owner.id,
+            command,
+            CommandPhase::Started,
+            owner.received,
+            |_| {},
+        );
+    }
     let metadata = json!({ "command_id": owner.id, "triggered_by": triggered_by.as_str() });
 
-    let (outcome, steps) = async {
-        let mut claim_retries = 0;
+    let ended = async {
         let mut transient_retries = 0;
         loop {
             let ran = ctx.runner.run(task_uuid, command.namespace().to_string(), metadata.clone(), triggered_by).await;
@@ -527,11 +576,10 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
             match ran {
                 Ok(r) if r.outcome == EnqueueOutcome::ClaimedElsewhere && claim_retries < ctx.claim_retry_attempts => {
                     // The holder may have read its ready set before a completion that made more
-                    // steps ready; try again once it is likely done.
-                    claim_retries += 1;
-                    tokio::time::sleep(ctx.claim_retry_delay * claim_retries).await;
+                    // steps ready; try again once it is likely done, without holding a slot.
+                    break Err(ctx.claim_retry_delay * (claim_retries + 1));
                 }
-                Ok(r) => break (CommandOutcome::Finished(r.outcome), r.enqueued_steps),
+                Ok(r) => break Ok((CommandOutcome::Finished(r.outcome), r.enqueued_steps)),
                 Err(e) if e.is_retryable() && transient_retries < TRANSIENT_RETRIES => {
                     transient_retries += 1;
                     tracing::warn!(error = %e, attempt = transient_retries, "claim-and-enqueue failed; retrying");
@@ -547,13 +595,28 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
                     };
                     // the task is still ready in the database: a sweep tries it again
                     ctx.sweeps.request();
-                    break (CommandOutcome::Failed(failure), Vec::new());
+                    break Ok((CommandOutcome::Failed(failure), Vec::new()));
                 }
             }
         }
     }
     .instrument(span.clone())
     .await;
+    ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let (outcome, steps) = match ended {
+        Ok(done) => done,
+        Err(delay) => {
+            span.record("outcome", "claim_retry");
+            return PassEnd::RetryAfter(
+                delay,
+                Pass {
+                    owner,
+                    coalesced,
+                    claim_retries: claim_retries + 1,
+                },
+            );
+        }
+    };
 
     span.record("outcome", outcome.as_str());
     span.record("steps_enqueued", steps.len());
@@ -568,7 +631,6 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
     });
     ctx.metrics.command_processed(outcome.as_str());
     ctx.stats.processed.fetch_add(1, Ordering::Relaxed);
-    ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
 
     let result = CommandResult {
         command_id: owner.id,
@@ -586,7 +648,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> Uuid {
     if let Some(reply) = owner.reply {
         let _ = reply.send(result);
     }
-    task_uuid
+    PassEnd::Done
 }
 
 fn publish(
@@ -830,6 +892,43 @@ mod tests {
             "every attempt that lost counts"
         );
         no_more_calls(&mut calls).await;
+        task.shutdown().await;
+    }
+
+    /// With one slot: while a pass waits out its claim-retry delay, another task's command
+    /// runs at once, and the waiting pass gets the slot back when its delay is over.
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_waiting_to_retry_a_claim_holds_no_slot() {
+        let (handle, task, mut calls, _) = start(&config(16, 1));
+        let (held, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.execute(command(held)).await }
+        });
+        let lost = next_call(&mut calls).await;
+        assert_eq!(lost.task, held);
+        let lost_at = lost.at;
+        lost.answer
+            .send(result(EnqueueOutcome::ClaimedElsewhere))
+            .unwrap();
+        // give the actor the chance to see the pass end before the next command comes
+        tokio::task::yield_now().await;
+        handle.try_submit(command(other)).unwrap();
+        let next = next_call(&mut calls).await;
+        assert_eq!(next.task, other, "the other task's command runs first");
+        assert_eq!(next.at, lost_at, "at once, not after the claim-retry delay");
+        next.answer.send(result(EnqueueOutcome::Enqueued)).unwrap();
+        let retry = next_call(&mut calls).await;
+        assert_eq!(retry.task, held);
+        assert_eq!(retry.at - lost_at, Duration::from_millis(25));
+        retry.answer.send(result(EnqueueOutcome::Enqueued)).unwrap();
+        let r = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            r.outcome,
+            CommandOutcome::Finished(EnqueueOutcome::Enqueued)
+        );
+        assert_eq!(handle.stats().in_flight(), 0);
+        assert_eq!(handle.stats().processed(), 2);
         task.shutdown().await;
     }
 

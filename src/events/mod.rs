@@ -83,10 +83,15 @@ impl TaskReadinessEventSystem {
         OrchestrationCommand::process_task(event.task_uuid, event.namespace, event.triggered_by)
     }
 
-    /// Convert and submit without waiting: the listener must keep reading. A full processor
-    /// queue refuses the command; a catch-up sweep is requested, which runs with backpressure
-    /// once there is room, so the task is not stranded even with no periodic poller.
+    /// Convert and submit without waiting: the listener must keep reading. An event whose
+    /// task another listening replica claims first is left to it (`fleet`: the claim split).
+    /// A full processor queue refuses the command; a catch-up sweep is requested, which runs
+    /// with backpressure once there is room, so the task is not stranded even with no
+    /// periodic poller.
     pub fn process_task_ready(&self, event: TaskReadyEvent, received: Instant) {
+        if !self.fleet.claims_first(event.task_uuid) {
+            return;
+        }
         let triggered_by = event.triggered_by;
         match self.commands.try_submit(Self::command_for(event)) {
             Ok(_) => {

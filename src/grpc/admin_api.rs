@@ -102,6 +102,12 @@ impl v1::admin_service_server::AdminService for AdminApi {
                 version: r.version,
                 started_at: Some(proto::timestamp(r.started_at)),
                 heartbeat_at: Some(proto::timestamp(r.heartbeat_at)),
+                mode: r
+                    .deployment_mode
+                    .and_then(|m| m.parse::<DeploymentMode>().ok())
+                    .map_or(v1::DeploymentMode::Unspecified, mode_to_proto)
+                    as i32,
+                listening: r.listening,
             })
             .collect();
         Ok(Response::new(v1::GetStatusResponse {
@@ -121,6 +127,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
             parked_fetches: *self.ctx.workers.parked_fetches().borrow() as u64,
             claims_lost: self.ctx.commands.stats().claims_lost(),
             replica_id: self.ctx.fleet.replica_id().to_string(),
+            events_left_to_peers: self.ctx.fleet.events_left_to_peers(),
             replicas,
         }))
     }

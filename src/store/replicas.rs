@@ -9,11 +9,13 @@ use super::{Store, StoreError};
 use crate::config::DeploymentMode;
 
 /// What a heartbeat learns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {
     pub other_replicas: i32,
     /// Set through SetDeploymentMode with the fleet scope; `None` when never set or cleared.
     pub fleet_mode: Option<DeploymentMode>,
+    /// The replicas alive and listening (this one included if it listens), sorted.
+    pub claimers: Vec<Uuid>,
 }
 
 /// A replica as registered.
@@ -24,26 +26,37 @@ pub struct ReplicaRecord {
     pub version: String,
     pub started_at: DateTime<Utc>,
     pub heartbeat_at: DateTime<Utc>,
+    /// Its deployment mode as of its last heartbeat.
+    pub deployment_mode: Option<String>,
+    /// Whether its LISTEN connection was up at its last heartbeat.
+    pub listening: bool,
 }
 
 impl Store {
-    /// Create or refresh this replica's row; how many other replicas are alive (heart-beat
-    /// within `gone_after`), and the fleet's deployment mode.
+    /// Create or refresh this replica's row (with its mode and whether it listens); how many
+    /// other replicas are alive (heart-beat within `gone_after`), the fleet's deployment mode,
+    /// and the claimers.
     pub async fn replica_heartbeat(
         &self,
         replica_id: Uuid,
         address: &str,
         gone_after: Duration,
+        mode: DeploymentMode,
+        listening: bool,
     ) -> Result<Heartbeat, StoreError> {
-        let (other_replicas, fleet_mode): (i32, Option<String>) = sqlx::query_as(
-            "SELECT other_replicas, fleet_mode FROM tasker.replica_heartbeat($1, $2, $3, $4)",
-        )
-        .bind(replica_id)
-        .bind(address)
-        .bind(env!("CARGO_PKG_VERSION"))
-        .bind(gone_after.as_millis() as i64)
-        .fetch_one(&self.pool)
-        .await?;
+        let (other_replicas, fleet_mode, claimers): (i32, Option<String>, Vec<Uuid>) =
+            sqlx::query_as(
+                "SELECT other_replicas, fleet_mode, claimers
+                 FROM tasker.replica_heartbeat($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(replica_id)
+            .bind(address)
+            .bind(env!("CARGO_PKG_VERSION"))
+            .bind(gone_after.as_millis() as i64)
+            .bind(mode.to_string())
+            .bind(listening)
+            .fetch_one(&self.pool)
+            .await?;
         let fleet_mode = fleet_mode
             .map(|m| {
                 m.parse::<DeploymentMode>()
@@ -53,6 +66,7 @@ impl Store {
         Ok(Heartbeat {
             other_replicas,
             fleet_mode,
+            claimers,
         })
     }
 
@@ -79,7 +93,9 @@ impl Store {
         gone_after: Duration,
     ) -> Result<Vec<ReplicaRecord>, StoreError> {
         Ok(sqlx::query_as::<_, ReplicaRecord>(
-            "SELECT replica_id, address, version, started_at, heartbeat_at FROM tasker.replicas
+            "SELECT replica_id, address, version, started_at, heartbeat_at, deployment_mode,
+                    listening
+             FROM tasker.replicas
              WHERE heartbeat_at >= clock_timestamp() - make_interval(secs => $1 / 1000.0)
              ORDER BY started_at, replica_id",
         )
