@@ -41,3 +41,26 @@ BEGIN
     SELECT f.deployment_mode INTO fleet_mode FROM tasker.fleet_settings f;
 END
 $$;
+
+-- A replica's connections announce its id (`tasker.replica_id`, a connection setting); the
+-- readiness announcement names the replica whose transaction made the steps ready, and that
+-- replica claims the task first while it listens. Changes made by anything else carry none.
+CREATE OR REPLACE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_traceparent text := tasker.current_traceparent();
+    v_replica text := nullif(current_setting('tasker.replica_id', true), '');
+    v_payload jsonb := jsonb_build_object(
+        'task_uuid', p_task_uuid, 'namespace', p_namespace, 'triggered_by', p_triggered_by);
+BEGIN
+    IF v_traceparent IS NOT NULL THEN
+        v_payload := v_payload || jsonb_build_object('traceparent', left(v_traceparent, 128));
+    END IF;
+    IF v_replica IS NOT NULL THEN
+        v_payload := v_payload || jsonb_build_object('replica', v_replica);
+    END IF;
+    PERFORM pg_notify('tasker_task_ready', v_payload::text);
+END
+$$;

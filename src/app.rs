@@ -12,6 +12,7 @@ use crate::grpc::{ApiContext, GrpcServer};
 use crate::local_db::{self, EmbeddedCluster};
 use crate::metrics::Metrics;
 use crate::store::Store;
+use uuid::Uuid;
 
 /// A built, not yet running service.
 pub struct App {
@@ -32,7 +33,7 @@ impl App {
             data_dir = resolved.embedded.as_ref().map(|c| c.data_dir().display().to_string()),
             "database"
         );
-        let store = Store::connect(&resolved.url, &config.database)
+        let store = Store::connect_as(&resolved.url, &config.database, Some(Uuid::now_v7()))
             .await
             .context("connecting to the database")?;
         let applied = store.migrate().await.context("applying migrations")?;

@@ -49,7 +49,9 @@ impl OrchestrationCore {
             ),
         });
         let handoff = StepHandoff::new();
-        let fleet = Fleet::new();
+        // the id the store's connections announce, so that this replica claims first what its
+        // own transactions made ready
+        let fleet = store.replica_id().map_or_else(Fleet::new, Fleet::with_id);
         let enqueuer = TaskClaimStepEnqueuer::new(
             store.clone(),
             handoff.clone(),

@@ -8,10 +8,13 @@
 //! asynchronous-commit heartbeat per interval.
 //!
 //! **Claim split.** Every listening replica hears every notification. Instead of all of them
-//! racing for the task's claim (the losers' attempts are wasted round trips), the replicas
-//! listening now (the *claimers*, as of the last heartbeat) split the tasks by rendezvous
-//! hashing: the claimer with the highest [`claim_score`] for a task works its events, the
-//! others drop them. Rendezvous hashing moves only the departed or arrived replica's share
+//! racing for the task's claim (the losers' attempts are wasted round trips), one of the
+//! replicas listening now (the *claimers*, as of the last heartbeat) works each event and the
+//! others drop it. Which one: the replica whose transaction made the steps ready (the
+//! notification names it), when it is a claimer, because the worker that completed the step
+//! is most likely parked on it again and gets the next step handed over in the enqueue's own
+//! transaction; otherwise the claimer with the highest [`claim_score`] for the task
+//! (rendezvous hashing). Rendezvous hashing moves only the departed or arrived replica's share
 //! when the claimers change. Views of the claimers can differ for up to a heartbeat, and a
 //! claimer can die with events in hand; so whenever a replica's view of the claimers changes
 //! it requests a catch-up sweep, which works every ready task regardless of the split. An
@@ -94,8 +97,13 @@ impl Default for Fleet {
 
 impl Fleet {
     pub fn new() -> Self {
+        Self::with_id(Uuid::now_v7())
+    }
+
+    /// This replica under `replica_id` (the one its store's connections announce).
+    pub fn with_id(replica_id: Uuid) -> Self {
         Self {
-            replica_id: Uuid::now_v7(),
+            replica_id,
             peers_alive: Arc::new(AtomicBool::new(false)),
             fleet_mode: Arc::new(watch::Sender::new(None)),
             claimers: Arc::new(RwLock::new(Arc::from(Vec::new()))),
@@ -103,16 +111,17 @@ impl Fleet {
         }
     }
 
-    /// Whether this replica works an event for `task` (see the module doc): yes when it is the
-    /// task's first claimer, or when it knows of no claimers yet. One that does not appear
-    /// among the claimers (it started listening after the last heartbeat) leaves every task
-    /// to those that do, as they expect.
-    pub fn claims_first(&self, task: Uuid) -> bool {
+    /// Whether this replica works an event for `task` that `origin` caused (see the module
+    /// doc): yes when it is the event's first claimer, or when it knows of no claimers yet.
+    /// One that does not appear among the claimers (it started listening after the last
+    /// heartbeat) leaves every task to those that do, as they expect.
+    pub fn claims_first(&self, task: Uuid, origin: Option<Uuid>) -> bool {
         let claimers = self.claimers();
-        let mine = match first_claimer(task, &claimers) {
-            None => true,
-            Some(first) => first == self.replica_id,
+        let first = match origin {
+            Some(o) if claimers.binary_search(&o).is_ok() => Some(o),
+            _ => first_claimer(task, &claimers),
         };
+        let mine = first.is_none_or(|f| f == self.replica_id);
         if !mine {
             self.left_to_peers.fetch_add(1, Ordering::Relaxed);
         }
@@ -279,9 +288,9 @@ mod tests {
     #[test]
     fn a_replica_that_knows_no_claimers_claims_everything_and_one_not_among_them_nothing() {
         let fleet = Fleet::new();
-        assert!(fleet.claims_first(Uuid::now_v7()));
+        assert!(fleet.claims_first(Uuid::now_v7(), None));
         assert!(fleet.heard_claimers(ids(2)));
-        assert!((0..100).all(|_| !fleet.claims_first(Uuid::now_v7())));
+        assert!((0..100).all(|_| !fleet.claims_first(Uuid::now_v7(), None)));
         assert_eq!(fleet.events_left_to_peers(), 100);
         let mut with_me = ids(1);
         with_me.push(fleet.replica_id());
@@ -291,7 +300,23 @@ mod tests {
             "the same claimers are no change"
         );
         let mine = (0..1000)
-            .filter(|_| fleet.claims_first(Uuid::now_v7()))
+            .filter(|_| fleet.claims_first(Uuid::now_v7(), None))
+            .count();
+        assert!((350..650).contains(&mine), "{mine}");
+    }
+
+    /// The replica whose transaction made the steps ready claims first while it listens;
+    /// one that does not (or anything else's change) leaves the choice to the hash.
+    #[test]
+    fn the_origin_of_an_event_claims_it_first_when_it_listens() {
+        let fleet = Fleet::new();
+        let other = Uuid::now_v7();
+        assert!(fleet.heard_claimers(vec![other, fleet.replica_id()]));
+        assert!((0..100).all(|_| fleet.claims_first(Uuid::now_v7(), Some(fleet.replica_id()))));
+        assert!((0..100).all(|_| !fleet.claims_first(Uuid::now_v7(), Some(other))));
+        let polling_only = Uuid::now_v7();
+        let mine = (0..1000)
+            .filter(|_| fleet.claims_first(Uuid::now_v7(), Some(polling_only)))
             .count();
         assert!((350..650).contains(&mine), "{mine}");
     }

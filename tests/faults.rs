@@ -473,17 +473,6 @@ struct ServiceProcess {
     addr: SocketAddr,
 }
 
-fn database_url(pool: &PgPool) -> String {
-    let o = pool.connect_options();
-    format!(
-        "postgres://{}@{}:{}/{}",
-        o.get_username(),
-        o.get_host(),
-        o.get_port(),
-        o.get_database().expect("test databases are named")
-    )
-}
-
 impl ServiceProcess {
     async fn spawn(url: &str, mode: &str) -> Self {
         Self::spawn_with(url, mode, &[]).await

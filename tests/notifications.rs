@@ -34,6 +34,35 @@ async fn completing_a_parent_notifies_once_with_exact_payload(pool: PgPool) {
     );
 }
 
+/// A replica's connections announce its id: the readiness its transactions cause names it,
+/// so it claims the task first (the claim split).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_replica_s_completion_names_the_replica(pool: PgPool) {
+    let replica = uuid::Uuid::now_v7();
+    let store = Store::connect_as(
+        &database_url(&pool),
+        &tasker::config::DatabaseConfig::default(),
+        Some(replica),
+    )
+    .await
+    .expect("connect");
+    let t = create(&store, TaskSpec::chain(NS, 2)).await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+    let mut l = listener(&pool, &[READY]).await;
+    complete(&store, &leased[0]).await;
+    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        payload(&got[0]),
+        json!({
+            "task_uuid": t.task_uuid,
+            "namespace": NS,
+            "triggered_by": "step_transition",
+            "replica": replica,
+        })
+    );
+}
+
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn no_notification_while_the_child_waits_for_another_parent(pool: PgPool) {
     let store = Store::new(pool.clone());

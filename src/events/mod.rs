@@ -89,7 +89,7 @@ impl TaskReadinessEventSystem {
     /// with backpressure once there is room, so the task is not stranded even with no
     /// periodic poller.
     pub fn process_task_ready(&self, event: TaskReadyEvent, received: Instant) {
-        if !self.fleet.claims_first(event.task_uuid) {
+        if !self.fleet.claims_first(event.task_uuid, event.replica) {
             return;
         }
         let triggered_by = event.triggered_by;

@@ -67,6 +67,11 @@ pub struct TaskReadyEvent {
     /// W3C trace context of the request that caused the change, when it carried one.
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// The replica whose transaction made the steps ready (its connections announce its id as
+    /// `tasker.replica_id`); it claims first when it listens. `None` for changes made by
+    /// anything else (an operator's SQL, `tasker ctl` against the database).
+    #[serde(default)]
+    pub replica: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -25,6 +25,7 @@ mod views;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActivity};
 pub use error::{is_retryable, StoreError};
@@ -53,6 +54,7 @@ pub struct StoreLimits {
 pub struct Store {
     pool: PgPool,
     limits: StoreLimits,
+    replica_id: Option<Uuid>,
 }
 
 impl Store {
@@ -60,6 +62,7 @@ impl Store {
         Self {
             pool,
             limits: StoreLimits::default(),
+            replica_id: None,
         }
     }
 
@@ -72,23 +75,45 @@ impl Store {
     /// every connection gets an application name so operators can find them in
     /// `pg_stat_activity`, and `database.statement_timeout_ms` as its `statement_timeout`.
     pub async fn connect(url: &str, cfg: &DatabaseConfig) -> Result<Self, StoreError> {
+        Self::connect_as(url, cfg, None).await
+    }
+
+    /// Connect as the replica `replica_id`: every connection announces it
+    /// (`tasker.replica_id`), and the notifications its transactions send name it, so the
+    /// replica that made steps ready claims the task first (`fleet`).
+    pub async fn connect_as(
+        url: &str,
+        cfg: &DatabaseConfig,
+        replica_id: Option<Uuid>,
+    ) -> Result<Self, StoreError> {
+        // no statement of the service holds a backend longer than this: a request that would
+        // is cancelled by the server, whatever its client does
+        let mut settings = vec![(
+            "statement_timeout",
+            format!("{}ms", cfg.statement_timeout.as_millis()),
+        )];
+        if let Some(id) = replica_id {
+            settings.push(("tasker.replica_id", id.to_string()));
+        }
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()
             .map_err(StoreError::from)?
             .application_name("tasker")
-            // no statement of the service holds a backend longer than this: a request that
-            // would is cancelled by the server, whatever its client does
-            .options([(
-                "statement_timeout",
-                format!("{}ms", cfg.statement_timeout.as_millis()),
-            )]);
+            .options(settings);
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
             .min_connections(cfg.min_connections)
             .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self::new(pool))
+        let mut store = Self::new(pool);
+        store.replica_id = replica_id;
+        Ok(store)
+    }
+
+    /// The replica id this store's connections announce, if any.
+    pub fn replica_id(&self) -> Option<Uuid> {
+        self.replica_id
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -486,3 +486,16 @@ pub async fn assert_mode_in_effect(
         assert!(next_round.is_err(), "{mode}: the poller kept polling");
     }
 }
+
+/// The URL of a test's own database, for what connects by itself (a service process, a store
+/// with its own connection settings).
+pub fn database_url(pool: &PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "postgres://{}@{}:{}/{}",
+        o.get_username(),
+        o.get_host(),
+        o.get_port(),
+        o.get_database().expect("test databases are named")
+    )
+}
