@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -15,7 +16,7 @@ use crate::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::config::TaskerConfig;
 use crate::coordinator::UnifiedEventCoordinator;
 use crate::enqueue::{StepHandoff, TaskClaimStepEnqueuer};
-use crate::events::TaskReadinessEventSystem;
+use crate::events::{ListenerState, ListenerStatus, TaskReadinessEventSystem};
 use crate::fleet::{Fleet, ReplicaState};
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
@@ -98,7 +99,10 @@ impl OrchestrationCore {
                     config.grpc.bind.to_string(),
                     ReplicaState {
                         mode: coordinator.mode_changes(),
-                        listener: coordinator.listener_status(),
+                        listening: listening_flag(
+                            coordinator.listener_status(),
+                            stop_maintenance.clone(),
+                        ),
                     },
                     claim_sweeps,
                     stop_maintenance.clone(),
@@ -176,4 +180,25 @@ impl OrchestrationCore {
         }
         self.processor.shutdown().await;
     }
+}
+
+/// Whether the listener is listening, as a flag that changes only when that does (the
+/// registry's `listening`; the status's other fields change more often).
+fn listening_flag(
+    mut status: watch::Receiver<ListenerStatus>,
+    stop: CancellationToken,
+) -> watch::Receiver<bool> {
+    let is_listening = |s: &ListenerStatus| s.state == ListenerState::Listening;
+    let (tx, rx) = watch::channel(is_listening(&status.borrow_and_update()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = status.changed() => if changed.is_err() { return },
+            }
+            let now = is_listening(&status.borrow_and_update());
+            tx.send_if_modified(|l| std::mem::replace(l, now) != now);
+        }
+    });
+    rx
 }

@@ -35,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{DeploymentMode, ReplicasConfig};
-use crate::events::{ListenerState, ListenerStatus};
 use crate::store::Store;
 use crate::wakeups::SweepRequester;
 
@@ -51,17 +50,12 @@ pub struct Fleet {
     left_to_peers: Arc<AtomicU64>,
 }
 
-/// What this replica tells the registry about itself with each heartbeat.
+/// What this replica tells the registry about itself with each heartbeat, changes included.
 #[derive(Clone)]
 pub struct ReplicaState {
     pub mode: watch::Receiver<DeploymentMode>,
-    pub listener: watch::Receiver<ListenerStatus>,
-}
-
-impl ReplicaState {
-    fn listening(&self) -> bool {
-        self.listener.borrow().state == ListenerState::Listening
-    }
+    /// Whether its LISTEN connection is up.
+    pub listening: watch::Receiver<bool>,
 }
 
 /// A task's score for a replica under rendezvous hashing; the highest scoring claimer claims
@@ -198,20 +192,14 @@ impl Fleet {
     ) {
         let mut tick = tokio::time::interval(cfg.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut listening = state.listening();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
                 Ok(()) = state.mode.changed() => {}
-                Ok(()) = state.listener.changed() => {
-                    // only a change of listening or not is news for the registry
-                    if state.listening() == listening {
-                        continue;
-                    }
-                }
+                Ok(()) = state.listening.changed() => {}
             }
-            listening = state.listening();
+            let listening = *state.listening.borrow_and_update();
             let mode = *state.mode.borrow_and_update();
             match store
                 .replica_heartbeat(self.replica_id, &address, cfg.gone_after, mode, listening)

@@ -389,14 +389,17 @@ async fn every_error_code(pool: PgPool) {
         })
         .await
         .unwrap();
-    let e = tasks
+    // a retried cancel (its first answer lost) is answered as done
+    let again = tasks
         .cancel_task(v1::CancelTaskRequest {
             task_uuid: created.task_uuid.clone(),
             reason: String::new(),
         })
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+        .expect("cancelling a cancelled task answers OK")
+        .into_inner();
+    assert!(again.already_cancelled);
+    assert_eq!(again.task.unwrap().state, "cancelled");
 
     // ALREADY_EXISTS is not reachable through the API (uuids are server-made); UNAVAILABLE:
     pool.close().await;
@@ -770,4 +773,80 @@ async fn a_failed_command_streams_a_safe_error(pool: PgPool) {
         failed.error
     );
     server.stop().await;
+}
+
+/// A ProcessTaskReadiness that comes while a pass for its task runs joins the rerun and says
+/// so. The test holds the task's claim from its own connection, so the first pass keeps
+/// finding it held (and stays in flight) until the second command has been coalesced.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_command_joining_a_running_pass_answers_coalesced(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::PollingOnly);
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
+    cfg.orchestration.command_processor.claim_retry_delay = Duration::from_millis(2);
+    cfg.orchestration.command_processor.claim_retry_attempts = 100_000;
+    let server = TestServer::start(&pool, &cfg).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut readiness) = (Tasks::new(ch.clone()), Readiness::new(ch));
+    let task = tasks
+        .create_task(diamond("joined"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let mut events = readiness
+        .stream_command_events(v1::StreamCommandEventsRequest {
+            task_uuids: vec![task.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut claim = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tasker.claim:' || $1, 0))")
+        .bind(&task)
+        .execute(&mut *claim)
+        .await
+        .unwrap();
+    let call = |r: &v1::readiness_service_client::ReadinessServiceClient<_>| {
+        let (mut r, task) = (r.clone(), task.clone());
+        tokio::spawn(async move {
+            r.process_task_readiness(v1::ProcessTaskReadinessRequest {
+                task_uuid: task,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        })
+    };
+    let first = call(&readiness);
+    let started = next_phase(&mut events, "started").await;
+    let second = call(&readiness);
+    let joined = next_phase(&mut events, "coalesced").await;
+    assert_ne!(started, joined);
+    claim.commit().await.unwrap();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(!first.coalesced);
+    assert_eq!(first.outcome, "enqueued");
+    assert!(second.coalesced, "{second:?}");
+    assert_eq!(second.command_id, joined);
+    assert_eq!(
+        second.outcome, "nothing_ready",
+        "the rerun found the steps enqueued"
+    );
+    server.stop().await;
+}
+
+/// The id of the next command event in `phase`.
+async fn next_phase(events: &mut tonic::Streaming<v1::CommandEvent>, phase: &str) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let e = events.next().await.unwrap().unwrap();
+            if e.phase == phase {
+                return e.command_id;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {phase} event"))
 }

@@ -221,10 +221,27 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
     let again = store
         .cancel_task(t.task_uuid, "twice", &json!({}), None)
         .await;
-    assert!(matches!(
-        again,
-        Err(tasker::internal::StoreError::FailedPrecondition(_))
-    ));
+    assert_eq!(
+        again.unwrap(),
+        tasker::internal::CancelOutcome::AlreadyCancelled
+    );
+}
+
+/// A complete task cannot be cancelled, and the refusal names its state.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_complete_task_refuses_cancel(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 1)).await;
+    run_named(&store, t.task_uuid, NS, "s0").await;
+    let refused = store
+        .cancel_task(t.task_uuid, "too late", &json!({}), None)
+        .await;
+    match refused {
+        Err(tasker::internal::StoreError::FailedPrecondition(m)) => {
+            assert!(m.contains("already complete"), "{m}")
+        }
+        other => panic!("expected FailedPrecondition, got {other:?}"),
+    }
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]

@@ -347,6 +347,9 @@ struct Pass {
     coalesced: Vec<(Uuid, oneshot::Sender<CommandResult>)>,
     /// Attempts so far that found the task's claim held elsewhere.
     claim_retries: u32,
+    /// The owner came while another pass for the task ran: this pass is that one's rerun,
+    /// and the owner's answer says it was coalesced too.
+    rerun: bool,
 }
 
 impl Pass {
@@ -355,6 +358,14 @@ impl Pass {
             owner,
             coalesced: Vec::new(),
             claim_retries: 0,
+            rerun: false,
+        }
+    }
+
+    fn rerun(owner: Envelope) -> Self {
+        Self {
+            rerun: true,
+            ..Self::new(owner)
         }
     }
 }
@@ -468,7 +479,7 @@ impl Actor {
                     |_| {},
                 );
                 match rerun {
-                    None => *rerun = Some(Pass::new(env)),
+                    None => *rerun = Some(Pass::rerun(env)),
                     Some(pass) => {
                         if let Some(reply) = env.reply {
                             pass.coalesced.push((env.id, reply));
@@ -539,6 +550,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
         owner,
         coalesced,
         claim_retries,
+        rerun,
     } = pass;
     let command = &owner.command;
     let task_uuid = command.task_uuid();
@@ -613,6 +625,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
                     owner,
                     coalesced,
                     claim_retries: claim_retries + 1,
+                    rerun,
                 },
             );
         }
@@ -636,7 +649,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
         command_id: owner.id,
         outcome,
         enqueued_steps: steps,
-        coalesced: false,
+        coalesced: rerun,
     };
     for (id, reply) in coalesced {
         let _ = reply.send(CommandResult {

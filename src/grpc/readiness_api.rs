@@ -177,6 +177,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            coalesced: result.coalesced,
         }))
     }
 

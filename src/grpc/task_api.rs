@@ -9,7 +9,7 @@ use super::error;
 use crate::dag::{StepSpec, TaskSpec};
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
-use crate::store::{StepRecord, TaskRecord};
+use crate::store::{CancelOutcome, StepRecord, TaskRecord};
 
 pub struct TaskApi {
     ctx: ApiContext,
@@ -246,7 +246,8 @@ impl v1::task_service_server::TaskService for TaskApi {
         } else {
             &r.reason
         };
-        self.ctx
+        let outcome = self
+            .ctx
             .store
             .cancel_task(
                 task_uuid,
@@ -258,6 +259,7 @@ impl v1::task_service_server::TaskService for TaskApi {
         let task = self.ctx.store.get_task(task_uuid).await?;
         Ok(Response::new(v1::CancelTaskResponse {
             task: Some(self.task_page(task, StepPage::SUMMARY).await?.0),
+            already_cancelled: outcome == CancelOutcome::AlreadyCancelled,
         }))
     }
 }

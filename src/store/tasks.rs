@@ -7,6 +7,13 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 
+/// What a cancel did: cancelled the task now, or found it cancelled before (a retried call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Cancelled,
+    AlreadyCancelled,
+}
+
 /// A task to create. Validation of the DAG's shape happens before this (see `crate::dag`);
 /// the database re-checks what it can.
 #[derive(Debug, Clone)]
@@ -172,7 +179,7 @@ impl Store {
         reason: &str,
         metadata: &Value,
         traceparent: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<CancelOutcome, StoreError> {
         let outcome: String = sqlx::query_scalar(
             "SELECT tasker.cancel_task($1, $2, $3) FROM (SELECT set_config('tasker.traceparent', coalesce($4, ''), true)) tp",
         )
@@ -183,11 +190,24 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         match outcome.as_str() {
-            "cancelled" => Ok(()),
+            "cancelled" => Ok(CancelOutcome::Cancelled),
             "task_not_found" => Err(StoreError::not_found(format!("task {task_uuid}"))),
-            "task_already_final" => Err(StoreError::FailedPrecondition(format!(
-                "task {task_uuid} cannot be cancelled: it is already complete or cancelled"
-            ))),
+            "task_already_final" => {
+                // final states are final: what this reads cannot change any more
+                let state: String =
+                    sqlx::query_scalar("SELECT state FROM tasker.tasks WHERE task_uuid = $1")
+                        .bind(task_uuid)
+                        .fetch_one(&self.pool)
+                        .await?;
+                if state == "cancelled" {
+                    // a retried cancel (its first answer lost) is answered as done
+                    Ok(CancelOutcome::AlreadyCancelled)
+                } else {
+                    Err(StoreError::FailedPrecondition(format!(
+                        "task {task_uuid} cannot be cancelled: it is already {state}"
+                    )))
+                }
+            }
             other => Err(StoreError::unexpected("tasker.cancel_task", other)),
         }
     }
