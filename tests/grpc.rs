@@ -756,16 +756,7 @@ async fn a_failed_command_streams_a_safe_error(pool: PgPool) {
         .unwrap()
         .into_inner();
     assert_eq!(injected.outcome, "failed");
-    let failed = tokio::time::timeout(WAIT, async {
-        loop {
-            let e = events.next().await.unwrap().unwrap();
-            if e.phase == "failed" {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("a failed event");
+    let failed = next_phase(&mut events, "failed").await;
     assert!(!failed.error.is_empty());
     assert!(
         !failed.error.contains("payroll") && !failed.error.contains("postgres"),
@@ -820,9 +811,9 @@ async fn a_command_joining_a_running_pass_answers_coalesced(pool: PgPool) {
         })
     };
     let first = call(&readiness);
-    let started = next_phase(&mut events, "started").await;
+    let started = next_phase(&mut events, "started").await.command_id;
     let second = call(&readiness);
-    let joined = next_phase(&mut events, "coalesced").await;
+    let joined = next_phase(&mut events, "coalesced").await.command_id;
     assert_ne!(started, joined);
     claim.commit().await.unwrap();
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
@@ -837,13 +828,16 @@ async fn a_command_joining_a_running_pass_answers_coalesced(pool: PgPool) {
     server.stop().await;
 }
 
-/// The id of the next command event in `phase`.
-async fn next_phase(events: &mut tonic::Streaming<v1::CommandEvent>, phase: &str) -> String {
+/// The next command event in `phase`.
+async fn next_phase(
+    events: &mut tonic::Streaming<v1::CommandEvent>,
+    phase: &str,
+) -> v1::CommandEvent {
     tokio::time::timeout(WAIT, async {
         loop {
             let e = events.next().await.unwrap().unwrap();
             if e.phase == phase {
-                return e.command_id;
+                return e;
             }
         }
     })

@@ -15,19 +15,25 @@ fn payload(n: &sqlx::postgres::PgNotification) -> Value {
     serde_json::from_str(n.payload()).expect("payload is JSON")
 }
 
+/// Complete the first step of a 2-step chain through `store`: the one readiness notification
+/// it sends, and the task.
+async fn completion_notification(store: &Store, pool: &PgPool) -> (Value, uuid::Uuid) {
+    let t = create(store, TaskSpec::chain(NS, 2)).await;
+    let leased = enqueue_and_lease(store, t.task_uuid, NS).await;
+    let mut l = listener(pool, &[READY]).await;
+    complete(store, &leased[0]).await;
+    let got = drain_until_sentinel(pool, &mut l, &[READY]).await;
+    assert_eq!(got.len(), 1);
+    (payload(&got[0]), t.task_uuid)
+}
+
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn completing_a_parent_notifies_once_with_exact_payload(pool: PgPool) {
-    let store = Store::new(pool.clone());
-    let t = create(&store, TaskSpec::chain(NS, 2)).await;
-    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
-    let mut l = listener(&pool, &[READY]).await;
-    complete(&store, &leased[0]).await;
-    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
-    assert_eq!(got.len(), 1);
+    let (got, task) = completion_notification(&Store::new(pool.clone()), &pool).await;
     assert_eq!(
-        payload(&got[0]),
+        got,
         json!({
-            "task_uuid": t.task_uuid,
+            "task_uuid": task,
             "namespace": NS,
             "triggered_by": "step_transition",
         })
@@ -46,16 +52,11 @@ async fn a_replica_s_completion_names_the_replica(pool: PgPool) {
     )
     .await
     .expect("connect");
-    let t = create(&store, TaskSpec::chain(NS, 2)).await;
-    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
-    let mut l = listener(&pool, &[READY]).await;
-    complete(&store, &leased[0]).await;
-    let got = drain_until_sentinel(&pool, &mut l, &[READY]).await;
-    assert_eq!(got.len(), 1);
+    let (got, task) = completion_notification(&store, &pool).await;
     assert_eq!(
-        payload(&got[0]),
+        got,
         json!({
-            "task_uuid": t.task_uuid,
+            "task_uuid": task,
             "namespace": NS,
             "triggered_by": "step_transition",
             "replica": replica,
