@@ -166,6 +166,7 @@ pub mod defaults {
     pub const MAX_PARENT_RESULTS_BYTES: usize = 1024 * 1024;
     pub const REPLICA_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
     pub const REPLICA_GONE_AFTER: Duration = Duration::from_secs(5);
+    pub const REPLICA_ANNOUNCE_GRACE: Duration = Duration::from_millis(5);
 }
 
 /// The longest a ready task waits for the fallback poller after its notification was lost,
@@ -258,6 +259,10 @@ pub struct ReplicasConfig {
     /// A replica whose heartbeat is older than this is gone.
     #[serde(rename = "gone_after_ms", with = "millis")]
     pub gone_after: Duration,
+    /// Steps queued here that no local fetch took are announced to the other replicas only
+    /// if no local fetch takes them within this grace (0: at once).
+    #[serde(rename = "announce_grace_ms", with = "millis")]
+    pub announce_grace: Duration,
 }
 
 impl Default for ReplicasConfig {
@@ -265,6 +270,7 @@ impl Default for ReplicasConfig {
         Self {
             heartbeat_interval: defaults::REPLICA_HEARTBEAT_INTERVAL,
             gone_after: defaults::REPLICA_GONE_AFTER,
+            announce_grace: defaults::REPLICA_ANNOUNCE_GRACE,
         }
     }
 }
@@ -1093,6 +1099,12 @@ impl TaskerConfig {
             rp.heartbeat_interval.as_millis() as u64,
             100,
             60_000,
+        );
+        range(
+            "orchestration.replicas.announce_grace_ms",
+            rp.announce_grace.as_millis() as u64,
+            0,
+            1_000,
         );
         let wk = &self.orchestration.workers;
         range(

@@ -1,7 +1,7 @@
 //! `OrchestrationCore`: the event-driven core assembled. The command processor and its
 //! enqueuer, the coordinator with the listener, poller and deadline scheduler, the workers'
-//! queue, table maintenance and the replica heartbeat, sharing one store and one set of
-//! metrics.
+//! queue, table maintenance, the replica heartbeat and the step announcer, sharing one store
+//! and one set of metrics.
 //!
 //! Shutdown order: stop the sources of commands (listener, poller, scheduler) and
 //! maintenance, then let the processor finish what it holds within its grace period.
@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::announce::StepAnnouncer;
 use crate::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::config::TaskerConfig;
 use crate::coordinator::UnifiedEventCoordinator;
@@ -53,10 +54,12 @@ impl OrchestrationCore {
         // the id the store's connections announce, so that this replica claims first what its
         // own transactions made ready
         let fleet = store.replica_id().map_or_else(Fleet::new, Fleet::with_id);
+        let announcer = StepAnnouncer::new(config.orchestration.replicas.announce_grace);
         let enqueuer = TaskClaimStepEnqueuer::new(
             store.clone(),
             handoff.clone(),
             fleet.clone(),
+            announcer.clone(),
             metrics.clone(),
         );
         let sweeps = SweepRequester::new();
@@ -83,7 +86,13 @@ impl OrchestrationCore {
                 metrics.clone(),
             ),
         ));
-        let workers = WorkerQueue::new(store.clone(), handoff, poke, &config.orchestration);
+        let workers = WorkerQueue::new(
+            store.clone(),
+            handoff,
+            announcer.clone(),
+            poke,
+            &config.orchestration,
+        );
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(
             TableMaintenance::new(store.clone())
@@ -108,6 +117,11 @@ impl OrchestrationCore {
                     stop_maintenance.clone(),
                 )
                 .instrument(tracing::info_span!("replica_heartbeat")),
+        );
+        let announcements = tokio::spawn(
+            announcer
+                .run(store.clone(), fleet.replica_id(), stop_maintenance.clone())
+                .instrument(tracing::info_span!("step_announcer")),
         );
         let follow = {
             let (coordinator, heard, stop) = (
@@ -158,7 +172,10 @@ impl OrchestrationCore {
             metrics,
             processor,
             fleet,
-            maintenance: (stop_maintenance, vec![maintenance, heartbeat, follow]),
+            maintenance: (
+                stop_maintenance,
+                vec![maintenance, heartbeat, announcements, follow],
+            ),
             _gauges: gauges,
         }
     }

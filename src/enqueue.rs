@@ -16,6 +16,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::announce::StepAnnouncer;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::store::{EnqueueResult, LeasedStep, Store, StoreError, Taker};
@@ -35,15 +36,23 @@ pub struct TaskClaimStepEnqueuer {
     store: Store,
     handoff: StepHandoff,
     fleet: Fleet,
+    announcer: StepAnnouncer,
     metrics: Metrics,
 }
 
 impl TaskClaimStepEnqueuer {
-    pub fn new(store: Store, handoff: StepHandoff, fleet: Fleet, metrics: Metrics) -> Self {
+    pub fn new(
+        store: Store,
+        handoff: StepHandoff,
+        fleet: Fleet,
+        announcer: StepAnnouncer,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             store,
             handoff,
             fleet,
+            announcer,
             metrics,
         }
     }
@@ -83,7 +92,8 @@ impl TaskClaimStepEnqueuer {
                 metadata,
                 traceparent.as_deref(),
                 &takers,
-                self.fleet.announce_as(),
+                // announced below, after a grace, only if no fetch here takes them
+                None,
             )
             .instrument(span.clone())
             .await
@@ -101,6 +111,10 @@ impl TaskClaimStepEnqueuer {
         self.deliver(namespace, waiters, &result.leased).await;
         if queued > 0 {
             self.handoff.queued(namespace, queued);
+            if self.fleet.announce_as().is_some() {
+                self.announcer
+                    .queued(namespace, u32::try_from(queued).unwrap_or(u32::MAX));
+            }
         }
         if !result.enqueued_steps.is_empty() {
             if let Some(ms) = result.max_ready_wait_ms {

@@ -22,6 +22,8 @@
 //! - `namespaces`: the namespace name rule, `NamespaceSelector`
 //! - `wakeups`: the in-process wake-ups (parked fetches, the deadline scheduler, sweeps)
 //! - `store`: the pool, migrations and every SQL statement, behind typed functions
+//! - `fleet`: the replica registry as this replica sees it; the claim split
+//! - `announce`: `StepAnnouncer`, telling other replicas of steps queued here, after a grace
 //! - `dag`: validating requested step DAGs; chain / diamond / fan builders
 //! - `enqueue`: `TaskClaimStepEnqueuer`, one claim-and-enqueue transaction
 //! - `commands`: `OrchestrationCommand` and the `CommandProcessor` actor
@@ -41,6 +43,7 @@
 //! checks that no two modules import each other). The `tasker` binary (`src/bin/tasker`:
 //! command line, `ctl` client, benchmark) uses the library from outside.
 
+mod announce;
 mod app;
 pub mod client;
 mod commands;

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::announce::StepAnnouncer;
 use crate::completions::CompletionBatcher;
 use crate::enqueue::{release_undelivered, StepHandoff};
 use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
@@ -59,6 +60,8 @@ fn lease_span(step: &LeasedStep, worker_id: &str) {
 pub struct WorkerQueue {
     store: Store,
     handoff: StepHandoff,
+    /// Told of the steps fetches here take from the queue (see `announce`).
+    announcer: StepAnnouncer,
     deadlines: DeadlinePoke,
     /// `None`: every completion commits on its own (max_batch = 1).
     batcher: Option<CompletionBatcher>,
@@ -103,6 +106,7 @@ impl WorkerQueue {
     pub fn new(
         store: Store,
         handoff: StepHandoff,
+        announcer: StepAnnouncer,
         deadlines: DeadlinePoke,
         cfg: &crate::config::OrchestrationConfig,
     ) -> Self {
@@ -112,6 +116,7 @@ impl WorkerQueue {
         Self {
             store,
             handoff,
+            announcer,
             deadlines,
             batcher,
             recheck: cfg.workers.fetch_recheck_interval,
@@ -190,6 +195,10 @@ impl WorkerQueue {
                         .store
                         .fetch_steps(namespace, worker_id, max, lease_ms)
                         .await?;
+                    if !steps.is_empty() {
+                        // taken here: no need to tell the other replicas of them
+                        self.announcer.taken(namespace, steps.len());
+                    }
                     if !steps.is_empty() || Instant::now() >= deadline {
                         return Ok(self.leased(steps, worker_id));
                     }

@@ -51,19 +51,31 @@ impl Store {
     /// catalog, so that it also empties the database of an older build measured beside this
     /// one (`tasker bench --server-bin`). The replica registry is kept: the replicas under
     /// test are running, and a TRUNCATE beside their heartbeats deadlocks (it locks the tables
-    /// in another order than a heartbeat does).
+    /// in another order than a heartbeat does). Their catch-up sweeps (they run one whenever
+    /// a replica joins) can deadlock with it too: PostgreSQL then cancels one side, and a
+    /// cancelled TRUNCATE is tried again, up to five times.
     pub async fn truncate_all(&self) -> Result<(), StoreError> {
-        sqlx::raw_sql(
-            "DO $$ BEGIN
-                 EXECUTE (SELECT 'TRUNCATE ' || string_agg(format('%I.%I', schemaname, tablename), ', ')
-                          FROM pg_tables
-                          WHERE schemaname = 'tasker'
-                            AND tablename NOT IN ('replicas', 'fleet_settings'));
-             END $$",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let done = sqlx::raw_sql(
+                "DO $$ BEGIN
+                     EXECUTE (SELECT 'TRUNCATE ' || string_agg(format('%I.%I', schemaname, tablename), ', ')
+                              FROM pg_tables
+                              WHERE schemaname = 'tasker'
+                                AND tablename NOT IN ('replicas', 'fleet_settings'));
+                 END $$",
+            )
+            .execute(&self.pool)
+            .await;
+            match done {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt < 5 && super::error::is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "emptying the tables: retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Completion -> enqueue latency (ms, database clock) of every step enqueued between

@@ -79,6 +79,31 @@ impl Store {
         Ok(())
     }
 
+    /// Tell the other replicas' parked fetches of steps queued by `replica` (namespace, steps)
+    /// on `tasker_steps_enqueued`, in one statement. Asynchronous commit: the transaction
+    /// writes nothing but the notifications, which are sent at commit either way.
+    pub async fn announce_steps(
+        &self,
+        queued: &[(String, u32)],
+        replica: Uuid,
+    ) -> Result<(), StoreError> {
+        let payloads: Vec<String> = queued
+            .iter()
+            .map(|(namespace, steps)| {
+                serde_json::json!({"namespace": namespace, "steps": steps, "replica": replica})
+                    .to_string()
+            })
+            .collect();
+        sqlx::query(
+            "SELECT pg_notify('tasker_steps_enqueued', p)
+             FROM (SELECT set_config('synchronous_commit', 'off', true)) s, unnest($1::text[]) p",
+        )
+        .bind(payloads)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn remove_replica(&self, replica_id: Uuid) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM tasker.replicas WHERE replica_id = $1")
             .bind(replica_id)
