@@ -185,6 +185,7 @@ fn every_invalid_value_is_reported_at_once() {
                 "-5",
             ),
             ("TASKER_ORCHESTRATION__TASK_READINESS__BATCH_SIZE", "0"),
+            ("TASKER_ORCHESTRATION__REPLICAS__ANNOUNCE_GRACE_MS", "5000"),
             ("TASKER_GRPC__BIND", "not-an-address"),
             ("TASKER_TELEMETRY__SAMPLE_RATIO", "\"lots\""),
             (
@@ -201,6 +202,7 @@ fn every_invalid_value_is_reported_at_once() {
         "orchestration.task_readiness.fallback_polling_interval_seconds",
         "orchestration.task_readiness.age_threshold_seconds",
         "orchestration.task_readiness.batch_size",
+        "orchestration.replicas.announce_grace_ms",
         "grpc.bind",
         "telemetry.sample_ratio",
         "orchestration.task_readiness.namespaces[1]",
