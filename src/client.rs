@@ -230,7 +230,8 @@ impl WorkerClient {
         Ok(r.into_inner().steps.into_iter().map(Into::into).collect())
     }
 
-    /// Report the attempt done with `results` (a JSON object).
+    /// Report the attempt done with `results` (a JSON object). Safe to retry after a lost
+    /// answer: the same completion again is answered OK (`already_recorded`).
     pub async fn complete(&mut self, step: &LeasedStep, results: &Value) -> Result<(), Status> {
         self.inner
             .complete_step(v1::CompleteStepRequest {

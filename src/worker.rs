@@ -56,6 +56,14 @@ fn lease_span(step: &LeasedStep, worker_id: &str) {
     }
 }
 
+/// What a completion did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompleteOutcome {
+    Recorded,
+    /// The same attempt had completed with the same results before (a retried call).
+    AlreadyRecorded,
+}
+
 #[derive(Clone)]
 pub struct WorkerQueue {
     store: Store,
@@ -290,9 +298,9 @@ impl WorkerQueue {
         results: &Value,
         worker_id: Option<&str>,
         traceparent: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<CompleteOutcome, StoreError> {
         self.check_running()?;
-        match &self.batcher {
+        let done = match &self.batcher {
             Some(b) => {
                 b.complete(Completion {
                     step_uuid,
@@ -308,6 +316,23 @@ impl WorkerQueue {
                     .complete_step(step_uuid, attempt, results, &metadata, traceparent)
                     .await
             }
+        };
+        match done {
+            Ok(()) => Ok(CompleteOutcome::Recorded),
+            // refused (not in progress, stale, lease gone): if this very completion was
+            // recorded before, it is a retry whose answer was lost, and it is answered as done
+            Err(StoreError::FailedPrecondition(why)) => {
+                if self
+                    .store
+                    .completed_with(step_uuid, attempt, results)
+                    .await?
+                {
+                    Ok(CompleteOutcome::AlreadyRecorded)
+                } else {
+                    Err(StoreError::FailedPrecondition(why))
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 

@@ -844,3 +844,46 @@ async fn next_phase(
     .await
     .unwrap_or_else(|_| panic!("no {phase} event"))
 }
+
+/// A CompleteStep retried after a lost answer, with the same attempt and results, answers OK
+/// and says it was recorded before; different results for the completed attempt are refused,
+/// and nothing changes.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_retried_complete_step_is_answered_as_recorded(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
+    tasks.create_task(diamond("retried")).await.unwrap();
+    let leased = lease_one(&workers, "retried").await;
+    let complete = |results: serde_json::Value| v1::CompleteStepRequest {
+        step_uuid: leased.step_uuid.clone(),
+        attempt: leased.attempt,
+        results: Some(tasker::proto::json_to_struct(&results)),
+    };
+    let first = workers
+        .complete_step(complete(serde_json::json!({"n": "1", "s": "a"})))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.already_recorded);
+    // the same results, keys in another order: the same JSON document
+    let again = workers
+        .complete_step(complete(serde_json::json!({"s": "a", "n": "1"})))
+        .await
+        .expect("a retried completion answers OK")
+        .into_inner();
+    assert!(again.already_recorded);
+    let e = workers
+        .complete_step(complete(serde_json::json!({"n": "2"})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT results FROM tasker.workflow_steps WHERE step_uuid = $1::uuid")
+            .bind(&leased.step_uuid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, serde_json::json!({"n": "1", "s": "a"}));
+    server.stop().await;
+}

@@ -14,6 +14,7 @@ use crate::namespaces::namespace_name_problem;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
 use crate::store::{FailOutcome, LeasedStep, StepFailure};
+use crate::worker::CompleteOutcome;
 
 const MAX_STEPS_PER_FETCH: i64 = 100;
 const DEFAULT_LEASE_SECONDS: i64 = 30;
@@ -110,11 +111,14 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         let attempt = attempt(r.attempt)?;
         let results =
             convert::bounded_document("results", struct_to_json(r.results), MAX_DOCUMENT_BYTES)?;
-        self.ctx
+        let outcome = self
+            .ctx
             .workers
             .complete(step, attempt, &results, None, traceparent.as_deref())
             .await?;
-        Ok(Response::new(v1::CompleteStepResponse {}))
+        Ok(Response::new(v1::CompleteStepResponse {
+            already_recorded: outcome == CompleteOutcome::AlreadyRecorded,
+        }))
     }
 
     async fn fail_step(

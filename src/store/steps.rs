@@ -264,6 +264,27 @@ impl Store {
         )
     }
 
+    /// Whether attempt `attempt` of the step completed with exactly `results` (JSON equality;
+    /// no results stand for `{}`, as `complete_step` stores them): a retried completion whose
+    /// first answer was lost.
+    pub async fn completed_with(
+        &self,
+        step_uuid: Uuid,
+        attempt: i32,
+        results: &Value,
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tasker.workflow_steps s
+                            WHERE s.step_uuid = $1 AND s.state = 'complete' AND s.attempts = $2
+                              AND s.results = coalesce($3::jsonb, '{}'::jsonb))",
+        )
+        .bind(step_uuid)
+        .bind(attempt)
+        .bind(results)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Complete several attempts in one transaction; each item's outcome, in input order.
     /// Items are independent: a stale one is refused without affecting the others.
     pub async fn complete_steps(
