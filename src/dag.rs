@@ -68,6 +68,38 @@ impl std::fmt::Display for Violation {
 }
 
 impl TaskSpec {
+    /// A digest of what the request asks for (name, priority, context and each step with its
+    /// dependencies, inputs and attempts), independent of the order of steps, of
+    /// dependencies and of object keys. A CreateTask that repeats an idempotency key must
+    /// repeat the request, which this compares.
+    pub fn request_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut steps: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|s| {
+                let mut deps = s.depends_on.clone();
+                deps.sort();
+                serde_json::json!({
+                    "name": s.name,
+                    "depends_on": deps,
+                    "max_attempts": s.max_attempts,
+                    "retryable": s.retryable,
+                    "inputs": canonical(&s.inputs),
+                })
+            })
+            .collect();
+        steps.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let doc = serde_json::json!({
+            "name": self.name,
+            "priority": self.priority,
+            "context": canonical(&self.context),
+            "steps": steps,
+        });
+        let hash = Sha256::digest(canonical(&doc).to_string().as_bytes());
+        hash.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn new(
         namespace: impl Into<String>,
         name: impl Into<String>,
@@ -407,6 +439,23 @@ fn check_document(doc: &Value, field: &str, push: &mut impl FnMut(String, String
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_request_digest_ignores_order_and_sees_content() {
+        let mut a = TaskSpec::diamond("ns");
+        a.context = serde_json::json!({"x": 1, "y": {"b": 2, "a": 1}});
+        let mut b = a.clone();
+        b.steps.reverse();
+        b.context = serde_json::json!({"y": {"a": 1, "b": 2}, "x": 1});
+        assert_eq!(a.request_digest(), b.request_digest());
+        let mut c = a.clone();
+        c.steps[1].inputs = serde_json::json!({"k": "v"});
+        assert_ne!(a.request_digest(), c.request_digest());
+        let mut d = a.clone();
+        d.priority += 1;
+        assert_ne!(a.request_digest(), d.request_digest());
+    }
+
     use super::*;
 
     fn fields(spec: &TaskSpec) -> Vec<String> {
@@ -543,5 +592,23 @@ mod order_tests {
                 .any(|v| v.field == "steps" && v.message.contains("10000")),
             "{too_many:?}"
         );
+    }
+}
+
+/// `v` with every object's keys in sorted order, so that its text does not depend on the
+/// order a client sent them in.
+fn canonical(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), canonical(&m[k])))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+        other => other.clone(),
     }
 }

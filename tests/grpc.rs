@@ -887,3 +887,32 @@ async fn a_retried_complete_step_is_answered_as_recorded(pool: PgPool) {
     assert_eq!(stored, serde_json::json!({"n": "1", "s": "a"}));
     server.stop().await;
 }
+
+/// An idempotency key names one request: repeated, the same request (steps listed in another
+/// order) gets the task back; a different one is refused, naming the key, and creates
+/// nothing.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn an_idempotency_key_repeated_with_another_request_is_refused(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::PollingOnly)).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let mut req = diamond("keyed");
+    req.idempotency_key = "order-9".into();
+    let created = tasks.create_task(req.clone()).await.unwrap().into_inner();
+    let mut reordered = req.clone();
+    reordered.steps.reverse();
+    let again = tasks.create_task(reordered).await.unwrap().into_inner();
+    assert!(!again.created);
+    assert_eq!(again.task_uuid, created.task_uuid);
+    let mut other = req.clone();
+    other.steps[0].max_attempts = 7;
+    let e = tasks.create_task(other).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(e.message().contains("order-9"), "{}", e.message());
+    assert!(e.message().contains(&created.task_uuid), "{}", e.message());
+    let tasks_stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tasks_stored, 1);
+    server.stop().await;
+}

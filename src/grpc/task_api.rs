@@ -194,14 +194,30 @@ impl v1::task_service_server::TaskService for TaskApi {
         request: Request<v1::CreateTaskRequest>,
     ) -> Result<Response<v1::CreateTaskResponse>, Status> {
         let traceparent = crate::telemetry::current_traceparent();
-        let task = spec_from_request(request.into_inner())
-            .into_new_task()
-            .map_err(error::violations)?;
+        let spec = spec_from_request(request.into_inner());
+        let digest = spec.request_digest();
+        let task = spec.into_new_task().map_err(error::violations)?;
         let created = self
             .ctx
             .store
-            .create_task(&task, &json!({"source": "api"}), traceparent.as_deref())
+            .create_task(
+                &task,
+                &json!({"source": "api", "request_digest": digest}),
+                traceparent.as_deref(),
+            )
             .await?;
+        if !created.created {
+            // the key names a task already: only the same request may be answered with it
+            let recorded = self.ctx.store.creation_digest(created.task_uuid).await?;
+            if recorded.is_some_and(|d| d != digest) {
+                return Err(Status::already_exists(format!(
+                    "idempotency_key {:?} already names task {} in namespace {:?}, created by a different request (name, priority, context or steps differ); use a new key for a new task",
+                    task.idempotency_key.as_deref().unwrap_or_default(),
+                    created.task_uuid,
+                    task.namespace
+                )));
+            }
+        }
         Ok(Response::new(v1::CreateTaskResponse {
             task_uuid: created.task_uuid.to_string(),
             created: created.created,

@@ -212,6 +212,19 @@ impl Store {
         }
     }
 
+    /// The request digest the task's creation recorded (its first history row's metadata),
+    /// if any: tasks created before digests were recorded have none.
+    pub async fn creation_digest(&self, task_uuid: Uuid) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT t.metadata ->> 'request_digest' FROM tasker.task_transitions t
+             WHERE t.task_uuid = $1 AND t.from_state IS NULL ORDER BY t.id LIMIT 1",
+        )
+        .bind(task_uuid)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
     /// Mark a step as done by hand; dependents treat it as complete.
     pub async fn resolve_step_manually(
         &self,
