@@ -20,6 +20,7 @@ pub mod convert;
 pub mod error;
 mod readiness_api;
 mod task_api;
+mod task_list;
 mod worker_api;
 
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! `tasker.v1.TaskService`: create a task with its DAG, get it, cancel it.
+//! `tasker.v1.TaskService`: create a task with its DAG, get it, cancel it, list tasks.
 
 use serde_json::json;
 use tonic::{Request, Response, Status};
@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 use super::context::ApiContext;
 use super::convert::{repeated_entry_len, uuid};
 use super::error;
+use super::task_list::TaskListRequest;
 use crate::dag::{StepSpec, TaskSpec};
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
@@ -243,6 +244,39 @@ impl v1::task_service_server::TaskService for TaskApi {
         let (task, next_page_token) = self.task_page(task, page).await?;
         Ok(Response::new(v1::GetTaskResponse {
             task: Some(task),
+            next_page_token,
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<v1::ListTasksRequest>,
+    ) -> Result<Response<v1::ListTasksResponse>, Status> {
+        let list = TaskListRequest::parse(request.into_inner())?;
+        let mut found = self.ctx.store.list_tasks(&list.query).await?;
+        let more = found.len() > list.page_size;
+        found.truncate(list.page_size);
+        let mut tasks = Vec::with_capacity(found.len());
+        let mut used = RESPONSE_OVERHEAD;
+        let (mut last, mut cut) = (None, false);
+        for t in found {
+            let key = (t.created_at, t.task_uuid);
+            let task = task_to_proto(t);
+            let size = repeated_entry_len(&task);
+            if !tasks.is_empty() && used + size > self.ctx.max_response_bytes {
+                cut = true;
+                break;
+            }
+            used += size;
+            tasks.push(task);
+            last = Some(key);
+        }
+        let next_page_token = match last {
+            Some((created_at, task_uuid)) if more || cut => list.next_token(created_at, task_uuid),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::ListTasksResponse {
+            tasks,
             next_page_token,
         }))
     }

@@ -33,7 +33,9 @@ pub use replicas::{Heartbeat, ReplicaRecord};
 pub use steps::{
     AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, Taker, TaskRef,
 };
-pub use tasks::{CancelOutcome, CreatedTask, NewStep, NewTask, StepRecord, TaskRecord};
+pub use tasks::{
+    CancelOutcome, CreatedTask, NewStep, NewTask, StepRecord, TaskListQuery, TaskRecord,
+};
 pub use views::{ExecutionContext, ReadyTask, StepReadiness};
 
 use crate::config::DatabaseConfig;

@@ -7,6 +7,23 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 
+/// Which tasks `list_tasks` returns: the filters (each `None` or empty: any), the order, and
+/// the page: tasks after `after` (the previous page's last task's creation time and uuid) in
+/// that order, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskListQuery {
+    pub namespace: Option<String>,
+    pub states: Vec<String>,
+    pub name: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    pub updated_after: Option<DateTime<Utc>>,
+    pub updated_before: Option<DateTime<Utc>>,
+    pub newest_first: bool,
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
 /// What a cancel did: cancelled the task now, or found it cancelled before (a retried call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -138,6 +155,55 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))
+    }
+
+    /// A page of tasks matching `q`, in creation order (see [`TaskListQuery`]).
+    pub async fn list_tasks(&self, q: &TaskListQuery) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut sql = sqlx::QueryBuilder::new(
+            "SELECT task_uuid, namespace, name, priority, state, context, idempotency_key, created_at, updated_at, completed_at
+             FROM tasker.tasks WHERE true",
+        );
+        if let Some(ns) = &q.namespace {
+            sql.push(" AND namespace = ").push_bind(ns);
+        }
+        if !q.states.is_empty() {
+            sql.push(" AND state = ANY(").push_bind(&q.states).push(")");
+        }
+        if let Some(name) = &q.name {
+            sql.push(" AND name = ").push_bind(name);
+        }
+        if let Some(t) = q.created_after {
+            sql.push(" AND created_at >= ").push_bind(t);
+        }
+        if let Some(t) = q.created_before {
+            sql.push(" AND created_at < ").push_bind(t);
+        }
+        if let Some(t) = q.updated_after {
+            sql.push(" AND updated_at >= ").push_bind(t);
+        }
+        if let Some(t) = q.updated_before {
+            sql.push(" AND updated_at < ").push_bind(t);
+        }
+        let (beyond, direction) = if q.newest_first {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        if let Some((created_at, task_uuid)) = q.after {
+            sql.push(format_args!(" AND (created_at, task_uuid) {beyond} ("))
+                .push_bind(created_at)
+                .push(", ")
+                .push_bind(task_uuid)
+                .push(")");
+        }
+        sql.push(format_args!(
+            " ORDER BY created_at {direction}, task_uuid {direction} LIMIT "
+        ))
+        .push_bind(q.limit);
+        Ok(sql
+            .build_query_as::<TaskRecord>()
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Up to `limit` steps of a task after topological position `after`, in that order.
