@@ -109,5 +109,11 @@ async fn grpcurl_lists_describes_and_calls_every_service(pool: PgPool) {
         !ok && out.contains("InvalidArgument") && out.contains("task_uuid"),
         "{out}"
     );
+    // its google.rpc.BadRequest detail, printed: reflection serves error_details.proto
+    assert!(
+        out.contains("google.rpc.BadRequest") && out.contains("fieldViolations"),
+        "{out}"
+    );
+    assert!(!out.contains("not recognized"), "{out}");
     server.stop().await;
 }
