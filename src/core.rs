@@ -22,7 +22,7 @@ use crate::fleet::{Fleet, ReplicaState};
 use crate::maintenance::TableMaintenance;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreLimits};
-use crate::wakeups::{DeadlinePoke, SweepRequester};
+use crate::wakeups::{DeadlinePoke, SweepRequester, TaskWatches};
 use crate::worker::WorkerQueue;
 
 pub struct OrchestrationCore {
@@ -34,6 +34,8 @@ pub struct OrchestrationCore {
     processor: ProcessorTask,
     /// This replica in the registry.
     pub fleet: Fleet,
+    /// The tasks WatchTask streams follow, woken by the event system.
+    pub watches: TaskWatches,
     /// Stops table maintenance, the replica heartbeat and the following of the fleet's mode.
     maintenance: (CancellationToken, Vec<tokio::task::JoinHandle<()>>),
     /// Kept alive so the observable gauges keep reporting.
@@ -71,6 +73,7 @@ impl OrchestrationCore {
             metrics.clone(),
         );
         let poke = DeadlinePoke::default();
+        let watches = TaskWatches::new();
         let coordinator = std::sync::Arc::new(UnifiedEventCoordinator::start(
             store.clone(),
             config,
@@ -83,6 +86,7 @@ impl OrchestrationCore {
                 sweeps,
                 handoff.clone(),
                 fleet.clone(),
+                watches.clone(),
                 metrics.clone(),
             ),
         ));
@@ -172,6 +176,7 @@ impl OrchestrationCore {
             metrics,
             processor,
             fleet,
+            watches,
             maintenance: (
                 stop_maintenance,
                 vec![maintenance, heartbeat, announcements, follow],

@@ -377,6 +377,7 @@ impl TaskReadinessListener {
             }
             TaskReadinessEvent::TaskStateChange(e) => {
                 tracing::debug!(task_uuid = %e.task_uuid, from = %e.from_state, to = %e.to_state, "task state changed");
+                self.events.task_state_changed(e);
             }
             TaskReadinessEvent::StepsEnqueued(e) => self.events.steps_enqueued(e),
             TaskReadinessEvent::FleetMode(e) => self.events.fleet_mode(e),

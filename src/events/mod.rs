@@ -6,6 +6,7 @@
 //!        TaskReadyEvent ──> TaskReadinessEventSystem ──> OrchestrationCommand::ProcessTaskReadiness
 //!                                                        ──> CommandProcessor
 //!    StepsEnqueuedEvent ──> TaskReadinessEventSystem ──> wake-up of the fetches parked here
+//!  TaskStateChangeEvent ──> TaskReadinessEventSystem ──> wake-up of the task's WatchTask streams
 //!        FleetModeEvent ──> TaskReadinessEventSystem ──> the fleet's mode, for the coordinator
 //! ```
 //!
@@ -28,14 +29,14 @@ use std::time::Instant;
 pub use listener::{ListenerState, ListenerStatus, TaskReadinessListener};
 pub use notifications::{
     payload_traceparent, ClassifyError, EventKind, FleetModeEvent, ReadinessEventClassifier,
-    StepsEnqueuedEvent, TaskReadinessEvent, TaskReadyEvent,
+    StepsEnqueuedEvent, TaskReadinessEvent, TaskReadyEvent, TaskStateChangeEvent,
 };
 
 use crate::commands::{CommandProcessorHandle, OrchestrationCommand, SubmitError};
 use crate::enqueue::StepHandoff;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::wakeups::SweepRequester;
+use crate::wakeups::{SweepRequester, TaskWatches};
 
 #[derive(Clone)]
 pub struct TaskReadinessEventSystem {
@@ -43,6 +44,7 @@ pub struct TaskReadinessEventSystem {
     sweeps: SweepRequester,
     handoff: StepHandoff,
     fleet: Fleet,
+    watches: TaskWatches,
     metrics: Metrics,
 }
 
@@ -52,6 +54,7 @@ impl TaskReadinessEventSystem {
         sweeps: SweepRequester,
         handoff: StepHandoff,
         fleet: Fleet,
+        watches: TaskWatches,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -59,8 +62,14 @@ impl TaskReadinessEventSystem {
             sweeps,
             handoff,
             fleet,
+            watches,
             metrics,
         }
+    }
+
+    /// A task changed state: its `WatchTask` streams read what changed.
+    pub fn task_state_changed(&self, event: TaskStateChangeEvent) {
+        self.watches.changed(event.task_uuid);
     }
 
     /// The fleet's deployment mode changed: the coordinator applies it (below this
@@ -89,6 +98,8 @@ impl TaskReadinessEventSystem {
     /// with backpressure once there is room, so the task is not stranded even with no
     /// periodic poller.
     pub fn process_task_ready(&self, event: TaskReadyEvent, received: Instant) {
+        // steps of it became ready: a change its watchers see, whoever claims it
+        self.watches.changed(event.task_uuid);
         if !self.fleet.claims_first(event.task_uuid, event.replica) {
             return;
         }

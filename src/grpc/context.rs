@@ -11,6 +11,7 @@ use crate::coordinator::UnifiedEventCoordinator;
 use crate::core::OrchestrationCore;
 use crate::fleet::Fleet;
 use crate::store::Store;
+use crate::wakeups::TaskWatches;
 use crate::worker::WorkerQueue;
 
 #[derive(Clone)]
@@ -20,6 +21,7 @@ pub struct ApiContext {
     pub coordinator: Arc<UnifiedEventCoordinator>,
     pub workers: WorkerQueue,
     pub fleet: Fleet,
+    pub watches: TaskWatches,
     /// A replica silent this long is not listed (`orchestration.replicas.gone_after_ms`).
     pub replica_gone_after: Duration,
     pub max_fetch_wait: Duration,
@@ -39,6 +41,7 @@ impl ApiContext {
             coordinator: core.coordinator.clone(),
             workers: core.workers.clone(),
             fleet: core.fleet.clone(),
+            watches: core.watches.clone(),
             replica_gone_after: config.orchestration.replicas.gone_after,
             max_fetch_wait: config.grpc.max_fetch_wait,
             max_response_bytes: config.grpc.max_response_bytes,

@@ -21,6 +21,7 @@ pub mod error;
 mod readiness_api;
 mod task_api;
 mod task_list;
+mod task_watch;
 mod worker_api;
 
 use std::net::SocketAddr;

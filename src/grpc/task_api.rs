@@ -1,4 +1,5 @@
-//! `tasker.v1.TaskService`: create a task with its DAG, get it, cancel it, list tasks.
+//! `tasker.v1.TaskService`: create a task with its DAG, get it, cancel it, list tasks, watch
+//! one.
 
 use serde_json::json;
 use tonic::{Request, Response, Status};
@@ -7,6 +8,7 @@ use super::context::ApiContext;
 use super::convert::{repeated_entry_len, uuid};
 use super::error;
 use super::task_list::TaskListRequest;
+use super::task_watch::{watch_task, WatchStream};
 use crate::dag::{StepSpec, TaskSpec};
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
@@ -131,7 +133,7 @@ fn page_token(last_position: Option<i32>) -> String {
         .unwrap_or_default()
 }
 
-fn step_to_proto(s: StepRecord) -> v1::Step {
+pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
     v1::Step {
         step_uuid: s.step_uuid.to_string(),
         name: s.name,
@@ -150,7 +152,7 @@ fn step_to_proto(s: StepRecord) -> v1::Step {
 }
 
 /// The task without its steps: `task_page` adds them within the response budget.
-fn task_to_proto(t: TaskRecord) -> v1::Task {
+pub(super) fn task_to_proto(t: TaskRecord) -> v1::Task {
     v1::Task {
         task_uuid: t.task_uuid.to_string(),
         namespace: t.namespace,
@@ -246,6 +248,16 @@ impl v1::task_service_server::TaskService for TaskApi {
             task: Some(task),
             next_page_token,
         }))
+    }
+
+    type WatchTaskStream = WatchStream;
+
+    async fn watch_task(
+        &self,
+        request: Request<v1::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let task_uuid = uuid("task_uuid", &request.into_inner().task_uuid)?;
+        Ok(Response::new(watch_task(&self.ctx, task_uuid).await?))
     }
 
     async fn list_tasks(

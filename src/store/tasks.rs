@@ -7,6 +7,15 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 
+/// One state change of a task, from its history.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TaskTransition {
+    pub id: i64,
+    pub from_state: Option<String>,
+    pub to_state: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Which tasks `list_tasks` returns: the filters (each `None` or empty: any), the order, and
 /// the page: tasks after `after` (the previous page's last task's creation time and uuid) in
 /// that order, at most `limit`.
@@ -155,6 +164,50 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))
+    }
+
+    /// The task as it is now and the id of its last state transition, read in one snapshot:
+    /// every transition with a higher id happened after what the record shows.
+    pub async fn task_with_last_transition(
+        &self,
+        task_uuid: Uuid,
+    ) -> Result<(TaskRecord, i64), StoreError> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            task: TaskRecord,
+            last_transition: i64,
+        }
+        let row = sqlx::query_as::<_, Row>(
+            "SELECT t.task_uuid, t.namespace, t.name, t.priority, t.state, t.context, t.idempotency_key,
+                    t.created_at, t.updated_at, t.completed_at,
+                    coalesce((SELECT max(x.id) FROM tasker.task_transitions x
+                              WHERE x.task_uuid = t.task_uuid), 0) AS last_transition
+             FROM tasker.tasks t WHERE t.task_uuid = $1",
+        )
+        .bind(task_uuid)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))?;
+        Ok((row.task, row.last_transition))
+    }
+
+    /// The task's state transitions after transition `after`, in order. A task's transitions
+    /// are made under its row lock, so they commit in the order of their ids: reading on from
+    /// the last one seen misses none.
+    pub async fn task_transitions_after(
+        &self,
+        task_uuid: Uuid,
+        after: i64,
+    ) -> Result<Vec<TaskTransition>, StoreError> {
+        Ok(sqlx::query_as::<_, TaskTransition>(
+            "SELECT id, from_state, to_state, created_at FROM tasker.task_transitions
+             WHERE task_uuid = $1 AND id > $2 ORDER BY id",
+        )
+        .bind(task_uuid)
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// A page of tasks matching `q`, in creation order (see [`TaskListQuery`]).
