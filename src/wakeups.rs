@@ -359,9 +359,12 @@ impl SweepRequester {
 /// reading is not lost.
 #[derive(Clone, Default)]
 pub struct TaskWatches {
-    inner: Arc<Mutex<HashMap<uuid::Uuid, Vec<(u64, Arc<Notify>)>>>>,
+    inner: Arc<Mutex<WatchedTasks>>,
     next_id: Arc<AtomicU64>,
 }
+
+/// Each watched task's streams: (stream id, its wake-up).
+type WatchedTasks = HashMap<uuid::Uuid, Vec<(u64, Arc<Notify>)>>;
 
 impl TaskWatches {
     pub fn new() -> Self {
@@ -398,7 +401,7 @@ impl TaskWatches {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Vec<(u64, Arc<Notify>)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchedTasks> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
