@@ -916,3 +916,82 @@ async fn an_idempotency_key_repeated_with_another_request_is_refused(pool: PgPoo
     assert_eq!(tasks_stored, 1);
     server.stop().await;
 }
+
+/// An operator resolves a failed step by hand: the task in error goes on, and the child gets
+/// the operator's results as its parent's. Bad requests name their field; an unknown step is
+/// NOT_FOUND; a complete step cannot be resolved.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_failed_step_resolved_by_hand_lets_its_task_go_on(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
+    let created = tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "resolve".into(),
+            name: "fragile".into(),
+            steps: vec![step_def("first", &[]), step_def("second", &["first"])],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = lease_one(&workers, "resolve").await;
+    workers
+        .fail_step(v1::FailStepRequest {
+            step_uuid: first.step_uuid.clone(),
+            attempt: first.attempt,
+            error_message: "bad input file".into(),
+            retryable: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let resolve = |step: &str, reason: &str| v1::ResolveStepRequest {
+        step_uuid: step.into(),
+        reason: reason.into(),
+        results: Some(tasker::proto::json_to_struct(
+            &serde_json::json!({"fixed": "by hand"}),
+        )),
+    };
+    for (req, field) in [
+        (resolve(&first.step_uuid, " "), "reason"),
+        (resolve("nope", "fixed the file"), "step_uuid"),
+    ] {
+        let e = tasks.resolve_step(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(field), "{}", e.message());
+    }
+    let e = tasks
+        .resolve_step(resolve(&uuid::Uuid::now_v7().to_string(), "fixed"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let task = tasks
+        .resolve_step(resolve(&first.step_uuid, "fixed the file"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.task_uuid, created.task_uuid);
+    assert_eq!(task.state, "in_progress", "the task in error goes on");
+    let second = lease_one(&workers, "resolve").await;
+    assert_eq!(second.name, "second");
+    let parents = tasker::proto::struct_to_json(second.parent_results.clone());
+    assert_eq!(parents["first"]["fixed"], "by hand");
+    workers
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: second.step_uuid.clone(),
+            attempt: second.attempt,
+            results: None,
+        })
+        .await
+        .unwrap();
+    let e = tasks
+        .resolve_step(resolve(&second.step_uuid, "again"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    server.stop().await;
+}

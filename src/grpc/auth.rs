@@ -48,7 +48,9 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         | "tasker.v1.ReadinessService/StreamCommandEvents"
         | "tasker.v1.AdminService/GetDeploymentMode"
         | "tasker.v1.AdminService/GetStatus"
-        | "tasker.v1.TaskService/GetTask" => Scope::Read,
+        | "tasker.v1.TaskService/GetTask"
+        | "tasker.v1.TaskService/ListTasks"
+        | "tasker.v1.TaskService/WatchTask" => Scope::Read,
         "tasker.v1.ReadinessService/ProcessTaskReadiness"
         | "tasker.v1.TaskService/CreateTask"
         | "tasker.v1.TaskService/CancelTask"
@@ -240,6 +242,19 @@ mod tests {
         assert_eq!(
             auth.check("/tasker.v1.AdminService/GetStatus", &h).unwrap(),
             Some("reader".into())
+        );
+        for read in [
+            "/tasker.v1.TaskService/ListTasks",
+            "/tasker.v1.TaskService/WatchTask",
+        ] {
+            assert!(auth.check(read, &h).is_ok(), "{read} needs only read");
+        }
+        // an operator's decision: resolving a step by hand needs admin
+        assert_eq!(
+            auth.check("/tasker.v1.TaskService/ResolveStep", &h)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
         );
         assert_eq!(
             auth.check("/tasker.v1.AdminService/SetDeploymentMode", &h)

@@ -67,6 +67,9 @@ impl TaskApi {
     }
 }
 
+/// The longest reason an operator may give (CancelTask, ResolveStep).
+const MAX_REASON_BYTES: usize = 1024;
+
 /// Room for the response's own fields (the page token) beyond the task.
 const RESPONSE_OVERHEAD: usize = 64;
 /// Steps per GetTask page unless asked for fewer: every step of the largest task.
@@ -250,6 +253,44 @@ impl v1::task_service_server::TaskService for TaskApi {
         }))
     }
 
+    async fn resolve_step(
+        &self,
+        request: Request<v1::ResolveStepRequest>,
+    ) -> Result<Response<v1::ResolveStepResponse>, Status> {
+        let r = request.into_inner();
+        let step = uuid("step_uuid", &r.step_uuid)?;
+        if r.reason.trim().is_empty() || r.reason.len() > MAX_REASON_BYTES {
+            return Err(error::invalid(
+                "reason",
+                format!(
+                    "must be 1 to {MAX_REASON_BYTES} bytes: say why the step is resolved by hand"
+                ),
+            ));
+        }
+        let results = r
+            .results
+            .map(|s| {
+                super::convert::bounded_document(
+                    "results",
+                    struct_to_json(Some(s)),
+                    crate::limits::MAX_DOCUMENT_BYTES,
+                )
+            })
+            .transpose()?;
+        self.ctx
+            .store
+            .resolve_step_manually(step, &r.reason, results.as_ref())
+            .await?;
+        let task = self
+            .ctx
+            .store
+            .get_task(self.ctx.store.step_task(step).await?)
+            .await?;
+        Ok(Response::new(v1::ResolveStepResponse {
+            task: Some(self.task_page(task, StepPage::SUMMARY).await?.0),
+        }))
+    }
+
     type WatchTaskStream = WatchStream;
 
     async fn watch_task(
@@ -300,8 +341,11 @@ impl v1::task_service_server::TaskService for TaskApi {
         let traceparent = crate::telemetry::current_traceparent();
         let r = request.into_inner();
         let task_uuid = uuid("task_uuid", &r.task_uuid)?;
-        if r.reason.len() > 1024 {
-            return Err(error::invalid("reason", "must be at most 1024 bytes"));
+        if r.reason.len() > MAX_REASON_BYTES {
+            return Err(error::invalid(
+                "reason",
+                format!("must be at most {MAX_REASON_BYTES} bytes"),
+            ));
         }
         let reason = if r.reason.is_empty() {
             "cancelled through the API"

@@ -372,6 +372,15 @@ impl Store {
         }
     }
 
+    /// The task a step belongs to.
+    pub async fn step_task(&self, step_uuid: Uuid) -> Result<Uuid, StoreError> {
+        sqlx::query_scalar("SELECT task_uuid FROM tasker.workflow_steps WHERE step_uuid = $1")
+            .bind(step_uuid)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found(format!("step {step_uuid}")))
+    }
+
     /// Namespaces that exist, oldest first.
     pub async fn namespaces(&self) -> Result<Vec<String>, StoreError> {
         Ok(
