@@ -2,9 +2,10 @@
 //!
 //! Every subcommand makes one call (or, for `watch`, one stream) against `--endpoint`, with
 //! `--token` (or `TASKER_TOKEN`) as the bearer token, and prints the answer as JSON
-//! (`--output json`) or as an aligned table. A failed call exits non-zero with the gRPC status
-//! code and message on stderr. When tracing is exporting, each call carries a `traceparent`,
-//! so a CI job's trace continues into the service.
+//! (`--output json`) or as an aligned table. A failed call prints the gRPC status code and
+//! message on stderr and exits with a code per class of status ([`CtlError::exit_code`]), so
+//! CI can tell "my request was wrong" from "the service is away". When tracing is exporting,
+//! each call carries a `traceparent`, so a CI job's trace continues into the service.
 
 use std::path::PathBuf;
 
@@ -134,6 +135,41 @@ pub enum TaskAction {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Tasks, newest first: filter by namespace, state (repeatable) and name.
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+        /// pending, in_progress, complete, error, cancelled (repeatable)
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        oldest_first: bool,
+        /// Tasks per page (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: i32,
+        /// A previous answer's next_page_token.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Wait for a task to finish: exit 0 when it is complete, 7 when cancelled, 8 when it is
+    /// in error, 5 when --timeout passes first. Prints each change as a JSON line.
+    Wait {
+        task: String,
+        /// Seconds to wait at most (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
+    /// Mark a step done by hand with results its children receive (admin scope).
+    Resolve {
+        step: String,
+        #[arg(long)]
+        reason: String,
+        /// The step's results as a JSON object.
+        #[arg(long)]
+        results: Option<String>,
+    },
 }
 
 /// A task file: the CreateTask request in JSON or YAML.
@@ -174,6 +210,37 @@ pub enum CtlError {
     Status(Status),
     #[error("{0}")]
     Usage(String),
+    /// The service could not be reached.
+    #[error("{0}")]
+    Connect(String),
+    /// `task wait`: the task ended other than complete (its state), or the wait timed out.
+    #[error("task {task} is {state}")]
+    TaskEnded { task: String, state: String },
+    #[error("task {task} did not finish within {seconds} s")]
+    WaitTimedOut { task: String, seconds: u64 },
+}
+
+impl CtlError {
+    /// The process's exit code, one per class (README, "tasker ctl"): 2 the request is wrong,
+    /// 3 not found, 4 refused in the current state, 5 unavailable or timed out, 6 not allowed,
+    /// 7 the waited-for task was cancelled, 8 it is in error, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        use tonic::Code;
+        match self {
+            Self::Usage(_) => 2,
+            Self::Connect(_) | Self::WaitTimedOut { .. } => 5,
+            Self::TaskEnded { state, .. } if state == "cancelled" => 7,
+            Self::TaskEnded { .. } => 8,
+            Self::Status(s) => match s.code() {
+                Code::InvalidArgument | Code::OutOfRange => 2,
+                Code::NotFound => 3,
+                Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => 4,
+                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => 5,
+                Code::Unauthenticated | Code::PermissionDenied => 6,
+                _ => 1,
+            },
+        }
+    }
 }
 
 impl From<Status> for CtlError {
@@ -194,7 +261,7 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
     let svc: Svc = connect
         .channel()
         .await
-        .map_err(|e| CtlError::Usage(e.to_string()))?;
+        .map_err(|e| CtlError::Connect(e.to_string()))?;
     let out = opts.output;
     let print = |v: Value| print_value(&v, out);
     match command {
@@ -406,8 +473,131 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                 .into_inner();
             print(task_json(r.task.unwrap_or_default()));
         }
+        CtlCommand::Task {
+            action:
+                TaskAction::List {
+                    namespace,
+                    states,
+                    name,
+                    oldest_first,
+                    limit,
+                    page_token,
+                },
+        } => {
+            let r = v1::task_service_client::TaskServiceClient::new(svc)
+                .list_tasks(v1::ListTasksRequest {
+                    namespace: namespace.unwrap_or_default(),
+                    states,
+                    name: name.unwrap_or_default(),
+                    order: if oldest_first {
+                        v1::TaskOrder::OldestFirst as i32
+                    } else {
+                        v1::TaskOrder::NewestFirst as i32
+                    },
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "tasks": r.tasks.into_iter().map(|t| json!({
+                    "task_uuid": t.task_uuid, "namespace": t.namespace, "name": t.name,
+                    "state": t.state, "priority": t.priority, "created_at": ts(t.created_at),
+                    "updated_at": ts(t.updated_at),
+                })).collect::<Vec<_>>(),
+                "next_page_token": r.next_page_token,
+            }));
+        }
+        CtlCommand::Task {
+            action: TaskAction::Wait { task, timeout },
+        } => {
+            let client = v1::task_service_client::TaskServiceClient::new(svc);
+            let waited = wait_for_task(client, task.clone());
+            if timeout == 0 {
+                waited.await?;
+            } else {
+                tokio::time::timeout(std::time::Duration::from_secs(timeout), waited)
+                    .await
+                    .map_err(|_| CtlError::WaitTimedOut {
+                        task,
+                        seconds: timeout,
+                    })??;
+            }
+        }
+        CtlCommand::Task {
+            action:
+                TaskAction::Resolve {
+                    step,
+                    reason,
+                    results,
+                },
+        } => {
+            let results = results
+                .map(|r| {
+                    serde_json::from_str::<Value>(&r)
+                        .map_err(|e| CtlError::Usage(format!("--results is not JSON: {e}")))
+                })
+                .transpose()?;
+            let r = v1::task_service_client::TaskServiceClient::new(svc)
+                .resolve_step(v1::ResolveStepRequest {
+                    step_uuid: step,
+                    reason,
+                    results: results.as_ref().map(json_to_struct),
+                })
+                .await?
+                .into_inner();
+            print(task_json(r.task.unwrap_or_default()));
+        }
     }
     Ok(())
+}
+
+/// Follow a task (WatchTask) until it is complete (Ok), cancelled or in error (Err), printing
+/// its state and each change as JSON lines.
+async fn wait_for_task(
+    mut client: v1::task_service_client::TaskServiceClient<Svc>,
+    task: String,
+) -> Result<(), CtlError> {
+    use v1::watch_task_response::Event;
+    let mut stream = client
+        .watch_task(v1::WatchTaskRequest {
+            task_uuid: task.clone(),
+        })
+        .await?
+        .into_inner();
+    let ended = |state: &str| match state {
+        "complete" => Some(Ok(())),
+        "cancelled" | "error" => Some(Err(CtlError::TaskEnded {
+            task: task.clone(),
+            state: state.to_string(),
+        })),
+        _ => None,
+    };
+    while let Some(m) = stream.next().await {
+        let (line, state) = match m?.event {
+            Some(Event::Snapshot(t)) => {
+                (json!({"task_uuid": t.task_uuid, "state": t.state}), t.state)
+            }
+            Some(Event::TaskState(c)) => (
+                json!({"task_uuid": task, "from": c.from_state, "to": c.to_state, "at": ts(c.at)}),
+                c.to_state,
+            ),
+            Some(Event::StepState(c)) => {
+                let line = json!({"step": c.name, "step_uuid": c.step_uuid, "from": c.from_state, "to": c.to_state, "attempts": c.attempts});
+                println!("{}", terminal_safe(&line.to_string(), false));
+                continue;
+            }
+            None => continue,
+        };
+        println!("{}", terminal_safe(&line.to_string(), false));
+        if let Some(result) = ended(&state) {
+            return result;
+        }
+    }
+    Err(CtlError::Status(Status::unavailable(
+        "the server ended the stream before the task finished",
+    )))
 }
 
 fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskRequest, CtlError> {

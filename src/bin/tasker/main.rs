@@ -249,7 +249,7 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("tasker ctl: {e}");
-                    Ok(ExitCode::FAILURE)
+                    Ok(ExitCode::from(e.exit_code()))
                 }
             },
             Command::Token {

@@ -1,0 +1,201 @@
+//! `tasker ctl` as a process against a live server: what CI sees (output and exit codes).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use sqlx::PgPool;
+use tasker::config::{DeploymentMode, TokenConfig};
+use tasker::proto::v1;
+
+/// `tasker ctl --endpoint http://ADDR --output json ARGS...`: exit code and stdout.
+async fn ctl(addr: SocketAddr, args: &[&str]) -> (i32, String) {
+    ctl_with(addr, &[], args).await
+}
+
+async fn ctl_with(addr: SocketAddr, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
+        .arg("ctl")
+        .arg("--endpoint")
+        .arg(format!("http://{addr}"))
+        .arg("--output")
+        .arg("json")
+        .args(args)
+        .env_remove("TASKER_TOKEN")
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run tasker ctl");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn chain(ns: &str) -> v1::CreateTaskRequest {
+    v1::CreateTaskRequest {
+        namespace: ns.into(),
+        name: "ci".into(),
+        steps: vec![step_def("build", &[]), step_def("test", &["build"])],
+        ..Default::default()
+    }
+}
+
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn exit_codes_tell_the_class_of_failure(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::Hybrid);
+    cfg.grpc.auth.tokens = vec![TokenConfig {
+        name: "ci".into(),
+        sha256: tasker::config::hash_token("ci-secret"),
+        scopes: vec!["read".into(), "write".into()],
+    }];
+    let server = TestServer::start(&pool, &cfg).await;
+    let a = server.addr;
+    let token = [("TASKER_TOKEN", "ci-secret")];
+
+    let (code, out) = ctl(a, &["task", "get", "not-a-uuid"]).await;
+    assert_eq!(code, 6, "no token: unauthenticated: {out}");
+    let (code, out) = ctl_with(a, &token, &["task", "get", "not-a-uuid"]).await;
+    assert_eq!(code, 2, "invalid argument: {out}");
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let (code, out) = ctl_with(a, &token, &["task", "get", &unknown]).await;
+    assert_eq!(code, 3, "not found: {out}");
+    let (code, out) = ctl_with(a, &token, &["mode", "set", "PollingOnly"]).await;
+    assert_eq!(code, 6, "permission denied (admin scope): {out}");
+
+    let mut tasks = Tasks::new(server.channel().await);
+    let mut authorized = tonic::Request::new(chain("ci"));
+    authorized
+        .metadata_mut()
+        .insert("authorization", "Bearer ci-secret".parse().unwrap());
+    let task = tasks
+        .create_task(authorized)
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let (code, out) = ctl_with(a, &token, &["task", "cancel", &task]).await;
+    assert_eq!(code, 0, "{out}");
+    // a retried cancel is fine
+    let (code, out) = ctl_with(a, &token, &["task", "cancel", &task]).await;
+    assert_eq!(code, 0, "{out}");
+    server.stop().await;
+
+    // nothing listens there any more
+    let (code, out) = ctl_with(a, &token, &["status"]).await;
+    assert_eq!(code, 5, "unavailable: {out}");
+}
+
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let a = server.addr;
+    let ch = server.channel().await;
+    let (mut tasks, workers) = (Tasks::new(ch.clone()), Workers::new(ch));
+    let create = |ns: &str| chain(ns);
+    let ok = tasks
+        .create_task(create("ok"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let failing = tasks
+        .create_task(create("bad"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let waiting = tasks
+        .create_task(create("idle"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let cancelled = tasks
+        .create_task(create("gone"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    tasks
+        .cancel_task(v1::CancelTaskRequest {
+            task_uuid: cancelled.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+
+    // the waits start before the work is done
+    let wait_ok =
+        tokio::spawn(async move { ctl(a, &["task", "wait", &ok, "--timeout", "60"]).await });
+    let wait_bad = {
+        let failing = failing.clone();
+        tokio::spawn(async move { ctl(a, &["task", "wait", &failing, "--timeout", "60"]).await })
+    };
+    let mut w = workers.clone();
+    for _ in 0..2 {
+        let s = lease_one(&workers, "ok").await;
+        w.complete_step(v1::CompleteStepRequest {
+            step_uuid: s.step_uuid,
+            attempt: s.attempt,
+            results: None,
+        })
+        .await
+        .unwrap();
+    }
+    let s = lease_one(&workers, "bad").await;
+    w.fail_step(v1::FailStepRequest {
+        step_uuid: s.step_uuid,
+        attempt: s.attempt,
+        error_message: "compiler error".into(),
+        retryable: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let (code, out) = tokio::time::timeout(Duration::from_secs(60), wait_ok)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 0, "complete: {out}");
+    assert!(out.contains(r#""to":"complete""#), "{out}");
+    let ok_task = out
+        .lines()
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l).ok()?["task_uuid"]
+                .as_str()
+                .map(String::from)
+        })
+        .unwrap();
+    let (code, out) = ctl(a, &["task", "cancel", &ok_task]).await;
+    assert_eq!(code, 4, "a complete task cannot be cancelled: {out}");
+    let (code, out) = tokio::time::timeout(Duration::from_secs(60), wait_bad)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 8, "in error: {out}");
+    let (code, out) = ctl(a, &["task", "wait", &cancelled]).await;
+    assert_eq!(code, 7, "cancelled: {out}");
+    let (code, out) = ctl(a, &["task", "wait", &waiting, "--timeout", "1"]).await;
+    assert_eq!(code, 5, "timed out: {out}");
+
+    let (code, out) = ctl(a, &["task", "list", "--state", "cancelled"]).await;
+    assert_eq!(code, 0, "{out}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_uuid"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [cancelled.as_str()]);
+    let (code, out) = ctl(a, &["task", "list", "--state", "finished"]).await;
+    assert_eq!(code, 2, "a state that does not exist: {out}");
+    assert!(out.contains("states[0]"), "{out}");
+    server.stop().await;
+}
