@@ -17,12 +17,21 @@ async fn ctl(addr: SocketAddr, args: &[&str]) -> (i32, String) {
 }
 
 async fn ctl_with(addr: SocketAddr, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    ctl_as(addr, "json", env, args).await
+}
+
+async fn ctl_as(
+    addr: SocketAddr,
+    output: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
         .arg("ctl")
         .arg("--endpoint")
         .arg(format!("http://{addr}"))
         .arg("--output")
-        .arg("json")
+        .arg(output)
         .args(args)
         .env_remove("TASKER_TOKEN")
         .envs(env.iter().copied())
@@ -174,6 +183,13 @@ async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
         .unwrap();
     let (code, out) = ctl(a, &["task", "cancel", &ok_task]).await;
     assert_eq!(code, 4, "a complete task cannot be cancelled: {out}");
+    let (code, dot) = ctl_as(a, "dot", &[], &["task", "get", &ok_task]).await;
+    assert_eq!(code, 0, "{dot}");
+    assert!(dot.starts_with("digraph"), "{dot}");
+    assert!(dot.contains(r#""build" -> "test";"#), "{dot}");
+    assert!(dot.contains("fillcolor=palegreen"), "{dot}");
+    let (code, out) = ctl_as(a, "dot", &[], &["status"]).await;
+    assert_eq!(code, 2, "dot goes with task get only: {out}");
     let (code, out) = tokio::time::timeout(Duration::from_secs(60), wait_bad)
         .await
         .unwrap()

@@ -21,6 +21,8 @@ use tonic::Status;
 pub enum Output {
     Json,
     Table,
+    /// Graphviz (`task get` only): the step DAG, each step coloured by its state.
+    Dot,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +265,18 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
         .await
         .map_err(|e| CtlError::Connect(e.to_string()))?;
     let out = opts.output;
+    if out == Output::Dot
+        && !matches!(
+            command,
+            CtlCommand::Task {
+                action: TaskAction::Get { .. }
+            }
+        )
+    {
+        return Err(CtlError::Usage(
+            "--output dot draws a task's steps: it goes with `task get` only".into(),
+        ));
+    }
     let print = |v: Value| print_value(&v, out);
     match command {
         CtlCommand::Mode {
@@ -459,7 +473,12 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                 }
                 page_token = r.next_page_token;
             }
-            print(task_json(whole.unwrap_or_default()));
+            let whole = whole.unwrap_or_default();
+            if out == Output::Dot {
+                print!("{}", task_dot(&whole));
+            } else {
+                print(task_json(whole));
+            }
         }
         CtlCommand::Task {
             action: TaskAction::Cancel { task, reason },
@@ -668,8 +687,53 @@ fn ts(t: Option<prost_types::Timestamp>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The task's step DAG in Graphviz: one node per step (name, state, attempts), filled by
+/// state; an edge from each parent to its child. `dot -Tsvg` draws it.
+pub fn task_dot(t: &v1::Task) -> String {
+    let colour = |state: &str| match state {
+        "complete" | "resolved_manually" => "palegreen",
+        "in_progress" | "enqueued" => "lightskyblue",
+        "waiting_for_retry" => "khaki",
+        "error" => "salmon",
+        "cancelled" => "lightgrey",
+        _ => "white",
+    };
+    // names come from clients: quoted, with the characters DOT gives meaning escaped
+    let quote = |s: &str| {
+        let escaped = s
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        format!("\"{escaped}\"")
+    };
+    let mut out = format!(
+        "digraph {} {{\n  rankdir=LR;\n  node [shape=box, style=\"rounded,filled\"];\n  label={};\n",
+        quote(&format!("task {}", t.task_uuid)),
+        quote(&format!("{} ({}): {}", t.name, t.namespace, t.state))
+    );
+    for s in &t.steps {
+        out.push_str(&format!(
+            "  {} [label={}, fillcolor={}];\n",
+            quote(&s.name),
+            quote(&format!(
+                "{}\n{} ({}/{})",
+                s.name, s.state, s.attempts, s.max_attempts
+            )),
+            colour(&s.state)
+        ));
+    }
+    for s in &t.steps {
+        for parent in &s.depends_on {
+            out.push_str(&format!("  {} -> {};\n", quote(parent), quote(&s.name)));
+        }
+    }
+    out.push_str("}\n");
+    terminal_safe(&out, true)
+}
+
 fn print_value(v: &Value, output: Output) {
     match output {
+        Output::Dot => print!("{}", table(v)),
         Output::Json => println!(
             "{}",
             terminal_safe(
@@ -786,6 +850,38 @@ mod tests {
         assert_eq!(yaml.steps[1].max_attempts, 5);
         let json = read_task_file(&dir.join("chain.json")).unwrap();
         assert!(!json.steps.is_empty());
+    }
+
+    #[test]
+    fn the_dot_output_draws_each_step_and_edge_and_quotes_names() {
+        let step = |name: &str, deps: &[&str], state: &str| v1::Step {
+            name: name.into(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            state: state.into(),
+            attempts: 1,
+            max_attempts: 3,
+            ..Default::default()
+        };
+        let t = v1::Task {
+            task_uuid: "t-1".into(),
+            name: "deploy".into(),
+            namespace: "ci".into(),
+            state: "error".into(),
+            steps: vec![
+                step("build", &[], "complete"),
+                step("say \"hi\"", &["build"], "error"),
+            ],
+            ..Default::default()
+        };
+        let dot = task_dot(&t);
+        assert!(dot.starts_with("digraph \"task t-1\" {"), "{dot}");
+        assert!(
+            dot.contains("\"build\" [label=\"build\\ncomplete (1/3)\", fillcolor=palegreen];"),
+            "{dot}"
+        );
+        assert!(dot.contains("\"build\" -> \"say \\\"hi\\\"\";"), "{dot}");
+        assert!(dot.contains("fillcolor=salmon"), "{dot}");
+        assert!(dot.trim_end().ends_with('}'));
     }
 
     #[test]
