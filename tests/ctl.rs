@@ -195,6 +195,13 @@ async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
         .unwrap()
         .unwrap();
     assert_eq!(code, 8, "in error: {out}");
+    // retried from the command line, it runs again and completes
+    let (code, out) = ctl(a, &["task", "retry", &failing, "--reason", "fixed"]).await;
+    assert_eq!(code, 0, "{out}");
+    let s = lease_one(&workers, "bad").await;
+    assert_eq!(s.attempt, 2);
+    let (code, out) = ctl(a, &["task", "retry", &failing]).await;
+    assert_eq!(code, 4, "not in error any more: {out}");
     let (code, out) = ctl(a, &["task", "wait", &cancelled]).await;
     assert_eq!(code, 7, "cancelled: {out}");
     let (code, out) = ctl(a, &["task", "wait", &waiting, "--timeout", "1"]).await;

@@ -995,3 +995,86 @@ async fn a_failed_step_resolved_by_hand_lets_its_task_go_on(pool: PgPool) {
     assert_eq!(e.code(), Code::FailedPrecondition);
     server.stop().await;
 }
+
+/// A task in error is retried: its failed step gets a fresh attempt, the task goes on to
+/// complete. Bad requests name their field; an unknown task is NOT_FOUND; a task not in error
+/// cannot be retried.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_task_in_error_is_retried_and_completes(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
+    let task = tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "retry".into(),
+            name: "flaky".into(),
+            steps: vec![step_def("first", &[]), step_def("second", &["first"])],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let retry = |task: &str, extra: i32| v1::RetryTaskRequest {
+        task_uuid: task.into(),
+        extra_attempts: extra,
+        reason: "the outage is over".into(),
+    };
+    let e = tasks.retry_task(retry(&task, 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "not in error yet");
+    let first = lease_one(&workers, "retry").await;
+    workers
+        .fail_step(v1::FailStepRequest {
+            step_uuid: first.step_uuid.clone(),
+            attempt: first.attempt,
+            error_message: "upstream down".into(),
+            retryable: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = tasks.retry_task(retry(&task, 101)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("extra_attempts"), "{}", e.message());
+    let e = tasks
+        .retry_task(retry(&uuid::Uuid::now_v7().to_string(), 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let retried = tasks
+        .retry_task(retry(&task, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(retried.state, "in_progress");
+    let again = lease_one(&workers, "retry").await;
+    assert_eq!((again.name.as_str(), again.attempt), ("first", 2));
+    workers
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: again.step_uuid.clone(),
+            attempt: again.attempt,
+            results: None,
+        })
+        .await
+        .unwrap();
+    let second = lease_one(&workers, "retry").await;
+    workers
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: second.step_uuid.clone(),
+            attempt: second.attempt,
+            results: None,
+        })
+        .await
+        .unwrap();
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM tasker.tasks WHERE task_uuid = $1::uuid")
+            .bind(&task)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "complete");
+    server.stop().await;
+}

@@ -54,6 +54,7 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         "tasker.v1.ReadinessService/ProcessTaskReadiness"
         | "tasker.v1.TaskService/CreateTask"
         | "tasker.v1.TaskService/CancelTask"
+        | "tasker.v1.TaskService/RetryTask"
         | "tasker.v1.WorkerService/FetchSteps"
         | "tasker.v1.WorkerService/CompleteStep"
         | "tasker.v1.WorkerService/FailStep"

@@ -291,6 +291,45 @@ impl v1::task_service_server::TaskService for TaskApi {
         }))
     }
 
+    async fn retry_task(
+        &self,
+        request: Request<v1::RetryTaskRequest>,
+    ) -> Result<Response<v1::RetryTaskResponse>, Status> {
+        let r = request.into_inner();
+        let task_uuid = uuid("task_uuid", &r.task_uuid)?;
+        let extra = match r.extra_attempts {
+            0 => 1,
+            n if (1..=crate::limits::MAX_ATTEMPTS).contains(&n) => n,
+            n => {
+                return Err(error::invalid(
+                    "extra_attempts",
+                    format!(
+                        "must be between 0 and {}, is {n}",
+                        crate::limits::MAX_ATTEMPTS
+                    ),
+                ))
+            }
+        };
+        if r.reason.len() > MAX_REASON_BYTES {
+            return Err(error::invalid(
+                "reason",
+                format!("must be at most {MAX_REASON_BYTES} bytes"),
+            ));
+        }
+        self.ctx
+            .store
+            .retry_task(
+                task_uuid,
+                extra,
+                &json!({"source": "api", "reason": r.reason}),
+            )
+            .await?;
+        let task = self.ctx.store.get_task(task_uuid).await?;
+        Ok(Response::new(v1::RetryTaskResponse {
+            task: Some(self.task_page(task, StepPage::SUMMARY).await?.0),
+        }))
+    }
+
     type WatchTaskStream = WatchStream;
 
     async fn watch_task(

@@ -372,6 +372,34 @@ impl Store {
         }
     }
 
+    /// Retry a task in error: each errored step gets `extra_attempts` more attempts and is
+    /// ready again; the task goes back to in progress.
+    pub async fn retry_task(
+        &self,
+        task_uuid: Uuid,
+        extra_attempts: i32,
+        metadata: &Value,
+    ) -> Result<(), StoreError> {
+        let outcome: String = sqlx::query_scalar("SELECT tasker.retry_task($1, $2, $3)")
+            .bind(task_uuid)
+            .bind(extra_attempts)
+            .bind(metadata)
+            .fetch_one(&self.pool)
+            .await?;
+        match outcome.as_str() {
+            "retried" => Ok(()),
+            "task_not_found" => Err(StoreError::not_found(format!("task {task_uuid}"))),
+            "task_not_in_error" => Err(StoreError::FailedPrecondition(format!(
+                "task {task_uuid} is not in error: only a task in error can be retried"
+            ))),
+            "attempts_exhausted" => Err(StoreError::FailedPrecondition(format!(
+                "a failed step of task {task_uuid} would need more than {} attempts in all",
+                crate::limits::MAX_ATTEMPTS
+            ))),
+            other => Err(StoreError::unexpected("tasker.retry_task", other)),
+        }
+    }
+
     /// The task a step belongs to.
     pub async fn step_task(&self, step_uuid: Uuid) -> Result<Uuid, StoreError> {
         sqlx::query_scalar("SELECT task_uuid FROM tasker.workflow_steps WHERE step_uuid = $1")

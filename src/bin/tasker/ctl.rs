@@ -163,6 +163,14 @@ pub enum TaskAction {
         #[arg(long, default_value_t = 0)]
         timeout: u64,
     },
+    /// Retry a task in error: its failed steps get more attempts (default 1 each).
+    Retry {
+        task: String,
+        #[arg(long, default_value_t = 1)]
+        attempts: i32,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Mark a step done by hand with results its children receive (admin scope).
     Resolve {
         step: String,
@@ -543,6 +551,24 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                         seconds: timeout,
                     })??;
             }
+        }
+        CtlCommand::Task {
+            action:
+                TaskAction::Retry {
+                    task,
+                    attempts,
+                    reason,
+                },
+        } => {
+            let r = v1::task_service_client::TaskServiceClient::new(svc)
+                .retry_task(v1::RetryTaskRequest {
+                    task_uuid: task,
+                    extra_attempts: attempts,
+                    reason,
+                })
+                .await?
+                .into_inner();
+            print(task_json(r.task.unwrap_or_default()));
         }
         CtlCommand::Task {
             action:
