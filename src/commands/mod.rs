@@ -3,8 +3,10 @@
 //! publishes for observers.
 //!
 //! Layout: this file holds the types; `processor` holds the [`CommandProcessor`] actor, which
-//! runs each pass through the `TaskClaimStepEnqueuer` (`crate::enqueue`).
+//! runs each pass through the `TaskClaimStepEnqueuer` (`crate::enqueue`); `event_log` numbers
+//! the lifecycle events and keeps the latest for observers that reconnect.
 
+mod event_log;
 mod processor;
 
 use std::time::Duration;
@@ -15,6 +17,7 @@ use uuid::Uuid;
 
 use crate::vocabulary::{EnqueueOutcome, TriggeredBy};
 
+pub use event_log::{CommandEventLog, Gap, Resumed};
 #[cfg(test)]
 pub(crate) use processor::PassRunner;
 pub use processor::{CommandProcessor, CommandProcessorHandle, ProcessorTask, SubmitError};
@@ -181,4 +184,6 @@ pub struct CommandEvent {
     pub timestamp: DateTime<Utc>,
     /// For failed: why, safe to show. For rejected: the reason (overloaded, shutting_down).
     pub error: Option<String>,
+    /// Its number in this process's event log (see `event_log`); set when published.
+    pub sequence: u64,
 }

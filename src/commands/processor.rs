@@ -43,7 +43,8 @@ use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 use super::{
-    CommandEvent, CommandFailure, CommandOutcome, CommandPhase, CommandResult, OrchestrationCommand,
+    CommandEvent, CommandEventLog, CommandFailure, CommandOutcome, CommandPhase, CommandResult,
+    OrchestrationCommand, Resumed,
 };
 use crate::config::CommandProcessorConfig;
 use crate::enqueue::TaskClaimStepEnqueuer;
@@ -130,7 +131,7 @@ struct Envelope {
 #[derive(Clone)]
 pub struct CommandProcessorHandle {
     tx: mpsc::Sender<Envelope>,
-    events: broadcast::Sender<CommandEvent>,
+    events: Arc<CommandEventLog>,
     stats: Arc<ProcessorStats>,
     metrics: Metrics,
     capacity: usize,
@@ -180,6 +181,12 @@ impl CommandProcessorHandle {
     /// Every lifecycle event from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<CommandEvent> {
         self.events.subscribe()
+    }
+
+    /// Every lifecycle event after sequence number `after` that the log still holds, then
+    /// every new one (see `event_log`).
+    pub fn resume(&self, after: u64) -> Resumed {
+        self.events.resume(after)
     }
 
     /// Commands queued and not yet picked up.
@@ -286,7 +293,7 @@ impl CommandProcessor {
     ) -> (CommandProcessorHandle, ProcessorTask) {
         let capacity = cfg.channel_capacity;
         let (tx, rx) = mpsc::channel(capacity);
-        let (events, _) = broadcast::channel(cfg.event_buffer);
+        let events = Arc::new(CommandEventLog::new(cfg.event_buffer));
         let stats = Arc::new(ProcessorStats::default());
         let stop = CancellationToken::new();
         let grace = cfg.shutdown_grace_period;
@@ -333,7 +340,7 @@ impl CommandProcessor {
 struct PassContext {
     runner: Arc<dyn PassRunner>,
     sweeps: SweepRequester,
-    events: broadcast::Sender<CommandEvent>,
+    events: Arc<CommandEventLog>,
     metrics: Metrics,
     stats: Arc<ProcessorStats>,
     claim_retry_delay: Duration,
@@ -665,16 +672,13 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
 }
 
 fn publish(
-    events: &broadcast::Sender<CommandEvent>,
+    events: &CommandEventLog,
     id: Uuid,
     command: &OrchestrationCommand,
     phase: CommandPhase,
     received: Instant,
     fill: impl FnOnce(&mut CommandEvent),
 ) {
-    if events.receiver_count() == 0 {
-        return;
-    }
     let mut event = CommandEvent {
         command_id: id,
         task_uuid: command.task_uuid(),
@@ -686,9 +690,10 @@ fn publish(
         duration: received.elapsed(),
         timestamp: Utc::now(),
         error: None,
+        sequence: 0,
     };
     fill(&mut event);
-    let _ = events.send(event);
+    events.publish(event);
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::context::ApiContext;
 use super::convert::{self, uuid};
 use super::error::{self, invalid};
-use crate::commands::{CommandEvent, CommandPhase, OrchestrationCommand};
+use crate::commands::{CommandEvent, CommandPhase, Gap, OrchestrationCommand};
 use crate::namespaces::namespace_name_problem;
 use crate::proto::{self, v1};
 use crate::vocabulary::TriggeredBy;
@@ -43,6 +43,7 @@ fn event_to_proto(e: &CommandEvent) -> v1::CommandEvent {
         timestamp: Some(proto::timestamp(e.timestamp)),
         error: e.error.clone().unwrap_or_default(),
         missed: 0,
+        sequence: e.sequence,
     }
 }
 
@@ -188,7 +189,72 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
         request: Request<v1::StreamCommandEventsRequest>,
     ) -> Result<Response<Self::StreamCommandEventsStream>, Status> {
         let r = request.into_inner();
-        let namespaces: HashSet<String> = r.namespaces.into_iter().collect();
+        let filter = EventFilter::parse(&r)?;
+        let (backlog, gap, live) = if r.resume_after == 0 {
+            (Vec::new(), None, self.ctx.commands.subscribe())
+        } else {
+            let resumed = self.ctx.commands.resume(r.resume_after);
+            (resumed.backlog, resumed.gap, resumed.live)
+        };
+        let gap = gap.map(|g| match g {
+            Gap::Missed(missed) => gap_event(missed, String::new()),
+            Gap::BeforeStart => gap_event(
+                0,
+                format!(
+                    "sequence {} is from before this replica started: the events since are unknown",
+                    r.resume_after
+                ),
+            ),
+        });
+        let before = futures::stream::iter(
+            gap.into_iter()
+                .map(Ok)
+                .chain(
+                    backlog
+                        .into_iter()
+                        .filter(|e| filter.passes(e))
+                        .map(|e| Ok(event_to_proto(&e))),
+                )
+                .collect::<Vec<_>>(),
+        );
+        let live = BroadcastStream::new(live).filter_map(move |item| match item {
+            Ok(e) => filter.passes(&e).then(|| Ok(event_to_proto(&e))),
+            // a slow observer: say how much it missed and go on
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                Some(Ok(gap_event(missed, String::new())))
+            }
+        });
+        let stream = futures::StreamExt::take_until(before.chain(live), self.ctx.drained());
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn gap_event(missed: u64, error: String) -> v1::CommandEvent {
+    v1::CommandEvent {
+        phase: "gap".into(),
+        missed,
+        error,
+        timestamp: Some(proto::timestamp(chrono::Utc::now())),
+        ..Default::default()
+    }
+}
+
+/// Which command events a stream passes: each filter that is set must match.
+struct EventFilter {
+    namespaces: HashSet<String>,
+    tasks: HashSet<uuid::Uuid>,
+    kinds: HashSet<CommandPhase>,
+    triggered_by: HashSet<TriggeredBy>,
+    outcomes: HashSet<String>,
+}
+
+/// The outcomes a finished command can have: each pass outcome, or failed.
+fn known_outcome(o: &str) -> bool {
+    o == "failed" || crate::vocabulary::EnqueueOutcome::parse(o).is_some()
+}
+
+impl EventFilter {
+    fn parse(r: &v1::StreamCommandEventsRequest) -> Result<Self, Status> {
         let tasks = r
             .task_uuids
             .iter()
@@ -208,25 +274,47 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                 })
             })
             .collect::<Result<HashSet<_>, _>>()?;
-        let stream = futures::StreamExt::take_until(
-            BroadcastStream::new(self.ctx.commands.subscribe()),
-            self.ctx.drained(),
-        )
-        .filter_map(move |item| match item {
-            Ok(e) => {
-                let wanted = (namespaces.is_empty() || namespaces.contains(&e.namespace))
-                    && (tasks.is_empty() || tasks.contains(&e.task_uuid))
-                    && (kinds.is_empty() || kinds.contains(&e.phase));
-                wanted.then(|| Ok(event_to_proto(&e)))
+        let triggered_by = r
+            .triggered_by
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                TriggeredBy::parse(t).ok_or_else(|| {
+                    invalid(
+                        &format!("triggered_by[{i}]"),
+                        format!(
+                            "unknown source {t:?}; expected one of {:?}",
+                            TriggeredBy::ALL.map(TriggeredBy::as_str)
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<HashSet<_>, _>>()?;
+        for (i, o) in r.outcomes.iter().enumerate() {
+            if !known_outcome(o) {
+                return Err(invalid(
+                    &format!("outcomes[{i}]"),
+                    format!("unknown outcome {o:?}; expected enqueued, nothing_ready, claimed_elsewhere, task_not_active, task_not_found or failed"),
+                ));
             }
-            // a slow observer: say how much it missed and go on
-            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(v1::CommandEvent {
-                phase: "gap".into(),
-                missed,
-                timestamp: Some(proto::timestamp(chrono::Utc::now())),
-                ..Default::default()
-            })),
-        });
-        Ok(Response::new(Box::pin(stream)))
+        }
+        Ok(Self {
+            namespaces: r.namespaces.iter().cloned().collect(),
+            tasks,
+            kinds,
+            triggered_by,
+            outcomes: r.outcomes.iter().cloned().collect(),
+        })
+    }
+
+    fn passes(&self, e: &CommandEvent) -> bool {
+        (self.namespaces.is_empty() || self.namespaces.contains(&e.namespace))
+            && (self.tasks.is_empty() || self.tasks.contains(&e.task_uuid))
+            && (self.kinds.is_empty() || self.kinds.contains(&e.phase))
+            && (self.triggered_by.is_empty() || self.triggered_by.contains(&e.triggered_by))
+            && (self.outcomes.is_empty()
+                || e.outcome
+                    .as_ref()
+                    .is_some_and(|o| self.outcomes.contains(o)))
     }
 }

@@ -76,6 +76,15 @@ pub enum CtlCommand {
         /// received, started, completed, failed, coalesced, rejected
         #[arg(long = "kind")]
         kinds: Vec<String>,
+        /// step_transition, task_start, fallback_polling, catch_up, retry_timer, api
+        #[arg(long = "triggered-by")]
+        triggered_by: Vec<String>,
+        /// enqueued, nothing_ready, claimed_elsewhere, task_not_active, task_not_found, failed
+        #[arg(long = "outcome")]
+        outcomes: Vec<String>,
+        /// Resume after this sequence (the last line's "sequence" of a previous watch).
+        #[arg(long, default_value_t = 0)]
+        resume_after: u64,
     },
     /// Create, get or cancel tasks.
     Task {
@@ -418,12 +427,18 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             namespaces,
             tasks,
             kinds,
+            triggered_by,
+            outcomes,
+            resume_after,
         } => {
             let mut stream = v1::readiness_service_client::ReadinessServiceClient::new(svc)
                 .stream_command_events(v1::StreamCommandEventsRequest {
                     namespaces,
                     task_uuids: tasks,
                     kinds,
+                    triggered_by,
+                    outcomes,
+                    resume_after,
                 })
                 .await?
                 .into_inner();
@@ -438,6 +453,7 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                         "steps_enqueued": e.steps_enqueued,
                         "duration_ms": e.duration.map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6),
                         "timestamp": ts(e.timestamp), "error": e.error, "missed": e.missed,
+                        "sequence": e.sequence,
                     }).to_string(), true)
                 );
             }
