@@ -1078,3 +1078,82 @@ async fn a_task_in_error_is_retried_and_completes(pool: PgPool) {
     assert_eq!(state, "complete");
     server.stop().await;
 }
+
+/// ListReadyTasks pages stay one listing while the ranking ages. Twenty tasks of priority 0
+/// have waited 58.5 s and twenty of priority 1 have just become ready: the latter rank first,
+/// until the former's aging boost adds a point and, tied, the older come first. A listing
+/// begun before that moment and finished after it still shows each task once.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn ready_task_pages_survive_the_ranking_aging_between_them(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::PollingOnly);
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
+    let server = TestServer::start(&pool, &cfg).await;
+    let ch = server.channel().await;
+    let (mut tasks, readiness) = (Tasks::new(ch.clone()), Readiness::new(ch));
+    let mut waited = Vec::new();
+    for priority in [0, 1] {
+        for _ in 0..20 {
+            let mut req = diamond("aging");
+            req.priority = priority;
+            let id = tasks.create_task(req).await.unwrap().into_inner().task_uuid;
+            if priority == 0 {
+                waited.push(id);
+            }
+        }
+    }
+    let boundary: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "WITH moved AS (
+             UPDATE tasker.ready_steps SET ready_at = clock_timestamp() - interval '58.5 seconds'
+             WHERE task_uuid = ANY($1::uuid[]) RETURNING ready_at)
+         SELECT max(ready_at) + interval '60 seconds' FROM moved",
+    )
+    .bind(&waited)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let page = |token: String| {
+        let mut r = readiness.clone();
+        async move {
+            r.list_ready_tasks(v1::ListReadyTasksRequest {
+                namespace: "aging".into(),
+                limit: 10,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let first = page(String::new()).await;
+    assert!(
+        first.tasks.iter().all(|t| t.priority == 1),
+        "priority 1 first, before the boost"
+    );
+    // the database's clock passes the moment the waiting tasks gain a point
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let passed: bool = sqlx::query_scalar("SELECT clock_timestamp() > $1")
+                .bind(boundary)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if passed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the boundary passes within 10 s");
+    let mut seen: Vec<String> = first.tasks.into_iter().map(|t| t.task_uuid).collect();
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let p = page(token).await;
+        seen.extend(p.tasks.into_iter().map(|t| t.task_uuid));
+        token = p.next_page_token;
+    }
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(seen.len(), 40, "{} listed", seen.len());
+    assert_eq!(unique.len(), 40, "each task once");
+    server.stop().await;
+}

@@ -15,6 +15,7 @@ use super::error::{self, invalid};
 use crate::commands::{CommandEvent, CommandPhase, Gap, OrchestrationCommand};
 use crate::namespaces::namespace_name_problem;
 use crate::proto::{self, v1};
+use crate::store::ReadyRank;
 use crate::vocabulary::TriggeredBy;
 
 pub struct ReadinessApi {
@@ -28,7 +29,45 @@ impl ReadinessApi {
 }
 
 const MAX_PAGE: i64 = 1000;
-const PAGE_TOKEN_PREFIX: &str = "offset:";
+/// ListReadyTasks' page tokens: the first page's time (the ranking's), the last task's place
+/// in the ranking, and a fingerprint of the namespace filter.
+const PAGE_TOKEN_PREFIX: &str = "ready-v1.";
+
+fn parse_ready_token(
+    token: &str,
+    issued_for: &str,
+) -> Result<(chrono::DateTime<chrono::Utc>, Option<ReadyRank>), Status> {
+    let refused = || invalid("page_token", "is not a token this service issued");
+    let parts: Vec<&str> = token
+        .strip_prefix(PAGE_TOKEN_PREFIX)
+        .ok_or_else(refused)?
+        .split('.')
+        .collect();
+    let [as_of, priority, since, task, fingerprint] = parts[..] else {
+        return Err(refused());
+    };
+    let micros = |s: &str| {
+        s.parse::<i64>()
+            .ok()
+            .and_then(chrono::DateTime::from_timestamp_micros)
+    };
+    let parsed = (|| {
+        Some((
+            micros(as_of)?,
+            priority.parse::<i32>().ok()?,
+            micros(since)?,
+            task.parse::<uuid::Uuid>().ok()?,
+        ))
+    })()
+    .ok_or_else(refused)?;
+    if fingerprint != issued_for {
+        return Err(invalid(
+            "page_token",
+            "was issued for another namespace: send the same one to page on",
+        ));
+    }
+    Ok((parsed.0, Some((parsed.1, parsed.2, parsed.3))))
+}
 
 fn event_to_proto(e: &CommandEvent) -> v1::CommandEvent {
     v1::CommandEvent {
@@ -100,36 +139,38 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
     ) -> Result<Response<v1::ListReadyTasksResponse>, Status> {
         let r = request.into_inner();
         let limit = convert::bounded("limit", i64::from(r.limit), 100, 1, MAX_PAGE)?;
-        let offset = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .strip_prefix(PAGE_TOKEN_PREFIX)
-                .and_then(|n| n.parse::<i64>().ok())
-                .filter(|n| *n >= 0 && *n <= i64::from(i32::MAX))
-                .ok_or_else(|| invalid("page_token", "is not a token this service issued"))?
-        };
         let namespaces = if r.namespace.is_empty() {
             None
         } else {
             if let Some(p) = namespace_name_problem(&r.namespace) {
                 return Err(invalid("namespace", p));
             }
-            Some(vec![r.namespace])
+            Some(vec![r.namespace.clone()])
+        };
+        let issued_for = super::task_list::fingerprint(&[&r.namespace]);
+        let (as_of, after) = if r.page_token.is_empty() {
+            (chrono::Utc::now(), None)
+        } else {
+            parse_ready_token(&r.page_token, &issued_for)?
         };
         // one more than asked, to know whether another page exists
         let mut rows = self
             .ctx
             .store
-            .ready_tasks(namespaces.as_deref(), limit + 1, None, offset)
+            .ready_tasks_page(namespaces.as_deref(), limit + 1, as_of, after)
             .await?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
         Ok(Response::new(v1::ListReadyTasksResponse {
-            next_page_token: if more {
-                format!("{PAGE_TOKEN_PREFIX}{}", offset + limit)
-            } else {
-                String::new()
+            next_page_token: match rows.last() {
+                Some(last) if more => format!(
+                    "{PAGE_TOKEN_PREFIX}{}.{}.{}.{}.{issued_for}",
+                    as_of.timestamp_micros(),
+                    last.computed_priority,
+                    last.ready_since.timestamp_micros(),
+                    last.task_uuid
+                ),
+                _ => String::new(),
             },
             tasks: rows
                 .into_iter()

@@ -165,7 +165,7 @@ fn stamp(t: Option<DateTime<Utc>>) -> String {
 }
 
 /// 16 hex digits of a hash of the filters: enough to tell a token from another request's.
-fn fingerprint(parts: &[&str]) -> String {
+pub(super) fn fingerprint(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update(p.as_bytes());

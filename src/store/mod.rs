@@ -36,7 +36,7 @@ pub use steps::{
 pub use tasks::{
     CancelOutcome, CreatedTask, NewStep, NewTask, StepRecord, TaskListQuery, TaskRecord,
 };
-pub use views::{ExecutionContext, ReadyTask, StepReadiness};
+pub use views::{ExecutionContext, ReadyRank, ReadyTask, StepReadiness};
 
 use crate::config::DatabaseConfig;
 

@@ -51,6 +51,9 @@ pub struct ReadyTask {
     pub task_state: String,
 }
 
+/// A task's place in a ranking of ready tasks: computed priority, ready since, uuid.
+pub type ReadyRank = (i32, DateTime<Utc>, Uuid);
+
 impl Store {
     pub async fn step_readiness(&self, task_uuid: Uuid) -> Result<Vec<StepReadiness>, StoreError> {
         Ok(
@@ -67,6 +70,29 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| StoreError::not_found(format!("task {task_uuid}")))
+    }
+
+    /// A page of tasks with ready steps for ListReadyTasks, ranked as of `as_of` (so that the
+    /// pages of one listing share one ranking), after the task `after` of that ranking
+    /// (its computed priority, ready since, uuid).
+    pub async fn ready_tasks_page(
+        &self,
+        namespaces: Option<&[String]>,
+        limit: i64,
+        as_of: DateTime<Utc>,
+        after: Option<ReadyRank>,
+    ) -> Result<Vec<ReadyTask>, StoreError> {
+        Ok(sqlx::query_as::<_, ReadyTask>(
+            "SELECT * FROM tasker.ready_tasks_page($1, $2::int, $3, $4, $5, $6)",
+        )
+        .bind(namespaces)
+        .bind(limit)
+        .bind(as_of)
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1))
+        .bind(after.map(|a| a.2))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Tasks with ready steps, best first. `namespaces`: `None` for all, or namespace patterns
