@@ -29,8 +29,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
+use crate::fleet::Fleet;
 use crate::store::Store;
 
 /// Cheap to clone.
@@ -43,6 +43,8 @@ struct Inner {
     pending: Mutex<HashMap<String, Pending>>,
     wake: Notify,
     grace: Duration,
+    /// Whether other replicas are alive: alone, there is nobody to tell.
+    fleet: Fleet,
 }
 
 struct Pending {
@@ -52,19 +54,22 @@ struct Pending {
 }
 
 impl StepAnnouncer {
-    pub fn new(grace: Duration) -> Self {
+    pub fn new(grace: Duration, fleet: Fleet) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pending: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 grace,
+                fleet,
             }),
         }
     }
 
-    /// `steps` of `namespace` were queued here with no fetch of this replica to take them.
+    /// `steps` of `namespace` were queued here (by an enqueue, or put back from an undelivered
+    /// lease) with no fetch of this replica to take them. Nothing to do while no other replica
+    /// is alive.
     pub fn queued(&self, namespace: &str, steps: u32) {
-        if steps == 0 {
+        if steps == 0 || self.inner.fleet.announce_as().is_none() {
             return;
         }
         let due = Instant::now() + self.inner.grace;
@@ -97,9 +102,10 @@ impl StepAnnouncer {
         self.lock().get(namespace).map_or(0, |p| p.steps)
     }
 
-    /// Announce what is due, as `replica`, until `stop`. A failed announcement is dropped: the
-    /// other replicas' fetches find the steps on their periodic re-read.
-    pub async fn run(self, store: Store, replica: Uuid, stop: CancellationToken) {
+    /// Announce what is due, as this replica, until `stop`. A failed announcement is dropped:
+    /// the other replicas' fetches find the steps on their periodic re-read.
+    pub async fn run(self, store: Store, stop: CancellationToken) {
+        let replica = self.inner.fleet.replica_id();
         loop {
             let next = self.lock().values().map(|p| p.due).min();
             tokio::select! {
@@ -146,9 +152,22 @@ async fn sleep_until_opt(at: Option<Instant>) {
 mod tests {
     use super::*;
 
+    fn announcer() -> StepAnnouncer {
+        let fleet = Fleet::new();
+        fleet.peers_alive_for_test();
+        StepAnnouncer::new(Duration::from_millis(5), fleet)
+    }
+
+    #[test]
+    fn a_replica_alone_announces_nothing() {
+        let a = StepAnnouncer::new(Duration::from_millis(5), Fleet::new());
+        a.queued("ns", 3);
+        assert_eq!(a.pending("ns"), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn steps_taken_here_within_the_grace_are_not_announced() {
-        let a = StepAnnouncer::new(Duration::from_millis(5));
+        let a = announcer();
         a.queued("chain", 1);
         a.queued("fan", 3);
         a.taken("chain", 1);
@@ -166,7 +185,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_grace_runs_from_the_first_untaken_step() {
-        let a = StepAnnouncer::new(Duration::from_millis(5));
+        let a = announcer();
         a.queued("ns", 1);
         tokio::time::advance(Duration::from_millis(4)).await;
         a.queued("ns", 1);

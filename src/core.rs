@@ -56,11 +56,11 @@ impl OrchestrationCore {
         // the id the store's connections announce, so that this replica claims first what its
         // own transactions made ready
         let fleet = store.replica_id().map_or_else(Fleet::new, Fleet::with_id);
-        let announcer = StepAnnouncer::new(config.orchestration.replicas.announce_grace);
+        let announcer =
+            StepAnnouncer::new(config.orchestration.replicas.announce_grace, fleet.clone());
         let enqueuer = TaskClaimStepEnqueuer::new(
             store.clone(),
             handoff.clone(),
-            fleet.clone(),
             announcer.clone(),
             metrics.clone(),
         );
@@ -124,7 +124,7 @@ impl OrchestrationCore {
         );
         let announcements = tokio::spawn(
             announcer
-                .run(store.clone(), fleet.replica_id(), stop_maintenance.clone())
+                .run(store.clone(), stop_maintenance.clone())
                 .instrument(tracing::info_span!("step_announcer")),
         );
         let follow = {

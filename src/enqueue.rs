@@ -17,7 +17,6 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::announce::StepAnnouncer;
-use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::store::{EnqueueResult, LeasedStep, Store, StoreError, Taker};
 use crate::vocabulary::TriggeredBy;
@@ -35,7 +34,6 @@ const MAX_TAKERS: usize = 64;
 pub struct TaskClaimStepEnqueuer {
     store: Store,
     handoff: StepHandoff,
-    fleet: Fleet,
     announcer: StepAnnouncer,
     metrics: Metrics,
 }
@@ -44,14 +42,12 @@ impl TaskClaimStepEnqueuer {
     pub fn new(
         store: Store,
         handoff: StepHandoff,
-        fleet: Fleet,
         announcer: StepAnnouncer,
         metrics: Metrics,
     ) -> Self {
         Self {
             store,
             handoff,
-            fleet,
             announcer,
             metrics,
         }
@@ -111,10 +107,8 @@ impl TaskClaimStepEnqueuer {
         self.deliver(namespace, waiters, &result.leased).await;
         if queued > 0 {
             self.handoff.queued(namespace, queued);
-            if self.fleet.announce_as().is_some() {
-                self.announcer
-                    .queued(namespace, u32::try_from(queued).unwrap_or(u32::MAX));
-            }
+            self.announcer
+                .queued(namespace, u32::try_from(queued).unwrap_or(u32::MAX));
         }
         if !result.enqueued_steps.is_empty() {
             if let Some(ms) = result.max_ready_wait_ms {
@@ -152,16 +146,25 @@ impl TaskClaimStepEnqueuer {
             }
         }
         self.handoff.give_back(namespace, unused);
-        release_undelivered(&self.store, &self.handoff, namespace, undelivered).await;
+        release_undelivered(
+            &self.store,
+            &self.handoff,
+            &self.announcer,
+            namespace,
+            undelivered,
+        )
+        .await;
     }
 }
 
 /// Put leased steps that never reached their worker back on the queue, at the same attempt
-/// (the worker never had them), and wake the namespace's fetches for them. A release that
+/// (the worker never had them), and wake the namespace's fetches for them, here and (through
+/// the announcer, unless a fetch here takes them first) on the other replicas. A release that
 /// fails leaves the lease to run out; the deadline scheduler then retries the step.
 pub(crate) async fn release_undelivered(
     store: &Store,
     handoff: &StepHandoff,
+    announcer: &StepAnnouncer,
     namespace: &str,
     undelivered: Vec<(LeasedStep, String)>,
 ) {
@@ -181,5 +184,6 @@ pub(crate) async fn release_undelivered(
     if released > 0 {
         tracing::debug!(released, "undelivered leases were put back on the queue");
         handoff.queued(namespace, released);
+        announcer.queued(namespace, u32::try_from(released).unwrap_or(u32::MAX));
     }
 }

@@ -171,6 +171,12 @@ impl Fleet {
             .then_some(self.replica_id)
     }
 
+    /// Unit tests: behave as if another replica were alive.
+    #[cfg(test)]
+    pub(crate) fn peers_alive_for_test(&self) {
+        self.peers_alive.store(true, Ordering::Relaxed);
+    }
+
     /// Whether a `tasker_steps_enqueued` notification came from another replica.
     pub fn is_other(&self, replica: Uuid) -> bool {
         replica != self.replica_id

@@ -260,7 +260,14 @@ impl WorkerQueue {
             .into_iter()
             .map(|s| (s, worker_id.to_string()))
             .collect();
-        release_undelivered(&self.store, &self.handoff, namespace, undelivered).await;
+        release_undelivered(
+            &self.store,
+            &self.handoff,
+            &self.announcer,
+            namespace,
+            undelivered,
+        )
+        .await;
     }
 
     /// Leaving the queue of parked fetches: if an enqueue took this fetch meanwhile, its steps
