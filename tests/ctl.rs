@@ -130,13 +130,7 @@ async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
         .unwrap()
         .into_inner()
         .task_uuid;
-    tasks
-        .cancel_task(v1::CancelTaskRequest {
-            task_uuid: cancelled.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    cancel(&mut tasks, &cancelled).await;
 
     // the waits start before the work is done
     let wait_ok =
@@ -157,15 +151,7 @@ async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
         .unwrap();
     }
     let s = lease_one(&workers, "bad").await;
-    w.fail_step(v1::FailStepRequest {
-        step_uuid: s.step_uuid,
-        attempt: s.attempt,
-        error_message: "compiler error".into(),
-        retryable: false,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    fail_for_good(&mut w, &s, "compiler error").await;
 
     let (code, out) = tokio::time::timeout(Duration::from_secs(60), wait_ok)
         .await

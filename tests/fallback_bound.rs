@@ -26,13 +26,7 @@ async fn a_lost_event_is_made_good_within_30_s_with_the_default_settings(pool: P
     );
     let server = TestServer::start(&pool, &cfg).await;
     // every readiness announcement is lost from here on
-    sqlx::raw_sql(
-        "CREATE OR REPLACE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
-         RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    silence_readiness_announcements(&pool).await;
     // the worst moment: right after a periodic round (the task will be too young for the
     // next one only if it comes within the age threshold; it cannot, so this waits a full
     // jittered interval plus whatever of the age is left)

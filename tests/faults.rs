@@ -869,19 +869,7 @@ async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
     let workers = Workers::start(vec![server.addr], "f8", 8);
     wait_completed(&workers, 100).await;
     // NOTIFY lost: the readiness announcement replaced by one that says nothing, for a while
-    let original: String = sqlx::query_scalar(
-        "SELECT pg_get_functiondef('tasker.send_task_ready(uuid, text, text)'::regprocedure)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    sqlx::raw_sql(
-        "CREATE OR REPLACE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
-         RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let original = silence_readiness_announcements(&pool).await;
     wait_completed(&workers, 300).await;
     sqlx::raw_sql(&original).execute(&pool).await.unwrap();
     let t = Instant::now();

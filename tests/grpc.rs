@@ -926,26 +926,12 @@ async fn a_failed_step_resolved_by_hand_lets_its_task_go_on(pool: PgPool) {
     let ch = server.channel().await;
     let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
     let created = tasks
-        .create_task(v1::CreateTaskRequest {
-            namespace: "resolve".into(),
-            name: "fragile".into(),
-            steps: vec![step_def("first", &[]), step_def("second", &["first"])],
-            ..Default::default()
-        })
+        .create_task(two_steps("resolve", "fragile"))
         .await
         .unwrap()
         .into_inner();
     let first = lease_one(&workers, "resolve").await;
-    workers
-        .fail_step(v1::FailStepRequest {
-            step_uuid: first.step_uuid.clone(),
-            attempt: first.attempt,
-            error_message: "bad input file".into(),
-            retryable: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    fail_for_good(&mut workers, &first, "bad input file").await;
     let resolve = |step: &str, reason: &str| v1::ResolveStepRequest {
         step_uuid: step.into(),
         reason: reason.into(),
@@ -1005,12 +991,7 @@ async fn a_task_in_error_is_retried_and_completes(pool: PgPool) {
     let ch = server.channel().await;
     let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
     let task = tasks
-        .create_task(v1::CreateTaskRequest {
-            namespace: "retry".into(),
-            name: "flaky".into(),
-            steps: vec![step_def("first", &[]), step_def("second", &["first"])],
-            ..Default::default()
-        })
+        .create_task(two_steps("retry", "flaky"))
         .await
         .unwrap()
         .into_inner()
@@ -1023,16 +1004,7 @@ async fn a_task_in_error_is_retried_and_completes(pool: PgPool) {
     let e = tasks.retry_task(retry(&task, 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "not in error yet");
     let first = lease_one(&workers, "retry").await;
-    workers
-        .fail_step(v1::FailStepRequest {
-            step_uuid: first.step_uuid.clone(),
-            attempt: first.attempt,
-            error_message: "upstream down".into(),
-            retryable: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    fail_for_good(&mut workers, &first, "upstream down").await;
     let e = tasks.retry_task(retry(&task, 101)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("extra_attempts"), "{}", e.message());

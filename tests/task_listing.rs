@@ -58,13 +58,7 @@ async fn tasks_are_listed_by_filter_in_order_and_paged(pool: PgPool) {
                 .task_uuid,
         );
     }
-    tasks
-        .cancel_task(v1::CancelTaskRequest {
-            task_uuid: made[1].clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    cancel(&mut tasks, &made[1]).await;
     let newest_first: Vec<String> = made.iter().rev().cloned().collect();
 
     let (all, token) = uuids(&mut tasks, list(|_| {})).await;

@@ -18,12 +18,7 @@ use v1::watch_task_response::Event;
 const TASKS: usize = 100;
 
 fn chain(ns: &str) -> v1::CreateTaskRequest {
-    v1::CreateTaskRequest {
-        namespace: ns.into(),
-        name: "watched".into(),
-        steps: vec![step_def("first", &[]), step_def("second", &["first"])],
-        ..Default::default()
-    }
+    two_steps(ns, "watched")
 }
 
 /// Everything a stream sent, until it ended.
@@ -153,13 +148,7 @@ async fn watching_a_finished_task_sends_its_state_and_ends_and_bad_ones_are_refu
         .unwrap()
         .into_inner()
         .task_uuid;
-    tasks
-        .cancel_task(v1::CancelTaskRequest {
-            task_uuid: id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    cancel(&mut tasks, &id).await;
     let stream = tasks
         .watch_task(v1::WatchTaskRequest {
             task_uuid: id.clone(),

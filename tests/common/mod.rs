@@ -499,3 +499,57 @@ pub fn database_url(pool: &PgPool) -> String {
         o.get_database().expect("test databases are named")
     )
 }
+
+/// A task of two steps, `first` then `second`, as CreateTask takes it.
+pub fn two_steps(namespace: &str, name: &str) -> v1::CreateTaskRequest {
+    v1::CreateTaskRequest {
+        namespace: namespace.into(),
+        name: name.into(),
+        steps: vec![step_def("first", &[]), step_def("second", &["first"])],
+        ..Default::default()
+    }
+}
+
+/// Cancel a task over gRPC.
+pub async fn cancel(tasks: &mut Tasks, task: &str) {
+    tasks
+        .cancel_task(v1::CancelTaskRequest {
+            task_uuid: task.into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Fail a leased step for good (not retryable): its task goes into error.
+pub async fn fail_for_good(workers: &mut Workers, step: &v1::LeasedStep, message: &str) {
+    workers
+        .fail_step(v1::FailStepRequest {
+            step_uuid: step.step_uuid.clone(),
+            attempt: step.attempt,
+            error_message: message.into(),
+            retryable: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// From here on every readiness announcement is lost (the function that sends them does
+/// nothing); returns its definition, to restore it.
+pub async fn silence_readiness_announcements(pool: &PgPool) -> String {
+    let original: String = sqlx::query_scalar(
+        "SELECT pg_get_functiondef('tasker.send_task_ready(uuid, text, text)'::regprocedure)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
+         RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    original
+}
