@@ -105,11 +105,7 @@ impl TaskClaimStepEnqueuer {
         span.record("steps_handed_off", result.leased.len());
         let queued = result.enqueued_steps.len() - result.leased.len();
         self.deliver(namespace, waiters, &result.leased).await;
-        if queued > 0 {
-            self.handoff.queued(namespace, queued);
-            self.announcer
-                .queued(namespace, u32::try_from(queued).unwrap_or(u32::MAX));
-        }
+        steps_queued(&self.handoff, &self.announcer, namespace, queued);
         if !result.enqueued_steps.is_empty() {
             if let Some(ms) = result.max_ready_wait_ms {
                 self.metrics
@@ -183,7 +179,15 @@ pub(crate) async fn release_undelivered(
     }
     if released > 0 {
         tracing::debug!(released, "undelivered leases were put back on the queue");
-        handoff.queued(namespace, released);
-        announcer.queued(namespace, u32::try_from(released).unwrap_or(u32::MAX));
+    }
+    steps_queued(handoff, announcer, namespace, released);
+}
+
+/// `steps` of `namespace` went onto the queue with no fetch holding them: wake as many of the
+/// fetches parked here, and have the other replicas told unless a fetch here takes them first.
+fn steps_queued(handoff: &StepHandoff, announcer: &StepAnnouncer, namespace: &str, steps: usize) {
+    if steps > 0 {
+        handoff.queued(namespace, steps);
+        announcer.queued(namespace, u32::try_from(steps).unwrap_or(u32::MAX));
     }
 }

@@ -142,13 +142,7 @@ async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
     let mut w = workers.clone();
     for _ in 0..2 {
         let s = lease_one(&workers, "ok").await;
-        w.complete_step(v1::CompleteStepRequest {
-            step_uuid: s.step_uuid,
-            attempt: s.attempt,
-            results: None,
-        })
-        .await
-        .unwrap();
+        complete_leased(&mut w, &s).await;
     }
     let s = lease_one(&workers, "bad").await;
     fail_for_good(&mut w, &s, "compiler error").await;

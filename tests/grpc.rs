@@ -966,14 +966,7 @@ async fn a_failed_step_resolved_by_hand_lets_its_task_go_on(pool: PgPool) {
     assert_eq!(second.name, "second");
     let parents = tasker::proto::struct_to_json(second.parent_results.clone());
     assert_eq!(parents["first"]["fixed"], "by hand");
-    workers
-        .complete_step(v1::CompleteStepRequest {
-            step_uuid: second.step_uuid.clone(),
-            attempt: second.attempt,
-            results: None,
-        })
-        .await
-        .unwrap();
+    complete_leased(&mut workers, &second).await;
     let e = tasks
         .resolve_step(resolve(&second.step_uuid, "again"))
         .await
@@ -1024,23 +1017,9 @@ async fn a_task_in_error_is_retried_and_completes(pool: PgPool) {
     assert_eq!(retried.state, "in_progress");
     let again = lease_one(&workers, "retry").await;
     assert_eq!((again.name.as_str(), again.attempt), ("first", 2));
-    workers
-        .complete_step(v1::CompleteStepRequest {
-            step_uuid: again.step_uuid.clone(),
-            attempt: again.attempt,
-            results: None,
-        })
-        .await
-        .unwrap();
+    complete_leased(&mut workers, &again).await;
     let second = lease_one(&workers, "retry").await;
-    workers
-        .complete_step(v1::CompleteStepRequest {
-            step_uuid: second.step_uuid.clone(),
-            attempt: second.attempt,
-            results: None,
-        })
-        .await
-        .unwrap();
+    complete_leased(&mut workers, &second).await;
     let state: String =
         sqlx::query_scalar("SELECT state FROM tasker.tasks WHERE task_uuid = $1::uuid")
             .bind(&task)

@@ -71,13 +71,7 @@ async fn every_change_of_100_concurrent_tasks_reaches_their_watchers_in_order(po
                         .into_inner()
                         .steps;
                     for s in fetched {
-                        w.complete_step(v1::CompleteStepRequest {
-                            step_uuid: s.step_uuid,
-                            attempt: s.attempt,
-                            results: None,
-                        })
-                        .await
-                        .unwrap();
+                        complete_leased(&mut w, &s).await;
                     }
                 }
             })

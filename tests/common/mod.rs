@@ -553,3 +553,15 @@ pub async fn silence_readiness_announcements(pool: &PgPool) -> String {
     .unwrap();
     original
 }
+
+/// Complete a leased step over gRPC, with no results.
+pub async fn complete_leased(workers: &mut Workers, step: &v1::LeasedStep) {
+    workers
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: step.step_uuid.clone(),
+            attempt: step.attempt,
+            results: None,
+        })
+        .await
+        .unwrap();
+}
