@@ -98,7 +98,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .await?;
                     println!(
                         "failed {} (attempt {}): {message}; {}",
-                        step.name, step.attempt, r.outcome
+                        step.name,
+                        step.attempt,
+                        r.outcome().as_str_name()
                     );
                 }
             }

@@ -1,7 +1,7 @@
 //! The gRPC types of package `tasker.v1` (messages, clients, servers), the encoded descriptor
 //! set that server reflection serves so `grpcurl list` works without proto files, and the
 //! conversions a client needs: JSON documents <-> `google.protobuf.Struct`, times <->
-//! `Timestamp` / `Duration`.
+//! `Timestamp` / `Duration`, and (in [`words`]) the enums' values <-> the service's words.
 
 use chrono::{DateTime, Utc};
 use prost_types::value::Kind;
@@ -15,6 +15,9 @@ pub mod tasker {
 }
 
 pub use tasker::v1;
+
+pub mod words;
+pub use words::Vocabulary;
 
 /// The codec of every `tasker.v1` service: prost's, except that a request that is not a valid
 /// protobuf message (truncated, wrong wire types, a `Struct` nested deeper than the decoder's

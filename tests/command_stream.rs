@@ -102,17 +102,23 @@ async fn each_filter_passes_exactly_its_events(pool: PgPool) {
             open(&mut readiness, |r| r.task_uuids = vec![tb.clone()]).await,
         ),
         (
-            "kinds",
-            open(&mut readiness, |r| r.kinds = vec!["completed".into()]).await,
+            "phases",
+            open(&mut readiness, |r| {
+                r.phases = vec![v1::CommandPhase::Completed.into()]
+            })
+            .await,
         ),
         (
             "triggered_by",
-            open(&mut readiness, |r| r.triggered_by = vec!["catch_up".into()]).await,
+            open(&mut readiness, |r| {
+                r.triggered_by = vec![v1::TriggeredBy::CatchUp.into()]
+            })
+            .await,
         ),
         (
             "outcomes",
             open(&mut readiness, |r| {
-                r.outcomes = vec!["nothing_ready".into()]
+                r.outcomes = vec![v1::CommandOutcome::NothingReady.into()]
             })
             .await,
         ),
@@ -133,7 +139,7 @@ async fn each_filter_passes_exactly_its_events(pool: PgPool) {
     let mut seen = Vec::new();
     loop {
         let e = next(&mut all).await;
-        let done = e.task_uuid == tc && e.phase == "completed";
+        let done = e.task_uuid == tc && e.phase() == v1::CommandPhase::Completed;
         seen.push(e);
         if done {
             break;
@@ -143,15 +149,15 @@ async fn each_filter_passes_exactly_its_events(pool: PgPool) {
         let passes = |e: &v1::CommandEvent| match *filter {
             "namespaces" => e.namespace == "a",
             "task_uuids" => e.task_uuid == tb,
-            "kinds" => e.phase == "completed",
-            "triggered_by" => e.triggered_by == "catch_up",
-            "outcomes" => e.outcome == "nothing_ready",
+            "phases" => e.phase() == v1::CommandPhase::Completed,
+            "triggered_by" => e.triggered_by() == v1::TriggeredBy::CatchUp,
+            "outcomes" => e.outcome() == v1::CommandOutcome::NothingReady,
             _ => unreachable!(),
         };
-        let expected: Vec<(u64, String)> = seen
+        let expected: Vec<(u64, i32)> = seen
             .iter()
             .filter(|e| passes(e))
-            .map(|e| (e.sequence, e.phase.clone()))
+            .map(|e| (e.sequence, e.phase))
             .collect();
         assert!(
             !expected.is_empty(),
@@ -161,7 +167,7 @@ async fn each_filter_passes_exactly_its_events(pool: PgPool) {
         let mut got = Vec::new();
         while got.len() < expected.len() {
             let e = next(stream).await;
-            got.push((e.sequence, e.phase.clone()));
+            got.push((e.sequence, e.phase));
         }
         assert_eq!(got, expected, "{filter}");
     }
@@ -171,17 +177,27 @@ async fn each_filter_passes_exactly_its_events(pool: PgPool) {
     for (req, field) in [
         (
             v1::StreamCommandEventsRequest {
-                triggered_by: vec!["cron".into()],
+                triggered_by: vec![99],
                 ..Default::default()
             },
             "triggered_by[0]",
         ),
         (
             v1::StreamCommandEventsRequest {
-                outcomes: vec!["enqueued".into(), "done".into()],
+                outcomes: vec![v1::CommandOutcome::Enqueued.into(), 0],
                 ..Default::default()
             },
             "outcomes[1]",
+        ),
+        (
+            v1::StreamCommandEventsRequest {
+                phases: vec![
+                    v1::CommandPhase::Started.into(),
+                    v1::CommandPhase::Gap.into(),
+                ],
+                ..Default::default()
+            },
+            "phases[1]",
         ),
     ] {
         let e = readiness.stream_command_events(req).await.unwrap_err();
@@ -212,7 +228,7 @@ async fn a_reconnecting_observer_resumes_after_its_last_sequence(pool: PgPool) {
     let c1 = inject(&mut readiness, &ids[0]).await;
     let last = loop {
         let e = next(&mut first).await;
-        if e.command_id == c1 && e.phase == "completed" {
+        if e.command_id == c1 && e.phase() == v1::CommandPhase::Completed {
             break e.sequence;
         }
     };
@@ -220,12 +236,14 @@ async fn a_reconnecting_observer_resumes_after_its_last_sequence(pool: PgPool) {
     // while it is away: one command (3 events)
     let c2 = inject(&mut readiness, &ids[1]).await;
     let mut resumed = open(&mut readiness, |r| r.resume_after = last).await;
-    for (i, phase) in ["received", "started", "completed"].into_iter().enumerate() {
+    let phases = [
+        v1::CommandPhase::Received,
+        v1::CommandPhase::Started,
+        v1::CommandPhase::Completed,
+    ];
+    for (i, phase) in phases.into_iter().enumerate() {
         let e = next(&mut resumed).await;
-        assert_eq!(
-            (e.command_id.as_str(), e.phase.as_str()),
-            (c2.as_str(), phase)
-        );
+        assert_eq!((e.command_id.as_str(), e.phase()), (c2.as_str(), phase));
         assert_eq!(
             e.sequence,
             last + 1 + i as u64,
@@ -242,7 +260,7 @@ async fn a_reconnecting_observer_resumes_after_its_last_sequence(pool: PgPool) {
     }
     let mut late = open(&mut readiness, |r| r.resume_after = last).await;
     let gap = next(&mut late).await;
-    assert_eq!(gap.phase, "gap");
+    assert_eq!(gap.phase(), v1::CommandPhase::Gap);
     // events after `last`: 3 (c2) + 3 (c3) + 9; the ring holds 8
     assert_eq!(gap.missed, 15 - 8);
     let after_gap = next(&mut late).await;
@@ -251,7 +269,7 @@ async fn a_reconnecting_observer_resumes_after_its_last_sequence(pool: PgPool) {
     // a number from before this replica started: unknown
     let mut stale = open(&mut readiness, |r| r.resume_after = 5).await;
     let gap = next(&mut stale).await;
-    assert_eq!(gap.phase, "gap");
+    assert_eq!(gap.phase(), v1::CommandPhase::Gap);
     assert!(
         gap.error.contains("before this replica started"),
         "{}",

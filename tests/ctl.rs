@@ -187,18 +187,26 @@ async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
     let (code, out) = ctl(a, &["task", "wait", &waiting, "--timeout", "1"]).await;
     assert_eq!(code, 5, "timed out: {out}");
 
-    let (code, out) = ctl(a, &["task", "list", "--state", "cancelled"]).await;
-    assert_eq!(code, 0, "{out}");
-    let listed: Value = serde_json::from_str(&out).unwrap();
-    let ids: Vec<&str> = listed["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["task_uuid"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, [cancelled.as_str()]);
-    let (code, out) = ctl(a, &["task", "list", "--state", "finished"]).await;
-    assert_eq!(code, 2, "a state that does not exist: {out}");
-    assert!(out.contains("states[0]"), "{out}");
+    // the short word or the proto's name
+    for state in ["cancelled", "TASK_STATE_CANCELLED"] {
+        let (code, out) = ctl(a, &["task", "list", "--state", state]).await;
+        assert_eq!(code, 0, "{out}");
+        let listed: Value = serde_json::from_str(&out).unwrap();
+        let tasks = listed["tasks"].as_array().unwrap();
+        let ids: Vec<&str> = tasks
+            .iter()
+            .map(|t| t["task_uuid"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [cancelled.as_str()], "{state}");
+        assert_eq!(tasks[0]["state"], "cancelled", "JSON keeps the short words");
+    }
+    for state in ["finished", "TASK_STATE_UNSPECIFIED"] {
+        let (code, out) = ctl(a, &["task", "list", "--state", state]).await;
+        assert_eq!(code, 2, "a state that does not exist: {out}");
+        assert!(
+            out.contains(&format!("--state {state:?}")) && out.contains("in_progress"),
+            "the flag, the value and the choices: {out}"
+        );
+    }
     server.stop().await;
 }

@@ -68,7 +68,7 @@ async fn run_worker_on_a_diamond(pool: &PgPool, ns: &str, worker: tokio::process
         .into_inner()
         .task
         .unwrap();
-    assert_eq!(t.state, "complete");
+    assert_eq!(t.state(), v1::TaskState::Complete);
     let d = t.steps.iter().find(|s| s.name == "d").unwrap();
     let results = struct_to_json(d.results.clone());
     assert_eq!(results["step"], "d");

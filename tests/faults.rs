@@ -664,11 +664,8 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (
-            readiness.task_state.as_str(),
-            readiness.execution_status.as_str()
-        ),
-        ("error", "blocked_by_failures")
+        (readiness.task_state(), readiness.execution_status()),
+        (v1::TaskState::Error, v1::ExecutionStatus::BlockedByFailures)
     );
     server.stop().await;
 }

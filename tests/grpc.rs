@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use sqlx::PgPool;
 use tasker::config::{DeploymentMode, TokenConfig};
-use tasker::proto::v1;
+use tasker::proto::{v1, Vocabulary};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -111,7 +111,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         .into_inner()
         .task
         .unwrap();
-    assert_eq!(task.state, "complete");
+    assert_eq!(task.state(), v1::TaskState::Complete);
     assert_eq!(task.steps.len(), 4);
     let r = readiness
         .get_task_readiness(v1::GetTaskReadinessRequest {
@@ -120,7 +120,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.execution_status, "all_complete");
+    assert_eq!(r.execution_status(), v1::ExecutionStatus::AllComplete);
     assert_eq!(r.counts.unwrap().complete, 4);
 
     // the task's command events arrive in order: received before started before completed
@@ -136,8 +136,8 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         tokio::select! {
             e = events.next() => {
                 let e = e.unwrap().unwrap();
-                if e.task_uuid == created.task_uuid && e.phase != "coalesced" {
-                    phases.push(e.phase);
+                if e.task_uuid == created.task_uuid && e.phase() != v1::CommandPhase::Coalesced {
+                    phases.push(e.phase().word());
                 }
             }
             _ = &mut deadline => panic!("events missing: {phases:?}"),
@@ -165,7 +165,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         )),
     };
     let r = workers.fail_step(fail(1, true)).await.unwrap().into_inner();
-    assert_eq!(r.outcome, "retry_scheduled");
+    assert_eq!(r.outcome(), v1::FailStepOutcome::RetryScheduled);
     assert!(r.next_retry_at.is_some());
     let again = lease_one(&workers, "api-fail").await; // the deadline scheduler re-enqueues after 50 ms
     assert_eq!(
@@ -173,7 +173,11 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         (first.step_uuid.as_str(), 2)
     );
     let r = workers.fail_step(fail(2, true)).await.unwrap().into_inner();
-    assert_eq!(r.outcome, "failed", "max_attempts = 2 is honoured");
+    assert_eq!(
+        r.outcome(),
+        v1::FailStepOutcome::Failed,
+        "max_attempts = 2 is honoured"
+    );
     let e = workers.fail_step(fail(2, true)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
 
@@ -193,9 +197,13 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         .into_inner();
     assert!(!injected.command_id.is_empty());
     assert!(
-        ["enqueued", "nothing_ready"].contains(&injected.outcome.as_str()),
-        "{}",
-        injected.outcome
+        [
+            v1::CommandOutcome::Enqueued,
+            v1::CommandOutcome::NothingReady
+        ]
+        .contains(&injected.outcome()),
+        "{:?}",
+        injected.outcome()
     );
     let cancelled = tasks
         .cancel_task(v1::CancelTaskRequest {
@@ -207,7 +215,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         .into_inner()
         .task
         .unwrap();
-    assert_eq!(cancelled.state, "cancelled");
+    assert_eq!(cancelled.state(), v1::TaskState::Cancelled);
 
     // mode change is visible in status
     let set = admin
@@ -399,7 +407,7 @@ async fn every_error_code(pool: PgPool) {
         .expect("cancelling a cancelled task answers OK")
         .into_inner();
     assert!(again.already_cancelled);
-    assert_eq!(again.task.unwrap().state, "cancelled");
+    assert_eq!(again.task.unwrap().state(), v1::TaskState::Cancelled);
 
     // ALREADY_EXISTS is not reachable through the API (uuids are server-made); UNAVAILABLE:
     pool.close().await;
@@ -603,7 +611,7 @@ async fn slow_observer_gets_a_gap_event_and_the_stream_goes_on(pool: PgPool) {
     let read = async {
         while let Some(e) = slow.next().await {
             let e = e.unwrap();
-            if e.phase == "gap" {
+            if e.phase() == v1::CommandPhase::Gap {
                 gap = Some(e.missed);
             } else if gap.is_some() {
                 after_gap += 1;
@@ -755,8 +763,8 @@ async fn a_failed_command_streams_a_safe_error(pool: PgPool) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(injected.outcome, "failed");
-    let failed = next_phase(&mut events, "failed").await;
+    assert_eq!(injected.outcome(), v1::CommandOutcome::Failed);
+    let failed = next_phase(&mut events, v1::CommandPhase::Failed).await;
     assert!(!failed.error.is_empty());
     assert!(
         !failed.error.contains("payroll") && !failed.error.contains("postgres"),
@@ -811,18 +819,23 @@ async fn a_command_joining_a_running_pass_answers_coalesced(pool: PgPool) {
         })
     };
     let first = call(&readiness);
-    let started = next_phase(&mut events, "started").await.command_id;
+    let started = next_phase(&mut events, v1::CommandPhase::Started)
+        .await
+        .command_id;
     let second = call(&readiness);
-    let joined = next_phase(&mut events, "coalesced").await.command_id;
+    let joined = next_phase(&mut events, v1::CommandPhase::Coalesced)
+        .await
+        .command_id;
     assert_ne!(started, joined);
     claim.commit().await.unwrap();
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
     assert!(!first.coalesced);
-    assert_eq!(first.outcome, "enqueued");
+    assert_eq!(first.outcome(), v1::CommandOutcome::Enqueued);
     assert!(second.coalesced, "{second:?}");
     assert_eq!(second.command_id, joined);
     assert_eq!(
-        second.outcome, "nothing_ready",
+        second.outcome(),
+        v1::CommandOutcome::NothingReady,
         "the rerun found the steps enqueued"
     );
     server.stop().await;
@@ -831,18 +844,18 @@ async fn a_command_joining_a_running_pass_answers_coalesced(pool: PgPool) {
 /// The next command event in `phase`.
 async fn next_phase(
     events: &mut tonic::Streaming<v1::CommandEvent>,
-    phase: &str,
+    phase: v1::CommandPhase,
 ) -> v1::CommandEvent {
     tokio::time::timeout(WAIT, async {
         loop {
             let e = events.next().await.unwrap().unwrap();
-            if e.phase == phase {
+            if e.phase() == phase {
                 return e;
             }
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("no {phase} event"))
+    .unwrap_or_else(|_| panic!("no {phase:?} event"))
 }
 
 /// A CompleteStep retried after a lost answer, with the same attempt and results, answers OK
@@ -961,7 +974,11 @@ async fn a_failed_step_resolved_by_hand_lets_its_task_go_on(pool: PgPool) {
         .task
         .unwrap();
     assert_eq!(task.task_uuid, created.task_uuid);
-    assert_eq!(task.state, "in_progress", "the task in error goes on");
+    assert_eq!(
+        task.state(),
+        v1::TaskState::InProgress,
+        "the task in error goes on"
+    );
     let second = lease_one(&workers, "resolve").await;
     assert_eq!(second.name, "second");
     let parents = tasker::proto::struct_to_json(second.parent_results.clone());
@@ -1014,7 +1031,7 @@ async fn a_task_in_error_is_retried_and_completes(pool: PgPool) {
         .into_inner()
         .task
         .unwrap();
-    assert_eq!(retried.state, "in_progress");
+    assert_eq!(retried.state(), v1::TaskState::InProgress);
     let again = lease_one(&workers, "retry").await;
     assert_eq!((again.name.as_str(), again.attempt), ("first", 2));
     complete_leased(&mut workers, &again).await;

@@ -82,7 +82,21 @@ async fn grpcurl_lists_describes_and_calls_every_service(pool: PgPool) {
         &["tasker.v1.ReadinessService/GetTaskReadiness"],
     )
     .await;
-    assert!(ok && out.contains("\"executionStatus\""), "{out}");
+    // enums print by name
+    assert!(
+        ok && out.contains("\"TASK_STATE_IN_PROGRESS\"")
+            && out.contains("\"EXECUTION_STATUS_")
+            && out.contains("\"STEP_STATE_COMPLETE\""),
+        "{out}"
+    );
+    // and are taken by name
+    let (ok, out) = grpcurl(
+        a,
+        Some(r#"{"namespace":"curl","states":["TASK_STATE_IN_PROGRESS"]}"#),
+        &["tasker.v1.TaskService/ListTasks"],
+    )
+    .await;
+    assert!(ok && out.contains(&task), "{out}");
 
     let (ok, out) = grpcurl(
         a,

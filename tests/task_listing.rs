@@ -81,11 +81,20 @@ async fn tasks_are_listed_by_filter_in_order_and_paged(pool: PgPool) {
     )
     .await;
     assert_eq!(named_x_in_a, [&made[3], &made[0]].map(String::clone));
-    let (cancelled, _) = uuids(&mut tasks, list(|r| r.states = vec!["cancelled".into()])).await;
+    let (cancelled, _) = uuids(
+        &mut tasks,
+        list(|r| r.states = vec![v1::TaskState::Cancelled.into()]),
+    )
+    .await;
     assert_eq!(cancelled, [made[1].clone()]);
     let (active, _) = uuids(
         &mut tasks,
-        list(|r| r.states = vec!["pending".into(), "in_progress".into()]),
+        list(|r| {
+            r.states = vec![
+                v1::TaskState::Pending.into(),
+                v1::TaskState::InProgress.into(),
+            ]
+        }),
     )
     .await;
     assert_eq!(active.len(), 4);
@@ -156,7 +165,11 @@ async fn bad_list_requests_name_their_field(pool: PgPool) {
         ("namespace", list(|r| r.namespace = "Not OK".into())),
         (
             "states[1]",
-            list(|r| r.states = vec!["pending".into(), "done".into()]),
+            list(|r| r.states = vec![v1::TaskState::Pending.into(), 42]),
+        ),
+        (
+            "states[0]",
+            list(|r| r.states = vec![v1::TaskState::Unspecified.into()]),
         ),
         ("name", list(|r| r.name = "n".repeat(256))),
         ("order", list(|r| r.order = 9)),

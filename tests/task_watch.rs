@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::proto::v1;
+use tasker::proto::{v1, Vocabulary};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -96,7 +96,7 @@ async fn every_change_of_100_concurrent_tasks_reaches_their_watchers_in_order(po
         };
         assert_eq!(snapshot.steps.len(), 2);
         let history: Vec<(i64, String, String)> = sqlx::query_as(
-            "SELECT id, coalesce(from_state, ''), to_state FROM tasker.task_transitions
+            "SELECT id, coalesce(from_state, 'unspecified'), to_state FROM tasker.task_transitions
              WHERE task_uuid = $1::uuid ORDER BY id",
         )
         .bind(id)
@@ -106,7 +106,9 @@ async fn every_change_of_100_concurrent_tasks_reaches_their_watchers_in_order(po
         let changes: Vec<(i64, String, String)> = events[1..]
             .iter()
             .filter_map(|e| match e {
-                Event::TaskState(c) => Some((c.sequence, c.from_state.clone(), c.to_state.clone())),
+                Event::TaskState(c) => {
+                    Some((c.sequence, c.from_state().word(), c.to_state().word()))
+                }
                 _ => None,
             })
             .collect();
@@ -117,13 +119,19 @@ async fn every_change_of_100_concurrent_tasks_reaches_their_watchers_in_order(po
             history[from..],
             "{id}: changes against the history"
         );
-        assert_eq!(history[from - 1].2, snapshot.state, "{id}: snapshot state");
+        assert_eq!(
+            history[from - 1].2,
+            snapshot.state().word(),
+            "{id}: snapshot state"
+        );
         assert_eq!(history.last().unwrap().2, "complete");
         // the steps' changes end with each step complete
         let completed: HashSet<&str> = events
             .iter()
             .filter_map(|e| match e {
-                Event::StepState(c) if c.to_state == "complete" => Some(c.name.as_str()),
+                Event::StepState(c) if c.to_state() == v1::StepState::Complete => {
+                    Some(c.name.as_str())
+                }
                 _ => None,
             })
             .collect();
@@ -154,7 +162,7 @@ async fn watching_a_finished_task_sends_its_state_and_ends_and_bad_ones_are_refu
         .await
         .expect("the stream of a final task ends at once");
     assert!(
-        matches!(&events[..], [Event::Snapshot(t)] if t.state == "cancelled"),
+        matches!(&events[..], [Event::Snapshot(t)] if t.state() == v1::TaskState::Cancelled),
         "{events:?}"
     );
 

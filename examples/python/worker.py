@@ -88,7 +88,8 @@ def main():
                                                         error_message=str(failure), retryable=True,
                                                         backoff_ms=100),
                                      metadata=metadata, timeout=30)
-                print(f"failed {step.name} (attempt {step.attempt}): {failure}; {r.outcome}",
+                print(f"failed {step.name} (attempt {step.attempt}): {failure}; "
+                      f"{pb.FailStepOutcome.Name(r.outcome)}",
                       flush=True)
             handled += 1
 

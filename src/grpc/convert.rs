@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::error::invalid;
 use crate::config::DeploymentMode;
-use crate::proto::v1;
+use crate::proto::{v1, Vocabulary};
 
 pub fn uuid(field: &str, s: &str) -> Result<Uuid, Status> {
     if s.is_empty() {
@@ -41,6 +41,28 @@ pub fn mode_from_proto(field: &str, raw: i32) -> Result<DeploymentMode, Status> 
             format!("unknown deployment mode {raw}; expected DEPLOYMENT_MODE_EVENT_DRIVEN_ONLY, DEPLOYMENT_MODE_HYBRID or DEPLOYMENT_MODE_POLLING_ONLY"),
         )),
     }
+}
+
+/// A repeated enum field used as a filter: every entry a value this build knows, none the zero
+/// value (`*_UNSPECIFIED` asks for nothing).
+pub fn enum_filter<E>(field: &str, raw: &[i32]) -> Result<Vec<E>, Status>
+where
+    E: Vocabulary + TryFrom<i32>,
+{
+    raw.iter()
+        .enumerate()
+        .map(|(i, &n)| match E::try_from(n) {
+            Ok(e) if n != 0 => Ok(e),
+            Ok(e) => Err(invalid(
+                &format!("{field}[{i}]"),
+                format!("must not be {}", e.name()),
+            )),
+            Err(_) => Err(invalid(
+                &format!("{field}[{i}]"),
+                format!("{n} is not a {}", E::TYPE),
+            )),
+        })
+        .collect()
 }
 
 /// An integer field within bounds, with `0` meaning `default`.

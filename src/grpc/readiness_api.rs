@@ -10,11 +10,11 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
-use super::convert::{self, uuid};
+use super::convert::{self, enum_filter, uuid};
 use super::error::{self, invalid};
 use crate::commands::{CommandEvent, CommandPhase, Gap, OrchestrationCommand};
 use crate::namespaces::namespace_name_problem;
-use crate::proto::{self, v1};
+use crate::proto::{self, v1, words, Vocabulary};
 use crate::store::ReadyRank;
 use crate::vocabulary::TriggeredBy;
 
@@ -74,9 +74,12 @@ fn event_to_proto(e: &CommandEvent) -> v1::CommandEvent {
         command_id: e.command_id.to_string(),
         task_uuid: e.task_uuid.to_string(),
         namespace: e.namespace.clone(),
-        triggered_by: e.triggered_by.as_str().to_string(),
-        phase: e.phase.as_str().to_string(),
-        outcome: e.outcome.clone().unwrap_or_default(),
+        triggered_by: words::raw::<v1::TriggeredBy>(e.triggered_by.as_str()),
+        phase: words::raw::<v1::CommandPhase>(e.phase.as_str()),
+        outcome: e
+            .outcome
+            .as_deref()
+            .map_or(0, words::raw::<v1::CommandOutcome>),
         steps_enqueued: e.steps_enqueued as i32,
         duration: Some(proto::duration(e.duration)),
         timestamp: Some(proto::timestamp(e.timestamp)),
@@ -100,8 +103,8 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
         Ok(Response::new(v1::GetTaskReadinessResponse {
             task_uuid: ctx.task_uuid.to_string(),
             namespace: ctx.namespace,
-            task_state: ctx.task_state,
-            execution_status: ctx.execution_status,
+            task_state: words::raw::<v1::TaskState>(&ctx.task_state),
+            execution_status: words::raw::<v1::ExecutionStatus>(&ctx.execution_status),
             priority: ctx.priority,
             counts: Some(v1::StepCounts {
                 total: ctx.total_steps,
@@ -119,7 +122,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                 .map(|s| v1::StepReadiness {
                     step_uuid: s.step_uuid.to_string(),
                     name: s.name,
-                    state: s.state,
+                    state: words::raw::<v1::StepState>(&s.state),
                     dependencies_satisfied: s.dependencies_satisfied,
                     ready: s.ready,
                     next_retry_at: proto::opt_timestamp(s.next_retry_at),
@@ -212,7 +215,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
             .map_err(error::submit)?;
         Ok(Response::new(v1::ProcessTaskReadinessResponse {
             command_id: result.command_id.to_string(),
-            outcome: result.outcome.as_str().to_string(),
+            outcome: words::raw::<v1::CommandOutcome>(result.outcome.as_str()),
             steps_enqueued: result.enqueued_steps.len() as i32,
             enqueued_step_uuids: result
                 .enqueued_steps
@@ -272,7 +275,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
 
 fn gap_event(missed: u64, error: String) -> v1::CommandEvent {
     v1::CommandEvent {
-        phase: "gap".into(),
+        phase: v1::CommandPhase::Gap.into(),
         missed,
         error,
         timestamp: Some(proto::timestamp(chrono::Utc::now())),
@@ -284,14 +287,9 @@ fn gap_event(missed: u64, error: String) -> v1::CommandEvent {
 struct EventFilter {
     namespaces: HashSet<String>,
     tasks: HashSet<uuid::Uuid>,
-    kinds: HashSet<CommandPhase>,
+    phases: HashSet<CommandPhase>,
     triggered_by: HashSet<TriggeredBy>,
     outcomes: HashSet<String>,
-}
-
-/// The outcomes a finished command can have: each pass outcome, or failed.
-fn known_outcome(o: &str) -> bool {
-    o == "failed" || crate::vocabulary::EnqueueOutcome::parse(o).is_some()
 }
 
 impl EventFilter {
@@ -302,60 +300,53 @@ impl EventFilter {
             .enumerate()
             .map(|(i, t)| uuid(&format!("task_uuids[{i}]"), t))
             .collect::<Result<HashSet<_>, _>>()?;
-        let kinds = r
-            .kinds
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                CommandPhase::parse(k).ok_or_else(|| {
-                    invalid(
-                        &format!("kinds[{i}]"),
-                        format!("unknown kind {k:?}; expected received, started, completed, failed, coalesced or rejected"),
-                    )
-                })
-            })
-            .collect::<Result<HashSet<_>, _>>()?;
-        let triggered_by = r
-            .triggered_by
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                TriggeredBy::parse(t).ok_or_else(|| {
-                    invalid(
-                        &format!("triggered_by[{i}]"),
-                        format!(
-                            "unknown source {t:?}; expected one of {:?}",
-                            TriggeredBy::ALL.map(TriggeredBy::as_str)
-                        ),
-                    )
-                })
-            })
-            .collect::<Result<HashSet<_>, _>>()?;
-        for (i, o) in r.outcomes.iter().enumerate() {
-            if !known_outcome(o) {
-                return Err(invalid(
-                    &format!("outcomes[{i}]"),
-                    format!("unknown outcome {o:?}; expected enqueued, nothing_ready, claimed_elsewhere, task_not_active, task_not_found or failed"),
-                ));
-            }
-        }
+        let phases = domain_filter::<v1::CommandPhase, _>("phases", &r.phases, |w| {
+            CommandPhase::parse(w)
+                .ok_or("COMMAND_PHASE_GAP cannot be asked for: gap events always come")
+        })?;
+        let triggered_by =
+            domain_filter::<v1::TriggeredBy, _>("triggered_by", &r.triggered_by, |w| {
+                TriggeredBy::parse(w).ok_or("is not a source this build knows")
+            })?;
+        let outcomes = enum_filter::<v1::CommandOutcome>("outcomes", &r.outcomes)?
+            .into_iter()
+            .map(Vocabulary::word)
+            .collect();
         Ok(Self {
             namespaces: r.namespaces.iter().cloned().collect(),
             tasks,
-            kinds,
+            phases,
             triggered_by,
-            outcomes: r.outcomes.iter().cloned().collect(),
+            outcomes,
         })
     }
 
     fn passes(&self, e: &CommandEvent) -> bool {
         (self.namespaces.is_empty() || self.namespaces.contains(&e.namespace))
             && (self.tasks.is_empty() || self.tasks.contains(&e.task_uuid))
-            && (self.kinds.is_empty() || self.kinds.contains(&e.phase))
+            && (self.phases.is_empty() || self.phases.contains(&e.phase))
             && (self.triggered_by.is_empty() || self.triggered_by.contains(&e.triggered_by))
             && (self.outcomes.is_empty()
                 || e.outcome
                     .as_ref()
                     .is_some_and(|o| self.outcomes.contains(o)))
     }
+}
+
+/// A repeated enum filter as the domain's values: each entry's word parsed by `parse`, whose
+/// refusal names the entry.
+fn domain_filter<E, T>(
+    field: &str,
+    raw: &[i32],
+    parse: impl Fn(&str) -> Result<T, &'static str>,
+) -> Result<HashSet<T>, Status>
+where
+    E: Vocabulary + TryFrom<i32>,
+    T: Eq + std::hash::Hash,
+{
+    enum_filter::<E>(field, raw)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| parse(&e.word()).map_err(|why| invalid(&format!("{field}[{i}]"), why)))
+        .collect()
 }

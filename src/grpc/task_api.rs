@@ -11,7 +11,7 @@ use super::task_list::TaskListRequest;
 use super::task_watch::{watch_task, WatchStream};
 use crate::dag::{StepSpec, TaskSpec};
 use crate::proto::struct_to_json;
-use crate::proto::{self, v1};
+use crate::proto::{self, v1, words};
 use crate::store::{CancelOutcome, StepRecord, TaskRecord};
 
 pub struct TaskApi {
@@ -140,7 +140,7 @@ pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
     v1::Step {
         step_uuid: s.step_uuid.to_string(),
         name: s.name,
-        state: s.state,
+        state: words::raw::<v1::StepState>(&s.state),
         attempts: s.attempts,
         max_attempts: s.max_attempts,
         depends_on: s.depends_on,
@@ -161,7 +161,7 @@ pub(super) fn task_to_proto(t: TaskRecord) -> v1::Task {
         namespace: t.namespace,
         name: t.name,
         priority: t.priority,
-        state: t.state,
+        state: words::raw::<v1::TaskState>(&t.state),
         context: Some(proto::json_to_struct(&t.context)),
         idempotency_key: t.idempotency_key.unwrap_or_default(),
         created_at: Some(proto::timestamp(t.created_at)),

@@ -11,17 +11,15 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 use uuid::Uuid;
 
+use super::convert::enum_filter;
 use super::error::invalid;
 use crate::namespaces::namespace_name_problem;
-use crate::proto::v1;
+use crate::proto::{v1, Vocabulary};
 use crate::store::TaskListQuery;
 
 /// Tasks per page unless asked for another number, and the most a page may ask for.
 pub const DEFAULT_PAGE_SIZE: i32 = 100;
 pub const MAX_PAGE_SIZE: i32 = 1000;
-
-/// Every state a task can be in.
-const TASK_STATES: [&str; 5] = ["pending", "in_progress", "complete", "error", "cancelled"];
 
 /// Tokens start with this, so that they are recognisable (and versioned) without promising
 /// their form.
@@ -54,14 +52,10 @@ impl TaskListRequest {
         {
             return Err(invalid("namespace", problem));
         }
-        for (i, state) in r.states.iter().enumerate() {
-            if !TASK_STATES.contains(&state.as_str()) {
-                return Err(invalid(
-                    &format!("states[{i}]"),
-                    format!("{state:?} is not a task state; expected one of {TASK_STATES:?}"),
-                ));
-            }
-        }
+        let mut states: Vec<String> = enum_filter::<v1::TaskState>("states", &r.states)?
+            .into_iter()
+            .map(Vocabulary::word)
+            .collect();
         if r.name.len() > crate::limits::MAX_NAME_BYTES {
             return Err(invalid(
                 "name",
@@ -87,7 +81,6 @@ impl TaskListRequest {
         let order = v1::TaskOrder::try_from(r.order)
             .map_err(|_| invalid("order", format!("{} is not a TaskOrder", r.order)))?;
         let newest_first = order != v1::TaskOrder::OldestFirst;
-        let mut states = r.states.clone();
         states.sort();
         states.dedup();
         let fingerprint = fingerprint(&[

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use super::context::ApiContext;
 use super::task_api::{step_to_proto, task_to_proto};
-use crate::proto::{self, v1};
+use crate::proto::{self, v1, words};
 use crate::store::StepRecord;
 use crate::wakeups::TaskWatch;
 
@@ -97,8 +97,8 @@ impl StepLooks {
                     .push(v1::StepStateChange {
                         step_uuid: s.step_uuid.to_string(),
                         name: s.name.clone(),
-                        from_state: from,
-                        to_state: s.state.clone(),
+                        from_state: words::raw::<v1::StepState>(&from),
+                        to_state: words::raw::<v1::StepState>(&s.state),
                         attempts: s.attempts,
                     }),
                 _ => {}
@@ -166,8 +166,10 @@ impl Follower {
             let done = is_final(&t.to_state);
             let change = v1::TaskStateChange {
                 sequence: t.id,
-                from_state: t.from_state.unwrap_or_default(),
-                to_state: t.to_state,
+                from_state: t
+                    .from_state
+                    .map_or(0, |from| words::raw::<v1::TaskState>(&from)),
+                to_state: words::raw::<v1::TaskState>(&t.to_state),
                 at: Some(proto::timestamp(t.created_at)),
             };
             if !self

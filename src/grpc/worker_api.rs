@@ -161,11 +161,11 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             .await?;
         Ok(Response::new(match outcome {
             FailOutcome::RetryScheduled { next_retry_at } => v1::FailStepResponse {
-                outcome: "retry_scheduled".into(),
+                outcome: v1::FailStepOutcome::RetryScheduled.into(),
                 next_retry_at: Some(proto::timestamp(next_retry_at)),
             },
             FailOutcome::Failed => v1::FailStepResponse {
-                outcome: "failed".into(),
+                outcome: v1::FailStepOutcome::Failed.into(),
                 next_retry_at: None,
             },
         }))

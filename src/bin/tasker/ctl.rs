@@ -13,7 +13,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tasker::client::{AuthorizedChannel, Connect};
-use tasker::proto::{json_to_struct, struct_to_json, v1};
+use tasker::proto::{json_to_struct, struct_to_json, v1, Vocabulary};
 use tokio_stream::StreamExt;
 use tonic::Status;
 
@@ -73,13 +73,14 @@ pub enum CtlCommand {
         namespaces: Vec<String>,
         #[arg(long = "task")]
         tasks: Vec<String>,
-        /// received, started, completed, failed, coalesced, rejected
-        #[arg(long = "kind")]
-        kinds: Vec<String>,
-        /// step_transition, task_start, fallback_polling, catch_up, retry_timer, api
+        /// received, started, completed, failed, coalesced, rejected (repeatable)
+        #[arg(long = "phase")]
+        phases: Vec<String>,
+        /// step_transition, task_start, fallback_polling, api, catch_up, retry_timer (repeatable)
         #[arg(long = "triggered-by")]
         triggered_by: Vec<String>,
         /// enqueued, nothing_ready, claimed_elsewhere, task_not_active, task_not_found, failed
+        /// (repeatable)
         #[arg(long = "outcome")]
         outcomes: Vec<String>,
         /// Resume after this sequence (the last line's "sequence" of a previous watch).
@@ -373,15 +374,15 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             print(json!({
                 "task_uuid": r.task_uuid,
                 "namespace": r.namespace,
-                "task_state": r.task_state,
-                "execution_status": r.execution_status,
+                "task_state": v1::TaskState::word_of(r.task_state),
+                "execution_status": v1::ExecutionStatus::word_of(r.execution_status),
                 "counts": {
                     "total": c.total, "pending": c.pending, "enqueued": c.enqueued,
                     "in_progress": c.in_progress, "complete": c.complete, "failed": c.failed,
                     "ready": c.ready, "waiting_for_retry": c.waiting_for_retry, "cancelled": c.cancelled,
                 },
                 "steps": r.steps.into_iter().map(|s| json!({
-                    "name": s.name, "step_uuid": s.step_uuid, "state": s.state,
+                    "name": s.name, "step_uuid": s.step_uuid, "state": v1::StepState::word_of(s.state),
                     "dependencies_satisfied": s.dependencies_satisfied, "ready": s.ready,
                     "attempts": s.attempts, "max_attempts": s.max_attempts,
                     "next_retry_at": ts(s.next_retry_at),
@@ -419,23 +420,27 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                 .await?
                 .into_inner();
             print(json!({
-                "command_id": r.command_id, "outcome": r.outcome,
+                "command_id": r.command_id, "outcome": v1::CommandOutcome::word_of(r.outcome),
+                "coalesced": r.coalesced,
                 "steps_enqueued": r.steps_enqueued, "enqueued_step_uuids": r.enqueued_step_uuids,
             }));
         }
         CtlCommand::Watch {
             namespaces,
             tasks,
-            kinds,
+            phases,
             triggered_by,
             outcomes,
             resume_after,
         } => {
+            let phases = enum_flags::<v1::CommandPhase>("--phase", &phases)?;
+            let triggered_by = enum_flags::<v1::TriggeredBy>("--triggered-by", &triggered_by)?;
+            let outcomes = enum_flags::<v1::CommandOutcome>("--outcome", &outcomes)?;
             let mut stream = v1::readiness_service_client::ReadinessServiceClient::new(svc)
                 .stream_command_events(v1::StreamCommandEventsRequest {
                     namespaces,
                     task_uuids: tasks,
-                    kinds,
+                    phases,
                     triggered_by,
                     outcomes,
                     resume_after,
@@ -449,7 +454,9 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                     "{}",
                     terminal_safe(&json!({
                         "command_id": e.command_id, "task_uuid": e.task_uuid, "namespace": e.namespace,
-                        "triggered_by": e.triggered_by, "phase": e.phase, "outcome": e.outcome,
+                        "triggered_by": v1::TriggeredBy::word_of(e.triggered_by),
+                        "phase": v1::CommandPhase::word_of(e.phase),
+                        "outcome": (e.outcome != 0).then(|| v1::CommandOutcome::word_of(e.outcome)),
                         "steps_enqueued": e.steps_enqueued,
                         "duration_ms": e.duration.map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6),
                         "timestamp": ts(e.timestamp), "error": e.error, "missed": e.missed,
@@ -527,6 +534,7 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                     page_token,
                 },
         } => {
+            let states = enum_flags::<v1::TaskState>("--state", &states)?;
             let r = v1::task_service_client::TaskServiceClient::new(svc)
                 .list_tasks(v1::ListTasksRequest {
                     namespace: namespace.unwrap_or_default(),
@@ -546,7 +554,8 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             print(json!({
                 "tasks": r.tasks.into_iter().map(|t| json!({
                     "task_uuid": t.task_uuid, "namespace": t.namespace, "name": t.name,
-                    "state": t.state, "priority": t.priority, "created_at": ts(t.created_at),
+                    "state": v1::TaskState::word_of(t.state), "priority": t.priority,
+                    "created_at": ts(t.created_at),
                     "updated_at": ts(t.updated_at),
                 })).collect::<Vec<_>>(),
                 "next_page_token": r.next_page_token,
@@ -638,14 +647,23 @@ async fn wait_for_task(
     while let Some(m) = stream.next().await {
         let (line, state) = match m?.event {
             Some(Event::Snapshot(t)) => {
-                (json!({"task_uuid": t.task_uuid, "state": t.state}), t.state)
+                let state = v1::TaskState::word_of(t.state);
+                (json!({"task_uuid": t.task_uuid, "state": state}), state)
             }
-            Some(Event::TaskState(c)) => (
-                json!({"task_uuid": task, "from": c.from_state, "to": c.to_state, "at": ts(c.at)}),
-                c.to_state,
-            ),
+            Some(Event::TaskState(c)) => {
+                let to = v1::TaskState::word_of(c.to_state);
+                let from = (c.from_state != 0).then(|| v1::TaskState::word_of(c.from_state));
+                (
+                    json!({"task_uuid": task, "from": from, "to": to, "at": ts(c.at)}),
+                    to,
+                )
+            }
             Some(Event::StepState(c)) => {
-                let line = json!({"step": c.name, "step_uuid": c.step_uuid, "from": c.from_state, "to": c.to_state, "attempts": c.attempts});
+                let line = json!({
+                    "step": c.name, "step_uuid": c.step_uuid,
+                    "from": v1::StepState::word_of(c.from_state),
+                    "to": v1::StepState::word_of(c.to_state), "attempts": c.attempts,
+                });
                 println!("{}", terminal_safe(&line.to_string(), false));
                 continue;
             }
@@ -703,15 +721,35 @@ fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskRequest, CtlEr
 fn task_json(t: v1::Task) -> Value {
     json!({
         "task_uuid": t.task_uuid, "namespace": t.namespace, "name": t.name, "priority": t.priority,
-        "state": t.state, "context": struct_to_json(t.context), "idempotency_key": t.idempotency_key,
+        "state": v1::TaskState::word_of(t.state), "context": struct_to_json(t.context), "idempotency_key": t.idempotency_key,
         "created_at": ts(t.created_at), "completed_at": ts(t.completed_at),
         "steps": t.steps.into_iter().map(|s| json!({
-            "name": s.name, "step_uuid": s.step_uuid, "state": s.state, "attempts": s.attempts,
+            "name": s.name, "step_uuid": s.step_uuid, "state": v1::StepState::word_of(s.state),
+            "attempts": s.attempts,
             "max_attempts": s.max_attempts, "depends_on": s.depends_on,
             "results": s.results.map(|r| struct_to_json(Some(r))),
             "last_error": s.last_error.map(|r| struct_to_json(Some(r))),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A repeatable flag's values as the enum's raw values: each a word or a value's name.
+fn enum_flags<E>(flag: &str, values: &[String]) -> Result<Vec<i32>, CtlError>
+where
+    E: Vocabulary + TryFrom<i32> + Into<i32>,
+{
+    values
+        .iter()
+        .map(|v| {
+            E::from_input(v).map(Into::into).ok_or_else(|| {
+                CtlError::Usage(format!(
+                    "{flag} {v:?}: not a {}; expected one of {}",
+                    E::TYPE,
+                    E::words().join(", ")
+                ))
+            })
+        })
+        .collect()
 }
 
 fn mode_name(raw: i32) -> &'static str {
@@ -751,17 +789,23 @@ pub fn task_dot(t: &v1::Task) -> String {
     let mut out = format!(
         "digraph {} {{\n  rankdir=LR;\n  node [shape=box, style=\"rounded,filled\"];\n  label={};\n",
         quote(&format!("task {}", t.task_uuid)),
-        quote(&format!("{} ({}): {}", t.name, t.namespace, t.state))
+        quote(&format!(
+            "{} ({}): {}",
+            t.name,
+            t.namespace,
+            v1::TaskState::word_of(t.state)
+        ))
     );
     for s in &t.steps {
+        let state = v1::StepState::word_of(s.state);
         out.push_str(&format!(
             "  {} [label={}, fillcolor={}];\n",
             quote(&s.name),
             quote(&format!(
                 "{}\n{} ({}/{})",
-                s.name, s.state, s.attempts, s.max_attempts
+                s.name, state, s.attempts, s.max_attempts
             )),
-            colour(&s.state)
+            colour(&state)
         ));
     }
     for s in &t.steps {
@@ -896,7 +940,7 @@ mod tests {
 
     #[test]
     fn the_dot_output_draws_each_step_and_edge_and_quotes_names() {
-        let step = |name: &str, deps: &[&str], state: &str| v1::Step {
+        let step = |name: &str, deps: &[&str], state: v1::StepState| v1::Step {
             name: name.into(),
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
             state: state.into(),
@@ -908,10 +952,10 @@ mod tests {
             task_uuid: "t-1".into(),
             name: "deploy".into(),
             namespace: "ci".into(),
-            state: "error".into(),
+            state: v1::TaskState::Error.into(),
             steps: vec![
-                step("build", &[], "complete"),
-                step("say \"hi\"", &["build"], "error"),
+                step("build", &[], v1::StepState::Complete),
+                step("say \"hi\"", &["build"], v1::StepState::Error),
             ],
             ..Default::default()
         };
