@@ -992,6 +992,56 @@ async fn a_failed_step_resolved_by_hand_lets_its_task_go_on(pool: PgPool) {
     server.stop().await;
 }
 
+/// An operator can finish by hand a task no worker has touched: resolving a step of a pending
+/// task starts it, and resolving its last step completes it (it used to stay pending, with
+/// nothing left to run).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_task_resolved_by_hand_before_it_started_completes(pool: PgPool) {
+    // nothing enqueues on its own: no events, no poll within the test
+    let mut cfg = test_config(DeploymentMode::PollingOnly);
+    cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
+    let server = TestServer::start(&pool, &cfg).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let created = tasks
+        .create_task(two_steps("by-hand", "untouched"))
+        .await
+        .unwrap()
+        .into_inner();
+    let resolve = |name: &str| v1::ResolveStepRequest {
+        step_uuid: created
+            .steps
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .step_uuid
+            .clone(),
+        reason: "done outside tasker".into(),
+        results: None,
+    };
+    let after_first = tasks
+        .resolve_step(resolve("first"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(after_first.state(), v1::TaskState::InProgress);
+    let after_second = tasks
+        .resolve_step(resolve("second"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(after_second.state(), v1::TaskState::Complete);
+    assert!(after_second.completed_at.is_some());
+    assert!(after_second
+        .steps
+        .iter()
+        .all(|s| s.state() == v1::StepState::ResolvedManually));
+    server.stop().await;
+}
+
 /// A task in error is retried: its failed step gets a fresh attempt, the task goes on to
 /// complete. Bad requests name their field; an unknown task is NOT_FOUND; a task not in error
 /// cannot be retried.
