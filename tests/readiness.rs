@@ -181,6 +181,7 @@ async fn parent_resolved_manually_counts_as_complete(pool: PgPool) {
             step(&t, "a"),
             "fixed by hand",
             Some(&json!({"manual": true})),
+            None,
         )
         .await
         .unwrap();

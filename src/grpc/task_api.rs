@@ -277,9 +277,11 @@ impl v1::task_service_server::TaskService for TaskApi {
                 )
             })
             .transpose()?;
+        // the readiness this announces carries the caller's trace, as a completion's does
+        let traceparent = crate::telemetry::current_traceparent();
         self.ctx
             .store
-            .resolve_step_manually(step, &r.reason, results.as_ref())
+            .resolve_step_manually(step, &r.reason, results.as_ref(), traceparent.as_deref())
             .await?;
         let task = self
             .ctx
@@ -316,12 +318,14 @@ impl v1::task_service_server::TaskService for TaskApi {
                 format!("must be at most {MAX_REASON_BYTES} bytes"),
             ));
         }
+        let traceparent = crate::telemetry::current_traceparent();
         self.ctx
             .store
             .retry_task(
                 task_uuid,
                 extra,
                 &json!({"source": "api", "reason": r.reason}),
+                traceparent.as_deref(),
             )
             .await?;
         let task = self.ctx.store.get_task(task_uuid).await?;

@@ -350,15 +350,18 @@ impl Store {
         step_uuid: Uuid,
         reason: &str,
         results: Option<&Value>,
+        traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let outcome: String =
-            sqlx::query_scalar("SELECT tasker.resolve_step_manually($1, $2, $3, $4)")
-                .bind(step_uuid)
-                .bind(reason)
-                .bind(results)
-                .bind(json!({"source": "manual"}))
-                .fetch_one(&self.pool)
-                .await?;
+        let outcome: String = sqlx::query_scalar(
+            "SELECT tasker.resolve_step_manually($1, $2, $3, $4) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
+        )
+        .bind(step_uuid)
+        .bind(reason)
+        .bind(results)
+        .bind(json!({"source": "manual"}))
+        .bind(traceparent)
+        .fetch_one(&self.pool)
+        .await?;
         match outcome.as_str() {
             "resolved" => Ok(()),
             "step_not_found" => Err(StoreError::not_found(format!("step {step_uuid}"))),
@@ -379,13 +382,17 @@ impl Store {
         task_uuid: Uuid,
         extra_attempts: i32,
         metadata: &Value,
+        traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let outcome: String = sqlx::query_scalar("SELECT tasker.retry_task($1, $2, $3)")
-            .bind(task_uuid)
-            .bind(extra_attempts)
-            .bind(metadata)
-            .fetch_one(&self.pool)
-            .await?;
+        let outcome: String = sqlx::query_scalar(
+            "SELECT tasker.retry_task($1, $2, $3) FROM (SELECT set_config('tasker.traceparent', coalesce($4, ''), true)) tp",
+        )
+        .bind(task_uuid)
+        .bind(extra_attempts)
+        .bind(metadata)
+        .bind(traceparent)
+        .fetch_one(&self.pool)
+        .await?;
         match outcome.as_str() {
             "retried" => Ok(()),
             "task_not_found" => Err(StoreError::not_found(format!("task {task_uuid}"))),
