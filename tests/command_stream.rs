@@ -199,11 +199,44 @@ async fn each_filter_passes_exactly_its_events(pool: PgPool) {
             },
             "phases[1]",
         ),
+        (
+            v1::StreamCommandEventsRequest {
+                namespaces: vec!["Not OK".into()],
+                ..Default::default()
+            },
+            "namespaces[0]",
+        ),
     ] {
         let e = readiness.stream_command_events(req).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains(field), "{}", e.message());
     }
+    // every broken rule at once, each entry named
+    let e = readiness
+        .stream_command_events(v1::StreamCommandEventsRequest {
+            task_uuids: vec![ta.clone(), "nope".into()],
+            phases: vec![0],
+            triggered_by: vec![v1::TriggeredBy::Api.into(), 42],
+            outcomes: vec![99, 0],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = tonic_types::StatusExt::get_details_bad_request(&e)
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        fields,
+        [
+            "task_uuids[1]",
+            "phases[0]",
+            "triggered_by[1]",
+            "outcomes[0]",
+            "outcomes[1]"
+        ],
+        "{}",
+        e.message()
+    );
     server.stop().await;
 }
 

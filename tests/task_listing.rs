@@ -214,7 +214,23 @@ async fn bad_list_requests_name_their_field(pool: PgPool) {
             "{field}: {}",
             e.message()
         );
+        assert_eq!(violated_fields(&e), [field]);
     }
+    // every broken rule at once
+    let e = tasks
+        .list_tasks(list(|r| {
+            r.page_size = -1;
+            r.states = vec![0, v1::TaskState::Error.into(), 7];
+            r.order = 9;
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&e),
+        ["page_size", "states[0]", "states[2]", "order"],
+        "{}",
+        e.message()
+    );
     // the same token with the filters it was issued for pages on
     let (next, _) = uuids(
         &mut tasks,
@@ -311,4 +327,12 @@ async fn paging_10000_tasks_while_they_change_sees_each_exactly_once(pool: PgPoo
         "{extra} unknown tasks over {pages} pages"
     );
     server.stop().await;
+}
+
+/// The fields an INVALID_ARGUMENT's BadRequest names, in order.
+fn violated_fields(e: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    e.get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
 }

@@ -6,7 +6,7 @@ use serde_json::Value;
 use tonic::Status;
 use uuid::Uuid;
 
-use super::error::invalid;
+use super::error::{invalid, Violations};
 use crate::config::DeploymentMode;
 use crate::proto::{v1, Vocabulary};
 
@@ -44,25 +44,30 @@ pub fn mode_from_proto(field: &str, raw: i32) -> Result<DeploymentMode, Status> 
 }
 
 /// A repeated enum field used as a filter: every entry a value this build knows, none the zero
-/// value (`*_UNSPECIFIED` asks for nothing).
+/// value (`*_UNSPECIFIED` asks for nothing). Every bad entry is reported.
 pub fn enum_filter<E>(field: &str, raw: &[i32]) -> Result<Vec<E>, Status>
 where
     E: Vocabulary + TryFrom<i32>,
 {
-    raw.iter()
+    let mut bad = Violations::default();
+    let values = raw
+        .iter()
         .enumerate()
-        .map(|(i, &n)| match E::try_from(n) {
-            Ok(e) if n != 0 => Ok(e),
-            Ok(e) => Err(invalid(
-                &format!("{field}[{i}]"),
-                format!("must not be {}", e.name()),
-            )),
-            Err(_) => Err(invalid(
-                &format!("{field}[{i}]"),
-                format!("{n} is not a {}", E::TYPE),
-            )),
+        .filter_map(|(i, &n)| {
+            bad.check(match E::try_from(n) {
+                Ok(e) if n != 0 => Ok(e),
+                Ok(e) => Err(invalid(
+                    &format!("{field}[{i}]"),
+                    format!("must not be {}", e.name()),
+                )),
+                Err(_) => Err(invalid(
+                    &format!("{field}[{i}]"),
+                    format!("{n} is not a {}", E::TYPE),
+                )),
+            })
         })
-        .collect()
+        .collect();
+    bad.into_result().map(|()| values)
 }
 
 /// An integer field within bounds, with `0` meaning `default`.

@@ -38,6 +38,49 @@ pub fn violations(list: Vec<Violation>) -> Status {
     )
 }
 
+/// The broken rules of one request, gathered so that the caller hears of all of them at once
+/// (as CreateTask reports every violation of its DAG), not one per attempt.
+#[derive(Default)]
+pub struct Violations(Vec<Violation>);
+
+impl Violations {
+    /// The value of a check that passed; `None` for one that failed, its violations kept.
+    pub fn check<T>(&mut self, checked: Result<T, Status>) -> Option<T> {
+        checked
+            .map_err(|status| {
+                let named = status
+                    .get_details_bad_request()
+                    .map(|b| b.field_violations)
+                    .unwrap_or_default();
+                if named.is_empty() {
+                    // a check that named no field: keep its message whole
+                    self.0.push(Violation {
+                        field: String::new(),
+                        message: status.message().to_string(),
+                    });
+                }
+                self.0.extend(named.into_iter().map(|v| Violation {
+                    field: v.field,
+                    message: v.description,
+                }));
+            })
+            .ok()
+    }
+
+    /// `INVALID_ARGUMENT` listing every violation, if there is one (worded as [`invalid`]'s
+    /// when it is the only one).
+    pub fn into_result(mut self) -> Result<(), Status> {
+        match self.0.len() {
+            0 => Ok(()),
+            1 => {
+                let v = self.0.remove(0);
+                Err(invalid(&v.field, v.message))
+            }
+            _ => Err(violations(self.0)),
+        }
+    }
+}
+
 pub fn store(e: StoreError) -> Status {
     match e {
         StoreError::InvalidArgument { field, message } => invalid(&field, message),

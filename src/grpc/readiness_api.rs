@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
 use super::convert::{self, enum_filter, uuid};
-use super::error::{self, invalid};
+use super::error::{self, invalid, Violations};
 use crate::commands::{CommandEvent, CommandPhase, Gap, OrchestrationCommand};
 use crate::namespaces::namespace_name_problem;
 use crate::proto::{self, v1, words, Vocabulary};
@@ -293,25 +293,44 @@ struct EventFilter {
 }
 
 impl EventFilter {
+    /// Every broken rule of the request at once, each naming its field and entry.
     fn parse(r: &v1::StreamCommandEventsRequest) -> Result<Self, Status> {
+        let mut bad = Violations::default();
+        for (i, ns) in r.namespaces.iter().enumerate() {
+            if let Some(problem) = namespace_name_problem(ns) {
+                bad.check::<()>(Err(invalid(&format!("namespaces[{i}]"), problem)));
+            }
+        }
         let tasks = r
             .task_uuids
             .iter()
             .enumerate()
-            .map(|(i, t)| uuid(&format!("task_uuids[{i}]"), t))
-            .collect::<Result<HashSet<_>, _>>()?;
-        let phases = domain_filter::<v1::CommandPhase, _>("phases", &r.phases, |w| {
-            CommandPhase::parse(w)
-                .ok_or("COMMAND_PHASE_GAP cannot be asked for: gap events always come")
-        })?;
-        let triggered_by =
-            domain_filter::<v1::TriggeredBy, _>("triggered_by", &r.triggered_by, |w| {
-                TriggeredBy::parse(w).ok_or("is not a source this build knows")
-            })?;
-        let outcomes = enum_filter::<v1::CommandOutcome>("outcomes", &r.outcomes)?
+            .filter_map(|(i, t)| bad.check(uuid(&format!("task_uuids[{i}]"), t)))
+            .collect();
+        let phases = bad
+            .check(domain_filter::<v1::CommandPhase, _>(
+                "phases",
+                &r.phases,
+                |w| {
+                    CommandPhase::parse(w)
+                        .ok_or("COMMAND_PHASE_GAP cannot be asked for: gap events always come")
+                },
+            ))
+            .unwrap_or_default();
+        let triggered_by = bad
+            .check(domain_filter::<v1::TriggeredBy, _>(
+                "triggered_by",
+                &r.triggered_by,
+                |w| TriggeredBy::parse(w).ok_or("is not a source this build knows"),
+            ))
+            .unwrap_or_default();
+        let outcomes = bad
+            .check(enum_filter::<v1::CommandOutcome>("outcomes", &r.outcomes))
+            .unwrap_or_default()
             .into_iter()
             .map(Vocabulary::word)
             .collect();
+        bad.into_result()?;
         Ok(Self {
             namespaces: r.namespaces.iter().cloned().collect(),
             tasks,
@@ -334,7 +353,7 @@ impl EventFilter {
 }
 
 /// A repeated enum filter as the domain's values: each entry's word parsed by `parse`, whose
-/// refusal names the entry.
+/// refusal names the entry. Every bad entry is reported.
 fn domain_filter<E, T>(
     field: &str,
     raw: &[i32],
@@ -344,9 +363,13 @@ where
     E: Vocabulary + TryFrom<i32>,
     T: Eq + std::hash::Hash,
 {
-    enum_filter::<E>(field, raw)?
+    let mut bad = Violations::default();
+    let values = enum_filter::<E>(field, raw)?
         .into_iter()
         .enumerate()
-        .map(|(i, e)| parse(&e.word()).map_err(|why| invalid(&format!("{field}[{i}]"), why)))
-        .collect()
+        .filter_map(|(i, e)| {
+            bad.check(parse(&e.word()).map_err(|why| invalid(&format!("{field}[{i}]"), why)))
+        })
+        .collect();
+    bad.into_result().map(|()| values)
 }

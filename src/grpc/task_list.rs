@@ -12,7 +12,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use super::convert::enum_filter;
-use super::error::invalid;
+use super::error::{invalid, Violations};
 use crate::namespaces::namespace_name_problem;
 use crate::proto::{v1, Vocabulary};
 use crate::store::TaskListQuery;
@@ -34,52 +34,63 @@ pub struct TaskListRequest {
 }
 
 impl TaskListRequest {
-    /// Check every field; the first broken rule is reported, naming its field.
+    /// Check every field; every broken rule is reported at once, each naming its field (the
+    /// page token is judged only with valid filters, which it must match).
     pub fn parse(r: v1::ListTasksRequest) -> Result<Self, Status> {
-        let page_size = match r.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-            n => {
-                return Err(invalid(
+        let mut bad = Violations::default();
+        // a failed check's value stands in with its default; the request is refused below
+        let page_size = bad
+            .check(match r.page_size {
+                0 => Ok(DEFAULT_PAGE_SIZE),
+                n if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
+                n => Err(invalid(
                     "page_size",
                     format!("must be between 0 and {MAX_PAGE_SIZE}, is {n}"),
-                ))
-            }
-        };
+                )),
+            })
+            .unwrap_or_default();
         if let Some(problem) = (!r.namespace.is_empty())
             .then(|| namespace_name_problem(&r.namespace))
             .flatten()
         {
-            return Err(invalid("namespace", problem));
+            bad.check::<()>(Err(invalid("namespace", problem)));
         }
-        let mut states: Vec<String> = enum_filter::<v1::TaskState>("states", &r.states)?
+        let mut states: Vec<String> = bad
+            .check(enum_filter::<v1::TaskState>("states", &r.states))
+            .unwrap_or_default()
             .into_iter()
             .map(Vocabulary::word)
             .collect();
         if r.name.len() > crate::limits::MAX_NAME_BYTES {
-            return Err(invalid(
+            bad.check::<()>(Err(invalid(
                 "name",
                 format!("must be at most {} bytes", crate::limits::MAX_NAME_BYTES),
-            ));
+            )));
         }
-        let created_after = time("created_after", r.created_after)?;
-        let created_before = time("created_before", r.created_before)?;
-        let updated_after = time("updated_after", r.updated_after)?;
-        let updated_before = time("updated_before", r.updated_before)?;
-        range(
+        let mut time = |field: &str, t| bad.check(time(field, t)).flatten();
+        let created_after = time("created_after", r.created_after);
+        let created_before = time("created_before", r.created_before);
+        let updated_after = time("updated_after", r.updated_after);
+        let updated_before = time("updated_before", r.updated_before);
+        bad.check(range(
             "created_after",
             created_after,
             "created_before",
             created_before,
-        )?;
-        range(
+        ));
+        bad.check(range(
             "updated_after",
             updated_after,
             "updated_before",
             updated_before,
-        )?;
-        let order = v1::TaskOrder::try_from(r.order)
-            .map_err(|_| invalid("order", format!("{} is not a TaskOrder", r.order)))?;
+        ));
+        let order = bad
+            .check(
+                v1::TaskOrder::try_from(r.order)
+                    .map_err(|_| invalid("order", format!("{} is not a TaskOrder", r.order))),
+            )
+            .unwrap_or_default();
+        bad.into_result()?;
         let newest_first = order != v1::TaskOrder::OldestFirst;
         states.sort();
         states.dedup();
