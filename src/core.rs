@@ -111,6 +111,11 @@ impl OrchestrationCore {
                     config.orchestration.replicas.clone(),
                     config.grpc.bind.to_string(),
                     ReplicaState {
+                        serves_every_namespace: config
+                            .orchestration
+                            .task_readiness
+                            .namespaces
+                            .is_empty(),
                         mode: coordinator.mode_changes(),
                         listening: listening_flag(
                             coordinator.listener_status(),

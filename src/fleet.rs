@@ -9,8 +9,10 @@
 //!
 //! **Claim split.** Every listening replica hears every notification. Instead of all of them
 //! racing for the task's claim (the losers' attempts are wasted round trips), one of the
-//! replicas listening now (the *claimers*, as of the last heartbeat) works each event and the
-//! others drop it. Which one: the replica whose transaction made the steps ready (the
+//! replicas listening now and serving every namespace (the *claimers*, as of the last
+//! heartbeat) works each event and the others drop it. (A replica serving some namespaces
+//! drops the others' events before the split, so it is never a claimer; in a fleet of such
+//! replicas there are none, and each works the events of its own namespaces.) Which one: the replica whose transaction made the steps ready (the
 //! notification names it), when it is a claimer, because the worker that completed the step
 //! is most likely parked on it again and gets the next step handed over in the enqueue's own
 //! transaction; otherwise the claimer with the highest [`claim_score`] for the task
@@ -56,6 +58,10 @@ pub struct ReplicaState {
     pub mode: watch::Receiver<DeploymentMode>,
     /// Whether its LISTEN connection is up.
     pub listening: watch::Receiver<bool>,
+    /// Whether it serves every namespace. One that serves some only drops the other
+    /// namespaces' events before the split, so it must not be a claimer (an event falling to
+    /// it would be dropped by everyone).
+    pub serves_every_namespace: bool,
 }
 
 /// A task's score for a replica under rendezvous hashing; the highest scoring claimer claims
@@ -208,7 +214,14 @@ impl Fleet {
             let listening = *state.listening.borrow_and_update();
             let mode = *state.mode.borrow_and_update();
             match store
-                .replica_heartbeat(self.replica_id, &address, cfg.gone_after, mode, listening)
+                .replica_heartbeat(
+                    self.replica_id,
+                    &address,
+                    cfg.gone_after,
+                    mode,
+                    listening,
+                    state.serves_every_namespace,
+                )
                 .await
             {
                 Ok(beat) => {

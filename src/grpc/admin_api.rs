@@ -108,6 +108,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
                     .map_or(v1::DeploymentMode::Unspecified, mode_to_proto)
                     as i32,
                 listening: r.listening,
+                serves_every_namespace: r.serves_every_namespace,
             })
             .collect();
         Ok(Response::new(v1::GetStatusResponse {

@@ -30,12 +30,16 @@ pub struct ReplicaRecord {
     pub deployment_mode: Option<String>,
     /// Whether its LISTEN connection was up at its last heartbeat.
     pub listening: bool,
+    /// Whether it serves every namespace (no `orchestration.task_readiness.namespaces`);
+    /// a claimer must.
+    pub serves_every_namespace: bool,
 }
 
 impl Store {
-    /// Create or refresh this replica's row (with its mode and whether it listens); how many
-    /// other replicas are alive (heart-beat within `gone_after`), the fleet's deployment mode,
-    /// and the claimers.
+    /// Create or refresh this replica's row (with its mode, whether it listens and whether it
+    /// serves every namespace); how many other replicas are alive (heart-beat within
+    /// `gone_after`), the fleet's deployment mode, and the claimers (alive, listening, serving
+    /// every namespace).
     pub async fn replica_heartbeat(
         &self,
         replica_id: Uuid,
@@ -43,11 +47,12 @@ impl Store {
         gone_after: Duration,
         mode: DeploymentMode,
         listening: bool,
+        serves_every_namespace: bool,
     ) -> Result<Heartbeat, StoreError> {
         let (other_replicas, fleet_mode, claimers): (i32, Option<String>, Vec<Uuid>) =
             sqlx::query_as(
                 "SELECT other_replicas, fleet_mode, claimers
-                 FROM tasker.replica_heartbeat($1, $2, $3, $4, $5, $6)",
+                 FROM tasker.replica_heartbeat($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(replica_id)
             .bind(address)
@@ -55,6 +60,7 @@ impl Store {
             .bind(gone_after.as_millis() as i64)
             .bind(mode.to_string())
             .bind(listening)
+            .bind(serves_every_namespace)
             .fetch_one(&self.pool)
             .await?;
         let fleet_mode = fleet_mode
@@ -119,7 +125,7 @@ impl Store {
     ) -> Result<Vec<ReplicaRecord>, StoreError> {
         Ok(sqlx::query_as::<_, ReplicaRecord>(
             "SELECT replica_id, address, version, started_at, heartbeat_at, deployment_mode,
-                    listening
+                    listening, serves_every_namespace
              FROM tasker.replicas
              WHERE heartbeat_at >= clock_timestamp() - make_interval(secs => $1 / 1000.0)
              ORDER BY started_at, replica_id",
