@@ -4,7 +4,7 @@
 //! ```text
 //!  follow the task (TaskWatches) ─> snapshot: the task + the id of its last transition,
 //!                                    in one read; its steps' states
-//!  loop: woken (the database announced a change of it) or every RECHECK
+//!  loop: woken (the database announced a change of it) or after recheck_after(...)
 //!        ─> steps whose state or attempt differs from the last look ─> step_state events
 //!        ─> task transitions after the last id, from its history ─> task_state events
 //!        ─> complete or cancelled: end
@@ -15,7 +15,8 @@
 //! order, whatever announcements were lost. Following starts before the snapshot is read, so
 //! no change can fall between the snapshot and the stream. Steps are compared with their last
 //! look: their moves are not all announced (a fetch's lease is not), so between two looks a
-//! step that moved twice shows one change; `RECHECK` bounds how late a step's change shows.
+//! step that moved twice shows one change; [`recheck_after`] bounds how late a step's change
+//! shows (1 s after a change, up to 8 s on a quiet task; 1 s without a listener).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -29,6 +30,7 @@ use uuid::Uuid;
 
 use super::context::ApiContext;
 use super::task_api::{step_to_proto, task_to_proto};
+use crate::events::ListenerState;
 use crate::proto::{self, v1, words};
 use crate::store::StepRecord;
 use crate::wakeups::TaskWatch;
@@ -38,6 +40,25 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchTaskResponse, S
 /// How often a stream looks at its task with no announcement: step moves the database does not
 /// announce, and a replica that does not LISTEN (PollingOnly).
 const RECHECK: Duration = Duration::from_secs(1);
+
+/// The longest a stream of a listening replica waits between looks at a quiet task.
+const RECHECK_MAX_QUIET: Duration = Duration::from_secs(8);
+
+/// How long a stream waits for an announcement before it looks anyway, after `quiet_looks`
+/// looks in a row found nothing new. While this replica listens, a task's state changes and
+/// its steps becoming ready are announced and wake the stream at once; only step moves that
+/// change neither (enqueued, leased, waiting for a retry) wait for a look. So a look follows a
+/// change by a second, and each quiet look doubles the wait, up to [`RECHECK_MAX_QUIET`]: a
+/// task whose steps run for minutes costs its watchers a look every 8 s, not every second.
+/// Without a listener (PollingOnly, or while it reconnects) nothing is announced: every second.
+fn recheck_after(quiet_looks: u32, listening: bool) -> Duration {
+    if !listening {
+        return RECHECK;
+    }
+    RECHECK
+        .saturating_mul(1 << quiet_looks.min(8))
+        .min(RECHECK_MAX_QUIET)
+}
 
 /// Messages buffered for a slow client before the stream waits for it.
 const BUFFER: usize = 64;
@@ -122,17 +143,22 @@ impl Follower {
     async fn run(mut self) {
         let drained = self.ctx.drained();
         tokio::pin!(drained);
+        let listener = self.ctx.coordinator.listener_status();
+        let mut quiet_looks = 0;
         loop {
-            tokio::select! {
+            let listening = listener.borrow().state == ListenerState::Listening;
+            let woken = tokio::select! {
                 _ = &mut drained => return,
                 _ = self.tx.closed() => return,
-                _ = self.watch.changed() => {}
-                _ = tokio::time::sleep(RECHECK) => {}
-            }
+                _ = self.watch.changed() => true,
+                _ = tokio::time::sleep(recheck_after(quiet_looks, listening)) => false,
+            };
             match self.look().await {
-                Ok(true) => {}
+                Ok(Some(sent)) => {
+                    quiet_looks = if woken || sent { 0 } else { quiet_looks + 1 };
+                }
                 // the task is final, or the client went away
-                Ok(false) => return,
+                Ok(None) => return,
                 Err(e) => {
                     // the database is away: look again on the next round
                     tracing::warn!(task_uuid = %self.task_uuid, error = %e, "watching a task: reading it failed");
@@ -141,8 +167,9 @@ impl Follower {
         }
     }
 
-    /// Send what changed since the last look; false when the stream is over.
-    async fn look(&mut self) -> Result<bool, crate::store::StoreError> {
+    /// Send what changed since the last look: whether anything did; `None` when the stream is
+    /// over.
+    async fn look(&mut self) -> Result<Option<bool>, crate::store::StoreError> {
         let steps = self
             .ctx
             .store
@@ -153,12 +180,14 @@ impl Follower {
             .store
             .task_transitions_after(self.task_uuid, self.last)
             .await?;
-        for change in self.looks.changes(&steps) {
+        let changes = self.looks.changes(&steps);
+        let sent = !changes.is_empty() || !transitions.is_empty();
+        for change in changes {
             if !self
                 .send(v1::watch_task_response::Event::StepState(change))
                 .await
             {
-                return Ok(false);
+                return Ok(None);
             }
         }
         for t in transitions {
@@ -177,13 +206,26 @@ impl Follower {
                 .await
                 || done
             {
-                return Ok(false);
+                return Ok(None);
             }
         }
-        Ok(true)
+        Ok(Some(sent))
     }
 
     async fn send(&self, e: v1::watch_task_response::Event) -> bool {
         self.tx.send(Ok(event(e))).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_task_is_looked_at_less_and_less_only_while_announcements_come() {
+        let listening: Vec<u64> = (0..6).map(|q| recheck_after(q, true).as_secs()).collect();
+        assert_eq!(listening, [1, 2, 4, 8, 8, 8]);
+        assert_eq!(recheck_after(40, true), RECHECK_MAX_QUIET);
+        assert!((0..6).all(|q| recheck_after(q, false) == RECHECK));
     }
 }
