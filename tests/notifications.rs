@@ -256,26 +256,8 @@ async fn concurrent_parent_completions_announce_the_join_exactly_once(pool: PgPo
 async fn an_operator_s_resolve_and_retry_carry_the_caller_s_trace(pool: PgPool) {
     let store = Store::new(pool.clone());
     let traceparent = format!("00-{}-{}-01", "c".repeat(32), "d".repeat(16));
-    // a task in error: its first step failed for good
-    let in_error = || async {
-        let mut spec = TaskSpec::chain(NS, 2);
-        spec.steps[0].max_attempts = 1;
-        let t = create(&store, spec).await;
-        let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
-        store
-            .fail_step(
-                leased[0].step_uuid,
-                1,
-                &failure(json!({"message": "broken"}), false, 0),
-                &json!({}),
-                None,
-            )
-            .await
-            .unwrap();
-        (t, leased[0].step_uuid)
-    };
-    let (resolved, first) = in_error().await;
-    let (retried, _) = in_error().await;
+    let (resolved, first) = in_error(&store, TaskSpec::chain(NS, 2)).await;
+    let (retried, _) = in_error(&store, TaskSpec::chain(NS, 2)).await;
     let mut l = listener(&pool, &[READY]).await;
     store
         .resolve_step_manually(first, "fixed by hand", None, Some(&traceparent))

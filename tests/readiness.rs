@@ -161,20 +161,7 @@ async fn attempts_exhausted_blocks_the_task(pool: PgPool) {
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn parent_resolved_manually_counts_as_complete(pool: PgPool) {
     let store = Store::new(pool);
-    let mut spec = TaskSpec::diamond(NS);
-    spec.steps[0].max_attempts = 1;
-    let t = create(&store, spec).await;
-    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
-    store
-        .fail_step(
-            leased[0].step_uuid,
-            1,
-            &failure(json!({"message": "broken"}), false, 0),
-            &json!({}),
-            None,
-        )
-        .await
-        .unwrap();
+    let (t, _) = in_error(&store, TaskSpec::diamond(NS)).await;
     assert_eq!(store.get_task(t.task_uuid).await.unwrap().state, "error");
     store
         .resolve_step_manually(

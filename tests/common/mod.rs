@@ -57,6 +57,26 @@ pub async fn complete(store: &Store, leased: &LeasedStep) {
         .expect("complete");
 }
 
+/// Create `spec`'s task with its first step allowed one attempt, lease that step and fail it
+/// for good: the task is in error. The task, and the failed step.
+pub async fn in_error(store: &Store, mut spec: TaskSpec) -> (CreatedTask, Uuid) {
+    spec.steps[0].max_attempts = 1;
+    let namespace = spec.namespace.clone();
+    let t = create(store, spec).await;
+    let first = enqueue_and_lease(store, t.task_uuid, &namespace).await[0].step_uuid;
+    store
+        .fail_step(
+            first,
+            1,
+            &failure(json!({"message": "broken"}), false, 0),
+            &json!({}),
+            None,
+        )
+        .await
+        .expect("fail for good");
+    (t, first)
+}
+
 /// Lease the named step (enqueueing first) and complete it.
 pub async fn run_named(store: &Store, task: Uuid, namespace: &str, name: &str) {
     let leased = enqueue_and_lease(store, task, namespace).await;
