@@ -707,7 +707,7 @@ async fn get_task_pages_its_steps_and_sends_their_data_on_request(pool: PgPool) 
     let mut pages = 0;
     loop {
         let r = tasks
-            .get_task(get(true, 0, token))
+            .get_task(get(true, 0, token.clone()))
             .await
             .unwrap()
             .into_inner();
@@ -724,7 +724,29 @@ async fn get_task_pages_its_steps_and_sends_their_data_on_request(pool: PgPool) 
     assert_eq!(seen, names);
     assert_eq!(pages, 4);
 
-    for (size, token) in [(0, "made-up"), (0, "steps-after--3"), (1001, ""), (-1, "")] {
+    // a real token, sent for another task
+    let other = tasks
+        .create_task(two_steps("pages", "small"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let refused = tasks
+        .get_task(v1::GetTaskRequest {
+            task_uuid: other,
+            page_token: token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("page_token") && refused.message().contains("another task"),
+        "{}",
+        refused.message()
+    );
+
+    for (size, token) in [(0, "made-up"), (0, "steps-v2.abc.-3"), (1001, ""), (-1, "")] {
         let refused = tasks
             .get_task(get(false, size, token.into()))
             .await

@@ -3,6 +3,7 @@
 
 use serde_json::json;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::context::ApiContext;
 use super::convert::{repeated_entry_len, uuid};
@@ -59,7 +60,7 @@ impl TaskApi {
             last = Some(position);
         }
         let token = if more || cut {
-            page_token(last)
+            page_token(message.task_uuid.as_str(), last)
         } else {
             String::new()
         };
@@ -91,7 +92,8 @@ impl StepPage {
         with_data: false,
     };
 
-    fn from_request(r: &v1::GetTaskRequest) -> Result<Self, Status> {
+    /// The page a GetTask for `task` asks for; a token issued for another task is refused.
+    fn from_request(r: &v1::GetTaskRequest, task: Uuid) -> Result<Self, Status> {
         let size = match r.page_size {
             0 => MAX_STEPS_PER_PAGE,
             n if (1..=MAX_STEPS_PER_PAGE).contains(&n) => n,
@@ -105,18 +107,24 @@ impl StepPage {
         let after = if r.page_token.is_empty() {
             None
         } else {
-            Some(
-                r.page_token
-                    .strip_prefix(PAGE_TOKEN_PREFIX)
-                    .and_then(|p| p.parse::<i32>().ok())
-                    .filter(|p| *p >= 0)
-                    .ok_or_else(|| {
-                        error::invalid(
-                            "page_token",
-                            "is not a next_page_token this server returned",
-                        )
-                    })?,
-            )
+            let (issued_for, position) = r
+                .page_token
+                .strip_prefix(PAGE_TOKEN_PREFIX)
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(f, p)| Some((f, p.parse::<i32>().ok().filter(|p| *p >= 0)?)))
+                .ok_or_else(|| {
+                    error::invalid(
+                        "page_token",
+                        "is not a next_page_token this server returned",
+                    )
+                })?;
+            if issued_for != task_fingerprint(&task.to_string()) {
+                return Err(error::invalid(
+                    "page_token",
+                    "was issued for another task: send it with the task it came from",
+                ));
+            }
+            Some(position)
         };
         Ok(Self {
             after,
@@ -126,13 +134,18 @@ impl StepPage {
     }
 }
 
-/// Page tokens name the last step's topological position; the prefix makes them recognisable
-/// (and versioned) without promising their form.
-const PAGE_TOKEN_PREFIX: &str = "steps-after-";
+/// Page tokens name the task they were issued for (a fingerprint) and the last step's
+/// topological position; the prefix makes them recognisable (and versioned) without promising
+/// their form.
+const PAGE_TOKEN_PREFIX: &str = "steps-v2.";
 
-fn page_token(last_position: Option<i32>) -> String {
+fn task_fingerprint(task_uuid: &str) -> String {
+    super::task_list::fingerprint(&["get_task", task_uuid])
+}
+
+fn page_token(task_uuid: &str, last_position: Option<i32>) -> String {
     last_position
-        .map(|p| format!("{PAGE_TOKEN_PREFIX}{p}"))
+        .map(|p| format!("{PAGE_TOKEN_PREFIX}{}.{p}", task_fingerprint(task_uuid)))
         .unwrap_or_default()
 }
 
@@ -244,7 +257,7 @@ impl v1::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<v1::GetTaskResponse>, Status> {
         let r = request.into_inner();
         let task_uuid = uuid("task_uuid", &r.task_uuid)?;
-        let page = StepPage::from_request(&r)?;
+        let page = StepPage::from_request(&r, task_uuid)?;
         let task = self.ctx.store.get_task(task_uuid).await?;
         let (task, next_page_token) = self.task_page(task, page).await?;
         Ok(Response::new(v1::GetTaskResponse {
