@@ -1042,6 +1042,56 @@ async fn a_task_resolved_by_hand_before_it_started_completes(pool: PgPool) {
     server.stop().await;
 }
 
+/// Steps that became ready while their task was in error (here: the child of a sibling that
+/// completed after the failure) are announced when an operator's resolution lets the task go
+/// on, even when the resolved step has no child of its own. EventDrivenOnly: nothing else
+/// would enqueue them.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn resolving_a_leaf_announces_the_steps_ready_since_the_error(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
+    tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "leaf".into(),
+            name: "two-branches".into(),
+            steps: vec![
+                step_def("check", &[]),
+                step_def("build", &[]),
+                step_def("ship", &["build"]),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut roots = Vec::new();
+    while roots.len() < 2 {
+        roots.extend(
+            workers
+                .fetch_steps(fetch_request("leaf", 2, 5000, 30))
+                .await
+                .unwrap()
+                .into_inner()
+                .steps,
+        );
+    }
+    let step = |name: &str| roots.iter().find(|s| s.name == name).unwrap().clone();
+    fail_for_good(&mut workers, &step("check"), "flaky check").await;
+    // the task is in error: ship becomes ready, and nothing enqueues or announces it
+    complete_leased(&mut workers, &step("build")).await;
+    tasks
+        .resolve_step(v1::ResolveStepRequest {
+            step_uuid: step("check").step_uuid,
+            reason: "checked by hand".into(),
+            results: None,
+        })
+        .await
+        .unwrap();
+    let ship = lease_one(&workers, "leaf").await;
+    assert_eq!(ship.name, "ship");
+    server.stop().await;
+}
+
 /// A task in error is retried: its failed step gets a fresh attempt, the task goes on to
 /// complete. Bad requests name their field; an unknown task is NOT_FOUND; a task not in error
 /// cannot be retried.
