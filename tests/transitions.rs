@@ -328,3 +328,62 @@ async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
     assert_eq!(got.len(), 1);
     assert_eq!(ready_names(&store, t.task_uuid).await, vec!["d"]);
 }
+
+/// Cancelling a task removes its queue rows by step: it reads only them, however long the
+/// queue is (it used to read every queued step of every namespace, holding the task's lock).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn cancelling_reads_only_the_task_s_own_queue_rows(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    // a backlog: 300 queued steps of another task
+    let backlog = create(&store, TaskSpec::fan(NS, 300)).await;
+    run_named(&store, backlog.task_uuid, NS, "root").await;
+    store
+        .enqueue_ready_steps(backlog.task_uuid, &json!({}), None, &[], None)
+        .await
+        .unwrap();
+    // the task cancelled: one step leased, one queued
+    let mut spec = TaskSpec::fan("cancelled", 2);
+    spec.steps.pop(); // no join: two roots after the first
+    let t = create(&store, spec).await;
+    run_named(&store, t.task_uuid, "cancelled", "root").await;
+    store
+        .enqueue_ready_steps(t.task_uuid, &json!({}), None, &[], None)
+        .await
+        .unwrap();
+    store
+        .fetch_steps("cancelled", "w", 1, 60_000)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let outcome: String = sqlx::query_scalar("SELECT tasker.cancel_task($1, 'superseded')")
+        .bind(t.task_uuid)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "cancelled");
+    // this transaction's own reads of the queue, before any statistics are flushed
+    let (seq_read, idx_fetched): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0)
+         FROM pg_stat_xact_user_tables WHERE relid = 'tasker.step_queue'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(
+        seq_read + idx_fetched <= 10,
+        "the cancel read {seq_read} queue rows by scan and fetched {idx_fetched} by index"
+    );
+    let left: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT q.task_uuid FROM tasker.step_queue q WHERE q.namespace = 'cancelled'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(left.is_empty(), "the task's queue rows are gone: {left:?}");
+    let backlog_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.step_queue")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(backlog_rows, 300, "the others' stay");
+}
