@@ -1,12 +1,17 @@
--- ResolveStep announces every step that is ready once the task goes on.
+-- ResolveStep: two fixes to tasker.resolve_step_manually (otherwise the baseline's).
 --
--- While a task is in error its steps can still become ready (a sibling in flight completes, a
--- retry falls due); the enqueue refuses an inactive task, and nothing announces them. When an
--- operator's resolution reopened the task, it announced readiness only if the resolved step's
--- own children became ready, so those other steps waited for a sweep: in EventDrivenOnly,
--- until the listener reconnected or the claimers changed. The resolution now announces
--- whenever the task is active and has a ready step. (RetryTask always announced.) The function
--- is otherwise 20261127000006's.
+-- 1. A task that had not started. A task goes from pending to in progress when its first
+--    steps are enqueued, and only a task in progress completes when its last step finishes
+--    (tasker.finish_step). An operator who resolved by hand every step of a task no worker had
+--    touched left it pending with nothing left to run, for ever. Resolving a step of a pending
+--    task now starts the task first (the same pending -> in_progress transition an enqueue
+--    makes), so resolving its last step completes it.
+-- 2. Steps that became ready while the task was in error (a sibling in flight completes, a
+--    retry falls due): the enqueue refuses an inactive task and nothing announces them. When
+--    the resolution reopened the task it announced readiness only if the resolved step's own
+--    children became ready, so those other steps waited for a sweep (in EventDrivenOnly, until
+--    the listener reconnected or the claimers changed). It now announces whenever the task is
+--    active and has a ready step. (RetryTask always announced.)
 
 CREATE OR REPLACE FUNCTION tasker.resolve_step_manually(
     p_step_uuid uuid, p_reason text, p_results jsonb DEFAULT NULL, p_metadata jsonb DEFAULT '{}'::jsonb
