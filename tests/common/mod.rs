@@ -508,16 +508,33 @@ pub async fn assert_mode_in_effect(
 }
 
 /// The URL of a test's own database, for what connects by itself (a service process, a store
-/// with its own connection settings).
+/// with its own connection settings). It reaches the database the way the pool does: over
+/// TCP, or through the Unix socket of a socket-only server (the embedded cluster, where no
+/// server answers on a TCP port).
 pub fn database_url(pool: &PgPool) -> String {
     let o = pool.connect_options();
-    format!(
+    let url = format!(
         "postgres://{}@{}:{}/{}",
         o.get_username(),
         o.get_host(),
         o.get_port(),
         o.get_database().expect("test databases are named")
-    )
+    );
+    match o.get_socket() {
+        Some(dir) => format!("{url}?host={}", percent_encode(&dir.display().to_string())),
+        None => url,
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A task of two steps, `first` then `second`, as CreateTask takes it.
