@@ -95,8 +95,8 @@ pub mod internal {
     pub use crate::grpc::{ApiContext, GrpcServer};
     pub use crate::limits;
     pub use crate::local_db::{
-        create_private_temp_dir, find_bin_dir, resolve as resolve_database, with_database,
-        EmbeddedCluster, LocalDbError, ResolvedDatabase,
+        find_bin_dir, listener_owner, local_server_is_trusted, resolve as resolve_database,
+        with_database, EmbeddedCluster, LocalDbError, ResolvedDatabase,
     };
     pub use crate::metrics::Metrics;
     pub use crate::poller::PollerStatus;

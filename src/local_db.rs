@@ -1,8 +1,9 @@
 //! Finding a database to run against, so `tasker serve` just works on a laptop.
 //!
 //! Order: the configured `database.url`; else the local server at
-//! [`defaults::LOCAL_DATABASE_URL`] if it answers (its `tasker` database is created when
-//! missing); else a private cluster started from the installed PostgreSQL binaries in
+//! [`defaults::LOCAL_DATABASE_URL`] if it answers and is run by a user this process trusts
+//! (root, `postgres`, or this process's own user: see [`local_server_is_trusted`]); else a
+//! private cluster started from the installed PostgreSQL binaries in
 //! `database.embedded_data_dir`, owned by [`EmbeddedCluster`] and stopped when it is dropped.
 //!
 //! PostgreSQL refuses to run as root, so when this process is root the cluster is initialised
@@ -11,19 +12,27 @@
 //! The embedded cluster trusts no one but its owner: it listens on no TCP address at all
 //! (`listen_addresses = ''`), only on a Unix socket inside its own 0700 data directory, so
 //! another local user can neither reach it over the network nor open the socket. A data
-//! directory that exists but belongs to someone else is refused. When the configured directory
-//! is unreachable for the unprivileged server (as root, under /root), a fresh directory with a
-//! random name is created exclusively under the system temp directory (never one that
-//! already exists: a predictable path could be prepared by another user).
+//! directory that exists but belongs to someone else is refused.
+//!
+//! The data directory persists, for root too: the directories root creates on the way to it
+//! can be traversed (mode 0711, not listed) so that the cluster's user reaches its own 0700
+//! directory. When an ancestor root did not create closes the way (as root, under /root), the
+//! cluster lives in a stable directory of its own instead, `/var/lib/tasker/<name>-<hash of
+//! the configured path>`: the same one at every start, under a root-owned parent that no
+//! other user can write to. A cluster left running by a process that was killed is adopted
+//! by the next start, and stopped when that one ends.
 //!
 //! The local server on 127.0.0.1:5432 is a development convenience: it is used only when no
 //! `database.url` is configured and `database.require_url` is off (production sets it), and
-//! the start-up log says so.
+//! only when the operating system says who runs it and that is someone trusted. On a shared
+//! machine, another user's server on 5432 would otherwise receive every task: such a server is
+//! passed over with a warning naming its owner. Where the owner cannot be read (no
+//! `/proc/net/tcp`), the server is used with a warning.
 //!
 //! ```text
-//! resolve ──url set──────────────────────────────> use it
-//!    │ └─local server answers──> CREATE DATABASE if missing ──> use it
-//!    └─otherwise──> find binaries ──> initdb (first time) ──> pg_ctl start ──> use it
+//! resolve ──url set─────────────────────────────────────────────────> use it
+//!    │ └─local server answers, owner trusted──> CREATE DATABASE if missing ──> use it
+//!    └─otherwise──> find binaries ──> initdb (first time) ──> running? adopt : pg_ctl start
 //!                                                   drop(EmbeddedCluster) ──> pg_ctl stop
 //! ```
 
@@ -92,7 +101,7 @@ pub async fn resolve(
     }
     let local = defaults::LOCAL_DATABASE_URL;
     let local_admin = with_database(local, "postgres");
-    if answers(&local_admin).await {
+    if answers(&local_admin).await && local_server_is_trusted(LOCAL_SERVER) {
         ensure_database(&local_admin, database_name).await?;
         return Ok(ResolvedDatabase {
             url: with_database(local, database_name),
@@ -109,6 +118,89 @@ pub async fn resolve(
         origin: "embedded cluster",
         embedded: Some(cluster),
     })
+}
+
+/// The address of [`defaults::LOCAL_DATABASE_URL`].
+const LOCAL_SERVER: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5432);
+
+/// Whether the server listening on `addr` may receive this process's data: it is run by root,
+/// by `postgres` (a distribution's server) or by this process's own user. Anyone else's is
+/// passed over, with a warning naming its owner. Where the owner cannot be read (no
+/// `/proc/net/tcp`, as on macOS), the server is used, with a warning.
+pub fn local_server_is_trusted(addr: std::net::SocketAddr) -> bool {
+    let Some(owner) = listener_owner(addr) else {
+        tracing::warn!(
+            %addr,
+            "cannot tell which user runs the PostgreSQL server on {addr}; using it as the development database. Set database.url to choose the database yourself"
+        );
+        return true;
+    };
+    let me = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .ok();
+    let trusted = owner == 0 || Some(owner) == me || Some(owner) == uid_of("postgres");
+    if trusted {
+        tracing::info!(%addr, owner_uid = owner, "the local PostgreSQL server is run by a trusted user");
+    } else {
+        tracing::warn!(
+            %addr,
+            owner_uid = owner,
+            "the PostgreSQL server on {addr} is run by uid {owner}, neither root, postgres nor this process's user: not sending it any data; using an embedded cluster instead (set database.url to use that server on purpose)"
+        );
+    }
+    trusted
+}
+
+/// The uid that owns the listening TCP socket serving `addr` (bound to it or to the wildcard
+/// address of its family), from `/proc/net/tcp` and `/proc/net/tcp6`; `None` when no such
+/// socket is listed or the tables cannot be read.
+pub fn listener_owner(addr: std::net::SocketAddr) -> Option<u32> {
+    let tables = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect::<Vec<_>>();
+    tables.iter().find_map(|t| owner_in_table(t, addr))
+}
+
+/// The owner of a LISTEN socket serving `addr` in one `/proc/net/tcp{,6}` table.
+fn owner_in_table(table: &str, addr: std::net::SocketAddr) -> Option<u32> {
+    const LISTEN: &str = "0A";
+    let port = format!("{:04X}", addr.port());
+    // the addresses a listener serving `addr` may be bound to, as the table writes them
+    // (each 32-bit word in host byte order: little-endian here)
+    let word = |b: [u8; 4]| format!("{:08X}", u32::from_le_bytes(b));
+    let wanted: Vec<String> = match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            let mapped = std::net::Ipv6Addr::from(ip.to_ipv6_mapped().octets());
+            vec![
+                word(ip.octets()),
+                word([0; 4]),
+                v6_hex(&mapped, word),
+                v6_hex(&std::net::Ipv6Addr::UNSPECIFIED, word),
+            ]
+        }
+        std::net::IpAddr::V6(ip) => vec![
+            v6_hex(&ip, word),
+            v6_hex(&std::net::Ipv6Addr::UNSPECIFIED, word),
+        ],
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+        let (local, state, uid) = (f.get(1)?, f.get(3)?, f.get(7)?);
+        let (ip, p) = local.split_once(':')?;
+        (*state == LISTEN && p == port && wanted.iter().any(|w| w == ip))
+            .then(|| uid.parse().ok())
+            .flatten()
+    })
+}
+
+fn v6_hex(ip: &std::net::Ipv6Addr, word: impl Fn([u8; 4]) -> String) -> String {
+    ip.octets()
+        .chunks(4)
+        .map(|c| word([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Replace the database name in a postgres URL.
@@ -182,8 +274,15 @@ pub struct EmbeddedCluster {
 }
 
 impl EmbeddedCluster {
-    /// Initialise (first time) and start the cluster in `data_dir` on a free loopback port.
+    /// Initialise (first time) and start the cluster in `data_dir`, or adopt the one left
+    /// running there, listening on its Unix socket only.
     pub async fn start(data_dir: &Path) -> Result<Self, LocalDbError> {
+        Self::start_within(data_dir, Path::new(PERSISTENT_FALLBACK_ROOT)).await
+    }
+
+    /// [`EmbeddedCluster::start`], with the directory that holds the clusters whose configured
+    /// directory root's cluster user cannot reach (tests use their own).
+    pub async fn start_within(data_dir: &Path, fallback_root: &Path) -> Result<Self, LocalDbError> {
         let bin_dir = find_bin_dir().ok_or_else(|| LocalDbError::NoBinaries {
             local: defaults::LOCAL_DATABASE_URL.to_string(),
         })?;
@@ -192,19 +291,23 @@ impl EmbeddedCluster {
         } else {
             None
         };
-        create_private_dir_all(data_dir)?;
+        // as root, the directories created on the way can be traversed (not listed) by the
+        // cluster's user, or it could not reach its own data directory
+        create_data_dir(data_dir, run_as.is_some())?;
         let mut data_dir = data_dir.canonicalize()?;
         // before anything is chowned or started: a directory someone else owns is theirs
         check_owned_by(&data_dir, run_as.as_deref())?;
         if run_as.is_some() && !reachable_by_others(&data_dir) {
-            // The unprivileged server could not even reach a directory under, say, /root.
-            let fallback = create_private_temp_dir()?;
+            // An ancestor this process did not create (say /root) closes the way: a stable
+            // directory of its own instead, the same at every start.
+            let persistent = persistent_fallback(fallback_root, &data_dir)?;
             tracing::warn!(
                 wanted = %data_dir.display(),
-                using = %fallback.display(),
-                "the embedded cluster's data directory is not reachable by an unprivileged user; using a new private directory under the system temp dir"
+                using = %persistent.display(),
+                "the embedded cluster's data directory is not reachable by the unprivileged user the cluster runs as; using a persistent directory of its own"
             );
-            data_dir = fallback;
+            data_dir = persistent;
+            check_owned_by(&data_dir, run_as.as_deref())?;
         }
         if let Some(user) = &run_as {
             chown_recursive(&data_dir, user)?;
@@ -396,37 +499,65 @@ fn reachable_by_others(dir: &Path) -> bool {
     })
 }
 
-/// Create `dir` and its missing parents with mode 0700 (the parents too: `.tasker` holds
-/// nothing others should list).
-fn create_private_dir_all(dir: &Path) -> Result<(), LocalDbError> {
+/// Where root keeps the clusters whose configured directory its cluster user cannot reach.
+const PERSISTENT_FALLBACK_ROOT: &str = "/var/lib/tasker";
+
+/// Create `dir` (mode 0700) and its missing parents: 0700 too (`.tasker` holds nothing others
+/// should list), or, when `traversable`, 0711, so that the user the cluster runs as can pass
+/// through them to its own directory without listing them.
+fn create_data_dir(dir: &Path, traversable: bool) -> Result<(), LocalDbError> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    Ok(())
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(if traversable { 0o711 } else { 0o700 })
+            .create(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
-/// A new directory with a random name under the system temp directory, created exclusively
-/// with mode 0700: if the name exists (another user's trap, or a collision), creation fails
-/// and another name is tried.
-pub fn create_private_temp_dir() -> Result<PathBuf, LocalDbError> {
-    use std::os::unix::fs::DirBuilderExt;
-    for _ in 0..16 {
-        let name: String = (0..16)
-            .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
-            .collect();
-        let dir = std::env::temp_dir().join(format!("tasker-pg-{name}"));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e.into()),
-        }
+/// The stable data directory under `root` standing in for `wanted`: `<name>-<16 hex digits of
+/// the SHA-256 of wanted's path>`, created 0700 if missing. `root` must belong to this
+/// process's user (root) and be writable by no one else, so nobody else can have prepared
+/// the directory; it is created 0711 if missing.
+fn persistent_fallback(root: &Path, wanted: &Path) -> Result<PathBuf, LocalDbError> {
+    use sha2::Digest;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)?;
+    let meta = std::fs::symlink_metadata(root)?;
+    let me = std::fs::metadata("/proc/self")?.uid();
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(LocalDbError::UnsafeDirectory {
+            dir: root.display().to_string(),
+            problem: format!(
+                "must be a directory of uid {me} that no one else can write to (is uid {}, mode {:o})",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        });
     }
-    Err(LocalDbError::UnsafeDirectory {
-        dir: std::env::temp_dir().display().to_string(),
-        problem: "could not create a fresh private directory in 16 tries".into(),
-    })
+    let hash: String = sha2::Sha256::digest(wanted.as_os_str().as_encoded_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name: String = wanted
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pg".into())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(32)
+        .collect();
+    let dir = root.join(format!("{name}-{hash}"));
+    create_data_dir(&dir, false)?;
+    Ok(dir.canonicalize()?)
 }
 
 /// Refuse a data directory that belongs to anyone but this process's user or the cluster's
@@ -552,6 +683,25 @@ pub fn find_bin_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `/proc/net/tcp` table as Linux writes it: a listener on 127.0.0.1:5432 owned by uid
+    /// 105, another on 0.0.0.0:6000 by uid 1001, and a connection (not listening) from uid 0.
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   105        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 00000000:1770 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 4243 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:1F90 0100007F:1538 01 00000000:00000000 00:00000000 00000000     0        0 4244 1 0000000000000000 100 0 0 10 0
+";
+
+    #[test]
+    fn the_owner_of_a_listener_is_read_from_the_tcp_table() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(owner_in_table(TCP, at("127.0.0.1:5432")), Some(105));
+        // a wildcard listener serves loopback too
+        assert_eq!(owner_in_table(TCP, at("127.0.0.1:6000")), Some(1001));
+        // a connection's local port is not a listener
+        assert_eq!(owner_in_table(TCP, at("127.0.0.1:8080")), None);
+        assert_eq!(owner_in_table(TCP, at("10.0.0.1:5432")), None);
+    }
 
     #[test]
     fn with_database_replaces_or_appends_the_name() {

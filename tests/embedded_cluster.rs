@@ -1,11 +1,15 @@
 //! The embedded cluster trusts no one but its owner: no TCP listener, a Unix socket inside a
-//! 0700 directory, and a data directory that belongs to someone else is refused.
+//! 0700 directory, and a data directory that belongs to someone else is refused. Its data
+//! persists from one start to the next, for root too, and a cluster left running is adopted.
+//! A local server run by another user is not used.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 
 use sqlx::{ConnectOptions, Connection};
-use tasker::internal::{create_private_temp_dir, find_bin_dir, EmbeddedCluster, LocalDbError};
+use tasker::internal::{
+    find_bin_dir, listener_owner, local_server_is_trusted, EmbeddedCluster, LocalDbError,
+};
 
 fn is_root() -> bool {
     std::fs::metadata("/proc/self").unwrap().uid() == 0
@@ -13,7 +17,7 @@ fn is_root() -> bool {
 
 #[tokio::test]
 async fn the_embedded_cluster_listens_only_on_a_private_socket() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = open_tempdir();
     let data = dir.path().join("pg");
     let cluster = EmbeddedCluster::start(&data).await.unwrap();
 
@@ -95,14 +99,162 @@ async fn a_data_directory_owned_by_someone_else_is_refused() {
     assert!(!data.join("PG_VERSION").exists(), "nothing was initialised");
 }
 
-#[test]
-fn private_temp_directories_are_fresh_and_closed() {
-    let a = create_private_temp_dir().unwrap();
-    let b = create_private_temp_dir().unwrap();
-    assert_ne!(a, b);
-    for d in [&a, &b] {
-        let mode = std::fs::metadata(d).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700, "{} mode {mode:o}", d.display());
-        std::fs::remove_dir(d).unwrap();
+/// Write a row in a new table of the cluster's `postgres` database, or read it back.
+async fn mark(cluster: &EmbeddedCluster) {
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::raw_sql("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('still here')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+}
+
+async fn marked(cluster: &EmbeddedCluster) -> bool {
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
+    let found: Option<String> = sqlx::query_scalar("SELECT v FROM kept")
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap_or(None);
+    conn.close().await.unwrap();
+    found.as_deref() == Some("still here")
+}
+
+/// A directory other users can pass through (as a repository checkout is).
+fn open_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn the_data_directory_persists_from_one_start_to_the_next() {
+    let dir = open_tempdir();
+    let data = dir.path().join(".tasker/pg");
+    let first = EmbeddedCluster::start_within(&data, &dir.path().join("fallback"))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.data_dir(),
+        data.canonicalize().unwrap(),
+        "the configured directory itself"
+    );
+    mark(&first).await;
+    drop(first);
+    let second = EmbeddedCluster::start_within(&data, &dir.path().join("fallback"))
+        .await
+        .unwrap();
+    assert!(marked(&second).await, "the data of the first start is gone");
+    let parent = std::fs::metadata(dir.path().join(".tasker")).unwrap();
+    let expected = if is_root() { 0o711 } else { 0o700 };
+    assert_eq!(
+        parent.permissions().mode() & 0o777,
+        expected,
+        ".tasker lets the cluster's user through (as root) and lists nothing to anyone"
+    );
+}
+
+#[tokio::test]
+async fn as_root_an_unreachable_directory_is_replaced_by_a_persistent_one() {
+    if !is_root() {
+        eprintln!("only root runs the cluster as another user; skipped");
+        return;
     }
+    let dir = open_tempdir();
+    // an ancestor root did not create and that the cluster's user cannot pass (as /root)
+    let closed = dir.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let data = closed.join(".tasker/pg");
+    let fallback_root = dir.path().join("var-lib-tasker");
+    let first = EmbeddedCluster::start_within(&data, &fallback_root)
+        .await
+        .unwrap();
+    assert!(
+        first
+            .data_dir()
+            .starts_with(fallback_root.canonicalize().unwrap()),
+        "{}",
+        first.data_dir().display()
+    );
+    let used = first.data_dir().to_path_buf();
+    mark(&first).await;
+    drop(first);
+    let second = EmbeddedCluster::start_within(&data, &fallback_root)
+        .await
+        .unwrap();
+    assert_eq!(second.data_dir(), used, "the same directory at every start");
+    assert!(marked(&second).await, "the data of the first start is gone");
+}
+
+#[tokio::test]
+async fn a_cluster_left_running_is_adopted_by_the_next_start() {
+    let dir = open_tempdir();
+    let data = dir.path().join("pg");
+    let first = EmbeddedCluster::start_within(&data, &dir.path().join("fallback"))
+        .await
+        .unwrap();
+    mark(&first).await;
+    let port = first.port();
+    // the process that started it dies without stopping it (kill -9)
+    std::mem::forget(first);
+    let second = EmbeddedCluster::start_within(&data, &dir.path().join("fallback"))
+        .await
+        .unwrap();
+    assert_eq!(second.port(), port, "the running server was adopted");
+    assert!(marked(&second).await);
+    drop(second);
+    let status = Command::new(find_bin_dir().unwrap().join("pg_ctl"))
+        .arg("-D")
+        .arg(&data)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        !status.status.success(),
+        "the adopting start stopped it when it ended"
+    );
+}
+
+#[tokio::test]
+async fn a_local_server_run_by_another_user_is_passed_over() {
+    // this process's own listener: trusted
+    let mine = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = mine.local_addr().unwrap();
+    assert_eq!(
+        listener_owner(addr),
+        Some(std::fs::metadata("/proc/self").unwrap().uid())
+    );
+    assert!(local_server_is_trusted(addr));
+    drop(mine);
+    if !is_root() {
+        eprintln!("needs root to listen as another user; the rest is skipped");
+        return;
+    }
+    // another user's listener (as another user's PostgreSQL on 5432 would be): not trusted
+    let mut theirs = tokio::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "perl", "-MIO::Socket::INET", "-e"])
+        .arg(
+            "$| = 1; my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, \
+             Listen => 1) or die $!; print $s->sockport, \"\\n\"; sleep 60",
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::io::BufReader::new(theirs.stdout.take().unwrap())
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+    assert_eq!(listener_owner(addr), Some(65534), "nobody's uid");
+    assert!(
+        !local_server_is_trusted(addr),
+        "another user's server would receive the service's data"
+    );
 }
