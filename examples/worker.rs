@@ -9,7 +9,9 @@
 //! Each step it leases is "done" by echoing what it was given: its results are
 //! `{"step": <name>, "attempt": n, "inputs": ..., "parents": [<parent names>]}`. A step whose
 //! inputs say `{"fail": "<message>"}` is failed instead (retryable, 100 ms backoff), which
-//! shows the retry path.
+//! shows the retry path. The client sends each step's lease token with its report. When the
+//! service refuses a fetch for now (RESOURCE_EXHAUSTED: too many fetches waiting; UNAVAILABLE:
+//! restarting), the worker waits and asks again, longer each time.
 
 use std::time::Duration;
 
@@ -51,6 +53,18 @@ fn args() -> Result<Args, String> {
     Ok(a)
 }
 
+/// A FetchSteps refused for now: too many fetches waiting (RESOURCE_EXHAUSTED) or the service
+/// restarting (UNAVAILABLE).
+fn retry_later(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+    )
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 /// The work itself: echo the step back.
 fn work(name: &str, attempt: i32, inputs: &Value, parents: &Value) -> Result<Value, String> {
     if let Some(message) = inputs.get("fail").and_then(Value::as_str) {
@@ -78,10 +92,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.worker_id, args.namespace, args.endpoint
     );
     let mut handled = 0u64;
+    let mut backoff = FIRST_BACKOFF;
     while args.steps.is_none_or(|n| handled < n) {
-        let leased = tokio::select! {
-            r = worker.fetch(1, Duration::from_secs(10)) => r?,
+        let fetched = tokio::select! {
+            r = worker.fetch(1, Duration::from_secs(10)) => r,
             _ = tokio::signal::ctrl_c() => break,
+        };
+        let leased = match fetched {
+            Ok(steps) => {
+                backoff = FIRST_BACKOFF;
+                steps
+            }
+            // too many fetches waiting, or the service restarting: wait, longer each time
+            Err(status) if retry_later(&status) => {
+                eprintln!(
+                    "FetchSteps: {:?}: {}; retrying in {backoff:?}",
+                    status.code(),
+                    status.message()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            Err(status) => return Err(status.into()),
         };
         for step in leased {
             match work(&step.name, step.attempt, &step.inputs, &step.parent_results) {

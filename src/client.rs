@@ -167,6 +167,8 @@ pub struct LeasedStep {
     pub inputs: Value,
     /// Parent step name -> that step's results.
     pub parent_results: Value,
+    /// Proves the lease: sent with every report on this attempt.
+    pub lease_token: String,
 }
 
 impl From<v1::LeasedStep> for LeasedStep {
@@ -178,6 +180,7 @@ impl From<v1::LeasedStep> for LeasedStep {
             attempt: s.attempt,
             inputs: proto::struct_to_json(s.inputs),
             parent_results: proto::struct_to_json(s.parent_results),
+            lease_token: s.lease_token,
         }
     }
 }
@@ -238,6 +241,7 @@ impl WorkerClient {
                 step_uuid: step.step_uuid.clone(),
                 attempt: step.attempt,
                 results: Some(proto::json_to_struct(results)),
+                lease_token: step.lease_token.clone(),
             })
             .await?;
         Ok(())
@@ -261,6 +265,7 @@ impl WorkerClient {
                 retryable,
                 backoff_ms: i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX),
                 error_details: None,
+                lease_token: step.lease_token.clone(),
             })
             .await?
             .into_inner())
@@ -273,6 +278,7 @@ impl WorkerClient {
                 step_uuid: step.step_uuid.clone(),
                 attempt: step.attempt,
                 lease_seconds: self.lease_seconds,
+                lease_token: step.lease_token.clone(),
             })
             .await?;
         Ok(())

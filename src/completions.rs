@@ -131,8 +131,7 @@ async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
 async fn one(store: &Store, c: &Completion) -> Result<(), StoreError> {
     store
         .complete_step(
-            c.step_uuid,
-            c.attempt,
+            c.lease,
             &c.results,
             &serde_json::json!({}),
             c.traceparent.as_deref(),

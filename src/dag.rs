@@ -187,6 +187,8 @@ impl TaskSpec {
                     "idempotency_key".into(),
                     format!("must be 1 to {} bytes", limits::MAX_IDEMPOTENCY_KEY_BYTES),
                 );
+            } else if let Some(p) = limits::text_problem(key) {
+                push("idempotency_key".into(), p);
             }
         }
         if self.steps.is_empty() {
@@ -419,21 +421,8 @@ pub fn name_problem(name: &str) -> Option<String> {
 }
 
 fn check_document(doc: &Value, field: &str, push: &mut impl FnMut(String, String)) {
-    if !doc.is_object() {
-        push(field.into(), "must be a JSON object".into());
-        return;
-    }
-    let size = serde_json::to_vec(doc)
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX);
-    if size > limits::MAX_DOCUMENT_BYTES {
-        push(
-            field.into(),
-            format!(
-                "must be at most {} bytes of JSON, is {size}",
-                limits::MAX_DOCUMENT_BYTES
-            ),
-        );
+    if let Some(problem) = limits::document_problem(doc) {
+        push(field.into(), problem);
     }
 }
 

@@ -418,6 +418,17 @@ impl EmbeddedCluster {
     /// Restart the server (fast shutdown, then start on the same port): every session is
     /// cut, data is kept. For fault-injection tests and operators.
     pub fn restart(&self) -> Result<(), LocalDbError> {
+        self.restart_with("fast")
+    }
+
+    /// Crash the server and start it again (immediate shutdown: no checkpoint, recovery from
+    /// the WAL at start), as a power cut would: what was committed asynchronously and not yet
+    /// written out is lost. For fault-injection tests.
+    pub fn crash_and_restart(&self) -> Result<(), LocalDbError> {
+        self.restart_with("immediate")
+    }
+
+    fn restart_with(&self, mode: &str) -> Result<(), LocalDbError> {
         // -l as at start: without it the new server would keep this command's output pipes
         // open, and waiting for the command would never end
         let log = self.data_dir.join("server.log");
@@ -429,7 +440,7 @@ impl EmbeddedCluster {
                 "-l",
                 &log.display().to_string(),
                 "-m",
-                "fast",
+                mode,
                 "-w",
                 "-t",
                 "60",

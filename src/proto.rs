@@ -176,9 +176,69 @@ fn json_to_value(v: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
+/// Bytes `json_to_struct(v)` takes encoded (what a document costs as sent), computed from the
+/// JSON without building the message.
+pub fn struct_encoded_len(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => m.iter().map(|(k, v)| field_len(entry_len(k, v))).sum(),
+        other => field_len(entry_len("value", other)),
+    }
+}
+
+/// Bytes `json_to_value(v)` takes encoded: a results document as a child receives it in its
+/// parent_results (a Struct in a Value).
+pub fn value_encoded_len(v: &Value) -> usize {
+    match v {
+        Value::Null => 2,
+        Value::Bool(_) => 2,
+        Value::Number(_) => 9,
+        Value::String(s) => field_len(s.len()),
+        Value::Array(a) => field_len(a.iter().map(|v| field_len(value_encoded_len(v))).sum()),
+        Value::Object(_) => field_len(struct_encoded_len(v)),
+    }
+}
+
+/// One map entry of a Struct: the key (left out when empty, as prost does) and the value.
+fn entry_len(key: &str, value: &Value) -> usize {
+    let key = if key.is_empty() {
+        0
+    } else {
+        field_len(key.len())
+    };
+    key + field_len(value_encoded_len(value))
+}
+
+/// A length-delimited field of `len` bytes with a one-byte tag.
+fn field_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_encoded_length_is_computed_without_encoding() {
+        use prost::Message;
+        let docs = [
+            serde_json::json!({}),
+            serde_json::json!({"": null, "a": 1, "b": [true, null, "x", 2.5, [], {}], "c": {"d": -3}}),
+            serde_json::json!({"long": "x".repeat(300), "list": vec![0; 200]}),
+            serde_json::json!([1, 2]),
+        ];
+        for d in docs {
+            assert_eq!(
+                struct_encoded_len(&d),
+                json_to_struct(&d).encoded_len(),
+                "{d}"
+            );
+            assert_eq!(
+                value_encoded_len(&d),
+                json_to_value(&d).encoded_len(),
+                "{d}"
+            );
+        }
+    }
 
     #[test]
     fn json_round_trips_through_struct() {

@@ -15,12 +15,13 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::announce::StepAnnouncer;
 use crate::completions::CompletionBatcher;
 use crate::enqueue::{release_undelivered, StepHandoff};
-use crate::store::{Completion, FailOutcome, LeasedStep, StepFailure, Store, StoreError};
+use crate::store::{
+    Completion, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Store, StoreError,
+};
 use crate::wakeups::{DeadlinePoke, Ticket};
 
 /// A span for a step handed to a worker, in the trace of the enqueue that queued it (and so,
@@ -270,6 +271,27 @@ impl WorkerQueue {
         .await;
     }
 
+    /// A step leased for a fetch that no response can carry: it fails for good (retrying
+    /// cannot help), with `why` as its error, so that its task goes into error where an
+    /// operator sees it, instead of the step being leased and lost attempt after attempt.
+    pub async fn fail_undeliverable(&self, step: &LeasedStep, why: &str) {
+        tracing::warn!(step_uuid = %step.step_uuid, task_uuid = %step.task_uuid, reason = why, "a leased step cannot be delivered; failing it");
+        let failure = StepFailure {
+            error: serde_json::json!({ "message": format!("undeliverable: {why}") }),
+            retryable: false,
+            backoff_ms: 0,
+        };
+        let metadata = serde_json::json!({ "reason": "undeliverable" });
+        if let Err(e) = self
+            .store
+            .fail_step(step.held(), &failure, &metadata, None)
+            .await
+        {
+            // the lease runs out and the step is retried: the next delivery tries again
+            tracing::warn!(step_uuid = %step.step_uuid, error = %e, "failing an undeliverable step failed");
+        }
+    }
+
     /// Leaving the queue of parked fetches: if an enqueue took this fetch meanwhile, its steps
     /// are on their way, leased to this worker: wait for them rather than strand them.
     async fn on_leaving(
@@ -300,8 +322,7 @@ impl WorkerQueue {
 
     pub async fn complete(
         &self,
-        step_uuid: Uuid,
-        attempt: i32,
+        lease: HeldLease,
         results: &Value,
         worker_id: Option<&str>,
         traceparent: Option<&str>,
@@ -310,8 +331,7 @@ impl WorkerQueue {
         let done = match &self.batcher {
             Some(b) => {
                 b.complete(Completion {
-                    step_uuid,
-                    attempt,
+                    lease,
                     results: results.clone(),
                     traceparent: traceparent.map(str::to_string),
                 })
@@ -320,23 +340,29 @@ impl WorkerQueue {
             None => {
                 let metadata = serde_json::json!({ "worker_id": worker_id });
                 self.store
-                    .complete_step(step_uuid, attempt, results, &metadata, traceparent)
+                    .complete_step(lease, results, &metadata, traceparent)
                     .await
             }
         };
         match done {
             Ok(()) => Ok(CompleteOutcome::Recorded),
-            // refused (not in progress, stale, lease gone): if this very completion was
-            // recorded before, it is a retry whose answer was lost, and it is answered as done
-            Err(StoreError::FailedPrecondition(why)) => {
+            // refused because the attempt is over: if this very completion was recorded
+            // before, it is a retry whose answer was lost, and it is answered as done
+            Err(StoreError::Refused {
+                refusal: Refusal::NotInProgress,
+                message,
+            }) => {
                 if self
                     .store
-                    .completed_with(step_uuid, attempt, results)
+                    .completed_with(lease.step_uuid, lease.attempt, results)
                     .await?
                 {
                     Ok(CompleteOutcome::AlreadyRecorded)
                 } else {
-                    Err(StoreError::FailedPrecondition(why))
+                    Err(StoreError::Refused {
+                        refusal: Refusal::NotInProgress,
+                        message,
+                    })
                 }
             }
             Err(e) => Err(e),
@@ -345,21 +371,14 @@ impl WorkerQueue {
 
     pub async fn fail(
         &self,
-        step_uuid: Uuid,
-        attempt: i32,
+        lease: HeldLease,
         failure: &StepFailure,
         traceparent: Option<&str>,
     ) -> Result<FailOutcome, StoreError> {
         self.check_running()?;
         let outcome = self
             .store
-            .fail_step(
-                step_uuid,
-                attempt,
-                failure,
-                &serde_json::json!({}),
-                traceparent,
-            )
+            .fail_step(lease, failure, &serde_json::json!({}), traceparent)
             .await?;
         if let FailOutcome::RetryScheduled { next_retry_at } = &outcome {
             // the scheduler may be sleeping past this retry's due time
@@ -370,14 +389,13 @@ impl WorkerQueue {
 
     pub async fn extend_lease(
         &self,
-        step_uuid: Uuid,
-        attempt: i32,
-        lease: Duration,
+        lease: HeldLease,
+        duration: Duration,
     ) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
         self.check_running()?;
         let until = self
             .store
-            .extend_lease(step_uuid, attempt, lease.as_millis() as i64)
+            .extend_lease(lease, duration.as_millis() as i64)
             .await?;
         self.deadlines.deadline_at(until);
         Ok(until)

@@ -325,6 +325,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
                     step_uuid: s.clone(),
                     attempt: raw,
                     results: None,
+                    lease_token: s.clone(),
                 })
                 .await
                 .err()
@@ -334,6 +335,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
                     step_uuid: s.clone(),
                     attempt: raw,
                     lease_seconds: lim,
+                    lease_token: s.clone(),
                 })
                 .await
                 .err()
@@ -346,6 +348,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
                     retryable: true,
                     backoff_ms: i64::from(raw),
                     error_details: None,
+                    lease_token: s.clone(),
                 })
                 .await
                 .err()
@@ -447,5 +450,170 @@ async fn names_that_would_drive_a_terminal_are_refused(pool: PgPool) {
         assert_eq!(fields(&refused), ["worker_id"], "{refused:?}");
     }
     assert_eq!(rows(&pool).await, (0, 0, 0));
+    server.stop().await;
+}
+
+/// A NUL character, which PostgreSQL cannot store, in any text or document a client sends is
+/// INVALID_ARGUMENT naming the field, and changes nothing (it was INTERNAL: a worker whose
+/// error message held a NUL could not fail its step).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn nul_characters_are_refused_naming_their_field(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
+    let with_nul = || tasker::proto::json_to_struct(&serde_json::json!({"a": ["ok", "x\u{0}y"]}));
+    let created = tasks
+        .create_task(two_steps("nul", "t"))
+        .await
+        .unwrap()
+        .into_inner();
+    let leased = lease_one(&workers, "nul").await;
+    let history = || async {
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT (SELECT count(*) FROM tasker.tasks), (SELECT count(*) FROM tasker.step_transitions),
+                    (SELECT count(*) FROM tasker.task_transitions)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = history().await;
+    let create = |f: &dyn Fn(&mut v1::CreateTaskRequest)| {
+        let mut r = two_steps("nul", "t2");
+        f(&mut r);
+        r
+    };
+    let mut refusals: Vec<(&str, tonic::Status)> = vec![
+        (
+            "context",
+            tasks
+                .create_task(create(&|r| r.context = Some(with_nul())))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "steps[0].inputs",
+            tasks
+                .create_task(create(&|r| r.steps[0].inputs = Some(with_nul())))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "idempotency_key",
+            tasks
+                .create_task(create(&|r| r.idempotency_key = "k\0".into()))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "name",
+            tasks
+                .create_task(create(&|r| r.name = "t\0".into()))
+                .await
+                .unwrap_err(),
+        ),
+    ];
+    let complete = v1::CompleteStepRequest {
+        step_uuid: leased.step_uuid.clone(),
+        attempt: leased.attempt,
+        lease_token: leased.lease_token.clone(),
+        results: Some(with_nul()),
+    };
+    refusals.push((
+        "results",
+        workers.complete_step(complete).await.unwrap_err(),
+    ));
+    let fail = v1::FailStepRequest {
+        step_uuid: leased.step_uuid.clone(),
+        attempt: leased.attempt,
+        lease_token: leased.lease_token.clone(),
+        error_message: "broke\0".into(),
+        ..Default::default()
+    };
+    refusals.push((
+        "error_message",
+        workers.fail_step(fail.clone()).await.unwrap_err(),
+    ));
+    let fail = v1::FailStepRequest {
+        error_message: "broke".into(),
+        error_details: Some(with_nul()),
+        ..fail
+    };
+    refusals.push(("error_details", workers.fail_step(fail).await.unwrap_err()));
+    let second = &created.steps[1].step_uuid;
+    for (field, resolve) in [
+        (
+            "reason",
+            v1::ResolveStepRequest {
+                step_uuid: second.clone(),
+                reason: "by\0hand".into(),
+                results: None,
+            },
+        ),
+        (
+            "results",
+            v1::ResolveStepRequest {
+                step_uuid: second.clone(),
+                reason: "by hand".into(),
+                results: Some(with_nul()),
+            },
+        ),
+    ] {
+        refusals.push((field, tasks.resolve_step(resolve).await.unwrap_err()));
+    }
+    refusals.push((
+        "reason",
+        tasks
+            .retry_task(v1::RetryTaskRequest {
+                task_uuid: created.task_uuid.clone(),
+                reason: "\0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    ));
+    refusals.push((
+        "reason",
+        tasks
+            .cancel_task(v1::CancelTaskRequest {
+                task_uuid: created.task_uuid.clone(),
+                reason: "\0".into(),
+            })
+            .await
+            .unwrap_err(),
+    ));
+    refusals.push((
+        "name",
+        tasks
+            .list_tasks(v1::ListTasksRequest {
+                name: "t\0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    ));
+    refusals.push((
+        "worker_id",
+        workers
+            .fetch_steps(v1::FetchStepsRequest {
+                worker_id: "w\0".into(),
+                ..fetch_request("nul", 1, 0, 30)
+            })
+            .await
+            .unwrap_err(),
+    ));
+    for (field, status) in &refusals {
+        assert_eq!(
+            (status.code(), field_violations(status)),
+            (Code::InvalidArgument, vec![field.to_string()]),
+            "{status:?}"
+        );
+        assert!(status.message().contains("NUL") || status.message().contains("control"));
+    }
+    assert_eq!(
+        history().await,
+        before,
+        "a refused request changed something"
+    );
     server.stop().await;
 }

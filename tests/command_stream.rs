@@ -222,9 +222,7 @@ async fn each_filter_passes_exactly_its_events(pool: PgPool) {
         })
         .await
         .unwrap_err();
-    let fields: Vec<String> = tonic_types::StatusExt::get_details_bad_request(&e)
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default();
+    let fields = field_violations(&e);
     assert_eq!(
         fields,
         [

@@ -382,8 +382,7 @@ async fn retry_backoff_wakes_precisely_without_waiting_for_the_poller(pool: PgPo
     assert_eq!(first.len(), 1);
     core.workers
         .fail(
-            first[0].step_uuid,
-            1,
+            first[0].held(),
             &failure(json!({"m": "flaky"}), true, 300),
             None,
         )
@@ -461,7 +460,7 @@ async fn worker_calls_after_shutdown_say_shutting_down(pool: PgPool) {
         .unwrap();
     core.shutdown().await;
     let done = workers
-        .complete(leased[0].step_uuid, 1, &json!({}), None, None)
+        .complete(leased[0].held(), &json!({}), None, None)
         .await;
     assert!(matches!(done, Err(StoreError::ShuttingDown)), "{done:?}");
     let fetched = workers

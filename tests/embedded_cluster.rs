@@ -3,7 +3,11 @@
 //! persists from one start to the next, for root too, and a cluster left running is adopted.
 //! A local server run by another user is not used.
 
+mod common;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use common::open_tempdir;
 use std::process::Command;
 
 use sqlx::{ConnectOptions, Connection};
@@ -121,13 +125,6 @@ async fn marked(cluster: &EmbeddedCluster) -> bool {
         .unwrap_or(None);
     conn.close().await.unwrap();
     found.as_deref() == Some("still here")
-}
-
-/// A directory other users can pass through (as a repository checkout is).
-fn open_tempdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
 }
 
 #[tokio::test]

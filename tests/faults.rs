@@ -183,6 +183,7 @@ impl Workers {
                                     step_uuid: s.step_uuid,
                                     attempt: s.attempt,
                                     results: None,
+                                    lease_token: s.lease_token,
                                 })
                                 .await;
                             match done {
@@ -328,8 +329,7 @@ async fn the_duplicate_check_sees_an_enqueue_while_an_attempt_is_open(pool: PgPo
     // a retry that followed the rules: the attempt ended first
     store
         .fail_step(
-            leased[0].step_uuid,
-            1,
+            leased[0].held(),
             &failure(serde_json::json!({}), true, 0),
             &serde_json::json!({}),
             None,
@@ -433,7 +433,7 @@ async fn f2a_all_connections_killed_at_once(pool: PgPool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f2b_database_restarted_mid_run() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = open_tempdir();
     let cluster = tasker::internal::EmbeddedCluster::start(dir.path())
         .await
         .expect("throwaway cluster");
@@ -463,6 +463,76 @@ async fn f2b_database_restarted_mid_run() {
     )
     .await;
     server.stop().await;
+    pool.close().await;
+    drop(cluster);
+}
+
+/// Leases a worker has received survive a crash of PostgreSQL (immediate shutdown, recovery
+/// from the WAL): leased by a fetch, or handed to a parked fetch by the enqueue itself, each in
+/// a transaction of its own. A lease lost in the crash would be given to a second worker under
+/// the same attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f9_leases_survive_a_database_crash() {
+    use tasker::internal::{Store, Taker, TaskSpec};
+    let dir = open_tempdir();
+    let cluster = tasker::internal::EmbeddedCluster::start(dir.path())
+        .await
+        .expect("throwaway cluster");
+    let url = cluster.url("postgres");
+    let store = Store::new(sqlx::PgPool::connect(&url).await.unwrap());
+    tasker::MIGRATOR.run(store.pool()).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(create(&store, TaskSpec::chain("f9", 1)).await);
+    }
+    // nothing below commits but the enqueues and the leases
+    let mut leases = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        if i % 2 == 0 {
+            store
+                .enqueue_ready_steps(t.task_uuid, &serde_json::json!({}), None, &[], None)
+                .await
+                .unwrap();
+            leases.extend(store.fetch_steps("f9", "w", 1, 600_000).await.unwrap());
+        } else {
+            let taker = Taker {
+                worker_id: "w".into(),
+                max: 1,
+                lease_ms: 600_000,
+            };
+            let r = store
+                .enqueue_ready_steps(t.task_uuid, &serde_json::json!({}), None, &[taker], None)
+                .await
+                .unwrap();
+            leases.extend(r.leased.into_iter().map(|(_, s)| s));
+        }
+    }
+    assert_eq!(leases.len(), 20);
+    store.pool().close().await;
+    cluster.crash_and_restart().expect("crash and restart");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut lost = Vec::new();
+    for l in &leases {
+        let held: Option<(String, Option<Uuid>)> = sqlx::query_as(
+            "SELECT s.state, q.lease_token FROM tasker.workflow_steps s
+             LEFT JOIN tasker.step_queue q ON q.step_uuid = s.step_uuid AND q.attempt = s.attempts
+             WHERE s.step_uuid = $1 AND s.attempts = $2",
+        )
+        .bind(l.step_uuid)
+        .bind(l.attempt)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if held != Some(("in_progress".into(), Some(l.lease_token))) {
+            lost.push((l.step_uuid, held));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} leases lost in the crash: {lost:?}",
+        lost.len(),
+        leases.len()
+    );
     pool.close().await;
     drop(cluster);
 }

@@ -10,7 +10,6 @@ use tasker::config::{DeploymentMode, TokenConfig};
 use tasker::proto::{v1, Vocabulary};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
-use tonic_types::StatusExt;
 
 fn diamond(ns: &str) -> v1::CreateTaskRequest {
     v1::CreateTaskRequest {
@@ -24,13 +23,6 @@ fn diamond(ns: &str) -> v1::CreateTaskRequest {
         ],
         ..Default::default()
     }
-}
-
-fn field_violations(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
@@ -80,6 +72,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
                     step_uuid: s.step_uuid.clone(),
                     attempt: s.attempt,
                     lease_seconds: 60,
+                    lease_token: s.lease_token.clone(),
                 })
                 .await
                 .unwrap()
@@ -92,6 +85,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
                     results: Some(tasker::proto::json_to_struct(
                         &serde_json::json!({"done": s.name}),
                     )),
+                    lease_token: s.lease_token.clone(),
                 })
                 .await
                 .unwrap();
@@ -154,9 +148,10 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     failing.steps[0].max_attempts = 2;
     tasks.create_task(failing).await.unwrap();
     let first = lease_one(&workers, "api-fail").await;
-    let fail = |attempt: i32, retryable: bool| v1::FailStepRequest {
-        step_uuid: first.step_uuid.clone(),
-        attempt,
+    let fail = |leased: &v1::LeasedStep, retryable: bool| v1::FailStepRequest {
+        step_uuid: leased.step_uuid.clone(),
+        attempt: leased.attempt,
+        lease_token: leased.lease_token.clone(),
         error_message: "boom".into(),
         retryable,
         backoff_ms: 50,
@@ -164,7 +159,11 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
             &serde_json::json!({"code": 7}),
         )),
     };
-    let r = workers.fail_step(fail(1, true)).await.unwrap().into_inner();
+    let r = workers
+        .fail_step(fail(&first, true))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.outcome(), v1::FailStepOutcome::RetryScheduled);
     assert!(r.next_retry_at.is_some());
     let again = lease_one(&workers, "api-fail").await; // the deadline scheduler re-enqueues after 50 ms
@@ -172,13 +171,17 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         (again.step_uuid.as_str(), again.attempt),
         (first.step_uuid.as_str(), 2)
     );
-    let r = workers.fail_step(fail(2, true)).await.unwrap().into_inner();
+    let r = workers
+        .fail_step(fail(&again, true))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
         r.outcome(),
         v1::FailStepOutcome::Failed,
         "max_attempts = 2 is honoured"
     );
-    let e = workers.fail_step(fail(2, true)).await.unwrap_err();
+    let e = workers.fail_step(fail(&again, true)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
 
     // inject, ready tasks, cancel
@@ -365,15 +368,61 @@ async fn every_error_code(pool: PgPool) {
         .into_inner()
         .steps
         .remove(0);
+    let report = |attempt: i32, lease_token: &str| v1::CompleteStepRequest {
+        step_uuid: leased.step_uuid.clone(),
+        attempt,
+        results: None,
+        lease_token: lease_token.into(),
+    };
+    // the lease token is required, and must be one
+    let e = workers.complete_step(report(1, "")).await.unwrap_err();
+    assert_eq!(
+        (e.code(), field_violations(&e)),
+        (Code::InvalidArgument, vec!["lease_token".to_string()])
+    );
+    let e = workers.complete_step(report(1, "x")).await.unwrap_err();
+    assert_eq!(field_violations(&e), vec!["lease_token".to_string()]);
+    // each refusal says why, for the worker to act on
     let e = workers
-        .complete_step(v1::CompleteStepRequest {
-            step_uuid: leased.step_uuid.clone(),
-            attempt: 9,
-            results: None,
-        })
+        .complete_step(report(9, &leased.lease_token))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        (e.code(), refusal_reason(&e).as_deref()),
+        (Code::FailedPrecondition, Some("STALE_ATTEMPT"))
+    );
+    let someone_else = uuid::Uuid::new_v4().simple().to_string();
+    for e in [
+        workers
+            .complete_step(report(1, &someone_else))
+            .await
+            .unwrap_err(),
+        workers
+            .fail_step(v1::FailStepRequest {
+                step_uuid: leased.step_uuid.clone(),
+                attempt: 1,
+                lease_token: someone_else.clone(),
+                error_message: "not mine".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        workers
+            .extend_lease(v1::ExtendLeaseRequest {
+                step_uuid: leased.step_uuid.clone(),
+                attempt: 1,
+                lease_token: someone_else.clone(),
+                lease_seconds: 3600,
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(
+            (e.code(), refusal_reason(&e).as_deref()),
+            (Code::FailedPrecondition, Some("LEASE_NOT_HELD")),
+            "{e:?}"
+        );
+    }
     sqlx::query(
         "UPDATE tasker.step_queue SET visible_at = clock_timestamp() - interval '1 second'",
     )
@@ -381,14 +430,13 @@ async fn every_error_code(pool: PgPool) {
     .await
     .unwrap();
     let e = workers
-        .complete_step(v1::CompleteStepRequest {
-            step_uuid: leased.step_uuid.clone(),
-            attempt: 1,
-            results: None,
-        })
+        .complete_step(report(1, &leased.lease_token))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        (e.code(), refusal_reason(&e).as_deref()),
+        (Code::FailedPrecondition, Some("LEASE_EXPIRED"))
+    );
     assert!(e.message().contains("expired"), "{}", e.message());
     tasks
         .cancel_task(v1::CancelTaskRequest {
@@ -872,6 +920,7 @@ async fn a_retried_complete_step_is_answered_as_recorded(pool: PgPool) {
         step_uuid: leased.step_uuid.clone(),
         attempt: leased.attempt,
         results: Some(tasker::proto::json_to_struct(&results)),
+        lease_token: leased.lease_token.clone(),
     };
     let first = workers
         .complete_step(complete(serde_json::json!({"n": "1", "s": "a"})))

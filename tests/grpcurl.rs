@@ -64,8 +64,9 @@ async fn grpcurl_lists_describes_and_calls_every_service(pool: PgPool) {
     let step = &fetched["steps"][0];
     assert_eq!(step["name"], "a");
     let complete = format!(
-        r#"{{"step_uuid":"{}","attempt":1,"results":{{"ok":true}}}}"#,
-        step["stepUuid"].as_str().unwrap()
+        r#"{{"step_uuid":"{}","attempt":1,"lease_token":"{}","results":{{"ok":true}}}}"#,
+        step["stepUuid"].as_str().unwrap(),
+        step["leaseToken"].as_str().unwrap()
     );
     let (ok, out) = grpcurl(
         a,

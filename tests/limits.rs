@@ -510,9 +510,29 @@ fn blob_struct(bytes: usize) -> prost_types::Struct {
 /// to a client with the default 4 MiB message limit.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn parent_results_are_held_to_their_budget(pool: PgPool) {
+    held_to_budget(&pool, blob_struct(255 * 1024)).await;
+}
+
+/// The budget counts results as they are sent (protobuf), not as JSON: an array of 23,000
+/// zeros is 46 KB of JSON but 253 KB as sent. Counted as JSON, all 20 parents would fit the
+/// 1 MiB budget and the join (5 MB as sent) could never be delivered.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn parent_results_are_counted_as_sent(pool: PgPool) {
+    let zeros = tasker::proto::json_to_struct(&serde_json::json!({ "x": vec![0; 23_000] }));
+    assert!(
+        serde_json::to_vec(&tasker::proto::struct_to_json(Some(zeros.clone())))
+            .unwrap()
+            .len()
+            < 50_000
+    );
+    assert!(prost::Message::encoded_len(&zeros) > 250_000);
+    held_to_budget(&pool, zeros).await;
+}
+
+async fn held_to_budget(pool: &PgPool, results: prost_types::Struct) {
     let cfg = limits_config();
     let budget = cfg.orchestration.workers.max_parent_results_bytes;
-    let server = TestServer::start(&pool, &cfg).await;
+    let server = TestServer::start(pool, &cfg).await;
     let channel = server.channel().await;
     let parents: Vec<String> = (0..20).map(|i| format!("p{i:02}")).collect();
     let parent_refs: Vec<&str> = parents.iter().map(String::as_str).collect();
@@ -540,7 +560,8 @@ async fn parent_results_are_held_to_their_budget(pool: PgPool) {
         let big = v1::CompleteStepRequest {
             step_uuid: step.step_uuid.clone(),
             attempt: step.attempt,
-            results: Some(blob_struct(255 * 1024)),
+            results: Some(results.clone()),
+            lease_token: step.lease_token.clone(),
         };
         match workers.complete_step(big).await {
             Ok(_) => accepted += 1,
@@ -559,24 +580,160 @@ async fn parent_results_are_held_to_their_budget(pool: PgPool) {
                         step_uuid: step.step_uuid.clone(),
                         attempt: step.attempt,
                         results: Some(blob_struct(10)),
+                        lease_token: step.lease_token.clone(),
                     })
                     .await
                     .unwrap();
             }
         }
     }
-    assert_eq!(
-        accepted,
-        budget / (255 * 1024 + 16),
-        "as many as fit the budget"
-    );
+    // each parent's entry in the join's parent results, as sent: its name ("p00"), its results
+    // as a protobuf Value, and at most 16 bytes of framing
+    let entry =
+        3 + tasker::proto::value_encoded_len(&tasker::proto::struct_to_json(Some(results))) + 16;
+    assert_eq!(accepted, budget / entry, "as many as fit the budget");
     assert_eq!(refused, 20 - accepted);
     // the join arrives whole, within a default client's 4 MiB limit
     let join = lease_one(&workers, "budget").await;
     assert_eq!(join.name, "join");
-    let parents = tasker::proto::struct_to_json(join.parent_results);
-    assert_eq!(parents.as_object().unwrap().len(), 20);
-    assert!(serde_json::to_vec(&parents).unwrap().len() <= budget);
+    let parents = join.parent_results.unwrap();
+    assert_eq!(parents.fields.len(), 20);
+    assert!(prost::Message::encoded_len(&parents) <= budget);
+    server.stop().await;
+}
+
+/// Documents nest at most MAX_DOCUMENT_DEPTH levels: deeper results are refused, and the
+/// deepest accepted reach a child in a FetchSteps response that the Rust client (prost, whose
+/// decoder stops at 100 nested messages, as Python's does) decodes. Results nested 32 deep
+/// used to be accepted and made the child's response undecodable.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn documents_nest_no_deeper_than_clients_decode(pool: PgPool) {
+    use tasker::limits::MAX_DOCUMENT_DEPTH;
+    let nested = |depth: usize| {
+        let doc = (1..depth).fold(
+            serde_json::json!({"leaf": [1]}),
+            |inner, _| serde_json::json!({ "n": inner }),
+        );
+        assert_eq!(tasker::limits::document_depth(&doc), depth + 1);
+        tasker::proto::json_to_struct(&doc)
+    };
+    let server = TestServer::start(&pool, &limits_config()).await;
+    let channel = server.channel().await;
+    Tasks::new(channel.clone())
+        .create_task(v1::CreateTaskRequest {
+            namespace: "deep".into(),
+            name: "deep".into(),
+            steps: vec![step_def("parent", &[]), step_def("child", &["parent"])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut workers = Workers::new(channel.clone());
+    let parent = lease_one(&workers, "deep").await;
+    let complete = |results| v1::CompleteStepRequest {
+        step_uuid: parent.step_uuid.clone(),
+        attempt: parent.attempt,
+        results: Some(results),
+        lease_token: parent.lease_token.clone(),
+    };
+    let refused = workers
+        .complete_step(complete(nested(MAX_DOCUMENT_DEPTH)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), field_violations(&refused)),
+        (Code::InvalidArgument, vec!["results".to_string()]),
+        "{refused:?}"
+    );
+    workers
+        .complete_step(complete(nested(MAX_DOCUMENT_DEPTH - 1)))
+        .await
+        .unwrap();
+    // the child receives its parent's results whole
+    let child = lease_one(&workers, "deep").await;
+    let got = tasker::proto::struct_to_json(child.parent_results);
+    assert_eq!(tasker::limits::document_depth(&got), MAX_DOCUMENT_DEPTH + 1);
+    // creating a task checks its documents the same way
+    let e = Tasks::new(channel)
+        .create_task(v1::CreateTaskRequest {
+            namespace: "deep".into(),
+            name: "deeper".into(),
+            context: Some(nested(MAX_DOCUMENT_DEPTH)),
+            steps: vec![v1::StepDefinition {
+                inputs: Some(nested(MAX_DOCUMENT_DEPTH)),
+                ..step_def("a", &[])
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        field_violations(&e),
+        ["context", "steps[0].inputs"],
+        "{e:?}"
+    );
+    server.stop().await;
+}
+
+/// A step whose inputs no response can carry (stored before the limits that now refuse
+/// them) fails for good at its first lease, saying why, instead of being leased and lost at
+/// every fetch until its attempts run out.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_step_no_response_can_carry_fails_once_saying_why(pool: PgPool) {
+    let server = TestServer::start(&pool, &limits_config()).await;
+    let channel = server.channel().await;
+    let created = Tasks::new(channel.clone())
+        .create_task(v1::CreateTaskRequest {
+            namespace: "undeliverable".into(),
+            name: "old".into(),
+            steps: vec![v1::StepDefinition {
+                max_attempts: 10,
+                ..step_def("deep", &[])
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deep = (0..40).fold(
+        serde_json::json!(1),
+        |inner, _| serde_json::json!({ "n": inner }),
+    );
+    sqlx::query("UPDATE tasker.workflow_steps SET inputs = $1")
+        .bind(&deep)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut workers = Workers::new(channel.clone());
+    let got = workers
+        .fetch_steps(fetch_request("undeliverable", 1, 5000, 60))
+        .await
+        .expect("the response decodes")
+        .into_inner()
+        .steps;
+    assert!(got.is_empty(), "delivered: {got:?}");
+    let task = Tasks::new(channel)
+        .get_task(v1::GetTaskRequest {
+            task_uuid: created.task_uuid,
+            include_step_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.state(), v1::TaskState::Error);
+    let step = &task.steps[0];
+    assert_eq!((step.state(), step.attempts), (v1::StepState::Error, 1));
+    let error = tasker::proto::struct_to_json(step.last_error.clone());
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("undeliverable"),
+        "{error}"
+    );
     server.stop().await;
 }
 

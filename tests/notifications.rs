@@ -149,8 +149,7 @@ async fn retry_return_to_pending_notifies_for_the_step_itself(pool: PgPool) {
     let mut l = listener(&pool, &[READY]).await;
     store
         .fail_step(
-            leased[0].step_uuid,
-            1,
+            leased[0].held(),
             &failure(json!({"message": "again"}), true, 0),
             &json!({}),
             None,
@@ -184,8 +183,7 @@ async fn payload_stays_small_for_the_longest_legal_names(pool: PgPool) {
     let traceparent = format!("00-{}-{}-01", "a".repeat(32), "b".repeat(16));
     store
         .complete_step(
-            leased[0].step_uuid,
-            1,
+            leased[0].held(),
             &json!({"big": "z".repeat(100_000)}),
             &json!({}),
             Some(&traceparent),

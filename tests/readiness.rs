@@ -83,8 +83,7 @@ async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
     let out = store
         .fail_step(
-            leased[0].step_uuid,
-            1,
+            leased[0].held(),
             &failure(json!({"message": "flaky"}), true, 3_600_000),
             &json!({}),
             None,
@@ -140,8 +139,7 @@ async fn attempts_exhausted_blocks_the_task(pool: PgPool) {
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
     let out = store
         .fail_step(
-            leased[0].step_uuid,
-            1,
+            leased[0].held(),
             &failure(json!({"message": "no"}), true, 0),
             &json!({}),
             None,
@@ -380,16 +378,18 @@ async fn hot_path_round(conn: &mut sqlx::PgConnection, task_uuid: uuid::Uuid) ->
         .execute(&mut *conn)
         .await
         .unwrap();
-    let leased: Vec<(uuid::Uuid, i32)> =
-        sqlx::query_as("SELECT step_uuid, attempt FROM tasker.fetch_steps('hot', 'w', 8, 60000)")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-    for (step, attempt) in &leased {
+    let leased: Vec<(uuid::Uuid, i32, uuid::Uuid)> = sqlx::query_as(
+        "SELECT step_uuid, attempt, lease_token FROM tasker.fetch_steps('hot', 'w', 8, 60000)",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    for (step, attempt, token) in &leased {
         let outcome: String =
-            sqlx::query_scalar("SELECT tasker.complete_step($1, $2, '{}'::jsonb)")
+            sqlx::query_scalar("SELECT tasker.complete_step($1, $2, $3, '{}'::jsonb, 2)")
                 .bind(step)
                 .bind(attempt)
+                .bind(token)
                 .fetch_one(&mut *conn)
                 .await
                 .unwrap();

@@ -187,6 +187,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
         step_uuid: first.step_uuid.clone(),
         attempt: 1,
         results: None,
+        lease_token: first.lease_token.clone(),
     });
     complete.metadata_mut().insert(
         "traceparent",

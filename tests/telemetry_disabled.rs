@@ -80,6 +80,7 @@ async fn no_trace_context_reaches_the_database(pool: PgPool) {
                     step_uuid: s.step_uuid,
                     attempt: s.attempt,
                     results: None,
+                    lease_token: s.lease_token,
                 }))
                 .await
                 .unwrap();

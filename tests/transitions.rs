@@ -7,7 +7,7 @@ use common::*;
 use serde_json::json;
 use sqlx::PgPool;
 use tasker::internal::TaskSpec;
-use tasker::internal::{Store, StoreError};
+use tasker::internal::{HeldLease, Refusal, Store, StoreError};
 use uuid::Uuid;
 
 const NS: &str = "transitions";
@@ -221,15 +221,50 @@ async fn stale_attempts_and_expired_leases_change_nothing(pool: PgPool) {
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::chain(NS, 1)).await;
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
-    let s = leased[0].step_uuid;
+    let held = leased[0].held();
+    let s = held.step_uuid;
     let before = state_of(&pool, s).await;
     let stale = store
-        .complete_step(s, 7, &json!({}), &json!({}), None)
+        .complete_step(
+            HeldLease { attempt: 7, ..held },
+            &json!({}),
+            &json!({}),
+            None,
+        )
         .await
         .unwrap_err();
     assert!(
         stale.to_string().contains("not the current attempt"),
         "{stale}"
+    );
+    // whoever does not hold the lease (it knows the step and the attempt, not the token)
+    let not_held = HeldLease {
+        lease_token: Uuid::new_v4(),
+        ..held
+    };
+    let refused = store
+        .complete_step(not_held, &json!({}), &json!({}), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            StoreError::Refused {
+                refusal: Refusal::LeaseNotHeld,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert!(store.extend_lease(not_held, 60_000).await.is_err());
+    assert!(store
+        .fail_step(not_held, &failure(json!({}), false, 0), &json!({}), None)
+        .await
+        .is_err());
+    assert_eq!(
+        state_of(&pool, s).await,
+        before,
+        "a wrong token changed nothing"
     );
     sqlx::query(
         "UPDATE tasker.step_queue SET visible_at = clock_timestamp() - interval '1 second'",
@@ -238,11 +273,11 @@ async fn stale_attempts_and_expired_leases_change_nothing(pool: PgPool) {
     .await
     .unwrap();
     let expired = store
-        .complete_step(s, 1, &json!({}), &json!({}), None)
+        .complete_step(held, &json!({}), &json!({}), None)
         .await
         .unwrap_err();
     assert!(expired.to_string().contains("expired"), "{expired}");
-    assert!(store.extend_lease(s, 1, 1000).await.is_err());
+    assert!(store.extend_lease(held, 1000).await.is_err());
     assert_eq!(state_of(&pool, s).await, before);
     // the lease reaper ends the attempt; the step comes back as attempt 2
     let expired = store.expire_leases(10, None).await.unwrap();
@@ -302,25 +337,31 @@ async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
     run_named(&store, t.task_uuid, NS, "a").await;
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await; // b and c
     let mut l = listener(&pool, &["tasker_task_ready"]).await;
-    let item = |step: Uuid, attempt: i32| Completion {
-        step_uuid: step,
-        attempt,
+    let item = |lease: HeldLease| Completion {
+        lease,
         results: json!({"ok": true}),
         traceparent: None,
     };
+    let (b, c) = (leased[0].held(), leased[1].held());
     let outcomes = store
         .complete_steps(&[
-            item(leased[0].step_uuid, 1),
-            item(leased[1].step_uuid, 7), // stale attempt
-            item(Uuid::now_v7(), 1),      // no such step
-            item(leased[1].step_uuid, 1),
+            item(b),
+            item(HeldLease { attempt: 7, ..c }), // stale attempt
+            item(HeldLease {
+                step_uuid: Uuid::now_v7(), // no such step
+                ..c
+            }),
+            item(c),
         ])
         .await
         .unwrap();
     assert!(outcomes[0].is_ok() && outcomes[3].is_ok());
     assert!(matches!(
         outcomes[1],
-        Err(StoreError::FailedPrecondition(_))
+        Err(StoreError::Refused {
+            refusal: Refusal::StaleAttempt,
+            ..
+        })
     ));
     assert!(matches!(outcomes[2], Err(StoreError::NotFound { .. })));
     // both parents of the join completed in one transaction: the join is announced once
@@ -386,4 +427,46 @@ async fn cancelling_reads_only_the_task_s_own_queue_rows(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(backlog_rows, 300, "the others' stay");
+}
+
+/// A step cancelled or resolved by hand while it waited for a retry keeps no retry time: the
+/// deadline look-up walks the retry times, and every one left behind made it slower for ever.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn cancelling_or_resolving_a_waiting_retry_clears_its_time(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let waiting = || async {
+        let t = create(&store, TaskSpec::chain(NS, 1)).await;
+        let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
+        store
+            .fail_step(
+                leased[0].held(),
+                &failure(json!({"message": "later"}), true, 3_600_000),
+                &json!({}),
+                None,
+            )
+            .await
+            .unwrap();
+        (t.task_uuid, leased[0].step_uuid)
+    };
+    let retry_times = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tasker.workflow_steps WHERE next_retry_at IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let (cancelled, _) = waiting().await;
+    let (_, resolved) = waiting().await;
+    assert_eq!(retry_times().await, 2);
+    store
+        .cancel_task(cancelled, "no longer needed", &json!({}), None)
+        .await
+        .unwrap();
+    store
+        .resolve_step_manually(resolved, "done by hand", None, None)
+        .await
+        .unwrap();
+    assert_eq!(retry_times().await, 0, "a retry time was left behind");
+    assert_eq!(store.next_deadline(None).await.unwrap(), None);
 }

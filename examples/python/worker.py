@@ -11,14 +11,18 @@ is kept in the repository. With tokens configured, set TASKER_TOKEN.
 
 Each step it leases is "done" by echoing what it was given: its results are
 {"step": name, "attempt": n, "inputs": ..., "parents": [parent names]}. A step whose inputs
-say {"fail": "<message>"} is failed instead (retryable, 100 ms backoff).
+say {"fail": "<message>"} is failed instead (retryable, 100 ms backoff). Each report carries the
+step's lease_token. When the service refuses a FetchSteps for now (RESOURCE_EXHAUSTED: too many
+fetches waiting; UNAVAILABLE: restarting), the worker waits and asks again, longer each time.
 """
 
 import argparse
 import importlib
 import os
+import random
 import sys
 import tempfile
+import time
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -67,11 +71,24 @@ def main():
     print(f"{args.worker_id} working namespace {args.namespace!r} at {endpoint}", file=sys.stderr)
 
     handled = 0
+    backoff = 0.1
     while args.steps is None or handled < args.steps:
-        reply = workers.FetchSteps(
-            pb.FetchStepsRequest(namespace=args.namespace, worker_id=args.worker_id,
-                                 max_steps=1, wait_ms=10_000, lease_seconds=30),
-            metadata=metadata, timeout=30)
+        try:
+            reply = workers.FetchSteps(
+                pb.FetchStepsRequest(namespace=args.namespace, worker_id=args.worker_id,
+                                     max_steps=1, wait_ms=10_000, lease_seconds=30),
+                metadata=metadata, timeout=30)
+        except grpc.RpcError as e:
+            # too many fetches waiting (RESOURCE_EXHAUSTED) or the service restarting
+            # (UNAVAILABLE): wait, longer each time, and ask again
+            if e.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                raise
+            print(f"FetchSteps: {e.code().name}: {e.details()}; retrying in {backoff:.1f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(backoff + random.uniform(0, backoff))
+            backoff = min(backoff * 2, 10.0)
+            continue
+        backoff = 0.1
         for step in reply.steps:
             inputs = json_format.MessageToDict(step.inputs)
             parents = json_format.MessageToDict(step.parent_results)
@@ -79,12 +96,15 @@ def main():
                 results = struct_pb2.Struct()
                 results.update(work(step.name, step.attempt, inputs, parents))
                 workers.CompleteStep(pb.CompleteStepRequest(step_uuid=step.step_uuid,
-                                                            attempt=step.attempt, results=results),
+                                                            attempt=step.attempt,
+                                                            lease_token=step.lease_token,
+                                                            results=results),
                                      metadata=metadata, timeout=30)
                 print(f"completed {step.name} (attempt {step.attempt}) of task {step.task_uuid}",
                       flush=True)
             except RuntimeError as failure:
                 r = workers.FailStep(pb.FailStepRequest(step_uuid=step.step_uuid, attempt=step.attempt,
+                                                        lease_token=step.lease_token,
                                                         error_message=str(failure), retryable=True,
                                                         backoff_ms=100),
                                      metadata=metadata, timeout=30)

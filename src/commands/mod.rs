@@ -187,3 +187,27 @@ pub struct CommandEvent {
     /// Its number in this process's event log (see `event_log`); set when published.
     pub sequence: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1;
+    use crate::proto::words::tests::round_trips;
+
+    /// The words a command's life is reported in (its source, phases and outcomes) each have a
+    /// value in the API's enums.
+    #[test]
+    fn every_command_word_has_a_proto_value() {
+        let words = |it: &mut dyn Iterator<Item = &'static str>| -> Vec<String> {
+            it.map(String::from).collect()
+        };
+        round_trips::<v1::TriggeredBy>(&words(&mut TriggeredBy::ALL.iter().map(|t| t.as_str())));
+        let mut phases = words(&mut CommandPhase::ALL.iter().map(|p| p.as_str()));
+        phases.push("gap".into());
+        round_trips::<v1::CommandPhase>(&phases);
+        let mut outcomes = words(&mut EnqueueOutcome::ALL.iter().map(|o| o.as_str()));
+        outcomes.push("failed".into());
+        round_trips::<v1::CommandOutcome>(&outcomes);
+        round_trips::<v1::FailStepOutcome>(&["retry_scheduled".into(), "failed".into()]);
+    }
+}

@@ -82,18 +82,35 @@ pub fn bounded(field: &str, value: i64, default: i64, min: i64, max: i64) -> Res
     Ok(v)
 }
 
-/// A JSON document no larger than the limit.
-pub fn bounded_document(field: &str, doc: Value, max_bytes: usize) -> Result<Value, Status> {
-    let size = serde_json::to_vec(&doc)
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX);
-    if size > max_bytes {
+/// A document a client sent, within the rules of [`crate::limits::document_problem`].
+pub fn document(field: &str, doc: Value) -> Result<Value, Status> {
+    match crate::limits::document_problem(&doc) {
+        Some(problem) => Err(invalid(field, problem)),
+        None => Ok(doc),
+    }
+}
+
+/// Free text a client sent (a reason, an error message): at most `max_bytes`, no NUL; with
+/// `required`, not blank.
+pub fn text<'a>(
+    field: &str,
+    value: &'a str,
+    max_bytes: usize,
+    required: bool,
+) -> Result<&'a str, Status> {
+    if required && value.trim().is_empty() {
+        return Err(invalid(field, format!("must be 1 to {max_bytes} bytes")));
+    }
+    if value.len() > max_bytes {
         return Err(invalid(
             field,
-            format!("must be at most {max_bytes} bytes of JSON, is {size}"),
+            format!("must be at most {max_bytes} bytes, is {}", value.len()),
         ));
     }
-    Ok(doc)
+    if let Some(problem) = crate::limits::text_problem(value) {
+        return Err(invalid(field, problem));
+    }
+    Ok(value)
 }
 
 /// Bytes a message adds to a response as one entry of a repeated field: its encoding plus the

@@ -10,6 +10,9 @@ use crate::commands::SubmitError;
 use crate::dag::Violation;
 use crate::store::StoreError;
 
+/// The `google.rpc.ErrorInfo.domain` of the reasons this service gives.
+pub const ERROR_DOMAIN: &str = "tasker.v1";
+
 /// `INVALID_ARGUMENT` naming one field and the rule it breaks.
 pub fn invalid(field: &str, message: impl Into<String>) -> Status {
     let message = message.into();
@@ -86,6 +89,15 @@ pub fn store(e: StoreError) -> Status {
         StoreError::InvalidArgument { field, message } => invalid(&field, message),
         StoreError::NotFound { what } => Status::not_found(format!("{what} not found")),
         StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+        StoreError::Refused { refusal, message } => Status::with_error_details(
+            Code::FailedPrecondition,
+            message,
+            ErrorDetails::with_error_info(
+                refusal.reason(),
+                ERROR_DOMAIN,
+                std::collections::HashMap::<String, String>::new(),
+            ),
+        ),
         StoreError::AlreadyExists(m) => Status::already_exists(m),
         StoreError::ShuttingDown => {
             Status::unavailable("the service is shutting down; retry (on another instance)")

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::context::ApiContext;
-use super::convert::{repeated_entry_len, uuid};
+use super::convert::{document, repeated_entry_len, text, uuid};
 use super::error;
 use super::task_list::TaskListRequest;
 use super::task_watch::{watch_task, WatchStream};
@@ -157,14 +157,19 @@ pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
         attempts: s.attempts,
         max_attempts: s.max_attempts,
         depends_on: s.depends_on,
-        inputs: proto::opt_json_to_struct(s.inputs.as_ref()),
-        results: proto::opt_json_to_struct(s.results.as_ref()),
-        last_error: proto::opt_json_to_struct(s.last_error.as_ref()),
+        inputs: deliverable(s.inputs.as_ref()),
+        results: deliverable(s.results.as_ref()),
+        last_error: deliverable(s.last_error.as_ref()),
         next_retry_at: proto::opt_timestamp(s.next_retry_at),
         enqueued_at: proto::opt_timestamp(s.enqueued_at),
         started_at: proto::opt_timestamp(s.started_at),
         completed_at: proto::opt_timestamp(s.completed_at),
     }
+}
+
+/// A stored document as a response carries it (see [`crate::limits::deliverable_document`]).
+fn deliverable(doc: Option<&serde_json::Value>) -> Option<prost_types::Struct> {
+    doc.map(|d| proto::json_to_struct(&crate::limits::deliverable_document(d)))
 }
 
 /// The task without its steps: `task_page` adds them within the response budget.
@@ -175,7 +180,7 @@ pub(super) fn task_to_proto(t: TaskRecord) -> v1::Task {
         name: t.name,
         priority: t.priority,
         state: words::raw::<v1::TaskState>(&t.state),
-        context: Some(proto::json_to_struct(&t.context)),
+        context: deliverable(Some(&t.context)),
         idempotency_key: t.idempotency_key.unwrap_or_default(),
         created_at: Some(proto::timestamp(t.created_at)),
         updated_at: Some(proto::timestamp(t.updated_at)),
@@ -272,7 +277,7 @@ impl v1::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<v1::ResolveStepResponse>, Status> {
         let r = request.into_inner();
         let step = uuid("step_uuid", &r.step_uuid)?;
-        if r.reason.trim().is_empty() || r.reason.len() > MAX_REASON_BYTES {
+        if r.reason.trim().is_empty() {
             return Err(error::invalid(
                 "reason",
                 format!(
@@ -280,15 +285,10 @@ impl v1::task_service_server::TaskService for TaskApi {
                 ),
             ));
         }
+        text("reason", &r.reason, MAX_REASON_BYTES, true)?;
         let results = r
             .results
-            .map(|s| {
-                super::convert::bounded_document(
-                    "results",
-                    struct_to_json(Some(s)),
-                    crate::limits::MAX_DOCUMENT_BYTES,
-                )
-            })
+            .map(|s| document("results", struct_to_json(Some(s))))
             .transpose()?;
         // the readiness this announces carries the caller's trace, as a completion's does
         let traceparent = crate::telemetry::current_traceparent();
@@ -325,12 +325,7 @@ impl v1::task_service_server::TaskService for TaskApi {
                 ))
             }
         };
-        if r.reason.len() > MAX_REASON_BYTES {
-            return Err(error::invalid(
-                "reason",
-                format!("must be at most {MAX_REASON_BYTES} bytes"),
-            ));
-        }
+        text("reason", &r.reason, MAX_REASON_BYTES, false)?;
         let traceparent = crate::telemetry::current_traceparent();
         self.ctx
             .store
@@ -397,12 +392,7 @@ impl v1::task_service_server::TaskService for TaskApi {
         let traceparent = crate::telemetry::current_traceparent();
         let r = request.into_inner();
         let task_uuid = uuid("task_uuid", &r.task_uuid)?;
-        if r.reason.len() > MAX_REASON_BYTES {
-            return Err(error::invalid(
-                "reason",
-                format!("must be at most {MAX_REASON_BYTES} bytes"),
-            ));
-        }
+        text("reason", &r.reason, MAX_REASON_BYTES, false)?;
         let reason = if r.reason.is_empty() {
             "cancelled through the API"
         } else {

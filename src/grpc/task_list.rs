@@ -61,12 +61,12 @@ impl TaskListRequest {
             .into_iter()
             .map(Vocabulary::word)
             .collect();
-        if r.name.len() > crate::limits::MAX_NAME_BYTES {
-            bad.check::<()>(Err(invalid(
-                "name",
-                format!("must be at most {} bytes", crate::limits::MAX_NAME_BYTES),
-            )));
-        }
+        bad.check(super::convert::text(
+            "name",
+            &r.name,
+            crate::limits::MAX_NAME_BYTES,
+            false,
+        ));
         let mut time = |field: &str, t| bad.check(time(field, t)).flatten();
         let created_after = time("created_after", r.created_after);
         let created_before = time("created_before", r.created_before);

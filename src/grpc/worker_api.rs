@@ -7,14 +7,14 @@ use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
 use super::convert::{self, bounded, repeated_entry_len, uuid};
-use super::error::invalid;
+use super::error::{invalid, Violations};
 use crate::dag::name_problem;
-use crate::limits::MAX_DOCUMENT_BYTES;
 use crate::namespaces::namespace_name_problem;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
-use crate::store::{FailOutcome, LeasedStep, StepFailure};
+use crate::store::{FailOutcome, HeldLease, LeasedStep, StepFailure};
 use crate::worker::CompleteOutcome;
+use uuid::Uuid;
 
 const MAX_STEPS_PER_FETCH: i64 = 100;
 const DEFAULT_LEASE_SECONDS: i64 = 30;
@@ -32,14 +32,36 @@ impl WorkerApi {
     }
 }
 
-fn attempt(value: i32) -> Result<i32, Status> {
-    if value < 1 {
-        return Err(invalid(
+/// The attempt a report names, and the token proving its lease; every bad field reported.
+fn held_lease(step_uuid: &str, attempt: i32, lease_token: &str) -> Result<HeldLease, Status> {
+    let mut bad = Violations::default();
+    let step_uuid = bad.check(uuid("step_uuid", step_uuid));
+    let attempt = bad.check(if attempt < 1 {
+        Err(invalid(
             "attempt",
-            format!("must be >= 1 (the attempt the step was leased as), is {value}"),
-        ));
+            format!("must be >= 1 (the attempt the step was leased as), is {attempt}"),
+        ))
+    } else {
+        Ok(attempt)
+    });
+    let lease_token = bad.check(if lease_token.is_empty() {
+        Err(invalid(
+            "lease_token",
+            "is required: send the lease_token of the LeasedStep this attempt was leased as",
+        ))
+    } else {
+        Uuid::parse_str(lease_token)
+            .map_err(|_| invalid("lease_token", "is not a lease token this service issued"))
+    });
+    bad.into_result()?;
+    match (step_uuid, attempt, lease_token) {
+        (Some(step_uuid), Some(attempt), Some(lease_token)) => Ok(HeldLease {
+            step_uuid,
+            attempt,
+            lease_token,
+        }),
+        _ => unreachable!("a field that failed its check is a violation"),
     }
-    Ok(value)
 }
 
 #[tonic::async_trait]
@@ -90,13 +112,22 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             )
             .await?;
         // Every step leased here is delivered: those past the response budget go back on
-        // the queue at the same attempt instead of failing the whole response at encoding.
-        let (steps, excess) = within_budget(steps, self.ctx.max_response_bytes);
+        // the queue at the same attempt instead of failing the whole response at encoding,
+        // and one that no response could carry fails for good, once, instead of being
+        // leased and lost attempt after attempt.
+        let Delivery {
+            steps,
+            excess,
+            undeliverable,
+        } = deliver(steps, self.ctx.max_response_bytes);
         if !excess.is_empty() {
             self.ctx
                 .workers
                 .give_back(&r.namespace, &r.worker_id, excess)
                 .await;
+        }
+        for (step, why) in undeliverable {
+            self.ctx.workers.fail_undeliverable(&step, &why).await;
         }
         Ok(Response::new(v1::FetchStepsResponse { steps }))
     }
@@ -107,14 +138,12 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<v1::CompleteStepResponse>, Status> {
         let traceparent = crate::telemetry::current_traceparent();
         let r = request.into_inner();
-        let step = uuid("step_uuid", &r.step_uuid)?;
-        let attempt = attempt(r.attempt)?;
-        let results =
-            convert::bounded_document("results", struct_to_json(r.results), MAX_DOCUMENT_BYTES)?;
+        let lease = held_lease(&r.step_uuid, r.attempt, &r.lease_token)?;
+        let results = convert::document("results", struct_to_json(r.results))?;
         let outcome = self
             .ctx
             .workers
-            .complete(step, attempt, &results, None, traceparent.as_deref())
+            .complete(lease, &results, None, traceparent.as_deref())
             .await?;
         Ok(Response::new(v1::CompleteStepResponse {
             already_recorded: outcome == CompleteOutcome::AlreadyRecorded,
@@ -127,14 +156,13 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<v1::FailStepResponse>, Status> {
         let traceparent = crate::telemetry::current_traceparent();
         let r = request.into_inner();
-        let step = uuid("step_uuid", &r.step_uuid)?;
-        let attempt = attempt(r.attempt)?;
-        if r.error_message.trim().is_empty() || r.error_message.len() > MAX_ERROR_MESSAGE_BYTES {
-            return Err(invalid(
-                "error_message",
-                format!("must be 1 to {MAX_ERROR_MESSAGE_BYTES} bytes"),
-            ));
-        }
+        let lease = held_lease(&r.step_uuid, r.attempt, &r.lease_token)?;
+        convert::text(
+            "error_message",
+            &r.error_message,
+            MAX_ERROR_MESSAGE_BYTES,
+            true,
+        )?;
         if r.backoff_ms < 0 || r.backoff_ms > MAX_BACKOFF_MS {
             return Err(invalid(
                 "backoff_ms",
@@ -144,11 +172,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
                 ),
             ));
         }
-        let details = convert::bounded_document(
-            "error_details",
-            struct_to_json(r.error_details),
-            MAX_DOCUMENT_BYTES,
-        )?;
+        let details = convert::document("error_details", struct_to_json(r.error_details))?;
         let failure = StepFailure {
             error: json!({"message": r.error_message, "details": details}),
             retryable: r.retryable,
@@ -157,7 +181,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         let outcome = self
             .ctx
             .workers
-            .fail(step, attempt, &failure, traceparent.as_deref())
+            .fail(lease, &failure, traceparent.as_deref())
             .await?;
         Ok(Response::new(match outcome {
             FailOutcome::RetryScheduled { next_retry_at } => v1::FailStepResponse {
@@ -176,8 +200,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         request: Request<v1::ExtendLeaseRequest>,
     ) -> Result<Response<v1::ExtendLeaseResponse>, Status> {
         let r = request.into_inner();
-        let step = uuid("step_uuid", &r.step_uuid)?;
-        let attempt = attempt(r.attempt)?;
+        let held = held_lease(&r.step_uuid, r.attempt, &r.lease_token)?;
         let lease = bounded(
             "lease_seconds",
             i64::from(r.lease_seconds),
@@ -188,7 +211,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         let until = self
             .ctx
             .workers
-            .extend_lease(step, attempt, Duration::from_secs(lease as u64))
+            .extend_lease(held, Duration::from_secs(lease as u64))
             .await?;
         Ok(Response::new(v1::ExtendLeaseResponse {
             lease_expires_at: Some(proto::timestamp(until)),
@@ -196,16 +219,35 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
     }
 }
 
-/// The leased steps as the response carries them, as many as fit `budget` bytes (at least
-/// one: the configuration guarantees that one step's inputs and parent results fit), and the
-/// ones that did not fit.
-fn within_budget(steps: Vec<LeasedStep>, budget: usize) -> (Vec<v1::LeasedStep>, Vec<LeasedStep>) {
-    let mut out = Vec::with_capacity(steps.len());
-    let mut excess = Vec::new();
+/// What a FetchSteps response carries of the steps leased for it.
+struct Delivery {
+    steps: Vec<v1::LeasedStep>,
+    /// Leased, but past the response budget: back on the queue for the next fetch.
+    excess: Vec<LeasedStep>,
+    /// Steps no response can carry (too large or too deeply nested for any client to
+    /// decode), each with the reason. Only data stored before the limits that prevent them
+    /// (documents' size and nesting as sent, the parent-results budget) can be such.
+    undeliverable: Vec<(LeasedStep, String)>,
+}
+
+/// The leased steps as the response carries them: as many as fit `budget` bytes, in order.
+fn deliver(steps: Vec<LeasedStep>, budget: usize) -> Delivery {
+    use crate::limits::{document_depth, MAX_DOCUMENT_DEPTH};
+    let mut d = Delivery {
+        steps: Vec::with_capacity(steps.len()),
+        excess: Vec::new(),
+        undeliverable: Vec::new(),
+    };
     let mut used = 0;
     for s in steps {
-        if !excess.is_empty() {
-            excess.push(s);
+        // parent_results nests each parent's results one level down
+        if document_depth(&s.inputs) > MAX_DOCUMENT_DEPTH
+            || document_depth(&s.parent_results) > MAX_DOCUMENT_DEPTH + 1
+        {
+            let why = format!(
+                "its inputs or its parents' results nest deeper than {MAX_DOCUMENT_DEPTH} levels, more than clients can decode"
+            );
+            d.undeliverable.push((s, why));
             continue;
         }
         let message = v1::LeasedStep {
@@ -216,14 +258,22 @@ fn within_budget(steps: Vec<LeasedStep>, budget: usize) -> (Vec<v1::LeasedStep>,
             inputs: Some(proto::json_to_struct(&s.inputs)),
             parent_results: Some(proto::json_to_struct(&s.parent_results)),
             lease_expires_at: Some(proto::timestamp(s.lease_expires_at)),
+            lease_token: s.lease_token.simple().to_string(),
         };
         let size = repeated_entry_len(&message);
-        if !out.is_empty() && used + size > budget {
-            excess.push(s);
+        if size > budget {
+            let why = format!(
+                "it takes {size} bytes as sent, more than a response may (grpc.max_response_bytes = {budget})"
+            );
+            d.undeliverable.push((s, why));
+            continue;
+        }
+        if !d.excess.is_empty() || used + size > budget {
+            d.excess.push(s);
             continue;
         }
         used += size;
-        out.push(message);
+        d.steps.push(message);
     }
-    (out, excess)
+    d
 }

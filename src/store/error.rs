@@ -12,6 +12,13 @@ pub enum StoreError {
     /// A transition the state machine does not allow from the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A worker's report on an attempt that the attempt's state refuses, with the reason the
+    /// worker acts on.
+    #[error("{message}")]
+    Refused {
+        refusal: super::steps::Refusal,
+        message: String,
+    },
     #[error("{0}")]
     AlreadyExists(String),
     /// This instance is shutting down: try again (on another instance).

@@ -31,7 +31,8 @@ pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActiv
 pub use error::{is_retryable, StoreError};
 pub use replicas::{Heartbeat, ReplicaRecord};
 pub use steps::{
-    AttemptOutcome, Completion, EnqueueResult, FailOutcome, LeasedStep, StepFailure, Taker, TaskRef,
+    AttemptOutcome, Completion, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal,
+    StepFailure, Taker, TaskRef,
 };
 pub use tasks::{
     CancelOutcome, CreatedTask, NewStep, NewTask, StepRecord, TaskListQuery, TaskRecord,

@@ -54,6 +54,27 @@ pub struct LeasedStep {
     pub enqueued_at: DateTime<Utc>,
     /// Trace context of the enqueue that put this step on the queue.
     pub traceparent: Option<String>,
+    /// Proves this lease: every report on the attempt must carry it.
+    pub lease_token: Uuid,
+}
+
+/// An attempt as the worker holding it names it: the step, the attempt, and the lease's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLease {
+    pub step_uuid: Uuid,
+    pub attempt: i32,
+    pub lease_token: Uuid,
+}
+
+impl LeasedStep {
+    /// The lease as its holder reports on it.
+    pub fn held(&self) -> HeldLease {
+        HeldLease {
+            step_uuid: self.step_uuid,
+            attempt: self.attempt,
+            lease_token: self.lease_token,
+        }
+    }
 }
 
 /// The answer to a worker's report on an attempt: done, or why it was refused (and nothing
@@ -62,11 +83,56 @@ pub struct LeasedStep {
 pub enum AttemptOutcome {
     Done,
     StepNotFound,
-    StaleAttempt,
-    NotInProgress,
-    LeaseExpired,
+    Refused(Refusal),
     /// The results would give a child more parent results than the budget allows.
     ParentResultsTooLarge,
+}
+
+/// Why a report on an attempt was refused: what the worker should do about it is different
+/// for each, so each has a reason a client can read (`google.rpc.ErrorInfo.reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The lease token is not the lease's: the caller does not hold it.
+    LeaseNotHeld,
+    /// The lease ran out; the attempt is retried (or was) by the deadline scheduler.
+    LeaseExpired,
+    /// A later attempt of the step exists.
+    StaleAttempt,
+    /// The step's task was cancelled.
+    TaskCancelled,
+    /// The attempt is over: completed, failed, or resolved by an operator.
+    NotInProgress,
+}
+
+impl Refusal {
+    /// The `ErrorInfo.reason` a client sees.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::LeaseNotHeld => "LEASE_NOT_HELD",
+            Self::LeaseExpired => "LEASE_EXPIRED",
+            Self::StaleAttempt => "STALE_ATTEMPT",
+            Self::TaskCancelled => "TASK_CANCELLED",
+            Self::NotInProgress => "NOT_IN_PROGRESS",
+        }
+    }
+
+    fn message(self, step_uuid: Uuid, attempt: i32) -> String {
+        match self {
+            Self::LeaseNotHeld => format!(
+                "the lease_token is not the one attempt {attempt} of step {step_uuid} was leased with: this caller does not hold the lease"
+            ),
+            Self::LeaseExpired => {
+                format!("the lease on attempt {attempt} of step {step_uuid} has expired")
+            }
+            Self::StaleAttempt => {
+                format!("attempt {attempt} of step {step_uuid} is not the current attempt")
+            }
+            Self::TaskCancelled => format!(
+                "the task of step {step_uuid} was cancelled: stop working on attempt {attempt}"
+            ),
+            Self::NotInProgress => format!("step {step_uuid} is not in progress"),
+        }
+    }
 }
 
 impl AttemptOutcome {
@@ -75,9 +141,11 @@ impl AttemptOutcome {
     fn parse(function: &'static str, done: &str, s: &str) -> Result<Self, StoreError> {
         Ok(match s {
             "step_not_found" => Self::StepNotFound,
-            "stale_attempt" => Self::StaleAttempt,
-            "not_in_progress" => Self::NotInProgress,
-            "lease_expired" => Self::LeaseExpired,
+            "stale_attempt" => Self::Refused(Refusal::StaleAttempt),
+            "not_in_progress" => Self::Refused(Refusal::NotInProgress),
+            "task_cancelled" => Self::Refused(Refusal::TaskCancelled),
+            "lease_expired" => Self::Refused(Refusal::LeaseExpired),
+            "lease_not_held" => Self::Refused(Refusal::LeaseNotHeld),
             "parent_results_too_large" => Self::ParentResultsTooLarge,
             other if other == done => Self::Done,
             other => return Err(StoreError::unexpected(function, other)),
@@ -99,33 +167,40 @@ impl AttemptOutcome {
         match self {
             Self::Done => Ok(()),
             Self::StepNotFound => Err(StoreError::not_found(format!("step {step_uuid}"))),
-            Self::StaleAttempt => Err(StoreError::FailedPrecondition(format!(
-                "attempt {attempt} of step {step_uuid} is not the current attempt"
-            ))),
-            Self::NotInProgress => Err(StoreError::FailedPrecondition(format!(
-                "step {step_uuid} is not in progress"
-            ))),
-            Self::LeaseExpired => Err(StoreError::FailedPrecondition(format!(
-                "the lease on attempt {attempt} of step {step_uuid} has expired"
-            ))),
-            Self::ParentResultsTooLarge => Err(StoreError::invalid(
-                "results",
-                format!(
-                    "these results would give a step that depends on {step_uuid} more than {} bytes of its parents' results (orchestration.workers.max_parent_results_bytes); nothing was recorded",
-                    parent_results_budget.map_or_else(|| "the allowed".into(), |b| b.to_string())
-                ),
-            )),
+            Self::Refused(refusal) => Err(StoreError::Refused {
+                refusal,
+                message: refusal.message(step_uuid, attempt),
+            }),
+            Self::ParentResultsTooLarge => {
+                Err(parent_results_too_large(step_uuid, parent_results_budget))
+            }
         }
     }
+}
+
+/// The refusal of results that would give a child of `step_uuid` more parent results than
+/// the budget.
+pub(super) fn parent_results_too_large(step_uuid: Uuid, budget: Option<u32>) -> StoreError {
+    StoreError::invalid(
+        "results",
+        format!(
+            "these results would give a step that depends on {step_uuid} more than {} bytes of its parents' results as sent (orchestration.workers.max_parent_results_bytes); nothing was recorded",
+            budget.map_or_else(|| "the allowed".into(), |b| b.to_string())
+        ),
+    )
 }
 
 /// A worker's report that an attempt succeeded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
-    pub step_uuid: Uuid,
-    pub attempt: i32,
+    pub lease: HeldLease,
     pub results: Value,
     pub traceparent: Option<String>,
+}
+
+/// Bytes `results` take in a child's parent results as sent (a protobuf `Value`).
+pub(super) fn results_bytes(results: &Value) -> i32 {
+    i32::try_from(crate::proto::value_encoded_len(results)).unwrap_or(i32::MAX)
 }
 
 /// A worker's report that an attempt failed.
@@ -230,7 +305,7 @@ impl Store {
         )
     }
 
-    fn parent_results_budget(&self) -> Option<i32> {
+    pub(super) fn parent_results_budget(&self) -> Option<i32> {
         self.limits
             .max_parent_results_bytes
             .map(|b| i32::try_from(b).unwrap_or(i32::MAX))
@@ -240,26 +315,27 @@ impl Store {
     /// notification the completion causes.
     pub async fn complete_step(
         &self,
-        step_uuid: Uuid,
-        attempt: i32,
+        lease: HeldLease,
         results: &Value,
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
         let outcome: String = sqlx::query_scalar(
-            "SELECT tasker.complete_step($1, $2, $3, $4, $6) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
+            "SELECT tasker.complete_step($1, $2, $7, $3, $8, $4, $6) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
         )
-        .bind(step_uuid)
-        .bind(attempt)
+        .bind(lease.step_uuid)
+        .bind(lease.attempt)
         .bind(results)
         .bind(metadata)
         .bind(traceparent)
         .bind(self.parent_results_budget())
+        .bind(lease.lease_token)
+        .bind(results_bytes(results))
         .fetch_one(&self.pool)
         .await?;
         AttemptOutcome::parse("tasker.complete_step", "completed", &outcome)?.into_result_within(
-            step_uuid,
-            attempt,
+            lease.step_uuid,
+            lease.attempt,
             self.limits.max_parent_results_bytes,
         )
     }
@@ -291,16 +367,20 @@ impl Store {
         &self,
         items: &[Completion],
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        let steps: Vec<Uuid> = items.iter().map(|c| c.step_uuid).collect();
-        let attempts: Vec<i32> = items.iter().map(|c| c.attempt).collect();
+        let steps: Vec<Uuid> = items.iter().map(|c| c.lease.step_uuid).collect();
+        let attempts: Vec<i32> = items.iter().map(|c| c.lease.attempt).collect();
+        let tokens: Vec<Uuid> = items.iter().map(|c| c.lease.lease_token).collect();
         let results: Vec<Value> = items.iter().map(|c| c.results.clone()).collect();
+        let sizes: Vec<i32> = items.iter().map(|c| results_bytes(&c.results)).collect();
         let traces: Vec<Option<String>> = items.iter().map(|c| c.traceparent.clone()).collect();
         let rows: Vec<(i32, String)> = sqlx::query_as(
-            "SELECT idx, outcome FROM tasker.complete_steps($1, $2, $3, $4, $5, $6)",
+            "SELECT idx, outcome FROM tasker.complete_steps($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&steps)
         .bind(&attempts)
+        .bind(&tokens)
         .bind(&results)
+        .bind(&sizes)
         .bind(&traces)
         .bind(serde_json::json!({"batched": items.len()}))
         .bind(self.parent_results_budget())
@@ -308,15 +388,15 @@ impl Store {
         .await?;
         let mut out: Vec<Result<(), StoreError>> = items
             .iter()
-            .map(|c| Err(StoreError::not_found(format!("step {}", c.step_uuid))))
+            .map(|c| Err(StoreError::not_found(format!("step {}", c.lease.step_uuid))))
             .collect();
         for (idx, outcome) in rows {
             let i = (idx - 1) as usize;
             out[i] = AttemptOutcome::parse("tasker.complete_steps", "completed", &outcome)
                 .and_then(|o| {
                     o.into_result_within(
-                        items[i].step_uuid,
-                        items[i].attempt,
+                        items[i].lease.step_uuid,
+                        items[i].lease.attempt,
                         self.limits.max_parent_results_bytes,
                     )
                 });
@@ -326,8 +406,7 @@ impl Store {
 
     pub async fn fail_step(
         &self,
-        step_uuid: Uuid,
-        attempt: i32,
+        lease: HeldLease,
         failure: &StepFailure,
         metadata: &Value,
         traceparent: Option<&str>,
@@ -335,17 +414,19 @@ impl Store {
         let (outcome, next): (String, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT f.outcome, f.next_retry_at
              FROM (SELECT set_config('tasker.traceparent', coalesce($7, ''), true)) tp,
-                  tasker.fail_step($1, $2, $3, $4, $5, $6) f",
+                  tasker.fail_step($1, $2, $8, $3, $4, $5, $6) f",
         )
-        .bind(step_uuid)
-        .bind(attempt)
+        .bind(lease.step_uuid)
+        .bind(lease.attempt)
         .bind(&failure.error)
         .bind(failure.retryable)
         .bind(failure.backoff_ms)
         .bind(metadata)
         .bind(traceparent)
+        .bind(lease.lease_token)
         .fetch_one(&self.pool)
         .await?;
+        let (step_uuid, attempt) = (lease.step_uuid, lease.attempt);
         match (outcome.as_str(), next) {
             ("retry_scheduled", Some(at)) => Ok(FailOutcome::RetryScheduled { next_retry_at: at }),
             ("failed", _) => Ok(FailOutcome::Failed),
@@ -360,19 +441,20 @@ impl Store {
 
     pub async fn extend_lease(
         &self,
-        step_uuid: Uuid,
-        attempt: i32,
+        lease: HeldLease,
         lease_ms: i64,
     ) -> Result<DateTime<Utc>, StoreError> {
-        let (outcome, until): (String, Option<DateTime<Utc>>) =
-            sqlx::query_as("SELECT outcome, lease_expires_at FROM tasker.extend_lease($1, $2, $3)")
-                .bind(step_uuid)
-                .bind(attempt)
-                .bind(lease_ms)
-                .fetch_one(&self.pool)
-                .await?;
+        let (outcome, until): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT outcome, lease_expires_at FROM tasker.extend_lease($1, $2, $3, $4)",
+        )
+        .bind(lease.step_uuid)
+        .bind(lease.attempt)
+        .bind(lease.lease_token)
+        .bind(lease_ms)
+        .fetch_one(&self.pool)
+        .await?;
         AttemptOutcome::parse("tasker.extend_lease", "extended", &outcome)?
-            .into_result(step_uuid, attempt)?;
+            .into_result(lease.step_uuid, lease.attempt)?;
         until
             .ok_or_else(|| StoreError::unexpected("tasker.extend_lease", "extended without a time"))
     }

@@ -353,17 +353,23 @@ impl Store {
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
         let outcome: String = sqlx::query_scalar(
-            "SELECT tasker.resolve_step_manually($1, $2, $3, $4) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
+            "SELECT tasker.resolve_step_manually($1, $2, $3, $6, $4, $7) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
         )
         .bind(step_uuid)
         .bind(reason)
         .bind(results)
         .bind(json!({"source": "manual"}))
         .bind(traceparent)
+        .bind(results.map(super::steps::results_bytes))
+        .bind(self.parent_results_budget())
         .fetch_one(&self.pool)
         .await?;
         match outcome.as_str() {
             "resolved" => Ok(()),
+            "parent_results_too_large" => Err(super::steps::parent_results_too_large(
+                step_uuid,
+                self.limits.max_parent_results_bytes,
+            )),
             "step_not_found" => Err(StoreError::not_found(format!("step {step_uuid}"))),
             "illegal_transition" => Err(StoreError::FailedPrecondition(format!(
                 "step {step_uuid} cannot be resolved manually from its current state"

@@ -46,13 +46,7 @@ pub async fn enqueue_and_lease(store: &Store, task: Uuid, namespace: &str) -> Ve
 
 pub async fn complete(store: &Store, leased: &LeasedStep) {
     store
-        .complete_step(
-            leased.step_uuid,
-            leased.attempt,
-            &json!({"by": leased.name}),
-            &json!({}),
-            None,
-        )
+        .complete_step(leased.held(), &json!({"by": leased.name}), &json!({}), None)
         .await
         .expect("complete");
 }
@@ -63,18 +57,17 @@ pub async fn in_error(store: &Store, mut spec: TaskSpec) -> (CreatedTask, Uuid) 
     spec.steps[0].max_attempts = 1;
     let namespace = spec.namespace.clone();
     let t = create(store, spec).await;
-    let first = enqueue_and_lease(store, t.task_uuid, &namespace).await[0].step_uuid;
+    let first = enqueue_and_lease(store, t.task_uuid, &namespace).await[0].held();
     store
         .fail_step(
             first,
-            1,
             &failure(json!({"message": "broken"}), false, 0),
             &json!({}),
             None,
         )
         .await
         .expect("fail for good");
-    (t, first)
+    (t, first.step_uuid)
 }
 
 /// Lease the named step (enqueueing first) and complete it.
@@ -261,13 +254,7 @@ pub async fn work_until_done_with(
             for s in &steps {
                 before_complete(s).await;
                 core.workers
-                    .complete(
-                        s.step_uuid,
-                        s.attempt,
-                        &json!({"by": s.name}),
-                        Some("test-worker"),
-                        None,
-                    )
+                    .complete(s.held(), &json!({"by": s.name}), Some("test-worker"), None)
                     .await
                     .expect("complete");
             }
@@ -564,6 +551,7 @@ pub async fn fail_for_good(workers: &mut Workers, step: &v1::LeasedStep, message
         .fail_step(v1::FailStepRequest {
             step_uuid: step.step_uuid.clone(),
             attempt: step.attempt,
+            lease_token: step.lease_token.clone(),
             error_message: message.into(),
             retryable: false,
             ..Default::default()
@@ -598,7 +586,32 @@ pub async fn complete_leased(workers: &mut Workers, step: &v1::LeasedStep) {
             step_uuid: step.step_uuid.clone(),
             attempt: step.attempt,
             results: None,
+            lease_token: step.lease_token.clone(),
         })
         .await
         .unwrap();
+}
+
+/// The fields a status's BadRequest details name, in order.
+pub fn field_violations(status: &tonic::Status) -> Vec<String> {
+    tonic_types::StatusExt::get_details_bad_request(status)
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// The reason of a status's ErrorInfo details (a refused report on an attempt says why).
+pub fn refusal_reason(status: &tonic::Status) -> Option<String> {
+    tonic_types::StatusExt::get_details_error_info(status).map(|i| {
+        assert_eq!(i.domain, "tasker.v1");
+        i.reason
+    })
+}
+
+/// A temporary directory other users can pass through (as a repository checkout is), so that
+/// an embedded cluster started in it by root runs there, not in a fallback directory.
+pub fn open_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }

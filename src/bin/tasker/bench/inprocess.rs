@@ -262,13 +262,7 @@ async fn chain_worker(
                 }
             }
             queue
-                .complete(
-                    step.step_uuid,
-                    step.attempt,
-                    &json!({"ok": true}),
-                    Some("bench"),
-                    None,
-                )
+                .complete(step.held(), &json!({"ok": true}), Some("bench"), None)
                 .await?;
             let done = Instant::now();
             if done >= window_start && done <= window_end {

@@ -96,7 +96,7 @@ pub async fn soak(
                     r = queue.fetch("soak", &id, 8, Duration::from_secs(1), Duration::from_secs(60)) => r?,
                 };
                 for s in steps {
-                    queue.complete(s.step_uuid, s.attempt, &json!({}), Some(&id), None).await?;
+                    queue.complete(s.held(), &json!({}), Some(&id), None).await?;
                     completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
