@@ -320,8 +320,10 @@ BEGIN
     END IF;
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt;
+    -- data_bytes: see 20261204000003
     UPDATE tasker.workflow_steps s
-    SET state = 'complete', results = coalesce(p_results, '{}'::jsonb), completed_at = clock_timestamp()
+    SET state = 'complete', results = coalesce(p_results, '{}'::jsonb), completed_at = clock_timestamp(),
+        data_bytes = s.data_bytes + p_results_bytes
     WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress' AND s.attempts = p_attempt;
     SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
     IF v_finished.ready_children > 0 AND v_finished.task_state IN ('pending', 'in_progress') THEN

@@ -101,9 +101,11 @@ BEGIN
     END IF;
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid;
     DELETE FROM tasker.ready_steps r WHERE r.step_uuid = p_step_uuid;
+    -- data_bytes: see 20261204000003
     UPDATE tasker.workflow_steps s
     SET state = 'resolved_manually', results = coalesce(p_results, s.results),
-        completed_at = clock_timestamp(), next_retry_at = NULL
+        completed_at = clock_timestamp(), next_retry_at = NULL,
+        data_bytes = s.data_bytes + CASE WHEN p_results IS NULL THEN 0 ELSE p_results_bytes END
     WHERE s.step_uuid = p_step_uuid;
     SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
     -- announce what is ready now: this step's children, and steps made ready while the task

@@ -374,6 +374,7 @@ impl TaskSpec {
                     s.max_attempts
                 },
                 retryable: s.retryable,
+                inputs_bytes: sent_bytes(&s.inputs),
                 inputs: s.inputs.clone(),
             })
             .collect();
@@ -382,11 +383,17 @@ impl TaskSpec {
             namespace: self.namespace,
             name: self.name,
             priority: self.priority,
+            context_bytes: sent_bytes(&self.context),
             context: self.context,
             idempotency_key: self.idempotency_key,
             steps,
         })
     }
+}
+
+/// Bytes a document takes as sent (what a response budget counts).
+fn sent_bytes(doc: &Value) -> i32 {
+    i32::try_from(crate::proto::struct_encoded_len(doc)).unwrap_or(i32::MAX)
 }
 
 fn check_name(name: &str, field: &str, push: &mut impl FnMut(String, String)) {

@@ -943,3 +943,119 @@ async fn bench_never_empties_a_named_database_unasked(pool: PgPool) {
     assert!(stderr.contains("--allow-emptying"), "{stderr}");
     assert_eq!(task_count(&pool).await, 1);
 }
+
+/// ListTasks and GetTask (with step data) read only the documents their response can carry:
+/// the page is cut to the response budget in the query, before any context, input or result
+/// is read. 40 tasks with 250 KB contexts: a page of 1,000 reads 5 of them for a 1 MiB
+/// response, not 40; the same for 12 steps with 250 KB inputs. Paging still shows each once.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn pages_read_only_the_documents_their_response_carries(pool: PgPool) {
+    let mut cfg = limits_config();
+    cfg.grpc.max_response_bytes = 1 << 20;
+    cfg.orchestration.workers.max_parent_results_bytes = 512 << 10;
+    let budget = cfg.grpc.max_response_bytes;
+    let server = TestServer::start(&pool, &cfg).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let big = || Some(blob_struct(250_000));
+    for i in 0..40 {
+        tasks
+            .create_task(v1::CreateTaskRequest {
+                namespace: "heavy".into(),
+                name: format!("t{i}"),
+                context: big(),
+                steps: vec![step_def("a", &[])],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let steps: Vec<v1::StepDefinition> = (0..12)
+        .map(|i| v1::StepDefinition {
+            inputs: big(),
+            ..step_def(&format!("s{i}"), &[])
+        })
+        .collect();
+    let wide = tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "heavy-steps".into(),
+            name: "wide".into(),
+            steps,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fit = budget / 250_000 + 1;
+
+    // what the store reads for one page
+    let store = tasker::internal::Store::new(pool.clone());
+    let query = tasker::internal::TaskListQuery {
+        namespace: Some("heavy".into()),
+        limit: 1001,
+        ..Default::default()
+    };
+    let (read, more) = store.list_tasks(&query, budget).await.unwrap();
+    assert!(
+        read.len() <= fit && more,
+        "a page read {} contexts of 250 KB for a {budget}-byte response",
+        read.len()
+    );
+    let task = uuid::Uuid::parse_str(&wide.task_uuid).unwrap();
+    let (read, more) = store
+        .get_steps(task, None, 1001, true, budget)
+        .await
+        .unwrap();
+    assert!(
+        read.len() <= fit && more,
+        "a page read the data of {} steps",
+        read.len()
+    );
+
+    // and paging through the API shows every task and every step once
+    let mut seen = std::collections::HashSet::new();
+    let mut token = String::new();
+    loop {
+        let page = tasks
+            .list_tasks(v1::ListTasksRequest {
+                namespace: "heavy".into(),
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!page.tasks.is_empty() && page.tasks.len() < fit);
+        for t in page.tasks {
+            assert!(seen.insert(t.task_uuid), "a task shown twice");
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 40);
+    let mut steps_seen = 0;
+    let mut token = String::new();
+    loop {
+        let page = tasks
+            .get_task(v1::GetTaskRequest {
+                task_uuid: wide.task_uuid.clone(),
+                include_step_data: true,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got = page.task.unwrap().steps;
+        assert!(got.iter().all(|s| s.inputs.is_some()));
+        steps_seen += got.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(steps_seen, 12);
+    server.stop().await;
+}

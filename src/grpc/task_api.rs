@@ -31,8 +31,9 @@ impl TaskApi {
         task: TaskRecord,
         page: StepPage,
     ) -> Result<(v1::Task, String), Status> {
-        // one more than the page, to know whether another follows
-        let mut steps = self
+        // one more than the page, to know whether another follows; with their data, only the
+        // steps whose data fit the response are read
+        let (mut steps, more) = self
             .ctx
             .store
             .get_steps(
@@ -40,9 +41,9 @@ impl TaskApi {
                 page.after,
                 i64::from(page.size) + 1,
                 page.with_data,
+                self.ctx.max_response_bytes,
             )
             .await?;
-        let more = steps.len() > page.size as usize;
         steps.truncate(page.size as usize);
         let mut message = task_to_proto(task);
         let mut used = prost::Message::encoded_len(&message) + RESPONSE_OVERHEAD;
@@ -357,8 +358,12 @@ impl v1::task_service_server::TaskService for TaskApi {
         request: Request<v1::ListTasksRequest>,
     ) -> Result<Response<v1::ListTasksResponse>, Status> {
         let list = TaskListRequest::parse(request.into_inner())?;
-        let mut found = self.ctx.store.list_tasks(&list.query).await?;
-        let more = found.len() > list.page_size;
+        // only the tasks whose contexts fit the response are read
+        let (mut found, more) = self
+            .ctx
+            .store
+            .list_tasks(&list.query, self.ctx.max_response_bytes)
+            .await?;
         found.truncate(list.page_size);
         let mut tasks = Vec::with_capacity(found.len());
         let mut used = RESPONSE_OVERHEAD;

@@ -74,7 +74,10 @@ fn is_final(state: &str) -> bool {
 pub async fn watch_task(ctx: &ApiContext, task_uuid: Uuid) -> Result<WatchStream, Status> {
     let watch = ctx.watches.watch(task_uuid);
     let (task, last) = ctx.store.task_with_last_transition(task_uuid).await?;
-    let steps = ctx.store.get_steps(task_uuid, None, STEPS, false).await?;
+    let (steps, _) = ctx
+        .store
+        .get_steps(task_uuid, None, STEPS, false, usize::MAX)
+        .await?;
     let done = is_final(&task.state);
     let mut looks = StepLooks::default();
     looks.changes(&steps);
@@ -173,8 +176,9 @@ impl Follower {
         let steps = self
             .ctx
             .store
-            .get_steps(self.task_uuid, None, STEPS, false)
-            .await?;
+            .get_steps(self.task_uuid, None, STEPS, false, usize::MAX)
+            .await?
+            .0;
         let transitions = self
             .ctx
             .store

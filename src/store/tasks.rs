@@ -49,6 +49,8 @@ pub struct NewTask {
     pub name: String,
     pub priority: i32,
     pub context: Value,
+    /// The context's size as sent (a response budget counts it before reading the context).
+    pub context_bytes: i32,
     pub idempotency_key: Option<String>,
     pub steps: Vec<NewStep>,
 }
@@ -64,6 +66,8 @@ pub struct NewStep {
     pub max_attempts: i32,
     pub retryable: bool,
     pub inputs: Value,
+    /// The inputs' size as sent.
+    pub inputs_bytes: i32,
 }
 
 /// What `create_task` returns: the task and its steps' uuids by name.
@@ -112,6 +116,18 @@ pub struct StepRecord {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
+/// Bytes a task takes in a response besides its context, at most (ids, names, key, times):
+/// what a page of tasks is cut by before their contexts are read.
+const TASK_ROW_BYTES: i64 = 768;
+
+/// A row of a page, and how many rows the page had before it was cut to its budget.
+#[derive(sqlx::FromRow)]
+struct Paged<T> {
+    #[sqlx(flatten)]
+    row: T,
+    page_rows: i64,
+}
+
 impl Store {
     /// Create a task and its DAG in one transaction; with an idempotency key already used in
     /// the namespace, return that task instead and write nothing. Steps come back in their
@@ -129,7 +145,7 @@ impl Store {
         let rows: Result<Vec<(Uuid, bool, String, Uuid)>, sqlx::Error> = sqlx::query_as(
             "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
              FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
-                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10) c",
+                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11) c",
         )
         .bind(task.task_uuid)
         .bind(&task.namespace)
@@ -141,6 +157,7 @@ impl Store {
         .bind(metadata)
         .bind(traceparent)
         .bind(self.limits.max_namespaces.map(|n| n as i32))
+        .bind(task.context_bytes)
         .fetch_all(conn.conn())
         .await;
         conn.release();
@@ -210,12 +227,33 @@ impl Store {
         .await?)
     }
 
-    /// A page of tasks matching `q`, in creation order (see [`TaskListQuery`]).
-    pub async fn list_tasks(&self, q: &TaskListQuery) -> Result<Vec<TaskRecord>, StoreError> {
-        let mut sql = sqlx::QueryBuilder::new(
-            "SELECT task_uuid, namespace, name, priority, state, context, idempotency_key, created_at, updated_at, completed_at
-             FROM tasker.tasks WHERE true",
-        );
+    /// A page of tasks matching `q`, in creation order (see [`TaskListQuery`]), cut in the
+    /// query to the first tasks whose contexts fit `budget` bytes as sent (at least one): only
+    /// the contexts of the tasks returned are read, whatever the page size. The tasks, and
+    /// whether more may follow (the page came back full, or was cut).
+    pub async fn list_tasks(
+        &self,
+        q: &TaskListQuery,
+        budget: usize,
+    ) -> Result<(Vec<TaskRecord>, bool), StoreError> {
+        let (beyond, direction) = if q.newest_first {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        let order = format!("created_at {direction}, task_uuid {direction}");
+        let mut sql = sqlx::QueryBuilder::new(format!(
+            "SELECT w.task_uuid, w.namespace, w.name, w.priority, w.state, w.context,
+                    w.idempotency_key, w.created_at, w.updated_at, w.completed_at, w.page_rows
+             FROM (SELECT p.*,
+                          sum(coalesce(p.context_bytes, octet_length(p.context::text)) + {TASK_ROW_BYTES})
+                              OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS upto,
+                          row_number() OVER (ORDER BY {order}) AS rn,
+                          count(*) OVER () AS page_rows
+                   FROM (SELECT task_uuid, namespace, name, priority, state, context, context_bytes,
+                                idempotency_key, created_at, updated_at, completed_at
+                         FROM tasker.tasks WHERE true"
+        ));
         if let Some(ns) = &q.namespace {
             sql.push(" AND namespace = ").push_bind(ns);
         }
@@ -237,11 +275,6 @@ impl Store {
         if let Some(t) = q.updated_before {
             sql.push(" AND updated_at < ").push_bind(t);
         }
-        let (beyond, direction) = if q.newest_first {
-            ("<", "DESC")
-        } else {
-            (">", "ASC")
-        };
         if let Some((created_at, task_uuid)) = q.after {
             sql.push(format_args!(" AND (created_at, task_uuid) {beyond} ("))
                 .push_bind(created_at)
@@ -249,46 +282,76 @@ impl Store {
                 .push_bind(task_uuid)
                 .push(")");
         }
-        sql.push(format_args!(
-            " ORDER BY created_at {direction}, task_uuid {direction} LIMIT "
-        ))
-        .push_bind(q.limit);
-        Ok(sql
-            .build_query_as::<TaskRecord>()
+        sql.push(format_args!(" ORDER BY {order} LIMIT "))
+            .push_bind(q.limit)
+            .push(") p) w WHERE w.rn = 1 OR w.upto <= ")
+            .push_bind(i64::try_from(budget).unwrap_or(i64::MAX))
+            .push(format_args!(" ORDER BY {order}"));
+        let rows = sql
+            .build_query_as::<Paged<TaskRecord>>()
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        let more = rows
+            .first()
+            .is_some_and(|r| r.page_rows >= q.limit || r.page_rows > rows.len() as i64);
+        Ok((rows.into_iter().map(|r| r.row).collect(), more))
     }
 
     /// Up to `limit` steps of a task after topological position `after`, in that order.
-    /// Without `with_data`, their inputs, results and last errors are not read.
+    /// Without `with_data`, their inputs, results and last errors are not read; with it, the
+    /// steps are cut in the query to the first whose data fit `budget` bytes as sent (at least
+    /// one), so only their data are read. The steps, and whether more may follow (the page
+    /// came back full, or was cut).
     pub async fn get_steps(
         &self,
         task_uuid: Uuid,
         after: Option<i32>,
         limit: i64,
         with_data: bool,
-    ) -> Result<Vec<StepRecord>, StoreError> {
-        Ok(sqlx::query_as::<_, StepRecord>(
-            "SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state, s.attempts, s.max_attempts,
-                    s.retryable, s.next_retry_at,
-                    CASE WHEN $4 THEN s.inputs END AS inputs,
-                    CASE WHEN $4 THEN s.results END AS results,
-                    CASE WHEN $4 THEN s.last_error END AS last_error,
+        budget: usize,
+    ) -> Result<(Vec<StepRecord>, bool), StoreError> {
+        let budget = if with_data {
+            i64::try_from(budget).unwrap_or(i64::MAX)
+        } else {
+            i64::MAX
+        };
+        let rows = sqlx::query_as::<_, Paged<StepRecord>>(
+            "SELECT w.step_uuid, w.task_uuid, w.name, w.position, w.state, w.attempts,
+                    w.max_attempts, w.retryable, w.next_retry_at,
+                    CASE WHEN $4 THEN w.inputs END AS inputs,
+                    CASE WHEN $4 THEN w.results END AS results,
+                    CASE WHEN $4 THEN w.last_error END AS last_error,
                     coalesce((SELECT array_agg(p.name ORDER BY p.name)
                               FROM tasker.step_edges e JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
-                              WHERE e.child_step_uuid = s.step_uuid), '{}') AS depends_on,
-                    s.created_at, s.enqueued_at, s.started_at, s.completed_at
-             FROM tasker.workflow_steps s
-             WHERE s.task_uuid = $1 AND s.position > coalesce($2, -1)
-             ORDER BY s.position
-             LIMIT $3",
+                              WHERE e.child_step_uuid = w.step_uuid), '{}') AS depends_on,
+                    w.created_at, w.enqueued_at, w.started_at, w.completed_at, w.page_rows
+             FROM (SELECT p.*,
+                          CASE WHEN $4 THEN
+                              sum(coalesce(p.data_bytes,
+                                           octet_length(p.inputs::text)
+                                           + coalesce(octet_length(p.results::text), 0)
+                                           + coalesce(octet_length(p.last_error::text), 0)))
+                                  OVER (ORDER BY p.position ROWS UNBOUNDED PRECEDING)
+                          ELSE 0 END AS upto,
+                          row_number() OVER (ORDER BY p.position) AS rn,
+                          count(*) OVER () AS page_rows
+                   FROM (SELECT s.* FROM tasker.workflow_steps s
+                         WHERE s.task_uuid = $1 AND s.position > coalesce($2, -1)
+                         ORDER BY s.position LIMIT $3) p) w
+             WHERE w.rn = 1 OR w.upto <= $5
+             ORDER BY w.position",
         )
         .bind(task_uuid)
         .bind(after)
         .bind(limit)
         .bind(with_data)
+        .bind(budget)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        let more = rows
+            .first()
+            .is_some_and(|r| r.page_rows >= limit || r.page_rows > rows.len() as i64);
+        Ok((rows.into_iter().map(|r| r.row).collect(), more))
     }
 
     /// Cancel a task and every step not yet finished; their queue messages are removed.
