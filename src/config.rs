@@ -148,8 +148,17 @@ pub mod defaults {
     pub const GRPC_MAX_FETCH_WAIT: Duration = Duration::from_millis(20_000);
     /// The largest response the server encodes: gRPC clients refuse bigger ones by default.
     pub const GRPC_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
-    /// Open connections at once; further ones are closed as soon as they are accepted.
+    /// Open connections at once. When every one is taken, the one idle longest (no call open)
+    /// is closed to admit a newcomer; only when all have a call open is the newcomer refused.
     pub const GRPC_MAX_CONNECTIONS: usize = 1_024;
+    /// Connections one peer address may hold: a quarter of the slots, so one host cannot take
+    /// them all.
+    pub const GRPC_MAX_CONNECTIONS_PER_PEER: usize = 256;
+    /// A connection with no call open this long is closed (clients reconnect on their next
+    /// call).
+    pub const GRPC_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Health Watch streams open at once (callers need no token for them).
+    pub const GRPC_MAX_HEALTH_WATCHES: usize = 1_024;
     /// HTTP/2 streams (calls) one connection may have open at once.
     pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 256;
     /// Requests one connection may have in the service at once.
@@ -431,6 +440,10 @@ pub struct GrpcConfig {
     pub max_fetch_wait: Duration,
     pub max_response_bytes: usize,
     pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    #[serde(rename = "idle_timeout_seconds", with = "seconds")]
+    pub idle_timeout: Duration,
+    pub max_health_watches: usize,
     pub max_concurrent_streams: u32,
     pub concurrency_per_connection: usize,
     #[serde(rename = "http2_keepalive_interval_seconds", with = "seconds")]
@@ -456,6 +469,9 @@ impl Default for GrpcConfig {
             max_fetch_wait: defaults::GRPC_MAX_FETCH_WAIT,
             max_response_bytes: defaults::GRPC_MAX_RESPONSE_BYTES,
             max_connections: defaults::GRPC_MAX_CONNECTIONS,
+            max_connections_per_peer: defaults::GRPC_MAX_CONNECTIONS_PER_PEER,
+            idle_timeout: defaults::GRPC_IDLE_TIMEOUT,
+            max_health_watches: defaults::GRPC_MAX_HEALTH_WATCHES,
             max_concurrent_streams: defaults::GRPC_MAX_CONCURRENT_STREAMS,
             concurrency_per_connection: defaults::GRPC_CONCURRENCY_PER_CONNECTION,
             http2_keepalive_interval: defaults::GRPC_HTTP2_KEEPALIVE_INTERVAL,
@@ -1128,6 +1144,24 @@ impl TaskerConfig {
         range(
             "grpc.max_connections",
             g.max_connections as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "grpc.max_connections_per_peer",
+            g.max_connections_per_peer as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "grpc.idle_timeout_seconds",
+            g.idle_timeout.as_secs(),
+            1,
+            DAY_S,
+        );
+        range(
+            "grpc.max_health_watches",
+            g.max_health_watches as u64,
             1,
             1_000_000,
         );

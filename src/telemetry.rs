@@ -8,7 +8,8 @@
 //!   meter provider. `OTEL_SERVICE_NAME` and `OTEL_TRACES_SAMPLER` are honoured. Resource
 //!   attributes: service name and version, an instance id, the deployment mode at start.
 //!   [`TelemetryGuard::shutdown`] flushes both on exit.
-//! - W3C trace context in and out: [`grpc_request_span`] continues a caller's `traceparent`;
+//! - W3C trace context in and out: [`context_from_traceparent`] continues a caller's `traceparent`
+//!   (the gRPC server's request span uses it);
 //!   [`current_traceparent`] renders the current span's context for the database (it rides in
 //!   the NOTIFY payload); [`context_from_traceparent`] turns it back into a parent.
 //!
@@ -216,39 +217,6 @@ pub fn context_from_traceparent(
     }
     let cx = TraceContextPropagator::new().extract(&carrier);
     cx.span().span_context().is_valid().then_some(cx)
-}
-
-/// The server span of one gRPC request, continuing the caller's trace when its metadata
-/// carries a `traceparent`.
-pub fn grpc_request_span(req: &http::Request<()>) -> tracing::Span {
-    let path = req.uri().path();
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
-    let peer = req
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let span = tracing::info_span!(
-        "grpc.request",
-        otel.name = %path.trim_start_matches('/'),
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.service = %service,
-        rpc.method = %method,
-        net.peer = %peer,
-        rpc.grpc.status_code = tracing::field::Empty,
-    );
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    if let Some(tp) = header("traceparent") {
-        if let Some(cx) = context_from_traceparent(tp, header("tracestate")) {
-            let _ = span.set_parent(cx);
-        }
-    }
-    span
 }
 
 struct GrpcInstruments {

@@ -1,7 +1,8 @@
-//! Accepting connections under limits, before tonic sees them: a cap on open connections,
-//! TCP no-delay and keepalive, and a deadline by which a new connection must have finished
-//! its TLS handshake and sent the HTTP/2 preface. A socket that never speaks is closed at the
-//! deadline instead of being held forever.
+//! Accepting connections under limits, before tonic sees them: the slots of `connections`
+//! (a cap on open connections, per peer too, with the idlest giving way to a newcomer), TCP
+//! no-delay and keepalive, and a deadline by which a new connection must have finished its TLS
+//! handshake and sent the HTTP/2 preface. A socket that never speaks is closed at the deadline
+//! instead of being held forever; a connection the registry closes reads end-of-stream.
 //!
 //! TLS is done here (tokio-rustls) rather than by tonic so that the preface deadline applies
 //! to the decrypted stream: a client that completes the handshake and then idles is closed
@@ -19,11 +20,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use super::connections::{ConnectionActivity, ConnectionInfo, Connections, Refusal};
 
 /// The HTTP/2 client preface is 24 bytes; a connection has not started until it has sent them.
 const PREFACE_BYTES: u64 = 24;
@@ -31,7 +35,7 @@ const PREFACE_BYTES: u64 = 24;
 /// What an accepted connection must live up to.
 #[derive(Clone)]
 pub struct AcceptPolicy {
-    pub max_connections: usize,
+    pub connections: Connections,
     pub handshake_timeout: Duration,
     pub tcp_keepalive: Duration,
     pub tls: Option<TlsAcceptor>,
@@ -67,7 +71,6 @@ pub fn incoming(
 ) -> impl tokio_stream::Stream<Item = io::Result<Connection>> {
     let (tx, rx) = mpsc::channel::<io::Result<Connection>>(64);
     tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(policy.max_connections));
         let mut refused_since_log = 0u64;
         loop {
             let accepted = tokio::select! {
@@ -83,18 +86,25 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                // closed at once: a client at the cap gets a reset, not a hang
-                drop(tcp);
-                refused_since_log += 1;
-                if refused_since_log == 1 || refused_since_log.is_multiple_of(1000) {
-                    tracing::warn!(
-                        max_connections = policy.max_connections,
-                        refused = refused_since_log,
-                        "connection refused: grpc.max_connections reached"
-                    );
+            let slot = match policy.connections.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    // closed at once: a client at the cap gets a reset, not a hang
+                    drop(tcp);
+                    refused_since_log += 1;
+                    if refused_since_log == 1 || refused_since_log.is_multiple_of(1000) {
+                        let why = match refusal {
+                            Refusal::PerPeer => {
+                                "grpc.max_connections_per_peer reached for this peer"
+                            }
+                            Refusal::Full => {
+                                "grpc.max_connections reached, every connection with a call open"
+                            }
+                        };
+                        tracing::warn!(%peer, refused = refused_since_log, "connection refused: {why}");
+                    }
+                    continue;
                 }
-                continue;
             };
             refused_since_log = 0;
             let policy = policy.clone();
@@ -119,30 +129,34 @@ enum Io {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// An accepted connection: it holds its slot under the cap until it closes, and errors its
-/// reads if the HTTP/2 preface has not arrived by the deadline.
+/// An accepted connection: it holds its slot in the registry until it closes, errors its
+/// reads if the HTTP/2 preface has not arrived by the deadline, and reads end-of-stream once
+/// the registry closes it.
 pub struct Connection {
     io: Io,
-    info: TcpConnectInfo,
+    info: ConnectionInfo,
     preface_read: u64,
     preface_deadline: Pin<Box<Sleep>>,
-    _slot: OwnedSemaphorePermit,
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Connection {
     async fn establish(
         tcp: TcpStream,
         peer: SocketAddr,
-        slot: OwnedSemaphorePermit,
+        slot: Arc<ConnectionActivity>,
         policy: &AcceptPolicy,
     ) -> io::Result<Self> {
         let deadline = tokio::time::Instant::now() + policy.handshake_timeout;
         tcp.set_nodelay(true)?;
         socket2::SockRef::from(&tcp)
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(policy.tcp_keepalive))?;
-        let info = TcpConnectInfo {
-            local_addr: tcp.local_addr().ok(),
-            remote_addr: Some(peer),
+        let info = ConnectionInfo {
+            tcp: TcpConnectInfo {
+                local_addr: tcp.local_addr().ok(),
+                remote_addr: Some(peer),
+            },
+            activity: slot,
         };
         let io = match &policy.tls {
             None => Io::Plain(tcp),
@@ -155,18 +169,19 @@ impl Connection {
                 Io::Tls(Box::new(tls))
             }
         };
+        let closed = Box::pin(info.activity.closed.clone().cancelled_owned());
         Ok(Self {
             io,
             info,
             preface_read: 0,
             preface_deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            _slot: slot,
+            closed,
         })
     }
 }
 
 impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.info.clone()
@@ -180,6 +195,10 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.closed.as_mut().poll(cx).is_ready() {
+            // closed by the registry (idle, or giving way to a newcomer): end of stream
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),

@@ -15,6 +15,7 @@
 mod accept;
 mod admin_api;
 pub mod auth;
+pub mod connections;
 mod context;
 pub mod convert;
 pub mod error;
@@ -127,8 +128,16 @@ impl GrpcServer {
             (Some(cert), Some(key)) => Some(accept::tls_acceptor(cert, key)?),
             _ => None,
         };
-        let policy = accept::AcceptPolicy {
+        let connections = connections::Connections::new(connections::ConnectionLimits {
             max_connections: cfg.max_connections,
+            max_per_peer: cfg.max_connections_per_peer,
+            idle_timeout: cfg.idle_timeout,
+        });
+        let stop_sweep = tokio_util::sync::CancellationToken::new();
+        let _stop_sweep_on_exit = stop_sweep.clone().drop_guard();
+        tokio::spawn(connections.clone().sweep_idle(stop_sweep));
+        let policy = accept::AcceptPolicy {
+            connections,
             handshake_timeout: cfg.handshake_timeout,
             tcp_keepalive: cfg.tcp_keepalive,
             tls,
@@ -140,8 +149,9 @@ impl GrpcServer {
             .http2_keepalive_interval(Some(cfg.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(cfg.http2_keepalive_timeout))
             .timeout(cfg.request_timeout)
-            .trace_fn(crate::telemetry::grpc_request_span)
+            .trace_fn(request_span)
             .layer(crate::telemetry::GrpcStatusLayer)
+            .layer(connections::CallAccounting::new(cfg.max_health_watches))
             .layer(auth::AuthLayer::new(auth))
             .add_service(self.health_service)
             .add_service(reflection_v1)
@@ -191,4 +201,38 @@ impl GrpcServer {
             }
         }
     }
+}
+
+/// The server span of one gRPC request, continuing the caller's trace when its metadata
+/// carries a `traceparent`.
+fn request_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let path = req.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let peer = req
+        .extensions()
+        .get::<connections::ConnectionInfo>()
+        .and_then(|i| i.peer())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "grpc.request",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        net.peer = %peer,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(tp) = header("traceparent") {
+        if let Some(cx) = crate::telemetry::context_from_traceparent(tp, header("tracestate")) {
+            let _ = span.set_parent(cx);
+        }
+    }
+    span
 }
