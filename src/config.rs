@@ -170,6 +170,10 @@ pub mod defaults {
     pub const GRPC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// FetchSteps calls waiting at once, over all namespaces; beyond it, RESOURCE_EXHAUSTED.
     pub const MAX_PARKED_FETCHES: usize = 1_024;
+    /// ... in one namespace: a namespace can take a quarter of them, not all.
+    pub const MAX_PARKED_FETCHES_PER_NAMESPACE: usize = 256;
+    /// ... from one caller (token, or peer address without tokens).
+    pub const MAX_PARKED_FETCHES_PER_CALLER: usize = 256;
     /// The results of a step's parents, together, that the step can be given when it is
     /// leased; a completion that would take a child past it is refused.
     pub const MAX_PARENT_RESULTS_BYTES: usize = 1024 * 1024;
@@ -294,6 +298,10 @@ pub struct WorkersConfig {
     pub fetch_recheck_interval: Duration,
     /// FetchSteps calls waiting at once (all namespaces); beyond it, RESOURCE_EXHAUSTED.
     pub max_parked_fetches: usize,
+    /// ... in one namespace.
+    pub max_parked_fetches_per_namespace: usize,
+    /// ... from one caller: a token, or a peer address when no tokens are configured.
+    pub max_parked_fetches_per_caller: usize,
     /// Bytes of parent results one step can be given (the sum over its parents).
     pub max_parent_results_bytes: usize,
 }
@@ -303,6 +311,8 @@ impl Default for WorkersConfig {
         Self {
             fetch_recheck_interval: defaults::FETCH_RECHECK_INTERVAL,
             max_parked_fetches: defaults::MAX_PARKED_FETCHES,
+            max_parked_fetches_per_namespace: defaults::MAX_PARKED_FETCHES_PER_NAMESPACE,
+            max_parked_fetches_per_caller: defaults::MAX_PARKED_FETCHES_PER_CALLER,
             max_parent_results_bytes: defaults::MAX_PARENT_RESULTS_BYTES,
         }
     }
@@ -1126,6 +1136,18 @@ impl TaskerConfig {
         range(
             "orchestration.workers.max_parked_fetches",
             wk.max_parked_fetches as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "orchestration.workers.max_parked_fetches_per_namespace",
+            wk.max_parked_fetches_per_namespace as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "orchestration.workers.max_parked_fetches_per_caller",
+            wk.max_parked_fetches_per_caller as u64,
             1,
             1_000_000,
         );

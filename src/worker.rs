@@ -8,7 +8,8 @@
 //! its own. The hand-off is in-process: a step enqueued by another instance is found by the
 //! periodic re-read, `orchestration.workers.fetch_recheck_interval_ms`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -76,40 +77,132 @@ pub struct WorkerQueue {
     batcher: Option<CompletionBatcher>,
     recheck: Duration,
     /// Fetches parked waiting for a step, for status, limits and tests.
-    parked: Arc<watch::Sender<usize>>,
-    max_parked: usize,
+    parking: Arc<Parking>,
     /// Set when the core shuts down: every worker call answers `ShuttingDown` (UNAVAILABLE:
     /// retry on another instance) and parked fetches return.
     stopped: CancellationToken,
 }
 
-/// Counts a fetch as parked while it lives.
-struct Parked(Arc<watch::Sender<usize>>);
+/// A long-poll for steps.
+pub struct Fetch<'a> {
+    pub namespace: &'a str,
+    pub worker_id: &'a str,
+    /// Who asks (a token's name, or a peer's address): parked fetches are capped per caller.
+    pub caller: &'a str,
+    /// Steps leased at most.
+    pub max: i32,
+    /// How long to wait for the first step.
+    pub wait: Duration,
+    pub lease: Duration,
+}
 
-impl Parked {
-    /// A parking slot, if fewer than `max` fetches hold one.
-    fn try_new(counter: &Arc<watch::Sender<usize>>, max: usize) -> Option<Self> {
-        let mut got = false;
-        counter.send_if_modified(|n| {
-            got = *n < max;
-            if got {
+/// The fetches parked now, counted overall (published, for status and tests), per namespace
+/// and per caller, each count capped: one caller, or one namespace, cannot take every place
+/// and block long-polling everywhere else.
+struct Parking {
+    total: Arc<watch::Sender<usize>>,
+    counts: Mutex<ParkingCounts>,
+    limits: ParkingLimits,
+}
+
+#[derive(Default)]
+struct ParkingCounts {
+    per_namespace: HashMap<String, usize>,
+    per_caller: HashMap<String, usize>,
+}
+
+#[derive(Clone, Copy)]
+struct ParkingLimits {
+    total: usize,
+    per_namespace: usize,
+    per_caller: usize,
+}
+
+impl Parking {
+    /// A place for a fetch of `caller` on `namespace`, or why there is none.
+    fn park(self: &Arc<Self>, namespace: &str, caller: &str) -> Result<Parked, StoreError> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let in_namespace = counts.per_namespace.get(namespace).copied().unwrap_or(0);
+        let of_caller = counts.per_caller.get(caller).copied().unwrap_or(0);
+        let full = |n: usize, key: &str| {
+            StoreError::ResourceExhausted(format!(
+                "{n} FetchSteps calls are waiting already ({key}); retry later"
+            ))
+        };
+        if in_namespace >= self.limits.per_namespace {
+            return Err(full(
+                in_namespace,
+                &format!(
+                    "in namespace {namespace:?}: orchestration.workers.max_parked_fetches_per_namespace"
+                ),
+            ));
+        }
+        if of_caller >= self.limits.per_caller {
+            return Err(full(
+                of_caller,
+                "from this caller: orchestration.workers.max_parked_fetches_per_caller",
+            ));
+        }
+        let mut taken = false;
+        self.total.send_if_modified(|n| {
+            taken = *n < self.limits.total;
+            if taken {
                 *n += 1;
             }
-            got
+            taken
         });
-        got.then(|| Self(counter.clone()))
+        if !taken {
+            return Err(full(
+                self.limits.total,
+                "orchestration.workers.max_parked_fetches",
+            ));
+        }
+        *counts
+            .per_namespace
+            .entry(namespace.to_string())
+            .or_default() += 1;
+        *counts.per_caller.entry(caller.to_string()).or_default() += 1;
+        Ok(Parked {
+            parking: self.clone(),
+            namespace: namespace.to_string(),
+            caller: caller.to_string(),
+        })
+    }
+}
+
+/// Counts a fetch as parked while it lives.
+struct Parked {
+    parking: Arc<Parking>,
+    namespace: String,
+    caller: String,
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        let mut counts = self
+            .parking
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let ParkingCounts {
+            per_namespace,
+            per_caller,
+        } = &mut *counts;
+        for (map, key) in [(per_namespace, &self.namespace), (per_caller, &self.caller)] {
+            if let Some(n) = map.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+        self.parking.total.send_modify(|n| *n -= 1);
     }
 }
 
 /// An idle parked fetch re-reads the queue at the recheck interval, then at twice it, and so
 /// on up to this many times it: long idle waits cost few queries.
 const MAX_RECHECK_BACKOFF: u32 = 8;
-
-impl Drop for Parked {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
-    }
-}
 
 impl WorkerQueue {
     pub fn new(
@@ -129,8 +222,15 @@ impl WorkerQueue {
             deadlines,
             batcher,
             recheck: cfg.workers.fetch_recheck_interval,
-            parked: Arc::new(watch::channel(0).0),
-            max_parked: cfg.workers.max_parked_fetches,
+            parking: Arc::new(Parking {
+                total: Arc::new(watch::channel(0).0),
+                counts: Mutex::default(),
+                limits: ParkingLimits {
+                    total: cfg.workers.max_parked_fetches,
+                    per_namespace: cfg.workers.max_parked_fetches_per_namespace,
+                    per_caller: cfg.workers.max_parked_fetches_per_caller,
+                },
+            }),
             stopped: CancellationToken::new(),
         }
     }
@@ -152,10 +252,11 @@ impl WorkerQueue {
 
     /// How many fetches are parked waiting for a step right now.
     pub fn parked_fetches(&self) -> watch::Receiver<usize> {
-        self.parked.subscribe()
+        self.parking.total.subscribe()
     }
 
-    /// Lease up to `max` steps, waiting up to `wait` for the first to be enqueued.
+    /// Lease up to `max` steps, waiting up to `wait` for the first to be enqueued (the worker
+    /// counts as its own caller for the parking limits).
     pub async fn fetch(
         &self,
         namespace: &str,
@@ -164,28 +265,32 @@ impl WorkerQueue {
         wait: Duration,
         lease: Duration,
     ) -> Result<Vec<LeasedStep>, StoreError> {
-        self.fetch_until(
+        let request = Fetch {
             namespace,
             worker_id,
+            caller: worker_id,
             max,
             wait,
             lease,
-            std::future::pending(),
-        )
-        .await
+        };
+        self.fetch_until(request, std::future::pending()).await
     }
 
     /// [`WorkerQueue::fetch`], whose waiting (never a query in flight, so no lease is lost)
     /// also ends when `stop` resolves.
     pub async fn fetch_until(
         &self,
-        namespace: &str,
-        worker_id: &str,
-        max: i32,
-        wait: Duration,
-        lease: Duration,
+        request: Fetch<'_>,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<Vec<LeasedStep>, StoreError> {
+        let Fetch {
+            namespace,
+            worker_id,
+            caller,
+            max,
+            wait,
+            lease,
+        } = request;
         self.check_running()?;
         tokio::pin!(stop);
         let deadline = Instant::now() + wait;
@@ -216,12 +321,7 @@ impl WorkerQueue {
                 }
             };
             if slot.is_none() {
-                slot = Some(Parked::try_new(&self.parked, self.max_parked).ok_or_else(|| {
-                    StoreError::ResourceExhausted(format!(
-                        "{} FetchSteps calls are waiting already (orchestration.workers.max_parked_fetches); retry later",
-                        self.max_parked
-                    ))
-                })?);
+                slot = Some(self.parking.park(namespace, caller)?);
             }
             let now = Instant::now();
             let mut ticket = self.handoff.park(namespace, worker_id, max, lease_ms);

@@ -540,6 +540,99 @@ impl tonic::codec::Decoder for EmptyDecoder {
     }
 }
 
+/// One namespace or one caller cannot take every parked fetch: 1,024 long-polls in namespace
+/// `junk` used to make every long-poll in every other namespace fail. Beyond
+/// max_parked_fetches_per_namespace in a namespace, or max_parked_fetches_per_caller from one
+/// token, RESOURCE_EXHAUSTED naming the limit, while another token's fetch in another
+/// namespace still parks and receives its step.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn one_namespace_or_one_caller_cannot_take_every_parked_fetch(pool: PgPool) {
+    use tasker::config::{hash_token, TokenConfig};
+    let mut cfg = limits_config();
+    cfg.orchestration.workers.max_parked_fetches = 8;
+    cfg.orchestration.workers.max_parked_fetches_per_namespace = 3;
+    cfg.orchestration.workers.max_parked_fetches_per_caller = 4;
+    for name in ["junk", "work"] {
+        cfg.grpc.auth.tokens.push(TokenConfig {
+            name: name.into(),
+            sha256: hash_token(&format!("{name}-secret")),
+            scopes: vec!["read".into(), "write".into()],
+        });
+    }
+    let server = TestServer::start(&pool, &cfg).await;
+    let channel = server.channel().await;
+    let as_token = |token: &str, namespace: &str| {
+        let mut r = tonic::Request::new(fetch_request(namespace, 1, 15_000, 30));
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}-secret").parse().unwrap(),
+        );
+        r
+    };
+    let mut parked = server.core.workers.parked_fetches();
+    let park = |token: &'static str, namespace: &'static str| {
+        let mut workers = Workers::new(channel.clone());
+        let r = as_token(token, namespace);
+        tokio::spawn(async move { workers.fetch_steps(r).await })
+    };
+    let mut waiting = Vec::new();
+    for (i, ns) in ["junk", "junk", "junk", "junk-2"].into_iter().enumerate() {
+        waiting.push(park("junk", ns));
+        tokio::time::timeout(WAIT, parked.wait_for(|n| *n == i + 1))
+            .await
+            .expect("parked")
+            .unwrap();
+    }
+    let mut workers = Workers::new(channel.clone());
+    let full_namespace = workers
+        .fetch_steps(as_token("work", "junk"))
+        .await
+        .unwrap_err();
+    assert_eq!(full_namespace.code(), Code::ResourceExhausted);
+    assert!(
+        full_namespace
+            .message()
+            .contains("max_parked_fetches_per_namespace"),
+        "{full_namespace:?}"
+    );
+    let full_caller = workers
+        .fetch_steps(as_token("junk", "junk-3"))
+        .await
+        .unwrap_err();
+    assert_eq!(full_caller.code(), Code::ResourceExhausted);
+    assert!(
+        full_caller
+            .message()
+            .contains("max_parked_fetches_per_caller"),
+        "{full_caller:?}"
+    );
+    // another caller in another namespace still parks, and gets its step
+    let work = park("work", "work");
+    tokio::time::timeout(WAIT, parked.wait_for(|n| *n == 5))
+        .await
+        .expect("the other caller parked")
+        .unwrap();
+    let mut create = tonic::Request::new(two_steps("work", "t"));
+    create
+        .metadata_mut()
+        .insert("authorization", "Bearer work-secret".parse().unwrap());
+    Tasks::new(channel.clone())
+        .create_task(create)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, work)
+        .await
+        .expect("the parked fetch was answered")
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.steps.len(), 1);
+    for w in waiting {
+        w.abort();
+    }
+    server.stop().await;
+}
+
 async fn send_raw(channel: &Channel, path: &'static str, body: Vec<u8>) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.unwrap();

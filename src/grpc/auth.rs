@@ -159,6 +159,23 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Who a request comes from, for the limits kept per caller (parked fetches, watch streams):
+/// the name of its token when tokens are configured, otherwise its peer's address. Every
+/// request that passed authentication carries it in its extensions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Caller(pub String);
+
+impl Caller {
+    /// The caller of a request (one the auth layer did not see, in tests: anonymous).
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(|| Caller("anonymous".into()))
+    }
+}
+
 /// The tower layer applying an [`Authenticator`] to every request.
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -202,9 +219,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
         match self.auth.check(req.uri().path(), req.headers()) {
-            Ok(_) => Box::pin(self.inner.call(req)),
+            Ok(token) => {
+                let caller = match token {
+                    Some(name) => format!("token {name}"),
+                    None => req
+                        .extensions()
+                        .get::<super::connections::ConnectionInfo>()
+                        .and_then(|c| c.peer())
+                        .map_or_else(|| "anonymous".into(), |p| format!("peer {}", p.ip())),
+                };
+                req.extensions_mut().insert(Caller(caller));
+                Box::pin(self.inner.call(req))
+            }
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }
     }

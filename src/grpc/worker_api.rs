@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::context::ApiContext;
 use super::convert::{self, bounded, repeated_entry_len, uuid};
 use super::error::{invalid, Violations};
@@ -13,7 +14,7 @@ use crate::namespaces::namespace_name_problem;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
 use crate::store::{FailOutcome, HeldLease, LeasedStep, StepFailure};
-use crate::worker::CompleteOutcome;
+use crate::worker::{CompleteOutcome, Fetch};
 use uuid::Uuid;
 
 const MAX_STEPS_PER_FETCH: i64 = 100;
@@ -70,6 +71,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         &self,
         request: Request<v1::FetchStepsRequest>,
     ) -> Result<Response<v1::FetchStepsResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         if let Some(p) = namespace_name_problem(&r.namespace) {
             return Err(invalid("namespace", p));
@@ -103,11 +105,14 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             .ctx
             .workers
             .fetch_until(
-                &r.namespace,
-                &r.worker_id,
-                max as i32,
-                Duration::from_millis(r.wait_ms as u64),
-                Duration::from_secs(lease as u64),
+                Fetch {
+                    namespace: &r.namespace,
+                    worker_id: &r.worker_id,
+                    caller: &caller.0,
+                    max: max as i32,
+                    wait: Duration::from_millis(r.wait_ms as u64),
+                    lease: Duration::from_secs(lease as u64),
+                },
                 self.ctx.drained(),
             )
             .await?;
