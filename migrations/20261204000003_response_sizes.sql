@@ -16,13 +16,15 @@ ALTER TABLE tasker.tasks ADD COLUMN context_bytes integer;
 ALTER TABLE tasker.workflow_steps ADD COLUMN data_bytes integer;
 
 -- The baseline's create_task, with the context's size as sent (p_context_bytes; NULL: not
--- measured, as a replica of the previous release calls it) and each step's inputs' size
--- ("inputs_bytes" in p_steps).
+-- measured, as a replica of the previous release calls it), each step's inputs' size
+-- ("inputs_bytes" in p_steps), and whether a namespace not seen before is created
+-- (p_create_namespace; false: refused with TK006, see 20261204000004).
 DROP FUNCTION tasker.create_task(uuid, text, text, integer, jsonb, text, jsonb, jsonb, integer);
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
-    p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL
+    p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL,
+    p_create_namespace boolean DEFAULT true
 )
 RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
 LANGUAGE plpgsql AS $$
@@ -33,6 +35,10 @@ BEGIN
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     -- a new namespace only: the name checks run when it is created, not for every task
     IF NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = p_namespace) THEN
+        IF NOT p_create_namespace THEN
+            -- the message is the name: the service words the error
+            RAISE EXCEPTION '%', p_namespace USING ERRCODE = 'TK006';
+        END IF;
         IF p_max_namespaces IS NOT NULL THEN
             -- creations of namespaces queue here, so that concurrent ones cannot overshoot
             -- the cap; they are rare (the first task of each namespace)

@@ -419,9 +419,11 @@ pub struct DatabaseConfig {
     /// true: `url` must be set; no fallback to a local server or an embedded cluster.
     pub require_url: bool,
     pub embedded_data_dir: PathBuf,
-    /// Namespaces the database may hold: each costs LISTEN channels and a catch-up sweep, and
-    /// CreateTask creates one on first use. Beyond it, RESOURCE_EXHAUSTED.
+    /// Namespaces the database may hold. Beyond it, RESOURCE_EXHAUSTED.
     pub max_namespaces: u32,
+    /// true: the first CreateTask in a namespace creates it. false: only an admin does
+    /// (AdminService.CreateNamespace).
+    pub create_namespaces_on_first_use: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -435,6 +437,7 @@ impl Default for DatabaseConfig {
             require_url: false,
             embedded_data_dir: PathBuf::from(defaults::EMBEDDED_DATA_DIR),
             max_namespaces: defaults::DATABASE_MAX_NAMESPACES,
+            create_namespaces_on_first_use: true,
         }
     }
 }

@@ -47,6 +47,7 @@ impl OrchestrationCore {
     pub fn start(store: Store, config: &TaskerConfig, metrics: Metrics) -> Self {
         let store = store.with_limits(StoreLimits {
             max_namespaces: Some(config.database.max_namespaces),
+            no_namespaces_on_first_use: !config.database.create_namespaces_on_first_use,
             max_parent_results_bytes: Some(
                 u32::try_from(config.orchestration.workers.max_parent_results_bytes)
                     .unwrap_or(u32::MAX),

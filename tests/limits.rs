@@ -690,6 +690,118 @@ async fn malformed_requests_are_invalid_arguments(pool: PgPool) {
 
 /// CreateTask creates a namespace on first use, up to database.max_namespaces; one more is
 /// RESOURCE_EXHAUSTED naming the limit and writes nothing, while existing namespaces go on.
+/// Namespaces have a lifecycle: with create_namespaces_on_first_use off (as in production) a
+/// write token cannot make namespaces (a CreateTask in an unknown one is NOT_FOUND, nothing
+/// written; CreateNamespace needs admin); an admin creates them within the cap and deletes an
+/// empty one, which frees its place; a namespace holding tasks is not deleted.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn namespaces_are_made_and_removed_by_an_admin(pool: PgPool) {
+    use tasker::config::{hash_token, TokenConfig};
+    let mut cfg = limits_config();
+    cfg.database.max_namespaces = 3;
+    cfg.database.create_namespaces_on_first_use = false;
+    for (name, scopes) in [("writer", vec!["write", "read"]), ("ops", vec!["admin"])] {
+        cfg.grpc.auth.tokens.push(TokenConfig {
+            name: name.into(),
+            sha256: hash_token(&format!("{name}-secret")),
+            scopes: scopes.into_iter().map(String::from).collect(),
+        });
+    }
+    let server = TestServer::start(&pool, &cfg).await;
+    let channel = server.channel().await;
+    fn as_token<T>(token: &str, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}-secret").parse().unwrap(),
+        );
+        r
+    }
+    let (mut tasks, mut admin) = (Tasks::new(channel.clone()), Admin::new(channel));
+    let e = tasks
+        .create_task(as_token("writer", two_steps("fresh", "t")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("\"fresh\""), "{e:?}");
+    assert_eq!(task_count(&pool).await, 0);
+    let create = |ns: &str| v1::CreateNamespaceRequest {
+        namespace: ns.into(),
+    };
+    let e = admin
+        .create_namespace(as_token("writer", create("fresh")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let made = admin
+        .create_namespace(as_token("ops", create("fresh")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(made.created && made.namespace.unwrap().namespace == "fresh");
+    let again = admin
+        .create_namespace(as_token("ops", create("fresh")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !again.created,
+        "creating an existing namespace changes nothing"
+    );
+    let e = admin
+        .create_namespace(as_token("ops", create("Not Valid")))
+        .await
+        .unwrap_err();
+    assert_eq!(field_violations(&e), ["namespace"]);
+    tasks
+        .create_task(as_token("writer", two_steps("fresh", "t")))
+        .await
+        .unwrap();
+    let delete = |ns: &str| v1::DeleteNamespaceRequest {
+        namespace: ns.into(),
+    };
+    let e = admin
+        .delete_namespace(as_token("ops", delete("fresh")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "it holds a task");
+    for ns in ["a", "b"] {
+        admin
+            .create_namespace(as_token("ops", create(ns)))
+            .await
+            .unwrap();
+    }
+    let e = admin
+        .create_namespace(as_token("ops", create("c")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    admin
+        .delete_namespace(as_token("ops", delete("a")))
+        .await
+        .unwrap();
+    let e = admin
+        .delete_namespace(as_token("ops", delete("a")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    admin
+        .create_namespace(as_token("ops", create("c")))
+        .await
+        .unwrap();
+    let listed: Vec<String> = admin
+        .list_namespaces(as_token("writer", v1::ListNamespacesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .namespaces
+        .into_iter()
+        .map(|n| n.namespace)
+        .collect();
+    assert_eq!(listed, ["fresh", "b", "c"]);
+    server.stop().await;
+}
+
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn namespaces_are_capped(pool: PgPool) {
     let mut cfg = limits_config();

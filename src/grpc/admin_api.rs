@@ -132,6 +132,68 @@ impl v1::admin_service_server::AdminService for AdminApi {
             replicas,
         }))
     }
+
+    async fn create_namespace(
+        &self,
+        request: Request<v1::CreateNamespaceRequest>,
+    ) -> Result<Response<v1::CreateNamespaceResponse>, Status> {
+        let r = request.into_inner();
+        let name = namespace_field(&r.namespace)?;
+        let created = self.ctx.store.create_namespace(name).await?;
+        let namespace = self
+            .ctx
+            .store
+            .namespace_records()
+            .await?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(namespace, at)| v1::Namespace {
+                namespace,
+                created_at: Some(proto::timestamp(at)),
+            });
+        Ok(Response::new(v1::CreateNamespaceResponse {
+            namespace,
+            created,
+        }))
+    }
+
+    async fn delete_namespace(
+        &self,
+        request: Request<v1::DeleteNamespaceRequest>,
+    ) -> Result<Response<v1::DeleteNamespaceResponse>, Status> {
+        let r = request.into_inner();
+        self.ctx
+            .store
+            .delete_namespace(namespace_field(&r.namespace)?)
+            .await?;
+        Ok(Response::new(v1::DeleteNamespaceResponse {}))
+    }
+
+    async fn list_namespaces(
+        &self,
+        _request: Request<v1::ListNamespacesRequest>,
+    ) -> Result<Response<v1::ListNamespacesResponse>, Status> {
+        let namespaces = self
+            .ctx
+            .store
+            .namespace_records()
+            .await?
+            .into_iter()
+            .map(|(namespace, at)| v1::Namespace {
+                namespace,
+                created_at: Some(proto::timestamp(at)),
+            })
+            .collect();
+        Ok(Response::new(v1::ListNamespacesResponse { namespaces }))
+    }
+}
+
+/// The namespace a request names, checked against the name rule.
+fn namespace_field(namespace: &str) -> Result<&str, Status> {
+    match crate::namespaces::namespace_name_problem(namespace) {
+        Some(p) => Err(invalid("namespace", p)),
+        None => Ok(namespace),
+    }
 }
 
 fn source_to_proto(s: ModeSource) -> v1::DeploymentModeSource {

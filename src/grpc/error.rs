@@ -88,6 +88,7 @@ pub fn store(e: StoreError) -> Status {
     match e {
         StoreError::InvalidArgument { field, message } => invalid(&field, message),
         StoreError::NotFound { what } => Status::not_found(format!("{what} not found")),
+        StoreError::Aborted(m) => Status::aborted(m),
         StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
         StoreError::Refused { refusal, message } => Status::with_error_details(
             Code::FailedPrecondition,

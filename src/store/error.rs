@@ -21,6 +21,10 @@ pub enum StoreError {
     },
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request met a concurrent change that undid its premise (a namespace deleted while
+    /// a task was created in it): retrying it decides anew.
+    #[error("{0}")]
+    Aborted(String),
     /// This instance is shutting down: try again (on another instance).
     #[error("the service is shutting down")]
     ShuttingDown,
@@ -81,6 +85,16 @@ impl From<sqlx::Error> for StoreError {
                 Some("TK003") => return Self::invalid("steps", message),
                 Some("TK004") => return Self::invalid("steps.depends_on", message),
                 Some("TK005") => return Self::ResourceExhausted(message),
+                Some("TK006") => {
+                    return Self::not_found(format!(
+                        "namespace {message:?} (an admin creates namespaces here: database.create_namespaces_on_first_use is off)"
+                    ))
+                }
+                Some("23503") if db.constraint() == Some("tasks_namespace_fkey") => {
+                    return Self::Aborted(
+                        "the namespace was deleted while the task was being created; retry".into(),
+                    )
+                }
                 Some("23503")
                     if matches!(
                         db.constraint(),

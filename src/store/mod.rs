@@ -47,6 +47,9 @@ use crate::config::DatabaseConfig;
 pub struct StoreLimits {
     /// Namespaces `create_task` may bring the database to (`database.max_namespaces`).
     pub max_namespaces: Option<u32>,
+    /// Whether `create_task` creates a namespace it does not know
+    /// (`database.create_namespaces_on_first_use`); refused when false.
+    pub no_namespaces_on_first_use: bool,
     /// Bytes of parent results a completion may give any child
     /// (`orchestration.workers.max_parent_results_bytes`).
     pub max_parent_results_bytes: Option<u32>,

@@ -145,7 +145,7 @@ impl Store {
         let rows: Result<Vec<(Uuid, bool, String, Uuid)>, sqlx::Error> = sqlx::query_as(
             "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
              FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
-                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11) c",
+                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12) c",
         )
         .bind(task.task_uuid)
         .bind(&task.namespace)
@@ -158,6 +158,7 @@ impl Store {
         .bind(traceparent)
         .bind(self.limits.max_namespaces.map(|n| n as i32))
         .bind(task.context_bytes)
+        .bind(!self.limits.no_namespaces_on_first_use)
         .fetch_all(conn.conn())
         .await;
         conn.release();
@@ -487,10 +488,51 @@ impl Store {
 
     /// Namespaces that exist, oldest first.
     pub async fn namespaces(&self) -> Result<Vec<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT name FROM tasker.namespaces ORDER BY created_at, name")
-                .fetch_all(&self.pool)
-                .await?,
+        Ok(self
+            .namespace_records()
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Namespaces that exist with their creation times, oldest first.
+    pub async fn namespace_records(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT name, created_at FROM tasker.namespaces ORDER BY created_at, name",
         )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Create a namespace (within `database.max_namespaces`): whether it was created now
+    /// (false: it existed).
+    pub async fn create_namespace(&self, name: &str) -> Result<bool, StoreError> {
+        let outcome: String = sqlx::query_scalar("SELECT tasker.create_namespace($1, $2)")
+            .bind(name)
+            .bind(self.limits.max_namespaces.map(|n| n as i32))
+            .fetch_one(&self.pool)
+            .await?;
+        match outcome.as_str() {
+            "created" => Ok(true),
+            "exists" => Ok(false),
+            other => Err(StoreError::unexpected("tasker.create_namespace", other)),
+        }
+    }
+
+    /// Delete a namespace that holds no task.
+    pub async fn delete_namespace(&self, name: &str) -> Result<(), StoreError> {
+        let outcome: String = sqlx::query_scalar("SELECT tasker.delete_namespace($1)")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        match outcome.as_str() {
+            "deleted" => Ok(()),
+            "not_found" => Err(StoreError::not_found(format!("namespace {name:?}"))),
+            "not_empty" => Err(StoreError::FailedPrecondition(format!(
+                "namespace {name:?} holds tasks: only an empty namespace can be deleted"
+            ))),
+            other => Err(StoreError::unexpected("tasker.delete_namespace", other)),
+        }
     }
 }

@@ -92,6 +92,21 @@ pub enum CtlCommand {
         #[command(subcommand)]
         action: TaskAction,
     },
+    /// Create, delete (when empty) or list namespaces.
+    Namespace {
+        #[command(subcommand)]
+        action: NamespaceAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NamespaceAction {
+    /// Create a namespace (admin scope); OK when it exists.
+    Create { namespace: String },
+    /// Delete a namespace that holds no task (admin scope).
+    Delete { namespace: String },
+    /// Every namespace, oldest first.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +359,38 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             print(
                 json!({ "previous": mode_name(r.previous), "current": mode_name(r.current), "source": source_name(r.source) }),
             );
+        }
+        CtlCommand::Namespace { action } => {
+            let mut admin = v1::admin_service_client::AdminServiceClient::new(svc);
+            let namespace = |n: v1::Namespace| json!({ "namespace": n.namespace, "created_at": ts(n.created_at) });
+            match action {
+                NamespaceAction::Create { namespace: name } => {
+                    let r = admin
+                        .create_namespace(v1::CreateNamespaceRequest { namespace: name })
+                        .await?
+                        .into_inner();
+                    let mut out = r.namespace.map(namespace).unwrap_or(Value::Null);
+                    out["created"] = Value::Bool(r.created);
+                    print(out);
+                }
+                NamespaceAction::Delete { namespace: name } => {
+                    admin
+                        .delete_namespace(v1::DeleteNamespaceRequest {
+                            namespace: name.clone(),
+                        })
+                        .await?;
+                    print(json!({ "namespace": name, "deleted": true }));
+                }
+                NamespaceAction::List => {
+                    let r = admin
+                        .list_namespaces(v1::ListNamespacesRequest {})
+                        .await?
+                        .into_inner();
+                    print(Value::Array(
+                        r.namespaces.into_iter().map(namespace).collect(),
+                    ));
+                }
+            }
         }
         CtlCommand::Status => {
             let r = v1::admin_service_client::AdminServiceClient::new(svc)
