@@ -159,6 +159,11 @@ pub mod defaults {
     pub const GRPC_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
     /// Health Watch streams open at once (callers need no token for them).
     pub const GRPC_MAX_HEALTH_WATCHES: usize = 1_024;
+    /// WatchTask streams open at once. Streams of one task share its reads; each costs a
+    /// snapshot when it opens and its messages.
+    pub const GRPC_MAX_WATCH_STREAMS: usize = 4_096;
+    /// ... from one caller (a token; without tokens, a peer address).
+    pub const GRPC_MAX_WATCH_STREAMS_PER_CALLER: usize = 512;
     /// HTTP/2 streams (calls) one connection may have open at once.
     pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 256;
     /// Requests one connection may have in the service at once.
@@ -457,6 +462,8 @@ pub struct GrpcConfig {
     #[serde(rename = "idle_timeout_seconds", with = "seconds")]
     pub idle_timeout: Duration,
     pub max_health_watches: usize,
+    pub max_watch_streams: usize,
+    pub max_watch_streams_per_caller: usize,
     pub max_concurrent_streams: u32,
     pub concurrency_per_connection: usize,
     #[serde(rename = "http2_keepalive_interval_seconds", with = "seconds")]
@@ -485,6 +492,8 @@ impl Default for GrpcConfig {
             max_connections_per_peer: defaults::GRPC_MAX_CONNECTIONS_PER_PEER,
             idle_timeout: defaults::GRPC_IDLE_TIMEOUT,
             max_health_watches: defaults::GRPC_MAX_HEALTH_WATCHES,
+            max_watch_streams: defaults::GRPC_MAX_WATCH_STREAMS,
+            max_watch_streams_per_caller: defaults::GRPC_MAX_WATCH_STREAMS_PER_CALLER,
             max_concurrent_streams: defaults::GRPC_MAX_CONCURRENT_STREAMS,
             concurrency_per_connection: defaults::GRPC_CONCURRENCY_PER_CONNECTION,
             http2_keepalive_interval: defaults::GRPC_HTTP2_KEEPALIVE_INTERVAL,
@@ -1187,6 +1196,18 @@ impl TaskerConfig {
         range(
             "grpc.max_health_watches",
             g.max_health_watches as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "grpc.max_watch_streams",
+            g.max_watch_streams as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "grpc.max_watch_streams_per_caller",
+            g.max_watch_streams_per_caller as u64,
             1,
             1_000_000,
         );

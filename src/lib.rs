@@ -20,6 +20,7 @@
 //!
 //! - `vocabulary`: the words every layer speaks (`TriggeredBy`, `EnqueueOutcome`)
 //! - `namespaces`: the namespace name rule, `NamespaceSelector`
+//! - `quota`: places for long-lived requests, capped in all and per key
 //! - `wakeups`: the in-process wake-ups (parked fetches, the deadline scheduler, sweeps)
 //! - `store`: the pool, migrations and every SQL statement, behind typed functions
 //! - `fleet`: the replica registry as this replica sees it; the claim split
@@ -64,6 +65,7 @@ mod metrics;
 mod namespaces;
 mod poller;
 pub mod proto;
+mod quota;
 mod store;
 pub mod telemetry;
 mod vocabulary;

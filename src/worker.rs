@@ -8,8 +8,7 @@
 //! its own. The hand-off is in-process: a step enqueued by another instance is found by the
 //! periodic re-read, `orchestration.workers.fetch_recheck_interval_ms`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -20,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::announce::StepAnnouncer;
 use crate::completions::CompletionBatcher;
 use crate::enqueue::{release_undelivered, StepHandoff};
+use crate::quota::{Limit, Place, Quota};
 use crate::store::{
     Completion, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Store, StoreError,
 };
@@ -76,8 +76,9 @@ pub struct WorkerQueue {
     /// `None`: every completion commits on its own (max_batch = 1).
     batcher: Option<CompletionBatcher>,
     recheck: Duration,
-    /// Fetches parked waiting for a step, for status, limits and tests.
-    parking: Arc<Parking>,
+    /// Fetches parked waiting for a step, in all, per namespace and per caller: one caller or
+    /// one namespace cannot take every place and block long-polling everywhere else.
+    parking: Arc<Quota>,
     /// Set when the core shuts down: every worker call answers `ShuttingDown` (UNAVAILABLE:
     /// retry on another instance) and parked fetches return.
     stopped: CancellationToken,
@@ -94,110 +95,6 @@ pub struct Fetch<'a> {
     /// How long to wait for the first step.
     pub wait: Duration,
     pub lease: Duration,
-}
-
-/// The fetches parked now, counted overall (published, for status and tests), per namespace
-/// and per caller, each count capped: one caller, or one namespace, cannot take every place
-/// and block long-polling everywhere else.
-struct Parking {
-    total: Arc<watch::Sender<usize>>,
-    counts: Mutex<ParkingCounts>,
-    limits: ParkingLimits,
-}
-
-#[derive(Default)]
-struct ParkingCounts {
-    per_namespace: HashMap<String, usize>,
-    per_caller: HashMap<String, usize>,
-}
-
-#[derive(Clone, Copy)]
-struct ParkingLimits {
-    total: usize,
-    per_namespace: usize,
-    per_caller: usize,
-}
-
-impl Parking {
-    /// A place for a fetch of `caller` on `namespace`, or why there is none.
-    fn park(self: &Arc<Self>, namespace: &str, caller: &str) -> Result<Parked, StoreError> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let in_namespace = counts.per_namespace.get(namespace).copied().unwrap_or(0);
-        let of_caller = counts.per_caller.get(caller).copied().unwrap_or(0);
-        let full = |n: usize, key: &str| {
-            StoreError::ResourceExhausted(format!(
-                "{n} FetchSteps calls are waiting already ({key}); retry later"
-            ))
-        };
-        if in_namespace >= self.limits.per_namespace {
-            return Err(full(
-                in_namespace,
-                &format!(
-                    "in namespace {namespace:?}: orchestration.workers.max_parked_fetches_per_namespace"
-                ),
-            ));
-        }
-        if of_caller >= self.limits.per_caller {
-            return Err(full(
-                of_caller,
-                "from this caller: orchestration.workers.max_parked_fetches_per_caller",
-            ));
-        }
-        let mut taken = false;
-        self.total.send_if_modified(|n| {
-            taken = *n < self.limits.total;
-            if taken {
-                *n += 1;
-            }
-            taken
-        });
-        if !taken {
-            return Err(full(
-                self.limits.total,
-                "orchestration.workers.max_parked_fetches",
-            ));
-        }
-        *counts
-            .per_namespace
-            .entry(namespace.to_string())
-            .or_default() += 1;
-        *counts.per_caller.entry(caller.to_string()).or_default() += 1;
-        Ok(Parked {
-            parking: self.clone(),
-            namespace: namespace.to_string(),
-            caller: caller.to_string(),
-        })
-    }
-}
-
-/// Counts a fetch as parked while it lives.
-struct Parked {
-    parking: Arc<Parking>,
-    namespace: String,
-    caller: String,
-}
-
-impl Drop for Parked {
-    fn drop(&mut self) {
-        let mut counts = self
-            .parking
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let ParkingCounts {
-            per_namespace,
-            per_caller,
-        } = &mut *counts;
-        for (map, key) in [(per_namespace, &self.namespace), (per_caller, &self.caller)] {
-            if let Some(n) = map.get_mut(key) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(key);
-                }
-            }
-        }
-        self.parking.total.send_modify(|n| *n -= 1);
-    }
 }
 
 /// An idle parked fetch re-reads the queue at the recheck interval, then at twice it, and so
@@ -222,15 +119,22 @@ impl WorkerQueue {
             deadlines,
             batcher,
             recheck: cfg.workers.fetch_recheck_interval,
-            parking: Arc::new(Parking {
-                total: Arc::new(watch::channel(0).0),
-                counts: Mutex::default(),
-                limits: ParkingLimits {
-                    total: cfg.workers.max_parked_fetches,
-                    per_namespace: cfg.workers.max_parked_fetches_per_namespace,
-                    per_caller: cfg.workers.max_parked_fetches_per_caller,
+            parking: Quota::new(
+                Limit {
+                    max: cfg.workers.max_parked_fetches,
+                    setting: "orchestration.workers.max_parked_fetches",
                 },
-            }),
+                &[
+                    Limit {
+                        max: cfg.workers.max_parked_fetches_per_namespace,
+                        setting: "orchestration.workers.max_parked_fetches_per_namespace",
+                    },
+                    Limit {
+                        max: cfg.workers.max_parked_fetches_per_caller,
+                        setting: "orchestration.workers.max_parked_fetches_per_caller",
+                    },
+                ],
+            ),
             stopped: CancellationToken::new(),
         }
     }
@@ -252,7 +156,7 @@ impl WorkerQueue {
 
     /// How many fetches are parked waiting for a step right now.
     pub fn parked_fetches(&self) -> watch::Receiver<usize> {
-        self.parking.total.subscribe()
+        self.parking.held()
     }
 
     /// Lease up to `max` steps, waiting up to `wait` for the first to be enqueued (the worker
@@ -296,7 +200,7 @@ impl WorkerQueue {
         let deadline = Instant::now() + wait;
         let lease_ms = lease.as_millis() as i64;
         // held from the first time this fetch parks until it returns
-        let mut slot: Option<Parked> = None;
+        let mut slot: Option<Place> = None;
         let mut recheck = self.recheck;
         loop {
             let epoch = match self.handoff.known_empty(namespace, self.recheck) {
@@ -321,7 +225,19 @@ impl WorkerQueue {
                 }
             };
             if slot.is_none() {
-                slot = Some(self.parking.park(namespace, caller)?);
+                slot = Some(self.parking.take(&[namespace, caller]).map_err(|full| {
+                    StoreError::ResourceExhausted(format!(
+                        "{} FetchSteps calls are waiting already{} ({}); retry later",
+                        full.count,
+                        match full.key {
+                            Some(_) if full.setting.ends_with("per_caller") =>
+                                " from this caller".to_string(),
+                            Some(key) => format!(" in namespace {key:?}"),
+                            None => String::new(),
+                        },
+                        full.setting
+                    ))
+                })?);
             }
             let now = Instant::now();
             let mut ticket = self.handoff.park(namespace, worker_id, max, lease_ms);

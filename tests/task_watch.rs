@@ -183,3 +183,189 @@ async fn watching_a_finished_task_sends_its_state_and_ends_and_bad_ones_are_refu
     assert_eq!(e.code(), Code::NotFound);
     server.stop().await;
 }
+
+/// The streams of one task share its reads: 300 streams on a 20-step chain are one feed, each
+/// stream sees every step complete and the task complete, and none waits on the others
+/// (4,096 streams each re-reading every step at every change slowed every hop ~200x).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn the_streams_of_one_task_share_one_feed(pool: PgPool) {
+    let mut cfg = test_config(DeploymentMode::Hybrid);
+    cfg.grpc.max_watch_streams_per_caller = 1000;
+    let server = TestServer::start(&pool, &cfg).await;
+    let ch = server.channel().await;
+    // a connection carries at most grpc.max_concurrent_streams (256) calls
+    let channels = [ch.clone(), server.channel().await];
+    let mut tasks = Tasks::new(ch.clone());
+    let steps: Vec<v1::StepDefinition> = (0..20)
+        .map(|i| {
+            let deps: Vec<String> = (i > 0).then(|| format!("s{}", i - 1)).into_iter().collect();
+            let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
+            step_def(&format!("s{i}"), &deps)
+        })
+        .collect();
+    let id = tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "shared".into(),
+            name: "chain".into(),
+            steps,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let mut streams = Vec::new();
+    for i in 0..300 {
+        // many streams per connection, as clients multiplex them
+        let mut t = Tasks::new(channels[i % 2].clone());
+        let stream = t
+            .watch_task(v1::WatchTaskRequest {
+                task_uuid: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(tokio::spawn(drain(stream)));
+    }
+    let status = Admin::new(ch.clone())
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((status.watch_streams, status.watched_tasks), (300, 1));
+    let mut w = Workers::new(ch.clone());
+    for _ in 0..20 {
+        let s = lease_one(&w, "shared").await;
+        complete_leased(&mut w, &s).await;
+    }
+    for s in streams {
+        let events = tokio::time::timeout(Duration::from_secs(30), s)
+            .await
+            .expect("every stream ends with its task")
+            .unwrap();
+        let completed = events
+            .iter()
+            .filter(|e| matches!(e, Event::StepState(c) if c.to_state() == v1::StepState::Complete))
+            .count();
+        assert_eq!(completed, 20, "{events:?}");
+        assert!(
+            matches!(events.last(), Some(Event::TaskState(t)) if t.to_state() == v1::TaskState::Complete)
+        );
+    }
+    server.stop().await;
+}
+
+/// WatchTask streams are capped per caller and in all (a read token opened 4,096): beyond,
+/// RESOURCE_EXHAUSTED naming the setting; a closed stream gives its place back.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn watch_streams_are_capped_per_caller_and_in_all(pool: PgPool) {
+    use tasker::config::{hash_token, TokenConfig};
+    let mut cfg = test_config(DeploymentMode::Hybrid);
+    cfg.grpc.max_watch_streams = 5;
+    cfg.grpc.max_watch_streams_per_caller = 3;
+    for name in ["a", "b"] {
+        cfg.grpc.auth.tokens.push(TokenConfig {
+            name: name.into(),
+            sha256: hash_token(&format!("{name}-secret")),
+            scopes: vec!["read".into(), "write".into()],
+        });
+    }
+    let server = TestServer::start(&pool, &cfg).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let watch = |token: &str, id: &str| {
+        let mut r = tonic::Request::new(v1::WatchTaskRequest {
+            task_uuid: id.to_string(),
+        });
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}-secret").parse().unwrap(),
+        );
+        r
+    };
+    let mut create = tonic::Request::new(chain("capped"));
+    create
+        .metadata_mut()
+        .insert("authorization", "Bearer a-secret".parse().unwrap());
+    let id = tasks
+        .create_task(create)
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            tasks
+                .watch_task(watch("a", &id))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let e = tasks.watch_task(watch("a", &id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("grpc.max_watch_streams_per_caller"),
+        "{e:?}"
+    );
+    for _ in 0..2 {
+        open.push(
+            tasks
+                .watch_task(watch("b", &id))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let e = tasks.watch_task(watch("b", &id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("(grpc.max_watch_streams)"), "{e:?}");
+    drop(open.remove(0));
+    let deadline = std::time::Instant::now() + WAIT;
+    while let Err(e) = tasks.watch_task(watch("b", &id)).await {
+        assert!(
+            e.code() == Code::ResourceExhausted && std::time::Instant::now() < deadline,
+            "{e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+/// A stream of an unfinished task ends with UNAVAILABLE (retry elsewhere) when the server
+/// drains, not with OK as if the task were done.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_draining_server_ends_a_watch_with_unavailable(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    let id = tasks
+        .create_task(chain("drained"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let mut stream = tasks
+        .watch_task(v1::WatchTaskRequest { task_uuid: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap().event,
+        Some(Event::Snapshot(_))
+    ));
+    let stopping = tokio::spawn(server.stop());
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream ended when the server drained");
+    let e = ended.expect("the stream ended with an error, not OK");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    stopping.await.unwrap();
+}

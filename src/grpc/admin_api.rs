@@ -129,6 +129,8 @@ impl v1::admin_service_server::AdminService for AdminApi {
             claims_lost: self.ctx.commands.stats().claims_lost(),
             replica_id: self.ctx.fleet.replica_id().to_string(),
             events_left_to_peers: self.ctx.fleet.events_left_to_peers(),
+            watch_streams: self.ctx.feeds.streams() as u64,
+            watched_tasks: self.ctx.feeds.tasks() as u64,
             replicas,
         }))
     }

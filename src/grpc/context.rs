@@ -22,6 +22,8 @@ pub struct ApiContext {
     pub workers: WorkerQueue,
     pub fleet: Fleet,
     pub watches: TaskWatches,
+    /// The feeds of the tasks WatchTask streams follow, and the streams' places.
+    pub feeds: super::task_watch::TaskFeeds,
     /// A replica silent this long is not listed (`orchestration.replicas.gone_after_ms`).
     pub replica_gone_after: Duration,
     pub max_fetch_wait: Duration,
@@ -42,6 +44,10 @@ impl ApiContext {
             workers: core.workers.clone(),
             fleet: core.fleet.clone(),
             watches: core.watches.clone(),
+            feeds: super::task_watch::TaskFeeds::new(
+                config.grpc.max_watch_streams,
+                config.grpc.max_watch_streams_per_caller,
+            ),
             replica_gone_after: config.orchestration.replicas.gone_after,
             max_fetch_wait: config.grpc.max_fetch_wait,
             max_response_bytes: config.grpc.max_response_bytes,

@@ -349,8 +349,11 @@ impl v1::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<v1::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let caller = super::auth::Caller::of(&request);
         let task_uuid = uuid("task_uuid", &request.into_inner().task_uuid)?;
-        Ok(Response::new(watch_task(&self.ctx, task_uuid).await?))
+        Ok(Response::new(
+            watch_task(&self.ctx, task_uuid, &caller.0).await?,
+        ))
     }
 
     async fn list_tasks(

@@ -35,7 +35,8 @@ pub use steps::{
     StepFailure, Taker, TaskRef,
 };
 pub use tasks::{
-    CancelOutcome, CreatedTask, NewStep, NewTask, StepRecord, TaskListQuery, TaskRecord,
+    CancelOutcome, CreatedTask, NewStep, NewTask, StepRecord, StepState, TaskListQuery, TaskRecord,
+    TaskTransition,
 };
 pub use views::{ExecutionContext, ReadyRank, ReadyTask, StepReadiness};
 

@@ -16,6 +16,15 @@ pub struct TaskTransition {
     pub created_at: DateTime<Utc>,
 }
 
+/// A step's state and attempt, as WatchTask compares them between looks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepState {
+    pub step_uuid: Uuid,
+    pub name: String,
+    pub state: String,
+    pub attempts: i32,
+}
+
 /// Which tasks `list_tasks` returns: the filters (each `None` or empty: any), the order, and
 /// the page: tasks after `after` (the previous page's last task's creation time and uuid) in
 /// that order, at most `limit`.
@@ -226,6 +235,44 @@ impl Store {
         .bind(after)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// The state and attempt of the task's steps updated since `since` (all of them when
+    /// `None`), and the database's time of this read, for the next one. A look at what
+    /// changed, for WatchTask: one read per look, shared by every stream of the task.
+    pub async fn step_states_since(
+        &self,
+        task_uuid: Uuid,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<(Vec<StepState>, DateTime<Utc>), StoreError> {
+        let rows: Vec<(Uuid, String, String, i32, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT s.step_uuid, s.name, s.state, s.attempts, now()
+             FROM tasker.workflow_steps s
+             WHERE s.task_uuid = $1 AND ($2::timestamptz IS NULL OR s.updated_at >= $2)",
+        )
+        .bind(task_uuid)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let now = match rows.first() {
+            Some(r) => r.4,
+            None => {
+                sqlx::query_scalar("SELECT now()")
+                    .fetch_one(&self.pool)
+                    .await?
+            }
+        };
+        Ok((
+            rows.into_iter()
+                .map(|(step_uuid, name, state, attempts, _)| StepState {
+                    step_uuid,
+                    name,
+                    state,
+                    attempts,
+                })
+                .collect(),
+            now,
+        ))
     }
 
     /// A page of tasks matching `q`, in creation order (see [`TaskListQuery`]), cut in the
