@@ -635,23 +635,39 @@ impl fmt::Display for ConfigError {
 /// environment (injectable for tests) and command-line overrides (dotted key -> value).
 #[derive(Debug, Clone)]
 pub struct ConfigSources {
+    /// Must exist, with `environments/<environment>`: a service started where its
+    /// configuration is not must not run on the defaults unnoticed.
     pub config_dir: PathBuf,
     pub environment: String,
     /// Read from the process environment when `None`.
     pub env_vars: Option<Vec<(String, String)>>,
     pub overrides: Vec<(String, Value)>,
+    /// Asked for explicitly (`--builtin-defaults`): the compiled defaults, the environment
+    /// variables and the overrides, with no configuration directory (environment
+    /// `development` only: the other environments are overlays in a directory).
+    pub builtin_defaults: bool,
 }
 
+/// Where the configuration is looked for when neither `--config-dir` nor `TASKER_CONFIG_DIR`
+/// says: the working directory's `config/tasker` (a checkout), then the installed one.
+pub const CONFIG_DIRS: [&str; 2] = ["config/tasker", "/etc/tasker"];
+
 impl ConfigSources {
-    /// `config/tasker` (or `TASKER_CONFIG_DIR`) and `TASKER_ENV` (default `development`).
+    /// `TASKER_CONFIG_DIR`, else the first of [`CONFIG_DIRS`] that exists (else the first, to
+    /// be reported missing); `TASKER_ENV` (default `development`).
     pub fn from_process_env() -> Self {
+        let config_dir = std::env::var_os("TASKER_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let found = CONFIG_DIRS.iter().map(PathBuf::from).find(|d| d.is_dir());
+                found.unwrap_or_else(|| PathBuf::from(CONFIG_DIRS[0]))
+            });
         Self {
-            config_dir: std::env::var_os("TASKER_CONFIG_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("config/tasker")),
+            config_dir,
             environment: std::env::var("TASKER_ENV").unwrap_or_else(|_| "development".into()),
             env_vars: None,
             overrides: Vec::new(),
+            builtin_defaults: false,
         }
     }
 
@@ -731,27 +747,50 @@ pub fn load(sources: &ConfigSources) -> Result<LoadedConfig, ConfigError> {
 
 fn build_figment(sources: &ConfigSources, problems: &mut Vec<ConfigProblem>) -> Figment {
     let mut figment = Figment::from(Serialized::defaults(TaskerConfig::default()));
-    let base = sources.config_dir.join("base");
-    for file in toml_files(&base) {
-        figment = figment.merge(Toml::file_exact(file));
-    }
-    let env_dir = sources
-        .config_dir
-        .join("environments")
-        .join(&sources.environment);
-    if sources.config_dir.is_dir() && !env_dir.is_dir() {
+    if sources.builtin_defaults {
+        if sources.environment != "development" {
+            problems.push(ConfigProblem {
+                key: "TASKER_ENV".into(),
+                message: format!(
+                    "environment {:?} is an overlay in a configuration directory, and --builtin-defaults uses none: give the directory (--config-dir, TASKER_CONFIG_DIR), or run environment development",
+                    sources.environment
+                ),
+                source: Some("environment variable TASKER_ENV or --env".into()),
+            });
+        }
+    } else if !sources.config_dir.is_dir() {
         problems.push(ConfigProblem {
-            key: "TASKER_ENV".into(),
+            key: "TASKER_CONFIG_DIR".into(),
             message: format!(
-                "unknown environment {:?}: no directory {}",
-                sources.environment,
-                env_dir.display()
+                "configuration directory {} does not exist (without --config-dir or TASKER_CONFIG_DIR, Tasker looks for {}); give the directory, or pass --builtin-defaults to run on the compiled defaults",
+                sources.config_dir.display(),
+                CONFIG_DIRS.join(", then ")
             ),
-            source: Some("environment variable TASKER_ENV".into()),
+            source: Some("--config-dir, TASKER_CONFIG_DIR or the working directory".into()),
         });
-    }
-    for file in toml_files(&env_dir) {
-        figment = figment.merge(Toml::file_exact(file));
+    } else {
+        let base = sources.config_dir.join("base");
+        for file in toml_files(&base) {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let env_dir = sources
+            .config_dir
+            .join("environments")
+            .join(&sources.environment);
+        if !env_dir.is_dir() {
+            problems.push(ConfigProblem {
+                key: "TASKER_ENV".into(),
+                message: format!(
+                    "unknown environment {:?}: no directory {}",
+                    sources.environment,
+                    env_dir.display()
+                ),
+                source: Some("environment variable TASKER_ENV or --env".into()),
+            });
+        }
+        for file in toml_files(&env_dir) {
+            figment = figment.merge(Toml::file_exact(file));
+        }
     }
     let vars: Vec<(String, String)> = sources
         .env_vars
@@ -865,8 +904,16 @@ impl figment::Provider for Layer {
 }
 
 /// Environment values are typed the way figment's `Env` types them: a number, a boolean or
-/// a TOML array/table when the text parses as one, otherwise a string.
+/// a TOML array/table when the text parses as one, otherwise a string. A JSON array or object
+/// is taken as JSON (`TASKER_GRPC__AUTH__TOKENS='[{"name": "ci", ...}]'`), since that is what
+/// people write in environment variables; TOML inline tables work too.
 fn parse_env_value(raw: &str) -> Value {
+    let trimmed = raw.trim_start();
+    if trimmed.starts_with('[') || trimmed.starts_with('{') {
+        if let Ok(v) = serde_json::from_str::<Value>(raw) {
+            return v;
+        }
+    }
     let wrapped = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&wrapped) {
         Ok(table) => table

@@ -22,6 +22,7 @@ fn sources(dir: &Path, env: &str, vars: &[(&str, &str)]) -> ConfigSources {
                 .collect(),
         ),
         overrides: Vec::new(),
+        builtin_defaults: false,
     }
 }
 

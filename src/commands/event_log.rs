@@ -44,6 +44,9 @@ pub enum Gap {
     Missed(u64),
     /// The number is from before this process started: what happened since is unknown.
     BeforeStart,
+    /// The number was never issued here (it is beyond the last one: another replica's, or a
+    /// client's mistake): the stream starts with the events from now on.
+    NeverIssued { next: u64 },
 }
 
 impl CommandEventLog {
@@ -89,6 +92,8 @@ impl CommandEventLog {
         let oldest = ring.events.front().map_or(ring.next, |e| e.sequence);
         let gap = if after < self.first.saturating_sub(1) {
             Some(Gap::BeforeStart)
+        } else if after >= ring.next {
+            Some(Gap::NeverIssued { next: ring.next })
         } else if after.saturating_add(1) < oldest {
             Some(Gap::Missed(oldest - after - 1))
         } else {
@@ -154,6 +159,14 @@ mod tests {
         );
         // a number from before this process started
         assert_eq!(log.resume(first / 2).gap, Some(Gap::BeforeStart));
+        // a number never issued here (beyond the last): said so, not passed over in silence
+        let next = log
+            .resume(0)
+            .backlog
+            .last()
+            .map_or(first, |e| e.sequence + 1);
+        assert_eq!(log.resume(next).gap, Some(Gap::NeverIssued { next }));
+        assert_eq!(log.resume(next - 1).gap, None, "the last one issued");
         // up to date: nothing behind, nothing lost
         let r = log.resume(first + 5);
         assert!(r.backlog.is_empty() && r.gap.is_none());

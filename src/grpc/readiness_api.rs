@@ -249,6 +249,13 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                     r.resume_after
                 ),
             ),
+            Gap::NeverIssued { next } => gap_event(
+                0,
+                format!(
+                    "sequence {} was never issued by this replica (its next is {next}): sequences are per replica, so resume on the replica that sent it; events from now on follow",
+                    r.resume_after
+                ),
+            ),
         });
         let before = futures::stream::iter(
             gap.into_iter()

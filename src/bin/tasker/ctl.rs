@@ -25,23 +25,27 @@ pub enum Output {
     Dot,
 }
 
+/// Options of every `ctl` subcommand, accepted before or after it (`ctl task get ID --output
+/// json` as well as `ctl --output json task get ID`).
 #[derive(Debug, Args)]
 pub struct CtlOptions {
     /// The service's gRPC endpoint: http://host:port, or https://host:port for TLS.
     #[arg(
         long,
+        global = true,
         env = "TASKER_ENDPOINT",
         default_value = "http://127.0.0.1:50051"
     )]
     pub endpoint: String,
     /// Bearer token (scopes: read, write, admin).
-    #[arg(long, env = "TASKER_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "TASKER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// PEM file of the CA that signed the server's certificate (https:// endpoints); without
     /// it the system's trusted roots are used.
-    #[arg(long, env = "TASKER_CA_CERT")]
+    #[arg(long, global = true, env = "TASKER_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    /// json, table, or dot (`task get`: the step DAG in Graphviz).
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
@@ -410,6 +414,23 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                 "uptime_seconds": r.uptime.map(|d| d.seconds),
                 "version": r.version,
                 "draining": r.draining,
+                "poller_periodic": r.poller_periodic,
+                "parked_fetches": r.parked_fetches,
+                "claims_lost": r.claims_lost,
+                "events_left_to_peers": r.events_left_to_peers,
+                "watch_streams": r.watch_streams,
+                "watched_tasks": r.watched_tasks,
+                "replica_id": r.replica_id,
+                "replicas": r.replicas.into_iter().map(|p| json!({
+                    "replica_id": p.replica_id,
+                    "address": p.address,
+                    "version": p.version,
+                    "mode": mode_name(p.mode),
+                    "listening": p.listening,
+                    "serves_every_namespace": p.serves_every_namespace,
+                    "started_at": ts(p.started_at),
+                    "heartbeat_at": ts(p.heartbeat_at),
+                })).collect::<Vec<_>>(),
             }));
         }
         CtlCommand::Readiness { task } => {
@@ -611,8 +632,7 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
         CtlCommand::Task {
             action: TaskAction::Wait { task, timeout },
         } => {
-            let client = v1::task_service_client::TaskServiceClient::new(svc);
-            let waited = wait_for_task(client, task.clone());
+            let waited = wait_for_task(&connect, svc, task.clone());
             if timeout == 0 {
                 waited.await?;
             } else {
@@ -671,22 +691,62 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
 }
 
 /// Follow a task (WatchTask) until it is complete (Ok), cancelled or in error (Err), printing
-/// its state and each change as JSON lines.
-async fn wait_for_task(
+/// its state and each change as JSON lines. When the stream breaks off (the replica drains in a
+/// rolling deploy, the connection drops) it connects to the same endpoint again and follows
+/// on, from a new snapshot, so a CI gate does not fail for a restart; a note goes to stderr.
+async fn wait_for_task(connect: &Connect, first: Svc, task: String) -> Result<(), CtlError> {
+    const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
+    const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut channel = Some(first);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let svc = match channel.take() {
+            Some(svc) => svc,
+            None => match connect.channel().await {
+                Ok(svc) => svc,
+                Err(e) => {
+                    eprintln!("tasker ctl: task wait: {e}; trying again in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            },
+        };
+        match follow_task(v1::task_service_client::TaskServiceClient::new(svc), &task).await {
+            // UNAVAILABLE: the replica drains, or is gone; UNKNOWN: the connection broke
+            // mid-stream (this service answers no call with UNKNOWN)
+            Err(CtlError::Status(s))
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
+            {
+                eprintln!(
+                    "tasker ctl: task wait: the stream broke off ({}); following on in {backoff:?}",
+                    s.message()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            ended => return ended,
+        }
+    }
+}
+
+/// One WatchTask stream of [`wait_for_task`]: its end when the task ended, UNAVAILABLE when the
+/// stream broke off first.
+async fn follow_task(
     mut client: v1::task_service_client::TaskServiceClient<Svc>,
-    task: String,
+    task: &str,
 ) -> Result<(), CtlError> {
     use v1::watch_task_response::Event;
     let mut stream = client
         .watch_task(v1::WatchTaskRequest {
-            task_uuid: task.clone(),
+            task_uuid: task.to_string(),
         })
         .await?
         .into_inner();
     let ended = |state: &str| match state {
         "complete" => Some(Ok(())),
         "cancelled" | "error" => Some(Err(CtlError::TaskEnded {
-            task: task.clone(),
+            task: task.to_string(),
             state: state.to_string(),
         })),
         _ => None,
@@ -769,13 +829,19 @@ fn task_json(t: v1::Task) -> Value {
     json!({
         "task_uuid": t.task_uuid, "namespace": t.namespace, "name": t.name, "priority": t.priority,
         "state": v1::TaskState::word_of(t.state), "context": struct_to_json(t.context), "idempotency_key": t.idempotency_key,
-        "created_at": ts(t.created_at), "completed_at": ts(t.completed_at),
+        "created_at": ts(t.created_at), "updated_at": ts(t.updated_at),
+        "completed_at": ts(t.completed_at),
         "steps": t.steps.into_iter().map(|s| json!({
             "name": s.name, "step_uuid": s.step_uuid, "state": v1::StepState::word_of(s.state),
             "attempts": s.attempts,
             "max_attempts": s.max_attempts, "depends_on": s.depends_on,
+            "inputs": s.inputs.map(|r| struct_to_json(Some(r))),
             "results": s.results.map(|r| struct_to_json(Some(r))),
             "last_error": s.last_error.map(|r| struct_to_json(Some(r))),
+            "next_retry_at": ts(s.next_retry_at),
+            "enqueued_at": ts(s.enqueued_at),
+            "started_at": ts(s.started_at),
+            "completed_at": ts(s.completed_at),
         })).collect::<Vec<_>>(),
     })
 }

@@ -21,14 +21,14 @@ use tasker::internal::{resolve_database, Store};
     about = "Event-driven workflow orchestration on PostgreSQL"
 )]
 struct Cli {
-    /// Configuration directory holding base/ and environments/.
-    #[arg(
-        long,
-        global = true,
-        env = "TASKER_CONFIG_DIR",
-        default_value = "config/tasker"
-    )]
-    config_dir: std::path::PathBuf,
+    /// Configuration directory holding base/ and environments/ (default: ./config/tasker,
+    /// else /etc/tasker; it must exist).
+    #[arg(long, global = true, env = "TASKER_CONFIG_DIR")]
+    config_dir: Option<std::path::PathBuf>,
+    /// Run on the compiled defaults (and TASKER_ variables), with no configuration directory
+    /// (environment development only).
+    #[arg(long, global = true)]
+    builtin_defaults: bool,
     /// Environment overlay: config/tasker/environments/<ENV>.
     #[arg(
         long = "env",
@@ -132,7 +132,10 @@ enum DbAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut sources = ConfigSources::from_process_env();
-    sources.config_dir = cli.config_dir.clone();
+    if let Some(dir) = &cli.config_dir {
+        sources.config_dir = dir.clone();
+    }
+    sources.builtin_defaults = cli.builtin_defaults;
     sources.environment = cli.environment.clone();
     if let Some(url) = &cli.database_url {
         sources = sources.with_override("database.url", url.clone());

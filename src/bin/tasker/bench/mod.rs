@@ -213,9 +213,8 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         },
         server_config_dir: match args.server_config_dir {
             Some(d) => d,
-            None => std::env::var_os("TASKER_CONFIG_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("config/tasker"))
+            None => tasker::config::ConfigSources::from_process_env()
+                .config_dir
                 .canonicalize()?,
         },
         replicas: args.replicas,
