@@ -306,5 +306,17 @@ async fn a_reconnecting_observer_resumes_after_its_last_sequence(pool: PgPool) {
         "{}",
         gap.error
     );
+    // a number this replica never issued (beyond its last: another replica's, say): said so,
+    // then the events from now on
+    let mut foreign = open(&mut readiness, |r| r.resume_after = u64::MAX / 2).await;
+    let gap = next(&mut foreign).await;
+    assert_eq!((gap.phase(), gap.missed), (v1::CommandPhase::Gap, 0));
+    assert!(
+        gap.error.contains("never issued by this replica"),
+        "{}",
+        gap.error
+    );
+    let c7 = inject(&mut readiness, &ids[0]).await;
+    assert_eq!(next(&mut foreign).await.command_id, c7);
     server.stop().await;
 }

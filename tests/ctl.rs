@@ -210,3 +210,133 @@ async fn task_wait_gates_on_the_outcome_and_task_list_lists(pool: PgPool) {
     }
     server.stop().await;
 }
+
+/// What a new user types works, and shows what the server has: options after the subcommand
+/// (`task get ID --data --output json`), `status` with the replica and its fleet, the
+/// parked fetches and the watch streams, `task get --data` with each step's inputs and times;
+/// and `task wait` survives a replica draining in a rolling deploy: it connects again to the
+/// same endpoint and follows on until the task completes (exit 0).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn ctl_takes_options_anywhere_shows_everything_and_waits_across_a_restart(pool: PgPool) {
+    let cfg = test_config(DeploymentMode::Hybrid);
+    let server = TestServer::start(&pool, &cfg).await;
+    let addr = server.addr;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut request = chain("typed");
+    request.steps[0].inputs = Some(tasker::proto::json_to_struct(&serde_json::json!({"n": 7})));
+    let task = tasks
+        .create_task(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let workers = Workers::new(ch);
+    let first = lease_one(&workers, "typed").await;
+
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
+            .arg("ctl")
+            .args(&args)
+            .env_remove("TASKER_TOKEN")
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let endpoint = format!("http://{addr}");
+    let (code, out) = run(vec![
+        "task".into(),
+        "get".into(),
+        task.clone(),
+        "--data".into(),
+        "--output".into(),
+        "json".into(),
+        "--endpoint".into(),
+        endpoint.clone(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let got: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        got["steps"][0]["inputs"],
+        serde_json::json!({"n": 7}),
+        "{out}"
+    );
+    assert!(got["steps"][0]["enqueued_at"].is_string(), "{out}");
+    assert!(got["steps"][0]["started_at"].is_string(), "{out}");
+    assert!(got["updated_at"].is_string(), "{out}");
+
+    let (code, out) = run(vec![
+        "status".into(),
+        "--endpoint".into(),
+        endpoint.clone(),
+        "--output".into(),
+        "json".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    for key in [
+        "replica_id",
+        "replicas",
+        "claims_lost",
+        "events_left_to_peers",
+        "parked_fetches",
+        "poller_periodic",
+        "watch_streams",
+        "watched_tasks",
+    ] {
+        assert!(status.get(key).is_some(), "status lacks {key}: {out}");
+    }
+
+    // task wait, across a drain and a restart on the same address
+    let wait = tokio::spawn(run(vec![
+        "task".into(),
+        "wait".into(),
+        task.clone(),
+        "--timeout".into(),
+        "60".into(),
+        "--endpoint".into(),
+        endpoint.clone(),
+        "--output".into(),
+        "json".into(),
+    ]));
+    // it is watching: the replica has its stream
+    let mut admin = Admin::new(server.channel().await);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let s = admin
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.watch_streams > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ctl never watched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    let server = TestServer::start_on(&pool, &cfg, addr).await;
+    let ch = server.channel().await;
+    let mut w = Workers::new(ch);
+    complete_leased(&mut w, &first).await;
+    let second = lease_one(&w, "typed").await;
+    complete_leased(&mut w, &second).await;
+    let (code, out) = tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .expect("task wait ended")
+        .unwrap();
+    assert_eq!(code, 0, "task wait failed across the restart: {out}");
+    assert!(out.contains("following on"), "it followed on: {out}");
+    assert!(
+        out.contains(r#""state":"complete""#) || out.contains(r#""to":"complete""#),
+        "{out}"
+    );
+    server.stop().await;
+}

@@ -1274,3 +1274,57 @@ async fn ready_task_pages_survive_the_ranking_aging_between_them(pool: PgPool) {
     assert_eq!(unique.len(), 40, "each task once");
     server.stop().await;
 }
+
+/// A worker holding a step of a task that was cancelled learns it from the reason, and can
+/// stop at once: CompleteStep, FailStep and ExtendLease answer FAILED_PRECONDITION with a
+/// google.rpc.ErrorInfo reason TASK_CANCELLED (it was a bare "step ... is not in progress").
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_step_of_a_cancelled_task_is_refused_with_its_reason(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
+    let task = tasks
+        .create_task(two_steps("cancelled-under-me", "t"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let held = lease_one(&workers, "cancelled-under-me").await;
+    cancel(&mut tasks, &task).await;
+    let complete = workers
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: held.step_uuid.clone(),
+            attempt: held.attempt,
+            lease_token: held.lease_token.clone(),
+            results: None,
+        })
+        .await
+        .unwrap_err();
+    let extend = workers
+        .extend_lease(v1::ExtendLeaseRequest {
+            step_uuid: held.step_uuid.clone(),
+            attempt: held.attempt,
+            lease_token: held.lease_token.clone(),
+            lease_seconds: 30,
+        })
+        .await
+        .unwrap_err();
+    let fail = workers
+        .fail_step(v1::FailStepRequest {
+            step_uuid: held.step_uuid.clone(),
+            attempt: held.attempt,
+            lease_token: held.lease_token.clone(),
+            error_message: "stopped".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    for e in [complete, extend, fail] {
+        assert_eq!(
+            (e.code(), refusal_reason(&e).as_deref()),
+            (Code::FailedPrecondition, Some("TASK_CANCELLED")),
+            "{e:?}"
+        );
+    }
+    server.stop().await;
+}

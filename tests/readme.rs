@@ -21,7 +21,7 @@ use tasker::proto::v1;
 use tokio_stream::StreamExt;
 
 /// The commands of the first ```sh block after `heading`, each with the comment lines just
-/// before it; `\`-continued lines joined.
+/// before it; `\`-continued lines, and lines inside a quoted argument, joined.
 fn commands(readme: &str, heading: &str) -> Vec<(String, String)> {
     let section = &readme[readme.find(heading).expect("the README has the section")..];
     let start = section.find("```sh\n").expect("a sh block") + "```sh\n".len();
@@ -45,6 +45,11 @@ fn commands(readme: &str, heading: &str) -> Vec<(String, String)> {
             continue;
         }
         command.push_str(line);
+        // a quoted argument may go on over the next lines
+        if command.matches('\'').count() % 2 == 1 {
+            command.push('\n');
+            continue;
+        }
         out.push((std::mem::take(&mut comment), std::mem::take(&mut command)));
     }
     out

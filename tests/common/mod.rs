@@ -341,10 +341,22 @@ impl TestServer {
     }
 
     pub async fn start_with(pool: &PgPool, config: &TaskerConfig, metrics: Metrics) -> Self {
+        Self::start_at(pool, config, metrics, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// On a given address (a restarted server where its clients expect it).
+    pub async fn start_on(pool: &PgPool, config: &TaskerConfig, addr: SocketAddr) -> Self {
+        Self::start_at(pool, config, Metrics::noop(), addr).await
+    }
+
+    async fn start_at(
+        pool: &PgPool,
+        config: &TaskerConfig,
+        metrics: Metrics,
+        addr: SocketAddr,
+    ) -> Self {
         let core = std::sync::Arc::new(start_core_with(pool, config, metrics).await);
-        let server = GrpcServer::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let server = GrpcServer::bind(addr).await.unwrap();
         let addr = server.local_addr().unwrap();
         let ctx = ApiContext::new(&core, config);
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
