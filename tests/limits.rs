@@ -547,32 +547,22 @@ impl tonic::codec::Decoder for EmptyDecoder {
 /// namespace still parks and receives its step.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn one_namespace_or_one_caller_cannot_take_every_parked_fetch(pool: PgPool) {
-    use tasker::config::{hash_token, TokenConfig};
     let mut cfg = limits_config();
     cfg.orchestration.workers.max_parked_fetches = 8;
     cfg.orchestration.workers.max_parked_fetches_per_namespace = 3;
     cfg.orchestration.workers.max_parked_fetches_per_caller = 4;
-    for name in ["junk", "work"] {
-        cfg.grpc.auth.tokens.push(TokenConfig {
-            name: name.into(),
-            sha256: hash_token(&format!("{name}-secret")),
-            scopes: vec!["read".into(), "write".into()],
-        });
-    }
+    cfg.grpc.auth.tokens = vec![
+        token("junk", &["read", "write"]),
+        token("work", &["read", "write"]),
+    ];
     let server = TestServer::start(&pool, &cfg).await;
     let channel = server.channel().await;
-    let as_token = |token: &str, namespace: &str| {
-        let mut r = tonic::Request::new(fetch_request(namespace, 1, 15_000, 30));
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}-secret").parse().unwrap(),
-        );
-        r
-    };
+    let fetch =
+        |token: &str, namespace: &str| as_token(token, fetch_request(namespace, 1, 15_000, 30));
     let mut parked = server.core.workers.parked_fetches();
     let park = |token: &'static str, namespace: &'static str| {
         let mut workers = Workers::new(channel.clone());
-        let r = as_token(token, namespace);
+        let r = fetch(token, namespace);
         tokio::spawn(async move { workers.fetch_steps(r).await })
     };
     let mut waiting = Vec::new();
@@ -585,7 +575,7 @@ async fn one_namespace_or_one_caller_cannot_take_every_parked_fetch(pool: PgPool
     }
     let mut workers = Workers::new(channel.clone());
     let full_namespace = workers
-        .fetch_steps(as_token("work", "junk"))
+        .fetch_steps(fetch("work", "junk"))
         .await
         .unwrap_err();
     assert_eq!(full_namespace.code(), Code::ResourceExhausted);
@@ -596,7 +586,7 @@ async fn one_namespace_or_one_caller_cannot_take_every_parked_fetch(pool: PgPool
         "{full_namespace:?}"
     );
     let full_caller = workers
-        .fetch_steps(as_token("junk", "junk-3"))
+        .fetch_steps(fetch("junk", "junk-3"))
         .await
         .unwrap_err();
     assert_eq!(full_caller.code(), Code::ResourceExhausted);
@@ -612,12 +602,8 @@ async fn one_namespace_or_one_caller_cannot_take_every_parked_fetch(pool: PgPool
         .await
         .expect("the other caller parked")
         .unwrap();
-    let mut create = tonic::Request::new(two_steps("work", "t"));
-    create
-        .metadata_mut()
-        .insert("authorization", "Bearer work-secret".parse().unwrap());
     Tasks::new(channel.clone())
-        .create_task(create)
+        .create_task(as_token("work", two_steps("work", "t")))
         .await
         .unwrap();
     let got = tokio::time::timeout(WAIT, work)
@@ -696,27 +682,15 @@ async fn malformed_requests_are_invalid_arguments(pool: PgPool) {
 /// empty one, which frees its place; a namespace holding tasks is not deleted.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn namespaces_are_made_and_removed_by_an_admin(pool: PgPool) {
-    use tasker::config::{hash_token, TokenConfig};
     let mut cfg = limits_config();
     cfg.database.max_namespaces = 3;
     cfg.database.create_namespaces_on_first_use = false;
-    for (name, scopes) in [("writer", vec!["write", "read"]), ("ops", vec!["admin"])] {
-        cfg.grpc.auth.tokens.push(TokenConfig {
-            name: name.into(),
-            sha256: hash_token(&format!("{name}-secret")),
-            scopes: scopes.into_iter().map(String::from).collect(),
-        });
-    }
+    cfg.grpc.auth.tokens = vec![
+        token("writer", &["write", "read"]),
+        token("ops", &["admin"]),
+    ];
     let server = TestServer::start(&pool, &cfg).await;
     let channel = server.channel().await;
-    fn as_token<T>(token: &str, message: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(message);
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}-secret").parse().unwrap(),
-        );
-        r
-    }
     let (mut tasks, mut admin) = (Tasks::new(channel.clone()), Admin::new(channel));
     let e = tasks
         .create_task(as_token("writer", two_steps("fresh", "t")))

@@ -259,35 +259,25 @@ async fn the_streams_of_one_task_share_one_feed(pool: PgPool) {
 /// RESOURCE_EXHAUSTED naming the setting; a closed stream gives its place back.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn watch_streams_are_capped_per_caller_and_in_all(pool: PgPool) {
-    use tasker::config::{hash_token, TokenConfig};
     let mut cfg = test_config(DeploymentMode::Hybrid);
     cfg.grpc.max_watch_streams = 5;
     cfg.grpc.max_watch_streams_per_caller = 3;
-    for name in ["a", "b"] {
-        cfg.grpc.auth.tokens.push(TokenConfig {
-            name: name.into(),
-            sha256: hash_token(&format!("{name}-secret")),
-            scopes: vec!["read".into(), "write".into()],
-        });
-    }
+    cfg.grpc.auth.tokens = vec![
+        token("a", &["read", "write"]),
+        token("b", &["read", "write"]),
+    ];
     let server = TestServer::start(&pool, &cfg).await;
     let mut tasks = Tasks::new(server.channel().await);
     let watch = |token: &str, id: &str| {
-        let mut r = tonic::Request::new(v1::WatchTaskRequest {
-            task_uuid: id.to_string(),
-        });
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}-secret").parse().unwrap(),
-        );
-        r
+        as_token(
+            token,
+            v1::WatchTaskRequest {
+                task_uuid: id.to_string(),
+            },
+        )
     };
-    let mut create = tonic::Request::new(chain("capped"));
-    create
-        .metadata_mut()
-        .insert("authorization", "Bearer a-secret".parse().unwrap());
     let id = tasks
-        .create_task(create)
+        .create_task(as_token("a", chain("capped")))
         .await
         .unwrap()
         .into_inner()

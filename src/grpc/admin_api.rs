@@ -149,10 +149,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
             .await?
             .into_iter()
             .find(|(n, _)| n == name)
-            .map(|(namespace, at)| v1::Namespace {
-                namespace,
-                created_at: Some(proto::timestamp(at)),
-            });
+            .map(namespace_to_proto);
         Ok(Response::new(v1::CreateNamespaceResponse {
             namespace,
             created,
@@ -181,12 +178,18 @@ impl v1::admin_service_server::AdminService for AdminApi {
             .namespace_records()
             .await?
             .into_iter()
-            .map(|(namespace, at)| v1::Namespace {
-                namespace,
-                created_at: Some(proto::timestamp(at)),
-            })
+            .map(namespace_to_proto)
             .collect();
         Ok(Response::new(v1::ListNamespacesResponse { namespaces }))
+    }
+}
+
+fn namespace_to_proto(
+    (namespace, created_at): (String, chrono::DateTime<chrono::Utc>),
+) -> v1::Namespace {
+    v1::Namespace {
+        namespace,
+        created_at: Some(proto::timestamp(created_at)),
     }
 }
 

@@ -627,3 +627,22 @@ pub fn open_tempdir() -> tempfile::TempDir {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
+
+/// A token named `name` with `scopes`, whose secret is `<name>-secret` (see [`as_token`]).
+pub fn token(name: &str, scopes: &[&str]) -> tasker::config::TokenConfig {
+    tasker::config::TokenConfig {
+        name: name.into(),
+        sha256: tasker::config::hash_token(&format!("{name}-secret")),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// `message` as a request carrying the bearer token of [`token`]`(name, ..)`.
+pub fn as_token<T>(name: &str, message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {name}-secret").parse().unwrap(),
+    );
+    r
+}
