@@ -1,0 +1,570 @@
+-- Steps on the hop: claim-and-enqueue (and the hand-off to parked fetches), leasing, a
+-- worker's reports (complete, fail, extend) checked against its lease, and lease expiry.
+--
+-- The definitions that run, one per function: what a fresh database has after every migration
+-- in migrations/. This file is not applied; the migrations are (append-only: a change is a new
+-- migration). tests/sql_layout.rs fails when a function's live definition differs from the one
+-- here, so a change to a function is made in a new migration and here, in the same commit.
+-- Each definition names the migration it comes from.
+
+
+-- Claim a task and enqueue every ready step, in one transaction; then lease the first of them
+-- to the parked fetches in p_takers ([{"worker_id", "max", "lease_ms"}], first come first
+-- served), so that a waiting worker receives its step without a transaction of its own.
+-- `leased` is a JSON array of the leased steps, each with the index of its taker.
+--
+-- Claim: a transaction-scoped advisory lock on the task, tried without waiting. A task claimed
+-- by another instance's enqueuer answers 'claimed_elsewhere' at once; the caller retries
+-- shortly, because the holder's snapshot may predate a completion that made more steps ready.
+-- Exactly once: the CAS pending -> enqueued plus the unique (step_uuid, attempt) queue key.
+-- Cost: the ready steps of this task, taken out of the ready set by its task index; nothing
+-- else of the task.
+-- Durability: asynchronous commit while it only enqueues: enqueue state is derivable (if a
+-- crash loses the commit, the steps are still pending and ready, and the start-up sweep or the
+-- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
+-- synchronously: those leases reach workers, and must survive a crash.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE OR REPLACE FUNCTION tasker.enqueue_ready_steps(
+    p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
+    p_announce_as uuid DEFAULT NULL
+)
+RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
+               max_ready_wait_ms double precision, leased jsonb)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_task record;
+    v_steps uuid[];
+    v_wait double precision;
+    v_traceparent text := left(tasker.current_traceparent(), 128);
+    v_taker record;
+    v_msg record;
+    v_handed integer := 0;
+    v_leased jsonb := '[]'::jsonb;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
+    IF NOT pg_try_advisory_xact_lock(hashtextextended('tasker.claim:' || p_task_uuid::text, 0)) THEN
+        IF EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid) THEN
+            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+        ELSE
+            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+        END IF;
+        RETURN;
+    END IF;
+    SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+        RETURN;
+    END IF;
+    IF v_task.state = 'pending' THEN
+        -- this pass will move the task to in_progress: lock it first, like every change to a
+        -- task (task, then steps)
+        SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t
+        WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
+    END IF;
+    IF v_task.state NOT IN ('pending', 'in_progress') THEN
+        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+        RETURN;
+    END IF;
+
+    WITH taken AS (
+        DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid
+        RETURNING r.step_uuid
+    ),
+    moved AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'enqueued', attempts = s.attempts + 1, enqueued_at = clock_timestamp(),
+            next_retry_at = NULL
+        FROM taken
+        WHERE s.step_uuid = taken.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
+        RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at
+    ),
+    queued AS (
+        INSERT INTO tasker.step_queue (namespace, task_uuid, step_uuid, attempt, priority, traceparent)
+        SELECT v_task.namespace, p_task_uuid, m.step_uuid, m.attempts, v_task.priority, v_traceparent
+        FROM moved m ORDER BY m.position
+        RETURNING 1
+    )
+    SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
+           extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000
+    INTO v_steps, v_wait
+    FROM moved m;
+
+    IF cardinality(v_steps) = 0 THEN
+        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb;
+        RETURN;
+    END IF;
+    IF v_task.state = 'pending' THEN
+        UPDATE tasker.tasks t SET state = 'in_progress' WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
+    END IF;
+    -- hand the steps, in order, to the parked fetches, each up to its max
+    FOR v_taker IN
+        SELECT (x.ord - 1)::int AS idx, x.t->>'worker_id' AS worker_id, (x.t->>'max')::int AS max,
+               (x.t->>'lease_ms')::bigint AS lease_ms
+        FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
+        ORDER BY x.ord
+    LOOP
+        EXIT WHEN v_handed >= cardinality(v_steps);
+        FOR v_msg IN
+            SELECT q.msg_id FROM unnest(v_steps[v_handed + 1 : v_handed + v_taker.max]) AS u(step_uuid)
+            CROSS JOIN LATERAL (SELECT m.msg_id FROM tasker.step_queue m
+                                WHERE m.step_uuid = u.step_uuid AND m.leased_by IS NULL OFFSET 0) q
+        LOOP
+            v_leased := v_leased || (
+                SELECT coalesce(jsonb_agg(to_jsonb(l) || jsonb_build_object('taker', v_taker.idx)), '[]'::jsonb)
+                FROM tasker.lease_message(v_msg.msg_id, v_taker.worker_id, v_taker.lease_ms) l);
+            v_handed := v_handed + 1;
+        END LOOP;
+    END LOOP;
+    IF v_handed > 0 THEN
+        -- these leases reach workers: durable before they are handed over
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    -- steps no fetch parked on this replica took: fetches parked on the other replicas hear of
+    -- them (p_announce_as: this replica, given only while others are alive, so a single
+    -- replica pays nothing for it)
+    IF p_announce_as IS NOT NULL AND v_handed < cardinality(v_steps) THEN
+        PERFORM pg_notify('tasker_steps_enqueued', json_build_object(
+            'namespace', v_task.namespace, 'steps', cardinality(v_steps) - v_handed,
+            'replica', p_announce_as)::text);
+    END IF;
+    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased;
+END
+$$;
+
+-- Lease one queued message to a worker: the message invisible until the lease expires and
+-- given a new token, its step enqueued -> in_progress; the step as the worker receives it,
+-- its parents' results included (by the child-edge index and a primary-key probe per parent).
+-- Nothing when the message's step is not enqueued at this attempt any more.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.lease_message(p_msg_id bigint, p_worker_id text, p_lease_ms bigint)
+RETURNS TABLE (
+    step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
+    parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text,
+    lease_token uuid
+)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_q record;
+    v_s record;
+BEGIN
+    UPDATE tasker.step_queue q
+    SET leased_by = p_worker_id,
+        visible_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0),
+        read_count = q.read_count + 1,
+        lease_token = gen_random_uuid()
+    WHERE q.msg_id = p_msg_id
+    RETURNING q.step_uuid, q.attempt, q.visible_at, q.enqueued_at, q.traceparent, q.lease_token
+    INTO v_q;
+    UPDATE tasker.workflow_steps s
+    SET state = 'in_progress', started_at = clock_timestamp()
+    WHERE s.step_uuid = v_q.step_uuid AND s.state = 'enqueued' AND s.attempts = v_q.attempt
+    RETURNING s.task_uuid, s.name, s.inputs INTO v_s;
+    IF NOT FOUND THEN RETURN; END IF;
+    step_uuid := v_q.step_uuid;
+    task_uuid := v_s.task_uuid;
+    name := v_s.name;
+    attempt := v_q.attempt;
+    inputs := v_s.inputs;
+    SELECT coalesce(jsonb_object_agg(ps.name, coalesce(ps.results, 'null'::jsonb)), '{}'::jsonb)
+    INTO parent_results
+    FROM tasker.step_edges e
+    CROSS JOIN LATERAL (SELECT p.name, p.results FROM tasker.workflow_steps p
+                        WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
+    WHERE e.child_step_uuid = v_q.step_uuid;
+    lease_expires_at := v_q.visible_at;
+    enqueued_at := v_q.enqueued_at;
+    traceparent := v_q.traceparent;
+    lease_token := v_q.lease_token;
+    RETURN NEXT;
+END
+$$;
+
+-- Lease up to p_max steps of a namespace to a worker, best priority first: an ordered walk of
+-- the fetch index, then each message by key. Commits synchronously: a lease a worker has
+-- received survives a crash of the database, so no second worker is given the same attempt.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.fetch_steps(p_namespace text, p_worker_id text, p_max integer, p_lease_ms bigint)
+RETURNS TABLE (
+    step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
+    parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text,
+    lease_token uuid
+)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_msg record;
+BEGIN
+    FOR v_msg IN
+        SELECT q.msg_id
+        FROM tasker.step_queue q
+        WHERE q.namespace = p_namespace AND q.leased_by IS NULL
+        ORDER BY q.priority DESC, q.msg_id
+        LIMIT p_max
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        RETURN QUERY SELECT * FROM tasker.lease_message(v_msg.msg_id, p_worker_id, p_lease_ms);
+    END LOOP;
+END
+$$;
+
+-- A lease handed to a fetch that had gone away before the steps reached it: the step goes back
+-- on the queue at the same attempt (its worker never had it), its token void.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE OR REPLACE FUNCTION tasker.release_lease(p_step_uuid uuid, p_attempt integer, p_worker_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_task_uuid uuid;
+BEGIN
+    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN RETURN false; END IF;
+    PERFORM 1 FROM tasker.tasks t WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
+    PERFORM set_config('tasker.transition_metadata',
+        jsonb_build_object('reason', 'lease undelivered', 'worker_id', p_worker_id)::text, true);
+    UPDATE tasker.step_queue q SET leased_by = NULL, visible_at = clock_timestamp(), lease_token = NULL
+    WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt AND q.leased_by = p_worker_id;
+    IF NOT FOUND THEN RETURN false; END IF;
+    UPDATE tasker.workflow_steps s SET state = 'enqueued', started_at = NULL
+    WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress' AND s.attempts = p_attempt;
+    RETURN FOUND;
+END
+$$;
+
+-- Why an attempt cannot be acted on, or NULL when the caller holds a live lease on it. Locks
+-- the step row. Outcomes: step_not_found, not_in_progress, stale_attempt, lease_expired. The
+-- queue row is found by its unique (step, attempt) key, not by walking the lease index.
+-- (from migrations/20261127000001_baseline.sql)
+CREATE FUNCTION tasker.check_live_lease(p_step_uuid uuid, p_attempt integer)
+RETURNS text
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_step record;
+    v_msg record;
+BEGIN
+    SELECT s.state, s.attempts INTO v_step FROM tasker.workflow_steps s
+    WHERE s.step_uuid = p_step_uuid FOR UPDATE;
+    IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
+    IF v_step.attempts <> p_attempt THEN RETURN 'stale_attempt'; END IF;
+    IF v_step.state <> 'in_progress' THEN RETURN 'not_in_progress'; END IF;
+    SELECT q.visible_at, q.leased_by INTO v_msg FROM tasker.step_queue q
+    WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt
+    FOR UPDATE;
+    IF NOT FOUND OR v_msg.leased_by IS NULL OR v_msg.visible_at <= clock_timestamp() THEN
+        RETURN 'lease_expired';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Why an attempt cannot be acted on by the holder of p_lease_token, or NULL when that token
+-- holds a live lease on it (p_lease_token NULL: any holder, for the service's own sweeps).
+-- Locks the step row. Outcomes: step_not_found, stale_attempt, task_cancelled,
+-- not_in_progress, lease_expired, lease_not_held. The queue row is found by its unique
+-- (step, attempt) key, not by walking the lease index.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.check_lease(p_step_uuid uuid, p_attempt integer, p_lease_token uuid)
+RETURNS text
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_step record;
+    v_msg record;
+BEGIN
+    SELECT s.state, s.attempts INTO v_step FROM tasker.workflow_steps s
+    WHERE s.step_uuid = p_step_uuid FOR UPDATE;
+    IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
+    IF v_step.attempts <> p_attempt THEN RETURN 'stale_attempt'; END IF;
+    IF v_step.state = 'cancelled' THEN RETURN 'task_cancelled'; END IF;
+    IF v_step.state <> 'in_progress' THEN RETURN 'not_in_progress'; END IF;
+    SELECT q.visible_at, q.leased_by, q.lease_token INTO v_msg FROM tasker.step_queue q
+    WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt
+    FOR UPDATE;
+    IF NOT FOUND OR v_msg.leased_by IS NULL OR v_msg.visible_at <= clock_timestamp() THEN
+        RETURN 'lease_expired';
+    END IF;
+    IF p_lease_token IS NOT NULL AND v_msg.lease_token IS DISTINCT FROM p_lease_token THEN
+        RETURN 'lease_not_held';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- A step finished (completed, or resolved manually): its children each have one unfinished
+-- parent fewer and p_results_bytes more of parent results, and the task one step fewer to go.
+-- Caller holds the task's row lock. Returns how many children became ready; the task's state
+-- after the change.
+-- (from migrations/20261127000001_baseline.sql)
+CREATE FUNCTION tasker.finish_step(p_step_uuid uuid, p_task_uuid uuid, p_results_bytes integer,
+                                   OUT ready_children integer, OUT task_state text)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+BEGIN
+    WITH released AS (
+        UPDATE tasker.workflow_steps c
+        SET unfinished_parents = c.unfinished_parents - 1,
+            parent_results_bytes = c.parent_results_bytes + p_results_bytes,
+            ready_at = CASE WHEN c.unfinished_parents = 1 THEN clock_timestamp() ELSE c.ready_at END
+        FROM tasker.step_edges e
+        WHERE e.parent_step_uuid = p_step_uuid AND c.step_uuid = e.child_step_uuid
+        RETURNING c.step_uuid, c.unfinished_parents, c.state, c.ready_at
+    ),
+    became_ready AS (
+        INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
+        SELECT r.step_uuid, p_task_uuid, r.ready_at FROM released r
+        WHERE r.unfinished_parents = 0 AND r.state = 'pending'
+        RETURNING 1
+    )
+    SELECT count(*)::int INTO ready_children FROM became_ready;
+    UPDATE tasker.tasks t
+    SET remaining_steps = t.remaining_steps - 1,
+        state = CASE WHEN t.remaining_steps = 1 AND t.state = 'in_progress' THEN 'complete' ELSE t.state END,
+        completed_at = CASE WHEN t.remaining_steps = 1 AND t.state = 'in_progress'
+                            THEN clock_timestamp() ELSE t.completed_at END
+    WHERE t.task_uuid = p_task_uuid
+    RETURNING t.state INTO task_state;
+END
+$$;
+
+-- Complete an attempt the caller holds (p_lease_token). p_results_bytes: the results' size as
+-- a protobuf Value; p_max_parent_results_bytes (NULL: no budget): refused with
+-- 'parent_results_too_large', changing nothing, when these results would give a child more
+-- parent results than that to be leased with, as sent.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.complete_step(
+    p_step_uuid uuid, p_attempt integer, p_lease_token uuid, p_results jsonb,
+    p_results_bytes integer, p_metadata jsonb DEFAULT '{}'::jsonb,
+    p_max_parent_results_bytes integer DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_task_uuid uuid;
+    v_bytes integer;
+    v_task record;
+    v_problem text;
+    v_finished record;
+BEGIN
+    SELECT s.task_uuid, tasker.parent_entry_bytes(s.name, p_results_bytes)
+    INTO v_task_uuid, v_bytes
+    FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
+    SELECT t.namespace, t.state INTO v_task FROM tasker.tasks t
+    WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
+    v_problem := tasker.check_lease(p_step_uuid, p_attempt, p_lease_token);
+    IF v_problem IS NOT NULL THEN RETURN v_problem; END IF;
+    -- the children's counters cannot move meanwhile: every finish holds the task's row lock
+    IF p_max_parent_results_bytes IS NOT NULL AND EXISTS (
+        SELECT 1 FROM tasker.step_edges e
+        CROSS JOIN LATERAL (SELECT c.parent_results_bytes FROM tasker.workflow_steps c
+                            WHERE c.step_uuid = e.child_step_uuid OFFSET 0) c
+        WHERE e.parent_step_uuid = p_step_uuid
+          AND c.parent_results_bytes + v_bytes > p_max_parent_results_bytes) THEN
+        RETURN 'parent_results_too_large';
+    END IF;
+    PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
+    DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt;
+    -- data_bytes: see 20261204000003
+    UPDATE tasker.workflow_steps s
+    SET state = 'complete', results = coalesce(p_results, '{}'::jsonb), completed_at = clock_timestamp(),
+        data_bytes = s.data_bytes + p_results_bytes
+    WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress' AND s.attempts = p_attempt;
+    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
+    IF v_finished.ready_children > 0 AND v_finished.task_state IN ('pending', 'in_progress') THEN
+        PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
+    END IF;
+    RETURN 'completed';
+END
+$$;
+
+-- Many completions in one transaction (one commit, one pass through the NOTIFY commit lock).
+-- Each item is exactly tasker.complete_step, with its own token and trace context; items are
+-- taken in task order, so two batches lock tasks in the same order and never wait on each
+-- other in a cycle. Returns each item's outcome by its position in the input arrays.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.complete_steps(
+    p_steps uuid[], p_attempts integer[], p_lease_tokens uuid[], p_results jsonb[],
+    p_results_bytes integer[], p_traceparents text[], p_metadata jsonb DEFAULT '{}'::jsonb,
+    p_max_parent_results_bytes integer DEFAULT NULL
+) RETURNS TABLE (idx integer, outcome text)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_item record;
+BEGIN
+    FOR v_item IN
+        SELECT i.ord::int AS ord, i.step_uuid, s.task_uuid
+        FROM unnest(p_steps) WITH ORDINALITY AS i(step_uuid, ord)
+        LEFT JOIN LATERAL (SELECT w.task_uuid FROM tasker.workflow_steps w
+                           WHERE w.step_uuid = i.step_uuid OFFSET 0) s ON true
+        ORDER BY s.task_uuid NULLS FIRST, i.ord
+    LOOP
+        PERFORM set_config('tasker.traceparent', coalesce(p_traceparents[v_item.ord], ''), true);
+        RETURN QUERY SELECT v_item.ord,
+            tasker.complete_step(v_item.step_uuid, p_attempts[v_item.ord],
+                                 p_lease_tokens[v_item.ord], p_results[v_item.ord],
+                                 p_results_bytes[v_item.ord], p_metadata,
+                                 p_max_parent_results_bytes);
+    END LOOP;
+END
+$$;
+
+-- The end of a failed attempt (the caller checked the lease and holds the task's row lock):
+-- retry after the backoff when attempts remain and both the step and the failure allow it,
+-- otherwise the step is in error and so is its task. A zero backoff returns the step to
+-- pending at once, which is a readiness change and is announced. data_bytes follows the last
+-- error (which replaces the one before it; counted as JSON).
+-- (from migrations/20261204000003_response_sizes.sql)
+CREATE OR REPLACE FUNCTION tasker.record_attempt_failure(
+    p_step_uuid uuid, p_error jsonb, p_retryable boolean, p_backoff_ms bigint
+) RETURNS TABLE (outcome text, next_retry_at timestamptz)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_step record;
+    v_next timestamptz;
+BEGIN
+    SELECT s.task_uuid, s.attempts, s.max_attempts, s.retryable INTO v_step
+    FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = v_step.attempts;
+    IF p_retryable AND v_step.retryable AND v_step.attempts < v_step.max_attempts THEN
+        v_next := clock_timestamp() + make_interval(secs => greatest(p_backoff_ms, 0) / 1000.0);
+        UPDATE tasker.workflow_steps s
+        SET state = 'waiting_for_retry', last_error = p_error, next_retry_at = v_next,
+            data_bytes = s.data_bytes - coalesce(octet_length(s.last_error::text), 0)
+                         + octet_length(p_error::text)
+        WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress';
+        IF p_backoff_ms <= 0 THEN
+            UPDATE tasker.workflow_steps s SET state = 'pending', ready_at = clock_timestamp()
+            WHERE s.step_uuid = p_step_uuid AND s.state = 'waiting_for_retry';
+            INSERT INTO tasker.ready_steps (step_uuid, task_uuid) VALUES (p_step_uuid, v_step.task_uuid);
+            PERFORM tasker.send_task_ready(v_step.task_uuid, t.namespace, 'step_transition')
+            FROM tasker.tasks t WHERE t.task_uuid = v_step.task_uuid AND t.state IN ('pending', 'in_progress');
+        END IF;
+        RETURN QUERY SELECT 'retry_scheduled'::text, v_next;
+    ELSE
+        UPDATE tasker.workflow_steps s
+        SET state = 'error', last_error = p_error, completed_at = clock_timestamp(),
+            data_bytes = s.data_bytes - coalesce(octet_length(s.last_error::text), 0)
+                         + octet_length(p_error::text)
+        WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress';
+        UPDATE tasker.tasks t SET state = 'error', completed_at = clock_timestamp()
+        WHERE t.task_uuid = v_step.task_uuid AND t.state = 'in_progress';
+        RETURN QUERY SELECT 'failed'::text, NULL::timestamptz;
+    END IF;
+END
+$$;
+
+-- A worker's report that an attempt failed: checked against the lease it holds
+-- (p_lease_token), then tasker.record_attempt_failure. Outcomes as check_lease's, or
+-- 'retry_scheduled' / 'failed'.
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.fail_step(
+    p_step_uuid uuid, p_attempt integer, p_lease_token uuid, p_error jsonb, p_retryable boolean,
+    p_backoff_ms bigint, p_metadata jsonb DEFAULT '{}'::jsonb
+) RETURNS TABLE (outcome text, next_retry_at timestamptz)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_task_uuid uuid;
+    v_problem text;
+BEGIN
+    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'step_not_found'::text, NULL::timestamptz;
+        RETURN;
+    END IF;
+    PERFORM 1 FROM tasker.tasks t WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
+    v_problem := tasker.check_lease(p_step_uuid, p_attempt, p_lease_token);
+    IF v_problem IS NOT NULL THEN
+        RETURN QUERY SELECT v_problem, NULL::timestamptz;
+        RETURN;
+    END IF;
+    PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
+    RETURN QUERY SELECT * FROM tasker.record_attempt_failure(p_step_uuid, p_error, p_retryable, p_backoff_ms);
+END
+$$;
+
+-- Keep a lease the caller holds for p_lease_ms more from now: 'extended', or why not (as
+-- check_lease).
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.extend_lease(p_step_uuid uuid, p_attempt integer, p_lease_token uuid,
+                                    p_lease_ms bigint)
+RETURNS TABLE (outcome text, lease_expires_at timestamptz)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_problem text := tasker.check_lease(p_step_uuid, p_attempt, p_lease_token);
+    v_until timestamptz;
+BEGIN
+    IF v_problem IS NOT NULL THEN
+        RETURN QUERY SELECT v_problem, NULL::timestamptz;
+        RETURN;
+    END IF;
+    UPDATE tasker.step_queue q
+    SET visible_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0)
+    WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt
+    RETURNING q.visible_at INTO v_until;
+    RETURN QUERY SELECT 'extended'::text, v_until;
+END
+$$;
+
+-- Leases that ran out end their attempt as a retryable failure with no backoff: the worker
+-- is presumed dead. max_attempts still applies.
+-- (from migrations/20261127000001_baseline.sql)
+CREATE FUNCTION tasker.expire_leases(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
+RETURNS TABLE (task_uuid uuid, step_uuid uuid, outcome text, namespace text, priority integer)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_msg record;
+    v_outcome text;
+BEGIN
+    PERFORM set_config('tasker.transition_metadata', '{"reason":"lease_expired"}', true);
+    FOR v_msg IN
+        SELECT q.task_uuid, q.step_uuid, q.attempt, q.leased_by, q.namespace, q.priority FROM tasker.step_queue q
+        WHERE q.leased_by IS NOT NULL AND q.visible_at <= clock_timestamp()
+          AND tasker.namespace_matches(q.namespace, p_namespaces)
+        ORDER BY q.visible_at
+        LIMIT p_limit
+    LOOP
+        PERFORM 1 FROM tasker.tasks t WHERE t.task_uuid = v_msg.task_uuid FOR NO KEY UPDATE;
+        -- re-check under the locks: the worker may have answered in the meantime
+        IF tasker.check_live_lease(v_msg.step_uuid, v_msg.attempt) = 'lease_expired'
+           AND EXISTS (SELECT 1 FROM tasker.step_queue q WHERE q.step_uuid = v_msg.step_uuid AND q.attempt = v_msg.attempt)
+        THEN
+            SELECT f.outcome INTO v_outcome FROM tasker.record_attempt_failure(
+                v_msg.step_uuid,
+                jsonb_build_object('message', 'lease expired', 'worker_id', v_msg.leased_by),
+                true, 0) f;
+            RETURN QUERY SELECT v_msg.task_uuid, v_msg.step_uuid, v_outcome, v_msg.namespace, v_msg.priority;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Bytes a parent's results take in a child's parent_results, as sent: the results as a
+-- protobuf Value (p_value_bytes, measured by the service), the parent's name, and the framing
+-- of a map entry (two tags, two lengths, the entry's own tag and length: at most 16 bytes).
+-- (from migrations/20261204000001_lease_tokens.sql)
+CREATE FUNCTION tasker.parent_entry_bytes(p_name text, p_value_bytes integer) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT octet_length(p_name) + p_value_bytes + 16
+$$;

@@ -1,0 +1,241 @@
+-- Tasks: creating one with its DAG, cancelling, retrying an errored one, resolving a step
+-- by hand.
+--
+-- The definitions that run, one per function: what a fresh database has after every migration
+-- in migrations/. This file is not applied; the migrations are (append-only: a change is a new
+-- migration). tests/sql_layout.rs fails when a function's live definition differs from the one
+-- here, so a change to a function is made in a new migration and here, in the same commit.
+-- Each definition names the migration it comes from.
+
+
+-- Create a task with its DAG. p_steps is a JSON array of {"step_uuid", "name", "position",
+-- "parents": [uuid], "max_attempts", "retryable", "inputs", "inputs_bytes"} in which the service
+-- resolved dependencies by name and ordered the steps topologically; the database still
+-- refuses a parent of another task (foreign key), duplicate names (unique) and an edge against
+-- the order (TK003: a cycle). An idempotency key that names a task of the namespace returns
+-- that task (created = false) and writes nothing. A namespace not seen before is created
+-- when p_create_namespace (else TK006), unless p_max_namespaces exist (TK005).
+-- p_context_bytes and "inputs_bytes": the documents' sizes as sent (a page of tasks or steps is
+-- cut to the response budget by them before any document is read).
+-- (from migrations/20261204000003_response_sizes.sql)
+CREATE FUNCTION tasker.create_task(
+    p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
+    p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
+    p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL,
+    p_create_namespace boolean DEFAULT true
+)
+RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_existing uuid;
+    v_namespaces bigint;
+BEGIN
+    PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
+    -- a new namespace only: the name checks run when it is created, not for every task
+    IF NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = p_namespace) THEN
+        IF NOT p_create_namespace THEN
+            -- the message is the name: the service words the error
+            RAISE EXCEPTION '%', p_namespace USING ERRCODE = 'TK006';
+        END IF;
+        IF p_max_namespaces IS NOT NULL THEN
+            -- creations of namespaces queue here, so that concurrent ones cannot overshoot
+            -- the cap; they are rare (the first task of each namespace)
+            PERFORM pg_advisory_xact_lock(hashtext('tasker.namespaces'));
+            SELECT count(*) INTO v_namespaces FROM tasker.namespaces;
+            IF v_namespaces >= p_max_namespaces
+               AND NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = p_namespace) THEN
+                RAISE EXCEPTION 'namespace % would be one more than the % allowed (database.max_namespaces)',
+                    quote_literal(p_namespace), p_max_namespaces
+                    USING ERRCODE = 'TK005';
+            END IF;
+        END IF;
+        INSERT INTO tasker.namespaces (name) VALUES (p_namespace) ON CONFLICT DO NOTHING;
+    END IF;
+
+    INSERT INTO tasker.tasks AS t (task_uuid, namespace, name, priority, context, idempotency_key,
+                                   remaining_steps, context_bytes)
+    VALUES (p_task_uuid, p_namespace, p_name, p_priority, coalesce(p_context, '{}'::jsonb),
+            p_idempotency_key, jsonb_array_length(p_steps), p_context_bytes)
+    ON CONFLICT ON CONSTRAINT tasks_idempotency_key_unique DO NOTHING;
+    IF NOT FOUND THEN
+        SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
+        WHERE t.namespace = p_namespace AND t.idempotency_key = p_idempotency_key;
+        RETURN QUERY SELECT v_existing, false, s.name, s.step_uuid
+            FROM tasker.workflow_steps s WHERE s.task_uuid = v_existing ORDER BY s.position;
+        RETURN;
+    END IF;
+
+    INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents,
+                                       ready_at, max_attempts, retryable, inputs, data_bytes)
+    SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
+           CASE WHEN p.n = 0 THEN clock_timestamp() END,
+           coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
+           coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int
+    FROM jsonb_array_elements(p_steps) AS x(e)
+    CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
+                        FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p
+    ORDER BY (e->>'position')::int;
+
+    INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
+    SELECT DISTINCT p_task_uuid, d::uuid, (e->>'step_uuid')::uuid
+    FROM jsonb_array_elements(p_steps) AS x(e),
+         jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d;
+
+    INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
+    SELECT s.step_uuid, p_task_uuid, s.ready_at FROM tasker.workflow_steps s
+    WHERE s.task_uuid = p_task_uuid AND s.unfinished_parents = 0;
+
+    -- a DAG has at least one root: it is ready now
+    PERFORM tasker.send_task_ready(p_task_uuid, p_namespace, 'task_start');
+    RETURN QUERY SELECT p_task_uuid, true, s.name, s.step_uuid
+        FROM tasker.workflow_steps s WHERE s.task_uuid = p_task_uuid ORDER BY s.position;
+END
+$$;
+
+-- Cancel a task and every step not finished: their queue rows go (by step, the queue's index),
+-- their retry times are cleared. 'cancelled', 'task_not_found' or 'task_already_final'.
+-- (from migrations/20261204000002_resolve_budget_and_retry_times.sql)
+CREATE OR REPLACE FUNCTION tasker.cancel_task(p_task_uuid uuid, p_reason text, p_metadata jsonb DEFAULT '{}'::jsonb)
+RETURNS text
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_state text;
+BEGIN
+    PERFORM set_config('tasker.transition_metadata',
+        (coalesce(p_metadata, '{}'::jsonb) || jsonb_build_object('reason', p_reason))::text, true);
+    SELECT t.state INTO v_state FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
+    IF NOT FOUND THEN RETURN 'task_not_found'; END IF;
+    IF v_state NOT IN ('pending', 'in_progress', 'error') THEN RETURN 'task_already_final'; END IF;
+    UPDATE tasker.tasks t SET state = 'cancelled', completed_at = clock_timestamp()
+    WHERE t.task_uuid = p_task_uuid;
+    -- the queue rows of the steps cancelled, by step: the queue has no index that leads with
+    -- the task, and under a backlog a walk of it would hold the task's lock meanwhile
+    WITH cancelled AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'cancelled', completed_at = clock_timestamp(), next_retry_at = NULL
+        WHERE s.task_uuid = p_task_uuid
+          AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
+        RETURNING s.step_uuid
+    )
+    DELETE FROM tasker.step_queue q WHERE q.step_uuid IN (SELECT c.step_uuid FROM cancelled c);
+    DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid;
+    RETURN 'cancelled';
+END
+$$;
+
+-- Each errored step of the task gets p_extra_attempts more attempts (its max_attempts raised
+-- from the attempts it used; at most 100 in all), becomes pending and ready, and the task goes
+-- back to in progress; the readiness is announced. Returns 'retried', 'task_not_found',
+-- 'task_not_in_error' (nothing changed), or 'attempts_exhausted' when a step would need more
+-- than 100 attempts (nothing changed).
+-- (from migrations/20261127000004_task_retry.sql)
+CREATE FUNCTION tasker.retry_task(p_task_uuid uuid, p_extra_attempts integer,
+                                  p_metadata jsonb DEFAULT '{}'::jsonb)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_task record;
+BEGIN
+    SELECT t.namespace, t.state INTO v_task FROM tasker.tasks t
+    WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
+    IF NOT FOUND THEN RETURN 'task_not_found'; END IF;
+    IF v_task.state <> 'error' THEN RETURN 'task_not_in_error'; END IF;
+    IF EXISTS (SELECT 1 FROM tasker.workflow_steps s
+               WHERE s.task_uuid = p_task_uuid AND s.state = 'error'
+                 AND s.attempts + p_extra_attempts > 100) THEN
+        RETURN 'attempts_exhausted';
+    END IF;
+    PERFORM set_config('tasker.transition_metadata', coalesce(p_metadata, '{}'::jsonb)::text, true);
+    -- reopen first, so that the readiness announcement sees an active task
+    UPDATE tasker.tasks t SET state = 'in_progress', completed_at = NULL
+    WHERE t.task_uuid = p_task_uuid;
+    WITH retried AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'pending', max_attempts = s.attempts + p_extra_attempts,
+            next_retry_at = NULL, completed_at = NULL, ready_at = clock_timestamp()
+        WHERE s.task_uuid = p_task_uuid AND s.state = 'error'
+        RETURNING s.step_uuid, s.task_uuid, s.ready_at
+    )
+    INSERT INTO tasker.ready_steps AS r (step_uuid, task_uuid, ready_at)
+    SELECT step_uuid, task_uuid, ready_at FROM retried
+    ON CONFLICT (step_uuid) DO NOTHING;
+    PERFORM tasker.send_task_ready(p_task_uuid, v_task.namespace, 'step_transition');
+    RETURN 'retried';
+END
+$$;
+
+-- An operator marks a step as done by hand; it counts as complete for its dependents. A task
+-- in error goes on once no failed step is left; a task no worker has touched starts. Results
+-- (p_results, of p_results_bytes as sent; NULL: the step's own, which a step that can be
+-- resolved never has) are held to p_max_parent_results_bytes as a worker's are.
+-- (from migrations/20261204000002_resolve_budget_and_retry_times.sql)
+CREATE FUNCTION tasker.resolve_step_manually(
+    p_step_uuid uuid, p_reason text, p_results jsonb, p_results_bytes integer,
+    p_metadata jsonb DEFAULT '{}'::jsonb, p_max_parent_results_bytes integer DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_task_uuid uuid;
+    v_task record;
+    v_step record;
+    v_bytes integer;
+    v_finished record;
+BEGIN
+    SELECT s.task_uuid INTO v_task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
+    IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
+    SELECT t.namespace, t.state INTO v_task FROM tasker.tasks t
+    WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
+    PERFORM set_config('tasker.transition_metadata',
+        (coalesce(p_metadata, '{}'::jsonb) || jsonb_build_object('reason', p_reason))::text, true);
+    SELECT s.state, s.name INTO v_step FROM tasker.workflow_steps s
+    WHERE s.step_uuid = p_step_uuid FOR UPDATE;
+    IF NOT tasker.step_transition_allowed(v_step.state, 'resolved_manually') THEN
+        RETURN 'illegal_transition';
+    END IF;
+    -- a protobuf null Value is 2 bytes
+    v_bytes := tasker.parent_entry_bytes(v_step.name,
+                                         CASE WHEN p_results IS NULL THEN 2 ELSE p_results_bytes END);
+    IF p_max_parent_results_bytes IS NOT NULL AND EXISTS (
+        SELECT 1 FROM tasker.step_edges e
+        CROSS JOIN LATERAL (SELECT c.parent_results_bytes FROM tasker.workflow_steps c
+                            WHERE c.step_uuid = e.child_step_uuid OFFSET 0) c
+        WHERE e.parent_step_uuid = p_step_uuid
+          AND c.parent_results_bytes + v_bytes > p_max_parent_results_bytes) THEN
+        RETURN 'parent_results_too_large';
+    END IF;
+    -- an operator's action starts a task no worker has touched: only a task in progress
+    -- completes when its last step finishes (finish_step)
+    IF v_task.state = 'pending' THEN
+        UPDATE tasker.tasks t SET state = 'in_progress'
+        WHERE t.task_uuid = v_task_uuid AND t.state = 'pending';
+    END IF;
+    -- reopen first, so that the readiness announcement sees an active task
+    IF v_task.state = 'error' AND NOT EXISTS (
+        SELECT 1 FROM tasker.workflow_steps s
+        WHERE s.task_uuid = v_task_uuid AND s.state = 'error' AND s.step_uuid <> p_step_uuid) THEN
+        UPDATE tasker.tasks t SET state = 'in_progress', completed_at = NULL
+        WHERE t.task_uuid = v_task_uuid AND t.state = 'error';
+    END IF;
+    DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid;
+    DELETE FROM tasker.ready_steps r WHERE r.step_uuid = p_step_uuid;
+    -- data_bytes: see 20261204000003
+    UPDATE tasker.workflow_steps s
+    SET state = 'resolved_manually', results = coalesce(p_results, s.results),
+        completed_at = clock_timestamp(), next_retry_at = NULL,
+        data_bytes = s.data_bytes + CASE WHEN p_results IS NULL THEN 0 ELSE p_results_bytes END
+    WHERE s.step_uuid = p_step_uuid;
+    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
+    -- announce what is ready now: this step's children, and steps made ready while the task
+    -- was in error (a sibling's completion, a retry falling due), which nothing announced then
+    IF v_finished.task_state IN ('pending', 'in_progress') AND (
+        v_finished.ready_children > 0
+        OR EXISTS (SELECT 1 FROM tasker.ready_steps r WHERE r.task_uuid = v_task_uuid)) THEN
+        PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
+    END IF;
+    RETURN 'resolved';
+END
+$$;
