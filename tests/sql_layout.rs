@@ -8,31 +8,47 @@ use std::collections::BTreeMap;
 
 use sqlx::PgPool;
 
+/// One function as the catalogue has it.
+#[derive(sqlx::FromRow)]
+struct Function {
+    name: String,
+    args: String,
+    result: String,
+    body: String,
+    config: Vec<String>,
+    volatility: String,
+    language: String,
+}
+
 /// Per function (name and argument types): what defines its behaviour.
 async fn functions(pool: &PgPool, schema: &str) -> BTreeMap<String, String> {
-    let rows: Vec<(String, String, String, String, Vec<String>, String, String)> = sqlx::query_as(
-        "SELECT p.proname::text, pg_get_function_identity_arguments(p.oid),
-                    pg_get_function_result(p.oid), p.prosrc,
-                    coalesce(p.proconfig, '{}'), p.provolatile::text, l.lanname::text
-             FROM pg_proc p
-             JOIN pg_namespace n ON n.oid = p.pronamespace
-             JOIN pg_language l ON l.oid = p.prolang
-             WHERE n.nspname = $1",
+    let rows: Vec<Function> = sqlx::query_as(
+        "SELECT p.proname::text AS name, pg_get_function_identity_arguments(p.oid) AS args,
+                pg_get_function_result(p.oid) AS result, p.prosrc AS body,
+                coalesce(p.proconfig, '{}') AS config, p.provolatile::text AS volatility,
+                l.lanname::text AS language
+         FROM pg_proc p
+         JOIN pg_namespace n ON n.oid = p.pronamespace
+         JOIN pg_language l ON l.oid = p.prolang
+         WHERE n.nspname = $1",
     )
     .bind(schema)
     .fetch_all(pool)
     .await
     .unwrap();
     let ours = format!("{schema}.");
+    let unqualify = |s: &str| s.replace(&ours, "tasker.");
     rows.into_iter()
-        .map(|(name, args, result, body, config, volatility, language)| {
-            let unqualify = |s: &str| s.replace(&ours, "tasker.");
+        .map(|f| {
             (
-                format!("{name}({args})"),
+                format!("{}({})", f.name, f.args),
                 format!(
-                    "returns {}; {language} {volatility} {config:?}\n{}",
-                    unqualify(&result),
-                    unqualify(&body)
+                    "returns {}; {} {} {:?}\n{}",
+                    unqualify(&f.result),
+                    f.language,
+                    f.volatility,
+                    f.config,
+                    unqualify(&f.body)
                 ),
             )
         })
