@@ -16,61 +16,45 @@
 //! - [`telemetry`]: logs, OTLP traces and metrics for a process that embeds the service;
 //! - [`MIGRATOR`]: the database migrations.
 //!
-//! # Layout (internal modules)
+//! # Layout
 //!
-//! - `vocabulary`: the words every layer speaks (`TriggeredBy`, `EnqueueOutcome`)
-//! - `namespaces`: the namespace name rule, `NamespaceSelector`
-//! - `quota`: places for long-lived requests, capped in all and per key
-//! - `wakeups`: the in-process wake-ups (parked fetches, the deadline scheduler, sweeps)
-//! - `store`: the pool, migrations and every SQL statement, behind typed functions
-//! - `fleet`: the replica registry as this replica sees it; the claim split
-//! - `announce`: `StepAnnouncer`, telling other replicas of steps queued here, after a grace
-//! - `dag`: validating requested step DAGs; chain / diamond / fan builders
-//! - `enqueue`: `TaskClaimStepEnqueuer`, one claim-and-enqueue transaction
-//! - `commands`: `OrchestrationCommand` and the `CommandProcessor` actor
-//! - `events`: LISTEN connection, notification classifier, `TaskReadinessEventSystem`
-//! - `poller`: `ReadinessFallbackPoller` (periodic rounds, catch-up sweeps)
-//! - `deadlines`: `DeadlineScheduler` (retry backoffs, lease expiry)
-//! - `coordinator`: `UnifiedEventCoordinator`, the deployment mode and the systems it runs
-//! - `worker`, `completions`: the workers' side (lease, complete in batches, fail, extend)
-//! - `maintenance`: vacuuming the churn tables when autovacuum is off
-//! - `core`: `OrchestrationCore`, all of the above assembled
-//! - `grpc`: tonic services, auth, health, reflection, the error-to-status mapping
-//! - `metrics`: OpenTelemetry instruments by name
-//! - `local_db`: finding or starting a PostgreSQL to run against
-//! - `app`: the composition root: build (can fail), then run (cannot), graceful shutdown
+//! Each folder of `src/` is one subsystem; dependencies point one way, from the bottom of this
+//! list to the top, never back (`tests/module_graph.rs` checks it):
 //!
-//! Dependencies point one way, from the top of this list to the bottom (`tests/module_graph.rs`
-//! checks that no two modules import each other). The `tasker` binary (`src/bin/tasker`:
-//! command line, `ctl` client, benchmark) uses the library from outside.
+//! - `proto`: the generated `tasker.v1` types and their conversions
+//! - `model`: the domain's words and rules (requested DAGs, size limits, namespace names, the
+//!   readiness command's vocabulary)
+//! - `config`: `TaskerConfig`: its sections and defaults, loading, validation
+//! - `telemetry`: logs, traces, metrics by name
+//! - `store`: the pool, migrations and every SQL statement, behind typed functions; finding or
+//!   starting a local PostgreSQL; vacuuming the churn tables
+//! - `cluster`: the replica registry as this replica sees it; the claim split
+//! - `dispatch`: getting ready steps to workers: claim-and-enqueue, parked fetches,
+//!   announcements to other replicas, lease / complete / fail / extend
+//! - `readiness`: finding tasks with ready steps: the listener and classifier, the event
+//!   system, the fallback poller, the deadline scheduler, the command processor, the
+//!   deployment-mode controller
+//! - `api`: the tonic services, auth, connection caps, the error-to-status mapping, the worker
+//!   client
+//! - `app`: the composition root: the `Engine` (everything above assembled), build (can fail),
+//!   run (cannot), graceful shutdown
+//!
+//! The `tasker` binary (`src/bin/tasker`: command line, `ctl` client, benchmark) uses the
+//! library from outside.
 
-mod announce;
+mod api;
 mod app;
-pub mod client;
-mod commands;
-mod completions;
+mod cluster;
 pub mod config;
-mod coordinator;
-mod core;
-mod dag;
-mod deadlines;
-mod enqueue;
-mod events;
-mod fleet;
-mod grpc;
-pub mod limits;
-mod local_db;
-mod maintenance;
-mod metrics;
-mod namespaces;
-mod poller;
+mod dispatch;
+mod model;
 pub mod proto;
-mod quota;
+mod readiness;
 mod store;
 pub mod telemetry;
-mod vocabulary;
-mod wakeups;
-mod worker;
+
+pub use api::client;
+pub use model::limits;
 
 pub use app::{shutdown_signal, App};
 
@@ -82,27 +66,24 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// API: nothing here is stable, and it is hidden from the documentation.
 #[doc(hidden)]
 pub mod internal {
-    pub use crate::commands::{
-        CommandEvent, CommandFailure, CommandOutcome, CommandPhase, CommandProcessor,
-        CommandProcessorHandle, CommandResult, OrchestrationCommand, SubmitError,
+    pub use crate::api::convert::{mode_from_proto, uuid as parse_uuid_field};
+    pub use crate::api::{ApiContext, GrpcServer};
+    pub use crate::app::Engine;
+    pub use crate::dispatch::WorkerQueue;
+    pub use crate::model::command::{EnqueueOutcome, TriggeredBy};
+    pub use crate::model::dag::{StepSpec, TaskSpec, Violation};
+    pub use crate::model::limits;
+    pub use crate::readiness::{
+        payload_traceparent, ClassifyError, CommandEvent, CommandFailure, CommandOutcome,
+        CommandPhase, CommandProcessor, CommandProcessorHandle, CommandResult,
+        DeploymentModeController, EventKind, ListenerState, ListenerStatus, ModeControllerStatus,
+        OrchestrationCommand, PollerStatus, ReadinessEventClassifier, SubmitError,
+        TaskReadinessEvent, TaskReadyEvent,
     };
-    pub use crate::coordinator::{CoordinatorStatus, UnifiedEventCoordinator};
-    pub use crate::core::OrchestrationCore;
-    pub use crate::dag::{StepSpec, TaskSpec, Violation};
-    pub use crate::events::{
-        payload_traceparent, ClassifyError, EventKind, ListenerState, ListenerStatus,
-        ReadinessEventClassifier, TaskReadinessEvent, TaskReadyEvent,
-    };
-    pub use crate::grpc::convert::{mode_from_proto, uuid as parse_uuid_field};
-    pub use crate::grpc::{ApiContext, GrpcServer};
-    pub use crate::limits;
-    pub use crate::local_db::{
+    pub use crate::store::local::{
         find_bin_dir, listener_owner, local_server_is_trusted, resolve as resolve_database,
         with_database, EmbeddedCluster, LocalDbError, ResolvedDatabase,
     };
-    pub use crate::metrics::Metrics;
-    pub use crate::poller::PollerStatus;
     pub use crate::store::*;
-    pub use crate::vocabulary::{EnqueueOutcome, TriggeredBy};
-    pub use crate::worker::WorkerQueue;
+    pub use crate::telemetry::metrics::Metrics;
 }

@@ -380,7 +380,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn malformed_notifications_from_outside_are_ignored(pool: PgPool) {
     let core = start_core(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
-    let generation = core.coordinator.status().listener.generation;
+    let generation = core.mode_controller.status().listener.generation;
     let mut runner = TestRunner::new(Config::default());
     let payload = "\\PC{0,200}";
     for i in 0..200 {
@@ -402,7 +402,7 @@ async fn malformed_notifications_from_outside_are_ignored(pool: PgPool) {
     let store = tasker::internal::Store::new(pool.clone());
     let t = create(&store, TaskSpec::diamond("after-junk")).await;
     work_until_done(&core, &pool, "after-junk", &[t.task_uuid], WAIT).await;
-    let status = core.coordinator.status().listener;
+    let status = core.mode_controller.status().listener;
     assert_eq!(status.generation, generation, "no reconnect was needed");
     assert_eq!(status.state, tasker::internal::ListenerState::Listening);
     core.shutdown().await;

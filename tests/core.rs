@@ -52,14 +52,14 @@ async fn hybrid_diamond_and_chain_complete_by_events_alone(pool: PgPool) {
     );
 
     // the poller keeps running and finds nothing: events did all the work
-    let mut poller = core.coordinator.poller_status();
+    let mut poller = core.mode_controller.poller_status();
     let before = poller.borrow().rounds;
     poller
         .wait_for(|s| s.rounds >= before + 2)
         .await
         .expect("poller alive");
     assert_eq!(
-        core.coordinator
+        core.mode_controller
             .poller_status()
             .borrow()
             .fallback_tasks_found_total,
@@ -74,7 +74,7 @@ async fn listener_killed_mid_workflow_reconnects_and_catches_up(pool: PgPool) {
     let core = start_core(&pool, &test_config(EventDrivenOnly)).await;
     let store = Store::new(pool.clone());
     let chain = create(&store, TaskSpec::chain(NS, 10)).await;
-    let status = core.coordinator.listener_status();
+    let status = core.mode_controller.listener_status();
     let mut kills = 0;
     work_until_done_with(&core, &pool, NS, &[chain.task_uuid], LONG, |s| {
         if kills >= 3 || !s.name.ends_with(['2', '5', '7']) {
@@ -100,7 +100,7 @@ async fn listener_killed_mid_workflow_reconnects_and_catches_up(pool: PgPool) {
     })
     .await;
     assert_eq!(kills, 3);
-    assert!(core.coordinator.status().listener.reconnects >= 3);
+    assert!(core.mode_controller.status().listener.reconnects >= 3);
     assert_eq!(enqueue_count(&pool).await, 10);
     assert_exactly_once_in_order(&pool).await;
     core.shutdown().await;
@@ -110,13 +110,13 @@ async fn listener_killed_mid_workflow_reconnects_and_catches_up(pool: PgPool) {
 async fn polling_only_completes_with_nothing_listening(pool: PgPool) {
     let core = start_core(&pool, &test_config(PollingOnly)).await;
     // the start-up sweep is over before the task exists: only periodic rounds can find it
-    let mut poller = core.coordinator.poller_status();
+    let mut poller = core.mode_controller.poller_status();
     tokio::time::timeout(WAIT, poller.wait_for(|s| s.catch_up_sweeps >= 1))
         .await
         .expect("start-up sweep")
         .unwrap();
     assert_eq!(
-        core.coordinator.status().listener.state,
+        core.mode_controller.status().listener.state,
         ListenerState::Disabled
     );
     let listening: i64 = sqlx::query_scalar(
@@ -132,9 +132,13 @@ async fn polling_only_completes_with_nothing_listening(pool: PgPool) {
     assert_exactly_once_in_order(&pool).await;
     // a, then b and c, then d: three hops, each found by a periodic round
     assert!(
-        core.coordinator.status().poller.fallback_tasks_found_total >= 3,
+        core.mode_controller
+            .status()
+            .poller
+            .fallback_tasks_found_total
+            >= 3,
         "{:?}",
-        core.coordinator.status().poller
+        core.mode_controller.status().poller
     );
     core.shutdown().await;
 }
@@ -166,7 +170,7 @@ async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
             .await
             .unwrap();
         assert_eq!(leased.len(), 1, "the chain's next step, in {}", pair[0]);
-        assert_eq!(core.coordinator.set_mode(pair[1]), pair[0]);
+        assert_eq!(core.mode_controller.set_mode(pair[1]), pair[0]);
         assert_mode_in_effect(&core, &pool, pair[1], interval).await;
         complete(&store, &leased[0]).await;
     }
@@ -176,7 +180,7 @@ async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
         .await
         .unwrap();
     complete(&store, &last[0]).await;
-    assert_eq!(core.coordinator.mode(), Hybrid);
+    assert_eq!(core.mode_controller.mode(), Hybrid);
     assert_eq!(
         store.get_task(chain.task_uuid).await.unwrap().state,
         "complete"
@@ -266,7 +270,7 @@ async fn overload_is_refused_then_everything_is_processed(pool: PgPool) {
     // nothing awaited since the burst: the queue is still full, so the refusal is immediate
     assert!(matches!(api_refusal, Err(SubmitError::Overloaded)));
     // the poller's catch-up sweeps (requested when events were refused) do the rest
-    core.coordinator.request_catch_up();
+    core.mode_controller.request_catch_up();
     work_until_done(&core, &pool, NS, &tasks, LONG).await;
     assert_exactly_once_in_order(&pool).await;
     let mut rejected = 0;
@@ -334,7 +338,7 @@ async fn instance_serving_one_namespace_ignores_the_others(pool: PgPool) {
     let alpha = create(&store, TaskSpec::chain("alpha", 3)).await;
     let beta = create(&store, TaskSpec::chain("beta", 3)).await;
     work_until_done(&core, &pool, "alpha", &[alpha.task_uuid], LONG).await;
-    let mut poller = core.coordinator.poller_status();
+    let mut poller = core.mode_controller.poller_status();
     let before = poller.borrow().rounds;
     poller.wait_for(|s| s.rounds >= before + 2).await.unwrap();
     let ctx = store.execution_context(beta.task_uuid).await.unwrap();

@@ -31,7 +31,7 @@ async fn a_lost_event_is_made_good_within_30_s_with_the_default_settings(pool: P
     // next one only if it comes within the age threshold; it cannot, so this waits a full
     // jittered interval plus whatever of the age is left)
     let rounds = |s: &tasker::internal::PollerStatus| s.rounds;
-    let mut poller = server.core.coordinator.poller_status();
+    let mut poller = server.core.mode_controller.poller_status();
     let before = rounds(&poller.borrow_and_update());
     tokio::time::timeout(BOUND, async {
         while rounds(&poller.borrow_and_update()) == before {
@@ -77,7 +77,7 @@ async fn a_lost_event_is_made_good_within_30_s_with_the_default_settings(pool: P
     assert!(took <= BOUND, "took {took:?}");
     let found = server
         .core
-        .coordinator
+        .mode_controller
         .status()
         .poller
         .fallback_tasks_found_total;

@@ -371,7 +371,7 @@ async fn f1_listener_killed_repeatedly(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::EventDrivenOnly)).await;
     let tasks = create_workload(server.addr, "f1").await;
     let workers = Workers::start(vec![server.addr], "f1", 8);
-    let mut status = server.core.coordinator.listener_status();
+    let mut status = server.core.mode_controller.listener_status();
     let mut kills = 0;
     while !all_final(&pool, &tasks).await && kills < 10 {
         let st = status
@@ -945,7 +945,7 @@ async fn f8_notifications_lost_poller_recovers(pool: PgPool) {
     workers.stop().await;
     let found = server
         .core
-        .coordinator
+        .mode_controller
         .status()
         .poller
         .fallback_tasks_found_total;

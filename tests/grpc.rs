@@ -728,7 +728,7 @@ async fn list_ready_tasks_pages_best_first(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::PollingOnly);
     cfg.orchestration.task_readiness.fallback_polling_interval = Duration::from_secs(600);
     let server = TestServer::start(&pool, &cfg).await;
-    let mut poller = server.core.coordinator.poller_status();
+    let mut poller = server.core.mode_controller.poller_status();
     tokio::time::timeout(WAIT, poller.wait_for(|s| s.catch_up_sweeps >= 1))
         .await
         .unwrap()

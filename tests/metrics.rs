@@ -74,7 +74,7 @@ async fn core_emits_every_named_metric_with_the_values_the_work_implies(pool: Pg
         .execute(&pool)
         .await
         .unwrap();
-    let mut status = core.coordinator.listener_status();
+    let mut status = core.mode_controller.listener_status();
     let generation = status.borrow().generation;
     let pid = status.borrow().backend_pid.unwrap();
     sqlx::query("SELECT pg_terminate_backend($1)")
@@ -86,7 +86,7 @@ async fn core_emits_every_named_metric_with_the_values_the_work_implies(pool: Pg
         .wait_for(|s| s.generation > generation && s.state == ListenerState::Listening)
         .await
         .unwrap();
-    let mut poller = core.coordinator.poller_status();
+    let mut poller = core.mode_controller.poller_status();
     poller.wait_for(|s| s.rounds >= 1).await.unwrap();
 
     provider.force_flush().unwrap();

@@ -1,7 +1,8 @@
-//! The library's modules depend on each other in one direction only: reading `src/`, this
-//! builds the graph of `crate::<module>` references between top-level modules and fails on a
-//! cycle (two modules that import each other, directly or around a loop). Run with
-//! `--nocapture` to print the graph.
+//! The library's subsystems (the folders of `src/`) are layered: each may use the ones below
+//! it in [`LAYERS`] and none above. Reading `src/`, this builds the graph of `crate::<subsystem>`
+//! references between subsystems and fails on a back edge (a subsystem naming one above it),
+//! on a top-level entry missing from the layering, and, as a second line, on any cycle. Run
+//! with `--nocapture` to print the graph.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,20 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// The subsystems, bottom first. A subsystem may name only the ones before it.
+const LAYERS: &[&str] = &[
+    "proto",     // the generated tasker.v1 types and their conversions
+    "model",     // the domain's words and rules: DAGs, limits, namespace names, commands
+    "config",    // TaskerConfig: sections, defaults, loading, validation
+    "telemetry", // logs, traces, metrics by name
+    "store",     // the pool, migrations and every SQL statement; the local database
+    "cluster",   // the replica registry, the claim split, the heartbeat
+    "dispatch",  // claim-and-enqueue, parked fetches, announcements, the workers' side
+    "readiness", // listener, classifier, event system, poller, deadlines, commands, mode
+    "api",       // the gRPC services, auth, connections, the worker client
+    "app",       // the composition root: the engine assembled, build, run, shutdown
+];
 
 /// Top-level module -> the top-level modules its code names as `crate::<module>`.
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
@@ -81,15 +96,38 @@ fn cycle_from(
     None
 }
 
+fn layer(module: &str) -> usize {
+    LAYERS
+        .iter()
+        .position(|l| *l == module)
+        .unwrap_or_else(|| panic!("src/{module} is not in LAYERS: place it in the layering"))
+}
+
 #[test]
-fn modules_do_not_import_each_other_in_a_cycle() {
+fn subsystems_use_only_the_layers_below_them() {
     let graph = graph();
+    let mut back_edges = Vec::new();
     for (module, deps) in &graph {
         println!(
             "{module} -> {}",
             deps.iter().cloned().collect::<Vec<_>>().join(", ")
         );
+        for dep in deps {
+            if layer(dep) >= layer(module) {
+                back_edges.push(format!("{module} -> {dep}"));
+            }
+        }
     }
+    assert!(
+        back_edges.is_empty(),
+        "back edges (a subsystem naming one at or above its own layer): {}",
+        back_edges.join(", ")
+    );
+}
+
+#[test]
+fn subsystems_do_not_import_each_other_in_a_cycle() {
+    let graph = graph();
     for module in graph.keys() {
         let mut path = vec![module.clone()];
         let cycle = cycle_from(&graph, module, module, &mut path, &mut BTreeSet::new());

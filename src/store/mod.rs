@@ -9,6 +9,8 @@
 //!   deadlines
 //! - `replicas`: the replica registry's heartbeats and the fleet listing
 //! - `cancel`: [`cancel::CancelOnDrop`], a statement cancelled when its request is dropped
+//! - `local`: finding or starting a PostgreSQL to run against (the embedded cluster)
+//! - `maintenance`: vacuuming the churn tables when autovacuum is off
 //! - `diagnostics`: what the benchmark and operators measure (hop latencies from the history,
 //!   the commit + NOTIFY floor, server settings), and emptying a scratch database
 //!
@@ -18,6 +20,8 @@
 mod cancel;
 mod diagnostics;
 mod error;
+pub mod local;
+pub mod maintenance;
 mod replicas;
 mod steps;
 mod tasks;
@@ -35,8 +39,7 @@ pub use steps::{
     StepFailure, Taker, TaskRef,
 };
 pub use tasks::{
-    CancelOutcome, CreatedTask, NewStep, NewTask, StepRecord, StepState, TaskListQuery, TaskRecord,
-    TaskTransition,
+    CancelOutcome, CreatedTask, StepRecord, StepState, TaskListQuery, TaskRecord, TaskTransition,
 };
 pub use views::{ExecutionContext, ReadyRank, ReadyTask, StepReadiness};
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::vocabulary::EnqueueOutcome;
+use crate::model::command::EnqueueOutcome;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnqueueResult {

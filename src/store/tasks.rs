@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{Store, StoreError};
+use crate::model::dag::NewTask;
 
 /// One state change of a task, from its history.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -47,36 +48,6 @@ pub struct TaskListQuery {
 pub enum CancelOutcome {
     Cancelled,
     AlreadyCancelled,
-}
-
-/// A task to create. Validation of the DAG's shape happens before this (see `crate::dag`);
-/// the database re-checks what it can.
-#[derive(Debug, Clone)]
-pub struct NewTask {
-    pub task_uuid: Uuid,
-    pub namespace: String,
-    pub name: String,
-    pub priority: i32,
-    pub context: Value,
-    /// The context's size as sent (a response budget counts it before reading the context).
-    pub context_bytes: i32,
-    pub idempotency_key: Option<String>,
-    pub steps: Vec<NewStep>,
-}
-
-/// A step to create, as `tasker.create_task` takes it: parents already resolved to uuids,
-/// `position` a topological order of the task (every parent lower than its children).
-#[derive(Debug, Clone, Serialize)]
-pub struct NewStep {
-    pub step_uuid: Uuid,
-    pub name: String,
-    pub position: i32,
-    pub parents: Vec<Uuid>,
-    pub max_attempts: i32,
-    pub retryable: bool,
-    pub inputs: Value,
-    /// The inputs' size as sent.
-    pub inputs_bytes: i32,
 }
 
 /// What `create_task` returns: the task and its steps' uuids by name.
@@ -518,7 +489,7 @@ impl Store {
             ))),
             "attempts_exhausted" => Err(StoreError::FailedPrecondition(format!(
                 "a failed step of task {task_uuid} would need more than {} attempts in all",
-                crate::limits::MAX_ATTEMPTS
+                crate::model::limits::MAX_ATTEMPTS
             ))),
             other => Err(StoreError::unexpected("tasker.retry_task", other)),
         }

@@ -156,9 +156,9 @@ pub fn failure(
 // ---- helpers for tests that run the orchestration core ----
 
 use tasker::config::{DeploymentMode, TaskerConfig};
+use tasker::internal::Engine;
 use tasker::internal::ListenerState;
 use tasker::internal::Metrics;
-use tasker::internal::OrchestrationCore;
 
 /// A configuration for tests: fast polling, no age threshold, quick claim retries.
 pub fn test_config(mode: DeploymentMode) -> TaskerConfig {
@@ -172,7 +172,7 @@ pub fn test_config(mode: DeploymentMode) -> TaskerConfig {
     c
 }
 
-pub async fn start_core(pool: &PgPool, config: &TaskerConfig) -> OrchestrationCore {
+pub async fn start_core(pool: &PgPool, config: &TaskerConfig) -> Engine {
     start_core_with(pool, config, Metrics::noop()).await
 }
 
@@ -184,13 +184,9 @@ pub fn init_logs() {
         .try_init();
 }
 
-pub async fn start_core_with(
-    pool: &PgPool,
-    config: &TaskerConfig,
-    metrics: Metrics,
-) -> OrchestrationCore {
+pub async fn start_core_with(pool: &PgPool, config: &TaskerConfig, metrics: Metrics) -> Engine {
     init_logs();
-    let core = OrchestrationCore::start(Store::new(pool.clone()), config, metrics);
+    let core = Engine::start(Store::new(pool.clone()), config, metrics);
     assert!(core.wait_ready(WAIT).await, "core did not become ready");
     core
 }
@@ -210,7 +206,7 @@ pub async fn all_final(pool: &PgPool, tasks: &[Uuid]) -> bool {
 /// Act as a worker on `namespace` until every task in `tasks` is final: lease (long-poll),
 /// complete. Returns the steps in the order they were leased. Fails after `timeout`.
 pub async fn work_until_done(
-    core: &OrchestrationCore,
+    core: &Engine,
     pool: &PgPool,
     namespace: &str,
     tasks: &[Uuid],
@@ -230,7 +226,7 @@ pub async fn work_until_done(
 /// [`work_until_done`], running `before_complete` on each leased step before completing it
 /// (to inject a fault, switch a mode, ...).
 pub async fn work_until_done_with(
-    core: &OrchestrationCore,
+    core: &Engine,
     pool: &PgPool,
     namespace: &str,
     tasks: &[Uuid],
@@ -329,7 +325,7 @@ use tonic::transport::Channel;
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub core: std::sync::Arc<OrchestrationCore>,
+    pub core: std::sync::Arc<Engine>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -358,7 +354,7 @@ impl TestServer {
         let core = std::sync::Arc::new(start_core_with(pool, config, metrics).await);
         let server = GrpcServer::bind(addr).await.unwrap();
         let addr = server.local_addr().unwrap();
-        let ctx = ApiContext::new(&core, config);
+        let ctx = ApiContext::new(core.handles(), config);
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let grpc = config.grpc.clone();
         let join = tokio::spawn(async move {
@@ -456,12 +452,12 @@ pub async fn listen_connections(pool: &PgPool) -> Vec<i32> {
 /// - polling modes: periodic rounds run (one more happens); otherwise they stop (none in
 ///   three polling intervals).
 pub async fn assert_mode_in_effect(
-    core: &OrchestrationCore,
+    core: &Engine,
     pool: &PgPool,
     mode: DeploymentMode,
     interval: Duration,
 ) {
-    let mut listener = core.coordinator.listener_status();
+    let mut listener = core.mode_controller.listener_status();
     let status = tokio::time::timeout(
         WAIT,
         listener.wait_for(|s| {
@@ -487,7 +483,7 @@ pub async fn assert_mode_in_effect(
         // the backend of a closed connection leaves pg_stat_activity a moment after the close
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut poller = core.coordinator.poller_status();
+    let mut poller = core.mode_controller.poller_status();
     let periodic = tokio::time::timeout(WAIT, poller.wait_for(|s| s.periodic == mode.polls()))
         .await
         .unwrap_or_else(|_| panic!("{mode}: the poller's periodic rounds did not follow"))

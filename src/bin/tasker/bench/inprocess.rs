@@ -1,7 +1,7 @@
 //! `tasker bench --in-process`: the service's own floor, all modes in one run, with workers
 //! inside the process (no gRPC, no second process: what the service itself costs).
 //!
-//! For each deployment mode and each concurrency C, it starts an `OrchestrationCore` in that
+//! For each deployment mode and each concurrency C, it starts an `Engine` in that
 //! mode against a scratch database, runs C chains at once (each in its own namespace, with
 //! one in-process worker long-polling that namespace, so a "hop" is unambiguous), replaces a
 //! chain with a new one when it finishes, and measures over a fixed window after a warm-up:
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tasker::config::{DeploymentMode, TaskerConfig};
-use tasker::internal::{Metrics, OrchestrationCore, Store, StoreError, TaskSpec, WorkerQueue};
+use tasker::internal::{Engine, Metrics, Store, StoreError, TaskSpec, WorkerQueue};
 
 use super::{LatencyStats, FLOOR_ROUNDS};
 
@@ -173,7 +173,7 @@ async fn scenario(
     duration: Duration,
     floor: &LatencyStats,
 ) -> anyhow::Result<ScenarioReport> {
-    let core = OrchestrationCore::start(store.clone(), cfg, Metrics::noop());
+    let core = Engine::start(store.clone(), cfg, Metrics::noop());
     if !core.wait_ready(Duration::from_secs(10)).await {
         anyhow::bail!("core did not become ready in {mode}");
     }
@@ -202,7 +202,11 @@ async fn scenario(
         hops.extend(h);
         completed += c;
     }
-    let poller_tasks_found = core.coordinator.status().poller.fallback_tasks_found_total;
+    let poller_tasks_found = core
+        .mode_controller
+        .status()
+        .poller
+        .fallback_tasks_found_total;
     core.shutdown().await;
 
     let enqueue = store

@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use tasker::config::{DeploymentMode, TaskerConfig};
-use tasker::internal::{Metrics, OrchestrationCore, Store, StoreError, TaskSpec};
+use tasker::internal::{Engine, Metrics, Store, StoreError, TaskSpec};
 
 use super::LatencyStats;
 
@@ -79,7 +79,7 @@ pub async fn soak(
     store.migrate().await?;
     store.truncate_all().await?;
     let synchronous_commit = store.server_settings().await?.synchronous_commit;
-    let core = OrchestrationCore::start(store.clone(), &cfg, Metrics::noop());
+    let core = Engine::start(store.clone(), &cfg, Metrics::noop());
     if !core.wait_ready(Duration::from_secs(10)).await {
         anyhow::bail!("core did not become ready");
     }

@@ -1,0 +1,82 @@
+//! What every service handler shares: the store, the engine's handles, limits and uptime.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Fleet;
+use crate::config::TaskerConfig;
+use crate::dispatch::worker::WorkerQueue;
+use crate::readiness::commands::CommandProcessorHandle;
+use crate::readiness::mode::DeploymentModeController;
+use crate::readiness::task_changes::TaskWatches;
+use crate::store::Store;
+
+/// The running engine's parts the API serves from. The composition root (`app::Engine`)
+/// hands them over, so the API depends on the subsystems and not on their assembly.
+#[derive(Clone)]
+pub struct EngineHandles {
+    pub store: Store,
+    pub commands: CommandProcessorHandle,
+    pub mode_controller: Arc<DeploymentModeController>,
+    pub workers: WorkerQueue,
+    pub fleet: Fleet,
+    pub watches: TaskWatches,
+}
+
+#[derive(Clone)]
+pub struct ApiContext {
+    pub store: Store,
+    pub commands: CommandProcessorHandle,
+    pub mode_controller: Arc<DeploymentModeController>,
+    pub workers: WorkerQueue,
+    pub fleet: Fleet,
+    pub watches: TaskWatches,
+    /// The feeds of the tasks WatchTask streams follow, and the streams' places.
+    pub feeds: super::task_watch::TaskFeeds,
+    /// A replica silent this long is not listed (`orchestration.replicas.gone_after_ms`).
+    pub replica_gone_after: Duration,
+    pub max_fetch_wait: Duration,
+    /// The largest response the server encodes (`grpc.max_response_bytes`).
+    pub max_response_bytes: usize,
+    pub started: Instant,
+    /// Cancelled when shutdown begins: streams end and long-polls return, so that the
+    /// server's graceful shutdown is not held open by observers that never hang up.
+    draining: CancellationToken,
+}
+
+impl ApiContext {
+    pub fn new(engine: EngineHandles, config: &TaskerConfig) -> Self {
+        Self {
+            store: engine.store,
+            commands: engine.commands,
+            mode_controller: engine.mode_controller,
+            workers: engine.workers,
+            fleet: engine.fleet,
+            watches: engine.watches,
+            feeds: super::task_watch::TaskFeeds::new(
+                config.grpc.max_watch_streams,
+                config.grpc.max_watch_streams_per_caller,
+            ),
+            replica_gone_after: config.orchestration.replicas.gone_after,
+            max_fetch_wait: config.grpc.max_fetch_wait,
+            max_response_bytes: config.grpc.max_response_bytes,
+            started: Instant::now(),
+            draining: CancellationToken::new(),
+        }
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.cancel();
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Resolves when shutdown begins.
+    pub fn drained(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.draining.clone().cancelled_owned()
+    }
+}

@@ -1,0 +1,284 @@
+//! `tasker.v1.WorkerService`: lease steps (long-poll), complete, fail, extend a lease.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use super::auth::Caller;
+use super::context::ApiContext;
+use super::convert::{self, bounded, repeated_entry_len, uuid};
+use super::error::{invalid, Violations};
+use crate::dispatch::worker::{CompleteOutcome, Fetch};
+use crate::model::dag::name_problem;
+use crate::model::namespaces::namespace_name_problem;
+use crate::proto::struct_to_json;
+use crate::proto::{self, v1};
+use crate::store::{FailOutcome, HeldLease, LeasedStep, StepFailure};
+use uuid::Uuid;
+
+const MAX_STEPS_PER_FETCH: i64 = 100;
+const DEFAULT_LEASE_SECONDS: i64 = 30;
+const MAX_LEASE_SECONDS: i64 = 3600;
+const MAX_BACKOFF_MS: i64 = 24 * 3600 * 1000;
+const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+
+pub struct WorkerApi {
+    ctx: ApiContext,
+}
+
+impl WorkerApi {
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+}
+
+/// The attempt a report names, and the token proving its lease; every bad field reported.
+fn held_lease(step_uuid: &str, attempt: i32, lease_token: &str) -> Result<HeldLease, Status> {
+    let mut bad = Violations::default();
+    let step_uuid = bad.check(uuid("step_uuid", step_uuid));
+    let attempt = bad.check(if attempt < 1 {
+        Err(invalid(
+            "attempt",
+            format!("must be >= 1 (the attempt the step was leased as), is {attempt}"),
+        ))
+    } else {
+        Ok(attempt)
+    });
+    let lease_token = bad.check(if lease_token.is_empty() {
+        Err(invalid(
+            "lease_token",
+            "is required: send the lease_token of the LeasedStep this attempt was leased as",
+        ))
+    } else {
+        Uuid::parse_str(lease_token)
+            .map_err(|_| invalid("lease_token", "is not a lease token this service issued"))
+    });
+    bad.into_result()?;
+    match (step_uuid, attempt, lease_token) {
+        (Some(step_uuid), Some(attempt), Some(lease_token)) => Ok(HeldLease {
+            step_uuid,
+            attempt,
+            lease_token,
+        }),
+        _ => unreachable!("a field that failed its check is a violation"),
+    }
+}
+
+#[tonic::async_trait]
+impl v1::worker_service_server::WorkerService for WorkerApi {
+    async fn fetch_steps(
+        &self,
+        request: Request<v1::FetchStepsRequest>,
+    ) -> Result<Response<v1::FetchStepsResponse>, Status> {
+        let caller = Caller::of(&request);
+        let r = request.into_inner();
+        if let Some(p) = namespace_name_problem(&r.namespace) {
+            return Err(invalid("namespace", p));
+        }
+        if let Some(p) = name_problem(&r.worker_id) {
+            return Err(invalid("worker_id", p));
+        }
+        let max = bounded(
+            "max_steps",
+            i64::from(r.max_steps),
+            1,
+            1,
+            MAX_STEPS_PER_FETCH,
+        )?;
+        let max_wait = self.ctx.max_fetch_wait.as_millis() as i64;
+        if r.wait_ms < 0 || i64::from(r.wait_ms) > max_wait {
+            return Err(invalid(
+                "wait_ms",
+                format!("must be between 0 and {max_wait}, is {}", r.wait_ms),
+            ));
+        }
+        let lease = bounded(
+            "lease_seconds",
+            i64::from(r.lease_seconds),
+            DEFAULT_LEASE_SECONDS,
+            1,
+            MAX_LEASE_SECONDS,
+        )?;
+        // the wait (never a query in flight) ends early when the server begins to shut down
+        let steps = self
+            .ctx
+            .workers
+            .fetch_until(
+                Fetch {
+                    namespace: &r.namespace,
+                    worker_id: &r.worker_id,
+                    caller: &caller.0,
+                    max: max as i32,
+                    wait: Duration::from_millis(r.wait_ms as u64),
+                    lease: Duration::from_secs(lease as u64),
+                },
+                self.ctx.drained(),
+            )
+            .await?;
+        // Every step leased here is delivered: those past the response budget go back on
+        // the queue at the same attempt instead of failing the whole response at encoding,
+        // and one that no response could carry fails for good, once, instead of being
+        // leased and lost attempt after attempt.
+        let Delivery {
+            steps,
+            excess,
+            undeliverable,
+        } = deliver(steps, self.ctx.max_response_bytes);
+        if !excess.is_empty() {
+            self.ctx
+                .workers
+                .give_back(&r.namespace, &r.worker_id, excess)
+                .await;
+        }
+        for (step, why) in undeliverable {
+            self.ctx.workers.fail_undeliverable(&step, &why).await;
+        }
+        Ok(Response::new(v1::FetchStepsResponse { steps }))
+    }
+
+    async fn complete_step(
+        &self,
+        request: Request<v1::CompleteStepRequest>,
+    ) -> Result<Response<v1::CompleteStepResponse>, Status> {
+        let traceparent = crate::telemetry::current_traceparent();
+        let r = request.into_inner();
+        let lease = held_lease(&r.step_uuid, r.attempt, &r.lease_token)?;
+        let results = convert::document("results", struct_to_json(r.results))?;
+        let outcome = self
+            .ctx
+            .workers
+            .complete(lease, &results, None, traceparent.as_deref())
+            .await?;
+        Ok(Response::new(v1::CompleteStepResponse {
+            already_recorded: outcome == CompleteOutcome::AlreadyRecorded,
+        }))
+    }
+
+    async fn fail_step(
+        &self,
+        request: Request<v1::FailStepRequest>,
+    ) -> Result<Response<v1::FailStepResponse>, Status> {
+        let traceparent = crate::telemetry::current_traceparent();
+        let r = request.into_inner();
+        let lease = held_lease(&r.step_uuid, r.attempt, &r.lease_token)?;
+        convert::text(
+            "error_message",
+            &r.error_message,
+            MAX_ERROR_MESSAGE_BYTES,
+            true,
+        )?;
+        if r.backoff_ms < 0 || r.backoff_ms > MAX_BACKOFF_MS {
+            return Err(invalid(
+                "backoff_ms",
+                format!(
+                    "must be between 0 and {MAX_BACKOFF_MS}, is {}",
+                    r.backoff_ms
+                ),
+            ));
+        }
+        let details = convert::document("error_details", struct_to_json(r.error_details))?;
+        let failure = StepFailure {
+            error: json!({"message": r.error_message, "details": details}),
+            retryable: r.retryable,
+            backoff_ms: r.backoff_ms,
+        };
+        let outcome = self
+            .ctx
+            .workers
+            .fail(lease, &failure, traceparent.as_deref())
+            .await?;
+        Ok(Response::new(match outcome {
+            FailOutcome::RetryScheduled { next_retry_at } => v1::FailStepResponse {
+                outcome: v1::FailStepOutcome::RetryScheduled.into(),
+                next_retry_at: Some(proto::timestamp(next_retry_at)),
+            },
+            FailOutcome::Failed => v1::FailStepResponse {
+                outcome: v1::FailStepOutcome::Failed.into(),
+                next_retry_at: None,
+            },
+        }))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<v1::ExtendLeaseRequest>,
+    ) -> Result<Response<v1::ExtendLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let held = held_lease(&r.step_uuid, r.attempt, &r.lease_token)?;
+        let lease = bounded(
+            "lease_seconds",
+            i64::from(r.lease_seconds),
+            DEFAULT_LEASE_SECONDS,
+            1,
+            MAX_LEASE_SECONDS,
+        )?;
+        let until = self
+            .ctx
+            .workers
+            .extend_lease(held, Duration::from_secs(lease as u64))
+            .await?;
+        Ok(Response::new(v1::ExtendLeaseResponse {
+            lease_expires_at: Some(proto::timestamp(until)),
+        }))
+    }
+}
+
+/// What a FetchSteps response carries of the steps leased for it.
+struct Delivery {
+    steps: Vec<v1::LeasedStep>,
+    /// Leased, but past the response budget: back on the queue for the next fetch.
+    excess: Vec<LeasedStep>,
+    /// Steps no response can carry (too large or too deeply nested for any client to
+    /// decode), each with the reason. Only data stored before the limits that prevent them
+    /// (documents' size and nesting as sent, the parent-results budget) can be such.
+    undeliverable: Vec<(LeasedStep, String)>,
+}
+
+/// The leased steps as the response carries them: as many as fit `budget` bytes, in order.
+fn deliver(steps: Vec<LeasedStep>, budget: usize) -> Delivery {
+    use crate::model::limits::{document_depth, MAX_DOCUMENT_DEPTH};
+    let mut d = Delivery {
+        steps: Vec::with_capacity(steps.len()),
+        excess: Vec::new(),
+        undeliverable: Vec::new(),
+    };
+    let mut used = 0;
+    for s in steps {
+        // parent_results nests each parent's results one level down
+        if document_depth(&s.inputs) > MAX_DOCUMENT_DEPTH
+            || document_depth(&s.parent_results) > MAX_DOCUMENT_DEPTH + 1
+        {
+            let why = format!(
+                "its inputs or its parents' results nest deeper than {MAX_DOCUMENT_DEPTH} levels, more than clients can decode"
+            );
+            d.undeliverable.push((s, why));
+            continue;
+        }
+        let message = v1::LeasedStep {
+            step_uuid: s.step_uuid.to_string(),
+            task_uuid: s.task_uuid.to_string(),
+            name: s.name.clone(),
+            attempt: s.attempt,
+            inputs: Some(proto::json_to_struct(&s.inputs)),
+            parent_results: Some(proto::json_to_struct(&s.parent_results)),
+            lease_expires_at: Some(proto::timestamp(s.lease_expires_at)),
+            lease_token: s.lease_token.simple().to_string(),
+        };
+        let size = repeated_entry_len(&message);
+        if size > budget {
+            let why = format!(
+                "it takes {size} bytes as sent, more than a response may (grpc.max_response_bytes = {budget})"
+            );
+            d.undeliverable.push((s, why));
+            continue;
+        }
+        if !d.excess.is_empty() || used + size > budget {
+            d.excess.push(s);
+            continue;
+        }
+        used += size;
+        d.steps.push(message);
+    }
+    d
+}
