@@ -73,6 +73,7 @@ pub mod internal {
     pub use crate::model::command::{EnqueueOutcome, TriggeredBy};
     pub use crate::model::dag::{StepSpec, TaskSpec, Violation};
     pub use crate::model::limits;
+    pub use crate::model::states::{ExecutionStatus, StepState, TaskState};
     pub use crate::readiness::{
         payload_traceparent, ClassifyError, CommandEvent, CommandFailure, CommandOutcome,
         CommandPhase, CommandProcessor, CommandProcessorHandle, CommandResult,

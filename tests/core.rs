@@ -11,8 +11,8 @@ use sqlx::PgPool;
 use tasker::config::DeploymentMode::{self, EventDrivenOnly, Hybrid, PollingOnly};
 use tasker::internal::ListenerState;
 use tasker::internal::{CommandPhase, OrchestrationCommand, SubmitError, TriggeredBy};
+use tasker::internal::{ExecutionStatus, Store, StoreError, TaskState};
 use tasker::internal::{StepSpec, TaskSpec};
-use tasker::internal::{Store, StoreError};
 
 const NS: &str = "core";
 const LONG: Duration = Duration::from_secs(60);
@@ -39,7 +39,10 @@ async fn hybrid_diamond_and_chain_complete_by_events_alone(pool: PgPool) {
     assert_eq!(enqueue_count(&pool).await, 24);
     assert_exactly_once_in_order(&pool).await;
     for t in [&diamond, &chain] {
-        assert_eq!(store.get_task(t.task_uuid).await.unwrap().state, "complete");
+        assert_eq!(
+            store.get_task(t.task_uuid).await.unwrap().state,
+            TaskState::Complete
+        );
     }
     let chain_order: Vec<String> = leased
         .iter()
@@ -183,7 +186,7 @@ async fn mode_switches_in_every_direction_during_a_workflow(pool: PgPool) {
     assert_eq!(core.mode_controller.mode(), Hybrid);
     assert_eq!(
         store.get_task(chain.task_uuid).await.unwrap().state,
-        "complete"
+        TaskState::Complete
     );
     assert_eq!(enqueue_count(&pool).await, 7);
     assert_exactly_once_in_order(&pool).await;
@@ -432,7 +435,7 @@ async fn expired_lease_is_retried_and_max_attempts_is_honoured(pool: PgPool) {
     let done = async {
         loop {
             let ctx = store.execution_context(t.task_uuid).await.unwrap();
-            if ctx.task_state == "error" {
+            if ctx.task_state == TaskState::Error {
                 return ctx;
             }
             let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
@@ -441,7 +444,7 @@ async fn expired_lease_is_retried_and_max_attempts_is_honoured(pool: PgPool) {
     let ctx = tokio::time::timeout(WAIT, done)
         .await
         .expect("task failed after the last lease");
-    assert_eq!(ctx.execution_status, "blocked_by_failures");
+    assert_eq!(ctx.execution_status, ExecutionStatus::BlockedByFailures);
     let err: serde_json::Value = sqlx::query_scalar("SELECT last_error FROM tasker.workflow_steps")
         .fetch_one(&pool)
         .await

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use serde_json::json;
 use sqlx::PgPool;
-use tasker::internal::{FailOutcome, Store};
+use tasker::internal::{ExecutionStatus, FailOutcome, StepState, Store, TaskState};
 use tasker::internal::{StepSpec, TaskSpec};
 
 const NS: &str = "readiness";
@@ -23,8 +23,8 @@ async fn linear_chain_is_ready_one_step_at_a_time(pool: PgPool) {
     }
     let ctx = store.execution_context(t.task_uuid).await.unwrap();
     assert_eq!((ctx.complete_steps, ctx.total_steps), (5, 5));
-    assert_eq!(ctx.execution_status, "all_complete");
-    assert_eq!(ctx.task_state, "complete");
+    assert_eq!(ctx.execution_status, ExecutionStatus::AllComplete);
+    assert_eq!(ctx.task_state, TaskState::Complete);
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
@@ -37,7 +37,7 @@ async fn diamond_join_waits_for_both_parents(pool: PgPool) {
     let leased = enqueue_and_lease(&store, t.task_uuid, NS).await;
     assert_eq!(names(&leased), vec!["b", "c"]);
     let ctx = store.execution_context(t.task_uuid).await.unwrap();
-    assert_eq!(ctx.execution_status, "processing");
+    assert_eq!(ctx.execution_status, ExecutionStatus::Processing);
     assert_eq!(ctx.in_progress_steps, 2);
     complete(&store, &leased[0]).await;
     let d = store
@@ -73,7 +73,7 @@ async fn fan_out_fan_in_of_width_50(pool: PgPool) {
     assert_eq!(ready_names(&store, t.task_uuid).await, vec!["join"]);
     let ctx = store.execution_context(t.task_uuid).await.unwrap();
     assert_eq!(ctx.ready_steps, 1);
-    assert_eq!(ctx.execution_status, "has_ready_steps");
+    assert_eq!(ctx.execution_status, ExecutionStatus::HasReadySteps);
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
@@ -92,7 +92,7 @@ async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
         .unwrap();
     assert!(matches!(out, FailOutcome::RetryScheduled { .. }));
     let r = &store.step_readiness(t.task_uuid).await.unwrap()[0];
-    assert_eq!(r.state, "waiting_for_retry");
+    assert_eq!(r.state, StepState::WaitingForRetry);
     assert!(r.retry_eligible && !r.ready && r.next_retry_at.is_some());
     assert!(
         store
@@ -108,7 +108,7 @@ async fn retry_backoff_not_elapsed_then_elapsed(pool: PgPool) {
             .await
             .unwrap()
             .execution_status,
-        "waiting_for_dependencies"
+        ExecutionStatus::WaitingForDependencies
     );
 
     // let the backoff elapse by moving the deadline, not by sleeping
@@ -148,19 +148,22 @@ async fn attempts_exhausted_blocks_the_task(pool: PgPool) {
         .unwrap();
     assert_eq!(out, FailOutcome::Failed);
     let r = &store.step_readiness(t.task_uuid).await.unwrap()[0];
-    assert_eq!(r.state, "error");
+    assert_eq!(r.state, StepState::Error);
     assert!(!r.retry_eligible && !r.ready);
     let ctx = store.execution_context(t.task_uuid).await.unwrap();
     assert_eq!(ctx.failed_steps, 1);
-    assert_eq!(ctx.execution_status, "blocked_by_failures");
-    assert_eq!(ctx.task_state, "error");
+    assert_eq!(ctx.execution_status, ExecutionStatus::BlockedByFailures);
+    assert_eq!(ctx.task_state, TaskState::Error);
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn parent_resolved_manually_counts_as_complete(pool: PgPool) {
     let store = Store::new(pool);
     let (t, _) = in_error(&store, TaskSpec::diamond(NS)).await;
-    assert_eq!(store.get_task(t.task_uuid).await.unwrap().state, "error");
+    assert_eq!(
+        store.get_task(t.task_uuid).await.unwrap().state,
+        TaskState::Error
+    );
     store
         .resolve_step_manually(
             step(&t, "a"),
@@ -172,7 +175,7 @@ async fn parent_resolved_manually_counts_as_complete(pool: PgPool) {
         .unwrap();
     assert_eq!(
         store.get_task(t.task_uuid).await.unwrap().state,
-        "in_progress"
+        TaskState::InProgress
     );
     assert_eq!(ready_names(&store, t.task_uuid).await, vec!["b", "c"]);
 }
@@ -201,7 +204,7 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
         .unwrap()
         .is_empty());
     let ctx = store.execution_context(t.task_uuid).await.unwrap();
-    assert_eq!(ctx.execution_status, "cancelled");
+    assert_eq!(ctx.execution_status, ExecutionStatus::Cancelled);
     assert_eq!(ctx.cancelled_steps, 3);
     assert_eq!(store.queue_depth(NS).await.unwrap(), 0);
     let again = store

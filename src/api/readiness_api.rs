@@ -319,8 +319,9 @@ impl EventFilter {
                 "phases",
                 &r.phases,
                 |w| {
-                    CommandPhase::parse(w)
-                        .ok_or("COMMAND_PHASE_GAP cannot be asked for: gap events always come")
+                    w.parse::<CommandPhase>().map_err(|_| {
+                        "COMMAND_PHASE_GAP cannot be asked for: gap events always come"
+                    })
                 },
             ))
             .unwrap_or_default();
@@ -328,7 +329,10 @@ impl EventFilter {
             .check(domain_filter::<v1::TriggeredBy, _>(
                 "triggered_by",
                 &r.triggered_by,
-                |w| TriggeredBy::parse(w).ok_or("is not a source this build knows"),
+                |w| {
+                    w.parse::<TriggeredBy>()
+                        .map_err(|_| "is not a source this build knows")
+                },
             ))
             .unwrap_or_default();
         let outcomes = bad

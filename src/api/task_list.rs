@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::convert::enum_filter;
 use super::error::{invalid, Violations};
 use crate::model::namespaces::namespace_name_problem;
+use crate::model::states::TaskState;
 use crate::proto::{v1, Vocabulary};
 use crate::store::TaskListQuery;
 
@@ -55,11 +56,15 @@ impl TaskListRequest {
         {
             bad.check::<()>(Err(invalid("namespace", problem)));
         }
-        let mut states: Vec<String> = bad
+        let mut states: Vec<TaskState> = bad
             .check(enum_filter::<v1::TaskState>("states", &r.states))
             .unwrap_or_default()
             .into_iter()
-            .map(Vocabulary::word)
+            .map(|v| {
+                v.word()
+                    .parse()
+                    .expect("the API's task states are the database's (model::states tests)")
+            })
             .collect();
         bad.check(super::convert::text(
             "name",
@@ -92,11 +97,13 @@ impl TaskListRequest {
             .unwrap_or_default();
         bad.into_result()?;
         let newest_first = order != v1::TaskOrder::OldestFirst;
-        states.sort();
+        // by word, so that page tokens handed out by earlier builds stay valid
+        states.sort_by_key(|s| s.as_str());
         states.dedup();
+        let words: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
         let fingerprint = fingerprint(&[
             &r.namespace,
-            &states.join(","),
+            &words.join(","),
             &r.name,
             &stamp(created_after),
             &stamp(created_before),

@@ -46,9 +46,10 @@ use uuid::Uuid;
 use super::context::ApiContext;
 use super::task_api::{step_to_proto, task_to_proto};
 use crate::dispatch::quota::{Limit, Place, Quota};
+use crate::model::states::{StepState, TaskState};
 use crate::proto::{self, v1, words};
 use crate::readiness::ListenerState;
-use crate::store::{StepState, Store, StoreError, TaskTransition};
+use crate::store::{StepSnapshot, Store, StoreError, TaskTransition};
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchTaskResponse, Status>> + Send>>;
 
@@ -87,8 +88,13 @@ const FEED_BUFFER: usize = 1024;
 /// Steps read for a snapshot: every step of the largest task.
 const STEPS: i64 = crate::model::limits::MAX_STEPS as i64;
 
-fn is_final(state: &str) -> bool {
-    matches!(state, "complete" | "cancelled")
+/// Whether a task's change leaves it final: nothing more will happen to watch.
+fn ends_the_task(t: &v1::TaskStateChange) -> bool {
+    use crate::proto::Vocabulary;
+    t.to_state()
+        .word()
+        .parse::<TaskState>()
+        .is_ok_and(TaskState::is_final)
 }
 
 /// One change a feed saw.
@@ -96,7 +102,7 @@ fn is_final(state: &str) -> bool {
 enum Change {
     Task(v1::TaskStateChange),
     /// A step's state and attempt as of the feed's look.
-    Step(StepState),
+    Step(StepSnapshot),
 }
 
 /// The feeds of the watched tasks, and the places of the streams following them.
@@ -198,10 +204,10 @@ pub async fn watch_task(
         .store
         .get_steps(task_uuid, None, STEPS, false, usize::MAX)
         .await?;
-    let done = is_final(&task.state);
+    let done = task.state.is_final();
     let mut looks = StepLooks::default();
     for s in &steps {
-        looks.0.insert(s.step_uuid, (s.state.clone(), s.attempts));
+        looks.0.insert(s.step_uuid, (s.state, s.attempts));
     }
     let mut snapshot = task_to_proto(task);
     snapshot.steps = steps.into_iter().map(step_to_proto).collect();
@@ -242,12 +248,12 @@ fn task_change(t: TaskTransition) -> v1::TaskStateChange {
 
 /// The last look at each step: state and attempt.
 #[derive(Default)]
-struct StepLooks(HashMap<Uuid, (String, i32)>);
+struct StepLooks(HashMap<Uuid, (StepState, i32)>);
 
 impl StepLooks {
     /// The step's change since the last look, if it changed; remembered as the new look.
-    fn change(&mut self, s: &StepState) -> Option<v1::StepStateChange> {
-        let now = (s.state.clone(), s.attempts);
+    fn change(&mut self, s: &StepSnapshot) -> Option<v1::StepStateChange> {
+        let now = (s.state, s.attempts);
         match self.0.insert(s.step_uuid, now) {
             Some((from, attempts)) if from != s.state || attempts != s.attempts => {
                 Some(v1::StepStateChange {
@@ -298,7 +304,7 @@ impl Follower {
                     }
                     let mut done = false;
                     for change in changes {
-                        done |= matches!(&change, Change::Task(t) if is_final(&words_of(t)));
+                        done |= matches!(&change, Change::Task(t) if ends_the_task(t));
                         // no receiver: every stream has gone; the check above ends the feed
                         let _ = self.changes.send(change);
                     }
@@ -314,11 +320,6 @@ impl Follower {
             first = false;
         }
     }
-}
-
-fn words_of(t: &v1::TaskStateChange) -> String {
-    use crate::proto::Vocabulary;
-    t.to_state().word()
 }
 
 /// What changed of a task since the last read: its transitions after the last id seen, and
@@ -425,7 +426,7 @@ impl Forwarder {
         match change {
             Change::Task(t) if t.sequence > self.last => {
                 self.last = t.sequence;
-                let done = is_final(&words_of(&t));
+                let done = ends_the_task(&t);
                 self.send(v1::watch_task_response::Event::TaskState(t))
                     .await
                     && !done

@@ -1,8 +1,10 @@
 //! The domain's shared types and rules, below everything else: requested DAGs and their
 //! validation (`dag`), the size limits of what a task holds (`limits`), the namespace name
-//! rule (`namespaces`), and the words of a readiness command (`command`).
+//! rule (`namespaces`), the words of a readiness command (`command`), and the states of tasks
+//! and steps (`states`).
 
 pub mod command;
 pub mod dag;
 pub mod limits;
 pub mod namespaces;
+pub mod states;

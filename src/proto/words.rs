@@ -101,8 +101,8 @@ vocabulary! {
 /// The raw value of a word, for a message field: the zero value (`*_UNSPECIFIED`) when the word
 /// has none. Only for words the service itself produces, whose every value the tests below
 /// check has a proto value; input from callers is parsed with [`Vocabulary::from_word`].
-pub fn raw<E: Vocabulary + Into<i32>>(word: &str) -> i32 {
-    E::from_word(word).map_or(0, Into::into)
+pub fn raw<E: Vocabulary + Into<i32>>(word: impl AsRef<str>) -> i32 {
+    E::from_word(word.as_ref()).map_or(0, Into::into)
 }
 
 #[cfg(test)]

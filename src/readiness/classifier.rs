@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::config::DeploymentMode;
 use crate::model::command::TriggeredBy;
 use crate::model::namespaces::namespace_name_problem;
+use crate::model::states::TaskState;
 
 /// The kinds of event the database announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,8 +80,8 @@ pub struct TaskStateChangeEvent {
     pub task_uuid: Uuid,
     pub namespace: String,
     pub priority: i32,
-    pub from_state: String,
-    pub to_state: String,
+    pub from_state: TaskState,
+    pub to_state: TaskState,
     #[serde(default)]
     pub traceparent: Option<String>,
 }

@@ -63,10 +63,10 @@ impl StoreError {
         Self::NotFound { what: what.into() }
     }
 
-    pub fn unexpected(function: &'static str, value: impl Into<String>) -> Self {
+    pub fn unexpected(function: &'static str, value: impl std::fmt::Display) -> Self {
         Self::Unexpected {
             function,
-            value: value.into(),
+            value: value.to_string(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! each behind a typed function. Nothing outside this module writes SQL.
 //!
 //! Layout:
+//! - `answers`: the answer words of the SQL functions, typed
 //! - `error`: [`StoreError`], SQLSTATE -> domain error, [`is_retryable`]
 //! - `tasks`: create, get, cancel, resolve manually
 //! - `views`: read-only readiness views: per-step readiness, execution context, ready tasks
@@ -17,6 +18,7 @@
 //! The state machine itself lives in the database (`migrations/`): the functions here call one
 //! SQL function per operation, so each operation is one round trip and one transaction.
 
+mod answers;
 mod cancel;
 mod diagnostics;
 mod error;
@@ -39,7 +41,7 @@ pub use steps::{
     StepFailure, Taker, TaskRef,
 };
 pub use tasks::{
-    CancelOutcome, CreatedTask, StepRecord, StepState, TaskListQuery, TaskRecord, TaskTransition,
+    CancelOutcome, CreatedTask, StepRecord, StepSnapshot, TaskListQuery, TaskRecord, TaskTransition,
 };
 pub use views::{ExecutionContext, ReadyRank, ReadyTask, StepReadiness};
 

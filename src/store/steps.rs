@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::answers::AttemptAnswer;
 use super::{Store, StoreError};
 use crate::model::command::EnqueueOutcome;
 
@@ -136,18 +137,23 @@ impl Refusal {
 }
 
 impl AttemptOutcome {
-    /// `done` is the word `function` answers on success (`completed`, `extended`); any word
-    /// that is neither it nor a known refusal is a bug, reported with the value.
-    fn parse(function: &'static str, done: &str, s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "step_not_found" => Self::StepNotFound,
-            "stale_attempt" => Self::Refused(Refusal::StaleAttempt),
-            "not_in_progress" => Self::Refused(Refusal::NotInProgress),
-            "task_cancelled" => Self::Refused(Refusal::TaskCancelled),
-            "lease_expired" => Self::Refused(Refusal::LeaseExpired),
-            "lease_not_held" => Self::Refused(Refusal::LeaseNotHeld),
-            "parent_results_too_large" => Self::ParentResultsTooLarge,
-            other if other == done => Self::Done,
+    /// `done` is what `function` answers on success (`Completed`, `Extended`); any other
+    /// answer that is not a refusal is a bug, reported with the word.
+    fn of(
+        function: &'static str,
+        done: AttemptAnswer,
+        answer: AttemptAnswer,
+    ) -> Result<Self, StoreError> {
+        use AttemptAnswer as A;
+        Ok(match answer {
+            A::StepNotFound => Self::StepNotFound,
+            A::StaleAttempt => Self::Refused(Refusal::StaleAttempt),
+            A::NotInProgress => Self::Refused(Refusal::NotInProgress),
+            A::TaskCancelled => Self::Refused(Refusal::TaskCancelled),
+            A::LeaseExpired => Self::Refused(Refusal::LeaseExpired),
+            A::LeaseNotHeld => Self::Refused(Refusal::LeaseNotHeld),
+            A::ParentResultsTooLarge => Self::ParentResultsTooLarge,
+            a if a == done => Self::Done,
             other => return Err(StoreError::unexpected(function, other)),
         })
     }
@@ -240,7 +246,7 @@ impl Store {
         }
         let takers = serde_json::to_value(takers).expect("takers serialize");
         let (outcome, namespace, steps, wait, leased): (
-            String,
+            EnqueueOutcome,
             Option<String>,
             Vec<Uuid>,
             Option<f64>,
@@ -260,8 +266,7 @@ impl Store {
         let leased: Vec<Leased> = serde_json::from_value(leased)
             .map_err(|e| StoreError::unexpected("tasker.enqueue_ready_steps", e.to_string()))?;
         Ok(EnqueueResult {
-            outcome: EnqueueOutcome::parse(&outcome)
-                .ok_or_else(|| StoreError::unexpected("tasker.enqueue_ready_steps", &outcome))?,
+            outcome,
             namespace,
             enqueued_steps: steps,
             max_ready_wait_ms: wait,
@@ -320,7 +325,7 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let outcome: String = sqlx::query_scalar(
+        let outcome: AttemptAnswer = sqlx::query_scalar(
             "SELECT tasker.complete_step($1, $2, $7, $3, $8, $4, $6) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
         )
         .bind(lease.step_uuid)
@@ -333,11 +338,12 @@ impl Store {
         .bind(results_bytes(results))
         .fetch_one(&self.pool)
         .await?;
-        AttemptOutcome::parse("tasker.complete_step", "completed", &outcome)?.into_result_within(
-            lease.step_uuid,
-            lease.attempt,
-            self.limits.max_parent_results_bytes,
-        )
+        AttemptOutcome::of("tasker.complete_step", AttemptAnswer::Completed, outcome)?
+            .into_result_within(
+                lease.step_uuid,
+                lease.attempt,
+                self.limits.max_parent_results_bytes,
+            )
     }
 
     /// Whether attempt `attempt` of the step completed with exactly `results` (JSON equality;
@@ -373,7 +379,7 @@ impl Store {
         let results: Vec<Value> = items.iter().map(|c| c.results.clone()).collect();
         let sizes: Vec<i32> = items.iter().map(|c| results_bytes(&c.results)).collect();
         let traces: Vec<Option<String>> = items.iter().map(|c| c.traceparent.clone()).collect();
-        let rows: Vec<(i32, String)> = sqlx::query_as(
+        let rows: Vec<(i32, AttemptAnswer)> = sqlx::query_as(
             "SELECT idx, outcome FROM tasker.complete_steps($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&steps)
@@ -392,7 +398,7 @@ impl Store {
             .collect();
         for (idx, outcome) in rows {
             let i = (idx - 1) as usize;
-            out[i] = AttemptOutcome::parse("tasker.complete_steps", "completed", &outcome)
+            out[i] = AttemptOutcome::of("tasker.complete_steps", AttemptAnswer::Completed, outcome)
                 .and_then(|o| {
                     o.into_result_within(
                         items[i].lease.step_uuid,
@@ -411,7 +417,7 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<FailOutcome, StoreError> {
-        let (outcome, next): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+        let (outcome, next): (AttemptAnswer, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT f.outcome, f.next_retry_at
              FROM (SELECT set_config('tasker.traceparent', coalesce($7, ''), true)) tp,
                   tasker.fail_step($1, $2, $8, $3, $4, $5, $6) f",
@@ -427,12 +433,14 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         let (step_uuid, attempt) = (lease.step_uuid, lease.attempt);
-        match (outcome.as_str(), next) {
-            ("retry_scheduled", Some(at)) => Ok(FailOutcome::RetryScheduled { next_retry_at: at }),
-            ("failed", _) => Ok(FailOutcome::Failed),
+        match (outcome, next) {
+            (AttemptAnswer::RetryScheduled, Some(at)) => {
+                Ok(FailOutcome::RetryScheduled { next_retry_at: at })
+            }
+            (AttemptAnswer::Failed, _) => Ok(FailOutcome::Failed),
             (other, _) => {
                 // a refusal is an error here; "retry_scheduled" without a time is not an answer
-                AttemptOutcome::parse("tasker.fail_step", "", other)?
+                AttemptOutcome::of("tasker.fail_step", AttemptAnswer::Failed, other)?
                     .into_result(step_uuid, attempt)?;
                 Err(StoreError::unexpected("tasker.fail_step", other))
             }
@@ -444,7 +452,7 @@ impl Store {
         lease: HeldLease,
         lease_ms: i64,
     ) -> Result<DateTime<Utc>, StoreError> {
-        let (outcome, until): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+        let (outcome, until): (AttemptAnswer, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT outcome, lease_expires_at FROM tasker.extend_lease($1, $2, $3, $4)",
         )
         .bind(lease.step_uuid)
@@ -453,7 +461,7 @@ impl Store {
         .bind(lease_ms)
         .fetch_one(&self.pool)
         .await?;
-        AttemptOutcome::parse("tasker.extend_lease", "extended", &outcome)?
+        AttemptOutcome::of("tasker.extend_lease", AttemptAnswer::Extended, outcome)?
             .into_result(lease.step_uuid, lease.attempt)?;
         until
             .ok_or_else(|| StoreError::unexpected("tasker.extend_lease", "extended without a time"))

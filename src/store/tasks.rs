@@ -5,24 +5,26 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::answers::{CancelAnswer, NamespaceAnswer, ResolveAnswer, RetryAnswer};
 use super::{Store, StoreError};
 use crate::model::dag::NewTask;
+use crate::model::states::{StepState, TaskState};
 
 /// One state change of a task, from its history.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TaskTransition {
     pub id: i64,
-    pub from_state: Option<String>,
-    pub to_state: String,
+    pub from_state: Option<TaskState>,
+    pub to_state: TaskState,
     pub created_at: DateTime<Utc>,
 }
 
 /// A step's state and attempt, as WatchTask compares them between looks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepState {
+pub struct StepSnapshot {
     pub step_uuid: Uuid,
     pub name: String,
-    pub state: String,
+    pub state: StepState,
     pub attempts: i32,
 }
 
@@ -32,7 +34,7 @@ pub struct StepState {
 #[derive(Debug, Clone, Default)]
 pub struct TaskListQuery {
     pub namespace: Option<String>,
-    pub states: Vec<String>,
+    pub states: Vec<TaskState>,
     pub name: Option<String>,
     pub created_after: Option<DateTime<Utc>>,
     pub created_before: Option<DateTime<Utc>>,
@@ -65,7 +67,7 @@ pub struct TaskRecord {
     pub namespace: String,
     pub name: String,
     pub priority: i32,
-    pub state: String,
+    pub state: TaskState,
     pub context: Value,
     pub idempotency_key: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -80,7 +82,7 @@ pub struct StepRecord {
     pub name: String,
     /// Place in the task's topological order (unique within the task).
     pub position: i32,
-    pub state: String,
+    pub state: StepState,
     pub attempts: i32,
     pub max_attempts: i32,
     pub retryable: bool,
@@ -215,8 +217,8 @@ impl Store {
         &self,
         task_uuid: Uuid,
         since: Option<DateTime<Utc>>,
-    ) -> Result<(Vec<StepState>, DateTime<Utc>), StoreError> {
-        let rows: Vec<(Uuid, String, String, i32, DateTime<Utc>)> = sqlx::query_as(
+    ) -> Result<(Vec<StepSnapshot>, DateTime<Utc>), StoreError> {
+        let rows: Vec<(Uuid, String, StepState, i32, DateTime<Utc>)> = sqlx::query_as(
             "SELECT s.step_uuid, s.name, s.state, s.attempts, now()
              FROM tasker.workflow_steps s
              WHERE s.task_uuid = $1 AND ($2::timestamptz IS NULL OR s.updated_at >= $2)",
@@ -235,7 +237,7 @@ impl Store {
         };
         Ok((
             rows.into_iter()
-                .map(|(step_uuid, name, state, attempts, _)| StepState {
+                .map(|(step_uuid, name, state, attempts, _)| StepSnapshot {
                     step_uuid,
                     name,
                     state,
@@ -381,7 +383,7 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<CancelOutcome, StoreError> {
-        let outcome: String = sqlx::query_scalar(
+        let outcome: CancelAnswer = sqlx::query_scalar(
             "SELECT tasker.cancel_task($1, $2, $3) FROM (SELECT set_config('tasker.traceparent', coalesce($4, ''), true)) tp",
         )
         .bind(task_uuid)
@@ -390,17 +392,17 @@ impl Store {
         .bind(traceparent)
             .fetch_one(&self.pool)
             .await?;
-        match outcome.as_str() {
-            "cancelled" => Ok(CancelOutcome::Cancelled),
-            "task_not_found" => Err(StoreError::not_found(format!("task {task_uuid}"))),
-            "task_already_final" => {
+        match outcome {
+            CancelAnswer::Cancelled => Ok(CancelOutcome::Cancelled),
+            CancelAnswer::TaskNotFound => Err(StoreError::not_found(format!("task {task_uuid}"))),
+            CancelAnswer::TaskAlreadyFinal => {
                 // final states are final: what this reads cannot change any more
-                let state: String =
+                let state: TaskState =
                     sqlx::query_scalar("SELECT state FROM tasker.tasks WHERE task_uuid = $1")
                         .bind(task_uuid)
                         .fetch_one(&self.pool)
                         .await?;
-                if state == "cancelled" {
+                if state == TaskState::Cancelled {
                     // a retried cancel (its first answer lost) is answered as done
                     Ok(CancelOutcome::AlreadyCancelled)
                 } else {
@@ -409,7 +411,6 @@ impl Store {
                     )))
                 }
             }
-            other => Err(StoreError::unexpected("tasker.cancel_task", other)),
         }
     }
 
@@ -434,7 +435,7 @@ impl Store {
         results: Option<&Value>,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let outcome: String = sqlx::query_scalar(
+        let outcome: ResolveAnswer = sqlx::query_scalar(
             "SELECT tasker.resolve_step_manually($1, $2, $3, $6, $4, $7) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
         )
         .bind(step_uuid)
@@ -446,20 +447,16 @@ impl Store {
         .bind(self.parent_results_budget())
         .fetch_one(&self.pool)
         .await?;
-        match outcome.as_str() {
-            "resolved" => Ok(()),
-            "parent_results_too_large" => Err(super::steps::parent_results_too_large(
+        match outcome {
+            ResolveAnswer::Resolved => Ok(()),
+            ResolveAnswer::ParentResultsTooLarge => Err(super::steps::parent_results_too_large(
                 step_uuid,
                 self.limits.max_parent_results_bytes,
             )),
-            "step_not_found" => Err(StoreError::not_found(format!("step {step_uuid}"))),
-            "illegal_transition" => Err(StoreError::FailedPrecondition(format!(
+            ResolveAnswer::StepNotFound => Err(StoreError::not_found(format!("step {step_uuid}"))),
+            ResolveAnswer::IllegalTransition => Err(StoreError::FailedPrecondition(format!(
                 "step {step_uuid} cannot be resolved manually from its current state"
             ))),
-            other => Err(StoreError::unexpected(
-                "tasker.resolve_step_manually",
-                other,
-            )),
         }
     }
 
@@ -472,7 +469,7 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let outcome: String = sqlx::query_scalar(
+        let outcome: RetryAnswer = sqlx::query_scalar(
             "SELECT tasker.retry_task($1, $2, $3) FROM (SELECT set_config('tasker.traceparent', coalesce($4, ''), true)) tp",
         )
         .bind(task_uuid)
@@ -481,17 +478,16 @@ impl Store {
         .bind(traceparent)
         .fetch_one(&self.pool)
         .await?;
-        match outcome.as_str() {
-            "retried" => Ok(()),
-            "task_not_found" => Err(StoreError::not_found(format!("task {task_uuid}"))),
-            "task_not_in_error" => Err(StoreError::FailedPrecondition(format!(
+        match outcome {
+            RetryAnswer::Retried => Ok(()),
+            RetryAnswer::TaskNotFound => Err(StoreError::not_found(format!("task {task_uuid}"))),
+            RetryAnswer::TaskNotInError => Err(StoreError::FailedPrecondition(format!(
                 "task {task_uuid} is not in error: only a task in error can be retried"
             ))),
-            "attempts_exhausted" => Err(StoreError::FailedPrecondition(format!(
+            RetryAnswer::AttemptsExhausted => Err(StoreError::FailedPrecondition(format!(
                 "a failed step of task {task_uuid} would need more than {} attempts in all",
                 crate::model::limits::MAX_ATTEMPTS
             ))),
-            other => Err(StoreError::unexpected("tasker.retry_task", other)),
         }
     }
 
@@ -526,28 +522,28 @@ impl Store {
     /// Create a namespace (within `database.max_namespaces`): whether it was created now
     /// (false: it existed).
     pub async fn create_namespace(&self, name: &str) -> Result<bool, StoreError> {
-        let outcome: String = sqlx::query_scalar("SELECT tasker.create_namespace($1, $2)")
+        let outcome: NamespaceAnswer = sqlx::query_scalar("SELECT tasker.create_namespace($1, $2)")
             .bind(name)
             .bind(self.limits.max_namespaces.map(|n| n as i32))
             .fetch_one(&self.pool)
             .await?;
-        match outcome.as_str() {
-            "created" => Ok(true),
-            "exists" => Ok(false),
+        match outcome {
+            NamespaceAnswer::Created => Ok(true),
+            NamespaceAnswer::Exists => Ok(false),
             other => Err(StoreError::unexpected("tasker.create_namespace", other)),
         }
     }
 
     /// Delete a namespace that holds no task.
     pub async fn delete_namespace(&self, name: &str) -> Result<(), StoreError> {
-        let outcome: String = sqlx::query_scalar("SELECT tasker.delete_namespace($1)")
+        let outcome: NamespaceAnswer = sqlx::query_scalar("SELECT tasker.delete_namespace($1)")
             .bind(name)
             .fetch_one(&self.pool)
             .await?;
-        match outcome.as_str() {
-            "deleted" => Ok(()),
-            "not_found" => Err(StoreError::not_found(format!("namespace {name:?}"))),
-            "not_empty" => Err(StoreError::FailedPrecondition(format!(
+        match outcome {
+            NamespaceAnswer::Deleted => Ok(()),
+            NamespaceAnswer::NotFound => Err(StoreError::not_found(format!("namespace {name:?}"))),
+            NamespaceAnswer::NotEmpty => Err(StoreError::FailedPrecondition(format!(
                 "namespace {name:?} holds tasks: only an empty namespace can be deleted"
             ))),
             other => Err(StoreError::unexpected("tasker.delete_namespace", other)),

@@ -5,12 +5,13 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
+use crate::model::states::{ExecutionStatus, StepState, TaskState};
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, PartialEq)]
 pub struct StepReadiness {
     pub step_uuid: Uuid,
     pub name: String,
-    pub state: String,
+    pub state: StepState,
     pub attempts: i32,
     pub max_attempts: i32,
     pub total_parents: i32,
@@ -26,7 +27,7 @@ pub struct StepReadiness {
 pub struct ExecutionContext {
     pub task_uuid: Uuid,
     pub namespace: String,
-    pub task_state: String,
+    pub task_state: TaskState,
     pub priority: i32,
     pub total_steps: i32,
     pub pending_steps: i32,
@@ -37,7 +38,7 @@ pub struct ExecutionContext {
     pub waiting_for_retry_steps: i32,
     pub cancelled_steps: i32,
     pub ready_steps: i32,
-    pub execution_status: String,
+    pub execution_status: ExecutionStatus,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, PartialEq)]
@@ -48,7 +49,7 @@ pub struct ReadyTask {
     pub computed_priority: i32,
     pub ready_steps: i32,
     pub ready_since: DateTime<Utc>,
-    pub task_state: String,
+    pub task_state: TaskState,
 }
 
 /// A task's place in a ranking of ready tasks: computed priority, ready since, uuid.

@@ -253,8 +253,8 @@ pub enum CtlError {
     #[error("{0}")]
     Connect(String),
     /// `task wait`: the task ended other than complete (its state), or the wait timed out.
-    #[error("task {task} is {state}")]
-    TaskEnded { task: String, state: String },
+    #[error("task {task} is {}", state.word())]
+    TaskEnded { task: String, state: v1::TaskState },
     #[error("task {task} did not finish within {seconds} s")]
     WaitTimedOut { task: String, seconds: u64 },
 }
@@ -268,7 +268,10 @@ impl CtlError {
         match self {
             Self::Usage(_) => 2,
             Self::Connect(_) | Self::WaitTimedOut { .. } => 5,
-            Self::TaskEnded { state, .. } if state == "cancelled" => 7,
+            Self::TaskEnded {
+                state: v1::TaskState::Cancelled,
+                ..
+            } => 7,
             Self::TaskEnded { .. } => 8,
             Self::Status(s) => match s.code() {
                 Code::InvalidArgument | Code::OutOfRange => 2,
@@ -743,26 +746,28 @@ async fn follow_task(
         })
         .await?
         .into_inner();
-    let ended = |state: &str| match state {
-        "complete" => Some(Ok(())),
-        "cancelled" | "error" => Some(Err(CtlError::TaskEnded {
-            task: task.to_string(),
-            state: state.to_string(),
-        })),
+    let ended = |state: i32| match v1::TaskState::try_from(state) {
+        Ok(v1::TaskState::Complete) => Some(Ok(())),
+        Ok(state @ (v1::TaskState::Cancelled | v1::TaskState::Error)) => {
+            Some(Err(CtlError::TaskEnded {
+                task: task.to_string(),
+                state,
+            }))
+        }
         _ => None,
     };
     while let Some(m) = stream.next().await {
         let (line, state) = match m?.event {
             Some(Event::Snapshot(t)) => {
                 let state = v1::TaskState::word_of(t.state);
-                (json!({"task_uuid": t.task_uuid, "state": state}), state)
+                (json!({"task_uuid": t.task_uuid, "state": state}), t.state)
             }
             Some(Event::TaskState(c)) => {
                 let to = v1::TaskState::word_of(c.to_state);
                 let from = (c.from_state != 0).then(|| v1::TaskState::word_of(c.from_state));
                 (
                     json!({"task_uuid": task, "from": from, "to": to, "at": ts(c.at)}),
-                    to,
+                    c.to_state,
                 )
             }
             Some(Event::StepState(c)) => {
@@ -777,7 +782,7 @@ async fn follow_task(
             None => continue,
         };
         println!("{}", terminal_safe(&line.to_string(), false));
-        if let Some(result) = ended(&state) {
+        if let Some(result) = ended(state) {
             return result;
         }
     }

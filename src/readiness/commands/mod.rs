@@ -16,6 +16,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::model::command::{EnqueueOutcome, TriggeredBy};
+use crate::model::states::text_enum;
 
 pub use event_log::{CommandEventLog, Gap, Resumed};
 #[cfg(test)]
@@ -128,43 +129,17 @@ pub struct CommandResult {
     pub coalesced: bool,
 }
 
-/// A phase of a command's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CommandPhase {
-    Received,
-    Started,
-    Completed,
-    Failed,
-    /// Folded into a pass of the same task that is in flight; that task gets one more pass.
-    Coalesced,
-    /// Refused at the door: the processor was saturated or stopping.
-    Rejected,
-}
-
-impl CommandPhase {
-    pub const ALL: [CommandPhase; 6] = [
-        Self::Received,
-        Self::Started,
-        Self::Completed,
-        Self::Failed,
-        Self::Coalesced,
-        Self::Rejected,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Received => "received",
-            Self::Started => "started",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Coalesced => "coalesced",
-            Self::Rejected => "rejected",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.as_str() == s)
+text_enum! {
+    /// A phase of a command's life.
+    pub enum CommandPhase {
+        Received = "received",
+        Started = "started",
+        Completed = "completed",
+        Failed = "failed",
+        /// Folded into a pass of the same task that is in flight; that task gets one more pass.
+        Coalesced = "coalesced",
+        /// Refused at the door: the processor was saturated or stopping.
+        Rejected = "rejected",
     }
 }
 
