@@ -8,16 +8,18 @@
 -- Each definition names the migration it comes from.
 
 
--- Namespace names are short and plain so that a channel `<prefix>.<namespace>` always fits
--- PostgreSQL's 63-byte identifier limit (the longest prefix in use is 18 bytes) and needs no
--- quoting: at most 45 bytes of [a-z0-9_-].
--- (from migrations/20261127000001_baseline.sql)
-CREATE FUNCTION tasker.namespace_name_problem(p_name text) RETURNS text
+-- Namespace names are short and plain: at most 45 bytes of [a-z0-9_-], starting with a letter
+-- or digit. A namespace is a label in metrics, logs, notification payloads and `tasker ctl`
+-- output, and needs no quoting anywhere. (The cap once kept a per-namespace LISTEN channel
+-- under the 63-byte identifier limit; those channels are gone, and the cap stays so that every
+-- stored name remains valid.) The CHECK constraint of tasker.namespaces calls it.
+-- (from migrations/20261204000005_namespace_rule_message.sql)
+CREATE OR REPLACE FUNCTION tasker.namespace_name_problem(p_name text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN p_name IS NULL OR p_name = '' THEN 'must not be empty'
         WHEN octet_length(p_name) > 45 THEN
-            'must be at most 45 bytes (is ' || octet_length(p_name) || ') so that channel "tasker_task_ready.<namespace>" fits the 63-byte identifier limit'
+            'must be at most 45 bytes (is ' || octet_length(p_name) || ')'
         WHEN p_name !~ '^[a-z0-9][a-z0-9_-]*$' THEN
             'must match ^[a-z0-9][a-z0-9_-]*$ (lower-case letters, digits, "_" and "-", starting with a letter or digit)'
         ELSE NULL

@@ -53,6 +53,7 @@ mod readiness;
 mod store;
 pub mod telemetry;
 
+pub use api::auth::hash_token;
 pub use api::client;
 pub use model::limits;
 

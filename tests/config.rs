@@ -255,7 +255,7 @@ fn the_hash_of_an_empty_token_is_refused() {
     let d = fixture();
     let token = format!(
         "[{{name = \"ci\", sha256 = \"{}\", scopes = [\"read\"]}}]",
-        config::hash_token("").to_uppercase()
+        tasker::hash_token("").to_uppercase()
     );
     let e = config::load(&sources(
         d.path(),
@@ -456,4 +456,77 @@ fn tokens_from_the_environment_as_json_as_the_readme_shows() {
         &[("TASKER_GRPC__AUTH__TOKENS", toml.as_str())],
     ))
     .is_ok());
+}
+
+/// Every leaf of a JSON tree as (dotted key, value).
+fn leaves(value: &serde_json::Value, path: &str, out: &mut Vec<(String, serde_json::Value)>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                leaves(v, &key, out);
+            }
+        }
+        leaf => out.push((path.to_string(), leaf.clone())),
+    }
+}
+
+/// `config/tasker/base/*.toml` documents the defaults: it must say exactly what the compiled
+/// defaults say, key for key and value for value, or a reader is misled (and a service started
+/// with `--builtin-defaults` behaves unlike one started from the files).
+#[test]
+fn the_base_files_say_what_the_compiled_defaults_say() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tasker/base");
+    let mut files = serde_json::Map::new();
+    let mut paths: Vec<_> = std::fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let table: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let serde_json::Value::Object(map) = serde_json::to_value(table).unwrap() else {
+            unreachable!()
+        };
+        for (section, value) in map {
+            assert!(
+                files.insert(section.clone(), value).is_none(),
+                "[{section}] is in more than one file"
+            );
+        }
+    }
+    let (mut said, mut compiled) = (Vec::new(), Vec::new());
+    leaves(&serde_json::Value::Object(files), "", &mut said);
+    leaves(
+        &serde_json::to_value(config::TaskerConfig::default()).unwrap(),
+        "",
+        &mut compiled,
+    );
+    let said: std::collections::BTreeMap<_, _> = said.into_iter().collect();
+    let compiled: std::collections::BTreeMap<_, _> = compiled.into_iter().collect();
+    let same = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    };
+    let mut differences = Vec::new();
+    for (key, value) in &compiled {
+        match said.get(key) {
+            None => differences.push(format!("{key}: the files do not say (default {value})")),
+            Some(v) if !same(v, value) => {
+                differences.push(format!("{key}: the files say {v}, the default is {value}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in said.keys().filter(|k| !compiled.contains_key(*k)) {
+        differences.push(format!("{key}: in the files, but no setting"));
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
 }

@@ -59,7 +59,7 @@ async fn exit_codes_tell_the_class_of_failure(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::Hybrid);
     cfg.grpc.auth.tokens = vec![TokenConfig {
         name: "ci".into(),
-        sha256: tasker::config::hash_token("ci-secret"),
+        sha256: tasker::hash_token("ci-secret"),
         scopes: vec!["read".into(), "write".into()],
     }];
     let server = TestServer::start(&pool, &cfg).await;

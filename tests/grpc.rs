@@ -525,7 +525,7 @@ async fn auth_scopes(pool: PgPool) {
     let mut cfg = test_config(DeploymentMode::Hybrid);
     let token = |name: &str, secret: &str, scopes: &[&str]| TokenConfig {
         name: name.into(),
-        sha256: tasker::config::hash_token(secret),
+        sha256: tasker::hash_token(secret),
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
     };
     cfg.grpc.auth.tokens = vec![

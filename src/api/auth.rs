@@ -13,9 +13,16 @@ use sha2::{Digest, Sha256};
 use tonic::codegen::http;
 use tonic::Status;
 
-#[cfg(test)]
-use crate::config::hash_token;
 use crate::config::AuthConfig;
+
+/// The hex SHA-256 of a token, as `grpc.auth.tokens[].sha256` stores it: configuration files
+/// hold no secret, and a request's token is compared by its hash.
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {

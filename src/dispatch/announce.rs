@@ -4,7 +4,7 @@
 //! While other replicas are alive, a FetchSteps parked on one of them must hear of steps
 //! queued here (`tasker_steps_enqueued`), or it waits for its periodic re-read. But most such
 //! steps are taken here within a millisecond or two: the worker that completed the step came
-//! through this replica (which is why this replica enqueued its successor, see `fleet`), and
+//! through this replica (which is why this replica enqueued its successor, see `cluster`), and
 //! its next FetchSteps arrives just after the enqueue. Announcing every one of them costs
 //! every replica a notification and PostgreSQL the commit of a notifying transaction per step
 //! (measured: a quarter more database CPU per step with three replicas). So the enqueuer

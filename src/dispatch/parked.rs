@@ -163,8 +163,9 @@ impl<T> ParkedFetches<T> {
 
     /// Whether the queue is known to be empty: a read found it so, within `fresh`, and
     /// nothing was queued here since. A fetch may then park without reading it again (in a
-    /// chain, every fetch after the first). Steps another instance queued are invisible to
-    /// this, as to a parked fetch: the freshness bound is the fetches' periodic re-read.
+    /// chain, every fetch after the first). Steps another replica queued count as queued here
+    /// once its announcement arrives; until then (or if it is lost) they are invisible to
+    /// this, as to a parked fetch, and the fetches' periodic re-read bounds the wait.
     pub fn known_empty(&self, namespace: &str, fresh: std::time::Duration) -> Option<u64> {
         let map = self.lock();
         let parked = map.get(namespace)?;

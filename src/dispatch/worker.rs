@@ -5,8 +5,10 @@
 //! A long-poll that finds the queue empty parks on its namespace; the next enqueue of that
 //! namespace leases its steps to the parked fetches in its own transaction and hands them over
 //! (`parked::ParkedFetches`), so a waiting worker receives its step without a transaction of
-//! its own. The hand-off is in-process: a step enqueued by another instance is found by the
-//! periodic re-read, `orchestration.workers.fetch_recheck_interval_ms`.
+//! its own. The hand-off is in-process: a step another replica enqueued wakes the fetches
+//! parked here through its announcement (`tasker_steps_enqueued`, see `announce`), and they
+//! read the queue; the periodic re-read (`orchestration.workers.fetch_recheck_interval_ms`)
+//! only bounds the wait when an announcement was lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -258,7 +260,8 @@ impl WorkerQueue {
                 Some(Ok(steps)) => return Ok(self.leased(steps, worker_id)),
                 // a plain wake-up: steps were queued; read the queue
                 Some(Err(_)) => continue,
-                // the periodic re-read (steps another instance queued), or the deadline;
+                // the periodic re-read (an announcement of another replica's steps was
+                // lost), or the deadline;
                 // the next one comes later, while nothing turns up
                 None => {
                     let steps = self.on_leaving(ticket, worker_id).await;

@@ -1,10 +1,11 @@
 //! The domain's shared types and rules, below everything else: requested DAGs and their
 //! validation (`dag`), the size limits of what a task holds (`limits`), the namespace name
-//! rule (`namespaces`), the words of a readiness command (`command`), and the states of tasks
-//! and steps (`states`).
+//! rule (`namespaces`), the words of a readiness command (`command`), the deployment mode
+//! (`mode`), and the states of tasks and steps (`states`). No I/O.
 
 pub mod command;
 pub mod dag;
 pub mod limits;
+pub mod mode;
 pub mod namespaces;
 pub mod states;

@@ -2,8 +2,11 @@
 //! `tasker.namespace_name_problem`), and [`NamespaceSelector`], which namespaces an instance
 //! serves.
 
-/// The longest namespace whose channel `tasker_task_ready.<namespace>` fits in 63 bytes; the
-/// database enforces the same rule (`tasker.namespace_name_problem`).
+/// The longest namespace name. A namespace is a label in metrics, logs, notification payloads
+/// and `tasker ctl` output: short and plain. (The cap once kept a per-namespace LISTEN channel
+/// under PostgreSQL's 63-byte identifier limit; there are no such channels now, and the cap
+/// stays so that every stored name remains valid.) The database enforces the same rule
+/// (`tasker.namespace_name_problem`).
 pub const MAX_NAMESPACE_BYTES: usize = 45;
 
 /// Why a namespace name is not acceptable, or `None`. Mirrors the SQL check exactly.
@@ -13,7 +16,7 @@ pub fn namespace_name_problem(name: &str) -> Option<String> {
     }
     if name.len() > MAX_NAMESPACE_BYTES {
         return Some(format!(
-            "must be at most {MAX_NAMESPACE_BYTES} bytes (is {}) so that channel \"tasker_task_ready.<namespace>\" fits the 63-byte identifier limit",
+            "must be at most {MAX_NAMESPACE_BYTES} bytes (is {})",
             name.len()
         ));
     }
@@ -76,7 +79,7 @@ mod tests {
     }
 
     #[test]
-    fn names_follow_the_channel_rule() {
+    fn names_follow_the_name_rule() {
         assert_eq!(namespace_name_problem("billing-eu_2"), None);
         assert!(namespace_name_problem("").is_some());
         assert!(namespace_name_problem("Billing").is_some());

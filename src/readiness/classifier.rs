@@ -86,7 +86,7 @@ pub struct TaskStateChangeEvent {
     pub traceparent: Option<String>,
 }
 
-/// Steps put on a namespace's queue by another replica (see `fleet`).
+/// Steps put on a namespace's queue by another replica (see `cluster`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct StepsEnqueuedEvent {
     pub namespace: String,

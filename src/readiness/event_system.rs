@@ -87,7 +87,7 @@ impl TaskReadinessEventSystem {
     }
 
     /// Convert and submit without waiting: the listener must keep reading. An event whose
-    /// task another listening replica claims first is left to it (`fleet`: the claim split).
+    /// task another listening replica claims first is left to it (`cluster`: the claim split).
     /// A full processor queue refuses the command; a catch-up sweep is requested, which runs
     /// with backpressure once there is room, so the task is not stranded even with no
     /// periodic poller.

@@ -1,7 +1,7 @@
 //! Finding a database to run against, so `tasker serve` just works on a laptop.
 //!
 //! Order: the configured `database.url`; else the local server at
-//! [`defaults::LOCAL_DATABASE_URL`] if it answers and is run by a user this process trusts
+//! [`LOCAL_DATABASE_URL`] if it answers and is run by a user this process trusts
 //! (root, `postgres`, or this process's own user: see [`local_server_is_trusted`]); else a
 //! private cluster started from the installed PostgreSQL binaries in
 //! `database.embedded_data_dir`, owned by [`EmbeddedCluster`] and stopped when it is dropped.
@@ -44,7 +44,7 @@ use std::time::Duration;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
-use crate::config::{defaults, DatabaseConfig};
+use crate::config::{DatabaseConfig, LOCAL_DATABASE_URL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalDbError {
@@ -99,7 +99,7 @@ pub async fn resolve(
     if cfg.require_url {
         return Err(LocalDbError::UrlRequired);
     }
-    let local = defaults::LOCAL_DATABASE_URL;
+    let local = LOCAL_DATABASE_URL;
     let local_admin = with_database(local, "postgres");
     if answers(&local_admin).await && local_server_is_trusted(LOCAL_SERVER) {
         ensure_database(&local_admin, database_name).await?;
@@ -120,7 +120,7 @@ pub async fn resolve(
     })
 }
 
-/// The address of [`defaults::LOCAL_DATABASE_URL`].
+/// The address of [`LOCAL_DATABASE_URL`].
 const LOCAL_SERVER: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5432);
 
@@ -284,7 +284,7 @@ impl EmbeddedCluster {
     /// directory root's cluster user cannot reach (tests use their own).
     pub async fn start_within(data_dir: &Path, fallback_root: &Path) -> Result<Self, LocalDbError> {
         let bin_dir = find_bin_dir().ok_or_else(|| LocalDbError::NoBinaries {
-            local: defaults::LOCAL_DATABASE_URL.to_string(),
+            local: LOCAL_DATABASE_URL.to_string(),
         })?;
         let run_as = if is_root() {
             Some(unprivileged_user())

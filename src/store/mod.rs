@@ -92,7 +92,7 @@ impl Store {
 
     /// Connect as the replica `replica_id`: every connection announces it
     /// (`tasker.replica_id`), and the notifications its transactions send name it, so the
-    /// replica that made steps ready claims the task first (`fleet`).
+    /// replica that made steps ready claims the task first (`cluster`).
     pub async fn connect_as(
         url: &str,
         cfg: &DatabaseConfig,

@@ -628,7 +628,7 @@ pub fn open_tempdir() -> tempfile::TempDir {
 pub fn token(name: &str, scopes: &[&str]) -> tasker::config::TokenConfig {
     tasker::config::TokenConfig {
         name: name.into(),
-        sha256: tasker::config::hash_token(&format!("{name}-secret")),
+        sha256: tasker::hash_token(&format!("{name}-secret")),
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
     }
 }

@@ -258,7 +258,7 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
             Command::Token {
                 action: TokenAction::Hash { token },
             } => {
-                println!("{}", tasker::config::hash_token(&token));
+                println!("{}", tasker::hash_token(&token));
                 Ok(ExitCode::SUCCESS)
             }
             Command::Token {
@@ -270,7 +270,7 @@ async fn run(cli: Cli, loaded: config::LoadedConfig) -> anyhow::Result<ExitCode>
                 println!(
                     "token:  {token}
 sha256: {}",
-                    tasker::config::hash_token(&token)
+                    tasker::hash_token(&token)
                 );
                 Ok(ExitCode::SUCCESS)
             }
