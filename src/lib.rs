@@ -62,30 +62,6 @@ pub use app::{shutdown_signal, App};
 /// The crate's migrations, embedded at compile time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// The service's internals, exported only so that this crate's integration tests (`tests/`)
-/// and the `tasker` binary's benchmark and database commands can drive them directly. Not an
-/// API: nothing here is stable, and it is hidden from the documentation.
+/// What this crate's tests and `tasker bench` drive below the gRPC surface (see the module).
 #[doc(hidden)]
-pub mod internal {
-    pub use crate::api::convert::{mode_from_proto, uuid as parse_uuid_field};
-    pub use crate::api::{ApiContext, GrpcServer};
-    pub use crate::app::Engine;
-    pub use crate::dispatch::WorkerQueue;
-    pub use crate::model::command::{EnqueueOutcome, TriggeredBy};
-    pub use crate::model::dag::{StepSpec, TaskSpec, Violation};
-    pub use crate::model::limits;
-    pub use crate::model::states::{ExecutionStatus, StepState, TaskState};
-    pub use crate::readiness::{
-        payload_traceparent, ClassifyError, CommandEvent, CommandFailure, CommandOutcome,
-        CommandPhase, CommandProcessor, CommandProcessorHandle, CommandResult,
-        DeploymentModeController, EventKind, ListenerState, ListenerStatus, ModeControllerStatus,
-        OrchestrationCommand, PollerStatus, ReadinessEventClassifier, SubmitError,
-        TaskReadinessEvent, TaskReadyEvent,
-    };
-    pub use crate::store::local::{
-        find_bin_dir, listener_owner, local_server_is_trusted, resolve as resolve_database,
-        with_database, EmbeddedCluster, LocalDbError, ResolvedDatabase,
-    };
-    pub use crate::store::*;
-    pub use crate::telemetry::metrics::Metrics;
-}
+pub use app::testkit;

@@ -15,9 +15,9 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::internal::ReadinessEventClassifier;
-use tasker::internal::{StepSpec, TaskSpec};
 use tasker::proto::v1;
+use tasker::testkit::ReadinessEventClassifier;
+use tasker::testkit::{StepSpec, TaskSpec};
 use tonic::Code;
 
 fn name() -> impl Strategy<Value = String> {
@@ -130,7 +130,7 @@ proptest! {
     #[test]
     fn classifier_never_panics_on_any_payload(channel in "\\PC{0,80}", payload in "\\PC{0,300}") {
         let _ = ReadinessEventClassifier.classify(&channel, &payload);
-        let _ = tasker::internal::payload_traceparent(&payload);
+        let _ = tasker::testkit::payload_traceparent(&payload);
     }
 
     #[test]
@@ -163,8 +163,8 @@ proptest! {
     #[test]
     fn modes_and_uuids_parse_without_panicking(s in "\\PC{0,40}", raw in any::<i32>()) {
         let _ = s.parse::<DeploymentMode>();
-        let _ = tasker::internal::parse_uuid_field("task_uuid", &s);
-        let _ = tasker::internal::mode_from_proto("mode", raw);
+        let _ = tasker::testkit::parse_uuid_field("task_uuid", &s);
+        let _ = tasker::testkit::mode_from_proto("mode", raw);
     }
 
     #[test]
@@ -399,12 +399,12 @@ async fn malformed_notifications_from_outside_are_ignored(pool: PgPool) {
             .unwrap();
     }
     // the listener neither crashed nor reconnected, and still drives work
-    let store = tasker::internal::Store::new(pool.clone());
+    let store = tasker::testkit::Store::new(pool.clone());
     let t = create(&store, TaskSpec::diamond("after-junk")).await;
     work_until_done(&core, &pool, "after-junk", &[t.task_uuid], WAIT).await;
     let status = core.mode_controller.status().listener;
     assert_eq!(status.generation, generation, "no reconnect was needed");
-    assert_eq!(status.state, tasker::internal::ListenerState::Listening);
+    assert_eq!(status.state, tasker::testkit::ListenerState::Listening);
     core.shutdown().await;
 }
 

@@ -23,12 +23,10 @@ fn quiet(event_buffer: usize) -> tasker::config::TaskerConfig {
 }
 
 fn one_step(ns: &str) -> v1::CreateTaskRequest {
-    v1::CreateTaskRequest {
-        namespace: ns.into(),
-        name: "observed".into(),
-        steps: vec![step_def("only", &[])],
-        ..Default::default()
-    }
+    tasker::client::task(ns)
+        .named("observed")
+        .step("only")
+        .build()
 }
 
 async fn open(

@@ -9,10 +9,10 @@ use common::*;
 use serde_json::json;
 use sqlx::PgPool;
 use tasker::config::DeploymentMode::{self, EventDrivenOnly, Hybrid, PollingOnly};
-use tasker::internal::ListenerState;
-use tasker::internal::{CommandPhase, OrchestrationCommand, SubmitError, TriggeredBy};
-use tasker::internal::{ExecutionStatus, Store, StoreError, TaskState};
-use tasker::internal::{StepSpec, TaskSpec};
+use tasker::testkit::ListenerState;
+use tasker::testkit::{CommandPhase, OrchestrationCommand, SubmitError, TriggeredBy};
+use tasker::testkit::{ExecutionStatus, Store, StoreError, TaskState};
+use tasker::testkit::{StepSpec, TaskSpec};
 
 const NS: &str = "core";
 const LONG: Duration = Duration::from_secs(60);

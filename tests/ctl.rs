@@ -46,12 +46,12 @@ async fn ctl_as(
 }
 
 fn chain(ns: &str) -> v1::CreateTaskRequest {
-    v1::CreateTaskRequest {
-        namespace: ns.into(),
-        name: "ci".into(),
-        steps: vec![step_def("build", &[]), step_def("test", &["build"])],
-        ..Default::default()
-    }
+    tasker::client::task(ns)
+        .named("ci")
+        .step("build")
+        .step("test")
+        .after("build")
+        .build()
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]

@@ -11,7 +11,7 @@ use common::open_tempdir;
 use std::process::Command;
 
 use sqlx::{ConnectOptions, Connection};
-use tasker::internal::{
+use tasker::testkit::{
     find_bin_dir, listener_owner, local_server_is_trusted, EmbeddedCluster, LocalDbError,
 };
 

@@ -9,29 +9,16 @@ use std::process::Stdio;
 
 use common::*;
 use sqlx::PgPool;
+use tasker::client::diamond;
 use tasker::config::DeploymentMode;
 use tasker::proto::{struct_to_json, v1};
-
-fn diamond(ns: &str) -> v1::CreateTaskRequest {
-    v1::CreateTaskRequest {
-        namespace: ns.into(),
-        name: "diamond".into(),
-        steps: vec![
-            step_def("a", &[]),
-            step_def("b", &["a"]),
-            step_def("c", &["a"]),
-            step_def("d", &["b", "c"]),
-        ],
-        ..Default::default()
-    }
-}
 
 /// Run a worker process for four steps, then check the diamond completed through it.
 async fn run_worker_on_a_diamond(pool: &PgPool, ns: &str, worker: tokio::process::Command) {
     let server = TestServer::start(pool, &test_config(DeploymentMode::Hybrid)).await;
     let mut tasks = Tasks::new(server.channel().await);
     let task = tasks
-        .create_task(diamond(ns))
+        .create_task(diamond(ns).build())
         .await
         .unwrap()
         .into_inner()

@@ -30,7 +30,7 @@ async fn a_lost_event_is_made_good_within_30_s_with_the_default_settings(pool: P
     // the worst moment: right after a periodic round (the task will be too young for the
     // next one only if it comes within the age threshold; it cannot, so this waits a full
     // jittered interval plus whatever of the age is left)
-    let rounds = |s: &tasker::internal::PollerStatus| s.rounds;
+    let rounds = |s: &tasker::testkit::PollerStatus| s.rounds;
     let mut poller = server.core.mode_controller.poller_status();
     let before = rounds(&poller.borrow_and_update());
     tokio::time::timeout(BOUND, async {

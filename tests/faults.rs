@@ -322,8 +322,8 @@ fn assert_clean(r: &Report) {
 /// progress (the state machine's guard switched off to do it) is counted.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn the_duplicate_check_sees_an_enqueue_while_an_attempt_is_open(pool: PgPool) {
-    let store = tasker::internal::Store::new(pool.clone());
-    let t = create(&store, tasker::internal::TaskSpec::chain("dup", 2)).await;
+    let store = tasker::testkit::Store::new(pool.clone());
+    let t = create(&store, tasker::testkit::TaskSpec::chain("dup", 2)).await;
     let leased = enqueue_and_lease(&store, t.task_uuid, "dup").await;
     assert_eq!(duplicate_enqueues(&pool).await, 0);
     // a retry that followed the rules: the attempt ended first
@@ -375,7 +375,7 @@ async fn f1_listener_killed_repeatedly(pool: PgPool) {
     let mut kills = 0;
     while !all_final(&pool, &tasks).await && kills < 10 {
         let st = status
-            .wait_for(|s| s.state == tasker::internal::ListenerState::Listening)
+            .wait_for(|s| s.state == tasker::testkit::ListenerState::Listening)
             .await
             .unwrap()
             .clone();
@@ -434,7 +434,7 @@ async fn f2a_all_connections_killed_at_once(pool: PgPool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f2b_database_restarted_mid_run() {
     let dir = open_tempdir();
-    let cluster = tasker::internal::EmbeddedCluster::start(dir.path())
+    let cluster = tasker::testkit::EmbeddedCluster::start(dir.path())
         .await
         .expect("throwaway cluster");
     let url = cluster.url("postgres");
@@ -473,9 +473,9 @@ async fn f2b_database_restarted_mid_run() {
 /// the same attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f9_leases_survive_a_database_crash() {
-    use tasker::internal::{Store, Taker, TaskSpec};
+    use tasker::testkit::{Store, Taker, TaskSpec};
     let dir = open_tempdir();
-    let cluster = tasker::internal::EmbeddedCluster::start(dir.path())
+    let cluster = tasker::testkit::EmbeddedCluster::start(dir.path())
         .await
         .expect("throwaway cluster");
     let url = cluster.url("postgres");

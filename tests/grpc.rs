@@ -6,24 +6,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sqlx::PgPool;
+use tasker::client::diamond;
 use tasker::config::{DeploymentMode, TokenConfig};
 use tasker::proto::{v1, Vocabulary};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
-
-fn diamond(ns: &str) -> v1::CreateTaskRequest {
-    v1::CreateTaskRequest {
-        namespace: ns.into(),
-        name: "diamond".into(),
-        steps: vec![
-            step_def("a", &[]),
-            step_def("b", &["a"]),
-            step_def("c", &["a"]),
-            step_def("d", &["b", "c"]),
-        ],
-        ..Default::default()
-    }
-}
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn workflow_through_the_api_with_every_method(pool: PgPool) {
@@ -42,7 +29,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         .unwrap()
         .into_inner();
 
-    let mut req = diamond("api");
+    let mut req = diamond("api").build();
     req.idempotency_key = "order-1".into();
     req.context = Some(tasker::proto::json_to_struct(
         &serde_json::json!({"customer": 7}),
@@ -144,7 +131,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     );
 
     // FailStep: a retryable failure with backoff, then a final one
-    let mut failing = diamond("api-fail");
+    let mut failing = diamond("api-fail").build();
     failing.steps[0].max_attempts = 2;
     tasks.create_task(failing).await.unwrap();
     let first = lease_one(&workers, "api-fail").await;
@@ -186,7 +173,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
 
     // inject, ready tasks, cancel
     let t2 = tasks
-        .create_task(diamond("api"))
+        .create_task(diamond("api").build())
         .await
         .unwrap()
         .into_inner();
@@ -270,7 +257,7 @@ async fn every_error_code(pool: PgPool) {
         (e.code(), field_violations(&e)),
         (Code::InvalidArgument, vec!["task_uuid".to_string()])
     );
-    let mut cyclic = diamond("api");
+    let mut cyclic = diamond("api").build();
     cyclic.steps[0].depends_on = vec!["d".into()];
     cyclic.steps.push(step_def("", &["nope"]));
     let e = tasks.create_task(cyclic).await.unwrap_err();
@@ -308,13 +295,13 @@ async fn every_error_code(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(field_violations(&e), vec!["wait_ms".to_string()]);
-    let mut huge = diamond("api");
+    let mut huge = diamond("api").build();
     huge.steps[0].inputs = Some(tasker::proto::json_to_struct(
         &serde_json::json!({"x": "y".repeat(300_000)}),
     ));
     let e = tasks.create_task(huge).await.unwrap_err();
     assert_eq!(field_violations(&e), vec!["steps[0].inputs".to_string()]);
-    let mut oversized = diamond("api");
+    let mut oversized = diamond("api").build();
     oversized.context = Some(tasker::proto::json_to_struct(
         &serde_json::json!({"x": "y".repeat(5_000_000)}),
     ));
@@ -351,7 +338,7 @@ async fn every_error_code(pool: PgPool) {
 
     // FAILED_PRECONDITION: stale attempt, expired lease, illegal transition
     let created = tasks
-        .create_task(diamond("api"))
+        .create_task(diamond("api").build())
         .await
         .unwrap()
         .into_inner();
@@ -474,7 +461,7 @@ async fn saturated_processor_answers_resource_exhausted(pool: PgPool) {
     for _ in 0..20 {
         ids.push(
             tasks
-                .create_task(diamond("busy"))
+                .create_task(diamond("busy").build())
                 .await
                 .unwrap()
                 .into_inner()
@@ -514,7 +501,10 @@ async fn database_down_answers_unavailable(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let mut tasks = Tasks::new(server.channel().await);
     server.core.store.pool().close().await;
-    let e = tasks.create_task(diamond("down")).await.unwrap_err();
+    let e = tasks
+        .create_task(diamond("down").build())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(!e.message().contains("sqlx") && !e.message().contains("SELECT"));
     server.stop().await;
@@ -591,14 +581,14 @@ async fn auth_scopes(pool: PgPool) {
         .is_ok());
     assert_eq!(
         tasks
-            .create_task(with(diamond("auth"), Some("r")))
+            .create_task(with(diamond("auth").build(), Some("r")))
             .await
             .unwrap_err()
             .code(),
         Code::PermissionDenied
     );
     assert!(tasks
-        .create_task(with(diamond("auth"), Some("w")))
+        .create_task(with(diamond("auth").build(), Some("w")))
         .await
         .is_ok());
     // health and reflection stay open
@@ -640,7 +630,7 @@ async fn slow_observer_gets_a_gap_event_and_the_stream_goes_on(pool: PgPool) {
         .into_inner();
     let mut tasks = Tasks::new(ch);
     let t = tasks
-        .create_task(diamond("gap"))
+        .create_task(diamond("gap").build())
         .await
         .unwrap()
         .into_inner();
@@ -706,7 +696,7 @@ async fn a_parked_fetch_is_woken_by_the_enqueue(pool: PgPool) {
         .expect("the fetch parked")
         .unwrap();
     let created_at = Instant::now();
-    tasks.create_task(diamond("quick")).await.unwrap();
+    tasks.create_task(diamond("quick").build()).await.unwrap();
     let (r, returned_at) = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("the parked fetch returned before its 15 s wait ran out")
@@ -737,13 +727,13 @@ async fn list_ready_tasks_pages_best_first(pool: PgPool) {
     let (mut tasks, readiness) = (Tasks::new(ch.clone()), Readiness::new(ch));
     let mut by_priority = Vec::new();
     for priority in [0, 5, -5] {
-        let mut req = diamond("listed");
+        let mut req = diamond("listed").build();
         req.priority = priority;
         let id = tasks.create_task(req).await.unwrap().into_inner().task_uuid;
         by_priority.push((priority, id));
     }
     // a task elsewhere is not listed for this namespace
-    tasks.create_task(diamond("other")).await.unwrap();
+    tasks.create_task(diamond("other").build()).await.unwrap();
     by_priority.sort_by_key(|(p, _)| -p);
     let page = |token: String| {
         let mut r = readiness.clone();
@@ -780,7 +770,7 @@ async fn a_failed_command_streams_a_safe_error(pool: PgPool) {
     let ch = server.channel().await;
     let (mut tasks, mut readiness) = (Tasks::new(ch.clone()), Readiness::new(ch));
     let task = tasks
-        .create_task(diamond("broken"))
+        .create_task(diamond("broken").build())
         .await
         .unwrap()
         .into_inner()
@@ -835,7 +825,7 @@ async fn a_command_joining_a_running_pass_answers_coalesced(pool: PgPool) {
     let ch = server.channel().await;
     let (mut tasks, mut readiness) = (Tasks::new(ch.clone()), Readiness::new(ch));
     let task = tasks
-        .create_task(diamond("joined"))
+        .create_task(diamond("joined").build())
         .await
         .unwrap()
         .into_inner()
@@ -914,7 +904,7 @@ async fn a_retried_complete_step_is_answered_as_recorded(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let ch = server.channel().await;
     let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
-    tasks.create_task(diamond("retried")).await.unwrap();
+    tasks.create_task(diamond("retried").build()).await.unwrap();
     let leased = lease_one(&workers, "retried").await;
     let complete = |results: serde_json::Value| v1::CompleteStepRequest {
         step_uuid: leased.step_uuid.clone(),
@@ -957,7 +947,7 @@ async fn a_retried_complete_step_is_answered_as_recorded(pool: PgPool) {
 async fn an_idempotency_key_repeated_with_another_request_is_refused(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::PollingOnly)).await;
     let mut tasks = Tasks::new(server.channel().await);
-    let mut req = diamond("keyed");
+    let mut req = diamond("keyed").build();
     req.idempotency_key = "order-9".into();
     let created = tasks.create_task(req.clone()).await.unwrap().into_inner();
     let mut reordered = req.clone();
@@ -979,65 +969,162 @@ async fn an_idempotency_key_repeated_with_another_request_is_refused(pool: PgPoo
     server.stop().await;
 }
 
-/// An operator resolves a failed step by hand: the task in error goes on, and the child gets
-/// the operator's results as its parent's. Bad requests name their field; an unknown step is
-/// NOT_FOUND; a complete step cannot be resolved.
+/// How an operator gets a task in error going again.
+#[derive(Clone, Copy, Debug)]
+enum Recovery {
+    /// ResolveStep: the failed step counts as done, with the operator's results.
+    Resolve,
+    /// RetryTask: the failed step gets another attempt.
+    Retry,
+}
+
+impl Recovery {
+    /// The recovery of the task whose step `failed` failed; `step` and `task` stand in for
+    /// the failed step's and the task's uuids (bad ones, for the refusals), `extra_attempts`
+    /// and `reason` for what the operator wrote.
+    async fn apply(
+        self,
+        tasks: &mut Tasks,
+        task: &str,
+        step: &str,
+        extra_attempts: i32,
+        reason: &str,
+    ) -> Result<v1::Task, tonic::Status> {
+        let response = match self {
+            Self::Resolve => {
+                tasks
+                    .resolve_step(v1::ResolveStepRequest {
+                        step_uuid: step.into(),
+                        reason: reason.into(),
+                        results: Some(tasker::proto::json_to_struct(
+                            &serde_json::json!({"fixed": "by hand"}),
+                        )),
+                    })
+                    .await?
+                    .into_inner()
+                    .task
+            }
+            Self::Retry => {
+                tasks
+                    .retry_task(v1::RetryTaskRequest {
+                        task_uuid: task.into(),
+                        extra_attempts,
+                        reason: reason.into(),
+                    })
+                    .await?
+                    .into_inner()
+                    .task
+            }
+        };
+        Ok(response.expect("the task"))
+    }
+}
+
+/// A task in error goes on after an operator's recovery, one scenario per way: a step failed
+/// for good is resolved by hand (its child gets the operator's results as its parent's) or
+/// its task is retried (the step gets attempt 2); either way the task completes. Bad requests
+/// name their field, an unknown uuid is NOT_FOUND, and a task that is not in error (before
+/// the failure, after completion) cannot be recovered.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
-async fn a_failed_step_resolved_by_hand_lets_its_task_go_on(pool: PgPool) {
+async fn a_task_in_error_goes_on_after_an_operators_recovery(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let ch = server.channel().await;
     let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
-    let created = tasks
-        .create_task(two_steps("resolve", "fragile"))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = lease_one(&workers, "resolve").await;
-    fail_for_good(&mut workers, &first, "bad input file").await;
-    let resolve = |step: &str, reason: &str| v1::ResolveStepRequest {
-        step_uuid: step.into(),
-        reason: reason.into(),
-        results: Some(tasker::proto::json_to_struct(
-            &serde_json::json!({"fixed": "by hand"}),
-        )),
-    };
-    for (req, field) in [
-        (resolve(&first.step_uuid, " "), "reason"),
-        (resolve("nope", "fixed the file"), "step_uuid"),
-    ] {
-        let e = tasks.resolve_step(req).await.unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument);
-        assert!(e.message().contains(field), "{}", e.message());
-    }
-    let e = tasks
-        .resolve_step(resolve(&uuid::Uuid::now_v7().to_string(), "fixed"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    // (how, its bad requests as (extra_attempts, reason, bad uuid?) -> the field named,
+    //  the first step leased after the recovery as (name, attempt))
+    type Bad = (i32, &'static str, bool, &'static str);
+    let cases: [(Recovery, &[Bad], (&str, i32)); 2] = [
+        (
+            Recovery::Resolve,
+            &[(0, " ", false, "reason"), (0, "fixed", true, "step_uuid")],
+            ("second", 1),
+        ),
+        (
+            Recovery::Retry,
+            &[
+                (101, "over", false, "extra_attempts"),
+                (0, "over", true, "task_uuid"),
+            ],
+            ("first", 2),
+        ),
+    ];
+    for (how, bad, next) in cases {
+        let ns = format!("{how:?}").to_lowercase();
+        let task = tasks
+            .create_task(two_steps(&ns, "fragile"))
+            .await
+            .unwrap()
+            .into_inner()
+            .task_uuid;
+        let first = lease_one(&workers, &ns).await;
+        let e = how
+            .apply(&mut tasks, &task, &first.step_uuid, 0, "too early")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::FailedPrecondition,
+            "{how:?}: not in error yet"
+        );
+        fail_for_good(&mut workers, &first, "upstream down").await;
+        for &(extra, reason, bad_uuid, field) in bad {
+            let (t, s) = if bad_uuid {
+                ("nope", "nope")
+            } else {
+                (task.as_str(), first.step_uuid.as_str())
+            };
+            let e = how
+                .apply(&mut tasks, t, s, extra, reason)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{how:?}");
+            assert!(e.message().contains(field), "{how:?}: {}", e.message());
+        }
+        let e = how
+            .apply(&mut tasks, &unknown, &unknown, 0, "fixed")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{how:?}");
 
-    let task = tasks
-        .resolve_step(resolve(&first.step_uuid, "fixed the file"))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
-    assert_eq!(task.task_uuid, created.task_uuid);
-    assert_eq!(
-        task.state(),
-        v1::TaskState::InProgress,
-        "the task in error goes on"
-    );
-    let second = lease_one(&workers, "resolve").await;
-    assert_eq!(second.name, "second");
-    let parents = tasker::proto::struct_to_json(second.parent_results.clone());
-    assert_eq!(parents["first"]["fixed"], "by hand");
-    complete_leased(&mut workers, &second).await;
-    let e = tasks
-        .resolve_step(resolve(&second.step_uuid, "again"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+        let recovered = how
+            .apply(&mut tasks, &task, &first.step_uuid, 0, "fixed the file")
+            .await
+            .unwrap();
+        assert_eq!(recovered.task_uuid, task);
+        assert_eq!(recovered.state(), v1::TaskState::InProgress, "{how:?}");
+        let leased = lease_one(&workers, &ns).await;
+        assert_eq!((leased.name.as_str(), leased.attempt), next, "{how:?}");
+        if let Recovery::Resolve = how {
+            let parents = tasker::proto::struct_to_json(leased.parent_results.clone());
+            assert_eq!(parents["first"]["fixed"], "by hand");
+        }
+        complete_leased(&mut workers, &leased).await;
+        if leased.name == "first" {
+            let second = lease_one(&workers, &ns).await;
+            complete_leased(&mut workers, &second).await;
+        }
+        let done = tasks
+            .get_task(v1::GetTaskRequest {
+                task_uuid: task.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        assert_eq!(done.state(), v1::TaskState::Complete, "{how:?}");
+        let e = how
+            .apply(&mut tasks, &task, &first.step_uuid, 0, "again")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::FailedPrecondition,
+            "{how:?}: a complete task"
+        );
+    }
     server.stop().await;
 }
 
@@ -1141,61 +1228,6 @@ async fn resolving_a_leaf_announces_the_steps_ready_since_the_error(pool: PgPool
     server.stop().await;
 }
 
-/// A task in error is retried: its failed step gets a fresh attempt, the task goes on to
-/// complete. Bad requests name their field; an unknown task is NOT_FOUND; a task not in error
-/// cannot be retried.
-#[sqlx::test(migrator = "tasker::MIGRATOR")]
-async fn a_task_in_error_is_retried_and_completes(pool: PgPool) {
-    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
-    let ch = server.channel().await;
-    let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
-    let task = tasks
-        .create_task(two_steps("retry", "flaky"))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_uuid;
-    let retry = |task: &str, extra: i32| v1::RetryTaskRequest {
-        task_uuid: task.into(),
-        extra_attempts: extra,
-        reason: "the outage is over".into(),
-    };
-    let e = tasks.retry_task(retry(&task, 0)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "not in error yet");
-    let first = lease_one(&workers, "retry").await;
-    fail_for_good(&mut workers, &first, "upstream down").await;
-    let e = tasks.retry_task(retry(&task, 101)).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("extra_attempts"), "{}", e.message());
-    let e = tasks
-        .retry_task(retry(&uuid::Uuid::now_v7().to_string(), 1))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
-
-    let retried = tasks
-        .retry_task(retry(&task, 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
-    assert_eq!(retried.state(), v1::TaskState::InProgress);
-    let again = lease_one(&workers, "retry").await;
-    assert_eq!((again.name.as_str(), again.attempt), ("first", 2));
-    complete_leased(&mut workers, &again).await;
-    let second = lease_one(&workers, "retry").await;
-    complete_leased(&mut workers, &second).await;
-    let state: String =
-        sqlx::query_scalar("SELECT state FROM tasker.tasks WHERE task_uuid = $1::uuid")
-            .bind(&task)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(state, "complete");
-    server.stop().await;
-}
-
 /// ListReadyTasks pages stay one listing while the ranking ages. Twenty tasks of priority 0
 /// have waited 58.5 s and twenty of priority 1 have just become ready: the latter rank first,
 /// until the former's aging boost adds a point and, tied, the older come first. A listing
@@ -1210,7 +1242,7 @@ async fn ready_task_pages_survive_the_ranking_aging_between_them(pool: PgPool) {
     let mut waited = Vec::new();
     for priority in [0, 1] {
         for _ in 0..20 {
-            let mut req = diamond("aging");
+            let mut req = diamond("aging").build();
             req.priority = priority;
             let id = tasks.create_task(req).await.unwrap().into_inner().task_uuid;
             if priority == 0 {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use sqlx::PgPool;
 use tasker::config::{DatabaseConfig, DeploymentMode};
-use tasker::internal::{Store, StoreError, TaskSpec};
 use tasker::proto::v1;
+use tasker::testkit::{Store, StoreError, TaskSpec};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -41,7 +41,7 @@ async fn own_url(pool: &PgPool) -> String {
         .await
         .unwrap();
     let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    tasker::internal::with_database(&base, &db)
+    tasker::testkit::with_database(&base, &db)
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
@@ -1295,8 +1295,8 @@ async fn pages_read_only_the_documents_their_response_carries(pool: PgPool) {
     let fit = budget / 250_000 + 1;
 
     // what the store reads for one page
-    let store = tasker::internal::Store::new(pool.clone());
-    let query = tasker::internal::TaskListQuery {
+    let store = tasker::testkit::Store::new(pool.clone());
+    let query = tasker::testkit::TaskListQuery {
         namespace: Some("heavy".into()),
         limit: 1001,
         ..Default::default()

@@ -11,7 +11,7 @@ use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::internal::{ListenerState, Metrics, Store, TaskSpec};
+use tasker::testkit::{ListenerState, Metrics, Store, TaskSpec};
 
 /// `name{attr=value,...}` -> value (sums and gauges) or count (histograms), from the last
 /// export (cumulative).

@@ -5,8 +5,8 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tasker::internal::Store;
-use tasker::internal::TaskSpec;
+use tasker::testkit::Store;
+use tasker::testkit::TaskSpec;
 
 const NS: &str = "triggers";
 const READY: &str = "tasker_task_ready";

@@ -5,8 +5,8 @@ mod common;
 use common::*;
 use serde_json::json;
 use sqlx::PgPool;
-use tasker::internal::{ExecutionStatus, FailOutcome, StepState, Store, TaskState};
-use tasker::internal::{StepSpec, TaskSpec};
+use tasker::testkit::{ExecutionStatus, FailOutcome, StepState, Store, TaskState};
+use tasker::testkit::{StepSpec, TaskSpec};
 
 const NS: &str = "readiness";
 
@@ -212,7 +212,7 @@ async fn cancelled_task_has_nothing_ready(pool: PgPool) {
         .await;
     assert_eq!(
         again.unwrap(),
-        tasker::internal::CancelOutcome::AlreadyCancelled
+        tasker::testkit::CancelOutcome::AlreadyCancelled
     );
 }
 
@@ -226,7 +226,7 @@ async fn a_complete_task_refuses_cancel(pool: PgPool) {
         .cancel_task(t.task_uuid, "too late", &json!({}), None)
         .await;
     match refused {
-        Err(tasker::internal::StoreError::FailedPrecondition(m)) => {
+        Err(tasker::testkit::StoreError::FailedPrecondition(m)) => {
             assert!(m.contains("already complete"), "{m}")
         }
         other => panic!("expected FailedPrecondition, got {other:?}"),

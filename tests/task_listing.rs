@@ -21,12 +21,7 @@ fn quiet() -> tasker::config::TaskerConfig {
 }
 
 fn one_step(ns: &str, name: &str) -> v1::CreateTaskRequest {
-    v1::CreateTaskRequest {
-        namespace: ns.into(),
-        name: name.into(),
-        steps: vec![step_def("only", &[])],
-        ..Default::default()
-    }
+    tasker::client::task(ns).named(name).step("only").build()
 }
 
 fn list(req: impl FnOnce(&mut v1::ListTasksRequest)) -> v1::ListTasksRequest {

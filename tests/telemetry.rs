@@ -166,7 +166,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
     cfg.telemetry.log_filter = "info".into();
     let guard = tasker::telemetry::init(&cfg.telemetry, DeploymentMode::EventDrivenOnly);
     assert!(guard.exporting());
-    let metrics = tasker::internal::Metrics::new(&opentelemetry::global::meter("tasker"));
+    let metrics = tasker::testkit::Metrics::new(&opentelemetry::global::meter("tasker"));
     let server = TestServer::start_with(&pool, &cfg, metrics).await;
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use serde_json::json;
 use sqlx::PgPool;
-use tasker::internal::TaskSpec;
-use tasker::internal::{HeldLease, Refusal, Store, StoreError};
+use tasker::testkit::TaskSpec;
+use tasker::testkit::{HeldLease, Refusal, Store, StoreError};
 use uuid::Uuid;
 
 const NS: &str = "transitions";
@@ -331,7 +331,7 @@ async fn a_pre_baseline_database_is_named_and_reset(pool: PgPool) {
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
-    use tasker::internal::Completion;
+    use tasker::testkit::Completion;
     let store = Store::new(pool.clone());
     let t = create(&store, TaskSpec::diamond(NS)).await;
     run_named(&store, t.task_uuid, NS, "a").await;

@@ -1,6 +1,6 @@
 //! A client for Tasker's gRPC API: connecting (plaintext or TLS, with a bearer token), and
 //! [`WorkerClient`], what a worker process needs to lease steps, complete or fail them and
-//! extend a lease.
+//! extend a lease; [`task`], a `CreateTaskRequest` written the way a DAG is drawn.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,6 +18,8 @@
 //! Every call carries the token as `authorization: Bearer ...` and, when the calling process
 //! exports traces, the current span's `traceparent`, so a worker's trace continues into the
 //! service.
+
+pub use super::task_builder::{chain, diamond, task, TaskBuilder};
 
 use std::path::PathBuf;
 use std::time::Duration;

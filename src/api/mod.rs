@@ -10,7 +10,8 @@
 //! - `convert`: protobuf <-> domain conversions and field-naming request parsing
 //! - `connections`: the connection registry (per-peer caps, idle eviction)
 //! - `task_list`, `task_watch`: ListTasks paging and the WatchTask feed
-//! - `client`: the worker client (connect, lease, complete, fail), the library's public API
+//! - `client`: the worker client (connect, lease, complete, fail), the library's public API,
+//!   with `task_builder` (a `CreateTaskRequest` written the way a DAG is drawn)
 //!
 //! Every request gets a server span (`grpc.request`, with method, peer and status code)
 //! whose parent is the caller's W3C trace context when it sent one.
@@ -25,6 +26,7 @@ pub mod convert;
 pub mod error;
 mod readiness_api;
 mod task_api;
+mod task_builder;
 mod task_list;
 mod task_watch;
 mod worker_api;

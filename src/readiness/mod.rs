@@ -24,15 +24,8 @@ pub mod mode;
 pub mod poller;
 pub mod task_changes;
 
-pub use classifier::{
-    payload_traceparent, ClassifyError, EventKind, ReadinessEventClassifier, TaskReadinessEvent,
-    TaskReadyEvent,
-};
-pub use commands::{
-    CommandEvent, CommandFailure, CommandOutcome, CommandPhase, CommandProcessor,
-    CommandProcessorHandle, CommandResult, OrchestrationCommand, SubmitError,
-};
+pub use classifier::{payload_traceparent, ReadinessEventClassifier};
+pub use commands::{CommandPhase, OrchestrationCommand, SubmitError};
 pub use event_system::TaskReadinessEventSystem;
 pub use listener::{ListenerState, ListenerStatus, TaskReadinessListener};
-pub use mode::{DeploymentModeController, ModeControllerStatus};
 pub use poller::PollerStatus;

@@ -33,17 +33,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-pub use diagnostics::{ActivityCounters, ServerSettings, SoakSnapshot, TableActivity};
+pub use diagnostics::ActivityCounters;
 pub use error::{is_retryable, StoreError};
-pub use replicas::{Heartbeat, ReplicaRecord};
 pub use steps::{
-    AttemptOutcome, Completion, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal,
-    StepFailure, Taker, TaskRef,
+    Completion, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Taker,
+    TaskRef,
 };
 pub use tasks::{
     CancelOutcome, CreatedTask, StepRecord, StepSnapshot, TaskListQuery, TaskRecord, TaskTransition,
 };
-pub use views::{ExecutionContext, ReadyRank, ReadyTask, StepReadiness};
+pub use views::ReadyRank;
 
 use crate::config::DatabaseConfig;
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::PgPool;
-use tasker::internal::TaskSpec;
-use tasker::internal::{CreatedTask, LeasedStep, Store};
+use tasker::testkit::TaskSpec;
+use tasker::testkit::{CreatedTask, LeasedStep, Store};
 use uuid::Uuid;
 
 /// How long a test waits for something it expects before failing.
@@ -145,8 +145,8 @@ pub fn failure(
     error: serde_json::Value,
     retryable: bool,
     backoff_ms: i64,
-) -> tasker::internal::StepFailure {
-    tasker::internal::StepFailure {
+) -> tasker::testkit::StepFailure {
+    tasker::testkit::StepFailure {
         error,
         retryable,
         backoff_ms,
@@ -156,9 +156,9 @@ pub fn failure(
 // ---- helpers for tests that run the orchestration core ----
 
 use tasker::config::{DeploymentMode, TaskerConfig};
-use tasker::internal::Engine;
-use tasker::internal::ListenerState;
-use tasker::internal::Metrics;
+use tasker::testkit::Engine;
+use tasker::testkit::ListenerState;
+use tasker::testkit::Metrics;
 
 /// A configuration for tests: fast polling, no age threshold, quick claim retries.
 pub fn test_config(mode: DeploymentMode) -> TaskerConfig {
@@ -319,15 +319,14 @@ pub async fn enqueue_count(pool: &PgPool) -> i64 {
 
 use std::net::SocketAddr;
 
-use tasker::internal::{ApiContext, GrpcServer};
 use tasker::proto::v1;
+use tasker::testkit::ServedApi;
 use tonic::transport::Channel;
 
 pub struct TestServer {
     pub addr: SocketAddr,
     pub core: std::sync::Arc<Engine>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    api: ServedApi,
 }
 
 impl TestServer {
@@ -352,23 +351,11 @@ impl TestServer {
         addr: SocketAddr,
     ) -> Self {
         let core = std::sync::Arc::new(start_core_with(pool, config, metrics).await);
-        let server = GrpcServer::bind(addr).await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let ctx = ApiContext::new(core.handles(), config);
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let grpc = config.grpc.clone();
-        let join = tokio::spawn(async move {
-            server
-                .serve(ctx, &grpc, async {
-                    let _ = rx.await;
-                })
-                .await
-        });
+        let api = ServedApi::start(&core, config, addr).await.unwrap();
         Self {
-            addr,
+            addr: api.addr,
             core,
-            stop: Some(stop),
-            join: Some(join),
+            api,
         }
     }
 
@@ -380,13 +367,8 @@ impl TestServer {
             .expect("connect")
     }
 
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(j) = self.join.take() {
-            j.await.unwrap().unwrap();
-        }
+    pub async fn stop(self) {
+        self.api.stop().await.unwrap();
         if let Ok(core) = std::sync::Arc::try_unwrap(self.core) {
             core.shutdown().await;
         }
@@ -534,12 +516,12 @@ fn percent_encode(s: &str) -> String {
 
 /// A task of two steps, `first` then `second`, as CreateTask takes it.
 pub fn two_steps(namespace: &str, name: &str) -> v1::CreateTaskRequest {
-    v1::CreateTaskRequest {
-        namespace: namespace.into(),
-        name: name.into(),
-        steps: vec![step_def("first", &[]), step_def("second", &["first"])],
-        ..Default::default()
-    }
+    tasker::client::task(namespace)
+        .named(name)
+        .step("first")
+        .step("second")
+        .after("first")
+        .build()
 }
 
 /// Cancel a task over gRPC.

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tasker::config::{self, ConfigSources, EXIT_CONFIG};
-use tasker::internal::{resolve_database, Store};
+use tasker::testkit::{resolve_database, Store};
 
 #[derive(Parser)]
 #[command(

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tasker::config::{DeploymentMode, TaskerConfig};
-use tasker::internal::{Engine, Metrics, Store, StoreError, TaskSpec, WorkerQueue};
+use tasker::testkit::{Engine, Metrics, Store, StoreError, TaskSpec, WorkerQueue};
 
 use super::{LatencyStats, FLOOR_ROUNDS};
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 use tasker::config::{DeploymentMode, TaskerConfig};
-use tasker::internal::Store;
+use tasker::testkit::Store;
 
 /// The benchmark's command line.
 #[derive(Debug, Args)]

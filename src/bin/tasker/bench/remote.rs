@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tasker::config::DeploymentMode;
-use tasker::internal::{ActivityCounters, Store};
+use tasker::testkit::{ActivityCounters, Store};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 

@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use tasker::config::{DeploymentMode, TaskerConfig};
-use tasker::internal::{Engine, Metrics, Store, StoreError, TaskSpec};
+use tasker::testkit::{Engine, Metrics, Store, StoreError, TaskSpec};
 
 use super::LatencyStats;
 
