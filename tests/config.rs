@@ -427,10 +427,10 @@ fn a_missing_configuration_directory_or_environment_is_refused() {
     assert_eq!(code, Some(64), "{out}");
 }
 
-/// The token list the README shows, as JSON in the environment, is taken (it failed: "invalid
+/// The token list docs/operations.md shows, as JSON in the environment, is taken (it failed: "invalid
 /// type: string, expected a sequence"); TOML inline tables still work.
 #[test]
-fn tokens_from_the_environment_as_json_as_the_readme_shows() {
+fn tokens_from_the_environment_as_json_as_the_operations_guide_shows() {
     let d = fixture();
     let sha = "b".repeat(64);
     let json = format!(r#"[{{"name":"ci","sha256":"{sha}","scopes":["read","write"]}}]"#);
