@@ -266,3 +266,53 @@ async fn run(addr: SocketAddr, command: &str, values: &HashMap<&'static str, Str
     );
     stdout
 }
+
+/// The README is the front page: at most 250 lines, the two set-up commands first (start the
+/// service, run the tests), CI running exactly that test command, and no dated measurements
+/// or history (figures with their dates live in docs/benchmarks.md).
+#[test]
+fn the_readme_is_a_front_page() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).expect("README.md");
+    let lines: Vec<&str> = readme.lines().collect();
+    assert!(lines.len() <= 250, "README.md has {} lines", lines.len());
+
+    let start = lines
+        .iter()
+        .position(|l| *l == "```sh")
+        .expect("a sh block");
+    assert!(
+        start <= 3,
+        "the set-up commands start on line {}",
+        start + 1
+    );
+    let command = |line: &str| line.split('#').next().unwrap_or("").trim().to_string();
+    assert_eq!(command(lines[start + 1]), "cargo run --release -- serve");
+    let test_command = command(lines[start + 2]);
+    assert_eq!(test_command, "scripts/test");
+    let ci = std::fs::read_to_string(format!("{root}/.ci/run")).expect(".ci/run");
+    let last = ci
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    assert_eq!(
+        last.trim(),
+        format!("exec {test_command} --no-server"),
+        ".ci/run must end by running the README's test command"
+    );
+
+    let dated = lines.iter().enumerate().find(|(_, l)| {
+        l.as_bytes().windows(10).any(|w| {
+            let digit = |i: usize| w[i].is_ascii_digit();
+            (0..4).all(digit)
+                && w[4] == b'-'
+                && digit(5)
+                && digit(6)
+                && w[7] == b'-'
+                && digit(8)
+                && digit(9)
+        })
+    });
+    assert!(dated.is_none(), "a dated line in the README: {:?}", dated);
+}
