@@ -427,12 +427,7 @@ async fn names_that_would_drive_a_terminal_are_refused(pool: PgPool) {
         "b\u{9b}2J",
     ] {
         let refused = Tasks::new(ch.clone())
-            .create_task(v1::CreateTaskRequest {
-                namespace: "names".into(),
-                name: hostile.into(),
-                steps: vec![step_def(hostile, &[])],
-                ..Default::default()
-            })
+            .create_task(task("names").named(hostile).step(hostile).build())
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");

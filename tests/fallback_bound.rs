@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use sqlx::PgPool;
 use tasker::config::{DeploymentMode, TaskReadinessConfig};
-use tasker::proto::v1;
 
 /// The promise.
 const BOUND: Duration = Duration::from_secs(30);
@@ -44,12 +43,7 @@ async fn a_lost_event_is_made_good_within_30_s_with_the_default_settings(pool: P
     let mut tasks = Tasks::new(server.channel().await);
     let created = Instant::now();
     let task = tasks
-        .create_task(v1::CreateTaskRequest {
-            namespace: "lost".into(),
-            name: "unannounced".into(),
-            steps: vec![step_def("only", &[])],
-            ..Default::default()
-        })
+        .create_task(task("lost").named("unannounced").step("only").build())
         .await
         .unwrap()
         .into_inner()

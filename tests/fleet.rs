@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::*;
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
-use tasker::proto::v1;
 use uuid::Uuid;
 
 const TASKS: usize = 20;
@@ -68,12 +67,7 @@ async fn an_event_never_falls_to_a_replica_that_does_not_serve_its_namespace(poo
     let mut tasks = Tasks::new(selective.channel().await);
     for _ in 0..TASKS {
         tasks
-            .create_task(v1::CreateTaskRequest {
-                namespace: "shipping".into(),
-                name: "parcel".into(),
-                steps: vec![step_def("pack", &[])],
-                ..Default::default()
-            })
+            .create_task(task("shipping").named("parcel").step("pack").build())
             .await
             .unwrap();
     }

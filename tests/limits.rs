@@ -84,12 +84,7 @@ async fn a_dropped_request_leaves_no_running_statement(pool: PgPool) {
     slow_task_inserts(&pool, 60.0).await;
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
     let mut tasks = Tasks::new(server.channel().await);
-    let mut request = Request::new(v1::CreateTaskRequest {
-        namespace: "limits".into(),
-        name: "slow".into(),
-        steps: vec![step_def("a", &[])],
-        ..Default::default()
-    });
+    let mut request = Request::new(task("limits").named("slow").step("a").build());
     request.set_timeout(Duration::from_millis(500));
     let status = tasks.create_task(request).await.unwrap_err();
     assert!(
@@ -782,12 +777,7 @@ async fn namespaces_are_capped(pool: PgPool) {
     cfg.database.max_namespaces = 3;
     let server = TestServer::start(&pool, &cfg).await;
     let mut tasks = Tasks::new(server.channel().await);
-    let create = |namespace: &str| v1::CreateTaskRequest {
-        namespace: namespace.into(),
-        name: "capped".into(),
-        steps: vec![step_def("a", &[])],
-        ..Default::default()
-    };
+    let create = |namespace: &str| task(namespace).named("capped").step("a").build();
     for ns in ["ns-a", "ns-b", "ns-c"] {
         tasks.create_task(create(ns)).await.unwrap();
     }
@@ -927,12 +917,14 @@ async fn documents_nest_no_deeper_than_clients_decode(pool: PgPool) {
     let server = TestServer::start(&pool, &limits_config()).await;
     let channel = server.channel().await;
     Tasks::new(channel.clone())
-        .create_task(v1::CreateTaskRequest {
-            namespace: "deep".into(),
-            name: "deep".into(),
-            steps: vec![step_def("parent", &[]), step_def("child", &["parent"])],
-            ..Default::default()
-        })
+        .create_task(
+            task("deep")
+                .named("deep")
+                .step("parent")
+                .step("child")
+                .after("parent")
+                .build(),
+        )
         .await
         .unwrap();
     let mut workers = Workers::new(channel.clone());
@@ -990,15 +982,13 @@ async fn a_step_no_response_can_carry_fails_once_saying_why(pool: PgPool) {
     let server = TestServer::start(&pool, &limits_config()).await;
     let channel = server.channel().await;
     let created = Tasks::new(channel.clone())
-        .create_task(v1::CreateTaskRequest {
-            namespace: "undeliverable".into(),
-            name: "old".into(),
-            steps: vec![v1::StepDefinition {
-                max_attempts: 10,
-                ..step_def("deep", &[])
-            }],
-            ..Default::default()
-        })
+        .create_task(
+            task("undeliverable")
+                .named("old")
+                .step("deep")
+                .max_attempts(10)
+                .build(),
+        )
         .await
         .unwrap()
         .into_inner();

@@ -82,10 +82,7 @@ async fn the_readme_examples_run_as_written(pool: PgPool) {
         .unwrap()
         .into_inner();
     let complete = tasks
-        .create_task(v1::CreateTaskRequest {
-            steps: vec![step_def("only", &[])],
-            ..two_steps("readme-done", "d")
-        })
+        .create_task(task("readme-done").named("d").step("only").build())
         .await
         .unwrap()
         .into_inner()

@@ -173,12 +173,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
     let mut workers = Workers::new(ch);
 
     tasks
-        .create_task(v1::CreateTaskRequest {
-            namespace: "traced".into(),
-            name: "chain".into(),
-            steps: vec![step_def("first", &[]), step_def("second", &["first"])],
-            ..Default::default()
-        })
+        .create_task(two_steps("traced", "chain"))
         .await
         .unwrap();
     let first = lease_one(&workers, "traced").await;

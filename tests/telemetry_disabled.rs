@@ -45,17 +45,7 @@ async fn no_trace_context_reaches_the_database(pool: PgPool) {
     let (mut tasks, mut workers) = (Tasks::new(ch.clone()), Workers::new(ch));
     let mut notifications = listener(&pool, &["tasker_task_ready"]).await;
     let task = tasks
-        .create_task(traced(v1::CreateTaskRequest {
-            namespace: "quiet".into(),
-            name: "diamond".into(),
-            steps: vec![
-                step_def("a", &[]),
-                step_def("b", &["a"]),
-                step_def("c", &["a"]),
-                step_def("d", &["b", "c"]),
-            ],
-            ..Default::default()
-        }))
+        .create_task(traced(diamond("quiet").build()))
         .await
         .unwrap()
         .into_inner()

@@ -319,6 +319,8 @@ pub async fn enqueue_count(pool: &PgPool) -> i64 {
 
 use std::net::SocketAddr;
 
+#[allow(unused_imports)] // each test file uses some of them
+pub use tasker::client::{chain, diamond, task};
 use tasker::proto::v1;
 use tasker::testkit::ServedApi;
 use tonic::transport::Channel;

@@ -1,4 +1,4 @@
-//! The event-driven core end to end: completion -> trigger -> NOTIFY -> listener -> command ->
+//! The engine end to end: completion -> trigger -> NOTIFY -> listener -> command ->
 //! claim-and-enqueue -> worker, in every deployment mode and under disruption.
 
 mod common;
