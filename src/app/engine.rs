@@ -17,7 +17,8 @@ use crate::cluster::{Fleet, ReplicaState};
 use crate::config::TaskerConfig;
 use crate::dispatch::announce::StepAnnouncer;
 use crate::dispatch::deadlines::DeadlinePoke;
-use crate::dispatch::enqueue::{StepHandoff, TaskClaimStepEnqueuer};
+use crate::dispatch::enqueue::TaskClaimStepEnqueuer;
+use crate::dispatch::parked::ParkedFetches;
 use crate::dispatch::worker::WorkerQueue;
 use crate::readiness::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::readiness::mode::DeploymentModeController;
@@ -68,7 +69,7 @@ impl Engine {
                     .unwrap_or(u32::MAX),
             ),
         });
-        let handoff = StepHandoff::new();
+        let handoff = ParkedFetches::new();
         // the id the store's connections announce, so that this replica claims first what its
         // own transactions made ready
         let fleet = store.replica_id().map_or_else(Fleet::new, Fleet::with_id);

@@ -22,10 +22,6 @@ use crate::model::command::TriggeredBy;
 use crate::store::{EnqueueResult, LeasedStep, Store, StoreError, Taker};
 use crate::telemetry::metrics::Metrics;
 
-/// The parked `FetchSteps` of each namespace, which receive leased steps straight from an
-/// enqueue.
-pub type StepHandoff = ParkedFetches<Vec<LeasedStep>>;
-
 /// Parked fetches one enqueue takes at most: a task rarely makes more steps ready at once,
 /// and the rest are queued for the next fetches.
 const MAX_TAKERS: usize = 64;
@@ -33,7 +29,7 @@ const MAX_TAKERS: usize = 64;
 #[derive(Clone)]
 pub struct TaskClaimStepEnqueuer {
     store: Store,
-    handoff: StepHandoff,
+    handoff: ParkedFetches,
     announcer: StepAnnouncer,
     metrics: Metrics,
 }
@@ -41,7 +37,7 @@ pub struct TaskClaimStepEnqueuer {
 impl TaskClaimStepEnqueuer {
     pub fn new(
         store: Store,
-        handoff: StepHandoff,
+        handoff: ParkedFetches,
         announcer: StepAnnouncer,
         metrics: Metrics,
     ) -> Self {
@@ -118,12 +114,7 @@ impl TaskClaimStepEnqueuer {
     /// Hand each taken fetch its leased steps; give back those that got none. A fetch that
     /// went away meanwhile cannot receive its steps: they go back on the queue (same attempt)
     /// for the next fetch.
-    async fn deliver(
-        &self,
-        namespace: &str,
-        waiters: Vec<Waiter<Vec<LeasedStep>>>,
-        leased: &[(usize, LeasedStep)],
-    ) {
+    async fn deliver(&self, namespace: &str, waiters: Vec<Waiter>, leased: &[(usize, LeasedStep)]) {
         let mut unused = Vec::new();
         let mut undelivered = Vec::new();
         for (i, waiter) in waiters.into_iter().enumerate() {
@@ -159,7 +150,7 @@ impl TaskClaimStepEnqueuer {
 /// fails leaves the lease to run out; the deadline scheduler then retries the step.
 pub(crate) async fn release_undelivered(
     store: &Store,
-    handoff: &StepHandoff,
+    handoff: &ParkedFetches,
     announcer: &StepAnnouncer,
     namespace: &str,
     undelivered: Vec<(LeasedStep, String)>,
@@ -185,7 +176,7 @@ pub(crate) async fn release_undelivered(
 
 /// `steps` of `namespace` went onto the queue with no fetch holding them: wake as many of the
 /// fetches parked here, and have the other replicas told unless a fetch here takes them first.
-fn steps_queued(handoff: &StepHandoff, announcer: &StepAnnouncer, namespace: &str, steps: usize) {
+fn steps_queued(handoff: &ParkedFetches, announcer: &StepAnnouncer, namespace: &str, steps: usize) {
     if steps > 0 {
         handoff.queued(namespace, steps);
         announcer.queued(namespace, u32::try_from(steps).unwrap_or(u32::MAX));

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::store::LeasedStep;
+
 /// The `FetchSteps` long-polls parked on each namespace, first come first served, so that an
 /// enqueue can hand its steps straight to them.
 ///
@@ -30,7 +32,9 @@ use std::sync::{Arc, Mutex};
 /// only a hint (the epoch, the last empty read), so idle entries are dropped once there are
 /// more than [`IDLE_ENTRIES_KEPT`]. Epochs come from one counter for all namespaces, so an
 /// entry dropped and made again never shows a fetch the epoch it noted before.
-pub struct ParkedFetches<T> {
+///
+/// What a fetch receives is the steps leased to it; the unit tests hand over plain values.
+pub struct ParkedFetches<T = Vec<LeasedStep>> {
     inner: Arc<Mutex<HashMap<String, Parked<T>>>>,
     epochs: Arc<AtomicU64>,
 }
@@ -77,7 +81,7 @@ impl<T> Default for Parked<T> {
 }
 
 /// A parked fetch, as the enqueuer sees it.
-pub struct Waiter<T> {
+pub struct Waiter<T = Vec<LeasedStep>> {
     id: u64,
     pub worker_id: String,
     /// At most this many steps for it.
@@ -101,7 +105,7 @@ impl<T> Waiter<T> {
 }
 
 /// A fetch's place in the queue. Dropping it (a client that hung up) withdraws it.
-pub struct Ticket<T> {
+pub struct Ticket<T = Vec<LeasedStep>> {
     parked: ParkedFetches<T>,
     namespace: String,
     id: u64,

@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::dispatch::announce::StepAnnouncer;
 use crate::dispatch::completions::CompletionBatcher;
 use crate::dispatch::deadlines::DeadlinePoke;
-use crate::dispatch::enqueue::{release_undelivered, StepHandoff};
+use crate::dispatch::enqueue::release_undelivered;
+use crate::dispatch::parked::ParkedFetches;
 use crate::dispatch::parked::Ticket;
 use crate::dispatch::quota::{Limit, Place, Quota};
 use crate::store::{
@@ -72,7 +73,7 @@ pub enum CompleteOutcome {
 #[derive(Clone)]
 pub struct WorkerQueue {
     store: Store,
-    handoff: StepHandoff,
+    handoff: ParkedFetches,
     /// Told of the steps fetches here take from the queue (see `announce`).
     announcer: StepAnnouncer,
     deadlines: DeadlinePoke,
@@ -107,7 +108,7 @@ const MAX_RECHECK_BACKOFF: u32 = 8;
 impl WorkerQueue {
     pub fn new(
         store: Store,
-        handoff: StepHandoff,
+        handoff: ParkedFetches,
         announcer: StepAnnouncer,
         deadlines: DeadlinePoke,
         cfg: &crate::config::OrchestrationConfig,
@@ -314,11 +315,7 @@ impl WorkerQueue {
 
     /// Leaving the queue of parked fetches: if an enqueue took this fetch meanwhile, its steps
     /// are on their way, leased to this worker: wait for them rather than strand them.
-    async fn on_leaving(
-        &self,
-        mut ticket: Ticket<Vec<LeasedStep>>,
-        worker_id: &str,
-    ) -> Vec<LeasedStep> {
+    async fn on_leaving(&self, mut ticket: Ticket, worker_id: &str) -> Vec<LeasedStep> {
         if ticket.withdraw() {
             return Vec::new();
         }

@@ -26,7 +26,7 @@ use std::time::Instant;
 use super::classifier::{FleetModeEvent, StepsEnqueuedEvent, TaskReadyEvent, TaskStateChangeEvent};
 
 use crate::cluster::Fleet;
-use crate::dispatch::enqueue::StepHandoff;
+use crate::dispatch::parked::ParkedFetches;
 use crate::readiness::commands::{CommandProcessorHandle, OrchestrationCommand, SubmitError};
 use crate::readiness::poller::SweepRequester;
 use crate::readiness::task_changes::TaskWatches;
@@ -36,7 +36,7 @@ use crate::telemetry::metrics::Metrics;
 pub struct TaskReadinessEventSystem {
     commands: CommandProcessorHandle,
     sweeps: SweepRequester,
-    handoff: StepHandoff,
+    handoff: ParkedFetches,
     fleet: Fleet,
     watches: TaskWatches,
     metrics: Metrics,
@@ -46,7 +46,7 @@ impl TaskReadinessEventSystem {
     pub fn new(
         commands: CommandProcessorHandle,
         sweeps: SweepRequester,
-        handoff: StepHandoff,
+        handoff: ParkedFetches,
         fleet: Fleet,
         watches: TaskWatches,
         metrics: Metrics,
