@@ -204,3 +204,36 @@ BEGIN
     RETURN 'resolved';
 END
 $$;
+
+-- The previous release's claim-and-enqueue, for a replica of it during a rolling upgrade: its
+-- parked fetches take the default queue.
+-- (from migrations/20261204000006_step_queues.sql)
+CREATE OR REPLACE FUNCTION tasker.enqueue_ready_steps(
+    p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
+    p_announce_as uuid DEFAULT NULL
+)
+RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
+               max_ready_wait_ms double precision, leased jsonb)
+LANGUAGE sql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+    SELECT c.outcome, c.namespace, c.priority, c.enqueued_steps, c.max_ready_wait_ms,
+           (SELECT coalesce(jsonb_agg(l - 'queue'), '[]'::jsonb) FROM jsonb_array_elements(c.leased) l)
+    FROM tasker.claim_and_enqueue(p_task_uuid, p_metadata, p_takers, p_announce_as) c
+$$;
+
+-- The previous release's fetch: the default queue.
+-- (from migrations/20261204000006_step_queues.sql)
+CREATE OR REPLACE FUNCTION tasker.fetch_steps(p_namespace text, p_worker_id text, p_max integer, p_lease_ms bigint)
+RETURNS TABLE (
+    step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
+    parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text,
+    lease_token uuid
+)
+LANGUAGE sql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+    SELECT f.step_uuid, f.task_uuid, f.name, f.attempt, f.inputs, f.parent_results,
+           f.lease_expires_at, f.enqueued_at, f.traceparent, f.lease_token
+    FROM tasker.fetch_steps(p_namespace, ARRAY['default'], p_worker_id, p_max, p_lease_ms) f
+$$;

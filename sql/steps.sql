@@ -8,54 +8,65 @@
 -- Each definition names the migration it comes from.
 
 
--- Claim a task and enqueue every ready step, in one transaction; then lease the first of them
--- to the parked fetches in p_takers ([{"worker_id", "max", "lease_ms"}], first come first
--- served), so that a waiting worker receives its step without a transaction of its own.
--- `leased` is a JSON array of the leased steps, each with the index of its taker.
+-- Claim a task and enqueue every ready step, in one transaction; then lease them to the
+-- parked fetches in p_takers ([{"worker_id", "max", "lease_ms", "queues"}], first come first
+-- served; no "queues": the default queue), each step to the first fetch that takes its queue,
+-- as far as its lane's pause and limit allow. `leased` is a JSON array of the leased steps,
+-- each with the index of its taker; `queued` ([{"queue", "steps"}]) counts, per lane, the steps
+-- left on the queue that a fetch may lease now (a paused or full lane's are not counted: a
+-- freed slot or a resume wakes its fetches).
 --
 -- Claim: a transaction-scoped advisory lock on the task, tried without waiting. A task claimed
 -- by another instance's enqueuer answers 'claimed_elsewhere' at once; the caller retries
 -- shortly, because the holder's snapshot may predate a completion that made more steps ready.
 -- Exactly once: the CAS pending -> enqueued plus the unique (step_uuid, attempt) queue key.
 -- Cost: the ready steps of this task, taken out of the ready set by its task index; nothing
--- else of the task.
+-- else of the task; per lane handed to, one probe of its settings.
 -- Durability: asynchronous commit while it only enqueues: enqueue state is derivable (if a
 -- crash loses the commit, the steps are still pending and ready, and the start-up sweep or the
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
 -- synchronously: those leases reach workers, and must survive a crash.
--- (from migrations/20261204000001_lease_tokens.sql)
-CREATE OR REPLACE FUNCTION tasker.enqueue_ready_steps(
+-- (from migrations/20261204000006_step_queues.sql)
+CREATE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
 )
 RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
-               max_ready_wait_ms double precision, leased jsonb)
+               max_ready_wait_ms double precision, leased jsonb, queued jsonb)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
     v_task record;
     v_steps uuid[];
+    v_queues text[];
     v_wait double precision;
     v_traceparent text := left(tasker.current_traceparent(), 128);
+    v_lane record;
+    v_grant record;
     v_taker record;
-    v_msg record;
+    v_msg_id bigint;
+    v_rows integer;
+    v_next integer;
+    v_given integer[];
     v_handed integer := 0;
     v_leased jsonb := '[]'::jsonb;
+    v_queued jsonb := '[]'::jsonb;
+    v_open integer;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     IF NOT pg_try_advisory_xact_lock(hashtextextended('tasker.claim:' || p_task_uuid::text, 0)) THEN
         IF EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid) THEN
-            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
         ELSE
-            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
         END IF;
         RETURN;
     END IF;
     SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
@@ -65,7 +76,7 @@ BEGIN
         WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
     END IF;
     IF v_task.state NOT IN ('pending', 'in_progress') THEN
-        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb;
+        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
         RETURN;
     END IF;
 
@@ -79,44 +90,77 @@ BEGIN
             next_retry_at = NULL
         FROM taken
         WHERE s.step_uuid = taken.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
-        RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at
+        RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at, s.queue
     ),
     queued AS (
-        INSERT INTO tasker.step_queue (namespace, task_uuid, step_uuid, attempt, priority, traceparent)
-        SELECT v_task.namespace, p_task_uuid, m.step_uuid, m.attempts, v_task.priority, v_traceparent
+        INSERT INTO tasker.step_queue (namespace, queue, task_uuid, step_uuid, attempt, priority, traceparent)
+        SELECT v_task.namespace, m.queue, p_task_uuid, m.step_uuid, m.attempts, v_task.priority, v_traceparent
         FROM moved m ORDER BY m.position
         RETURNING 1
     )
     SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
+           coalesce(array_agg(m.queue ORDER BY m.position), '{}'::text[]),
            extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000
-    INTO v_steps, v_wait
+    INTO v_steps, v_queues, v_wait
     FROM moved m;
 
     IF cardinality(v_steps) = 0 THEN
-        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb;
+        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb, '[]'::jsonb;
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
         UPDATE tasker.tasks t SET state = 'in_progress' WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
     END IF;
-    -- hand the steps, in order, to the parked fetches, each up to its max
-    FOR v_taker IN
-        SELECT (x.ord - 1)::int AS idx, x.t->>'worker_id' AS worker_id, (x.t->>'max')::int AS max,
-               (x.t->>'lease_ms')::bigint AS lease_ms
-        FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
-        ORDER BY x.ord
+    v_given := array_fill(0, ARRAY[greatest(jsonb_array_length(p_takers), 1)]);
+    -- per lane, in the order of its first step: hand its steps, in order, to the parked
+    -- fetches that take its queue, each up to its max, as far as the lane allows
+    FOR v_lane IN
+        SELECT u.queue, array_agg(u.step_uuid ORDER BY u.ord) AS steps
+        FROM unnest(v_steps, v_queues) WITH ORDINALITY AS u(step_uuid, queue, ord)
+        GROUP BY u.queue
+        ORDER BY min(u.ord)
     LOOP
-        EXIT WHEN v_handed >= cardinality(v_steps);
-        FOR v_msg IN
-            SELECT q.msg_id FROM unnest(v_steps[v_handed + 1 : v_handed + v_taker.max]) AS u(step_uuid)
-            CROSS JOIN LATERAL (SELECT m.msg_id FROM tasker.step_queue m
-                                WHERE m.step_uuid = u.step_uuid AND m.leased_by IS NULL OFFSET 0) q
-        LOOP
-            v_leased := v_leased || (
-                SELECT coalesce(jsonb_agg(to_jsonb(l) || jsonb_build_object('taker', v_taker.idx)), '[]'::jsonb)
-                FROM tasker.lease_message(v_msg.msg_id, v_taker.worker_id, v_taker.lease_ms) l);
-            v_handed := v_handed + 1;
-        END LOOP;
+        v_next := 1;
+        IF jsonb_array_length(p_takers) > 0 THEN
+            SELECT coalesce(sum(greatest((x.t->>'max')::int - v_given[x.ord], 0)), 0)::int INTO v_open
+            FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
+            WHERE coalesce(x.t->'queues', '["default"]'::jsonb) ? v_lane.queue;
+            IF v_open > 0 THEN
+                SELECT a.granted, a.holds_slot INTO v_grant
+                FROM tasker.lease_allowance(v_task.namespace, v_lane.queue,
+                                            least(v_open, cardinality(v_lane.steps))) a;
+                FOR v_taker IN
+                    SELECT x.ord::int AS ord, x.t->>'worker_id' AS worker_id,
+                           (x.t->>'max')::int AS max, (x.t->>'lease_ms')::bigint AS lease_ms
+                    FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
+                    WHERE coalesce(x.t->'queues', '["default"]'::jsonb) ? v_lane.queue
+                    ORDER BY x.ord
+                LOOP
+                    EXIT WHEN v_next > v_grant.granted;
+                    WHILE v_next <= v_grant.granted AND v_given[v_taker.ord] < v_taker.max LOOP
+                        SELECT m.msg_id INTO v_msg_id FROM tasker.step_queue m
+                        WHERE m.step_uuid = v_lane.steps[v_next] AND m.leased_by IS NULL OFFSET 0;
+                        v_leased := v_leased || (
+                            SELECT coalesce(jsonb_agg(to_jsonb(l) || jsonb_build_object('taker', v_taker.ord - 1)), '[]'::jsonb)
+                            FROM tasker.lease_queued(v_msg_id, v_taker.worker_id, v_taker.lease_ms,
+                                                     v_grant.holds_slot) l);
+                        v_given[v_taker.ord] := v_given[v_taker.ord] + 1;
+                        v_next := v_next + 1;
+                        v_handed := v_handed + 1;
+                    END LOOP;
+                END LOOP;
+                IF v_grant.holds_slot AND v_next - 1 < v_grant.granted THEN
+                    PERFORM tasker.free_slots(v_task.namespace, v_lane.queue, v_grant.granted - (v_next - 1));
+                END IF;
+            END IF;
+        END IF;
+        -- what is left on the lane: as many fetches may read it as the lane allows now
+        IF v_next <= cardinality(v_lane.steps) THEN
+            v_open := tasker.lane_room(v_task.namespace, v_lane.queue, cardinality(v_lane.steps) - v_next + 1);
+            IF v_open > 0 THEN
+                v_queued := v_queued || jsonb_build_array(jsonb_build_object('queue', v_lane.queue, 'steps', v_open));
+            END IF;
+        END IF;
     END LOOP;
     IF v_handed > 0 THEN
         -- these leases reach workers: durable before they are handed over
@@ -125,25 +169,26 @@ BEGIN
     -- steps no fetch parked on this replica took: fetches parked on the other replicas hear of
     -- them (p_announce_as: this replica, given only while others are alive, so a single
     -- replica pays nothing for it)
-    IF p_announce_as IS NOT NULL AND v_handed < cardinality(v_steps) THEN
+    IF p_announce_as IS NOT NULL THEN
         PERFORM pg_notify('tasker_steps_enqueued', json_build_object(
-            'namespace', v_task.namespace, 'steps', cardinality(v_steps) - v_handed,
-            'replica', p_announce_as)::text);
+            'namespace', v_task.namespace, 'queue', l->>'queue', 'steps', (l->>'steps')::int,
+            'replica', p_announce_as)::text)
+        FROM jsonb_array_elements(v_queued) l;
     END IF;
-    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased;
+    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased, v_queued;
 END
 $$;
 
--- Lease one queued message to a worker: the message invisible until the lease expires and
--- given a new token, its step enqueued -> in_progress; the step as the worker receives it,
--- its parents' results included (by the child-edge index and a primary-key probe per parent).
--- Nothing when the message's step is not enqueued at this attempt any more.
--- (from migrations/20261204000001_lease_tokens.sql)
-CREATE FUNCTION tasker.lease_message(p_msg_id bigint, p_worker_id text, p_lease_ms bigint)
+-- Lease one queued message to a worker (as tasker.lease_message did), holding one of its
+-- lane's slots when p_holds_slot; the step as the worker receives it, with its queue.
+-- Nothing (and no slot held) when the message's step is not enqueued at this attempt any more.
+-- (from migrations/20261204000006_step_queues.sql)
+CREATE FUNCTION tasker.lease_queued(p_msg_id bigint, p_worker_id text, p_lease_ms bigint,
+                                    p_holds_slot boolean)
 RETURNS TABLE (
     step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
     parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text,
-    lease_token uuid
+    lease_token uuid, queue text
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -156,15 +201,23 @@ BEGIN
     SET leased_by = p_worker_id,
         visible_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0),
         read_count = q.read_count + 1,
-        lease_token = gen_random_uuid()
+        lease_token = gen_random_uuid(),
+        holds_slot = p_holds_slot
     WHERE q.msg_id = p_msg_id
-    RETURNING q.step_uuid, q.attempt, q.visible_at, q.enqueued_at, q.traceparent, q.lease_token
+    RETURNING q.step_uuid, q.attempt, q.visible_at, q.enqueued_at, q.traceparent, q.lease_token,
+              q.queue
     INTO v_q;
     UPDATE tasker.workflow_steps s
     SET state = 'in_progress', started_at = clock_timestamp()
     WHERE s.step_uuid = v_q.step_uuid AND s.state = 'enqueued' AND s.attempts = v_q.attempt
     RETURNING s.task_uuid, s.name, s.inputs INTO v_s;
-    IF NOT FOUND THEN RETURN; END IF;
+    IF NOT FOUND THEN
+        IF p_holds_slot THEN
+            -- the caller gives the unused grant back
+            UPDATE tasker.step_queue q SET holds_slot = false WHERE q.msg_id = p_msg_id;
+        END IF;
+        RETURN;
+    END IF;
     step_uuid := v_q.step_uuid;
     task_uuid := v_s.task_uuid;
     name := v_s.name;
@@ -180,35 +233,60 @@ BEGIN
     enqueued_at := v_q.enqueued_at;
     traceparent := v_q.traceparent;
     lease_token := v_q.lease_token;
+    queue := v_q.queue;
     RETURN NEXT;
 END
 $$;
 
--- Lease up to p_max steps of a namespace to a worker, best priority first: an ordered walk of
--- the fetch index, then each message by key. Commits synchronously: a lease a worker has
--- received survives a crash of the database, so no second worker is given the same attempt.
--- (from migrations/20261204000001_lease_tokens.sql)
-CREATE FUNCTION tasker.fetch_steps(p_namespace text, p_worker_id text, p_max integer, p_lease_ms bigint)
+-- Lease up to p_max steps of the namespace's queues p_queues to a worker: the queues in the
+-- order named, each best priority first, as far as each lane's pause and limit allow. A lane
+-- with nothing queued costs one probe of the fetch index. Commits synchronously: a lease a
+-- worker has received survives a crash of the database.
+-- (from migrations/20261204000006_step_queues.sql)
+CREATE FUNCTION tasker.fetch_steps(p_namespace text, p_queues text[], p_worker_id text,
+                                   p_max integer, p_lease_ms bigint)
 RETURNS TABLE (
     step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
     parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text,
-    lease_token uuid
+    lease_token uuid, queue text
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
+    v_queue text;
+    v_grant record;
     v_msg record;
+    v_rows integer;
+    v_leased integer;
+    v_left integer := p_max;
 BEGIN
-    FOR v_msg IN
-        SELECT q.msg_id
-        FROM tasker.step_queue q
-        WHERE q.namespace = p_namespace AND q.leased_by IS NULL
-        ORDER BY q.priority DESC, q.msg_id
-        LIMIT p_max
-        FOR UPDATE SKIP LOCKED
-    LOOP
-        RETURN QUERY SELECT * FROM tasker.lease_message(v_msg.msg_id, p_worker_id, p_lease_ms);
+    FOREACH v_queue IN ARRAY p_queues LOOP
+        EXIT WHEN v_left <= 0;
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM tasker.step_queue q
+                                  WHERE q.namespace = p_namespace AND q.queue = v_queue
+                                    AND q.leased_by IS NULL);
+        SELECT a.granted, a.holds_slot INTO v_grant
+        FROM tasker.lease_allowance(p_namespace, v_queue, v_left) a;
+        CONTINUE WHEN v_grant.granted = 0;
+        v_leased := 0;
+        FOR v_msg IN
+            SELECT q.msg_id
+            FROM tasker.step_queue q
+            WHERE q.namespace = p_namespace AND q.queue = v_queue AND q.leased_by IS NULL
+            ORDER BY q.priority DESC, q.msg_id
+            LIMIT v_grant.granted
+            FOR UPDATE SKIP LOCKED
+        LOOP
+            RETURN QUERY SELECT * FROM tasker.lease_queued(v_msg.msg_id, p_worker_id, p_lease_ms,
+                                                           v_grant.holds_slot);
+            GET DIAGNOSTICS v_rows = ROW_COUNT;
+            v_leased := v_leased + v_rows;
+        END LOOP;
+        IF v_grant.holds_slot AND v_leased < v_grant.granted THEN
+            PERFORM tasker.free_slots(p_namespace, v_queue, v_grant.granted - v_leased);
+        END IF;
+        v_left := v_left - v_leased;
     END LOOP;
 END
 $$;

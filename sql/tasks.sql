@@ -9,15 +9,16 @@
 
 
 -- Create a task with its DAG. p_steps is a JSON array of {"step_uuid", "name", "position",
--- "parents": [uuid], "max_attempts", "retryable", "inputs", "inputs_bytes"} in which the service
--- resolved dependencies by name and ordered the steps topologically; the database still
--- refuses a parent of another task (foreign key), duplicate names (unique) and an edge against
--- the order (TK003: a cycle). An idempotency key that names a task of the namespace returns
--- that task (created = false) and writes nothing. A namespace not seen before is created
--- when p_create_namespace (else TK006), unless p_max_namespaces exist (TK005).
--- p_context_bytes and "inputs_bytes": the documents' sizes as sent (a page of tasks or steps is
--- cut to the response budget by them before any document is read).
--- (from migrations/20261204000003_response_sizes.sql)
+-- "parents": [uuid], "max_attempts", "retryable", "inputs", "inputs_bytes", "queue"} in which
+-- the service resolved dependencies by name, ordered the steps topologically and checked the
+-- queue names (absent: 'default'); the database still refuses a parent of another task
+-- (foreign key), duplicate names (unique) and an edge against the order (TK003: a cycle). An
+-- idempotency key that names a task of the namespace returns that task (created = false) and
+-- writes nothing. A namespace not seen before is created when p_create_namespace (else
+-- TK006), unless p_max_namespaces exist (TK005). p_context_bytes and "inputs_bytes": the
+-- documents' sizes as sent (a page of tasks or steps is cut to the response budget by them
+-- before any document is read).
+-- (from migrations/20261204000006_step_queues.sql)
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
@@ -66,11 +67,12 @@ BEGIN
     END IF;
 
     INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents,
-                                       ready_at, max_attempts, retryable, inputs, data_bytes)
+                                       ready_at, max_attempts, retryable, inputs, data_bytes, queue)
     SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
            CASE WHEN p.n = 0 THEN clock_timestamp() END,
            coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
-           coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int
+           coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int,
+           coalesce(e->>'queue', 'default')
     FROM jsonb_array_elements(p_steps) AS x(e)
     CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
                         FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p

@@ -316,6 +316,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
                     max_steps: lim,
                     wait_ms: raw.clamp(-5, 5),
                     lease_seconds: lim,
+                    queues: Vec::new(),
                 })
                 .await
                 .err()

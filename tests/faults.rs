@@ -160,6 +160,7 @@ impl Workers {
                             max_steps: 4,
                             wait_ms: 1000,
                             lease_seconds: 5,
+                            queues: Vec::new(),
                         };
                         let fetched = tokio::select! {
                             _ = stop.cancelled() => return,
@@ -473,7 +474,7 @@ async fn f2b_database_restarted_mid_run() {
 /// the same attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f9_leases_survive_a_database_crash() {
-    use tasker::testkit::{Store, Taker, TaskSpec};
+    use tasker::testkit::{Store, Taker, TaskSpec, DEFAULT_QUEUE};
     let dir = open_tempdir();
     let cluster = tasker::testkit::EmbeddedCluster::start(dir.path())
         .await
@@ -490,18 +491,24 @@ async fn f9_leases_survive_a_database_crash() {
     for (i, t) in tasks.iter().enumerate() {
         if i % 2 == 0 {
             store
-                .enqueue_ready_steps(t.task_uuid, &serde_json::json!({}), None, &[], None)
+                .claim_and_enqueue(t.task_uuid, &serde_json::json!({}), None, &[], None)
                 .await
                 .unwrap();
-            leases.extend(store.fetch_steps("f9", "w", 1, 600_000).await.unwrap());
+            leases.extend(
+                store
+                    .fetch_steps("f9", &[DEFAULT_QUEUE.to_string()], "w", 1, 600_000)
+                    .await
+                    .unwrap(),
+            );
         } else {
             let taker = Taker {
                 worker_id: "w".into(),
                 max: 1,
                 lease_ms: 600_000,
+                queues: None,
             };
             let r = store
-                .enqueue_ready_steps(t.task_uuid, &serde_json::json!({}), None, &[taker], None)
+                .claim_and_enqueue(t.task_uuid, &serde_json::json!({}), None, &[taker], None)
                 .await
                 .unwrap();
             leases.extend(r.leased.into_iter().map(|(_, s)| s));

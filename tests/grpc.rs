@@ -349,6 +349,7 @@ async fn every_error_code(pool: PgPool) {
             wait_ms: 5000,
             lease_seconds: 1,
             max_steps: 1,
+            queues: Vec::new(),
         })
         .await
         .unwrap()

@@ -376,13 +376,13 @@ async fn insert_bulk_chains(pool: &PgPool, tasks: i32, active: i32) {
 /// One step through the hot path on `conn`: enqueue the task's ready steps, lease them,
 /// complete them. Returns how many steps were completed.
 async fn hot_path_round(conn: &mut sqlx::PgConnection, task_uuid: uuid::Uuid) -> usize {
-    sqlx::query("SELECT * FROM tasker.enqueue_ready_steps($1)")
+    sqlx::query("SELECT * FROM tasker.claim_and_enqueue($1)")
         .bind(task_uuid)
         .execute(&mut *conn)
         .await
         .unwrap();
     let leased: Vec<(uuid::Uuid, i32, uuid::Uuid)> = sqlx::query_as(
-        "SELECT step_uuid, attempt, lease_token FROM tasker.fetch_steps('hot', 'w', 8, 60000)",
+        "SELECT step_uuid, attempt, lease_token FROM tasker.fetch_steps('hot', ARRAY['default'], 'w', 8, 60000)",
     )
     .fetch_all(&mut *conn)
     .await
@@ -498,8 +498,14 @@ async fn hot_path_plans_cached_on_an_empty_database_stay_keyed(pool: PgPool) {
 /// read no table (the guards, the notification senders) carry no settings: each `SET` clause
 /// costs a GUC save and restore per row.
 const HOT_PATH_FUNCTIONS: &[&str] = &[
+    "claim_and_enqueue",
     "enqueue_ready_steps",
     "fetch_steps",
+    "lease_queued",
+    "lease_allowance",
+    "lane_room",
+    "free_slots",
+    "wake_lane",
     "check_live_lease",
     "finish_step",
     "complete_step",

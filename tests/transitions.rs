@@ -379,7 +379,7 @@ async fn cancelling_reads_only_the_task_s_own_queue_rows(pool: PgPool) {
     let backlog = create(&store, TaskSpec::fan(NS, 300)).await;
     run_named(&store, backlog.task_uuid, NS, "root").await;
     store
-        .enqueue_ready_steps(backlog.task_uuid, &json!({}), None, &[], None)
+        .claim_and_enqueue(backlog.task_uuid, &json!({}), None, &[], None)
         .await
         .unwrap();
     // the task cancelled: one step leased, one queued
@@ -388,11 +388,17 @@ async fn cancelling_reads_only_the_task_s_own_queue_rows(pool: PgPool) {
     let t = create(&store, spec).await;
     run_named(&store, t.task_uuid, "cancelled", "root").await;
     store
-        .enqueue_ready_steps(t.task_uuid, &json!({}), None, &[], None)
+        .claim_and_enqueue(t.task_uuid, &json!({}), None, &[], None)
         .await
         .unwrap();
     store
-        .fetch_steps("cancelled", "w", 1, 60_000)
+        .fetch_steps(
+            "cancelled",
+            &[tasker::testkit::DEFAULT_QUEUE.to_string()],
+            "w",
+            1,
+            60_000,
+        )
         .await
         .unwrap();
     let mut tx = pool.begin().await.unwrap();

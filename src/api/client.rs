@@ -171,6 +171,8 @@ pub struct LeasedStep {
     pub parent_results: Value,
     /// Proves the lease: sent with every report on this attempt.
     pub lease_token: String,
+    /// The step's queue.
+    pub queue: String,
 }
 
 impl From<v1::LeasedStep> for LeasedStep {
@@ -183,6 +185,7 @@ impl From<v1::LeasedStep> for LeasedStep {
             inputs: proto::struct_to_json(s.inputs),
             parent_results: proto::struct_to_json(s.parent_results),
             lease_token: s.lease_token,
+            queue: s.queue,
         }
     }
 }
@@ -193,6 +196,8 @@ pub struct WorkerClient {
     inner: v1::worker_service_client::WorkerServiceClient<AuthorizedChannel>,
     namespace: String,
     worker_id: String,
+    /// The queues whose steps it runs, in order of preference; empty: the default queue.
+    pub queues: Vec<String>,
     /// Seconds each lease lasts; extend it for longer work.
     pub lease_seconds: i32,
 }
@@ -215,8 +220,15 @@ impl WorkerClient {
             inner: v1::worker_service_client::WorkerServiceClient::new(channel),
             namespace: namespace.into(),
             worker_id: worker_id.into(),
+            queues: Vec::new(),
             lease_seconds: 30,
         }
+    }
+
+    /// Run only the steps of these queues (in order of preference).
+    pub fn with_queues(mut self, queues: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.queues = queues.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Lease up to `max` steps, waiting up to `wait` for the first (the server caps the wait
@@ -230,6 +242,7 @@ impl WorkerClient {
                 max_steps: max,
                 wait_ms: i32::try_from(wait.as_millis()).unwrap_or(i32::MAX),
                 lease_seconds: self.lease_seconds,
+                queues: self.queues.clone(),
             })
             .await?;
         Ok(r.into_inner().steps.into_iter().map(Into::into).collect())

@@ -165,6 +165,7 @@ pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
         enqueued_at: proto::opt_timestamp(s.enqueued_at),
         started_at: proto::opt_timestamp(s.started_at),
         completed_at: proto::opt_timestamp(s.completed_at),
+        queue: s.queue,
     }
 }
 
@@ -207,6 +208,7 @@ pub fn spec_from_request(r: v1::CreateTaskRequest) -> TaskSpec {
                 max_attempts: s.max_attempts,
                 retryable: s.retryable.unwrap_or(true),
                 inputs: struct_to_json(s.inputs),
+                queue: s.queue,
             })
             .collect(),
     }

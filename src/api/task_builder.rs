@@ -112,6 +112,11 @@ impl TaskBuilder {
         self.with_last(|s| s.retryable = Some(retryable))
     }
 
+    /// The queue whose workers run the last step added.
+    pub fn queue(self, queue: &str) -> Self {
+        self.with_last(|s| s.queue = queue.to_string())
+    }
+
     pub fn build(self) -> v1::CreateTaskRequest {
         self.request
     }

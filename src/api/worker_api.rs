@@ -11,13 +11,15 @@ use super::convert::{self, bounded, repeated_entry_len, uuid};
 use super::error::{invalid, Violations};
 use crate::dispatch::worker::{CompleteOutcome, Fetch};
 use crate::model::dag::name_problem;
-use crate::model::namespaces::namespace_name_problem;
+use crate::model::namespaces::{namespace_name_problem, queue_name_problem, DEFAULT_QUEUE};
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
 use crate::store::{FailOutcome, HeldLease, LeasedStep, StepFailure};
 use uuid::Uuid;
 
 const MAX_STEPS_PER_FETCH: i64 = 100;
+/// Queues one fetch may name: a worker serves a few services' steps, not a catalogue.
+const MAX_QUEUES_PER_FETCH: usize = 32;
 const DEFAULT_LEASE_SECONDS: i64 = 30;
 const MAX_LEASE_SECONDS: i64 = 3600;
 const MAX_BACKOFF_MS: i64 = 24 * 3600 * 1000;
@@ -65,6 +67,34 @@ fn held_lease(step_uuid: &str, attempt: i32, lease_token: &str) -> Result<HeldLe
     }
 }
 
+/// The queues a fetch names, checked (every bad name reported), in order without repeats;
+/// none named: the default queue.
+fn fetch_queues(named: Vec<String>) -> Result<Vec<String>, Status> {
+    if named.is_empty() {
+        return Ok(vec![DEFAULT_QUEUE.to_string()]);
+    }
+    let mut bad = Violations::default();
+    if named.len() > MAX_QUEUES_PER_FETCH {
+        bad.check::<()>(Err(invalid(
+            "queues",
+            format!(
+                "at most {MAX_QUEUES_PER_FETCH} queues per fetch, got {}",
+                named.len()
+            ),
+        )));
+    }
+    let mut queues: Vec<String> = Vec::with_capacity(named.len());
+    for (i, q) in named.into_iter().enumerate() {
+        if let Some(p) = queue_name_problem(&q) {
+            bad.check::<()>(Err(invalid(&format!("queues[{i}]"), p)));
+        } else if !queues.contains(&q) {
+            queues.push(q);
+        }
+    }
+    bad.into_result()?;
+    Ok(queues)
+}
+
 #[tonic::async_trait]
 impl v1::worker_service_server::WorkerService for WorkerApi {
     async fn fetch_steps(
@@ -100,6 +130,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             1,
             MAX_LEASE_SECONDS,
         )?;
+        let queues = fetch_queues(r.queues)?;
         // the wait (never a query in flight) ends early when the server begins to shut down
         let steps = self
             .ctx
@@ -107,6 +138,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             .fetch_until(
                 Fetch {
                     namespace: &r.namespace,
+                    queues: &queues,
                     worker_id: &r.worker_id,
                     caller: &caller.0,
                     max: max as i32,
@@ -264,6 +296,7 @@ fn deliver(steps: Vec<LeasedStep>, budget: usize) -> Delivery {
             parent_results: Some(proto::json_to_struct(&s.parent_results)),
             lease_expires_at: Some(proto::timestamp(s.lease_expires_at)),
             lease_token: s.lease_token.simple().to_string(),
+            queue: s.queue.clone(),
         };
         let size = repeated_entry_len(&message);
         if size > budget {

@@ -24,6 +24,7 @@ pub use crate::telemetry::metrics::Metrics;
 // The domain's words and requested DAGs.
 pub use crate::model::command::TriggeredBy;
 pub use crate::model::dag::{StepSpec, TaskSpec};
+pub use crate::model::namespaces::DEFAULT_QUEUE;
 pub use crate::model::states::{ExecutionStatus, StepState, TaskState};
 
 // Readiness: commands, the listener's state, the classifier.

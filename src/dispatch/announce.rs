@@ -13,8 +13,8 @@
 //! all namespaces due.
 //!
 //! ```text
-//!  enqueue: steps queued, none handed over, peers alive ──> queued(ns, n)   (due: now + grace)
-//!  fetch here: read the queue, got k steps of ns        ──> taken(ns, k)    (n -= k)
+//!  enqueue: steps queued, none handed over, peers alive ──> queued(lane, n)   (due: now + grace)
+//!  fetch here: read the queue, got k steps of the lane  ──> taken(lane, k)    (n -= k)
 //!  due and n > 0 ───────────────────────────────────────> pg_notify tasker_steps_enqueued
 //! ```
 //!
@@ -39,8 +39,11 @@ pub struct StepAnnouncer {
     inner: Arc<Inner>,
 }
 
+/// A queue of a namespace: (namespace, queue).
+pub type Lane = (String, String);
+
 struct Inner {
-    pending: Mutex<HashMap<String, Pending>>,
+    pending: Mutex<HashMap<Lane, Pending>>,
     wake: Notify,
     grace: Duration,
     /// Whether other replicas are alive: alone, there is nobody to tell.
@@ -65,41 +68,45 @@ impl StepAnnouncer {
         }
     }
 
-    /// `steps` of `namespace` were queued here (by an enqueue, or put back from an undelivered
-    /// lease) with no fetch of this replica to take them. Nothing to do while no other replica
-    /// is alive.
-    pub fn queued(&self, namespace: &str, steps: u32) {
+    /// `steps` of a queue of `namespace` were queued here (by an enqueue, or put back from an
+    /// undelivered lease) with no fetch of this replica to take them. Nothing to do while no
+    /// other replica is alive.
+    pub fn queued(&self, namespace: &str, queue: &str, steps: u32) {
         if steps == 0 || self.inner.fleet.announce_as().is_none() {
             return;
         }
         let due = Instant::now() + self.inner.grace;
         let mut pending = self.lock();
-        match pending.get_mut(namespace) {
+        let lane = (namespace.to_string(), queue.to_string());
+        match pending.get_mut(&lane) {
             Some(p) => p.steps = p.steps.saturating_add(steps),
             None => {
-                pending.insert(namespace.to_string(), Pending { steps, due });
+                pending.insert(lane, Pending { steps, due });
             }
         }
         drop(pending);
         self.inner.wake.notify_one();
     }
 
-    /// A fetch of this replica took `steps` of `namespace` from the queue.
-    pub fn taken(&self, namespace: &str, steps: usize) {
+    /// A fetch of this replica took `steps` of a queue of `namespace` from the queue.
+    pub fn taken(&self, namespace: &str, queue: &str, steps: usize) {
         let mut pending = self.lock();
-        if let Some(p) = pending.get_mut(namespace) {
+        let lane = (namespace.to_string(), queue.to_string());
+        if let Some(p) = pending.get_mut(&lane) {
             p.steps = p
                 .steps
                 .saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX));
             if p.steps == 0 {
-                pending.remove(namespace);
+                pending.remove(&lane);
             }
         }
     }
 
-    /// Steps waiting to be announced, per namespace (for tests and status).
-    pub fn pending(&self, namespace: &str) -> u32 {
-        self.lock().get(namespace).map_or(0, |p| p.steps)
+    /// Steps of a lane waiting to be announced (for tests and status).
+    pub fn pending(&self, namespace: &str, queue: &str) -> u32 {
+        self.lock()
+            .get(&(namespace.to_string(), queue.to_string()))
+            .map_or(0, |p| p.steps)
     }
 
     /// Announce what is due, as this replica, until `stop`. A failed announcement is dropped:
@@ -118,25 +125,25 @@ impl StepAnnouncer {
                 continue;
             }
             if let Err(e) = store.announce_steps(&due, replica).await {
-                tracing::warn!(error = %e, namespaces = due.len(), "announcing queued steps failed");
+                tracing::warn!(error = %e, lanes = due.len(), "announcing queued steps failed");
             }
         }
     }
 
-    /// Remove and return the namespaces whose grace is over, with their untaken steps.
-    fn take_due(&self, now: Instant) -> Vec<(String, u32)> {
+    /// Remove and return the lanes whose grace is over, with their untaken steps.
+    fn take_due(&self, now: Instant) -> Vec<(Lane, u32)> {
         let mut pending = self.lock();
-        let due: Vec<String> = pending
+        let due: Vec<Lane> = pending
             .iter()
             .filter(|(_, p)| p.due <= now)
-            .map(|(ns, _)| ns.clone())
+            .map(|(lane, _)| lane.clone())
             .collect();
         due.into_iter()
-            .filter_map(|ns| pending.remove(&ns).map(|p| (ns, p.steps)))
+            .filter_map(|lane| pending.remove(&lane).map(|p| (lane, p.steps)))
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Lane, Pending>> {
         self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -161,35 +168,44 @@ mod tests {
     #[test]
     fn a_replica_alone_announces_nothing() {
         let a = StepAnnouncer::new(Duration::from_millis(5), Fleet::new());
-        a.queued("ns", 3);
-        assert_eq!(a.pending("ns"), 0);
+        a.queued("ns", "default", 3);
+        assert_eq!(a.pending("ns", "default"), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn steps_taken_here_within_the_grace_are_not_announced() {
         let a = announcer();
-        a.queued("chain", 1);
-        a.queued("fan", 3);
-        a.taken("chain", 1);
-        a.taken("fan", 1);
-        assert_eq!(a.pending("chain"), 0);
-        assert_eq!(a.pending("fan"), 2);
+        a.queued("chain", "default", 1);
+        a.queued("fan", "default", 3);
+        a.queued("fan", "other", 1);
+        a.taken("chain", "default", 1);
+        a.taken("fan", "default", 1);
+        assert_eq!(a.pending("chain", "default"), 0);
+        assert_eq!(a.pending("fan", "default"), 2);
+        assert_eq!(a.pending("fan", "other"), 1, "per queue");
+        a.taken("fan", "other", 1);
         assert!(
             a.take_due(Instant::now()).is_empty(),
             "not due before the grace"
         );
         tokio::time::advance(Duration::from_millis(5)).await;
-        assert_eq!(a.take_due(Instant::now()), vec![("fan".to_string(), 2)]);
-        assert_eq!(a.pending("fan"), 0);
+        assert_eq!(
+            a.take_due(Instant::now()),
+            vec![(("fan".to_string(), "default".to_string()), 2)]
+        );
+        assert_eq!(a.pending("fan", "default"), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_grace_runs_from_the_first_untaken_step() {
         let a = announcer();
-        a.queued("ns", 1);
+        a.queued("ns", "default", 1);
         tokio::time::advance(Duration::from_millis(4)).await;
-        a.queued("ns", 1);
+        a.queued("ns", "default", 1);
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(a.take_due(Instant::now()), vec![("ns".to_string(), 2)]);
+        assert_eq!(
+            a.take_due(Instant::now()),
+            vec![(("ns".to_string(), "default".to_string()), 2)]
+        );
     }
 }

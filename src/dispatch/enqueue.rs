@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::dispatch::announce::StepAnnouncer;
 use crate::dispatch::parked::{ParkedFetches, Waiter};
 use crate::model::command::TriggeredBy;
+use crate::model::namespaces::DEFAULT_QUEUE;
 use crate::store::{EnqueueResult, LeasedStep, Store, StoreError, Taker};
 use crate::telemetry::metrics::Metrics;
 
@@ -75,11 +76,14 @@ impl TaskClaimStepEnqueuer {
                 worker_id: w.worker_id.clone(),
                 max: w.max,
                 lease_ms: w.lease_ms,
+                // the default queue alone is what the database assumes: not sent
+                queues: (w.queues.len() != 1 || w.queues[0] != DEFAULT_QUEUE)
+                    .then(|| w.queues.clone()),
             })
             .collect();
         let result = match self
             .store
-            .enqueue_ready_steps(
+            .claim_and_enqueue(
                 task_uuid,
                 metadata,
                 traceparent.as_deref(),
@@ -99,9 +103,10 @@ impl TaskClaimStepEnqueuer {
         span.record("outcome", result.outcome.as_str());
         span.record("steps_enqueued", result.enqueued_steps.len());
         span.record("steps_handed_off", result.leased.len());
-        let queued = result.enqueued_steps.len() - result.leased.len();
         self.deliver(namespace, waiters, &result.leased).await;
-        steps_queued(&self.handoff, &self.announcer, namespace, queued);
+        for (queue, steps) in &result.queued {
+            steps_queued(&self.handoff, &self.announcer, namespace, queue, *steps);
+        }
         if !result.enqueued_steps.is_empty() {
             if let Some(ms) = result.max_ready_wait_ms {
                 self.metrics
@@ -155,30 +160,43 @@ pub(crate) async fn release_undelivered(
     namespace: &str,
     undelivered: Vec<(LeasedStep, String)>,
 ) {
-    let mut released = 0;
+    let mut released: Vec<String> = Vec::new();
     for (step, worker_id) in undelivered {
         match store
             .release_lease(step.step_uuid, step.attempt, &worker_id)
             .await
         {
-            Ok(true) => released += 1,
+            Ok(true) => released.push(step.queue),
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, step_uuid = %step.step_uuid, "releasing an undelivered lease failed")
             }
         }
     }
-    if released > 0 {
-        tracing::debug!(released, "undelivered leases were put back on the queue");
+    if !released.is_empty() {
+        tracing::debug!(
+            released = released.len(),
+            "undelivered leases were put back on the queue"
+        );
     }
-    steps_queued(handoff, announcer, namespace, released);
+    released.sort();
+    for queue in released.chunk_by(|a, b| a == b) {
+        steps_queued(handoff, announcer, namespace, &queue[0], queue.len());
+    }
 }
 
-/// `steps` of `namespace` went onto the queue with no fetch holding them: wake as many of the
-/// fetches parked here, and have the other replicas told unless a fetch here takes them first.
-fn steps_queued(handoff: &ParkedFetches, announcer: &StepAnnouncer, namespace: &str, steps: usize) {
+/// `steps` of a queue of `namespace` went onto the queue with no fetch holding them: wake as
+/// many of the fetches parked here for that queue, and have the other replicas told unless a
+/// fetch here takes them first.
+fn steps_queued(
+    handoff: &ParkedFetches,
+    announcer: &StepAnnouncer,
+    namespace: &str,
+    queue: &str,
+    steps: usize,
+) {
     if steps > 0 {
-        handoff.queued(namespace, steps);
-        announcer.queued(namespace, u32::try_from(steps).unwrap_or(u32::MAX));
+        handoff.queued(namespace, Some(queue), steps);
+        announcer.queued(namespace, queue, u32::try_from(steps).unwrap_or(u32::MAX));
     }
 }

@@ -62,10 +62,12 @@ impl<T> Default for ParkedFetches<T> {
 
 struct Parked<T> {
     waiters: std::collections::VecDeque<Waiter<T>>,
-    /// Bumped whenever steps were queued without being handed to a parked fetch.
+    /// Bumped whenever steps of any queue of the namespace were queued without being handed
+    /// to a parked fetch.
     epoch: u64,
-    /// A read of the queue that found it empty, at this epoch, at this time.
-    empty_at: Option<(u64, std::time::Instant)>,
+    /// Reads of the namespace's queues that found them empty, per set of queues read, at this
+    /// epoch, at this time (cleared when the epoch moves: they say nothing after).
+    empty_at: HashMap<Queues, (u64, std::time::Instant)>,
     next_id: u64,
 }
 
@@ -74,11 +76,14 @@ impl<T> Default for Parked<T> {
         Self {
             waiters: Default::default(),
             epoch: 0,
-            empty_at: None,
+            empty_at: HashMap::new(),
             next_id: 0,
         }
     }
 }
+
+/// The queues a fetch takes steps of, in its order of preference.
+pub type Queues = Arc<[String]>;
 
 /// A parked fetch, as the enqueuer sees it.
 pub struct Waiter<T = Vec<LeasedStep>> {
@@ -87,6 +92,8 @@ pub struct Waiter<T = Vec<LeasedStep>> {
     /// At most this many steps for it.
     pub max: i32,
     pub lease_ms: i64,
+    /// The queues whose steps it takes.
+    pub queues: Queues,
     deliver: tokio::sync::oneshot::Sender<T>,
     /// The namespace's epoch when an enqueue took it (see `give_back`).
     taken_at: u64,
@@ -154,14 +161,16 @@ impl<T> ParkedFetches<T> {
         }
     }
 
-    /// A fetch read the queue at `epoch` (the epoch it noted before reading) and found it
-    /// empty.
-    pub fn found_empty(&self, namespace: &str, epoch: u64) {
+    /// A fetch read `queues` at `epoch` (the epoch it noted before reading) and found nothing
+    /// it could lease.
+    pub fn found_empty(&self, namespace: &str, queues: &Queues, epoch: u64) {
         let mut map = self.lock();
         Self::evict_idle(&mut map);
         let parked = map.entry(namespace.to_string()).or_default();
         if parked.epoch == epoch {
-            parked.empty_at = Some((epoch, std::time::Instant::now()));
+            parked
+                .empty_at
+                .insert(queues.clone(), (epoch, std::time::Instant::now()));
         }
     }
 
@@ -170,17 +179,29 @@ impl<T> ParkedFetches<T> {
     /// chain, every fetch after the first). Steps another replica queued count as queued here
     /// once its announcement arrives; until then (or if it is lost) they are invisible to
     /// this, as to a parked fetch, and the fetches' periodic re-read bounds the wait.
-    pub fn known_empty(&self, namespace: &str, fresh: std::time::Duration) -> Option<u64> {
+    pub fn known_empty(
+        &self,
+        namespace: &str,
+        queues: &Queues,
+        fresh: std::time::Duration,
+    ) -> Option<u64> {
         let map = self.lock();
         let parked = map.get(namespace)?;
-        match parked.empty_at {
-            Some((epoch, at)) if epoch == parked.epoch && at.elapsed() < fresh => Some(epoch),
+        match parked.empty_at.get(queues) {
+            Some(&(epoch, at)) if epoch == parked.epoch && at.elapsed() < fresh => Some(epoch),
             _ => None,
         }
     }
 
-    /// Park a fetch at the back of the namespace's queue.
-    pub fn park(&self, namespace: &str, worker_id: &str, max: i32, lease_ms: i64) -> Ticket<T> {
+    /// Park a fetch for `queues` of the namespace, behind those parked before it.
+    pub fn park(
+        &self,
+        namespace: &str,
+        queues: &Queues,
+        worker_id: &str,
+        max: i32,
+        lease_ms: i64,
+    ) -> Ticket<T> {
         let (deliver, delivery) = tokio::sync::oneshot::channel();
         let mut map = self.lock();
         Self::evict_idle(&mut map);
@@ -192,6 +213,7 @@ impl<T> ParkedFetches<T> {
             worker_id: worker_id.to_string(),
             max,
             lease_ms,
+            queues: queues.clone(),
             deliver,
             taken_at: 0,
         });
@@ -212,7 +234,7 @@ impl<T> ParkedFetches<T> {
         let before = parked.waiters.len();
         parked.waiters.retain(|w| w.id != id);
         let removed = parked.waiters.len() < before;
-        if parked.waiters.is_empty() && parked.epoch == 0 && parked.empty_at.is_none() {
+        if parked.waiters.is_empty() && parked.epoch == 0 && parked.empty_at.is_empty() {
             map.remove(namespace);
         }
         removed
@@ -262,16 +284,28 @@ impl<T> ParkedFetches<T> {
         drop(woken);
     }
 
-    /// `steps` were queued in the namespace without a fetch to hand them to: move the epoch
-    /// and wake that many parked fetches, to read the queue.
-    pub fn queued(&self, namespace: &str, steps: usize) {
+    /// `steps` of `queue` (`None`: of any queue) were queued in the namespace without a fetch
+    /// to hand them to, or may be leased now (a slot freed, a resume): move the epoch and
+    /// wake that many of the fetches parked for that queue, oldest first, to read it.
+    pub fn queued(&self, namespace: &str, queue: Option<&str>, steps: usize) {
         let woken = {
             let mut map = self.lock();
             Self::evict_idle(&mut map);
             let parked = map.entry(namespace.to_string()).or_default();
             parked.epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
-            let n = steps.min(parked.waiters.len());
-            parked.waiters.drain(..n).collect::<Vec<_>>()
+            parked.empty_at.clear();
+            let mut woken = Vec::new();
+            let mut kept = std::collections::VecDeque::with_capacity(parked.waiters.len());
+            for w in parked.waiters.drain(..) {
+                let takes = queue.is_none_or(|q| w.queues.iter().any(|wq| wq == q));
+                if takes && woken.len() < steps {
+                    woken.push(w);
+                } else {
+                    kept.push_back(w);
+                }
+            }
+            parked.waiters = kept;
+            woken
         };
         // dropping a waiter's sender wakes its fetch without a delivery
         drop(woken);
@@ -282,18 +316,52 @@ impl<T> ParkedFetches<T> {
 mod tests {
     use super::*;
 
+    fn dq() -> Queues {
+        queues(&["default"])
+    }
+
+    fn queues(names: &[&str]) -> Queues {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// A step of one queue wakes only the fetches parked for that queue (oldest first); a
+    /// fetch for several queues is woken by any of them.
+    #[test]
+    fn a_step_wakes_only_the_fetches_of_its_queue() {
+        let parked: ParkedFetches<u32> = ParkedFetches::new();
+        let mut payments = parked.park("ns", &queues(&["payments"]), "p", 1, 1000);
+        let mut warehouse = parked.park("ns", &queues(&["warehouse"]), "w", 1, 1000);
+        let mut both = parked.park("ns", &queues(&["warehouse", "payments"]), "b", 1, 1000);
+        parked.queued("ns", Some("warehouse"), 1);
+        let closed = |r: Result<u32, tokio::sync::oneshot::error::TryRecvError>| {
+            matches!(r, Err(tokio::sync::oneshot::error::TryRecvError::Closed))
+        };
+        assert!(
+            !closed(payments.delivery.try_recv()),
+            "payments stays parked"
+        );
+        assert!(closed(warehouse.delivery.try_recv()), "warehouse is woken");
+        assert!(
+            !closed(both.delivery.try_recv()),
+            "one step wakes one fetch"
+        );
+        parked.queued("ns", Some("payments"), 2);
+        assert!(closed(payments.delivery.try_recv()));
+        assert!(closed(both.delivery.try_recv()));
+    }
+
     /// Fetches on 30,000 made-up namespaces (read empty, parked, gone) leave a bounded map,
     /// and the namespace someone is parked on keeps its place.
     #[test]
     fn made_up_namespaces_leave_bounded_state() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
-        let _waiting = parked.park("real", "w", 1, 1000);
+        let _waiting = parked.park("real", &dq(), "w", 1, 1000);
         for i in 0..30_000 {
             let ns = format!("made-up-{i}");
             let epoch = parked.epoch(&ns);
-            parked.found_empty(&ns, epoch);
-            drop(parked.park(&ns, "w", 1, 1000));
-            parked.queued(&ns, 1);
+            parked.found_empty(&ns, &dq(), epoch);
+            drop(parked.park(&ns, &dq(), "w", 1, 1000));
+            parked.queued(&ns, Some("default"), 1);
         }
         let tracked = parked.tracked_namespaces();
         assert!(
@@ -311,12 +379,12 @@ mod tests {
     #[test]
     fn epochs_never_repeat_across_evictions() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
-        parked.queued("ns", 1);
+        parked.queued("ns", Some("default"), 1);
         let noted = parked.epoch("ns");
         for i in 0..(IDLE_ENTRIES_KEPT + 10) {
-            parked.queued(&format!("other-{i}"), 1);
+            parked.queued(&format!("other-{i}"), Some("default"), 1);
         }
-        parked.queued("ns", 1);
+        parked.queued("ns", Some("default"), 1);
         assert_ne!(parked.epoch("ns"), noted);
     }
 
@@ -326,7 +394,7 @@ mod tests {
     #[tokio::test]
     async fn fetches_given_back_after_steps_were_queued_are_woken() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
-        let mut quiet = parked.park("ns", "w0", 1, 1000);
+        let mut quiet = parked.park("ns", &dq(), "w0", 1, 1000);
         let taken = parked.take("ns", 5);
         parked.give_back("ns", taken);
         assert!(
@@ -335,7 +403,7 @@ mod tests {
         );
         let taken = parked.take("ns", 5);
         // another enqueue (or replica) queued a step; no parked fetch was there to wake
-        parked.queued("ns", 1);
+        parked.queued("ns", Some("default"), 1);
         parked.give_back("ns", taken);
         assert!(
             matches!(
@@ -350,7 +418,7 @@ mod tests {
     fn parked_fetches_are_served_first_come_first_served() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
         let tickets: Vec<_> = (0..3)
-            .map(|i| parked.park("ns", &format!("w{i}"), 1, 1000))
+            .map(|i| parked.park("ns", &dq(), &format!("w{i}"), 1, 1000))
             .collect();
         let taken = parked.take("ns", 2);
         assert_eq!(
@@ -386,9 +454,9 @@ mod tests {
     fn a_step_queued_without_a_taker_moves_the_epoch_and_wakes_one_fetch_per_step() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
         let e0 = parked.epoch("ns");
-        let mut a = parked.park("ns", "a", 1, 1000);
-        let mut b = parked.park("ns", "b", 1, 1000);
-        parked.queued("ns", 1);
+        let mut a = parked.park("ns", &dq(), "a", 1, 1000);
+        let mut b = parked.park("ns", &dq(), "b", 1, 1000);
+        parked.queued("ns", Some("default"), 1);
         assert_ne!(parked.epoch("ns"), e0);
         assert!(
             matches!(
@@ -410,31 +478,31 @@ mod tests {
     fn an_empty_read_is_known_until_something_is_queued_or_it_grows_old() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
         let fresh = std::time::Duration::from_secs(60);
-        assert_eq!(parked.known_empty("ns", fresh), None, "never read");
+        assert_eq!(parked.known_empty("ns", &dq(), fresh), None, "never read");
         let e = parked.epoch("ns");
-        parked.found_empty("ns", e);
-        assert_eq!(parked.known_empty("ns", fresh), Some(e));
+        parked.found_empty("ns", &dq(), e);
+        assert_eq!(parked.known_empty("ns", &dq(), fresh), Some(e));
         assert_eq!(
-            parked.known_empty("ns", std::time::Duration::ZERO),
+            parked.known_empty("ns", &dq(), std::time::Duration::ZERO),
             None,
             "too old"
         );
-        parked.queued("ns", 1);
+        parked.queued("ns", Some("default"), 1);
         assert_eq!(
-            parked.known_empty("ns", fresh),
+            parked.known_empty("ns", &dq(), fresh),
             None,
             "a step was queued since"
         );
         // a read that began before the step was queued does not count
-        parked.found_empty("ns", e);
-        assert_eq!(parked.known_empty("ns", fresh), None);
+        parked.found_empty("ns", &dq(), e);
+        assert_eq!(parked.known_empty("ns", &dq(), fresh), None);
     }
 
     #[test]
     fn a_fetch_that_hung_up_is_skipped_and_forgotten() {
         let parked: ParkedFetches<u32> = ParkedFetches::new();
-        let gone = parked.park("ns", "gone", 1, 1000);
-        let _here = parked.park("ns", "here", 1, 1000);
+        let gone = parked.park("ns", &dq(), "gone", 1, 1000);
+        let _here = parked.park("ns", &dq(), "here", 1, 1000);
         drop(gone);
         let taken = parked.take("ns", 5);
         assert_eq!(

@@ -23,7 +23,7 @@ use crate::dispatch::completions::CompletionBatcher;
 use crate::dispatch::deadlines::DeadlinePoke;
 use crate::dispatch::enqueue::release_undelivered;
 use crate::dispatch::parked::ParkedFetches;
-use crate::dispatch::parked::Ticket;
+use crate::dispatch::parked::{Queues, Ticket};
 use crate::dispatch::quota::{Limit, Place, Quota};
 use crate::store::{
     Completion, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Store, StoreError,
@@ -91,6 +91,8 @@ pub struct WorkerQueue {
 /// A long-poll for steps.
 pub struct Fetch<'a> {
     pub namespace: &'a str,
+    /// The queues of the namespace it takes steps of, in order (not empty).
+    pub queues: &'a [String],
     pub worker_id: &'a str,
     /// Who asks (a token's name, or a peer's address): parked fetches are capped per caller.
     pub caller: &'a str,
@@ -175,6 +177,7 @@ impl WorkerQueue {
     ) -> Result<Vec<LeasedStep>, StoreError> {
         let request = Fetch {
             namespace,
+            queues: &[crate::model::namespaces::DEFAULT_QUEUE.to_string()],
             worker_id,
             caller: worker_id,
             max,
@@ -193,12 +196,14 @@ impl WorkerQueue {
     ) -> Result<Vec<LeasedStep>, StoreError> {
         let Fetch {
             namespace,
+            queues,
             worker_id,
             caller,
             max,
             wait,
             lease,
         } = request;
+        let queues: Queues = queues.into();
         self.check_running()?;
         tokio::pin!(stop);
         let deadline = Instant::now() + wait;
@@ -207,7 +212,7 @@ impl WorkerQueue {
         let mut slot: Option<Place> = None;
         let mut recheck = self.recheck;
         loop {
-            let epoch = match self.handoff.known_empty(namespace, self.recheck) {
+            let epoch = match self.handoff.known_empty(namespace, &queues, self.recheck) {
                 // a read found the queue empty and nothing was queued here since: wait for
                 // the next enqueue without reading it again
                 Some(epoch) if Instant::now() < deadline => epoch,
@@ -215,16 +220,19 @@ impl WorkerQueue {
                     let epoch = self.handoff.epoch(namespace);
                     let steps = self
                         .store
-                        .fetch_steps(namespace, worker_id, max, lease_ms)
+                        .fetch_steps(namespace, &queues, worker_id, max, lease_ms)
                         .await?;
-                    if !steps.is_empty() {
-                        // taken here: no need to tell the other replicas of them
-                        self.announcer.taken(namespace, steps.len());
+                    // taken here: no need to tell the other replicas of them
+                    for queue in queues.iter() {
+                        let n = steps.iter().filter(|s| &s.queue == queue).count();
+                        if n > 0 {
+                            self.announcer.taken(namespace, queue, n);
+                        }
                     }
                     if !steps.is_empty() || Instant::now() >= deadline {
                         return Ok(self.leased(steps, worker_id));
                     }
-                    self.handoff.found_empty(namespace, epoch);
+                    self.handoff.found_empty(namespace, &queues, epoch);
                     epoch
                 }
             };
@@ -244,7 +252,9 @@ impl WorkerQueue {
                 })?);
             }
             let now = Instant::now();
-            let mut ticket = self.handoff.park(namespace, worker_id, max, lease_ms);
+            let mut ticket = self
+                .handoff
+                .park(namespace, &queues, worker_id, max, lease_ms);
             if self.handoff.epoch(namespace) != epoch && ticket.withdraw() {
                 // steps were queued since the queue was found empty: read it
                 continue;

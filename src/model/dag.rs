@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::model::namespaces::namespace_name_problem;
+use crate::model::namespaces::{namespace_name_problem, queue_name_problem, DEFAULT_QUEUE};
 
 pub(crate) use crate::model::limits;
 
@@ -24,6 +24,8 @@ pub struct StepSpec {
     pub max_attempts: i32,
     pub retryable: bool,
     pub inputs: Value,
+    /// The step's queue; empty: the default queue.
+    pub queue: String,
 }
 
 impl StepSpec {
@@ -34,6 +36,22 @@ impl StepSpec {
             max_attempts: 0,
             retryable: true,
             inputs: Value::Object(Default::default()),
+            queue: String::new(),
+        }
+    }
+
+    /// The queue whose workers run it.
+    pub fn queue(mut self, queue: &str) -> Self {
+        self.queue = queue.to_string();
+        self
+    }
+
+    /// The queue it goes to: the default one when none is named.
+    pub fn queue_or_default(&self) -> &str {
+        if self.queue.is_empty() {
+            DEFAULT_QUEUE
+        } else {
+            &self.queue
         }
     }
 
@@ -80,13 +98,18 @@ impl TaskSpec {
             .map(|s| {
                 let mut deps = s.depends_on.clone();
                 deps.sort();
-                serde_json::json!({
+                let mut step = serde_json::json!({
                     "name": s.name,
                     "depends_on": deps,
                     "max_attempts": s.max_attempts,
                     "retryable": s.retryable,
                     "inputs": canonical(&s.inputs),
-                })
+                });
+                // only when named: the digests of tasks from before queues stay what they were
+                if s.queue_or_default() != DEFAULT_QUEUE {
+                    step["queue"] = Value::String(s.queue.clone());
+                }
+                step
             })
             .collect();
         steps.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
@@ -228,6 +251,11 @@ impl TaskSpec {
                 );
             }
             check_document(&s.inputs, &format!("steps[{i}].inputs"), &mut push);
+            if !s.queue.is_empty() {
+                if let Some(p) = queue_name_problem(&s.queue) {
+                    push(format!("steps[{i}].queue"), p);
+                }
+            }
             if s.depends_on.len() > limits::MAX_DEPENDENCIES_PER_STEP {
                 push(
                     format!("steps[{i}].depends_on"),
@@ -376,6 +404,7 @@ impl TaskSpec {
                 retryable: s.retryable,
                 inputs_bytes: sent_bytes(&s.inputs),
                 inputs: s.inputs.clone(),
+                queue: s.queue_or_default().to_string(),
             })
             .collect();
         Ok(NewTask {
@@ -461,6 +490,7 @@ pub struct NewStep {
     pub inputs: Value,
     /// The inputs' size as sent.
     pub inputs_bytes: i32,
+    pub queue: String,
 }
 
 #[cfg(test)]

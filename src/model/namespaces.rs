@@ -9,6 +9,15 @@
 /// (`tasker.namespace_name_problem`).
 pub const MAX_NAMESPACE_BYTES: usize = 45;
 
+/// The queue of a step whose definition names none, and of a fetch that names none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Why a queue name is not acceptable, or `None`: queues are named like namespaces (they are
+/// labels of the same kinds, and a lane is the pair).
+pub fn queue_name_problem(name: &str) -> Option<String> {
+    namespace_name_problem(name)
+}
+
 /// Why a namespace name is not acceptable, or `None`. Mirrors the SQL check exactly.
 pub fn namespace_name_problem(name: &str) -> Option<String> {
     if name.is_empty() {

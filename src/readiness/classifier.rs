@@ -86,13 +86,21 @@ pub struct TaskStateChangeEvent {
     pub traceparent: Option<String>,
 }
 
-/// Steps put on a namespace's queue by another replica (see `cluster`).
+/// Steps of a namespace's queue that fetches may lease now: put there by another replica
+/// (see `cluster`), or let through by the database (a slot of a limited queue freed, a queue
+/// resumed, a limit raised).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct StepsEnqueuedEvent {
     pub namespace: String,
+    /// `None`: any queue of the namespace (a namespace resumed; or a replica of the previous
+    /// release, which knew one queue).
+    #[serde(default)]
+    pub queue: Option<String>,
     pub steps: u32,
-    /// The replica that enqueued them: it woke its own fetches already.
-    pub replica: Uuid,
+    /// The replica that enqueued them, which woke its own fetches already; `None` when the
+    /// database sent it: every replica wakes its fetches, this one too.
+    #[serde(default)]
+    pub replica: Option<Uuid>,
 }
 
 /// The fleet's deployment mode, `None` when it was cleared.

@@ -72,11 +72,16 @@ impl TaskReadinessEventSystem {
         self.fleet.heard_fleet_mode(event.mode);
     }
 
-    /// Another replica enqueued steps no fetch parked there took: wake as many fetches parked
-    /// here on that namespace (they read the queue; one that finds it taken parks again).
+    /// Another replica enqueued steps no fetch parked there took, or the database let some
+    /// through: wake as many fetches parked here for that queue (they read it; one that
+    /// finds nothing parks again).
     pub fn steps_enqueued(&self, event: StepsEnqueuedEvent) {
-        if self.fleet.is_other(event.replica) {
-            self.handoff.queued(&event.namespace, event.steps as usize);
+        if event.replica.is_none_or(|r| self.fleet.is_other(r)) {
+            self.handoff.queued(
+                &event.namespace,
+                event.queue.as_deref(),
+                event.steps as usize,
+            );
         }
     }
 

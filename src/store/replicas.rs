@@ -90,13 +90,13 @@ impl Store {
     /// writes nothing but the notifications, which are sent at commit either way.
     pub async fn announce_steps(
         &self,
-        queued: &[(String, u32)],
+        queued: &[((String, String), u32)],
         replica: Uuid,
     ) -> Result<(), StoreError> {
         let payloads: Vec<String> = queued
             .iter()
-            .map(|(namespace, steps)| {
-                serde_json::json!({"namespace": namespace, "steps": steps, "replica": replica})
+            .map(|((namespace, queue), steps)| {
+                serde_json::json!({"namespace": namespace, "queue": queue, "steps": steps, "replica": replica})
                     .to_string()
             })
             .collect();

@@ -21,6 +21,9 @@ pub struct EnqueueResult {
     /// Steps leased in the same transaction to the parked fetches given as takers: (the
     /// taker's index, the step).
     pub leased: Vec<(usize, LeasedStep)>,
+    /// Per queue, steps left on it that a fetch may lease now (a paused or full queue's not
+    /// counted).
+    pub queued: Vec<(String, usize)>,
 }
 
 /// A parked fetch that an enqueue may lease steps to, in its own transaction.
@@ -30,6 +33,9 @@ pub struct Taker {
     /// Steps it takes at most.
     pub max: i32,
     pub lease_ms: i64,
+    /// The queues it takes steps of; `None`: the default queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queues: Option<std::sync::Arc<[String]>>,
 }
 
 /// A step whose state a maintenance function changed, with what a command for its task needs.
@@ -57,6 +63,7 @@ pub struct LeasedStep {
     pub traceparent: Option<String>,
     /// Proves this lease: every report on the attempt must carry it.
     pub lease_token: Uuid,
+    pub queue: String,
 }
 
 /// An attempt as the worker holding it names it: the step, the attempt, and the lease's token.
@@ -230,7 +237,7 @@ impl Store {
     /// Claim the task and enqueue its ready steps, in one transaction, leasing the first of
     /// them to `takers` (parked fetches, first come first served). `traceparent` is stored
     /// with the queue messages for the worker's side of the trace.
-    pub async fn enqueue_ready_steps(
+    pub async fn claim_and_enqueue(
         &self,
         task_uuid: Uuid,
         metadata: &Value,
@@ -245,16 +252,22 @@ impl Store {
             step: LeasedStep,
         }
         let takers = serde_json::to_value(takers).expect("takers serialize");
-        let (outcome, namespace, steps, wait, leased): (
+        #[derive(serde::Deserialize)]
+        struct Queued {
+            queue: String,
+            steps: usize,
+        }
+        let (outcome, namespace, steps, wait, leased, queued): (
             EnqueueOutcome,
             Option<String>,
             Vec<Uuid>,
             Option<f64>,
             Value,
+            Value,
         ) = sqlx::query_as(
-            "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased
+            "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued
              FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
-                  tasker.enqueue_ready_steps($1, $2, $4, $5) e",
+                  tasker.claim_and_enqueue($1, $2, $4, $5) e",
         )
         .bind(task_uuid)
         .bind(metadata)
@@ -264,13 +277,16 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         let leased: Vec<Leased> = serde_json::from_value(leased)
-            .map_err(|e| StoreError::unexpected("tasker.enqueue_ready_steps", e.to_string()))?;
+            .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
+        let queued: Vec<Queued> = serde_json::from_value(queued)
+            .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
         Ok(EnqueueResult {
             outcome,
             namespace,
             enqueued_steps: steps,
             max_ready_wait_ms: wait,
             leased: leased.into_iter().map(|l| (l.taker, l.step)).collect(),
+            queued: queued.into_iter().map(|q| (q.queue, q.steps)).collect(),
         })
     }
 
@@ -291,17 +307,20 @@ impl Store {
         )
     }
 
-    /// Lease up to `max` queued steps of `namespace` to `worker_id` for `lease_ms`.
+    /// Lease up to `max` queued steps of `namespace`'s `queues` (in that order) to
+    /// `worker_id` for `lease_ms`, as far as each queue's pause and limit allow.
     pub async fn fetch_steps(
         &self,
         namespace: &str,
+        queues: &[String],
         worker_id: &str,
         max: i32,
         lease_ms: i64,
     ) -> Result<Vec<LeasedStep>, StoreError> {
         Ok(
-            sqlx::query_as::<_, LeasedStep>("SELECT * FROM tasker.fetch_steps($1, $2, $3, $4)")
+            sqlx::query_as::<_, LeasedStep>("SELECT * FROM tasker.fetch_steps($1, $2, $3, $4, $5)")
                 .bind(namespace)
+                .bind(queues)
                 .bind(worker_id)
                 .bind(max)
                 .bind(lease_ms)

@@ -96,6 +96,7 @@ pub struct StepRecord {
     pub enqueued_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    pub queue: String,
 }
 
 /// Bytes a task takes in a response besides its context, at most (ids, names, key, times):
@@ -345,7 +346,7 @@ impl Store {
                     coalesce((SELECT array_agg(p.name ORDER BY p.name)
                               FROM tasker.step_edges e JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
                               WHERE e.child_step_uuid = w.step_uuid), '{}') AS depends_on,
-                    w.created_at, w.enqueued_at, w.started_at, w.completed_at, w.page_rows
+                    w.created_at, w.enqueued_at, w.started_at, w.completed_at, w.queue, w.page_rows
              FROM (SELECT p.*,
                           CASE WHEN $4 THEN
                               sum(coalesce(p.data_bytes,

@@ -35,11 +35,17 @@ pub fn step(created: &CreatedTask, name: &str) -> Uuid {
 /// Enqueue what is ready, lease everything queued in the namespace.
 pub async fn enqueue_and_lease(store: &Store, task: Uuid, namespace: &str) -> Vec<LeasedStep> {
     store
-        .enqueue_ready_steps(task, &json!({}), None, &[], None)
+        .claim_and_enqueue(task, &json!({}), None, &[], None)
         .await
         .expect("enqueue");
     store
-        .fetch_steps(namespace, "test-worker", 1000, 60_000)
+        .fetch_steps(
+            namespace,
+            &[tasker::testkit::DEFAULT_QUEUE.to_string()],
+            "test-worker",
+            1000,
+            60_000,
+        )
         .await
         .expect("fetch")
 }
@@ -403,6 +409,7 @@ pub fn fetch_request(
         max_steps,
         wait_ms,
         lease_seconds,
+        queues: Vec::new(),
     }
 }
 

@@ -741,6 +741,7 @@ mod tests {
             enqueued_steps: Vec::new(),
             max_ready_wait_ms: None,
             leased: Vec::new(),
+            queued: Vec::new(),
         })
     }
 

@@ -310,6 +310,8 @@ struct StepFile {
     retryable: Option<bool>,
     #[serde(default)]
     inputs: Option<Value>,
+    #[serde(default)]
+    queue: String,
 }
 
 pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskRequest, CtlError> {
@@ -346,6 +348,7 @@ pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskReq
                 max_attempts: s.max_attempts,
                 retryable: s.retryable,
                 inputs: s.inputs.as_ref().map(json_to_struct),
+                queue: s.queue,
             })
             .collect(),
     })
@@ -359,7 +362,7 @@ fn task_json(t: v1::Task) -> Value {
         "completed_at": ts(t.completed_at),
         "steps": t.steps.into_iter().map(|s| json!({
             "name": s.name, "step_uuid": s.step_uuid, "state": v1::StepState::word_of(s.state),
-            "attempts": s.attempts,
+            "attempts": s.attempts, "queue": s.queue,
             "max_attempts": s.max_attempts, "depends_on": s.depends_on,
             "inputs": s.inputs.map(|r| struct_to_json(Some(r))),
             "results": s.results.map(|r| struct_to_json(Some(r))),
