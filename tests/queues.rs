@@ -204,3 +204,273 @@ async fn the_default_queue_and_bad_queue_names(pool: PgPool) {
     assert_eq!(count, 1, "nothing created");
     server.stop().await;
 }
+
+/// The test servers' configuration with the periodic re-read of parked fetches out of the
+/// way (an hour): a step reaches a parked fetch only by a wake-up.
+fn no_rereads() -> tasker::config::TaskerConfig {
+    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
+    cfg.orchestration.workers.fetch_recheck_interval = Duration::from_secs(3600);
+    cfg
+}
+
+/// Pause a queue: its steps stay queued and unleased (2 s of a worker asking), running steps
+/// are not touched, new tasks are accepted. Resume: a fetch parked meanwhile receives the
+/// step at once, by the resume's wake-up (no re-read runs within the hour).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_paused_queue_leases_nothing_and_a_resume_wakes_its_parked_fetch(pool: PgPool) {
+    let server = TestServer::start(&pool, &no_rereads()).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut admin = Admin::new(ch.clone());
+    let workers = Workers::new(ch.clone());
+    let fetch = |wait_ms: i32| v1::FetchStepsRequest {
+        queues: vec!["mail".into()],
+        ..fetch_request("ops", 1, wait_ms, 30)
+    };
+    tasks
+        .create_task(
+            task("ops")
+                .named("first")
+                .step("send")
+                .queue("mail")
+                .build(),
+        )
+        .await
+        .unwrap();
+    let running = workers
+        .clone()
+        .fetch_steps(fetch(5000))
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(running.len(), 1);
+
+    let paused = admin
+        .pause_queue(v1::PauseQueueRequest {
+            namespace: "ops".into(),
+            queue: "mail".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(paused.paused);
+    assert_eq!(paused.in_flight, 1, "the running step is not touched");
+    tasks
+        .create_task(
+            task("ops")
+                .named("second")
+                .step("send")
+                .queue("mail")
+                .build(),
+        )
+        .await
+        .expect("a paused queue accepts new tasks");
+    let nothing = workers
+        .clone()
+        .fetch_steps(fetch(2000))
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert!(nothing.is_empty(), "nothing leased while paused");
+    let status = admin
+        .get_queue_settings(v1::GetQueueSettingsRequest {
+            namespace: "ops".into(),
+            queue: "mail".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((status.paused, status.queued), (true, 1));
+    // the running step finishes normally
+    complete_leased(&mut workers.clone(), &running[0]).await;
+
+    // a fetch parks; the resume wakes it
+    let parked = tokio::spawn({
+        let mut w = workers.clone();
+        async move {
+            let steps = w
+                .fetch_steps(fetch(20_000))
+                .await
+                .unwrap()
+                .into_inner()
+                .steps;
+            (steps, std::time::Instant::now())
+        }
+    });
+    wait_until_parked(&server, 1).await;
+    let resumed_at = std::time::Instant::now();
+    admin
+        .resume_queue(v1::ResumeQueueRequest {
+            namespace: "ops".into(),
+            queue: "mail".into(),
+        })
+        .await
+        .unwrap();
+    let (steps, received_at) = tokio::time::timeout(Duration::from_secs(10), parked)
+        .await
+        .expect("the resume wakes the parked fetch")
+        .unwrap();
+    assert_eq!(steps.len(), 1);
+    eprintln!(
+        "resume -> parked fetch received: {:.1} ms",
+        received_at.duration_since(resumed_at).as_secs_f64() * 1000.0
+    );
+    server.stop().await;
+}
+
+/// Until `n` fetches are parked on the server.
+async fn wait_until_parked(server: &TestServer, n: usize) {
+    let mut parked = server.core.workers.parked_fetches();
+    tokio::time::timeout(Duration::from_secs(10), parked.wait_for(|p| *p >= n))
+        .await
+        .expect("the fetch parks")
+        .unwrap();
+}
+
+/// max_in_flight = 3 on a queue with 50 ready steps, 10 workers fetching through 3 replicas
+/// (round robin): never more than 3 leased at once (from the steps' history), 3 reached, and
+/// all 50 finish, each freed slot waking a waiting fetch (no re-reads, no poller).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(pool: PgPool) {
+    const STEPS: usize = 50;
+    let cfg = no_rereads();
+    let replicas = [
+        TestServer::start(&pool, &cfg).await,
+        TestServer::start(&pool, &cfg).await,
+        TestServer::start(&pool, &cfg).await,
+    ];
+    let mut channels = Vec::new();
+    for r in &replicas {
+        channels.push(r.channel().await);
+    }
+    let mut tasks = Tasks::new(channels[0].clone());
+    tasks
+        .create_task(task("api").named("warm-up").step("x").build())
+        .await
+        .unwrap();
+    let limit = Admin::new(channels[1].clone())
+        .set_queue_settings(v1::SetQueueSettingsRequest {
+            namespace: "api".into(),
+            queue: "partner".into(),
+            max_in_flight: Some(3),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(limit.max_in_flight, Some(3));
+    let mut builder = task("api").named("burst");
+    for i in 0..STEPS {
+        builder = builder.step(&format!("call-{i}")).queue("partner");
+    }
+    tasks.create_task(builder.build()).await.unwrap();
+
+    // the workers wait long: a step waiting on the limit reaches one only by the wake-up a
+    // freed slot sends
+    let (finished, mut finishes) = tokio::sync::mpsc::unbounded_channel();
+    let mut handles = Vec::new();
+    for w in 0..10 {
+        let mut workers = Workers::new(channels[w % 3].clone());
+        let finished = finished.clone();
+        handles.push(tokio::spawn(async move {
+            loop {
+                let steps = workers
+                    .fetch_steps(v1::FetchStepsRequest {
+                        worker_id: format!("w{w}"),
+                        queues: vec!["partner".into()],
+                        ..fetch_request("api", 2, 20_000, 30)
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .steps;
+                for s in steps {
+                    // the call to the partner's API
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    complete_leased(&mut workers, &s).await;
+                    let _ = finished.send(());
+                }
+            }
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..STEPS {
+            finishes.recv().await.unwrap();
+        }
+    })
+    .await
+    .expect("all 50 steps finish");
+    for h in &handles {
+        h.abort();
+    }
+    // the most leased at once, from the history: +1 into in_progress, -1 out of it
+    let most: i64 = sqlx::query_scalar(
+        "SELECT max(running) FROM (
+             SELECT sum(CASE WHEN t.to_state = 'in_progress' THEN 1 ELSE -1 END)
+                        OVER (ORDER BY t.created_at, t.id) AS running
+             FROM tasker.step_transitions t JOIN tasker.workflow_steps s USING (step_uuid)
+             WHERE s.queue = 'partner'
+               AND (t.to_state = 'in_progress' OR t.from_state = 'in_progress')) r",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(most, 3, "at most 3 leased at once, and the limit was used");
+    let settings = Admin::new(channels[2].clone())
+        .get_queue_settings(v1::GetQueueSettingsRequest {
+            namespace: "api".into(),
+            queue: "partner".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((settings.in_flight, settings.queued), (0, 0));
+    for r in replicas {
+        r.stop().await;
+    }
+}
+
+/// A limit of 0, a negative or absurd one, a bad queue name: INVALID_ARGUMENT naming the
+/// field, nothing changed; an unknown namespace: NOT_FOUND.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn bad_queue_settings_are_refused(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    Tasks::new(ch.clone())
+        .create_task(task("ns").step("a").build())
+        .await
+        .unwrap();
+    let mut admin = Admin::new(ch.clone());
+    for (queue, max, field) in [
+        ("q", Some(0), "max_in_flight"),
+        ("q", Some(-5), "max_in_flight"),
+        ("q", Some(2_000_000), "max_in_flight"),
+        ("Bad Queue", Some(3), "queue"),
+    ] {
+        let refused = admin
+            .set_queue_settings(v1::SetQueueSettingsRequest {
+                namespace: "ns".into(),
+                queue: queue.into(),
+                max_in_flight: max,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains(field), "{refused:?}");
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.queue_settings")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "nothing changed");
+    let missing = admin
+        .pause_queue(v1::PauseQueueRequest {
+            namespace: "nope".into(),
+            queue: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    server.stop().await;
+}

@@ -5,11 +5,13 @@ use tonic::{Request, Response, Status};
 
 use super::context::ApiContext;
 use super::convert::{mode_from_proto, mode_to_proto};
-use super::error::invalid;
+use super::error::{invalid, Violations};
 use crate::config::DeploymentMode;
+use crate::model::namespaces::{queue_name_problem, DEFAULT_QUEUE};
 use crate::proto::{self, v1};
 use crate::readiness::mode::ModeSource;
 use crate::readiness::ListenerState;
+use crate::store::LaneSettings;
 
 pub struct AdminApi {
     ctx: ApiContext,
@@ -181,6 +183,104 @@ impl v1::admin_service_server::AdminService for AdminApi {
             .map(namespace_to_proto)
             .collect();
         Ok(Response::new(v1::ListNamespacesResponse { namespaces }))
+    }
+
+    async fn set_queue_settings(
+        &self,
+        request: Request<v1::SetQueueSettingsRequest>,
+    ) -> Result<Response<v1::QueueSettings>, Status> {
+        let r = request.into_inner();
+        let mut bad = Violations::default();
+        let lane = bad.check(lane_fields(&r.namespace, &r.queue, DEFAULT_QUEUE));
+        let max = bad.check(match r.max_in_flight {
+            Some(n) if !(1..=MAX_IN_FLIGHT).contains(&n) => Err(invalid(
+                "max_in_flight",
+                format!(
+                    "must be between 1 and {MAX_IN_FLIGHT} (absent: no limit; to stop the queue, PauseQueue it), is {n}"
+                ),
+            )),
+            other => Ok(other),
+        });
+        bad.into_result()?;
+        let ((namespace, queue), max) = lane.zip(max).expect("checked");
+        let lane = self
+            .ctx
+            .store
+            .set_queue_limit(&namespace, &queue, max)
+            .await?;
+        Ok(Response::new(lane_to_proto(lane)))
+    }
+
+    async fn get_queue_settings(
+        &self,
+        request: Request<v1::GetQueueSettingsRequest>,
+    ) -> Result<Response<v1::QueueSettings>, Status> {
+        let r = request.into_inner();
+        let (namespace, queue) = lane_fields(&r.namespace, &r.queue, DEFAULT_QUEUE)?;
+        let lane = self.ctx.store.lane_settings(&namespace, &queue).await?;
+        Ok(Response::new(lane_to_proto(lane)))
+    }
+
+    async fn pause_queue(
+        &self,
+        request: Request<v1::PauseQueueRequest>,
+    ) -> Result<Response<v1::QueueSettings>, Status> {
+        let r = request.into_inner();
+        let (namespace, queue) = lane_fields(&r.namespace, &r.queue, "")?;
+        let lane = self
+            .ctx
+            .store
+            .set_queue_paused(&namespace, &queue, true)
+            .await?;
+        Ok(Response::new(lane_to_proto(lane)))
+    }
+
+    async fn resume_queue(
+        &self,
+        request: Request<v1::ResumeQueueRequest>,
+    ) -> Result<Response<v1::QueueSettings>, Status> {
+        let r = request.into_inner();
+        let (namespace, queue) = lane_fields(&r.namespace, &r.queue, "")?;
+        let lane = self
+            .ctx
+            .store
+            .set_queue_paused(&namespace, &queue, false)
+            .await?;
+        Ok(Response::new(lane_to_proto(lane)))
+    }
+}
+
+/// The most a queue's in-flight limit may be.
+const MAX_IN_FLIGHT: i32 = 1_000_000;
+
+/// The lane a request names, both fields checked (every bad one reported); an empty queue is
+/// `empty_means`.
+fn lane_fields(
+    namespace: &str,
+    queue: &str,
+    empty_means: &str,
+) -> Result<(String, String), Status> {
+    let mut bad = Violations::default();
+    bad.check(namespace_field(namespace));
+    if !queue.is_empty() {
+        if let Some(p) = queue_name_problem(queue) {
+            bad.check::<()>(Err(invalid("queue", p)));
+        }
+    }
+    bad.into_result()?;
+    let queue = if queue.is_empty() { empty_means } else { queue };
+    Ok((namespace.to_string(), queue.to_string()))
+}
+
+fn lane_to_proto(l: LaneSettings) -> v1::QueueSettings {
+    v1::QueueSettings {
+        namespace: l.namespace,
+        queue: l.queue,
+        max_in_flight: l.max_in_flight,
+        paused: l.paused,
+        namespace_paused: l.namespace_paused,
+        in_flight: l.in_flight,
+        queued: l.queued,
     }
 }
 

@@ -24,6 +24,7 @@ mod diagnostics;
 mod error;
 pub mod local;
 pub mod maintenance;
+mod queues;
 mod replicas;
 mod steps;
 mod tasks;
@@ -35,6 +36,7 @@ use uuid::Uuid;
 
 pub use diagnostics::ActivityCounters;
 pub use error::{is_retryable, StoreError};
+pub use queues::LaneSettings;
 pub use steps::{
     Completion, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Taker,
     TaskRef,

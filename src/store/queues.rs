@@ -1,0 +1,117 @@
+//! Lanes (a namespace's queues) as an operator sees and changes them: the in-flight limit,
+//! pausing, and what is leased and waiting. The enforcement is in the database, where steps
+//! are leased (`sql/queues.sql`).
+
+use super::{Store, StoreError};
+
+/// A lane's settings and load. `queue` empty: the namespace as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LaneSettings {
+    pub namespace: String,
+    pub queue: String,
+    pub max_in_flight: Option<i32>,
+    pub paused: bool,
+    /// The namespace as a whole is paused.
+    pub namespace_paused: bool,
+    /// Its steps leased now.
+    pub in_flight: i32,
+    /// Its steps queued and not leased, counted up to [`QUEUED_COUNTED`].
+    pub queued: i32,
+}
+
+/// Queued steps counted at most per lane: a status read stays cheap whatever the backlog.
+pub const QUEUED_COUNTED: i64 = 10_000;
+
+impl Store {
+    /// A lane's settings and load (a lane never configured: no limit, not paused).
+    pub async fn lane_settings(
+        &self,
+        namespace: &str,
+        queue: &str,
+    ) -> Result<LaneSettings, StoreError> {
+        self.require_namespace(namespace).await?;
+        Ok(sqlx::query_as::<_, LaneSettings>(
+            "SELECT $1::text AS namespace, $2::text AS queue,
+                    (SELECT g.max_in_flight FROM tasker.queue_settings g
+                     WHERE g.namespace = $1 AND g.queue = $2) AS max_in_flight,
+                    coalesce((SELECT g.paused FROM tasker.queue_settings g
+                              WHERE g.namespace = $1 AND g.queue = $2), false) AS paused,
+                    coalesce((SELECT g.paused FROM tasker.queue_settings g
+                              WHERE g.namespace = $1 AND g.queue = ''), false) AS namespace_paused,
+                    (SELECT count(*)::int FROM tasker.step_queue q
+                     WHERE q.namespace = $1 AND ($2 = '' OR q.queue = $2)
+                       AND q.leased_by IS NOT NULL) AS in_flight,
+                    (SELECT count(*)::int FROM (SELECT 1 FROM tasker.step_queue q
+                     WHERE q.namespace = $1 AND ($2 = '' OR q.queue = $2)
+                       AND q.leased_by IS NULL LIMIT $3) w) AS queued",
+        )
+        .bind(namespace)
+        .bind(queue)
+        .bind(QUEUED_COUNTED)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Set (or with `None` remove) a lane's in-flight limit, fleet-wide. The leases running
+    /// count against a new limit; raising it wakes the steps that waited.
+    pub async fn set_queue_limit(
+        &self,
+        namespace: &str,
+        queue: &str,
+        max_in_flight: Option<i32>,
+    ) -> Result<LaneSettings, StoreError> {
+        self.require_namespace(namespace).await?;
+        sqlx::query("SELECT tasker.set_queue_limit($1, $2, $3)")
+            .bind(namespace)
+            .bind(queue)
+            .bind(max_in_flight)
+            .execute(&self.pool)
+            .await?;
+        self.lane_settings(namespace, queue).await
+    }
+
+    /// Pause or resume a lane (`queue` empty: the whole namespace), fleet-wide; a resume
+    /// wakes the lane's parked fetches on every replica.
+    pub async fn set_queue_paused(
+        &self,
+        namespace: &str,
+        queue: &str,
+        paused: bool,
+    ) -> Result<LaneSettings, StoreError> {
+        self.require_namespace(namespace).await?;
+        sqlx::query("SELECT tasker.set_queue_paused($1, $2, $3)")
+            .bind(namespace)
+            .bind(queue)
+            .bind(paused)
+            .execute(&self.pool)
+            .await?;
+        self.lane_settings(namespace, queue).await
+    }
+
+    /// Every lane with settings (limits and pauses), for status.
+    pub async fn configured_lanes(&self) -> Result<Vec<LaneSettings>, StoreError> {
+        let lanes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT namespace, queue FROM tasker.queue_settings ORDER BY namespace, queue",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(lanes.len());
+        for (namespace, queue) in lanes {
+            out.push(self.lane_settings(&namespace, &queue).await?);
+        }
+        Ok(out)
+    }
+
+    async fn require_namespace(&self, namespace: &str) -> Result<(), StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasker.namespaces WHERE name = $1)")
+                .bind(namespace)
+                .fetch_one(&self.pool)
+                .await?;
+        if exists {
+            Ok(())
+        } else {
+            Err(StoreError::not_found(format!("namespace {namespace:?}")))
+        }
+    }
+}
