@@ -308,15 +308,52 @@ async fn burst_for_one_task_coalesces_into_at_most_two_passes(pool: PgPool) {
     })
     .await
     .expect("the task start was processed");
-    let command = || OrchestrationCommand::process_task(t.task_uuid, NS, TriggeredBy::Api);
-    // 49 commands with nothing awaited between them, then one whose result is awaited: it
+    let task_uuid = t.task_uuid;
+    let command = move || OrchestrationCommand::process_task(task_uuid, NS, TriggeredBy::Api);
+    // the first command's pass is held inside its transaction (the ready set locked by this
+    // test) until the whole burst has arrived: the burst meets a pass in flight, whatever
+    // the machine's speed
+    let mut hold = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tasker.ready_steps IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    core.commands.try_submit(command()).unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.task_uuid == t.task_uuid && e.phase == CommandPhase::Started {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the first pass started");
+    // 48 commands with nothing awaited between them, then one whose result is awaited: it
     // comes back when the last pass the burst caused has finished
-    for _ in 0..49 {
+    for _ in 0..48 {
         core.commands.try_submit(command()).unwrap();
     }
-    let last = tokio::time::timeout(WAIT, core.commands.execute(command()))
+    let commands = core.commands.clone();
+    let last = tokio::spawn(async move { commands.execute(command()).await });
+    // the burst has reached the processor (each coalesced command is published) before the
+    // held pass may go on
+    let mut coalesced = 0;
+    tokio::time::timeout(WAIT, async {
+        while coalesced < 49 {
+            let e = events.recv().await.unwrap();
+            if e.task_uuid == t.task_uuid && e.phase == CommandPhase::Coalesced {
+                coalesced += 1;
+            }
+        }
+    })
+    .await
+    .expect("the burst coalesced");
+    hold.commit().await.unwrap();
+    let last = tokio::time::timeout(WAIT, last)
         .await
         .expect("the burst was processed")
+        .unwrap()
         .unwrap();
     assert!(last.coalesced);
     let mut passes = 0;
@@ -325,8 +362,9 @@ async fn burst_for_one_task_coalesces_into_at_most_two_passes(pool: PgPool) {
             passes += 1;
         }
     }
-    // the first command's pass, and one rerun for the 49 that came while it ran
-    assert_eq!(passes, 2, "passes for a burst of 50 commands");
+    // the first command's pass, and one rerun for the 49 that came while it ran (the first
+    // pass's Started was read above)
+    assert_eq!(passes + 1, 2, "passes for a burst of 50 commands");
     assert_eq!(enqueue_count(&pool).await, 1, "root enqueued once");
     core.shutdown().await;
 }
