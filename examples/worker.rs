@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --example worker -- --namespace demo                 # until interrupted
 //! cargo run --example worker -- --namespace demo --steps 4        # stop after 4 steps
+//! cargo run --example worker -- --namespace shop --queue payments  # only the payments steps
 //! TASKER_TOKEN=... cargo run --example worker -- --endpoint https://tasker.example:50051 --namespace demo
 //! ```
 //!
@@ -21,6 +22,8 @@ use tasker::client::{Connect, WorkerClient};
 struct Args {
     endpoint: String,
     namespace: String,
+    /// The queues it runs (`--queue`, repeatable); none: the default queue.
+    queues: Vec<String>,
     worker_id: String,
     /// Stop after this many steps (completed or failed); `None`: run until interrupted.
     steps: Option<u64>,
@@ -31,6 +34,7 @@ fn args() -> Result<Args, String> {
         endpoint: std::env::var("TASKER_ENDPOINT")
             .unwrap_or_else(|_| "http://127.0.0.1:50051".into()),
         namespace: String::new(),
+        queues: Vec::new(),
         worker_id: format!("example-worker-{}", std::process::id()),
         steps: None,
     };
@@ -40,6 +44,7 @@ fn args() -> Result<Args, String> {
         match flag.as_str() {
             "--endpoint" => a.endpoint = value()?,
             "--namespace" => a.namespace = value()?,
+            "--queue" => a.queues.push(value()?),
             "--worker-id" => a.worker_id = value()?,
             "--steps" => {
                 a.steps = Some(value()?.parse().map_err(|e| format!("--steps: {e}"))?);
@@ -80,16 +85,18 @@ fn work(name: &str, attempt: i32, inputs: &Value, parents: &Value) -> Result<Val
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = args().map_err(|e| {
-        format!("{e}\nusage: worker --namespace NS [--endpoint URL] [--worker-id ID] [--steps N]")
+        format!("{e}\nusage: worker --namespace NS [--queue Q]... [--endpoint URL] [--worker-id ID] [--steps N]")
     })?;
     let mut connect = Connect::new(&args.endpoint);
     if let Ok(token) = std::env::var("TASKER_TOKEN") {
         connect = connect.token(token);
     }
-    let mut worker = WorkerClient::connect(&connect, &args.namespace, &args.worker_id).await?;
+    let mut worker = WorkerClient::connect(&connect, &args.namespace, &args.worker_id)
+        .await?
+        .with_queues(args.queues.clone());
     eprintln!(
-        "{} working namespace {:?} at {}",
-        args.worker_id, args.namespace, args.endpoint
+        "{} working namespace {:?} (queues {:?}) at {}",
+        args.worker_id, args.namespace, args.queues, args.endpoint
     );
     let mut handled = 0u64;
     let mut backoff = FIRST_BACKOFF;

@@ -9,16 +9,32 @@ use std::process::Stdio;
 
 use common::*;
 use sqlx::PgPool;
-use tasker::client::diamond;
 use tasker::config::DeploymentMode;
 use tasker::proto::{struct_to_json, v1};
 
-/// Run a worker process for four steps, then check the diamond completed through it.
+/// Run a worker process for four steps of its queue, then check the diamond (every step in
+/// that queue) completed through it.
 async fn run_worker_on_a_diamond(pool: &PgPool, ns: &str, worker: tokio::process::Command) {
     let server = TestServer::start(pool, &test_config(DeploymentMode::Hybrid)).await;
     let mut tasks = Tasks::new(server.channel().await);
     let task = tasks
-        .create_task(diamond(ns).build())
+        .create_task(
+            task(ns)
+                .named("diamond")
+                .step("a")
+                .queue("examples")
+                .step("b")
+                .after("a")
+                .queue("examples")
+                .step("c")
+                .after("a")
+                .queue("examples")
+                .step("d")
+                .after("b")
+                .after("c")
+                .queue("examples")
+                .build(),
+        )
         .await
         .unwrap()
         .into_inner()
@@ -28,7 +44,16 @@ async fn run_worker_on_a_diamond(pool: &PgPool, ns: &str, worker: tokio::process
     let output = tokio::time::timeout(
         std::time::Duration::from_secs(120),
         worker
-            .args(["--namespace", ns, "--steps", "4", "--endpoint", &endpoint])
+            .args([
+                "--namespace",
+                ns,
+                "--queue",
+                "examples",
+                "--steps",
+                "4",
+                "--endpoint",
+                &endpoint,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

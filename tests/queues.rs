@@ -474,3 +474,94 @@ async fn bad_queue_settings_are_refused(pool: PgPool) {
     assert_eq!(missing.code(), tonic::Code::NotFound);
     server.stop().await;
 }
+
+/// Queue settings are the fleet's and the database's: a pause and a limit set through one
+/// replica hold on another, and on a replica started after both are gone.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn queue_settings_reach_every_replica_and_survive_a_restart(pool: PgPool) {
+    let cfg = no_rereads();
+    let a = TestServer::start(&pool, &cfg).await;
+    let b = TestServer::start(&pool, &cfg).await;
+    let (ch_a, ch_b) = (a.channel().await, b.channel().await);
+    Tasks::new(ch_a.clone())
+        .create_task(task("fleet").step("send").queue("mail").build())
+        .await
+        .unwrap();
+    let mut admin = Admin::new(ch_a.clone());
+    admin
+        .set_queue_settings(v1::SetQueueSettingsRequest {
+            namespace: "fleet".into(),
+            queue: "mail".into(),
+            max_in_flight: Some(7),
+        })
+        .await
+        .unwrap();
+    admin
+        .pause_queue(v1::PauseQueueRequest {
+            namespace: "fleet".into(),
+            queue: "mail".into(),
+        })
+        .await
+        .unwrap();
+    let fetch = || v1::FetchStepsRequest {
+        queues: vec!["mail".into()],
+        ..fetch_request("fleet", 1, 500, 30)
+    };
+    let on_b = Workers::new(ch_b.clone())
+        .fetch_steps(fetch())
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert!(on_b.is_empty(), "paused on the other replica too");
+    a.stop().await;
+    b.stop().await;
+
+    let c = TestServer::start(&pool, &cfg).await;
+    let ch_c = c.channel().await;
+    let mut admin = Admin::new(ch_c.clone());
+    let settings = admin
+        .get_queue_settings(v1::GetQueueSettingsRequest {
+            namespace: "fleet".into(),
+            queue: "mail".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((settings.max_in_flight, settings.paused), (Some(7), true));
+    let status = admin
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status
+            .queues
+            .iter()
+            .any(|q| q.namespace == "fleet" && q.queue == "mail" && q.paused),
+        "{:?}",
+        status.queues
+    );
+    let on_c = Workers::new(ch_c.clone())
+        .fetch_steps(fetch())
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert!(on_c.is_empty(), "still paused after the restart");
+    admin
+        .resume_queue(v1::ResumeQueueRequest {
+            namespace: "fleet".into(),
+            queue: "mail".into(),
+        })
+        .await
+        .unwrap();
+    let leased = Workers::new(ch_c.clone())
+        .fetch_steps(fetch())
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(leased.len(), 1);
+    c.stop().await;
+}

@@ -4,6 +4,7 @@
     pip install grpcio grpcio-tools
     python3 examples/python/worker.py --namespace demo               # until interrupted
     python3 examples/python/worker.py --namespace demo --steps 4     # stop after 4 steps
+    python3 examples/python/worker.py --namespace shop --queue warehouse   # only those steps
 
 The stubs are generated at start-up with grpcio-tools (`grpc_tools.protoc`) into a temporary
 directory, from `proto/` next to this file's repository (or `--proto-dir`): nothing generated
@@ -56,6 +57,8 @@ def main():
     parser.add_argument("--endpoint", default=os.environ.get("TASKER_ENDPOINT", "127.0.0.1:50051"),
                         help="host:port of the service (plaintext)")
     parser.add_argument("--namespace", required=True)
+    parser.add_argument("--queue", action="append", default=[],
+                        help="a queue whose steps it runs (repeatable; none: the default queue)")
     parser.add_argument("--worker-id", default=f"python-worker-{os.getpid()}")
     parser.add_argument("--steps", type=int, help="stop after this many steps")
     parser.add_argument("--proto-dir", default=os.path.join(here, "..", "..", "proto"))
@@ -76,7 +79,8 @@ def main():
         try:
             reply = workers.FetchSteps(
                 pb.FetchStepsRequest(namespace=args.namespace, worker_id=args.worker_id,
-                                     max_steps=1, wait_ms=10_000, lease_seconds=30),
+                                     max_steps=1, wait_ms=10_000, lease_seconds=30,
+                                     queues=args.queue),
                 metadata=metadata, timeout=30)
         except grpc.RpcError as e:
             # too many fetches waiting (RESOURCE_EXHAUSTED) or the service restarting

@@ -113,6 +113,18 @@ impl v1::admin_service_server::AdminService for AdminApi {
                 serves_every_namespace: r.serves_every_namespace,
             })
             .collect();
+        let queues = self
+            .ctx
+            .store
+            .configured_lanes()
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading the queue settings failed");
+                Vec::new()
+            })
+            .into_iter()
+            .map(lane_to_proto)
+            .collect();
         Ok(Response::new(v1::GetStatusResponse {
             mode: mode_to_proto(status.mode) as i32,
             listener_connected: status.listener.state == ListenerState::Listening,
@@ -134,6 +146,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
             watch_streams: self.ctx.feeds.streams() as u64,
             watched_tasks: self.ctx.feeds.tasks() as u64,
             replicas,
+            queues,
         }))
     }
 

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 mod mode;
 mod namespace;
 mod output;
+mod queue;
 mod readiness;
 mod status;
 mod task;
@@ -86,6 +87,42 @@ pub enum CtlCommand {
     Namespace {
         #[command(subcommand)]
         action: NamespaceAction,
+    },
+    /// A queue's in-flight limit and pause.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// Its limit, whether it is paused, its steps in flight and queued (no queue: the default).
+    Show {
+        namespace: String,
+        #[arg(default_value = "")]
+        queue: String,
+    },
+    /// At most N of its steps leased at once, fleet-wide (admin scope); --none removes it.
+    Limit {
+        namespace: String,
+        queue: String,
+        #[arg(required_unless_present = "none")]
+        max_in_flight: Option<i32>,
+        #[arg(long, conflicts_with = "max_in_flight")]
+        none: bool,
+    },
+    /// Lease none of its steps until resumed (no queue: the whole namespace; admin scope).
+    Pause {
+        namespace: String,
+        #[arg(default_value = "")]
+        queue: String,
+    },
+    /// Lease its steps again; its waiting workers get them at once (admin scope).
+    Resume {
+        namespace: String,
+        #[arg(default_value = "")]
+        queue: String,
     },
 }
 
@@ -305,6 +342,21 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             NamespaceAction::Create { namespace } => namespace::create(ctl, namespace).await,
             NamespaceAction::Delete { namespace } => namespace::delete(ctl, namespace).await,
             NamespaceAction::List => namespace::list(ctl).await,
+        },
+        CtlCommand::Queue { action } => match action {
+            QueueAction::Show { namespace, queue } => queue::show(ctl, namespace, queue).await,
+            QueueAction::Limit {
+                namespace,
+                queue,
+                max_in_flight,
+                none: _,
+            } => queue::limit(ctl, namespace, queue, max_in_flight).await,
+            QueueAction::Pause { namespace, queue } => {
+                queue::pause(ctl, namespace, queue, true).await
+            }
+            QueueAction::Resume { namespace, queue } => {
+                queue::pause(ctl, namespace, queue, false).await
+            }
         },
         CtlCommand::Status => status::show(ctl).await,
         CtlCommand::Readiness { task } => readiness::readiness(ctl, task).await,

@@ -45,6 +45,7 @@ pub(super) async fn show(ctl: &Ctl) -> Result<(), CtlError> {
             "started_at": ts(p.started_at),
             "heartbeat_at": ts(p.heartbeat_at),
         })).collect::<Vec<_>>(),
+        "queues": r.queues.into_iter().map(super::queue::queue_json).collect::<Vec<_>>(),
     }));
     Ok(())
 }
