@@ -136,11 +136,42 @@ async fn two_worker_pools_on_two_queues_each_receive_exactly_their_own_steps(poo
         .into_inner();
     let queues: Vec<(String, String)> = got
         .task
+        .clone()
         .expect("the task")
         .steps
         .iter()
         .map(|s| (s.name.clone(), s.queue.clone()))
         .collect();
+    // readiness counts what waits for a worker, per queue
+    let readiness = Readiness::new(ch.clone())
+        .get_task_readiness(v1::GetTaskReadinessRequest {
+            task_uuid: got.task.as_ref().unwrap().task_uuid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        readiness
+            .ready_per_queue
+            .iter()
+            .map(|q| (q.queue.as_str(), q.steps))
+            .collect::<Vec<_>>(),
+        [("archive", 1)]
+    );
+    let ready = Readiness::new(ch.clone())
+        .list_ready_tasks(v1::ListReadyTasksRequest {
+            namespace: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for t in &ready.tasks {
+        assert!(
+            t.ready_per_queue.iter().all(|q| q.queue == "archive"),
+            "{t:?}"
+        );
+    }
     for (name, queue) in [
         ("archive", "archive"),
         ("charge", "payments"),

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::context::ApiContext;
 use super::convert::{self, enum_filter, uuid};
@@ -100,7 +101,9 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
         let task = uuid("task_uuid", &request.get_ref().task_uuid)?;
         let ctx = self.ctx.store.execution_context(task).await?;
         let steps = self.ctx.store.step_readiness(task).await?;
+        let ready_per_queue = queue_counts(&self.ctx.store.ready_per_queue(&[task]).await?, task);
         Ok(Response::new(v1::GetTaskReadinessResponse {
+            ready_per_queue,
             task_uuid: ctx.task_uuid.to_string(),
             namespace: ctx.namespace,
             task_state: words::raw::<v1::TaskState>(&ctx.task_state),
@@ -164,6 +167,8 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
             .await?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
+        let uuids: Vec<Uuid> = rows.iter().map(|t| t.task_uuid).collect();
+        let per_queue = self.ctx.store.ready_per_queue(&uuids).await?;
         Ok(Response::new(v1::ListReadyTasksResponse {
             next_page_token: match rows.last() {
                 Some(last) if more => format!(
@@ -184,6 +189,7 @@ impl v1::readiness_service_server::ReadinessService for ReadinessApi {
                     computed_priority: t.computed_priority,
                     ready_steps: t.ready_steps,
                     ready_since: Some(proto::timestamp(t.ready_since)),
+                    ready_per_queue: queue_counts(&per_queue, t.task_uuid),
                 })
                 .collect(),
         }))
@@ -383,4 +389,15 @@ where
         })
         .collect();
     bad.into_result().map(|()| values)
+}
+
+/// The counts of one task, by queue.
+fn queue_counts(rows: &[(Uuid, String, i32)], task: Uuid) -> Vec<v1::QueueCount> {
+    rows.iter()
+        .filter(|(t, _, _)| *t == task)
+        .map(|(_, queue, steps)| v1::QueueCount {
+            queue: queue.clone(),
+            steps: *steps,
+        })
+        .collect()
 }

@@ -56,6 +56,26 @@ pub struct ReadyTask {
 pub type ReadyRank = (i32, DateTime<Utc>, Uuid);
 
 impl Store {
+    /// Per task of `tasks` and per queue: steps ready or enqueued and not yet leased.
+    pub async fn ready_per_queue(
+        &self,
+        tasks: &[Uuid],
+    ) -> Result<Vec<(Uuid, String, i32)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT s.task_uuid, s.queue, count(*)::int
+             FROM tasker.workflow_steps s
+             WHERE s.task_uuid = ANY($1)
+               AND (s.state = 'enqueued'
+                    OR (s.state = 'pending' AND s.unfinished_parents = 0
+                        AND EXISTS (SELECT 1 FROM tasker.ready_steps r WHERE r.step_uuid = s.step_uuid)))
+             GROUP BY s.task_uuid, s.queue
+             ORDER BY s.task_uuid, s.queue",
+        )
+        .bind(tasks)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn step_readiness(&self, task_uuid: Uuid) -> Result<Vec<StepReadiness>, StoreError> {
         Ok(
             sqlx::query_as::<_, StepReadiness>("SELECT * FROM tasker.step_readiness($1)")
