@@ -61,13 +61,26 @@ impl Store {
         max_in_flight: Option<i32>,
     ) -> Result<LaneSettings, StoreError> {
         self.require_namespace(namespace).await?;
+        self.set_queue_limit_unchecked(namespace, queue, max_in_flight)
+            .await?;
+        self.lane_settings(namespace, queue).await
+    }
+
+    /// [`Store::set_queue_limit`] without requiring the namespace to exist yet (the benchmark
+    /// sets a limit on tables it has just emptied).
+    pub async fn set_queue_limit_unchecked(
+        &self,
+        namespace: &str,
+        queue: &str,
+        max_in_flight: Option<i32>,
+    ) -> Result<(), StoreError> {
         sqlx::query("SELECT tasker.set_queue_limit($1, $2, $3)")
             .bind(namespace)
             .bind(queue)
             .bind(max_in_flight)
             .execute(&self.pool)
             .await?;
-        self.lane_settings(namespace, queue).await
+        Ok(())
     }
 
     /// Pause or resume a lane (`queue` empty: the whole namespace), fleet-wide; a resume

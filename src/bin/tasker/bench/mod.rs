@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// Remote: that binary's configuration directory (default: this process's).
     #[arg(long)]
     pub server_config_dir: Option<PathBuf>,
+    /// Remote: set this in-flight limit on the benchmark's queue in every scenario (to price
+    /// a configured limit that is not reached).
+    #[arg(long)]
+    pub queue_limit: Option<i32>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -218,6 +222,7 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
                 .canonicalize()?,
         },
         replicas: args.replicas,
+        queue_limit: args.queue_limit,
     };
     let scenarios = remote::run(&store, url, &opts).await?;
     store.pool().close().await;

@@ -30,6 +30,9 @@ use super::procstat;
 use super::worker::{Shape, WorkerReport, WorkerSpec};
 use super::LatencyStats;
 
+/// The namespace the remote scenarios run in.
+const BENCH_NAMESPACE: &str = "bench";
+
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
     pub scenarios: Vec<Shape>,
@@ -42,6 +45,9 @@ pub struct RemoteOptions {
     pub server_config_dir: PathBuf,
     /// Replica processes per scenario, each on its own port; workers spread over them.
     pub replicas: Vec<usize>,
+    /// An in-flight limit on the benchmark's queue (namespace `bench`, queue `default`), set
+    /// in every scenario: what a configured limit costs the hop.
+    pub queue_limit: Option<i32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -266,6 +272,11 @@ async fn scenario(
     // the services have migrated the database (a build under test may carry its own schema);
     // they are idle: start from empty tables
     store.truncate_all().await?;
+    if let Some(limit) = opts.queue_limit {
+        store
+            .set_queue_limit_unchecked(BENCH_NAMESPACE, "default", Some(limit))
+            .await?;
+    }
     tokio::time::sleep(STATS_FLUSH).await;
     let before = store.activity_counters().await?;
     let backend = store.backend_pid().await? as u32;
@@ -277,7 +288,7 @@ async fn scenario(
         shape: shape.clone(),
         warmup_ms: opts.warmup.as_millis() as u64,
         window_ms: opts.window.as_millis() as u64,
-        namespace: "bench".into(),
+        namespace: BENCH_NAMESPACE.into(),
     };
     let mut worker = Command::new(std::env::current_exe()?)
         .arg("bench-worker")
