@@ -16,6 +16,9 @@
 -- left on the queue that a fetch may lease now (a paused or full lane's are not counted: a
 -- freed slot or a resume wakes its fetches).
 --
+-- A pending task with a concurrency key starts only in a free slot of its key (namespaces.
+-- max_tasks_per_key), oldest first; otherwise it waits in line (tasker.key_waiters), its ready
+-- steps out of the ready set, and the answer is 'waiting_on_key'.
 -- Claim: a transaction-scoped advisory lock on the task, tried without waiting. A task claimed
 -- by another instance's enqueuer answers 'claimed_elsewhere' at once; the caller retries
 -- shortly, because the holder's snapshot may predate a completion that made more steps ready.
@@ -26,7 +29,7 @@
 -- crash loses the commit, the steps are still pending and ready, and the start-up sweep or the
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
 -- synchronously: those leases reach workers, and must survive a crash.
--- (from migrations/20261204000006_step_queues.sql)
+-- (from migrations/20261204000007_concurrency_keys.sql)
 CREATE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -53,6 +56,8 @@ DECLARE
     v_leased jsonb := '[]'::jsonb;
     v_queued jsonb := '[]'::jsonb;
     v_open integer;
+    v_max_per_key integer;
+    v_running integer;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
@@ -64,7 +69,8 @@ BEGIN
         END IF;
         RETURN;
     END IF;
-    SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
+    SELECT t.namespace, t.priority, t.state, t.concurrency_key, t.created_at INTO v_task
+    FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
         RETURN;
@@ -72,8 +78,34 @@ BEGIN
     IF v_task.state = 'pending' THEN
         -- this pass will move the task to in_progress: lock it first, like every change to a
         -- task (task, then steps)
-        SELECT t.namespace, t.priority, t.state INTO v_task FROM tasker.tasks t
-        WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
+        SELECT t.namespace, t.priority, t.state, t.concurrency_key, t.created_at INTO v_task
+        FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
+    END IF;
+    -- a task with a concurrency key starts only in a free slot of its key, oldest first; it
+    -- waits (pending, its steps ready) until a task of its key finishes
+    IF v_task.state = 'pending' AND v_task.concurrency_key IS NOT NULL THEN
+        SELECT n.max_tasks_per_key INTO v_max_per_key FROM tasker.namespaces n
+        WHERE n.name = v_task.namespace;
+        IF v_max_per_key IS NOT NULL THEN
+            INSERT INTO tasker.key_slots (namespace, concurrency_key)
+            VALUES (v_task.namespace, v_task.concurrency_key) ON CONFLICT DO NOTHING;
+            SELECT k.running INTO v_running FROM tasker.key_slots k
+            WHERE k.namespace = v_task.namespace AND k.concurrency_key = v_task.concurrency_key
+            FOR NO KEY UPDATE;
+            IF v_running >= v_max_per_key
+               OR EXISTS (SELECT 1 FROM tasker.key_waiters w
+                          WHERE w.namespace = v_task.namespace
+                            AND w.concurrency_key = v_task.concurrency_key
+                            AND (w.created_at, w.task_uuid) < (v_task.created_at, p_task_uuid)) THEN
+                -- wait in line, out of the ready set, until its turn (tasker.start_waiting_on_key)
+                INSERT INTO tasker.key_waiters (namespace, concurrency_key, created_at, task_uuid)
+                VALUES (v_task.namespace, v_task.concurrency_key, v_task.created_at, p_task_uuid)
+                ON CONFLICT DO NOTHING;
+                DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid;
+                RETURN QUERY SELECT 'waiting_on_key'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
+                RETURN;
+            END IF;
+        END IF;
     END IF;
     IF v_task.state NOT IN ('pending', 'in_progress') THEN
         RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
@@ -109,7 +141,12 @@ BEGIN
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
-        UPDATE tasker.tasks t SET state = 'in_progress' WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
+        UPDATE tasker.tasks t SET state = 'in_progress', holds_key_slot = (v_max_per_key IS NOT NULL)
+        WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
+        IF v_max_per_key IS NOT NULL THEN
+            UPDATE tasker.key_slots k SET running = k.running + 1
+            WHERE k.namespace = v_task.namespace AND k.concurrency_key = v_task.concurrency_key;
+        END IF;
     END IF;
     v_given := array_fill(0, ARRAY[greatest(jsonb_array_length(p_takers), 1)]);
     -- per lane, in the order of its first step: hand its steps, in order, to the parked

@@ -17,13 +17,13 @@
 -- writes nothing. A namespace not seen before is created when p_create_namespace (else
 -- TK006), unless p_max_namespaces exist (TK005). p_context_bytes and "inputs_bytes": the
 -- documents' sizes as sent (a page of tasks or steps is cut to the response budget by them
--- before any document is read).
--- (from migrations/20261204000006_step_queues.sql)
+-- before any document is read). p_concurrency_key: the task's concurrency key (NULL: none).
+-- (from migrations/20261204000007_concurrency_keys.sql)
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
     p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL,
-    p_create_namespace boolean DEFAULT true
+    p_create_namespace boolean DEFAULT true, p_concurrency_key text DEFAULT NULL
 )
 RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
 LANGUAGE plpgsql AS $$
@@ -54,9 +54,9 @@ BEGIN
     END IF;
 
     INSERT INTO tasker.tasks AS t (task_uuid, namespace, name, priority, context, idempotency_key,
-                                   remaining_steps, context_bytes)
+                                   remaining_steps, context_bytes, concurrency_key)
     VALUES (p_task_uuid, p_namespace, p_name, p_priority, coalesce(p_context, '{}'::jsonb),
-            p_idempotency_key, jsonb_array_length(p_steps), p_context_bytes)
+            p_idempotency_key, jsonb_array_length(p_steps), p_context_bytes, p_concurrency_key)
     ON CONFLICT ON CONSTRAINT tasks_idempotency_key_unique DO NOTHING;
     IF NOT FOUND THEN
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
@@ -239,5 +239,93 @@ BEGIN
         PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
     END IF;
     RETURN 'resolved';
+END
+$$;
+
+-- Start up to p_n of the tasks waiting on a key, oldest first: each one's ready steps go back
+-- into the ready set and it gets a readiness notification; its claim takes the slot (or finds
+-- it taken and waits again).
+-- (from migrations/20261204000007_concurrency_keys.sql)
+CREATE FUNCTION tasker.start_waiting_on_key(p_namespace text, p_key text, p_n integer) RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_task uuid;
+    v_started integer := 0;
+BEGIN
+    WHILE v_started < p_n LOOP
+        -- the oldest waiter; one cancelled while it waited is dropped and the next taken
+        DELETE FROM tasker.key_waiters w
+        WHERE (w.namespace, w.concurrency_key, w.created_at, w.task_uuid) =
+              (SELECT o.namespace, o.concurrency_key, o.created_at, o.task_uuid
+               FROM tasker.key_waiters o
+               WHERE o.namespace = p_namespace AND o.concurrency_key = p_key
+               ORDER BY o.created_at, o.task_uuid LIMIT 1)
+        RETURNING w.task_uuid INTO v_task;
+        EXIT WHEN NOT FOUND;
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM tasker.tasks t
+                                  WHERE t.task_uuid = v_task AND t.state = 'pending');
+        INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
+        SELECT s.step_uuid, s.task_uuid, coalesce(s.ready_at, clock_timestamp())
+        FROM tasker.workflow_steps s
+        WHERE s.task_uuid = v_task AND s.state = 'pending' AND s.unfinished_parents = 0
+        ON CONFLICT DO NOTHING;
+        PERFORM tasker.send_task_ready(v_task, p_namespace, 'task_start');
+        v_started := v_started + 1;
+    END LOOP;
+    RETURN v_started;
+END
+$$;
+
+-- A task that held its key's slot is complete or cancelled: the slot goes to the oldest task
+-- waiting on the key.
+-- (from migrations/20261204000007_concurrency_keys.sql)
+CREATE FUNCTION tasker.tasks_key_slot_freed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.holds_key_slot := false;
+    UPDATE tasker.key_slots k SET running = greatest(k.running - 1, 0)
+    WHERE k.namespace = NEW.namespace AND k.concurrency_key = NEW.concurrency_key;
+    PERFORM tasker.start_waiting_on_key(NEW.namespace, NEW.concurrency_key, 1);
+    RETURN NEW;
+END
+$$;
+
+-- Set (or with NULL remove) a namespace's limit of tasks per key. Raising it (or removing it)
+-- starts the tasks that waited, as far as the new limit allows, at once.
+-- (from migrations/20261204000007_concurrency_keys.sql)
+CREATE FUNCTION tasker.set_max_tasks_per_key(p_namespace text, p_max integer) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_key record;
+BEGIN
+    UPDATE tasker.namespaces n SET max_tasks_per_key = p_max WHERE n.name = p_namespace;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF p_max IS NOT NULL THEN
+        -- keyed tasks running when a limit starts count against it
+        UPDATE tasker.tasks t SET holds_key_slot = true
+        WHERE t.namespace = p_namespace AND t.concurrency_key IS NOT NULL
+          AND t.state IN ('in_progress', 'error') AND NOT t.holds_key_slot;
+        INSERT INTO tasker.key_slots AS k (namespace, concurrency_key, running)
+        SELECT t.namespace, t.concurrency_key, count(*)::int FROM tasker.tasks t
+        WHERE t.namespace = p_namespace AND t.concurrency_key IS NOT NULL AND t.holds_key_slot
+        GROUP BY t.namespace, t.concurrency_key
+        ON CONFLICT (namespace, concurrency_key) DO UPDATE SET running = EXCLUDED.running;
+    END IF;
+    FOR v_key IN
+        SELECT DISTINCT w.concurrency_key FROM tasker.key_waiters w
+        WHERE w.namespace = p_namespace
+    LOOP
+        PERFORM tasker.start_waiting_on_key(p_namespace, v_key.concurrency_key,
+            CASE WHEN p_max IS NULL THEN 1000000
+                 ELSE p_max - coalesce((SELECT k.running FROM tasker.key_slots k
+                                        WHERE k.namespace = p_namespace
+                                          AND k.concurrency_key = v_key.concurrency_key), 0)
+            END);
+    END LOOP;
+    RETURN true;
 END
 $$;

@@ -224,6 +224,46 @@ impl v1::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(lane_to_proto(lane)))
     }
 
+    async fn set_namespace_settings(
+        &self,
+        request: Request<v1::SetNamespaceSettingsRequest>,
+    ) -> Result<Response<v1::NamespaceSettings>, Status> {
+        let r = request.into_inner();
+        let mut bad = Violations::default();
+        let namespace = bad.check(namespace_field(&r.namespace));
+        let max = bad.check(match r.max_tasks_per_key {
+            Some(n) if !(1..=MAX_TASKS_PER_KEY).contains(&n) => Err(invalid(
+                "max_tasks_per_key",
+                format!(
+                    "must be between 1 and {MAX_TASKS_PER_KEY} (absent: no limit; to stop a namespace, PauseQueue it), is {n}"
+                ),
+            )),
+            other => Ok(other),
+        });
+        bad.into_result()?;
+        let (namespace, max) = namespace.zip(max).expect("checked");
+        let (max, waiting) = self.ctx.store.set_max_tasks_per_key(namespace, max).await?;
+        Ok(Response::new(v1::NamespaceSettings {
+            namespace: namespace.to_string(),
+            max_tasks_per_key: max,
+            tasks_waiting_on_keys: waiting,
+        }))
+    }
+
+    async fn get_namespace_settings(
+        &self,
+        request: Request<v1::GetNamespaceSettingsRequest>,
+    ) -> Result<Response<v1::NamespaceSettings>, Status> {
+        let r = request.into_inner();
+        let namespace = namespace_field(&r.namespace)?;
+        let (max, waiting) = self.ctx.store.namespace_settings(namespace).await?;
+        Ok(Response::new(v1::NamespaceSettings {
+            namespace: namespace.to_string(),
+            max_tasks_per_key: max,
+            tasks_waiting_on_keys: waiting,
+        }))
+    }
+
     async fn get_queue_settings(
         &self,
         request: Request<v1::GetQueueSettingsRequest>,
@@ -262,6 +302,9 @@ impl v1::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(lane_to_proto(lane)))
     }
 }
+
+/// The most a namespace's tasks-per-key limit may be.
+const MAX_TASKS_PER_KEY: i32 = 1_000_000;
 
 /// The most a queue's in-flight limit may be.
 const MAX_IN_FLIGHT: i32 = 1_000_000;

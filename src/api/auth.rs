@@ -57,6 +57,7 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         | "tasker.v1.AdminService/GetStatus"
         | "tasker.v1.AdminService/ListNamespaces"
         | "tasker.v1.AdminService/GetQueueSettings"
+        | "tasker.v1.AdminService/GetNamespaceSettings"
         | "tasker.v1.TaskService/GetTask"
         | "tasker.v1.TaskService/ListTasks"
         | "tasker.v1.TaskService/WatchTask" => Scope::Read,

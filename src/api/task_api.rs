@@ -199,6 +199,7 @@ pub fn spec_from_request(r: v1::CreateTaskRequest) -> TaskSpec {
         priority: r.priority,
         context: struct_to_json(r.context),
         idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+        concurrency_key: (!r.concurrency_key.is_empty()).then_some(r.concurrency_key),
         steps: r
             .steps
             .into_iter()

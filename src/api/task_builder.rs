@@ -117,6 +117,12 @@ impl TaskBuilder {
         self.with_last(|s| s.queue = queue.to_string())
     }
 
+    /// At most the namespace's max_tasks_per_key tasks with this key run at once.
+    pub fn concurrency_key(mut self, key: &str) -> Self {
+        self.request.concurrency_key = key.to_string();
+        self
+    }
+
     pub fn build(self) -> v1::CreateTaskRequest {
         self.request
     }

@@ -40,6 +40,8 @@ text_enum! {
         /// The task is complete, failed or cancelled.
         TaskNotActive = "task_not_active",
         TaskNotFound = "task_not_found",
+        /// The task waits for a slot of its concurrency key.
+        WaitingOnKey = "waiting_on_key",
     }
 }
 

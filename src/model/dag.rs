@@ -70,6 +70,8 @@ pub struct TaskSpec {
     pub context: Value,
     pub idempotency_key: Option<String>,
     pub steps: Vec<StepSpec>,
+    /// At most the namespace's `max_tasks_per_key` tasks with the same key run at once.
+    pub concurrency_key: Option<String>,
 }
 
 /// One rule a request breaks.
@@ -113,12 +115,16 @@ impl TaskSpec {
             })
             .collect();
         steps.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "name": self.name,
             "priority": self.priority,
             "context": canonical(&self.context),
             "steps": steps,
         });
+        // only when given: the digests of tasks from before keys stay what they were
+        if let Some(key) = &self.concurrency_key {
+            doc["concurrency_key"] = Value::String(key.clone());
+        }
         let hash = Sha256::digest(canonical(&doc).to_string().as_bytes());
         hash.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -135,6 +141,7 @@ impl TaskSpec {
             context: Value::Object(Default::default()),
             idempotency_key: None,
             steps,
+            concurrency_key: None,
         }
     }
 
@@ -204,6 +211,9 @@ impl TaskSpec {
             );
         }
         check_document(&self.context, "context", &mut push);
+        if let Some(key) = &self.concurrency_key {
+            check_name(key, "concurrency_key", &mut push);
+        }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() || key.len() > limits::MAX_IDEMPOTENCY_KEY_BYTES {
                 push(
@@ -415,6 +425,7 @@ impl TaskSpec {
             context_bytes: sent_bytes(&self.context),
             context: self.context,
             idempotency_key: self.idempotency_key,
+            concurrency_key: self.concurrency_key,
             steps,
         })
     }
@@ -474,6 +485,7 @@ pub struct NewTask {
     /// The context's size as sent (a response budget counts it before reading the context).
     pub context_bytes: i32,
     pub idempotency_key: Option<String>,
+    pub concurrency_key: Option<String>,
     pub steps: Vec<NewStep>,
 }
 

@@ -115,6 +115,42 @@ impl Store {
         Ok(out)
     }
 
+    /// A namespace's limit of tasks per concurrency key, and how many tasks wait for a slot
+    /// (counted up to [`QUEUED_COUNTED`]).
+    pub async fn namespace_settings(
+        &self,
+        namespace: &str,
+    ) -> Result<(Option<i32>, i32), StoreError> {
+        self.require_namespace(namespace).await?;
+        Ok(sqlx::query_as(
+            "SELECT (SELECT n.max_tasks_per_key FROM tasker.namespaces n WHERE n.name = $1),
+                    (SELECT count(*)::int FROM (SELECT 1 FROM tasker.key_waiters w
+                     WHERE w.namespace = $1 LIMIT $2) c)",
+        )
+        .bind(namespace)
+        .bind(QUEUED_COUNTED)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Set (or with `None` remove) a namespace's limit of tasks per concurrency key; raising
+    /// or removing it starts the tasks that waited.
+    pub async fn set_max_tasks_per_key(
+        &self,
+        namespace: &str,
+        max: Option<i32>,
+    ) -> Result<(Option<i32>, i32), StoreError> {
+        let found: bool = sqlx::query_scalar("SELECT tasker.set_max_tasks_per_key($1, $2)")
+            .bind(namespace)
+            .bind(max)
+            .fetch_one(&self.pool)
+            .await?;
+        if !found {
+            return Err(StoreError::not_found(format!("namespace {namespace:?}")));
+        }
+        self.namespace_settings(namespace).await
+    }
+
     async fn require_namespace(&self, namespace: &str) -> Result<(), StoreError> {
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasker.namespaces WHERE name = $1)")

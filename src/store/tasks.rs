@@ -128,7 +128,7 @@ impl Store {
         let rows: Result<Vec<(Uuid, bool, String, Uuid)>, sqlx::Error> = sqlx::query_as(
             "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
              FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
-                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12) c",
+                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12, $13) c",
         )
         .bind(task.task_uuid)
         .bind(&task.namespace)
@@ -142,6 +142,7 @@ impl Store {
         .bind(self.limits.max_namespaces.map(|n| n as i32))
         .bind(task.context_bytes)
         .bind(!self.limits.no_namespaces_on_first_use)
+        .bind(&task.concurrency_key)
         .fetch_all(conn.conn())
         .await;
         conn.release();

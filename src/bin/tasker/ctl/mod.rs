@@ -134,6 +134,14 @@ pub enum NamespaceAction {
     Delete { namespace: String },
     /// Every namespace, oldest first.
     List,
+    /// At most N tasks with the same concurrency key in progress at once (admin scope);
+    /// --none removes the limit; no N: show it.
+    KeyLimit {
+        namespace: String,
+        max_tasks_per_key: Option<i32>,
+        #[arg(long, conflicts_with = "max_tasks_per_key")]
+        none: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -342,6 +350,11 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             NamespaceAction::Create { namespace } => namespace::create(ctl, namespace).await,
             NamespaceAction::Delete { namespace } => namespace::delete(ctl, namespace).await,
             NamespaceAction::List => namespace::list(ctl).await,
+            NamespaceAction::KeyLimit {
+                namespace,
+                max_tasks_per_key,
+                none,
+            } => namespace::key_limit(ctl, namespace, max_tasks_per_key, none).await,
         },
         CtlCommand::Queue { action } => match action {
             QueueAction::Show { namespace, queue } => queue::show(ctl, namespace, queue).await,

@@ -50,3 +50,36 @@ pub(super) async fn list(ctl: &Ctl) -> Result<(), CtlError> {
 fn namespace_json(n: v1::Namespace) -> Value {
     json!({ "namespace": n.namespace, "created_at": ts(n.created_at) })
 }
+
+/// `namespace key-limit <namespace> [N | --none]`: set (or with neither, show) the most tasks
+/// with the same concurrency key in progress at once.
+pub(super) async fn key_limit(
+    ctl: &Ctl,
+    namespace: String,
+    max_tasks_per_key: Option<i32>,
+    none: bool,
+) -> Result<(), CtlError> {
+    let mut admin = v1::admin_service_client::AdminServiceClient::new(ctl.svc.clone());
+    let r = if max_tasks_per_key.is_some() || none {
+        admin
+            .set_namespace_settings(v1::SetNamespaceSettingsRequest {
+                namespace,
+                max_tasks_per_key,
+            })
+            .await?
+    } else {
+        admin
+            .get_namespace_settings(v1::GetNamespaceSettingsRequest { namespace })
+            .await?
+    }
+    .into_inner();
+    print_value(
+        &json!({
+            "namespace": r.namespace,
+            "max_tasks_per_key": r.max_tasks_per_key,
+            "tasks_waiting_on_keys": r.tasks_waiting_on_keys,
+        }),
+        ctl.out,
+    );
+    Ok(())
+}

@@ -295,6 +295,8 @@ struct TaskFile {
     context: Option<Value>,
     #[serde(default)]
     idempotency_key: Option<String>,
+    #[serde(default)]
+    concurrency_key: Option<String>,
     steps: Vec<StepFile>,
 }
 
@@ -339,6 +341,7 @@ pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskReq
         priority: file.priority,
         context: file.context.as_ref().map(json_to_struct),
         idempotency_key: file.idempotency_key.unwrap_or_default(),
+        concurrency_key: file.concurrency_key.unwrap_or_default(),
         steps: file
             .steps
             .into_iter()

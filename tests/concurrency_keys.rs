@@ -1,0 +1,210 @@
+//! Concurrency keys: at most `max_tasks_per_key` tasks with the same key in progress at once;
+//! the others wait, pending, oldest first, and a finishing task's slot starts the next one of
+//! its key by an event, not a poll.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::PgPool;
+use tasker::config::DeploymentMode;
+use tasker::proto::v1;
+
+/// No poller and no re-reads within the hour: a waiting task starts only by the event its
+/// key's freed slot sends.
+fn events_only() -> tasker::config::TaskerConfig {
+    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
+    cfg.orchestration.workers.fetch_recheck_interval = Duration::from_secs(3600);
+    cfg
+}
+
+/// max_tasks_per_key = 1: 20 one-step tasks on 4 keys, created key by key (5 of "a", then 5
+/// of "b", ...). Never two tasks of one key in progress at once (from the tasks' history),
+/// the first 4 tasks started have 4 different keys, each key's tasks start oldest first, and
+/// all 20 finish with no poller.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn one_task_per_key_at_a_time_keys_interleave_and_freed_slots_start_the_next(pool: PgPool) {
+    let server = TestServer::start(&pool, &events_only()).await;
+    let ch = server.channel().await;
+    let mut admin = Admin::new(ch.clone());
+    admin
+        .create_namespace(v1::CreateNamespaceRequest {
+            namespace: "billing".into(),
+        })
+        .await
+        .unwrap();
+    let settings = admin
+        .set_namespace_settings(v1::SetNamespaceSettingsRequest {
+            namespace: "billing".into(),
+            max_tasks_per_key: Some(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(settings.max_tasks_per_key, Some(1));
+    let mut tasks = Tasks::new(ch.clone());
+    let mut created = Vec::new();
+    for key in ["a", "b", "c", "d"] {
+        for i in 0..5 {
+            let mut request = task("billing")
+                .named(&format!("invoice-{key}-{i}"))
+                .step("send")
+                .build();
+            request.concurrency_key = format!("customer-{key}");
+            created.push(
+                tasks
+                    .create_task(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .task_uuid,
+            );
+        }
+    }
+    let mut workers = Workers::new(ch.clone());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut done = 0;
+        while done < created.len() {
+            let steps = workers
+                .fetch_steps(fetch_request("billing", 2, 5000, 30))
+                .await
+                .unwrap()
+                .into_inner()
+                .steps;
+            for s in steps {
+                complete_leased(&mut workers, &s).await;
+                done += 1;
+            }
+        }
+    })
+    .await
+    .expect("all 20 tasks finish by events alone");
+
+    // from the history: when each task started (-> in_progress) and finished (-> complete)
+    let spans: Vec<(
+        String,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT t.concurrency_key,
+                    (SELECT h.created_at FROM tasker.task_transitions h
+                     WHERE h.task_uuid = t.task_uuid AND h.to_state = 'in_progress'),
+                    (SELECT h.created_at FROM tasker.task_transitions h
+                     WHERE h.task_uuid = t.task_uuid AND h.to_state = 'complete')
+             FROM tasker.tasks t ORDER BY 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(spans.len(), 20);
+    for (i, (key, start, end)) in spans.iter().enumerate() {
+        for (other_key, other_start, other_end) in &spans[i + 1..] {
+            if key == other_key {
+                assert!(
+                    other_start >= end || other_end <= start,
+                    "two tasks of {key} in progress at once"
+                );
+            }
+        }
+    }
+    let first_four: std::collections::HashSet<&str> =
+        spans[..4].iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(first_four.len(), 4, "the first four started have four keys");
+    // oldest first within a key: start order is creation order
+    let started: Vec<String> = sqlx::query_scalar(
+        "SELECT t.name FROM tasker.tasks t JOIN tasker.task_transitions h
+           ON h.task_uuid = t.task_uuid AND h.to_state = 'in_progress'
+         WHERE t.concurrency_key = 'customer-c' ORDER BY h.created_at",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        started,
+        (0..5).map(|i| format!("invoice-c-{i}")).collect::<Vec<_>>()
+    );
+    server.stop().await;
+}
+
+/// Raising the limit starts the waiting tasks at once; a bad key or limit is INVALID_ARGUMENT
+/// naming the field.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn raising_the_limit_starts_waiting_tasks_and_bad_input_is_refused(pool: PgPool) {
+    let server = TestServer::start(&pool, &events_only()).await;
+    let ch = server.channel().await;
+    let mut admin = Admin::new(ch.clone());
+    admin
+        .create_namespace(v1::CreateNamespaceRequest {
+            namespace: "reports".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .set_namespace_settings(v1::SetNamespaceSettingsRequest {
+            namespace: "reports".into(),
+            max_tasks_per_key: Some(1),
+        })
+        .await
+        .unwrap();
+    let mut tasks = Tasks::new(ch.clone());
+    for i in 0..3 {
+        let mut request = task("reports")
+            .named(&format!("r{i}"))
+            .step("build")
+            .build();
+        request.concurrency_key = "tenant-1".into();
+        tasks.create_task(request).await.unwrap();
+    }
+    let mut workers = Workers::new(ch.clone());
+    let first = workers
+        .fetch_steps(fetch_request("reports", 3, 5000, 30))
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(first.len(), 1, "one task of the key at a time");
+    admin
+        .set_namespace_settings(v1::SetNamespaceSettingsRequest {
+            namespace: "reports".into(),
+            max_tasks_per_key: Some(3),
+        })
+        .await
+        .unwrap();
+    let mut more = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while more.len() < 2 {
+            more.extend(
+                workers
+                    .fetch_steps(fetch_request("reports", 3, 5000, 30))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .steps,
+            );
+        }
+    })
+    .await
+    .expect("raising the limit starts the two waiting tasks");
+
+    for (max, field) in [
+        (Some(0), "max_tasks_per_key"),
+        (Some(-1), "max_tasks_per_key"),
+    ] {
+        let refused = admin
+            .set_namespace_settings(v1::SetNamespaceSettingsRequest {
+                namespace: "reports".into(),
+                max_tasks_per_key: max,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains(field), "{refused:?}");
+    }
+    let mut request = task("reports").step("x").build();
+    request.concurrency_key = "k".repeat(300);
+    let refused = tasks.create_task(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("concurrency_key"), "{refused:?}");
+    server.stop().await;
+}
