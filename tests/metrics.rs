@@ -143,3 +143,55 @@ async fn core_emits_every_named_metric_with_the_values_the_work_implies(pool: Pg
     assert!(reading(&r, "db.pool.connections{}") >= 1.0);
     core.shutdown().await;
 }
+
+/// Steps delivered by FetchSteps are counted by namespace and queue.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn leased_steps_are_counted_by_queue(pool: PgPool) {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let metrics = Metrics::new(&provider.meter("tasker"));
+    let server = TestServer::start_with(&pool, &test_config(DeploymentMode::Hybrid), metrics).await;
+    let ch = server.channel().await;
+    tasker::proto::v1::task_service_client::TaskServiceClient::new(ch.clone())
+        .create_task(
+            task("shop")
+                .step("charge")
+                .queue("payments")
+                .step("refund")
+                .queue("payments")
+                .step("ship")
+                .queue("warehouse")
+                .build(),
+        )
+        .await
+        .unwrap();
+    let mut workers = Workers::new(ch.clone());
+    for (queue, n) in [("payments", 2), ("warehouse", 1)] {
+        let mut got = 0;
+        while got < n {
+            got += workers
+                .fetch_steps(tasker::proto::v1::FetchStepsRequest {
+                    queues: vec![queue.into()],
+                    ..fetch_request("shop", 5, 5000, 30)
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .steps
+                .len();
+        }
+    }
+    provider.force_flush().unwrap();
+    let r = readings(&exporter);
+    assert_eq!(
+        reading(&r, "steps_leased{namespace=shop,queue=payments}"),
+        2.0
+    );
+    assert_eq!(
+        reading(&r, "steps_leased{namespace=shop,queue=warehouse}"),
+        1.0
+    );
+    server.stop().await;
+}

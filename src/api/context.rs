@@ -12,6 +12,7 @@ use crate::readiness::commands::CommandProcessorHandle;
 use crate::readiness::mode::DeploymentModeController;
 use crate::readiness::task_changes::TaskWatches;
 use crate::store::Store;
+use crate::telemetry::metrics::Metrics;
 
 /// The running engine's parts the API serves from. The composition root (`app::Engine`)
 /// hands them over, so the API depends on the subsystems and not on their assembly.
@@ -23,6 +24,7 @@ pub struct EngineHandles {
     pub workers: WorkerQueue,
     pub fleet: Fleet,
     pub watches: TaskWatches,
+    pub metrics: Metrics,
 }
 
 #[derive(Clone)]
@@ -33,6 +35,7 @@ pub struct ApiContext {
     pub workers: WorkerQueue,
     pub fleet: Fleet,
     pub watches: TaskWatches,
+    pub metrics: Metrics,
     /// The feeds of the tasks WatchTask streams follow, and the streams' places.
     pub feeds: super::task_watch::TaskFeeds,
     /// A replica silent this long is not listed (`orchestration.replicas.gone_after_ms`).
@@ -55,6 +58,7 @@ impl ApiContext {
             workers: engine.workers,
             fleet: engine.fleet,
             watches: engine.watches,
+            metrics: engine.metrics,
             feeds: super::task_watch::TaskFeeds::new(
                 config.grpc.max_watch_streams,
                 config.grpc.max_watch_streams_per_caller,

@@ -166,6 +166,12 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         for (step, why) in undeliverable {
             self.ctx.workers.fail_undeliverable(&step, &why).await;
         }
+        for queue in &queues {
+            let n = steps.iter().filter(|s| &s.queue == queue).count() as u64;
+            if n > 0 {
+                self.ctx.metrics.steps_leased(&r.namespace, queue, n);
+            }
+        }
         Ok(Response::new(v1::FetchStepsResponse { steps }))
     }
 

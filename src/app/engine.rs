@@ -56,6 +56,7 @@ impl Engine {
             workers: self.workers.clone(),
             fleet: self.fleet.clone(),
             watches: self.watches.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -16,6 +16,7 @@
 //! | `commands_rejected` | counter | `{command}` | `reason` (overloaded, shutting_down) |
 //! | `listener_reconnects` | counter | `{reconnect}` | |
 //! | `retry_promotions` | counter | `{step}` | `source` (retry, lease_expired) |
+//! | `steps_leased` | counter | `{step}` | `namespace`, `queue`; steps a FetchSteps delivered |
 //! | `db.pool.connections`, `db.pool.idle` | gauge | `{connection}` | |
 //! | `rpc.server.requests`, `rpc.server.duration` | counter, histogram (ms) | | `rpc.method`, `rpc.grpc.status_code` (in `telemetry`) |
 
@@ -41,6 +42,7 @@ pub struct Metrics {
     rejected: Counter<u64>,
     reconnects: Counter<u64>,
     promotions: Counter<u64>,
+    leased: Counter<u64>,
     meter: Meter,
 }
 
@@ -104,6 +106,11 @@ impl Metrics {
                 .with_description("Steps returned to pending by the deadline scheduler")
                 .with_unit("{step}")
                 .build(),
+            leased: meter
+                .u64_counter("steps_leased")
+                .with_description("Steps delivered to workers by FetchSteps, by namespace and queue")
+                .with_unit("{step}")
+                .build(),
             meter: meter.clone(),
         }
     }
@@ -148,6 +155,16 @@ impl Metrics {
     pub fn completion_to_enqueue(&self, ms: f64, triggered_by: &'static str) {
         self.completion_to_enqueue
             .record(ms, &[KeyValue::new("triggered_by", triggered_by)]);
+    }
+
+    pub fn steps_leased(&self, namespace: &str, queue: &str, n: u64) {
+        self.leased.add(
+            n,
+            &[
+                KeyValue::new("namespace", namespace.to_string()),
+                KeyValue::new("queue", queue.to_string()),
+            ],
+        );
     }
 
     pub fn command_processed(&self, outcome: &'static str) {
