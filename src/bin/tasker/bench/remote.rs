@@ -45,8 +45,8 @@ pub struct RemoteOptions {
     pub server_config_dir: PathBuf,
     /// Replica processes per scenario, each on its own port; workers spread over them.
     pub replicas: Vec<usize>,
-    /// An in-flight limit on the benchmark's queue (namespace `bench`, queue `default`), set
-    /// in every scenario: what a configured limit costs the hop.
+    /// An in-flight limit on the benchmark's queues (the default queue of every namespace a
+    /// scenario uses), set in every scenario: what a configured limit costs the hop.
     pub queue_limit: Option<i32>,
 }
 
@@ -273,9 +273,18 @@ async fn scenario(
     // they are idle: start from empty tables
     store.truncate_all().await?;
     if let Some(limit) = opts.queue_limit {
-        store
-            .set_queue_limit_unchecked(BENCH_NAMESPACE, "default", Some(limit))
-            .await?;
+        // on every namespace the scenario's workers use (a chain each, or the fan's one)
+        let namespaces: Vec<String> = match shape {
+            Shape::Chains { count, .. } => (0..*count)
+                .map(|i| format!("{BENCH_NAMESPACE}-{i}"))
+                .collect(),
+            Shape::Fan { .. } => vec![BENCH_NAMESPACE.to_string()],
+        };
+        for ns in &namespaces {
+            store
+                .set_queue_limit_unchecked(ns, "default", Some(limit))
+                .await?;
+        }
     }
     tokio::time::sleep(STATS_FLUSH).await;
     let before = store.activity_counters().await?;
