@@ -1,9 +1,10 @@
 //! `TaskClaimStepEnqueuer`: claim a task and enqueue its ready steps in one transaction, then
-//! wake the workers waiting on that namespace.
+//! wake the workers waiting on each of their queues.
 //!
-//! The transaction itself is `tasker.enqueue_ready_steps` (migrations): task row lock with
-//! SKIP LOCKED, CAS `pending -> enqueued` for every ready step, one queue row per step attempt
-//! (unique), history rows, commit. One round trip.
+//! The transaction itself is `tasker.claim_and_enqueue` (sql/steps.sql): the task's claim (an
+//! advisory lock tried without waiting), CAS `pending -> enqueued` for every ready step, one
+//! queue row per step attempt (unique) in the step's queue, the leases to the parked fetches
+//! that take each queue, history rows, commit. One round trip.
 //!
 //! Durability: that transaction commits with `synchronous_commit = off`. Enqueue state is
 //! derivable: if a crash loses the commit, the steps are still `pending` and ready, and the

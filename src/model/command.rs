@@ -28,7 +28,7 @@ text_enum! {
 }
 
 text_enum! {
-    /// What one claim-and-enqueue pass did (`tasker.enqueue_ready_steps`'s answer).
+    /// What one claim-and-enqueue pass did (`tasker.claim_and_enqueue`'s answer).
     pub enum EnqueueOutcome {
         /// Ready steps were moved to the queue.
         Enqueued = "enqueued",
