@@ -14,7 +14,8 @@
 -- as far as its lane's pause and limit allow. `leased` is a JSON array of the leased steps,
 -- each with the index of its taker; `queued` ([{"queue", "steps"}]) counts, per lane, the steps
 -- left on the queue that a fetch may lease now (a paused or full lane's are not counted: a
--- freed slot or a resume wakes its fetches).
+-- freed slot or a resume wakes its fetches); `held` counts, per lane, the steps left waiting
+-- on its pause or limit.
 --
 -- A pending task with a concurrency key starts only in a free slot of its key (namespaces.
 -- max_tasks_per_key), oldest first; otherwise it waits in line (tasker.key_waiters), its ready
@@ -29,13 +30,13 @@
 -- crash loses the commit, the steps are still pending and ready, and the start-up sweep or the
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
 -- synchronously: those leases reach workers, and must survive a crash.
--- (from migrations/20261204000007_concurrency_keys.sql)
+-- (from migrations/20261204000008_held_steps.sql)
 CREATE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
 )
 RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uuid[],
-               max_ready_wait_ms double precision, leased jsonb, queued jsonb)
+               max_ready_wait_ms double precision, leased jsonb, queued jsonb, held jsonb)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
@@ -55,6 +56,7 @@ DECLARE
     v_handed integer := 0;
     v_leased jsonb := '[]'::jsonb;
     v_queued jsonb := '[]'::jsonb;
+    v_held jsonb := '[]'::jsonb;
     v_open integer;
     v_max_per_key integer;
     v_running integer;
@@ -63,16 +65,16 @@ BEGIN
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     IF NOT pg_try_advisory_xact_lock(hashtextextended('tasker.claim:' || p_task_uuid::text, 0)) THEN
         IF EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid) THEN
-            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
+            RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
         ELSE
-            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
+            RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
         END IF;
         RETURN;
     END IF;
     SELECT t.namespace, t.priority, t.state, t.concurrency_key, t.created_at INTO v_task
     FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
+        RETURN QUERY SELECT 'task_not_found'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
@@ -102,13 +104,13 @@ BEGIN
                 VALUES (v_task.namespace, v_task.concurrency_key, v_task.created_at, p_task_uuid)
                 ON CONFLICT DO NOTHING;
                 DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid;
-                RETURN QUERY SELECT 'waiting_on_key'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
+                RETURN QUERY SELECT 'waiting_on_key'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
                 RETURN;
             END IF;
         END IF;
     END IF;
     IF v_task.state NOT IN ('pending', 'in_progress') THEN
-        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb;
+        RETURN QUERY SELECT 'task_not_active'::text, v_task.namespace, v_task.priority, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
         RETURN;
     END IF;
 
@@ -137,7 +139,7 @@ BEGIN
     FROM moved m;
 
     IF cardinality(v_steps) = 0 THEN
-        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb, '[]'::jsonb;
+        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
         RETURN;
     END IF;
     IF v_task.state = 'pending' THEN
@@ -197,6 +199,11 @@ BEGIN
             IF v_open > 0 THEN
                 v_queued := v_queued || jsonb_build_array(jsonb_build_object('queue', v_lane.queue, 'steps', v_open));
             END IF;
+            -- the rest wait for the lane's resume or a free slot
+            IF v_open < cardinality(v_lane.steps) - v_next + 1 THEN
+                v_held := v_held || jsonb_build_array(jsonb_build_object(
+                    'queue', v_lane.queue, 'steps', cardinality(v_lane.steps) - v_next + 1 - v_open));
+            END IF;
         END IF;
     END LOOP;
     IF v_handed > 0 THEN
@@ -212,7 +219,7 @@ BEGIN
             'replica', p_announce_as)::text)
         FROM jsonb_array_elements(v_queued) l;
     END IF;
-    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased, v_queued;
+    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased, v_queued, v_held;
 END
 $$;
 

@@ -10,6 +10,7 @@ use common::*;
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
 use tasker::proto::v1;
+use tokio_stream::StreamExt;
 
 const TASKS: usize = 8;
 
@@ -287,7 +288,12 @@ async fn a_paused_queue_leases_nothing_and_a_resume_wakes_its_parked_fetch(pool:
         .into_inner();
     assert!(paused.paused);
     assert_eq!(paused.in_flight, 1, "the running step is not touched");
-    tasks
+    let mut events = Readiness::new(ch.clone())
+        .stream_command_events(v1::StreamCommandEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = tasks
         .create_task(
             task("ops")
                 .named("second")
@@ -296,7 +302,21 @@ async fn a_paused_queue_leases_nothing_and_a_resume_wakes_its_parked_fetch(pool:
                 .build(),
         )
         .await
-        .expect("a paused queue accepts new tasks");
+        .expect("a paused queue accepts new tasks")
+        .into_inner()
+        .task_uuid;
+    // the command stream says the step waits on the pause
+    let held = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.next().await.unwrap().unwrap();
+            if e.task_uuid == second && e.phase() == v1::CommandPhase::Completed {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the second task's pass completes");
+    assert_eq!((held.steps_enqueued, held.steps_held), (1, 1));
     let nothing = workers
         .clone()
         .fetch_steps(fetch(2000))

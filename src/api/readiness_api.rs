@@ -82,6 +82,7 @@ fn event_to_proto(e: &CommandEvent) -> v1::CommandEvent {
             .as_deref()
             .map_or(0, words::raw::<v1::CommandOutcome>),
         steps_enqueued: e.steps_enqueued as i32,
+        steps_held: e.steps_held as i32,
         duration: Some(proto::duration(e.duration)),
         timestamp: Some(proto::timestamp(e.timestamp)),
         error: e.error.clone().unwrap_or_default(),

@@ -238,6 +238,7 @@ mod tests {
                     max_ready_wait_ms: None,
                     leased: Vec::new(),
                     queued: Vec::new(),
+                    held: 0,
                 })
             })
         }

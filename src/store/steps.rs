@@ -24,6 +24,8 @@ pub struct EnqueueResult {
     /// Per queue, steps left on it that a fetch may lease now (a paused or full queue's not
     /// counted).
     pub queued: Vec<(String, usize)>,
+    /// Steps enqueued and left waiting on their queue's pause or in-flight limit.
+    pub held: usize,
 }
 
 /// A parked fetch that an enqueue may lease steps to, in its own transaction.
@@ -257,15 +259,16 @@ impl Store {
             queue: String,
             steps: usize,
         }
-        let (outcome, namespace, steps, wait, leased, queued): (
+        let (outcome, namespace, steps, wait, leased, queued, held): (
             EnqueueOutcome,
             Option<String>,
             Vec<Uuid>,
             Option<f64>,
             Value,
             Value,
+            Value,
         ) = sqlx::query_as(
-            "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued
+            "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued, e.held
              FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
                   tasker.claim_and_enqueue($1, $2, $4, $5) e",
         )
@@ -280,6 +283,8 @@ impl Store {
             .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
         let queued: Vec<Queued> = serde_json::from_value(queued)
             .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
+        let held: Vec<Queued> = serde_json::from_value(held)
+            .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
         Ok(EnqueueResult {
             outcome,
             namespace,
@@ -287,6 +292,7 @@ impl Store {
             max_ready_wait_ms: wait,
             leased: leased.into_iter().map(|l| (l.taker, l.step)).collect(),
             queued: queued.into_iter().map(|q| (q.queue, q.steps)).collect(),
+            held: held.iter().map(|q| q.steps).sum(),
         })
     }
 

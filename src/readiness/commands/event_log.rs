@@ -129,6 +129,7 @@ mod tests {
             phase: CommandPhase::Received,
             outcome: None,
             steps_enqueued: n,
+            steps_held: 0,
             duration: std::time::Duration::ZERO,
             timestamp: chrono::Utc::now(),
             error: None,

@@ -154,6 +154,8 @@ pub struct CommandEvent {
     /// For completed / failed / coalesced.
     pub outcome: Option<String>,
     pub steps_enqueued: u32,
+    /// Of them, steps left waiting on their queue's pause or in-flight limit.
+    pub steps_held: u32,
     /// Since the command was received.
     pub duration: Duration,
     pub timestamp: DateTime<Utc>,

@@ -598,7 +598,13 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
                     // steps ready; try again once it is likely done, without holding a slot.
                     break Err(ctx.claim_retry_delay * (claim_retries + 1));
                 }
-                Ok(r) => break Ok((CommandOutcome::Finished(r.outcome), r.enqueued_steps)),
+                Ok(r) => {
+                    break Ok((
+                        CommandOutcome::Finished(r.outcome),
+                        r.enqueued_steps,
+                        u32::try_from(r.held).unwrap_or(u32::MAX),
+                    ))
+                }
                 Err(e) if e.is_retryable() && transient_retries < TRANSIENT_RETRIES => {
                     transient_retries += 1;
                     tracing::warn!(error = %e, attempt = transient_retries, "claim-and-enqueue failed; retrying");
@@ -614,7 +620,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
                     };
                     // the task is still ready in the database: a sweep tries it again
                     ctx.sweeps.request();
-                    break Ok((CommandOutcome::Failed(failure), Vec::new()));
+                    break Ok((CommandOutcome::Failed(failure), Vec::new(), 0));
                 }
             }
         }
@@ -622,7 +628,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
     .instrument(span.clone())
     .await;
     ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    let (outcome, steps) = match ended {
+    let (outcome, steps, held) = match ended {
         Ok(done) => done,
         Err(delay) => {
             span.record("outcome", "claim_retry");
@@ -647,6 +653,7 @@ async fn run_pass(ctx: PassContext, pass: Pass) -> PassEnd {
     publish(&ctx.events, owner.id, command, phase, owner.received, |e| {
         e.outcome = Some(outcome.as_str().to_string());
         e.steps_enqueued = steps.len() as u32;
+        e.steps_held = held;
         e.error = error.clone();
     });
     ctx.metrics.command_processed(outcome.as_str());
@@ -687,6 +694,7 @@ fn publish(
         phase,
         outcome: None,
         steps_enqueued: 0,
+        steps_held: 0,
         duration: received.elapsed(),
         timestamp: Utc::now(),
         error: None,
@@ -742,6 +750,7 @@ mod tests {
             max_ready_wait_ms: None,
             leased: Vec::new(),
             queued: Vec::new(),
+            held: 0,
         })
     }
 
