@@ -8,16 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use sqlx::PgPool;
-use tasker::config::DeploymentMode;
 use tasker::proto::v1;
-
-/// No poller and no re-reads within the hour: a waiting task starts only by the event its
-/// key's freed slot sends.
-fn events_only() -> tasker::config::TaskerConfig {
-    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
-    cfg.orchestration.workers.fetch_recheck_interval = Duration::from_secs(3600);
-    cfg
-}
 
 /// max_tasks_per_key = 1: 20 one-step tasks on 4 keys, created key by key (5 of "a", then 5
 /// of "b", ...). Never two tasks of one key in progress at once (from the tasks' history),
@@ -25,7 +16,7 @@ fn events_only() -> tasker::config::TaskerConfig {
 /// all 20 finish with no poller.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn one_task_per_key_at_a_time_keys_interleave_and_freed_slots_start_the_next(pool: PgPool) {
-    let server = TestServer::start(&pool, &events_only()).await;
+    let server = TestServer::start(&pool, &events_only_config()).await;
     let ch = server.channel().await;
     let mut admin = Admin::new(ch.clone());
     admin
@@ -131,7 +122,7 @@ async fn one_task_per_key_at_a_time_keys_interleave_and_freed_slots_start_the_ne
 /// naming the field.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn raising_the_limit_starts_waiting_tasks_and_bad_input_is_refused(pool: PgPool) {
-    let server = TestServer::start(&pool, &events_only()).await;
+    let server = TestServer::start(&pool, &events_only_config()).await;
     let ch = server.channel().await;
     let mut admin = Admin::new(ch.clone());
     admin

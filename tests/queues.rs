@@ -237,20 +237,12 @@ async fn the_default_queue_and_bad_queue_names(pool: PgPool) {
     server.stop().await;
 }
 
-/// The test servers' configuration with the periodic re-read of parked fetches out of the
-/// way (an hour): a step reaches a parked fetch only by a wake-up.
-fn no_rereads() -> tasker::config::TaskerConfig {
-    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
-    cfg.orchestration.workers.fetch_recheck_interval = Duration::from_secs(3600);
-    cfg
-}
-
 /// Pause a queue: its steps stay queued and unleased (2 s of a worker asking), running steps
 /// are not touched, new tasks are accepted. Resume: a fetch parked meanwhile receives the
 /// step at once, by the resume's wake-up (no re-read runs within the hour).
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_paused_queue_leases_nothing_and_a_resume_wakes_its_parked_fetch(pool: PgPool) {
-    let server = TestServer::start(&pool, &no_rereads()).await;
+    let server = TestServer::start(&pool, &events_only_config()).await;
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());
     let mut admin = Admin::new(ch.clone());
@@ -386,7 +378,7 @@ async fn wait_until_parked(server: &TestServer, n: usize) {
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(pool: PgPool) {
     const STEPS: usize = 50;
-    let cfg = no_rereads();
+    let cfg = events_only_config();
     let replicas = [
         TestServer::start(&pool, &cfg).await,
         TestServer::start(&pool, &cfg).await,
@@ -530,7 +522,7 @@ async fn bad_queue_settings_are_refused(pool: PgPool) {
 /// replica hold on another, and on a replica started after both are gone.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn queue_settings_reach_every_replica_and_survive_a_restart(pool: PgPool) {
-    let cfg = no_rereads();
+    let cfg = events_only_config();
     let a = TestServer::start(&pool, &cfg).await;
     let b = TestServer::start(&pool, &cfg).await;
     let (ch_a, ch_b) = (a.channel().await, b.channel().await);

@@ -1,5 +1,6 @@
 //! `tasker.v1.AdminService`: the deployment mode (read, and switch at run time for this replica
-//! or the fleet) and status (this replica and the fleet).
+//! or the fleet), status (this replica and the fleet), namespaces with their tasks-per-key
+//! limit, and queues (in-flight limits, pause and resume).
 
 use tonic::{Request, Response, Status};
 

@@ -30,25 +30,38 @@ impl Store {
         queue: &str,
     ) -> Result<LaneSettings, StoreError> {
         self.require_namespace(namespace).await?;
+        let mut lanes = self
+            .lanes_with_load(&[(namespace.to_string(), queue.to_string())])
+            .await?;
+        Ok(lanes.remove(0))
+    }
+
+    /// Settings and load of each lane, in the order given, in one query.
+    async fn lanes_with_load(
+        &self,
+        lanes: &[(String, String)],
+    ) -> Result<Vec<LaneSettings>, StoreError> {
+        let (namespaces, queues): (Vec<String>, Vec<String>) = lanes.iter().cloned().unzip();
         Ok(sqlx::query_as::<_, LaneSettings>(
-            "SELECT $1::text AS namespace, $2::text AS queue,
-                    (SELECT g.max_in_flight FROM tasker.queue_settings g
-                     WHERE g.namespace = $1 AND g.queue = $2) AS max_in_flight,
-                    coalesce((SELECT g.paused FROM tasker.queue_settings g
-                              WHERE g.namespace = $1 AND g.queue = $2), false) AS paused,
-                    coalesce((SELECT g.paused FROM tasker.queue_settings g
-                              WHERE g.namespace = $1 AND g.queue = ''), false) AS namespace_paused,
+            "SELECT l.namespace, l.queue,
+                    g.max_in_flight,
+                    coalesce(g.paused, false) AS paused,
+                    coalesce((SELECT n.paused FROM tasker.queue_settings n
+                              WHERE n.namespace = l.namespace AND n.queue = ''), false) AS namespace_paused,
                     (SELECT count(*)::int FROM tasker.step_queue q
-                     WHERE q.namespace = $1 AND ($2 = '' OR q.queue = $2)
+                     WHERE q.namespace = l.namespace AND (l.queue = '' OR q.queue = l.queue)
                        AND q.leased_by IS NOT NULL) AS in_flight,
                     (SELECT count(*)::int FROM (SELECT 1 FROM tasker.step_queue q
-                     WHERE q.namespace = $1 AND ($2 = '' OR q.queue = $2)
-                       AND q.leased_by IS NULL LIMIT $3) w) AS queued",
+                     WHERE q.namespace = l.namespace AND (l.queue = '' OR q.queue = l.queue)
+                       AND q.leased_by IS NULL LIMIT $3) w) AS queued
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(namespace, queue, ord)
+             LEFT JOIN tasker.queue_settings g ON g.namespace = l.namespace AND g.queue = l.queue
+             ORDER BY l.ord",
         )
-        .bind(namespace)
-        .bind(queue)
+        .bind(namespaces)
+        .bind(queues)
         .bind(QUEUED_COUNTED)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?)
     }
 
@@ -108,11 +121,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::with_capacity(lanes.len());
-        for (namespace, queue) in lanes {
-            out.push(self.lane_settings(&namespace, &queue).await?);
-        }
-        Ok(out)
+        self.lanes_with_load(&lanes).await
     }
 
     /// A namespace's limit of tasks per concurrency key, and how many tasks wait for a slot

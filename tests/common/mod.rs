@@ -166,6 +166,14 @@ use tasker::testkit::Engine;
 use tasker::testkit::ListenerState;
 use tasker::testkit::Metrics;
 
+/// EventDrivenOnly (no poller) with the parked fetches' periodic re-read out of the way (an
+/// hour): work reaches a waiting worker only by an event or a wake-up.
+pub fn events_only_config() -> TaskerConfig {
+    let mut cfg = test_config(DeploymentMode::EventDrivenOnly);
+    cfg.orchestration.workers.fetch_recheck_interval = std::time::Duration::from_secs(3600);
+    cfg
+}
+
 /// A configuration for tests: fast polling, no age threshold, quick claim retries.
 pub fn test_config(mode: DeploymentMode) -> TaskerConfig {
     let mut c = TaskerConfig::default();
