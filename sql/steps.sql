@@ -25,12 +25,12 @@
 -- shortly, because the holder's snapshot may predate a completion that made more steps ready.
 -- Exactly once: the CAS pending -> enqueued plus the unique (step_uuid, attempt) queue key.
 -- Cost: the ready steps of this task, taken out of the ready set by its task index; nothing
--- else of the task; per lane handed to, one probe of its settings.
+-- else of the task; per lane, one probe of its settings (a function call only under a limit).
 -- Durability: asynchronous commit while it only enqueues: enqueue state is derivable (if a
 -- crash loses the commit, the steps are still pending and ready, and the start-up sweep or the
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
 -- synchronously: those leases reach workers, and must survive a crash.
--- (from migrations/20261204000008_held_steps.sql)
+-- (from migrations/20261204000009_lane_slot_shards.sql)
 CREATE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -47,6 +47,7 @@ DECLARE
     v_wait double precision;
     v_traceparent text := left(tasker.current_traceparent(), 128);
     v_lane record;
+    v_gate record;
     v_grant record;
     v_taker record;
     v_msg_id bigint;
@@ -160,14 +161,25 @@ BEGIN
         ORDER BY min(u.ord)
     LOOP
         v_next := 1;
-        IF jsonb_array_length(p_takers) > 0 THEN
+        -- the lane's pause and limit, read once (a lane without settings takes no function
+        -- call: the common case costs one probe of a small table)
+        SELECT g.paused, g.max_in_flight INTO v_gate
+        FROM tasker.lane_gate(v_task.namespace, v_lane.queue) g;
+        IF jsonb_array_length(p_takers) > 0 AND NOT v_gate.paused THEN
             SELECT coalesce(sum(greatest((x.t->>'max')::int - v_given[x.ord], 0)), 0)::int INTO v_open
             FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
             WHERE coalesce(x.t->'queues', '["default"]'::jsonb) ? v_lane.queue;
             IF v_open > 0 THEN
-                SELECT a.granted, a.holds_slot INTO v_grant
-                FROM tasker.lease_allowance(v_task.namespace, v_lane.queue,
-                                            least(v_open, cardinality(v_lane.steps))) a;
+                IF v_gate.max_in_flight IS NULL THEN
+                    -- shared, as in lease_allowance: a limit starting now waits for this pass
+                    PERFORM pg_advisory_xact_lock_shared(tasker.lane_lock_key(v_task.namespace, v_lane.queue));
+                    SELECT least(v_open, cardinality(v_lane.steps)) AS granted, false AS holds_slot
+                    INTO v_grant;
+                ELSE
+                    SELECT a.granted, a.holds_slot INTO v_grant
+                    FROM tasker.lease_allowance(v_task.namespace, v_lane.queue,
+                                                least(v_open, cardinality(v_lane.steps))) a;
+                END IF;
                 FOR v_taker IN
                     SELECT x.ord::int AS ord, x.t->>'worker_id' AS worker_id,
                            (x.t->>'max')::int AS max, (x.t->>'lease_ms')::bigint AS lease_ms
@@ -195,7 +207,11 @@ BEGIN
         END IF;
         -- what is left on the lane: as many fetches may read it as the lane allows now
         IF v_next <= cardinality(v_lane.steps) THEN
-            v_open := tasker.lane_room(v_task.namespace, v_lane.queue, cardinality(v_lane.steps) - v_next + 1);
+            v_open := CASE
+                WHEN v_gate.paused THEN 0
+                WHEN v_gate.max_in_flight IS NULL THEN cardinality(v_lane.steps) - v_next + 1
+                ELSE tasker.lane_room(v_task.namespace, v_lane.queue, cardinality(v_lane.steps) - v_next + 1)
+            END;
             IF v_open > 0 THEN
                 v_queued := v_queued || jsonb_build_array(jsonb_build_object('queue', v_lane.queue, 'steps', v_open));
             END IF;
@@ -284,9 +300,11 @@ $$;
 
 -- Lease up to p_max steps of the namespace's queues p_queues to a worker: the queues in the
 -- order named, each best priority first, as far as each lane's pause and limit allow. A lane
--- with nothing queued costs one probe of the fetch index. Commits synchronously: a lease a
--- worker has received survives a crash of the database.
--- (from migrations/20261204000006_step_queues.sql)
+-- without settings costs a probe of the settings and the walk of its fetch index, as a
+-- namespace did before queues; a lane under a limit takes slots only for steps that are
+-- there. Commits synchronously: a lease a worker has received survives a crash of the
+-- database.
+-- (from migrations/20261204000009_lane_slot_shards.sql)
 CREATE FUNCTION tasker.fetch_steps(p_namespace text, p_queues text[], p_worker_id text,
                                    p_max integer, p_lease_ms bigint)
 RETURNS TABLE (
@@ -299,6 +317,7 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 AS $$
 DECLARE
     v_queue text;
+    v_gate record;
     v_grant record;
     v_msg record;
     v_rows integer;
@@ -307,12 +326,21 @@ DECLARE
 BEGIN
     FOREACH v_queue IN ARRAY p_queues LOOP
         EXIT WHEN v_left <= 0;
-        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM tasker.step_queue q
-                                  WHERE q.namespace = p_namespace AND q.queue = v_queue
-                                    AND q.leased_by IS NULL);
-        SELECT a.granted, a.holds_slot INTO v_grant
-        FROM tasker.lease_allowance(p_namespace, v_queue, v_left) a;
-        CONTINUE WHEN v_grant.granted = 0;
+        SELECT g.paused, g.max_in_flight INTO v_gate FROM tasker.lane_gate(p_namespace, v_queue) g;
+        CONTINUE WHEN v_gate.paused;
+        IF v_gate.max_in_flight IS NULL THEN
+            -- shared, as in lease_allowance: a limit starting now waits for this fetch
+            PERFORM pg_advisory_xact_lock_shared(tasker.lane_lock_key(p_namespace, v_queue));
+            SELECT v_left AS granted, false AS holds_slot INTO v_grant;
+        ELSE
+            -- under a limit, slots are taken only for steps that are there
+            CONTINUE WHEN NOT EXISTS (SELECT 1 FROM tasker.step_queue q
+                                      WHERE q.namespace = p_namespace AND q.queue = v_queue
+                                        AND q.leased_by IS NULL);
+            SELECT a.granted, a.holds_slot INTO v_grant
+            FROM tasker.lease_allowance(p_namespace, v_queue, v_left) a;
+            CONTINUE WHEN v_grant.granted = 0;
+        END IF;
         v_leased := 0;
         FOR v_msg IN
             SELECT q.msg_id

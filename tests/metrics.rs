@@ -195,3 +195,87 @@ async fn leased_steps_are_counted_by_queue(pool: PgPool) {
     );
     server.stop().await;
 }
+
+/// The gauges per queue report each lane's leased, queued and held steps: a queue limited to
+/// one lease with three ready steps (one leased, two held by the limit) beside an unlimited
+/// queue with one step nobody fetched (queued, not held). Read when the metrics are collected.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn queue_gauges_report_leased_queued_and_held_steps(pool: PgPool) {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let metrics = Metrics::new(&provider.meter("tasker"));
+    let server = TestServer::start_with(&pool, &test_config(DeploymentMode::Hybrid), metrics).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    tasks
+        .create_task(task("shop").named("warm-up").step("x").build())
+        .await
+        .unwrap();
+    Admin::new(ch.clone())
+        .set_queue_settings(tasker::proto::v1::SetQueueSettingsRequest {
+            namespace: "shop".into(),
+            queue: "payments".into(),
+            max_in_flight: Some(1),
+        })
+        .await
+        .unwrap();
+    tasks
+        .create_task(
+            task("shop")
+                .step("charge-1")
+                .queue("payments")
+                .step("charge-2")
+                .queue("payments")
+                .step("charge-3")
+                .queue("payments")
+                .step("ship")
+                .queue("warehouse")
+                .build(),
+        )
+        .await
+        .unwrap();
+    let mut workers = Workers::new(ch.clone());
+    let leased = workers
+        .fetch_steps(tasker::proto::v1::FetchStepsRequest {
+            queues: vec!["payments".into()],
+            ..fetch_request("shop", 5, 5000, 30)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(leased.len(), 1, "the limit lets one through");
+
+    // the first collection asks for a read; the next reports it
+    let mut refreshed = server.core.lane_gauges.refreshed();
+    let before = *refreshed.borrow_and_update();
+    provider.force_flush().unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        refreshed.wait_for(|n| *n > before),
+    )
+    .await
+    .expect("the queues' load is read after a collection")
+    .unwrap();
+    provider.force_flush().unwrap();
+    let r = readings(&exporter);
+    for (name, payments, warehouse) in [
+        ("queue_steps_in_flight", 1.0, 0.0),
+        ("queue_steps_queued", 2.0, 1.0),
+        ("queue_steps_held", 2.0, 0.0),
+    ] {
+        assert_eq!(
+            reading(&r, &format!("{name}{{namespace=shop,queue=payments}}")),
+            payments,
+            "{name} of payments"
+        );
+        assert_eq!(
+            reading(&r, &format!("{name}{{namespace=shop,queue=warehouse}}")),
+            warehouse,
+            "{name} of warehouse"
+        );
+    }
+    server.stop().await;
+}

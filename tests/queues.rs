@@ -325,7 +325,7 @@ async fn a_paused_queue_leases_nothing_and_a_resume_wakes_its_parked_fetch(pool:
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((status.paused, status.queued), (true, 1));
+    assert_eq!((status.paused, status.queued, status.held), (true, 1, 1));
     // the running step finishes normally
     complete_leased(&mut workers.clone(), &running[0]).await;
 
@@ -377,7 +377,36 @@ async fn wait_until_parked(server: &TestServer, n: usize) {
 /// all 50 finish, each freed slot waking a waiting fetch (no re-reads, no poller).
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(pool: PgPool) {
-    const STEPS: usize = 50;
+    let most = run_under_limit(&pool, 3, 50, 10).await;
+    assert_eq!(most, 3, "at most 3 leased at once, and the limit was used");
+}
+
+/// A limit of 50 is counted on three slot shards (17 + 17 + 16, one per 16 slots) that
+/// concurrent leases take without waiting for each other: 200 steps, 30 workers over 3
+/// replicas asking for 2 each, never more than 50 leased at once, more than one shard's worth
+/// used at once, and every slot given back at the end.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_sharded_in_flight_limit_is_never_exceeded(pool: PgPool) {
+    let most = run_under_limit(&pool, 50, 200, 30).await;
+    assert!(most <= 50, "at most 50 leased at once, saw {most}");
+    assert!(
+        most > 17,
+        "more than one shard's slots in use at once, saw {most}"
+    );
+    let shards: Vec<(i32, i32)> = sqlx::query_as(
+        "SELECT cap, in_flight FROM tasker.lane_slots
+         WHERE namespace = 'api' AND queue = 'partner' AND cap > 0 ORDER BY shard",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(shards, vec![(17, 0), (17, 0), (16, 0)]);
+}
+
+/// `steps` steps of queue `partner` limited to `limit`, run by `workers` workers over three
+/// replicas, each fetching 2 at a time and taking 5 ms per step; the most leased at once.
+async fn run_under_limit(pool: &PgPool, limit: i32, steps: usize, workers: usize) -> i64 {
+    let pool = pool.clone();
     let cfg = events_only_config();
     let replicas = [
         TestServer::start(&pool, &cfg).await,
@@ -393,18 +422,18 @@ async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(p
         .create_task(task("api").named("warm-up").step("x").build())
         .await
         .unwrap();
-    let limit = Admin::new(channels[1].clone())
+    let set = Admin::new(channels[1].clone())
         .set_queue_settings(v1::SetQueueSettingsRequest {
             namespace: "api".into(),
             queue: "partner".into(),
-            max_in_flight: Some(3),
+            max_in_flight: Some(limit),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(limit.max_in_flight, Some(3));
+    assert_eq!(set.max_in_flight, Some(limit));
     let mut builder = task("api").named("burst");
-    for i in 0..STEPS {
+    for i in 0..steps {
         builder = builder.step(&format!("call-{i}")).queue("partner");
     }
     tasks.create_task(builder.build()).await.unwrap();
@@ -413,7 +442,7 @@ async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(p
     // freed slot sends
     let (finished, mut finishes) = tokio::sync::mpsc::unbounded_channel();
     let mut handles = Vec::new();
-    for w in 0..10 {
+    for w in 0..workers {
         let mut workers = Workers::new(channels[w % 3].clone());
         let finished = finished.clone();
         handles.push(tokio::spawn(async move {
@@ -438,12 +467,12 @@ async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(p
         }));
     }
     tokio::time::timeout(Duration::from_secs(60), async {
-        for _ in 0..STEPS {
+        for _ in 0..steps {
             finishes.recv().await.unwrap();
         }
     })
     .await
-    .expect("all 50 steps finish");
+    .expect("all steps finish");
     for h in &handles {
         h.abort();
     }
@@ -459,7 +488,6 @@ async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(p
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(most, 3, "at most 3 leased at once, and the limit was used");
     let settings = Admin::new(channels[2].clone())
         .get_queue_settings(v1::GetQueueSettingsRequest {
             namespace: "api".into(),
@@ -472,6 +500,7 @@ async fn an_in_flight_limit_holds_across_replicas_and_freed_slots_wake_fetches(p
     for r in replicas {
         r.stop().await;
     }
+    most
 }
 
 /// A limit of 0, a negative or absurd one, a bad queue name: INVALID_ARGUMENT naming the

@@ -338,6 +338,7 @@ fn lane_to_proto(l: LaneSettings) -> v1::QueueSettings {
         namespace_paused: l.namespace_paused,
         in_flight: l.in_flight,
         queued: l.queued,
+        held: l.held,
     }
 }
 

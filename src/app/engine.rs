@@ -29,6 +29,8 @@ use crate::store::maintenance::TableMaintenance;
 use crate::store::{Store, StoreLimits};
 use crate::telemetry::metrics::Metrics;
 
+use super::lane_gauges::LaneGauges;
+
 pub struct Engine {
     pub store: Store,
     pub commands: CommandProcessorHandle,
@@ -44,6 +46,8 @@ pub struct Engine {
     maintenance: (CancellationToken, Vec<tokio::task::JoinHandle<()>>),
     /// Kept alive so the observable gauges keep reporting.
     _gauges: Vec<opentelemetry::metrics::ObservableGauge<u64>>,
+    /// The gauges per queue, read from the database when metrics are collected.
+    pub lane_gauges: LaneGauges,
 }
 
 impl Engine {
@@ -158,6 +162,8 @@ impl Engine {
             );
             tokio::spawn(async move { mode_controller.follow_fleet_mode(heard, stop).await })
         };
+        let (lane_gauges, lane_reader) =
+            LaneGauges::start(metrics.meter(), store.clone(), stop_maintenance.clone());
         let depth = commands.clone();
         let in_flight = commands.clone();
         let (pool_size, pool_idle) = (store.pool().clone(), store.pool().clone());
@@ -202,9 +208,10 @@ impl Engine {
             watches,
             maintenance: (
                 stop_maintenance,
-                vec![maintenance, heartbeat, announcements, follow],
+                vec![maintenance, heartbeat, announcements, follow, lane_reader],
             ),
             _gauges: gauges,
+            lane_gauges,
         }
     }
 

@@ -3,6 +3,7 @@
 //! serves until a shutdown signal and tears down in order.
 
 mod engine;
+mod lane_gauges;
 pub mod testkit;
 
 pub use engine::Engine;

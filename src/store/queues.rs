@@ -17,7 +17,13 @@ pub struct LaneSettings {
     pub in_flight: i32,
     /// Its steps queued and not leased, counted up to [`QUEUED_COUNTED`].
     pub queued: i32,
+    /// Of the queued, those its pause or in-flight limit keeps from being leased now (the
+    /// rest wait for a worker).
+    pub held: i32,
 }
+
+/// Lanes reported in metrics at most: the gauges' attribute sets stay bounded.
+pub const LANES_REPORTED: i64 = 1_000;
 
 /// Queued steps counted at most per lane: a status read stays cheap whatever the backlog.
 pub const QUEUED_COUNTED: i64 = 10_000;
@@ -43,7 +49,16 @@ impl Store {
     ) -> Result<Vec<LaneSettings>, StoreError> {
         let (namespaces, queues): (Vec<String>, Vec<String>) = lanes.iter().cloned().unzip();
         Ok(sqlx::query_as::<_, LaneSettings>(
-            "SELECT l.namespace, l.queue,
+            "SELECT lane.*,
+                    CASE WHEN lane.paused OR lane.namespace_paused THEN lane.queued
+                         WHEN lane.max_in_flight IS NULL THEN 0
+                         ELSE greatest(lane.queued - (
+                             SELECT coalesce(sum(greatest(s.cap - s.in_flight, 0)), 0)::int
+                             FROM tasker.lane_slots s
+                             WHERE s.namespace = lane.namespace AND s.queue = lane.queue), 0)
+                    END AS held
+             FROM (
+             SELECT l.namespace, l.queue, l.ord,
                     g.max_in_flight,
                     coalesce(g.paused, false) AS paused,
                     coalesce((SELECT n.paused FROM tasker.queue_settings n
@@ -56,7 +71,8 @@ impl Store {
                        AND q.leased_by IS NULL LIMIT $3) w) AS queued
              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(namespace, queue, ord)
              LEFT JOIN tasker.queue_settings g ON g.namespace = l.namespace AND g.queue = l.queue
-             ORDER BY l.ord",
+             ) lane
+             ORDER BY lane.ord",
         )
         .bind(namespaces)
         .bind(queues)
@@ -112,6 +128,33 @@ impl Store {
             .execute(&self.pool)
             .await?;
         self.lane_settings(namespace, queue).await
+    }
+
+    /// Every lane with work (steps queued or leased) or settings, up to [`LANES_REPORTED`],
+    /// for the metrics. The lanes with queued steps are found by skipping through the fetch
+    /// index (one probe per lane, whatever the backlog); the leased steps are few (one per
+    /// busy worker).
+    pub async fn active_lanes(&self) -> Result<Vec<LaneSettings>, StoreError> {
+        let lanes: Vec<(String, String)> = sqlx::query_as(
+            "WITH RECURSIVE queued AS (
+                 (SELECT q.namespace, q.queue FROM tasker.step_queue q
+                  WHERE q.leased_by IS NULL ORDER BY q.namespace, q.queue LIMIT 1)
+                 UNION ALL
+                 SELECT n.namespace, n.queue FROM queued l
+                 CROSS JOIN LATERAL (
+                     SELECT q.namespace, q.queue FROM tasker.step_queue q
+                     WHERE q.leased_by IS NULL AND (q.namespace, q.queue) > (l.namespace, l.queue)
+                     ORDER BY q.namespace, q.queue LIMIT 1) n
+             )
+             SELECT namespace, queue FROM queued
+             UNION SELECT q.namespace, q.queue FROM tasker.step_queue q WHERE q.leased_by IS NOT NULL
+             UNION SELECT g.namespace, g.queue FROM tasker.queue_settings g
+             ORDER BY 1, 2 LIMIT $1",
+        )
+        .bind(LANES_REPORTED)
+        .fetch_all(&self.pool)
+        .await?;
+        self.lanes_with_load(&lanes).await
     }
 
     /// Every lane with settings (limits and pauses), for status.

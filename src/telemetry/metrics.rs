@@ -17,6 +17,7 @@
 //! | `listener_reconnects` | counter | `{reconnect}` | |
 //! | `retry_promotions` | counter | `{step}` | `source` (retry, lease_expired) |
 //! | `steps_leased` | counter | `{step}` | `namespace`, `queue`; steps a FetchSteps delivered |
+//! | `queue_steps_in_flight`, `queue_steps_queued`, `queue_steps_held` | gauge | `{step}` | `namespace`, `queue`; per lane with work or settings, read when collected (`app::lane_gauges`) |
 //! | `db.pool.connections`, `db.pool.idle` | gauge | `{connection}` | |
 //! | `rpc.server.requests`, `rpc.server.duration` | counter, histogram (ms) | | `rpc.method`, `rpc.grpc.status_code` (in `telemetry`) |
 

@@ -64,6 +64,6 @@ pub(super) fn queue_json(q: v1::QueueSettings) -> Value {
     json!({
         "namespace": q.namespace, "queue": q.queue, "max_in_flight": q.max_in_flight,
         "paused": q.paused, "namespace_paused": q.namespace_paused,
-        "in_flight": q.in_flight, "queued": q.queued,
+        "in_flight": q.in_flight, "queued": q.queued, "held": q.held,
     })
 }
