@@ -74,6 +74,21 @@ async fn core_emits_every_named_metric_with_the_values_the_work_implies(pool: Pg
         .execute(&pool)
         .await
         .unwrap();
+    // counted before the listener's connection is killed (else the notification may die
+    // with it, undelivered)
+    tokio::time::timeout(WAIT, async {
+        loop {
+            provider.force_flush().unwrap();
+            if readings(&exporter)
+                .contains_key("task_readiness_malformed_notifications{channel=tasker_task_ready}")
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the malformed notification is counted");
     let mut status = core.mode_controller.listener_status();
     let generation = status.borrow().generation;
     let pid = status.borrow().backend_pid.unwrap();
