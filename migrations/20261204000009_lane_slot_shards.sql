@@ -102,13 +102,21 @@ BEGIN
         RETURN;
     END IF;
     holds_slot := true;
+    -- this backend's own shard first: one probe of the key (no sort), the common case
+    SELECT s.shard, s.cap - s.in_flight AS room INTO v_shard
+    FROM tasker.lane_slots s
+    WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.shard = v_start
+      AND s.in_flight < s.cap
+    FOR NO KEY UPDATE SKIP LOCKED;
     LOOP
-        SELECT s.shard, s.cap - s.in_flight AS room INTO v_shard
-        FROM tasker.lane_slots s
-        WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.in_flight < s.cap
-        ORDER BY (s.shard + v_start) % 16
-        LIMIT 1
-        FOR NO KEY UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            SELECT s.shard, s.cap - s.in_flight AS room INTO v_shard
+            FROM tasker.lane_slots s
+            WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.in_flight < s.cap
+            ORDER BY (s.shard + v_start) % 16
+            LIMIT 1
+            FOR NO KEY UPDATE SKIP LOCKED;
+        END IF;
         IF NOT FOUND THEN
             EXIT WHEN granted > 0;
             -- every shard with room is held by a transaction still running: wait for one
@@ -125,6 +133,8 @@ BEGIN
         WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.shard = v_shard.shard;
         granted := granted + v_take;
         EXIT WHEN granted >= p_want;
+        v_shard := NULL;
+        PERFORM 1 WHERE false;  -- FOUND := false: the next shard by the scan
     END LOOP;
 END
 $$;
@@ -146,6 +156,10 @@ BEGIN
     FROM tasker.lane_gate(p_namespace, p_queue) g;
     IF v_paused THEN RETURN 0; END IF;
     IF v_max IS NULL THEN RETURN p_want; END IF;
+    -- enough room on this backend's own shard: one probe of the key answers
+    SELECT s.cap - s.in_flight INTO v_room FROM tasker.lane_slots s
+    WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.shard = pg_backend_pid() % 16;
+    IF v_room >= p_want THEN RETURN p_want; END IF;
     SELECT coalesce(sum(greatest(s.cap - s.in_flight, 0)), 0)::int INTO v_room
     FROM tasker.lane_slots s
     WHERE s.namespace = p_namespace AND s.queue = p_queue;
@@ -169,13 +183,21 @@ DECLARE
     v_opened integer := 0;
     v_start integer := pg_backend_pid() % 16;
 BEGIN
+    -- this backend's own shard first: one probe of the key (no sort)
+    SELECT s.shard, s.cap, s.in_flight INTO v_shard
+    FROM tasker.lane_slots s
+    WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.shard = v_start
+      AND s.in_flight > 0
+    FOR NO KEY UPDATE SKIP LOCKED;
     WHILE v_left > 0 LOOP
-        SELECT s.shard, s.cap, s.in_flight INTO v_shard
-        FROM tasker.lane_slots s
-        WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.in_flight > 0
-        ORDER BY (s.shard + v_start) % 16
-        LIMIT 1
-        FOR NO KEY UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            SELECT s.shard, s.cap, s.in_flight INTO v_shard
+            FROM tasker.lane_slots s
+            WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.in_flight > 0
+            ORDER BY (s.shard + v_start) % 16
+            LIMIT 1
+            FOR NO KEY UPDATE SKIP LOCKED;
+        END IF;
         IF NOT FOUND THEN
             SELECT s.shard, s.cap, s.in_flight INTO v_shard
             FROM tasker.lane_slots s
@@ -192,6 +214,7 @@ BEGIN
             v_opened := v_opened + greatest(v_shard.cap - (v_shard.in_flight - v_take), 0);
         END IF;
         v_left := v_left - v_take;
+        PERFORM 1 WHERE false;  -- FOUND := false: the next shard by the scan
     END LOOP;
     IF v_opened > 0 THEN
         PERFORM tasker.wake_lane(p_namespace, p_queue, v_opened);
