@@ -134,7 +134,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 Err(message) => {
                     let r = worker
-                        .fail(&step, &message, true, Duration::from_millis(100))
+                        .fail(&step, &message, true, Some(Duration::from_millis(100)))
                         .await?;
                     println!(
                         "failed {} (attempt {}): {message}; {}",

@@ -572,13 +572,28 @@ BEGIN
 END
 $$;
 
+-- The backoff of an attempt under a policy: initial * multiplier^(attempt - 1), at most max,
+-- less a random part of up to jitter of it (so that failures of one burst do not all retry
+-- together). NULL without a policy.
+-- (from migrations/20261204000010_step_retry_policy.sql)
+CREATE FUNCTION tasker.policy_backoff_ms(p_policy jsonb, p_attempt integer) RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT round(b * (1 - coalesce((p_policy->>'jitter')::float8, 0) * random()))::bigint
+    FROM (SELECT least((p_policy->>'max_ms')::float8,
+                       (p_policy->>'initial_ms')::float8
+                           * power(coalesce((p_policy->>'multiplier')::float8, 1),
+                                   least(greatest(p_attempt - 1, 0), 100))) AS b) x
+    WHERE p_policy IS NOT NULL
+$$;
+
 -- The end of a failed attempt (the caller checked the lease and holds the task's row lock):
 -- retry after the backoff when attempts remain and both the step and the failure allow it,
 -- otherwise the step is in error and so is its task. A zero backoff returns the step to
 -- pending at once, which is a readiness change and is announced. data_bytes follows the last
 -- error (which replaces the one before it; counted as JSON).
--- (from migrations/20261204000003_response_sizes.sql)
-CREATE OR REPLACE FUNCTION tasker.record_attempt_failure(
+-- p_backoff_ms NULL: the worker gave none (the step's retry policy decides, else at once).
+-- (from migrations/20261204000010_step_retry_policy.sql)
+CREATE FUNCTION tasker.record_attempt_failure(
     p_step_uuid uuid, p_error jsonb, p_retryable boolean, p_backoff_ms bigint
 ) RETURNS TABLE (outcome text, next_retry_at timestamptz)
 LANGUAGE plpgsql
@@ -587,18 +602,24 @@ AS $$
 DECLARE
     v_step record;
     v_next timestamptz;
+    v_backoff_ms bigint;
 BEGIN
-    SELECT s.task_uuid, s.attempts, s.max_attempts, s.retryable INTO v_step
+    SELECT s.task_uuid, s.attempts, s.max_attempts, s.retryable, s.retry_policy INTO v_step
     FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = v_step.attempts;
     IF p_retryable AND v_step.retryable AND v_step.attempts < v_step.max_attempts THEN
-        v_next := clock_timestamp() + make_interval(secs => greatest(p_backoff_ms, 0) / 1000.0);
+        -- the worker's backoff wins; without one, the step's declared policy; without a
+        -- policy, at once
+        v_backoff_ms := greatest(coalesce(p_backoff_ms,
+                                          tasker.policy_backoff_ms(v_step.retry_policy, v_step.attempts),
+                                          0), 0);
+        v_next := clock_timestamp() + make_interval(secs => v_backoff_ms / 1000.0);
         UPDATE tasker.workflow_steps s
         SET state = 'waiting_for_retry', last_error = p_error, next_retry_at = v_next,
             data_bytes = s.data_bytes - coalesce(octet_length(s.last_error::text), 0)
                          + octet_length(p_error::text)
         WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress';
-        IF p_backoff_ms <= 0 THEN
+        IF v_backoff_ms = 0 THEN
             UPDATE tasker.workflow_steps s SET state = 'pending', ready_at = clock_timestamp()
             WHERE s.step_uuid = p_step_uuid AND s.state = 'waiting_for_retry';
             INSERT INTO tasker.ready_steps (step_uuid, task_uuid) VALUES (p_step_uuid, v_step.task_uuid);
@@ -677,7 +698,9 @@ $$;
 
 -- Leases that ran out end their attempt as a retryable failure with no backoff: the worker
 -- is presumed dead. max_attempts still applies.
--- (from migrations/20261127000001_baseline.sql)
+-- An expired lease is a failed attempt without a worker's backoff: the step's retry policy
+-- decides.
+-- (from migrations/20261204000010_step_retry_policy.sql)
 CREATE FUNCTION tasker.expire_leases(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
 RETURNS TABLE (task_uuid uuid, step_uuid uuid, outcome text, namespace text, priority integer)
 LANGUAGE plpgsql
@@ -703,7 +726,7 @@ BEGIN
             SELECT f.outcome INTO v_outcome FROM tasker.record_attempt_failure(
                 v_msg.step_uuid,
                 jsonb_build_object('message', 'lease expired', 'worker_id', v_msg.leased_by),
-                true, 0) f;
+                true, NULL) f;
             RETURN QUERY SELECT v_msg.task_uuid, v_msg.step_uuid, v_outcome, v_msg.namespace, v_msg.priority;
         END IF;
     END LOOP;

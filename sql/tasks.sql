@@ -18,7 +18,9 @@
 -- TK006), unless p_max_namespaces exist (TK005). p_context_bytes and "inputs_bytes": the
 -- documents' sizes as sent (a page of tasks or steps is cut to the response budget by them
 -- before any document is read). p_concurrency_key: the task's concurrency key (NULL: none).
--- (from migrations/20261204000007_concurrency_keys.sql)
+-- "retry" in p_steps: the step's retry policy as the service resolved it (its own or the
+-- task's default), stored as workflow_steps.retry_policy.
+-- (from migrations/20261204000010_step_retry_policy.sql)
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
@@ -67,12 +69,14 @@ BEGIN
     END IF;
 
     INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents,
-                                       ready_at, max_attempts, retryable, inputs, data_bytes, queue)
+                                       ready_at, max_attempts, retryable, inputs, data_bytes, queue,
+                                       retry_policy)
     SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
            CASE WHEN p.n = 0 THEN clock_timestamp() END,
            coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
            coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int,
-           coalesce(e->>'queue', 'default')
+           coalesce(e->>'queue', 'default'),
+           CASE WHEN jsonb_typeof(e->'retry') = 'object' THEN e->'retry' END
     FROM jsonb_array_elements(p_steps) AS x(e)
     CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
                         FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p

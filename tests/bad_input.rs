@@ -347,7 +347,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
                     attempt: raw,
                     error_message: s.clone(),
                     retryable: true,
-                    backoff_ms: i64::from(raw),
+                    backoff_ms: Some(i64::from(raw)),
                     error_details: None,
                     lease_token: s.clone(),
                 })

@@ -141,7 +141,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
         lease_token: leased.lease_token.clone(),
         error_message: "boom".into(),
         retryable,
-        backoff_ms: 50,
+        backoff_ms: Some(50),
         error_details: Some(tasker::proto::json_to_struct(
             &serde_json::json!({"code": 7}),
         )),

@@ -262,14 +262,14 @@ impl WorkerClient {
         Ok(())
     }
 
-    /// Report the attempt failed. `retryable`: another attempt may be made (after `backoff`)
-    /// while attempts remain.
+    /// Report the attempt failed. `retryable`: another attempt may be made (after `backoff`;
+    /// `None`: the step's declared retry policy decides, else at once) while attempts remain.
     pub async fn fail(
         &mut self,
         step: &LeasedStep,
         message: &str,
         retryable: bool,
-        backoff: Duration,
+        backoff: Option<Duration>,
     ) -> Result<v1::FailStepResponse, Status> {
         Ok(self
             .inner
@@ -278,7 +278,7 @@ impl WorkerClient {
                 attempt: step.attempt,
                 error_message: message.to_string(),
                 retryable,
-                backoff_ms: i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX),
+                backoff_ms: backoff.map(|b| i64::try_from(b.as_millis()).unwrap_or(i64::MAX)),
                 error_details: None,
                 lease_token: step.lease_token.clone(),
             })

@@ -11,6 +11,7 @@ use super::error;
 use super::task_list::TaskListRequest;
 use super::task_watch::{watch_task, WatchStream};
 use crate::model::dag::{StepSpec, TaskSpec};
+use crate::model::retry::{RetryPolicy, MAX_BACKOFF_MS};
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1, words};
 use crate::store::{CancelOutcome, StepRecord, TaskRecord};
@@ -200,6 +201,7 @@ pub fn spec_from_request(r: v1::CreateTaskRequest) -> TaskSpec {
         context: struct_to_json(r.context),
         idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
         concurrency_key: (!r.concurrency_key.is_empty()).then_some(r.concurrency_key),
+        retry: r.retry.map(retry_policy),
         steps: r
             .steps
             .into_iter()
@@ -210,8 +212,27 @@ pub fn spec_from_request(r: v1::CreateTaskRequest) -> TaskSpec {
                 retryable: s.retryable.unwrap_or(true),
                 inputs: struct_to_json(s.inputs),
                 queue: s.queue,
+                retry: s.retry.map(retry_policy),
             })
             .collect(),
+    }
+}
+
+/// A requested retry policy with its defaults filled in (multiplier 0: 1; no max_backoff: the
+/// longest allowed); an absent initial_backoff is 0, which validation refuses by name.
+fn retry_policy(p: v1::RetryPolicy) -> RetryPolicy {
+    RetryPolicy {
+        initial_ms: p.initial_backoff.as_ref().map_or(0, proto::duration_ms),
+        multiplier: if p.multiplier == 0.0 {
+            1.0
+        } else {
+            p.multiplier
+        },
+        max_ms: p
+            .max_backoff
+            .as_ref()
+            .map_or(MAX_BACKOFF_MS, proto::duration_ms),
+        jitter: p.jitter,
     }
 }
 

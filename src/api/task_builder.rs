@@ -13,7 +13,8 @@
 //! assert_eq!(request.steps[3].depends_on, ["price", "tax"]);
 //! ```
 //!
-//! Step options (`after`, `inputs`, `max_attempts`, `retryable`) apply to the step named last.
+//! Step options (`after`, `inputs`, `max_attempts`, `retryable`, `queue`, `retry`) apply to the
+//! step named last; `default_retry` is the task's.
 //! The builder checks nothing: the service validates the request and names every problem.
 
 use serde_json::Value;
@@ -115,6 +116,18 @@ impl TaskBuilder {
     /// The queue whose workers run the last step added.
     pub fn queue(self, queue: &str) -> Self {
         self.with_last(|s| s.queue = queue.to_string())
+    }
+
+    /// The last step's retry policy: the backoff between its attempts when a worker's
+    /// FailStep names none.
+    pub fn retry(self, policy: v1::RetryPolicy) -> Self {
+        self.with_last(|s| s.retry = Some(policy))
+    }
+
+    /// The retry policy of every step that declares none.
+    pub fn default_retry(mut self, policy: v1::RetryPolicy) -> Self {
+        self.request.retry = Some(policy);
+        self
     }
 
     /// At most the namespace's max_tasks_per_key tasks with this key run at once.

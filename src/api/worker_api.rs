@@ -12,6 +12,7 @@ use super::error::{invalid, Violations};
 use crate::dispatch::worker::{CompleteOutcome, Fetch};
 use crate::model::dag::name_problem;
 use crate::model::namespaces::{namespace_name_problem, queue_name_problem, DEFAULT_QUEUE};
+use crate::model::retry::MAX_BACKOFF_MS;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
 use crate::store::{FailOutcome, HeldLease, LeasedStep, StepFailure};
@@ -22,7 +23,6 @@ const MAX_STEPS_PER_FETCH: i64 = 100;
 const MAX_QUEUES_PER_FETCH: usize = 32;
 const DEFAULT_LEASE_SECONDS: i64 = 30;
 const MAX_LEASE_SECONDS: i64 = 3600;
-const MAX_BACKOFF_MS: i64 = 24 * 3600 * 1000;
 const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 
 pub struct WorkerApi {
@@ -206,13 +206,10 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             MAX_ERROR_MESSAGE_BYTES,
             true,
         )?;
-        if r.backoff_ms < 0 || r.backoff_ms > MAX_BACKOFF_MS {
+        if let Some(b) = r.backoff_ms.filter(|b| !(0..=MAX_BACKOFF_MS).contains(b)) {
             return Err(invalid(
                 "backoff_ms",
-                format!(
-                    "must be between 0 and {MAX_BACKOFF_MS}, is {}",
-                    r.backoff_ms
-                ),
+                format!("must be between 0 and {MAX_BACKOFF_MS}, is {b}"),
             ));
         }
         let details = convert::document("error_details", struct_to_json(r.error_details))?;

@@ -310,7 +310,7 @@ impl WorkerQueue {
         let failure = StepFailure {
             error: serde_json::json!({ "message": format!("undeliverable: {why}") }),
             retryable: false,
-            backoff_ms: 0,
+            backoff_ms: None,
         };
         let metadata = serde_json::json!({ "reason": "undeliverable" });
         if let Err(e) = self

@@ -12,6 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::model::namespaces::{namespace_name_problem, queue_name_problem, DEFAULT_QUEUE};
+use crate::model::retry::RetryPolicy;
 
 pub(crate) use crate::model::limits;
 
@@ -26,6 +27,8 @@ pub struct StepSpec {
     pub inputs: Value,
     /// The step's queue; empty: the default queue.
     pub queue: String,
+    /// Its backoff between attempts; `None`: the task's.
+    pub retry: Option<RetryPolicy>,
 }
 
 impl StepSpec {
@@ -37,6 +40,7 @@ impl StepSpec {
             retryable: true,
             inputs: Value::Object(Default::default()),
             queue: String::new(),
+            retry: None,
         }
     }
 
@@ -72,6 +76,8 @@ pub struct TaskSpec {
     pub steps: Vec<StepSpec>,
     /// At most the namespace's `max_tasks_per_key` tasks with the same key run at once.
     pub concurrency_key: Option<String>,
+    /// The retry policy of the steps that declare none.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// One rule a request breaks.
@@ -111,6 +117,9 @@ impl TaskSpec {
                 if s.queue_or_default() != DEFAULT_QUEUE {
                     step["queue"] = Value::String(s.queue.clone());
                 }
+                if let Some(r) = &s.retry {
+                    step["retry"] = serde_json::json!(r);
+                }
                 step
             })
             .collect();
@@ -124,6 +133,9 @@ impl TaskSpec {
         // only when given: the digests of tasks from before keys stay what they were
         if let Some(key) = &self.concurrency_key {
             doc["concurrency_key"] = Value::String(key.clone());
+        }
+        if let Some(r) = &self.retry {
+            doc["retry"] = serde_json::json!(r);
         }
         let hash = Sha256::digest(canonical(&doc).to_string().as_bytes());
         hash.iter().map(|b| format!("{b:02x}")).collect()
@@ -142,6 +154,7 @@ impl TaskSpec {
             idempotency_key: None,
             steps,
             concurrency_key: None,
+            retry: None,
         }
     }
 
@@ -214,6 +227,11 @@ impl TaskSpec {
         if let Some(key) = &self.concurrency_key {
             check_name(key, "concurrency_key", &mut push);
         }
+        if let Some(r) = &self.retry {
+            for (field, message) in r.problems("retry") {
+                push(field, message);
+            }
+        }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() || key.len() > limits::MAX_IDEMPOTENCY_KEY_BYTES {
                 push(
@@ -261,6 +279,11 @@ impl TaskSpec {
                 );
             }
             check_document(&s.inputs, &format!("steps[{i}].inputs"), &mut push);
+            if let Some(r) = &s.retry {
+                for (field, message) in r.problems(&format!("steps[{i}].retry")) {
+                    push(field, message);
+                }
+            }
             if !s.queue.is_empty() {
                 if let Some(p) = queue_name_problem(&s.queue) {
                     push(format!("steps[{i}].queue"), p);
@@ -415,6 +438,7 @@ impl TaskSpec {
                 inputs_bytes: sent_bytes(&s.inputs),
                 inputs: s.inputs.clone(),
                 queue: s.queue_or_default().to_string(),
+                retry: s.retry.or(self.retry),
             })
             .collect();
         Ok(NewTask {
@@ -503,6 +527,9 @@ pub struct NewStep {
     /// The inputs' size as sent.
     pub inputs_bytes: i32,
     pub queue: String,
+    /// Its own retry policy, else the task's; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! The domain's shared types and rules, below everything else: requested DAGs and their
 //! validation (`dag`), the size limits of what a task holds (`limits`), the namespace name
 //! rule (`namespaces`), the words of a readiness command (`command`), the deployment mode
-//! (`mode`), and the states of tasks and steps (`states`). No I/O.
+//! (`mode`), declared retry policies (`retry`), and the states of tasks and steps (`states`). No I/O.
 
 pub mod command;
 pub mod dag;
 pub mod limits;
 pub mod mode;
 pub mod namespaces;
+pub mod retry;
 pub mod states;

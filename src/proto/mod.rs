@@ -101,6 +101,14 @@ pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp>
     t.map(timestamp)
 }
 
+/// A protobuf Duration in whole milliseconds, signed (a negative one stays negative, for
+/// the caller's rule to name), saturating.
+pub fn duration_ms(d: &prost_types::Duration) -> i64 {
+    d.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(d.nanos) / 1_000_000)
+}
+
 pub fn duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,

@@ -225,8 +225,9 @@ pub struct StepFailure {
     pub error: Value,
     /// false: no retry, whatever attempts remain.
     pub retryable: bool,
-    /// Delay before the retry; 0 retries at once.
-    pub backoff_ms: i64,
+    /// Delay before the retry; 0 retries at once; `None`: the step's retry policy decides
+    /// (none: at once).
+    pub backoff_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -155,7 +155,7 @@ pub fn failure(
     tasker::testkit::StepFailure {
         error,
         retryable,
-        backoff_ms,
+        backoff_ms: Some(backoff_ms),
     }
 }
 

@@ -297,6 +297,9 @@ struct TaskFile {
     idempotency_key: Option<String>,
     #[serde(default)]
     concurrency_key: Option<String>,
+    /// The retry policy of the steps that declare none.
+    #[serde(default)]
+    retry: Option<RetryFile>,
     steps: Vec<StepFile>,
 }
 
@@ -314,6 +317,36 @@ struct StepFile {
     inputs: Option<Value>,
     #[serde(default)]
     queue: String,
+    #[serde(default)]
+    retry: Option<RetryFile>,
+}
+
+/// A retry policy in a task file, durations in milliseconds (as FailStep's backoff_ms).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    initial_backoff_ms: i64,
+    #[serde(default)]
+    multiplier: f64,
+    #[serde(default)]
+    max_backoff_ms: Option<i64>,
+    #[serde(default)]
+    jitter: f64,
+}
+
+impl RetryFile {
+    fn into_proto(self) -> v1::RetryPolicy {
+        let ms = |n: i64| prost_types::Duration {
+            seconds: n.div_euclid(1000),
+            nanos: (n.rem_euclid(1000) * 1_000_000) as i32,
+        };
+        v1::RetryPolicy {
+            initial_backoff: Some(ms(self.initial_backoff_ms)),
+            multiplier: self.multiplier,
+            max_backoff: self.max_backoff_ms.map(ms),
+            jitter: self.jitter,
+        }
+    }
 }
 
 pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskRequest, CtlError> {
@@ -352,8 +385,10 @@ pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskReq
                 retryable: s.retryable,
                 inputs: s.inputs.as_ref().map(json_to_struct),
                 queue: s.queue,
+                retry: s.retry.map(RetryFile::into_proto),
             })
             .collect(),
+        retry: file.retry.map(RetryFile::into_proto),
     })
 }
 
