@@ -592,7 +592,9 @@ $$;
 -- pending at once, which is a readiness change and is announced. data_bytes follows the last
 -- error (which replaces the one before it; counted as JSON).
 -- p_backoff_ms NULL: the worker gave none (the step's retry policy decides, else at once).
--- (from migrations/20261204000010_step_retry_policy.sql)
+-- A retry's due time is announced on tasker_deadlines, so every replica's deadline scheduler
+-- wakes for it.
+-- (from migrations/20261204000011_deadline_notices.sql)
 CREATE FUNCTION tasker.record_attempt_failure(
     p_step_uuid uuid, p_error jsonb, p_retryable boolean, p_backoff_ms bigint
 ) RETURNS TABLE (outcome text, next_retry_at timestamptz)
@@ -614,6 +616,13 @@ BEGIN
                                           tasker.policy_backoff_ms(v_step.retry_policy, v_step.attempts),
                                           0), 0);
         v_next := clock_timestamp() + make_interval(secs => v_backoff_ms / 1000.0);
+        IF v_backoff_ms > 0 THEN
+            -- every replica's deadline scheduler wakes for it: the retry is met on time even
+            -- if the replica that recorded the failure is gone
+            PERFORM pg_notify('tasker_deadlines', json_build_object(
+                'namespace', t.namespace, 'at', v_next)::text)
+            FROM tasker.tasks t WHERE t.task_uuid = v_step.task_uuid;
+        END IF;
         UPDATE tasker.workflow_steps s
         SET state = 'waiting_for_retry', last_error = p_error, next_retry_at = v_next,
             data_bytes = s.data_bytes - coalesce(octet_length(s.last_error::text), 0)

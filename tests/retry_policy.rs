@@ -210,3 +210,54 @@ async fn a_bad_policy_is_refused_by_name(pool: PgPool) {
     assert_eq!(stored, 0);
     server.stop().await;
 }
+
+/// A retry's due time reaches every replica: replica A records the failure (800 ms backoff)
+/// and stops; replica B, whose poller and deadline cap are an hour away, leases the step
+/// within 150 ms of its due time, woken by the announcement alone.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_retry_is_met_on_time_by_another_replica(pool: PgPool) {
+    let mut cfg = events_only_config();
+    cfg.orchestration.task_readiness.fallback_polling_interval =
+        std::time::Duration::from_secs(3600);
+    let a = TestServer::start(&pool, &cfg).await;
+    let b = TestServer::start(&pool, &cfg).await;
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    Tasks::new(cha.clone())
+        .create_task(task("far").step("x").max_attempts(3).build())
+        .await
+        .unwrap();
+    let mut wa = Workers::new(cha.clone());
+    let step = lease_one(&wa, "far").await;
+    let due = wa
+        .fail_step(v1::FailStepRequest {
+            step_uuid: step.step_uuid.clone(),
+            attempt: step.attempt,
+            lease_token: step.lease_token.clone(),
+            error_message: "later".into(),
+            retryable: true,
+            backoff_ms: Some(800),
+            error_details: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .next_retry_at
+        .expect("a retry time");
+    a.stop().await;
+    let again = lease_one(&Workers::new(chb.clone()), "far").await;
+    assert_eq!(again.attempt, 2);
+    let started_ms: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM s.started_at)::float8 * 1000 FROM tasker.workflow_steps s
+         WHERE s.step_uuid = $1::uuid",
+    )
+    .bind(&step.step_uuid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let late_ms = started_ms - (due.seconds as f64 * 1000.0 + f64::from(due.nanos) / 1e6);
+    assert!(
+        (0.0..150.0).contains(&late_ms),
+        "leased {late_ms:.1} ms after its due time"
+    );
+    b.stop().await;
+}

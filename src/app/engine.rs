@@ -109,6 +109,7 @@ impl Engine {
                 handoff.clone(),
                 fleet.clone(),
                 watches.clone(),
+                poke.clone(),
                 metrics.clone(),
             ),
         ));

@@ -24,14 +24,18 @@ pub enum EventKind {
     StepsEnqueued,
     /// The fleet's deployment mode was set or cleared through some replica.
     FleetMode,
+    /// A deadline (a retry's due time) made on some replica: every replica's deadline
+    /// scheduler wakes for it, so it is met even if the replica that made it is gone.
+    Deadline,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         Self::TaskReady,
         Self::TaskStateChange,
         Self::StepsEnqueued,
         Self::FleetMode,
+        Self::Deadline,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +44,7 @@ impl EventKind {
             Self::TaskStateChange => "task_state_change",
             Self::StepsEnqueued => "steps_enqueued",
             Self::FleetMode => "fleet_mode",
+            Self::Deadline => "deadline",
         }
     }
 
@@ -50,6 +55,7 @@ impl EventKind {
             Self::TaskStateChange => "tasker_task_state",
             Self::StepsEnqueued => "tasker_steps_enqueued",
             Self::FleetMode => "tasker_fleet_mode",
+            Self::Deadline => "tasker_deadlines",
         }
     }
 
@@ -103,6 +109,14 @@ pub struct StepsEnqueuedEvent {
     pub replica: Option<Uuid>,
 }
 
+/// A retry of a step of `namespace` falls due at `at`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineEvent {
+    pub namespace: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
 /// The fleet's deployment mode, `None` when it was cleared.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetModeEvent {
@@ -115,6 +129,7 @@ pub enum TaskReadinessEvent {
     TaskStateChange(TaskStateChangeEvent),
     StepsEnqueued(StepsEnqueuedEvent),
     FleetMode(FleetModeEvent),
+    Deadline(DeadlineEvent),
 }
 
 impl TaskReadinessEvent {
@@ -124,6 +139,7 @@ impl TaskReadinessEvent {
             Self::TaskStateChange(_) => EventKind::TaskStateChange,
             Self::StepsEnqueued(_) => EventKind::StepsEnqueued,
             Self::FleetMode(_) => EventKind::FleetMode,
+            Self::Deadline(_) => EventKind::Deadline,
         }
     }
 
@@ -134,6 +150,7 @@ impl TaskReadinessEvent {
             Self::TaskStateChange(e) => Some(&e.namespace),
             Self::StepsEnqueued(e) => Some(&e.namespace),
             Self::FleetMode(_) => None,
+            Self::Deadline(e) => Some(&e.namespace),
         }
     }
 }
@@ -224,6 +241,9 @@ impl ReadinessEventClassifier {
                     .transpose()?;
                 TaskReadinessEvent::FleetMode(FleetModeEvent { mode })
             }
+            EventKind::Deadline => TaskReadinessEvent::Deadline(
+                serde_json::from_str(payload).map_err(|e| malformed(e.to_string()))?,
+            ),
         };
         if let Some(problem) = event.namespace().and_then(namespace_name_problem) {
             return Err(malformed(format!("namespace {problem}")));
@@ -280,6 +300,21 @@ mod tests {
         }
         assert!(c
             .classify("tasker_fleet_mode", r#"{"mode":"Sometimes"}"#)
+            .is_err());
+        // as json_build_object writes a timestamptz
+        let TaskReadinessEvent::Deadline(d) = c
+            .classify(
+                "tasker_deadlines",
+                r#"{"namespace" : "billing", "at" : "2026-12-04T08:40:00.123456+00:00"}"#,
+            )
+            .unwrap()
+        else {
+            panic!("not a deadline")
+        };
+        assert_eq!(d.namespace, "billing");
+        assert_eq!(d.at.timestamp_micros() % 1_000_000, 123_456);
+        assert!(c
+            .classify("tasker_deadlines", r#"{"namespace":"billing","at":"soon"}"#)
             .is_err());
     }
 

@@ -11,7 +11,10 @@
 //!     ^                                                                                 v
 //!     └──── commands(retry_timer) <── promote_due_retries + expire_leases <──── wake ───┘
 //! ```
-//! The sleep is capped at the poll interval because other instances create deadlines too.
+//! The sleep is capped at the poll interval because other instances create deadlines too; a
+//! retry's due time made on another instance also arrives as a `tasker_deadlines`
+//! notification (the event system pokes the scheduler with it), so it is met on time even when
+//! the instance that made it is gone.
 //!
 //! A deadline created while the scheduler is between reading the next deadline and publishing
 //! its plan must not be compared against the previous plan (already past, so it would not

@@ -23,9 +23,12 @@
 
 use std::time::Instant;
 
-use super::classifier::{FleetModeEvent, StepsEnqueuedEvent, TaskReadyEvent, TaskStateChangeEvent};
+use super::classifier::{
+    DeadlineEvent, FleetModeEvent, StepsEnqueuedEvent, TaskReadyEvent, TaskStateChangeEvent,
+};
 
 use crate::cluster::Fleet;
+use crate::dispatch::deadlines::DeadlinePoke;
 use crate::dispatch::parked::ParkedFetches;
 use crate::readiness::commands::{CommandProcessorHandle, OrchestrationCommand, SubmitError};
 use crate::readiness::poller::SweepRequester;
@@ -39,6 +42,7 @@ pub struct TaskReadinessEventSystem {
     handoff: ParkedFetches,
     fleet: Fleet,
     watches: TaskWatches,
+    deadlines: DeadlinePoke,
     metrics: Metrics,
 }
 
@@ -49,6 +53,7 @@ impl TaskReadinessEventSystem {
         handoff: ParkedFetches,
         fleet: Fleet,
         watches: TaskWatches,
+        deadlines: DeadlinePoke,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -57,8 +62,15 @@ impl TaskReadinessEventSystem {
             handoff,
             fleet,
             watches,
+            deadlines,
             metrics,
         }
+    }
+
+    /// A deadline was made on some replica: the deadline scheduler here wakes for it if it
+    /// planned to sleep past it.
+    pub fn deadline_announced(&self, event: DeadlineEvent) {
+        self.deadlines.deadline_at(event.at);
     }
 
     /// A task changed state: its `WatchTask` streams read what changed.

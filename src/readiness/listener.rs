@@ -18,8 +18,9 @@
 //! pinged every `listener_ping_interval_seconds`, so one that died without a RST is noticed.
 //!
 //! Channels: one per kind of event (`tasker_task_ready`, `tasker_task_state`,
-//! `tasker_steps_enqueued`, the other replicas' wake-ups for parked fetches, and
-//! `tasker_fleet_mode`, the fleet's deployment mode). An instance that
+//! `tasker_steps_enqueued`, the other replicas' wake-ups for parked fetches,
+//! `tasker_fleet_mode`, the fleet's deployment mode, and `tasker_deadlines`, a retry's due time
+//! for every replica's deadline scheduler). An instance that
 //! serves some namespaces drops the events of the others here, by the payload's namespace:
 //! PostgreSQL hands every listening connection every notification of the shared queue anyway,
 //! whatever the channel, so a channel per namespace saved nothing and cost a second NOTIFY.
@@ -359,7 +360,9 @@ impl TaskReadinessListener {
         // another instance serves this namespace's readiness; wake-ups are for any worker
         // parked here, whichever namespaces this instance claims for
         if let (
-            TaskReadinessEvent::TaskReady(_) | TaskReadinessEvent::TaskStateChange(_),
+            TaskReadinessEvent::TaskReady(_)
+            | TaskReadinessEvent::TaskStateChange(_)
+            | TaskReadinessEvent::Deadline(_),
             Some(ns),
         ) = (&event, event.namespace())
         {
@@ -381,6 +384,7 @@ impl TaskReadinessListener {
             }
             TaskReadinessEvent::StepsEnqueued(e) => self.events.steps_enqueued(e),
             TaskReadinessEvent::FleetMode(e) => self.events.fleet_mode(e),
+            TaskReadinessEvent::Deadline(e) => self.events.deadline_announced(e),
         }
         Ok(())
     }
