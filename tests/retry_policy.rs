@@ -78,7 +78,7 @@ async fn the_declared_policy_sets_the_backoff_when_the_worker_names_none(pool: P
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());
     let mut workers = Workers::new(ch.clone());
-    tasks
+    let created = tasks
         .create_task(
             task("retries")
                 .named("declared")
@@ -89,7 +89,21 @@ async fn the_declared_policy_sets_the_backoff_when_the_worker_names_none(pool: P
                 .build(),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    // GetTask shows the policy each step follows
+    let shown = tasks
+        .get_task(v1::GetTaskRequest {
+            task_uuid: created.task_uuid.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .steps;
+    assert_eq!(shown[0].retry, Some(policy(200, 3.0, 1000, 0.0)));
 
     let mut seen = Vec::new();
     for _ in 0..3 {

@@ -167,6 +167,17 @@ pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
         started_at: proto::opt_timestamp(s.started_at),
         completed_at: proto::opt_timestamp(s.completed_at),
         queue: s.queue,
+        retry: s.retry_policy.map(|p| retry_policy_to_proto(p.0)),
+    }
+}
+
+fn retry_policy_to_proto(p: RetryPolicy) -> v1::RetryPolicy {
+    let ms = |n: i64| proto::duration(std::time::Duration::from_millis(n.max(0) as u64));
+    v1::RetryPolicy {
+        initial_backoff: Some(ms(p.initial_ms)),
+        multiplier: p.multiplier,
+        max_backoff: Some(ms(p.max_ms)),
+        jitter: p.jitter,
     }
 }
 

@@ -3,7 +3,7 @@
 //! written; the backoff itself is computed where the failure is recorded, in the database
 //! (`tasker.policy_backoff_ms`), from the policy stored with the step.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The longest backoff a worker or a policy may ask for: one day.
 pub const MAX_BACKOFF_MS: i64 = 24 * 3600 * 1000;
@@ -11,7 +11,7 @@ pub const MAX_BACKOFF_MS: i64 = 24 * 3600 * 1000;
 pub const MAX_MULTIPLIER: f64 = 100.0;
 
 /// A retry policy as the database stores it (`workflow_steps.retry_policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     /// The first retry's backoff, in milliseconds.
     pub initial_ms: i64,

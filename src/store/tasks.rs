@@ -97,6 +97,8 @@ pub struct StepRecord {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub queue: String,
+    /// Its declared retry policy (its own or the task's), as stored.
+    pub retry_policy: Option<sqlx::types::Json<crate::model::retry::RetryPolicy>>,
 }
 
 /// Bytes a task takes in a response besides its context, at most (ids, names, key, times):
@@ -347,7 +349,8 @@ impl Store {
                     coalesce((SELECT array_agg(p.name ORDER BY p.name)
                               FROM tasker.step_edges e JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
                               WHERE e.child_step_uuid = w.step_uuid), '{}') AS depends_on,
-                    w.created_at, w.enqueued_at, w.started_at, w.completed_at, w.queue, w.page_rows
+                    w.created_at, w.enqueued_at, w.started_at, w.completed_at, w.queue,
+                    w.retry_policy, w.page_rows
              FROM (SELECT p.*,
                           CASE WHEN $4 THEN
                               sum(coalesce(p.data_bytes,
