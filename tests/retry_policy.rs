@@ -5,17 +5,13 @@
 mod common;
 
 use common::*;
-use prost_types::Duration as PbDuration;
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
 use tasker::proto::v1;
 use tonic::Code;
 
-fn ms(n: i64) -> Option<PbDuration> {
-    Some(PbDuration {
-        seconds: n / 1000,
-        nanos: ((n % 1000) * 1_000_000) as i32,
-    })
+fn ms(n: i64) -> Option<prost_types::Duration> {
+    Some(tasker::proto::duration_from_ms(n))
 }
 
 fn policy(initial: i64, multiplier: f64, max: i64, jitter: f64) -> v1::RetryPolicy {

@@ -172,11 +172,10 @@ pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
 }
 
 fn retry_policy_to_proto(p: RetryPolicy) -> v1::RetryPolicy {
-    let ms = |n: i64| proto::duration(std::time::Duration::from_millis(n.max(0) as u64));
     v1::RetryPolicy {
-        initial_backoff: Some(ms(p.initial_ms)),
+        initial_backoff: Some(proto::duration_from_ms(p.initial_ms)),
         multiplier: p.multiplier,
-        max_backoff: Some(ms(p.max_ms)),
+        max_backoff: Some(proto::duration_from_ms(p.max_ms)),
         jitter: p.jitter,
     }
 }

@@ -109,6 +109,14 @@ pub fn duration_ms(d: &prost_types::Duration) -> i64 {
         .saturating_add(i64::from(d.nanos) / 1_000_000)
 }
 
+/// Signed milliseconds as a protobuf Duration (seconds and nanos of the same sign).
+pub fn duration_from_ms(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
 pub fn duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,

@@ -50,13 +50,8 @@ impl Store {
         let (namespaces, queues): (Vec<String>, Vec<String>) = lanes.iter().cloned().unzip();
         Ok(sqlx::query_as::<_, LaneSettings>(
             "SELECT lane.*,
-                    CASE WHEN lane.paused OR lane.namespace_paused THEN lane.queued
-                         WHEN lane.max_in_flight IS NULL THEN 0
-                         ELSE greatest(lane.queued - (
-                             SELECT coalesce(sum(greatest(s.cap - s.in_flight, 0)), 0)::int
-                             FROM tasker.lane_slots s
-                             WHERE s.namespace = lane.namespace AND s.queue = lane.queue), 0)
-                    END AS held
+                    -- what the lane could lease now is the hop's own rule (tasker.lane_room)
+                    lane.queued - tasker.lane_room(lane.namespace, lane.queue, lane.queued) AS held
              FROM (
              SELECT l.namespace, l.queue, l.ord,
                     g.max_in_flight,

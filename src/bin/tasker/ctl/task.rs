@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tasker::proto::{json_to_struct, struct_to_json, v1, Vocabulary};
+use tasker::proto::{duration_from_ms, json_to_struct, struct_to_json, v1, Vocabulary};
 use tokio_stream::StreamExt;
 use tonic::Status;
 
@@ -336,14 +336,10 @@ struct RetryFile {
 
 impl RetryFile {
     fn into_proto(self) -> v1::RetryPolicy {
-        let ms = |n: i64| prost_types::Duration {
-            seconds: n.div_euclid(1000),
-            nanos: (n.rem_euclid(1000) * 1_000_000) as i32,
-        };
         v1::RetryPolicy {
-            initial_backoff: Some(ms(self.initial_backoff_ms)),
+            initial_backoff: Some(duration_from_ms(self.initial_backoff_ms)),
             multiplier: self.multiplier,
-            max_backoff: self.max_backoff_ms.map(ms),
+            max_backoff: self.max_backoff_ms.map(duration_from_ms),
             jitter: self.jitter,
         }
     }
