@@ -41,6 +41,8 @@ pub struct ApiContext {
     /// A replica silent this long is not listed (`orchestration.replicas.gone_after_ms`).
     pub replica_gone_after: Duration,
     pub max_fetch_wait: Duration,
+    /// How far ahead a task may start (`orchestration.scheduling.max_start_delay_days`).
+    pub max_start_delay: Duration,
     /// The largest response the server encodes (`grpc.max_response_bytes`).
     pub max_response_bytes: usize,
     pub started: Instant,
@@ -65,6 +67,7 @@ impl ApiContext {
             ),
             replica_gone_after: config.orchestration.replicas.gone_after,
             max_fetch_wait: config.grpc.max_fetch_wait,
+            max_start_delay: config.orchestration.scheduling.max_start_delay(),
             max_response_bytes: config.grpc.max_response_bytes,
             started: Instant::now(),
             draining: CancellationToken::new(),

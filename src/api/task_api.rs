@@ -10,7 +10,7 @@ use super::convert::{document, repeated_entry_len, text, uuid};
 use super::error;
 use super::task_list::TaskListRequest;
 use super::task_watch::{watch_task, WatchStream};
-use crate::model::dag::{StepSpec, TaskSpec};
+use crate::model::dag::{StepSpec, TaskSpec, Violation};
 use crate::model::retry::{RetryPolicy, MAX_BACKOFF_MS};
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1, words};
@@ -199,12 +199,26 @@ pub(super) fn task_to_proto(t: TaskRecord) -> v1::Task {
         updated_at: Some(proto::timestamp(t.updated_at)),
         completed_at: proto::opt_timestamp(t.completed_at),
         steps: Vec::new(),
+        start_at: proto::opt_timestamp(t.start_at),
+        scheduled: t.scheduled,
     }
 }
 
-/// The request as a [`TaskSpec`]; validation happens on the spec, all violations at once.
-pub fn spec_from_request(r: v1::CreateTaskRequest) -> TaskSpec {
-    TaskSpec {
+/// The request as a [`TaskSpec`], and what could not be converted (a timestamp out of range);
+/// validation happens on the spec, all violations at once.
+pub fn spec_from_request(r: v1::CreateTaskRequest) -> (TaskSpec, Vec<Violation>) {
+    let mut problems = Vec::new();
+    let start_at = r.start_at.as_ref().and_then(|t| {
+        let at = proto::datetime(t);
+        if at.is_none() {
+            problems.push(Violation {
+                field: "start_at".into(),
+                message: "is not a valid timestamp".into(),
+            });
+        }
+        at
+    });
+    let spec = TaskSpec {
         namespace: r.namespace,
         name: r.name,
         priority: r.priority,
@@ -212,6 +226,7 @@ pub fn spec_from_request(r: v1::CreateTaskRequest) -> TaskSpec {
         idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
         concurrency_key: (!r.concurrency_key.is_empty()).then_some(r.concurrency_key),
         retry: r.retry.map(retry_policy),
+        start_at,
         steps: r
             .steps
             .into_iter()
@@ -225,7 +240,8 @@ pub fn spec_from_request(r: v1::CreateTaskRequest) -> TaskSpec {
                 retry: s.retry.map(retry_policy),
             })
             .collect(),
-    }
+    };
+    (spec, problems)
 }
 
 /// A requested retry policy with its defaults filled in (multiplier 0: 1; no max_backoff: the
@@ -253,9 +269,17 @@ impl v1::task_service_server::TaskService for TaskApi {
         request: Request<v1::CreateTaskRequest>,
     ) -> Result<Response<v1::CreateTaskResponse>, Status> {
         let traceparent = crate::telemetry::current_traceparent();
-        let spec = spec_from_request(request.into_inner());
+        let (spec, mut problems) = spec_from_request(request.into_inner());
         let digest = spec.request_digest();
-        let task = spec.into_new_task().map_err(error::violations)?;
+        problems.extend(spec.start_problem(chrono::Utc::now(), self.ctx.max_start_delay));
+        let task = match spec.into_new_task() {
+            Ok(task) if problems.is_empty() => task,
+            Ok(_) => return Err(error::violations(problems)),
+            Err(mut violations) => {
+                violations.extend(problems);
+                return Err(error::violations(violations));
+            }
+        };
         let created = self
             .ctx
             .store

@@ -136,6 +136,12 @@ impl TaskBuilder {
         self
     }
 
+    /// Its first steps become ready at `at` (not before); a time not in the future: now.
+    pub fn start_at(mut self, at: chrono::DateTime<chrono::Utc>) -> Self {
+        self.request.start_at = Some(crate::proto::timestamp(at));
+        self
+    }
+
     pub fn build(self) -> v1::CreateTaskRequest {
         self.request
     }

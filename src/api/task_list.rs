@@ -101,16 +101,28 @@ impl TaskListRequest {
         states.sort_by_key(|s| s.as_str());
         states.dedup();
         let words: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
-        let fingerprint = fingerprint(&[
+        let (words, created_after_s, created_before_s, updated_after_s, updated_before_s) = (
+            words.join(","),
+            stamp(created_after),
+            stamp(created_before),
+            stamp(updated_after),
+            stamp(updated_before),
+        );
+        let mut filters: Vec<&str> = vec![
             &r.namespace,
-            &words.join(","),
+            &words,
             &r.name,
-            &stamp(created_after),
-            &stamp(created_before),
-            &stamp(updated_after),
-            &stamp(updated_before),
+            &created_after_s,
+            &created_before_s,
+            &updated_after_s,
+            &updated_before_s,
             if newest_first { "newest" } else { "oldest" },
-        ]);
+        ];
+        // only when set: the tokens handed out before the filter existed stay valid
+        if r.scheduled {
+            filters.push("scheduled");
+        }
+        let fingerprint = fingerprint(&filters);
         let after = if r.page_token.is_empty() {
             None
         } else {
@@ -127,6 +139,7 @@ impl TaskListRequest {
                 updated_after,
                 updated_before,
                 newest_first,
+                scheduled: r.scheduled,
                 after,
                 limit: i64::from(page_size) + 1,
             },
@@ -146,13 +159,8 @@ impl TaskListRequest {
 }
 
 fn time(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, Status> {
-    t.map(|t| {
-        u32::try_from(t.nanos)
-            .ok()
-            .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
-            .ok_or_else(|| invalid(field, "is not a valid timestamp"))
-    })
-    .transpose()
+    t.map(|t| crate::proto::datetime(&t).ok_or_else(|| invalid(field, "is not a valid timestamp")))
+        .transpose()
 }
 
 fn range(

@@ -21,6 +21,7 @@ pub struct OrchestrationConfig {
     pub completions: CompletionsConfig,
     pub workers: WorkersConfig,
     pub replicas: ReplicasConfig,
+    pub scheduling: SchedulingConfig,
 }
 
 impl OrchestrationConfig {
@@ -32,6 +33,7 @@ impl OrchestrationConfig {
         self.completions.validate(&mut c.section("completions"));
         self.workers.validate(&mut c.section("workers"));
         self.replicas.validate(&mut c.section("replicas"));
+        self.scheduling.validate(&mut c.section("scheduling"));
     }
 }
 
@@ -312,5 +314,33 @@ impl ReplicasConfig {
                 ),
             );
         }
+    }
+}
+
+/// Time as an input: tasks that start later (`CreateTaskRequest.start_at`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulingConfig {
+    /// How far ahead a task may be created to start: a start years away is almost always a
+    /// unit mistake (milliseconds sent as seconds), refused rather than kept for ever.
+    pub max_start_delay_days: u32,
+}
+
+impl Default for SchedulingConfig {
+    fn default() -> Self {
+        Self {
+            max_start_delay_days: 365,
+        }
+    }
+}
+
+impl SchedulingConfig {
+    /// [`max_start_delay_days`](Self::max_start_delay_days) as a duration.
+    pub fn max_start_delay(&self) -> Duration {
+        Duration::from_secs(u64::from(self.max_start_delay_days) * DAY_S)
+    }
+
+    fn validate(&self, c: &mut Checks) {
+        c.range("max_start_delay_days", self.max_start_delay_days, 1, 36_500);
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -78,6 +79,8 @@ pub struct TaskSpec {
     pub concurrency_key: Option<String>,
     /// The retry policy of the steps that declare none.
     pub retry: Option<RetryPolicy>,
+    /// When its first steps become ready; `None` (or a time not in the future): at once.
+    pub start_at: Option<DateTime<Utc>>,
 }
 
 /// One rule a request breaks.
@@ -137,6 +140,10 @@ impl TaskSpec {
         if let Some(r) = &self.retry {
             doc["retry"] = serde_json::json!(r);
         }
+        if let Some(at) = &self.start_at {
+            doc["start_at"] =
+                Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+        }
         let hash = Sha256::digest(canonical(&doc).to_string().as_bytes());
         hash.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -155,7 +162,26 @@ impl TaskSpec {
             steps,
             concurrency_key: None,
             retry: None,
+            start_at: None,
         }
+    }
+
+    /// The start time's rule, which needs the clock and the configured horizon (so it is not
+    /// part of [`validate`](Self::validate)): at most `horizon` after `now`.
+    pub fn start_problem(
+        &self,
+        now: DateTime<Utc>,
+        horizon: std::time::Duration,
+    ) -> Option<Violation> {
+        let at = self.start_at?;
+        let latest = now + chrono::Duration::from_std(horizon).unwrap_or(chrono::Duration::MAX);
+        (at > latest).then(|| Violation {
+            field: "start_at".into(),
+            message: format!(
+                "must be at most {} days ahead (orchestration.scheduling.max_start_delay_days), is {at}",
+                horizon.as_secs() / 86_400
+            ),
+        })
     }
 
     /// `n` steps, each depending on the one before.
@@ -450,6 +476,7 @@ impl TaskSpec {
             context: self.context,
             idempotency_key: self.idempotency_key,
             concurrency_key: self.concurrency_key,
+            start_at: self.start_at,
             steps,
         })
     }
@@ -510,6 +537,8 @@ pub struct NewTask {
     pub context_bytes: i32,
     pub idempotency_key: Option<String>,
     pub concurrency_key: Option<String>,
+    /// When its first steps become ready (`None`: at once).
+    pub start_at: Option<DateTime<Utc>>,
     pub steps: Vec<NewStep>,
 }
 

@@ -170,6 +170,8 @@ text_enum! {
         AllComplete = "all_complete",
         WaitingForDependencies = "waiting_for_dependencies",
         Cancelled = "cancelled",
+        /// Waits for its start time: nothing is ready before it.
+        Scheduled = "scheduled",
     }
 }
 

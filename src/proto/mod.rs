@@ -97,6 +97,13 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// A protobuf Timestamp as a time; `None` for one out of range (nanos negative or too large).
+pub fn datetime(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    u32::try_from(t.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+}
+
 pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
     t.map(timestamp)
 }

@@ -142,6 +142,7 @@ pub(crate) mod tests {
             "all_complete",
             "waiting_for_dependencies",
             "cancelled",
+            "scheduled",
         ];
         round_trips::<v1::ExecutionStatus>(&statuses.map(String::from));
     }

@@ -1,20 +1,22 @@
 //! `DeadlineScheduler`: precise wake-ups for work that becomes ready with no event. A step in
 //! retry backoff becomes ready at `next_retry_at`; a leased step whose worker went silent must
-//! be retried when its lease runs out. Rather than leaving both to the next fallback poll (up
-//! to 30 s late), the scheduler sleeps until the earliest such deadline, then promotes due
-//! retries (`waiting_for_retry -> pending`, which also notifies) and expires dead leases, and
-//! sends `ProcessTaskReadiness` (`triggered_by = retry_timer`) for each affected task, so
-//! retries are just as prompt in PollingOnly mode.
+//! be retried when its lease runs out; a task created to start later starts at its `start_at`.
+//! Rather than leaving these to the next fallback poll (up to 30 s late, and the poller does
+//! not look for starts at all), the scheduler sleeps until the earliest such deadline, then
+//! promotes due retries (`waiting_for_retry -> pending`) and due starts (the task's roots join
+//! the ready set), expires dead leases, and sends `ProcessTaskReadiness` for each affected task
+//! (`triggered_by = retry_timer`, or `task_start`), so they are just as prompt in PollingOnly
+//! mode.
 //!
 //! ```text
-//!  sleep until min(next deadline, poll interval) ──or poked (an earlier retry or lease)─┐
-//!     ^                                                                                 v
-//!     └──── commands(retry_timer) <── promote_due_retries + expire_leases <──── wake ───┘
+//!  sleep until min(next deadline, poll interval) ──or poked (an earlier deadline)──────────┐
+//!     ^                                                                                    v
+//!     └── commands <── promote_due_retries + promote_due_starts + expire_leases <── wake ──┘
 //! ```
 //! The sleep is capped at the poll interval because other instances create deadlines too; a
-//! retry's due time made on another instance also arrives as a `tasker_deadlines`
-//! notification (the event system pokes the scheduler with it), so it is met on time even when
-//! the instance that made it is gone.
+//! retry's due time or a task's start made on another instance also arrives as a
+//! `tasker_deadlines` notification (the event system pokes the scheduler with it), so it is met
+//! on time even when the instance that made it is gone.
 //!
 //! A deadline created while the scheduler is between reading the next deadline and publishing
 //! its plan must not be compared against the previous plan (already past, so it would not
@@ -40,12 +42,12 @@ const BATCH: i32 = 500;
 /// Where deadlines come from: the store in the service, a scripted source in the unit tests
 /// below (which drive the scheduler's timing under a paused clock).
 pub trait DeadlineSource: Send + Sync + 'static {
-    /// The earliest retry due time or lease expiry, if any.
+    /// The earliest retry due time, lease expiry or task start, if any.
     fn next_deadline(
         &self,
         namespaces: Option<Vec<String>>,
     ) -> BoxFuture<'static, Result<Option<DateTime<Utc>>, StoreError>>;
-    /// Move due retries back to pending and end expired leases.
+    /// Move due retries back to pending, start due tasks and end expired leases.
     fn take_due(&self, limit: i32, namespaces: Option<Vec<String>>) -> BoxFuture<'static, Due>;
 }
 
@@ -56,6 +58,8 @@ pub struct Due {
     pub retries: Vec<TaskRef>,
     /// Steps whose lease ran out (their attempt ended).
     pub expired: Vec<TaskRef>,
+    /// Root steps of tasks whose start time came (now ready).
+    pub starts: Vec<TaskRef>,
 }
 
 impl DeadlineSource for Store {
@@ -77,6 +81,10 @@ impl DeadlineSource for Store {
             {
                 Ok(rows) => due.retries = rows,
                 Err(e) => tracing::warn!(error = %e, "promoting due retries failed"),
+            }
+            match store.promote_due_starts(limit, namespaces.as_deref()).await {
+                Ok(rows) => due.starts = rows,
+                Err(e) => tracing::warn!(error = %e, "starting due tasks failed"),
             }
             match store.expire_leases(limit, namespaces.as_deref()).await {
                 Ok(rows) => {
@@ -152,7 +160,8 @@ impl DeadlineScheduler {
         }
     }
 
-    /// Promote due retries, expire dead leases, and send a command per affected task.
+    /// Promote due retries and starts, expire dead leases, and send a command per affected
+    /// task.
     pub async fn wake(&self) {
         let due = self
             .source
@@ -162,20 +171,22 @@ impl DeadlineScheduler {
             .steps_promoted("retry", due.retries.len() as u64);
         self.metrics
             .steps_promoted("lease_expired", due.expired.len() as u64);
-        let tasks: HashMap<uuid::Uuid, TaskRef> = due
+        self.metrics
+            .steps_promoted("task_start", due.starts.len() as u64);
+        // a task started now has nothing else due (no step of it ran), so its command says
+        // why it is ready; any other task, once, as a timer's
+        let tasks: HashMap<uuid::Uuid, (TaskRef, TriggeredBy)> = due
             .retries
             .into_iter()
             .chain(due.expired)
-            .map(|r| (r.task_uuid, r))
+            .map(|r| (r, TriggeredBy::RetryTimer))
+            .chain(due.starts.into_iter().map(|r| (r, TriggeredBy::TaskStart)))
+            .map(|(r, by)| (r.task_uuid, (r, by)))
             .collect();
-        for t in tasks.into_values() {
-            let command = OrchestrationCommand::process_task(
-                t.task_uuid,
-                t.namespace,
-                TriggeredBy::RetryTimer,
-            );
+        for (t, by) in tasks.into_values() {
+            let command = OrchestrationCommand::process_task(t.task_uuid, t.namespace, by);
             if self.commands.submit_waiting(command).await.is_ok() {
-                self.metrics.command_sent(TriggeredBy::RetryTimer.as_str());
+                self.metrics.command_sent(by.as_str());
             }
         }
     }
@@ -340,7 +351,7 @@ mod tests {
         let woke = h
             .answer_due(Due {
                 retries: vec![t.clone()],
-                expired: Vec::new(),
+                ..Due::default()
             })
             .await;
         assert!(near(woke - asked, 300), "woke after {:?}", woke - asked);

@@ -509,6 +509,22 @@ impl Store {
         .await?)
     }
 
+    /// Tasks whose start time came: their root steps join the ready set (one row per root),
+    /// in the namespaces matching `namespaces` (`None`: all).
+    pub async fn promote_due_starts(
+        &self,
+        limit: i32,
+        namespaces: Option<&[String]>,
+    ) -> Result<Vec<TaskRef>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT task_uuid, step_uuid, namespace, priority FROM tasker.promote_due_starts($1, $2)",
+        )
+        .bind(limit)
+        .bind(namespaces)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// End attempts whose lease ran out (retry or final failure per max_attempts).
     pub async fn expire_leases(
         &self,

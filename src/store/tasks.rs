@@ -41,6 +41,8 @@ pub struct TaskListQuery {
     pub updated_after: Option<DateTime<Utc>>,
     pub updated_before: Option<DateTime<Utc>>,
     pub newest_first: bool,
+    /// Only tasks still waiting for their start.
+    pub scheduled: bool,
     pub after: Option<(DateTime<Utc>, Uuid)>,
     pub limit: i64,
 }
@@ -73,6 +75,10 @@ pub struct TaskRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The start it was created with (`None`: at creation).
+    pub start_at: Option<DateTime<Utc>>,
+    /// It still waits for `start_at`.
+    pub scheduled: bool,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
@@ -100,6 +106,11 @@ pub struct StepRecord {
     /// Its declared retry policy (its own or the task's), as stored.
     pub retry_policy: Option<sqlx::types::Json<crate::model::retry::RetryPolicy>>,
 }
+
+/// Whether task `t` still waits for its start (a row of `tasker.task_starts` exists exactly
+/// while it does).
+const SCHEDULED: &str =
+    "EXISTS (SELECT 1 FROM tasker.task_starts ts WHERE ts.task_uuid = t.task_uuid)";
 
 /// Bytes a task takes in a response besides its context, at most (ids, names, key, times):
 /// what a page of tasks is cut by before their contexts are read.
@@ -130,7 +141,7 @@ impl Store {
         let rows: Result<Vec<(Uuid, bool, String, Uuid)>, sqlx::Error> = sqlx::query_as(
             "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
              FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
-                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12, $13) c",
+                  tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12, $13, $14) c",
         )
         .bind(task.task_uuid)
         .bind(&task.namespace)
@@ -145,6 +156,7 @@ impl Store {
         .bind(task.context_bytes)
         .bind(!self.limits.no_namespaces_on_first_use)
         .bind(&task.concurrency_key)
+        .bind(task.start_at)
         .fetch_all(conn.conn())
         .await;
         conn.release();
@@ -160,10 +172,11 @@ impl Store {
     }
 
     pub async fn get_task(&self, task_uuid: Uuid) -> Result<TaskRecord, StoreError> {
-        sqlx::query_as::<_, TaskRecord>(
-            "SELECT task_uuid, namespace, name, priority, state, context, idempotency_key, created_at, updated_at, completed_at
-             FROM tasker.tasks WHERE task_uuid = $1",
-        )
+        sqlx::query_as::<_, TaskRecord>(&format!(
+            "SELECT task_uuid, namespace, name, priority, state, context, idempotency_key, created_at, updated_at, completed_at,
+                    start_at, {SCHEDULED} AS scheduled
+             FROM tasker.tasks t WHERE task_uuid = $1",
+        ))
         .bind(task_uuid)
         .fetch_optional(&self.pool)
         .await?
@@ -182,13 +195,13 @@ impl Store {
             task: TaskRecord,
             last_transition: i64,
         }
-        let row = sqlx::query_as::<_, Row>(
+        let row = sqlx::query_as::<_, Row>(&format!(
             "SELECT t.task_uuid, t.namespace, t.name, t.priority, t.state, t.context, t.idempotency_key,
-                    t.created_at, t.updated_at, t.completed_at,
+                    t.created_at, t.updated_at, t.completed_at, t.start_at, {SCHEDULED} AS scheduled,
                     coalesce((SELECT max(x.id) FROM tasker.task_transitions x
                               WHERE x.task_uuid = t.task_uuid), 0) AS last_transition
              FROM tasker.tasks t WHERE t.task_uuid = $1",
-        )
+        ))
         .bind(task_uuid)
         .fetch_optional(&self.pool)
         .await?
@@ -269,21 +282,26 @@ impl Store {
         let order = format!("created_at {direction}, task_uuid {direction}");
         let mut sql = sqlx::QueryBuilder::new(format!(
             "SELECT w.task_uuid, w.namespace, w.name, w.priority, w.state, w.context,
-                    w.idempotency_key, w.created_at, w.updated_at, w.completed_at, w.page_rows
+                    w.idempotency_key, w.created_at, w.updated_at, w.completed_at, w.start_at,
+                    w.scheduled, w.page_rows
              FROM (SELECT p.*,
                           sum(coalesce(p.context_bytes, octet_length(p.context::text)) + {TASK_ROW_BYTES})
                               OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS upto,
                           row_number() OVER (ORDER BY {order}) AS rn,
                           count(*) OVER () AS page_rows
                    FROM (SELECT task_uuid, namespace, name, priority, state, context, context_bytes,
-                                idempotency_key, created_at, updated_at, completed_at
-                         FROM tasker.tasks WHERE true"
+                                idempotency_key, created_at, updated_at, completed_at, start_at,
+                                {SCHEDULED} AS scheduled
+                         FROM tasker.tasks t WHERE true"
         ));
         if let Some(ns) = &q.namespace {
             sql.push(" AND namespace = ").push_bind(ns);
         }
         if !q.states.is_empty() {
             sql.push(" AND state = ANY(").push_bind(&q.states).push(")");
+        }
+        if q.scheduled {
+            sql.push(format_args!(" AND start_at IS NOT NULL AND {SCHEDULED}"));
         }
         if let Some(name) = &q.name {
             sql.push(" AND name = ").push_bind(name);

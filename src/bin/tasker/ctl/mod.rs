@@ -168,6 +168,9 @@ pub enum TaskAction {
     Create {
         #[arg(long)]
         file: PathBuf,
+        /// Start it later (RFC 3339, e.g. 2026-12-05T02:00:00Z); overrides the file's start_at.
+        #[arg(long)]
+        start_at: Option<String>,
     },
     Get {
         task: String,
@@ -243,6 +246,9 @@ pub struct TaskListFilter {
     pub name: Option<String>,
     #[arg(long)]
     pub oldest_first: bool,
+    /// Only tasks still waiting for their start_at.
+    #[arg(long)]
+    pub scheduled: bool,
     /// Tasks per page (1 to 1000).
     #[arg(long, default_value_t = 100)]
     pub limit: i32,
@@ -381,7 +387,7 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
         CtlCommand::Inject { task } => readiness::inject(ctl, task).await,
         CtlCommand::Watch(filter) => readiness::watch(ctl, filter).await,
         CtlCommand::Task { action } => match action {
-            TaskAction::Create { file } => task::create(ctl, file).await,
+            TaskAction::Create { file, start_at } => task::create(ctl, file, start_at).await,
             TaskAction::Get { task, data } => task::get(ctl, task, data).await,
             TaskAction::Cancel { task, reason } => task::cancel(ctl, task, reason).await,
             TaskAction::List(filter) => task::list(ctl, filter).await,

@@ -11,10 +11,17 @@ use super::{Ctl, CtlError, Output, Svc, TaskListFilter};
 use tasker::client::Connect;
 
 /// `task create FILE`: a task from a YAML or JSON file (`-`: stdin).
-pub(super) async fn create(ctl: &Ctl, file: std::path::PathBuf) -> Result<(), CtlError> {
+pub(super) async fn create(
+    ctl: &Ctl,
+    file: std::path::PathBuf,
+    start_at: Option<String>,
+) -> Result<(), CtlError> {
     let svc = ctl.svc.clone();
     let print = |v: Value| print_value(&v, ctl.out);
-    let request = read_task_file(&file)?;
+    let mut request = read_task_file(&file)?;
+    if let Some(at) = start_at {
+        request.start_at = Some(parse_start_at("--start-at", &at)?);
+    }
     let r = v1::task_service_client::TaskServiceClient::new(svc)
         .create_task(request)
         .await?
@@ -87,6 +94,7 @@ pub(super) async fn list(ctl: &Ctl, filter: TaskListFilter) -> Result<(), CtlErr
         states,
         name,
         oldest_first,
+        scheduled,
         limit,
         page_token,
     } = filter;
@@ -103,6 +111,7 @@ pub(super) async fn list(ctl: &Ctl, filter: TaskListFilter) -> Result<(), CtlErr
             },
             page_size: limit,
             page_token: page_token.unwrap_or_default(),
+            scheduled,
             ..Default::default()
         })
         .await?
@@ -113,6 +122,7 @@ pub(super) async fn list(ctl: &Ctl, filter: TaskListFilter) -> Result<(), CtlErr
             "state": v1::TaskState::word_of(t.state), "priority": t.priority,
             "created_at": ts(t.created_at),
             "updated_at": ts(t.updated_at),
+            "start_at": ts(t.start_at), "scheduled": t.scheduled,
         })).collect::<Vec<_>>(),
         "next_page_token": r.next_page_token,
     }));
@@ -300,7 +310,21 @@ struct TaskFile {
     /// The retry policy of the steps that declare none.
     #[serde(default)]
     retry: Option<RetryFile>,
+    /// When its first steps become ready (RFC 3339).
+    #[serde(default)]
+    start_at: Option<String>,
     steps: Vec<StepFile>,
+}
+
+/// A start time as RFC 3339 (`2026-12-05T02:00:00Z`, or with an offset).
+fn parse_start_at(what: &str, at: &str) -> Result<prost_types::Timestamp, CtlError> {
+    chrono::DateTime::parse_from_rfc3339(at)
+        .map(|t| tasker::proto::timestamp(t.with_timezone(&chrono::Utc)))
+        .map_err(|e| {
+            CtlError::Usage(format!(
+                "{what}: {at:?} is not an RFC 3339 time (like 2026-12-05T02:00:00Z): {e}"
+            ))
+        })
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,7 +388,13 @@ pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskReq
         serde_json::from_str(&text)
             .map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))?
     };
+    let start_at = file
+        .start_at
+        .as_deref()
+        .map(|at| parse_start_at("start_at", at))
+        .transpose()?;
     Ok(v1::CreateTaskRequest {
+        start_at,
         namespace: file.namespace,
         name: file.name,
         priority: file.priority,
@@ -394,6 +424,7 @@ fn task_json(t: v1::Task) -> Value {
         "state": v1::TaskState::word_of(t.state), "context": struct_to_json(t.context), "idempotency_key": t.idempotency_key,
         "created_at": ts(t.created_at), "updated_at": ts(t.updated_at),
         "completed_at": ts(t.completed_at),
+        "start_at": ts(t.start_at), "scheduled": t.scheduled,
         "steps": t.steps.into_iter().map(|s| json!({
             "name": s.name, "step_uuid": s.step_uuid, "state": v1::StepState::word_of(s.state),
             "attempts": s.attempts, "queue": s.queue,
