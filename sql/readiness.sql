@@ -9,8 +9,9 @@
 
 
 -- Each step of a task with its readiness: parents done, retry eligibility, ready now and
--- since when (GetTaskReadiness). Reads the whole task: for the API, not the hop.
--- (from migrations/20261127000001_baseline.sql)
+-- since when (GetTaskReadiness); nothing of a task waiting for its start is ready. Reads the
+-- whole task: for the API, not the hop.
+-- (from migrations/20261204000012_task_start_times.sql)
 CREATE FUNCTION tasker.step_readiness(p_task_uuid uuid)
 RETURNS TABLE (
     step_uuid uuid,
@@ -35,18 +36,22 @@ LANGUAGE sql STABLE AS $$
            (s.state IN ('pending', 'waiting_for_retry') AND s.attempts < s.max_attempts
                 AND (s.attempts = 0 OR s.retryable)),
            s.next_retry_at,
-           (t.state IN ('pending', 'in_progress') AND s.state = 'pending' AND s.unfinished_parents = 0),
-           CASE WHEN s.unfinished_parents = 0 THEN s.ready_at END
+           (t.state IN ('pending', 'in_progress') AND s.state = 'pending' AND s.unfinished_parents = 0
+                AND NOT t.scheduled),
+           CASE WHEN s.unfinished_parents = 0 AND NOT t.scheduled THEN s.ready_at END
     FROM tasker.workflow_steps s
-    JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+    CROSS JOIN LATERAL (SELECT k.state,
+                               EXISTS (SELECT 1 FROM tasker.task_starts ts WHERE ts.task_uuid = k.task_uuid) AS scheduled
+                        FROM tasker.tasks k WHERE k.task_uuid = s.task_uuid) t
     CROSS JOIN LATERAL (SELECT count(*) AS total FROM tasker.step_edges e
                         WHERE e.child_step_uuid = s.step_uuid) p
     WHERE s.task_uuid = p_task_uuid
     ORDER BY s.position, s.name
 $$;
 
--- A task's step counts by state and its execution status (GetTaskReadiness).
--- (from migrations/20261127000001_baseline.sql)
+-- A task's step counts by state and its execution status (GetTaskReadiness; 'scheduled' while
+-- it waits for its start).
+-- (from migrations/20261204000012_task_start_times.sql)
 CREATE FUNCTION tasker.task_execution_context(p_task_uuid uuid)
 RETURNS TABLE (
     task_uuid uuid,
@@ -76,20 +81,24 @@ LANGUAGE sql STABLE AS $$
                count(*) FILTER (WHERE s.state = 'cancelled')::int AS cancelled,
                count(*) FILTER (WHERE s.state = 'pending' AND s.unfinished_parents = 0)::int AS ready
         FROM tasker.workflow_steps s WHERE s.task_uuid = p_task_uuid
+    ),
+    w AS (
+        SELECT EXISTS (SELECT 1 FROM tasker.task_starts ts WHERE ts.task_uuid = p_task_uuid) AS scheduled
     )
     SELECT t.task_uuid, t.namespace, t.state, t.priority,
            c.total, c.pending, c.enqueued, c.in_progress, c.complete, c.failed, c.waiting,
            c.cancelled,
-           CASE WHEN t.state IN ('pending', 'in_progress') THEN c.ready ELSE 0 END,
+           CASE WHEN t.state IN ('pending', 'in_progress') AND NOT w.scheduled THEN c.ready ELSE 0 END,
            CASE
                WHEN t.state = 'cancelled' THEN 'cancelled'
                WHEN c.total > 0 AND c.complete = c.total THEN 'all_complete'
+               WHEN w.scheduled AND t.state IN ('pending', 'in_progress') THEN 'scheduled'
                WHEN t.state IN ('pending', 'in_progress') AND c.ready > 0 THEN 'has_ready_steps'
                WHEN c.enqueued + c.in_progress > 0 THEN 'processing'
                WHEN c.failed > 0 THEN 'blocked_by_failures'
                ELSE 'waiting_for_dependencies'
            END
-    FROM tasker.tasks t, c
+    FROM tasker.tasks t, c, w
     WHERE t.task_uuid = p_task_uuid
 $$;
 
@@ -241,9 +250,51 @@ BEGIN
 END
 $$;
 
--- The earliest moment at which a retry becomes due or a lease runs out: the service sleeps
--- until then instead of waiting for the next fallback poll.
--- (from migrations/20261127000001_baseline.sql)
+-- Tasks whose start time came (tasker.task_starts): their root steps join the ready set, ready
+-- from now; one row per root step, for the caller's readiness commands. Claimed with SKIP
+-- LOCKED, so replicas waking for the same start promote it once.
+-- (from migrations/20261204000012_task_start_times.sql)
+CREATE FUNCTION tasker.promote_due_starts(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
+RETURNS TABLE (task_uuid uuid, step_uuid uuid, namespace text, priority integer)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH due AS (
+        DELETE FROM tasker.task_starts d
+        WHERE d.task_uuid IN (SELECT s.task_uuid FROM tasker.task_starts s
+                              WHERE s.start_at <= clock_timestamp()
+                                AND tasker.namespace_matches(s.namespace, p_namespaces)
+                              ORDER BY s.start_at
+                              LIMIT p_limit
+                              FOR UPDATE SKIP LOCKED)
+        RETURNING d.task_uuid
+    ),
+    roots AS (
+        UPDATE tasker.workflow_steps s SET ready_at = clock_timestamp()
+        FROM due
+        WHERE s.task_uuid = due.task_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
+        RETURNING s.task_uuid, s.step_uuid, s.ready_at
+    ),
+    readied AS (
+        INSERT INTO tasker.ready_steps AS r (step_uuid, task_uuid, ready_at)
+        SELECT p.step_uuid, p.task_uuid, p.ready_at FROM roots p
+        ON CONFLICT DO NOTHING
+        RETURNING r.step_uuid, r.task_uuid
+    )
+    SELECT p.task_uuid, p.step_uuid, t.namespace, t.priority
+    FROM readied p
+    CROSS JOIN LATERAL (SELECT k.namespace, k.priority, k.state FROM tasker.tasks k
+                        WHERE k.task_uuid = p.task_uuid OFFSET 0) t
+    WHERE t.state IN ('pending', 'in_progress');
+END
+$$;
+
+-- The earliest moment at which a retry becomes due, a lease runs out (or an attempt reaches its
+-- timeout, which caps its lease) or a scheduled task starts: the service sleeps until then
+-- instead of waiting for the next fallback poll.
+-- (from migrations/20261204000012_task_start_times.sql)
 CREATE FUNCTION tasker.next_deadline(p_namespaces text[] DEFAULT NULL) RETURNS timestamptz
 LANGUAGE sql STABLE
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -253,5 +304,8 @@ AS $$
          WHERE s.next_retry_at IS NOT NULL AND s.state = 'waiting_for_retry'
            AND tasker.namespace_matches(t.namespace, p_namespaces)),
         (SELECT min(q.visible_at) FROM tasker.step_queue q
-         WHERE q.leased_by IS NOT NULL AND tasker.namespace_matches(q.namespace, p_namespaces)))
+         WHERE q.leased_by IS NOT NULL AND tasker.namespace_matches(q.namespace, p_namespaces)),
+        (SELECT ts.start_at FROM tasker.task_starts ts
+         WHERE tasker.namespace_matches(ts.namespace, p_namespaces)
+         ORDER BY ts.start_at LIMIT 1))
 $$;

@@ -242,9 +242,10 @@ $$;
 -- Lease one queued message to a worker (as tasker.lease_message did), holding one of its
 -- lane's slots when p_holds_slot; the step as the worker receives it, with its queue.
 -- Nothing (and no slot held) when the message's step is not enqueued at this attempt any more.
--- (from migrations/20261204000006_step_queues.sql)
+-- The lease of a step with a timeout ends no later than the attempt's start + the timeout.
+-- (from migrations/20261204000013_step_timeouts.sql)
 CREATE FUNCTION tasker.lease_queued(p_msg_id bigint, p_worker_id text, p_lease_ms bigint,
-                                    p_holds_slot boolean)
+                                               p_holds_slot boolean)
 RETURNS TABLE (
     step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
     parent_results jsonb, lease_expires_at timestamptz, enqueued_at timestamptz, traceparent text,
@@ -256,6 +257,7 @@ AS $$
 DECLARE
     v_q record;
     v_s record;
+    v_end timestamptz;
 BEGIN
     UPDATE tasker.step_queue q
     SET leased_by = p_worker_id,
@@ -270,13 +272,21 @@ BEGIN
     UPDATE tasker.workflow_steps s
     SET state = 'in_progress', started_at = clock_timestamp()
     WHERE s.step_uuid = v_q.step_uuid AND s.state = 'enqueued' AND s.attempts = v_q.attempt
-    RETURNING s.task_uuid, s.name, s.inputs INTO v_s;
+    RETURNING s.task_uuid, s.name, s.inputs, s.timeout_ms, s.started_at INTO v_s;
     IF NOT FOUND THEN
         IF p_holds_slot THEN
             -- the caller gives the unused grant back
             UPDATE tasker.step_queue q SET holds_slot = false WHERE q.msg_id = p_msg_id;
         END IF;
         RETURN;
+    END IF;
+    lease_expires_at := v_q.visible_at;
+    IF v_s.timeout_ms IS NOT NULL THEN
+        v_end := v_s.started_at + make_interval(secs => v_s.timeout_ms / 1000.0);
+        IF v_end < v_q.visible_at THEN
+            UPDATE tasker.step_queue q SET visible_at = v_end WHERE q.msg_id = p_msg_id;
+            lease_expires_at := v_end;
+        END IF;
     END IF;
     step_uuid := v_q.step_uuid;
     task_uuid := v_s.task_uuid;
@@ -289,7 +299,6 @@ BEGIN
     CROSS JOIN LATERAL (SELECT p.name, p.results FROM tasker.workflow_steps p
                         WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
     WHERE e.child_step_uuid = v_q.step_uuid;
-    lease_expires_at := v_q.visible_at;
     enqueued_at := v_q.enqueued_at;
     traceparent := v_q.traceparent;
     lease_token := v_q.lease_token;
@@ -419,9 +428,10 @@ $$;
 -- Why an attempt cannot be acted on by the holder of p_lease_token, or NULL when that token
 -- holds a live lease on it (p_lease_token NULL: any holder, for the service's own sweeps).
 -- Locks the step row. Outcomes: step_not_found, stale_attempt, task_cancelled,
--- not_in_progress, lease_expired, lease_not_held. The queue row is found by its unique
+-- not_in_progress, lease_expired, lease_not_held, and timed_out (instead of stale, over or
+-- expired) for an attempt that ran past its timeout. The queue row is found by its unique
 -- (step, attempt) key, not by walking the lease index.
--- (from migrations/20261204000001_lease_tokens.sql)
+-- (from migrations/20261204000013_step_timeouts.sql)
 CREATE FUNCTION tasker.check_lease(p_step_uuid uuid, p_attempt integer, p_lease_token uuid)
 RETURNS text
 LANGUAGE plpgsql
@@ -434,13 +444,20 @@ BEGIN
     SELECT s.state, s.attempts INTO v_step FROM tasker.workflow_steps s
     WHERE s.step_uuid = p_step_uuid FOR UPDATE;
     IF NOT FOUND THEN RETURN 'step_not_found'; END IF;
-    IF v_step.attempts <> p_attempt THEN RETURN 'stale_attempt'; END IF;
+    IF v_step.attempts <> p_attempt THEN
+        IF tasker.attempt_timed_out(p_step_uuid, p_attempt) THEN RETURN 'timed_out'; END IF;
+        RETURN 'stale_attempt';
+    END IF;
     IF v_step.state = 'cancelled' THEN RETURN 'task_cancelled'; END IF;
-    IF v_step.state <> 'in_progress' THEN RETURN 'not_in_progress'; END IF;
+    IF v_step.state <> 'in_progress' THEN
+        IF tasker.attempt_timed_out(p_step_uuid, p_attempt) THEN RETURN 'timed_out'; END IF;
+        RETURN 'not_in_progress';
+    END IF;
     SELECT q.visible_at, q.leased_by, q.lease_token INTO v_msg FROM tasker.step_queue q
     WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt
     FOR UPDATE;
     IF NOT FOUND OR v_msg.leased_by IS NULL OR v_msg.visible_at <= clock_timestamp() THEN
+        IF tasker.attempt_timed_out(p_step_uuid, p_attempt) THEN RETURN 'timed_out'; END IF;
         RETURN 'lease_expired';
     END IF;
     IF p_lease_token IS NOT NULL AND v_msg.lease_token IS DISTINCT FROM p_lease_token THEN
@@ -448,6 +465,23 @@ BEGIN
     END IF;
     RETURN NULL;
 END
+$$;
+
+-- Whether attempt p_attempt of a step ended by its timeout, or runs past it now (its lease not
+-- yet ended by the scheduler). Read only when a report is refused, so last_error (which may be
+-- large) is not read on the way of every completion.
+-- (from migrations/20261204000013_step_timeouts.sql)
+CREATE FUNCTION tasker.attempt_timed_out(p_step_uuid uuid, p_attempt integer) RETURNS boolean
+LANGUAGE sql STABLE
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+    SELECT coalesce((SELECT (s.last_error->>'outcome' = 'TIMED_OUT'
+                             AND (s.last_error->>'attempt')::int = p_attempt)
+                            OR (s.state = 'in_progress' AND s.attempts = p_attempt
+                                AND s.timeout_ms IS NOT NULL
+                                AND s.started_at + make_interval(secs => s.timeout_ms / 1000.0)
+                                    <= clock_timestamp())
+                     FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid), false)
 $$;
 
 -- A step finished (completed, or resolved manually): its children each have one unfinished
@@ -680,11 +714,11 @@ BEGIN
 END
 $$;
 
--- Keep a lease the caller holds for p_lease_ms more from now: 'extended', or why not (as
--- check_lease).
--- (from migrations/20261204000001_lease_tokens.sql)
+-- Keep a lease the caller holds for p_lease_ms more from now, but never past the attempt's
+-- start + its step's timeout: 'extended', or why not (as check_lease).
+-- (from migrations/20261204000013_step_timeouts.sql)
 CREATE FUNCTION tasker.extend_lease(p_step_uuid uuid, p_attempt integer, p_lease_token uuid,
-                                    p_lease_ms bigint)
+                                               p_lease_ms bigint)
 RETURNS TABLE (outcome text, lease_expires_at timestamptz)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -698,7 +732,10 @@ BEGIN
         RETURN;
     END IF;
     UPDATE tasker.step_queue q
-    SET visible_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0)
+    SET visible_at = least(clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0),
+                           s.started_at + make_interval(secs => s.timeout_ms / 1000.0))
+    FROM (SELECT w.started_at, w.timeout_ms FROM tasker.workflow_steps w
+          WHERE w.step_uuid = p_step_uuid) s
     WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt
     RETURNING q.visible_at INTO v_until;
     RETURN QUERY SELECT 'extended'::text, v_until;
@@ -708,8 +745,9 @@ $$;
 -- Leases that ran out end their attempt as a retryable failure with no backoff: the worker
 -- is presumed dead. max_attempts still applies.
 -- An expired lease is a failed attempt without a worker's backoff: the step's retry policy
--- decides.
--- (from migrations/20261204000010_step_retry_policy.sql)
+-- decides. One that ended at the attempt's timeout is TIMED_OUT (last_error.outcome, history
+-- reason "timed_out").
+-- (from migrations/20261204000013_step_timeouts.sql)
 CREATE FUNCTION tasker.expire_leases(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
 RETURNS TABLE (task_uuid uuid, step_uuid uuid, outcome text, namespace text, priority integer)
 LANGUAGE plpgsql
@@ -718,8 +756,8 @@ AS $$
 DECLARE
     v_msg record;
     v_outcome text;
+    v_timeout integer;
 BEGIN
-    PERFORM set_config('tasker.transition_metadata', '{"reason":"lease_expired"}', true);
     FOR v_msg IN
         SELECT q.task_uuid, q.step_uuid, q.attempt, q.leased_by, q.namespace, q.priority FROM tasker.step_queue q
         WHERE q.leased_by IS NOT NULL AND q.visible_at <= clock_timestamp()
@@ -732,10 +770,27 @@ BEGIN
         IF tasker.check_live_lease(v_msg.step_uuid, v_msg.attempt) = 'lease_expired'
            AND EXISTS (SELECT 1 FROM tasker.step_queue q WHERE q.step_uuid = v_msg.step_uuid AND q.attempt = v_msg.attempt)
         THEN
-            SELECT f.outcome INTO v_outcome FROM tasker.record_attempt_failure(
-                v_msg.step_uuid,
-                jsonb_build_object('message', 'lease expired', 'worker_id', v_msg.leased_by),
-                true, NULL) f;
+            -- a lease never outlives the timeout, so one ending at or after it is the timeout
+            v_timeout := NULL;
+            SELECT s.timeout_ms INTO v_timeout FROM tasker.workflow_steps s
+            WHERE s.step_uuid = v_msg.step_uuid
+              AND s.started_at + make_interval(secs => s.timeout_ms / 1000.0) <= clock_timestamp();
+            IF v_timeout IS NOT NULL THEN
+                PERFORM set_config('tasker.transition_metadata', '{"reason":"timed_out"}', true);
+                SELECT f.outcome INTO v_outcome FROM tasker.record_attempt_failure(
+                    v_msg.step_uuid,
+                    jsonb_build_object('message', format('attempt %s ran past its timeout of %s ms',
+                                                         v_msg.attempt, v_timeout),
+                                       'outcome', 'TIMED_OUT', 'attempt', v_msg.attempt,
+                                       'timeout_ms', v_timeout, 'worker_id', v_msg.leased_by),
+                    true, NULL) f;
+            ELSE
+                PERFORM set_config('tasker.transition_metadata', '{"reason":"lease_expired"}', true);
+                SELECT f.outcome INTO v_outcome FROM tasker.record_attempt_failure(
+                    v_msg.step_uuid,
+                    jsonb_build_object('message', 'lease expired', 'worker_id', v_msg.leased_by),
+                    true, NULL) f;
+            END IF;
             RETURN QUERY SELECT v_msg.task_uuid, v_msg.step_uuid, v_outcome, v_msg.namespace, v_msg.priority;
         END IF;
     END LOOP;

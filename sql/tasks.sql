@@ -19,19 +19,23 @@
 -- documents' sizes as sent (a page of tasks or steps is cut to the response budget by them
 -- before any document is read). p_concurrency_key: the task's concurrency key (NULL: none).
 -- "retry" in p_steps: the step's retry policy as the service resolved it (its own or the
--- task's default), stored as workflow_steps.retry_policy.
--- (from migrations/20261204000010_step_retry_policy.sql)
+-- task's default), stored as workflow_steps.retry_policy; "timeout_ms": an attempt's execution
+-- limit. p_start_at in the future: the task waits for it (tasker.task_starts, announced on
+-- tasker_deadlines) with its roots out of the ready set; otherwise it is ready now.
+-- (from migrations/20261204000013_step_timeouts.sql)
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
     p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL,
-    p_create_namespace boolean DEFAULT true, p_concurrency_key text DEFAULT NULL
+    p_create_namespace boolean DEFAULT true, p_concurrency_key text DEFAULT NULL,
+    p_start_at timestamptz DEFAULT NULL
 )
 RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_existing uuid;
     v_namespaces bigint;
+    v_later boolean := p_start_at IS NOT NULL AND p_start_at > clock_timestamp();
 BEGIN
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
     -- a new namespace only: the name checks run when it is created, not for every task
@@ -56,9 +60,10 @@ BEGIN
     END IF;
 
     INSERT INTO tasker.tasks AS t (task_uuid, namespace, name, priority, context, idempotency_key,
-                                   remaining_steps, context_bytes, concurrency_key)
+                                   remaining_steps, context_bytes, concurrency_key, start_at)
     VALUES (p_task_uuid, p_namespace, p_name, p_priority, coalesce(p_context, '{}'::jsonb),
-            p_idempotency_key, jsonb_array_length(p_steps), p_context_bytes, p_concurrency_key)
+            p_idempotency_key, jsonb_array_length(p_steps), p_context_bytes, p_concurrency_key,
+            CASE WHEN v_later THEN p_start_at END)
     ON CONFLICT ON CONSTRAINT tasks_idempotency_key_unique DO NOTHING;
     IF NOT FOUND THEN
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
@@ -70,13 +75,14 @@ BEGIN
 
     INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents,
                                        ready_at, max_attempts, retryable, inputs, data_bytes, queue,
-                                       retry_policy)
+                                       retry_policy, timeout_ms)
     SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
-           CASE WHEN p.n = 0 THEN clock_timestamp() END,
+           CASE WHEN p.n = 0 AND NOT v_later THEN clock_timestamp() END,
            coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
            coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int,
            coalesce(e->>'queue', 'default'),
-           CASE WHEN jsonb_typeof(e->'retry') = 'object' THEN e->'retry' END
+           CASE WHEN jsonb_typeof(e->'retry') = 'object' THEN e->'retry' END,
+           (e->>'timeout_ms')::int
     FROM jsonb_array_elements(p_steps) AS x(e)
     CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
                         FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p
@@ -87,21 +93,30 @@ BEGIN
     FROM jsonb_array_elements(p_steps) AS x(e),
          jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d;
 
-    INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
-    SELECT s.step_uuid, p_task_uuid, s.ready_at FROM tasker.workflow_steps s
-    WHERE s.task_uuid = p_task_uuid AND s.unfinished_parents = 0;
-
-    -- a DAG has at least one root: it is ready now
-    PERFORM tasker.send_task_ready(p_task_uuid, p_namespace, 'task_start');
+    IF v_later THEN
+        -- a deadline: every replica's scheduler wakes for it
+        INSERT INTO tasker.task_starts (task_uuid, namespace, start_at)
+        VALUES (p_task_uuid, p_namespace, p_start_at);
+        PERFORM pg_notify('tasker_deadlines',
+                          json_build_object('namespace', p_namespace, 'at', p_start_at)::text);
+    ELSE
+        INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
+        SELECT s.step_uuid, p_task_uuid, s.ready_at FROM tasker.workflow_steps s
+        WHERE s.task_uuid = p_task_uuid AND s.unfinished_parents = 0;
+        -- a DAG has at least one root: it is ready now
+        PERFORM tasker.send_task_ready(p_task_uuid, p_namespace, 'task_start');
+    END IF;
     RETURN QUERY SELECT p_task_uuid, true, s.name, s.step_uuid
         FROM tasker.workflow_steps s WHERE s.task_uuid = p_task_uuid ORDER BY s.position;
 END
 $$;
 
 -- Cancel a task and every step not finished: their queue rows go (by step, the queue's index),
--- their retry times are cleared. 'cancelled', 'task_not_found' or 'task_already_final'.
--- (from migrations/20261204000002_resolve_budget_and_retry_times.sql)
-CREATE OR REPLACE FUNCTION tasker.cancel_task(p_task_uuid uuid, p_reason text, p_metadata jsonb DEFAULT '{}'::jsonb)
+-- their retry times are cleared, a start it waits for is dropped (first: a promotion under way
+-- holds it, so the cancel waits and then removes what it made ready). 'cancelled',
+-- 'task_not_found' or 'task_already_final'.
+-- (from migrations/20261204000012_task_start_times.sql)
+CREATE FUNCTION tasker.cancel_task(p_task_uuid uuid, p_reason text, p_metadata jsonb DEFAULT '{}'::jsonb)
 RETURNS text
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -114,6 +129,7 @@ BEGIN
     SELECT t.state INTO v_state FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
     IF NOT FOUND THEN RETURN 'task_not_found'; END IF;
     IF v_state NOT IN ('pending', 'in_progress', 'error') THEN RETURN 'task_already_final'; END IF;
+    DELETE FROM tasker.task_starts ts WHERE ts.task_uuid = p_task_uuid;
     UPDATE tasker.tasks t SET state = 'cancelled', completed_at = clock_timestamp()
     WHERE t.task_uuid = p_task_uuid;
     -- the queue rows of the steps cancelled, by step: the queue has no index that leads with

@@ -168,6 +168,7 @@ pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
         completed_at: proto::opt_timestamp(s.completed_at),
         queue: s.queue,
         retry: s.retry_policy.map(|p| retry_policy_to_proto(p.0)),
+        timeout: s.timeout_ms.map(|t| proto::duration_from_ms(i64::from(t))),
     }
 }
 
@@ -238,6 +239,7 @@ pub fn spec_from_request(r: v1::CreateTaskRequest) -> (TaskSpec, Vec<Violation>)
                 inputs: struct_to_json(s.inputs),
                 queue: s.queue,
                 retry: s.retry.map(retry_policy),
+                timeout_ms: s.timeout.as_ref().map(proto::duration_ms),
             })
             .collect(),
     };

@@ -124,6 +124,16 @@ impl TaskBuilder {
         self.with_last(|s| s.retry = Some(policy))
     }
 
+    /// The last step's execution limit per attempt (ExtendLease cannot carry an attempt past
+    /// it; one still running then is a failed attempt, TIMED_OUT).
+    pub fn timeout(self, timeout: std::time::Duration) -> Self {
+        self.with_last(|s| {
+            s.timeout = Some(crate::proto::duration_from_ms(
+                i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+            ))
+        })
+    }
+
     /// The retry policy of every step that declares none.
     pub fn default_retry(mut self, policy: v1::RetryPolicy) -> Self {
         self.request.retry = Some(policy);

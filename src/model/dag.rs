@@ -30,6 +30,8 @@ pub struct StepSpec {
     pub queue: String,
     /// Its backoff between attempts; `None`: the task's.
     pub retry: Option<RetryPolicy>,
+    /// An attempt's execution limit in milliseconds; `None`: none.
+    pub timeout_ms: Option<i64>,
 }
 
 impl StepSpec {
@@ -42,6 +44,7 @@ impl StepSpec {
             inputs: Value::Object(Default::default()),
             queue: String::new(),
             retry: None,
+            timeout_ms: None,
         }
     }
 
@@ -122,6 +125,9 @@ impl TaskSpec {
                 }
                 if let Some(r) = &s.retry {
                     step["retry"] = serde_json::json!(r);
+                }
+                if let Some(t) = s.timeout_ms {
+                    step["timeout_ms"] = serde_json::json!(t);
                 }
                 step
             })
@@ -310,6 +316,17 @@ impl TaskSpec {
                     push(field, message);
                 }
             }
+            if let Some(t) = s.timeout_ms {
+                if !(1..=limits::MAX_STEP_TIMEOUT_MS).contains(&t) {
+                    push(
+                        format!("steps[{i}].timeout"),
+                        format!(
+                            "must be more than 0 and at most {} days, is {t} ms",
+                            limits::MAX_STEP_TIMEOUT_MS / 86_400_000
+                        ),
+                    );
+                }
+            }
             if !s.queue.is_empty() {
                 if let Some(p) = queue_name_problem(&s.queue) {
                     push(format!("steps[{i}].queue"), p);
@@ -465,6 +482,7 @@ impl TaskSpec {
                 inputs: s.inputs.clone(),
                 queue: s.queue_or_default().to_string(),
                 retry: s.retry.or(self.retry),
+                timeout_ms: s.timeout_ms.map(|t| t as i32),
             })
             .collect();
         Ok(NewTask {
@@ -559,6 +577,9 @@ pub struct NewStep {
     /// Its own retry policy, else the task's; absent: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// An attempt's execution limit; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<i32>,
 }
 
 #[cfg(test)]

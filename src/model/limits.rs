@@ -15,6 +15,9 @@ pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
 pub const MIN_PRIORITY: i32 = -1_000;
 pub const MAX_PRIORITY: i32 = 1_000;
 pub const MAX_ATTEMPTS: i32 = 100;
+/// The longest execution limit a step may declare (StepDefinition.timeout): 7 days, as the
+/// database's check on workflow_steps.timeout_ms.
+pub const MAX_STEP_TIMEOUT_MS: i64 = 7 * 86_400_000;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 
 /// The Unicode characters that reorder how text is displayed (Bidi_Control, as in U+202E):

@@ -18,6 +18,7 @@ text_enum! {
         TaskCancelled = "task_cancelled",
         LeaseExpired = "lease_expired",
         LeaseNotHeld = "lease_not_held",
+        TimedOut = "timed_out",
         ParentResultsTooLarge = "parent_results_too_large",
     }
 }

@@ -112,6 +112,8 @@ pub enum Refusal {
     TaskCancelled,
     /// The attempt is over: completed, failed, or resolved by an operator.
     NotInProgress,
+    /// The attempt ran past its step's timeout and was ended as TIMED_OUT.
+    TimedOut,
 }
 
 impl Refusal {
@@ -123,6 +125,7 @@ impl Refusal {
             Self::StaleAttempt => "STALE_ATTEMPT",
             Self::TaskCancelled => "TASK_CANCELLED",
             Self::NotInProgress => "NOT_IN_PROGRESS",
+            Self::TimedOut => "TIMED_OUT",
         }
     }
 
@@ -141,6 +144,9 @@ impl Refusal {
                 "the task of step {step_uuid} was cancelled: stop working on attempt {attempt}"
             ),
             Self::NotInProgress => format!("step {step_uuid} is not in progress"),
+            Self::TimedOut => format!(
+                "attempt {attempt} of step {step_uuid} ran past its timeout (StepDefinition.timeout) and was ended as TIMED_OUT: its result is not taken; the step's retry policy and max_attempts decide what follows"
+            ),
         }
     }
 }
@@ -161,6 +167,7 @@ impl AttemptOutcome {
             A::TaskCancelled => Self::Refused(Refusal::TaskCancelled),
             A::LeaseExpired => Self::Refused(Refusal::LeaseExpired),
             A::LeaseNotHeld => Self::Refused(Refusal::LeaseNotHeld),
+            A::TimedOut => Self::Refused(Refusal::TimedOut),
             A::ParentResultsTooLarge => Self::ParentResultsTooLarge,
             a if a == done => Self::Done,
             other => return Err(StoreError::unexpected(function, other)),

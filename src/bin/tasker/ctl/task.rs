@@ -343,6 +343,9 @@ struct StepFile {
     queue: String,
     #[serde(default)]
     retry: Option<RetryFile>,
+    /// An attempt's execution limit, in milliseconds.
+    #[serde(default)]
+    timeout_ms: Option<i64>,
 }
 
 /// A retry policy in a task file, durations in milliseconds (as FailStep's backoff_ms).
@@ -412,6 +415,7 @@ pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskReq
                 inputs: s.inputs.as_ref().map(json_to_struct),
                 queue: s.queue,
                 retry: s.retry.map(RetryFile::into_proto),
+                timeout: s.timeout_ms.map(duration_from_ms),
             })
             .collect(),
         retry: file.retry.map(RetryFile::into_proto),

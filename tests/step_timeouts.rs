@@ -1,0 +1,164 @@
+//! Declared step timeouts (StepDefinition.timeout): an attempt's execution limit that
+//! ExtendLease cannot carry it past; an attempt still running then is a failed attempt
+//! (TIMED_OUT) that the retry policy follows, and a worker's late report on it is refused
+//! naming the timeout.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::PgPool;
+use tasker::config::DeploymentMode;
+use tasker::proto::v1;
+use tonic::Code;
+
+fn epoch_ms(t: &prost_types::Timestamp) -> f64 {
+    t.seconds as f64 * 1000.0 + f64::from(t.nanos) / 1e6
+}
+
+/// A step with a 1 s timeout, leased for 30 s and extended every 100 ms by 30 s more: every
+/// lease ends at the attempt's start + 1 s, the attempt is failed at 1 s (TIMED_OUT in its
+/// last error and history) and retried, and the worker's extension and completion after it
+/// are refused with FAILED_PRECONDITION naming the timeout.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn an_attempt_is_failed_at_its_timeout_and_retried(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let created = Tasks::new(ch.clone())
+        .create_task(
+            task("timeouts")
+                .step("slow")
+                .max_attempts(2)
+                .timeout(Duration::from_secs(1))
+                .build(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let workers = Workers::new(ch.clone());
+    let first = lease_one(&workers, "timeouts").await;
+    let started_ms: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM s.started_at)::float8 * 1000 FROM tasker.workflow_steps s
+         WHERE s.step_uuid = $1::uuid",
+    )
+    .bind(&first.step_uuid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let deadline_ms = started_ms + 1000.0;
+    let first_lease = epoch_ms(first.lease_expires_at.as_ref().unwrap());
+    assert!(
+        (first_lease - deadline_ms).abs() < 1.0,
+        "the first lease ends at the timeout: {first_lease} vs {deadline_ms}"
+    );
+
+    // a worker that keeps extending: each extension stops at the timeout, until refused
+    let mut w = workers.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let refusal = loop {
+        tick.tick().await;
+        match w
+            .extend_lease(v1::ExtendLeaseRequest {
+                step_uuid: first.step_uuid.clone(),
+                attempt: first.attempt,
+                lease_token: first.lease_token.clone(),
+                lease_seconds: 30,
+            })
+            .await
+        {
+            Ok(r) => {
+                let until = epoch_ms(r.into_inner().lease_expires_at.as_ref().unwrap());
+                assert!(
+                    until <= deadline_ms + 1.0,
+                    "an extension carried the attempt past its timeout: {until} > {deadline_ms}"
+                );
+            }
+            Err(e) => break e,
+        }
+        assert!(
+            (chrono::Utc::now().timestamp_millis() as f64) < deadline_ms + 10_000.0,
+            "never refused"
+        );
+    };
+    assert_eq!(refusal.code(), Code::FailedPrecondition, "{refusal:?}");
+    assert!(refusal.message().contains("timeout"), "{refusal:?}");
+
+    // retried: the second attempt is leased
+    let second = lease_one(&workers, "timeouts").await;
+    assert_eq!(
+        (second.step_uuid.as_str(), second.attempt),
+        (first.step_uuid.as_str(), 2)
+    );
+    // and the late completion of the first is refused, naming the timeout
+    let late = w
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: first.step_uuid.clone(),
+            attempt: first.attempt,
+            lease_token: first.lease_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    assert!(
+        late.message().contains("timeout") && late.message().contains("TIMED_OUT"),
+        "{late:?}"
+    );
+
+    // the attempt ended at its timeout, as TIMED_OUT, in the history and the last error
+    let (failed_ms, reason): (f64, Option<String>) = sqlx::query_as(
+        "SELECT extract(epoch FROM t.created_at)::float8 * 1000, t.metadata->>'reason'
+         FROM tasker.step_transitions t
+         WHERE t.step_uuid = $1::uuid AND t.from_state = 'in_progress'
+         ORDER BY t.id LIMIT 1",
+    )
+    .bind(&first.step_uuid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(reason.as_deref(), Some("timed_out"));
+    assert!(
+        (0.0..150.0).contains(&(failed_ms - deadline_ms)),
+        "failed {:.1} ms after its timeout",
+        failed_ms - deadline_ms
+    );
+    let step = Tasks::new(ch.clone())
+        .get_task(v1::GetTaskRequest {
+            task_uuid: created.task_uuid.clone(),
+            include_step_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .steps
+        .remove(0);
+    assert_eq!(step.timeout, Some(tasker::proto::duration_from_ms(1000)));
+    let error = tasker::proto::struct_to_json(step.last_error);
+    assert_eq!(error["outcome"], "TIMED_OUT", "{error}");
+    server.stop().await;
+}
+
+/// A timeout out of range is refused with INVALID_ARGUMENT naming the step's field.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_bad_timeout_is_refused_by_name(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    for bad in [Duration::ZERO, Duration::from_secs(8 * 86_400)] {
+        let e = tasks
+            .create_task(task("bad").step("a").timeout(bad).build())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("steps[0].timeout"), "{e:?}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    server.stop().await;
+}
