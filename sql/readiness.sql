@@ -292,9 +292,9 @@ END
 $$;
 
 -- The earliest moment at which a retry becomes due, a lease runs out (or an attempt reaches its
--- timeout, which caps its lease) or a scheduled task starts: the service sleeps until then
--- instead of waiting for the next fallback poll.
--- (from migrations/20261204000012_task_start_times.sql)
+-- timeout, which caps its lease), a scheduled task starts or a cron schedule wakes: the service
+-- sleeps until then instead of waiting for the next fallback poll.
+-- (from migrations/20261204000014_schedules.sql)
 CREATE FUNCTION tasker.next_deadline(p_namespaces text[] DEFAULT NULL) RETURNS timestamptz
 LANGUAGE sql STABLE
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -307,5 +307,9 @@ AS $$
          WHERE q.leased_by IS NOT NULL AND tasker.namespace_matches(q.namespace, p_namespaces)),
         (SELECT ts.start_at FROM tasker.task_starts ts
          WHERE tasker.namespace_matches(ts.namespace, p_namespaces)
-         ORDER BY ts.start_at LIMIT 1))
+         ORDER BY ts.start_at LIMIT 1),
+        (SELECT sc.wake_at FROM tasker.schedules sc
+         WHERE NOT sc.paused AND sc.wake_at IS NOT NULL
+           AND tasker.namespace_matches(sc.namespace, p_namespaces)
+         ORDER BY sc.wake_at LIMIT 1))
 $$;

@@ -147,6 +147,23 @@ BEGIN
 END
 $$;
 
+-- A schedule's task finished (trigger tasks_schedule_task_finished, only for tasks a schedule
+-- made): a tick it buffered (BUFFER_ONE) may run now; the schedule wakes at once, everywhere.
+-- (from migrations/20261204000014_schedules.sql)
+CREATE FUNCTION tasker.schedule_task_finished() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE tasker.schedules sc SET wake_at = clock_timestamp()
+    WHERE sc.namespace = NEW.namespace AND sc.name = NEW.schedule_name
+      AND sc.buffered_fire_at IS NOT NULL AND sc.last_task_uuid = NEW.task_uuid;
+    IF FOUND THEN
+        PERFORM pg_notify('tasker_deadlines',
+                          json_build_object('namespace', NEW.namespace, 'at', clock_timestamp())::text);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- Each errored step of the task gets p_extra_attempts more attempts (its max_attempts raised
 -- from the attempts it used; at most 100 in all), becomes pending and ready, and the task goes
 -- back to in progress; the readiness is announced. Returns 'retried', 'task_not_found',

@@ -10,10 +10,9 @@ use super::convert::{document, repeated_entry_len, text, uuid};
 use super::error;
 use super::task_list::TaskListRequest;
 use super::task_watch::{watch_task, WatchStream};
-use crate::model::dag::{StepSpec, TaskSpec, Violation};
-use crate::model::retry::{RetryPolicy, MAX_BACKOFF_MS};
-use crate::proto::struct_to_json;
-use crate::proto::{self, v1, words};
+use crate::model::dag::TaskSpec;
+use crate::model::retry::RetryPolicy;
+use crate::proto::{self, struct_to_json, v1, words};
 use crate::store::{CancelOutcome, StepRecord, TaskRecord};
 
 pub struct TaskApi {
@@ -205,65 +204,6 @@ pub(super) fn task_to_proto(t: TaskRecord) -> v1::Task {
     }
 }
 
-/// The request as a [`TaskSpec`], and what could not be converted (a timestamp out of range);
-/// validation happens on the spec, all violations at once.
-pub fn spec_from_request(r: v1::CreateTaskRequest) -> (TaskSpec, Vec<Violation>) {
-    let mut problems = Vec::new();
-    let start_at = r.start_at.as_ref().and_then(|t| {
-        let at = proto::datetime(t);
-        if at.is_none() {
-            problems.push(Violation {
-                field: "start_at".into(),
-                message: "is not a valid timestamp".into(),
-            });
-        }
-        at
-    });
-    let spec = TaskSpec {
-        namespace: r.namespace,
-        name: r.name,
-        priority: r.priority,
-        context: struct_to_json(r.context),
-        idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
-        concurrency_key: (!r.concurrency_key.is_empty()).then_some(r.concurrency_key),
-        retry: r.retry.map(retry_policy),
-        start_at,
-        steps: r
-            .steps
-            .into_iter()
-            .map(|s| StepSpec {
-                name: s.name,
-                depends_on: s.depends_on,
-                max_attempts: s.max_attempts,
-                retryable: s.retryable.unwrap_or(true),
-                inputs: struct_to_json(s.inputs),
-                queue: s.queue,
-                retry: s.retry.map(retry_policy),
-                timeout_ms: s.timeout.as_ref().map(proto::duration_ms),
-            })
-            .collect(),
-    };
-    (spec, problems)
-}
-
-/// A requested retry policy with its defaults filled in (multiplier 0: 1; no max_backoff: the
-/// longest allowed); an absent initial_backoff is 0, which validation refuses by name.
-fn retry_policy(p: v1::RetryPolicy) -> RetryPolicy {
-    RetryPolicy {
-        initial_ms: p.initial_backoff.as_ref().map_or(0, proto::duration_ms),
-        multiplier: if p.multiplier == 0.0 {
-            1.0
-        } else {
-            p.multiplier
-        },
-        max_ms: p
-            .max_backoff
-            .as_ref()
-            .map_or(MAX_BACKOFF_MS, proto::duration_ms),
-        jitter: p.jitter,
-    }
-}
-
 #[tonic::async_trait]
 impl v1::task_service_server::TaskService for TaskApi {
     async fn create_task(
@@ -271,7 +211,7 @@ impl v1::task_service_server::TaskService for TaskApi {
         request: Request<v1::CreateTaskRequest>,
     ) -> Result<Response<v1::CreateTaskResponse>, Status> {
         let traceparent = crate::telemetry::current_traceparent();
-        let (spec, mut problems) = spec_from_request(request.into_inner());
+        let (spec, mut problems) = TaskSpec::from_request(request.into_inner());
         let digest = spec.request_digest();
         problems.extend(spec.start_problem(chrono::Utc::now(), self.ctx.max_start_delay));
         let task = match spec.into_new_task() {

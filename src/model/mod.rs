@@ -9,4 +9,6 @@ pub mod limits;
 pub mod mode;
 pub mod namespaces;
 pub mod retry;
+pub mod schedule;
 pub mod states;
+pub mod task_request;

@@ -9,6 +9,7 @@
 //! - `steps`: claim-and-enqueue, the workers' fetch / complete / fail / extend, retry and lease
 //!   deadlines
 //! - `replicas`: the replica registry's heartbeats and the fleet listing
+//! - `schedules`: cron schedules' rows, and firing a due one (its tasks made in its transaction)
 //! - `cancel`: [`cancel::CancelOnDrop`], a statement cancelled when its request is dropped
 //! - `local`: finding or starting a PostgreSQL to run against (the embedded cluster)
 //! - `maintenance`: vacuuming the churn tables when autovacuum is off
@@ -26,6 +27,7 @@ pub mod local;
 pub mod maintenance;
 mod queues;
 mod replicas;
+mod schedules;
 mod steps;
 mod tasks;
 mod views;
@@ -37,6 +39,7 @@ use uuid::Uuid;
 pub use diagnostics::ActivityCounters;
 pub use error::{is_retryable, StoreError};
 pub use queues::LaneSettings;
+pub use schedules::{Fired, NewSchedule, ScheduleRecord, ScheduleRun};
 pub use steps::{
     Completion, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Taker,
     TaskRef,

@@ -136,11 +136,27 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<CreatedTask, StoreError> {
-        let steps = serde_json::to_value(&task.steps).expect("steps serialize");
         // a large task is the one request that can run long: if its client gives up, so does
         // the database
         let mut conn = super::cancel::CancelOnDrop::acquire(&self.pool).await?;
-        let rows: Result<Vec<(Uuid, bool, String, Uuid)>, sqlx::Error> = sqlx::query_as(
+        let created = self
+            .create_task_on(conn.conn(), task, metadata, traceparent)
+            .await;
+        conn.release();
+        created
+    }
+
+    /// [`create_task`](Self::create_task) on `conn`, in its transaction if it has one (a
+    /// schedule's tick creates its task in the transaction that advances the schedule).
+    pub(super) async fn create_task_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        task: &NewTask,
+        metadata: &Value,
+        traceparent: Option<&str>,
+    ) -> Result<CreatedTask, StoreError> {
+        let steps = serde_json::to_value(&task.steps).expect("steps serialize");
+        let rows: Vec<(Uuid, bool, String, Uuid)> = sqlx::query_as(
             "SELECT c.task_uuid, c.created, c.step_name, c.step_uuid
              FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
                   tasker.create_task($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12, $13, $14) c",
@@ -159,10 +175,9 @@ impl Store {
         .bind(!self.limits.no_namespaces_on_first_use)
         .bind(&task.concurrency_key)
         .bind(task.start_at)
-        .fetch_all(conn.conn())
-        .await;
-        conn.release();
-        let rows = rows?;
+        .fetch_all(conn)
+        .await?;
+
         let first = rows
             .first()
             .ok_or_else(|| StoreError::invalid("steps", "a task needs at least one step"))?;
