@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tasker/v1/admin.proto",
         "proto/tasker/v1/tasks.proto",
         "proto/tasker/v1/workers.proto",
+        "proto/tasker/v1/schedules.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

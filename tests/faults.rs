@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::process::{connect, ServiceProcess};
 use common::*;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tasker::config::DeploymentMode;
 use tasker::proto::v1;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use uuid::Uuid;
 
 const WORKFLOWS: usize = 200;
@@ -55,14 +55,6 @@ async fn create_workload(addr: SocketAddr, ns: &str) -> Vec<Uuid> {
         ids.push(r.into_inner().task_uuid.parse().unwrap());
     }
     ids
-}
-
-async fn connect(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
 }
 
 /// How a worker spreads its calls over the service's endpoints.
@@ -542,98 +534,6 @@ async fn f9_leases_survive_a_database_crash() {
     );
     pool.close().await;
     drop(cluster);
-}
-
-/// A `tasker serve` process on its own port, against the test's database.
-struct ServiceProcess {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-}
-
-impl ServiceProcess {
-    async fn spawn(url: &str, mode: &str) -> Self {
-        Self::spawn_with(url, mode, &[]).await
-    }
-
-    /// With extra `TASKER_*` settings.
-    async fn spawn_with(url: &str, mode: &str, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}").parse().unwrap();
-        Self::spawn_configured(url, mode, addr, env).await
-    }
-
-    /// On a given address: a restarted instance comes back where its workers expect it.
-    async fn spawn_on(url: &str, mode: &str, addr: SocketAddr) -> Self {
-        Self::spawn_configured(url, mode, addr, &[]).await
-    }
-
-    async fn spawn_configured(
-        url: &str,
-        mode: &str,
-        addr: SocketAddr,
-        env: &[(&str, &str)],
-    ) -> Self {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasker"))
-            .args(["serve", "--bind", &addr.to_string(), "--mode", mode])
-            .env("DATABASE_URL", url)
-            .env(
-                "TASKER_CONFIG_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config/tasker"),
-            )
-            .env("TASKER_ENV", "test")
-            .env(
-                "TASKER_ORCHESTRATION__TASK_READINESS__FALLBACK_POLLING_INTERVAL_SECONDS",
-                "1",
-            )
-            .env("TASKER_DATABASE__MAX_CONNECTIONS", "12")
-            .env("TASKER_DATABASE__MIN_CONNECTIONS", "1")
-            .env("RUST_LOG", "error")
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tasker serve");
-        let me = Self { child, addr };
-        me.wait_serving().await;
-        me
-    }
-
-    /// Health SERVING is the signal that the process is up.
-    async fn wait_serving(&self) {
-        let started = Instant::now();
-        loop {
-            if let Ok(ch) = connect(self.addr).await {
-                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-                if let Ok(r) = h
-                    .check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                {
-                    if r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                    {
-                        return;
-                    }
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "service did not become SERVING"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn sigkill(mut self) {
-        self.child.start_kill().unwrap(); // SIGKILL: no graceful anything
-        let _ = self.child.wait().await;
-    }
 }
 
 async fn wait_completed(workers: &Workers, at_least: u64) {

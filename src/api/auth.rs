@@ -60,7 +60,9 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         | "tasker.v1.AdminService/GetNamespaceSettings"
         | "tasker.v1.TaskService/GetTask"
         | "tasker.v1.TaskService/ListTasks"
-        | "tasker.v1.TaskService/WatchTask" => Scope::Read,
+        | "tasker.v1.TaskService/WatchTask"
+        | "tasker.v1.ScheduleService/GetSchedule"
+        | "tasker.v1.ScheduleService/ListSchedules" => Scope::Read,
         "tasker.v1.ReadinessService/ProcessTaskReadiness"
         | "tasker.v1.TaskService/CreateTask"
         | "tasker.v1.TaskService/CancelTask"
@@ -68,7 +70,12 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         | "tasker.v1.WorkerService/FetchSteps"
         | "tasker.v1.WorkerService/CompleteStep"
         | "tasker.v1.WorkerService/FailStep"
-        | "tasker.v1.WorkerService/ExtendLease" => Scope::Write,
+        | "tasker.v1.WorkerService/ExtendLease"
+        | "tasker.v1.ScheduleService/CreateSchedule"
+        | "tasker.v1.ScheduleService/PauseSchedule"
+        | "tasker.v1.ScheduleService/ResumeSchedule"
+        | "tasker.v1.ScheduleService/DeleteSchedule"
+        | "tasker.v1.ScheduleService/TriggerSchedule" => Scope::Write,
         _ => Scope::Admin,
     })
 }

@@ -4,7 +4,8 @@
 //! Layout:
 //! - `accept`: accepting connections under limits (cap, keepalive, TLS and preface deadline)
 //! - `context`: `ApiContext`, what every handler shares
-//! - `readiness_api`, `admin_api`, `task_api`, `worker_api`: one file per service
+//! - `readiness_api`, `admin_api`, `task_api`, `worker_api`, `schedule_api`: one file per
+//!   service
 //! - `auth`: bearer tokens and scopes, a tower layer in front of everything
 //! - `error`: the one mapping from internal errors to status codes
 //! - `convert`: protobuf <-> domain conversions and field-naming request parsing
@@ -25,6 +26,7 @@ mod context;
 pub mod convert;
 pub mod error;
 mod readiness_api;
+mod schedule_api;
 mod task_api;
 mod task_builder;
 mod task_list;
@@ -180,6 +182,13 @@ impl GrpcServer {
                 v1::task_service_server::TaskServiceServer::new(task_api::TaskApi::new(
                     ctx.clone(),
                 ))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(out_limit),
+            )
+            .add_service(
+                v1::schedule_service_server::ScheduleServiceServer::new(
+                    schedule_api::ScheduleApi::new(ctx.clone()),
+                )
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(out_limit),
             )

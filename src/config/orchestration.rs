@@ -324,12 +324,19 @@ pub struct SchedulingConfig {
     /// How far ahead a task may be created to start: a start years away is almost always a
     /// unit mistake (milliseconds sent as seconds), refused rather than kept for ever.
     pub max_start_delay_days: u32,
+    /// How late a schedule's tick may run and still be on time. A later one was missed (no
+    /// replica ran then) and its schedule's catch-up policy decides.
+    #[serde(rename = "misfire_grace_ms", with = "millis")]
+    pub misfire_grace: Duration,
 }
 
 impl Default for SchedulingConfig {
     fn default() -> Self {
         Self {
             max_start_delay_days: 365,
+            // a replica's restart or a long pause of the process does not lose ticks; an
+            // outage longer than this does, as the catch-up policy says
+            misfire_grace: Duration::from_secs(10),
         }
     }
 }
@@ -342,5 +349,6 @@ impl SchedulingConfig {
 
     fn validate(&self, c: &mut Checks) {
         c.range("max_start_delay_days", self.max_start_delay_days, 1, 36_500);
+        c.millis("misfire_grace_ms", self.misfire_grace, 100, DAY_S * 1000);
     }
 }

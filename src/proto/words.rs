@@ -96,6 +96,8 @@ vocabulary! {
     CommandPhase => "COMMAND_PHASE_",
     CommandOutcome => "COMMAND_OUTCOME_",
     FailStepOutcome => "FAIL_STEP_OUTCOME_",
+    OverlapPolicy => "OVERLAP_POLICY_",
+    CatchUpPolicy => "CATCH_UP_POLICY_",
 }
 
 /// The raw value of a word, for a message field: the zero value (`*_UNSPECIFIED`) when the word

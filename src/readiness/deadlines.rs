@@ -1,12 +1,14 @@
 //! `DeadlineScheduler`: precise wake-ups for work that becomes ready with no event. A step in
-//! retry backoff becomes ready at `next_retry_at`; a leased step whose worker went silent must
-//! be retried when its lease runs out; a task created to start later starts at its `start_at`.
+//! retry backoff becomes ready at `next_retry_at`; a leased step whose worker went silent (or
+//! whose attempt reached its timeout) must be retried when its lease runs out; a task created
+//! to start later starts at its `start_at`; a cron schedule's tick creates its task.
 //! Rather than leaving these to the next fallback poll (up to 30 s late, and the poller does
 //! not look for starts at all), the scheduler sleeps until the earliest such deadline, then
 //! promotes due retries (`waiting_for_retry -> pending`) and due starts (the task's roots join
-//! the ready set), expires dead leases, and sends `ProcessTaskReadiness` for each affected task
-//! (`triggered_by = retry_timer`, or `task_start`), so they are just as prompt in PollingOnly
-//! mode.
+//! the ready set), expires dead leases, fires due schedules (each in its own transaction, its
+//! row locked: one task per tick whatever the number of replicas), and sends
+//! `ProcessTaskReadiness` for each affected task (`triggered_by = retry_timer`, or `task_start`
+//! for a start or a schedule's new task), so they are just as prompt in PollingOnly mode.
 //!
 //! ```text
 //!  sleep until min(next deadline, poll interval) ──or poked (an earlier deadline)──────────┐
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dispatch::deadlines::DeadlinePoke;
 use crate::model::command::TriggeredBy;
 use crate::model::namespaces::NamespaceSelector;
+use crate::model::schedule::plan_wake;
 use crate::readiness::commands::{CommandProcessorHandle, OrchestrationCommand};
 use crate::store::{Store, StoreError, TaskRef};
 use crate::telemetry::metrics::Metrics;
@@ -60,19 +63,30 @@ pub struct Due {
     pub expired: Vec<TaskRef>,
     /// Root steps of tasks whose start time came (now ready).
     pub starts: Vec<TaskRef>,
+    /// Tasks due schedules created: (task, namespace).
+    pub scheduled: Vec<(uuid::Uuid, String)>,
 }
 
-impl DeadlineSource for Store {
+/// The service's deadlines: the store's, with how late a schedule's tick may run and still be
+/// on time (`orchestration.scheduling.misfire_grace_ms`).
+#[derive(Clone)]
+pub struct StoreDeadlines {
+    pub store: Store,
+    pub misfire_grace: Duration,
+}
+
+impl DeadlineSource for StoreDeadlines {
     fn next_deadline(
         &self,
         namespaces: Option<Vec<String>>,
     ) -> BoxFuture<'static, Result<Option<DateTime<Utc>>, StoreError>> {
-        let store = self.clone();
+        let store = self.store.clone();
         Box::pin(async move { Store::next_deadline(&store, namespaces.as_deref()).await })
     }
 
     fn take_due(&self, limit: i32, namespaces: Option<Vec<String>>) -> BoxFuture<'static, Due> {
-        let store = self.clone();
+        let store = self.store.clone();
+        let grace = chrono::Duration::from_std(self.misfire_grace).unwrap_or_default();
         Box::pin(async move {
             let mut due = Due::default();
             match store
@@ -94,6 +108,29 @@ impl DeadlineSource for Store {
                     due.expired = rows;
                 }
                 Err(e) => tracing::warn!(error = %e, "expiring leases failed"),
+            }
+            // each due schedule in its own transaction, until none is left (or the batch)
+            for _ in 0..limit {
+                match store
+                    .fire_due_schedule(namespaces.as_deref(), |d| plan_wake(d, grace))
+                    .await
+                {
+                    Ok(Some(fired)) => {
+                        tracing::debug!(namespace = %fired.namespace, schedule = %fired.schedule,
+                                        tasks = fired.created.len(), "schedule fired");
+                        due.scheduled.extend(
+                            fired
+                                .created
+                                .into_iter()
+                                .map(|t| (t, fired.namespace.clone())),
+                        );
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "firing a due schedule failed");
+                        break;
+                    }
+                }
             }
             due
         })
@@ -175,16 +212,21 @@ impl DeadlineScheduler {
             .steps_promoted("task_start", due.starts.len() as u64);
         // a task started now has nothing else due (no step of it ran), so its command says
         // why it is ready; any other task, once, as a timer's
-        let tasks: HashMap<uuid::Uuid, (TaskRef, TriggeredBy)> = due
+        let tasks: HashMap<uuid::Uuid, (String, TriggeredBy)> = due
             .retries
             .into_iter()
             .chain(due.expired)
             .map(|r| (r, TriggeredBy::RetryTimer))
             .chain(due.starts.into_iter().map(|r| (r, TriggeredBy::TaskStart)))
-            .map(|(r, by)| (r.task_uuid, (r, by)))
+            .map(|(r, by)| (r.task_uuid, (r.namespace, by)))
+            .chain(
+                due.scheduled
+                    .into_iter()
+                    .map(|(t, ns)| (t, (ns, TriggeredBy::TaskStart))),
+            )
             .collect();
-        for (t, by) in tasks.into_values() {
-            let command = OrchestrationCommand::process_task(t.task_uuid, t.namespace, by);
+        for (task, (namespace, by)) in tasks {
+            let command = OrchestrationCommand::process_task(task, namespace, by);
             if self.commands.submit_waiting(command).await.is_ok() {
                 self.metrics.command_sent(by.as_str());
             }

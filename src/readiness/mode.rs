@@ -31,7 +31,7 @@ use crate::config::{DeploymentMode, TaskerConfig};
 use crate::dispatch::deadlines::DeadlinePoke;
 use crate::model::namespaces::NamespaceSelector;
 use crate::readiness::commands::CommandProcessorHandle;
-use crate::readiness::deadlines::DeadlineScheduler;
+use crate::readiness::deadlines::{DeadlineScheduler, StoreDeadlines};
 use crate::readiness::poller::SweepRequester;
 use crate::readiness::poller::{PollerStatus, ReadinessFallbackPoller};
 use crate::readiness::{
@@ -123,7 +123,10 @@ impl DeploymentModeController {
             metrics.clone(),
         );
         let deadlines = DeadlineScheduler::new(
-            store,
+            StoreDeadlines {
+                store,
+                misfire_grace: config.orchestration.scheduling.misfire_grace,
+            },
             commands,
             selector,
             tr.fallback_polling_interval,

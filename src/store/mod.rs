@@ -39,7 +39,7 @@ use uuid::Uuid;
 pub use diagnostics::ActivityCounters;
 pub use error::{is_retryable, StoreError};
 pub use queues::LaneSettings;
-pub use schedules::{Fired, NewSchedule, ScheduleRecord, ScheduleRun};
+pub use schedules::{NewSchedule, ScheduleRecord};
 pub use steps::{
     Completion, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Taker,
     TaskRef,
