@@ -14,6 +14,7 @@ mod namespace;
 mod output;
 mod queue;
 mod readiness;
+mod schedule;
 mod status;
 mod task;
 
@@ -93,6 +94,51 @@ pub enum CtlCommand {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Cron schedules whose ticks create tasks.
+    Schedule {
+        #[command(subcommand)]
+        action: ScheduleAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleAction {
+    /// A schedule: each tick of CRON (5 fields, or 6 with seconds first) in TIME_ZONE creates
+    /// the task of --task-file (as `task create`'s file, without idempotency key).
+    Create {
+        namespace: String,
+        name: String,
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone (Europe/Paris); empty: UTC.
+        #[arg(long, default_value = "")]
+        time_zone: String,
+        #[arg(long)]
+        task_file: PathBuf,
+        /// allow, skip or buffer_one: what a tick does while the previous task still runs.
+        #[arg(long, default_value = "allow")]
+        overlap: String,
+        /// skip or run_latest: what the ticks missed while no replica ran become.
+        #[arg(long, default_value = "skip")]
+        catch_up: String,
+        #[arg(long)]
+        paused: bool,
+    },
+    /// The schedule, its next ticks and its latest runs.
+    Get { namespace: String, name: String },
+    /// Every schedule (of one namespace).
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// No tick runs until resumed.
+    Pause { namespace: String, name: String },
+    /// Ticks run again from the next one (the paused ones are not caught up).
+    Resume { namespace: String, name: String },
+    /// The schedule goes; the tasks it made stay.
+    Delete { namespace: String, name: String },
+    /// Create the schedule's task now.
+    Trigger { namespace: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -375,6 +421,47 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
             }
             QueueAction::Resume { namespace, queue } => {
                 queue::pause(ctl, namespace, queue, false).await
+            }
+        },
+        CtlCommand::Schedule { action } => match action {
+            ScheduleAction::Create {
+                namespace,
+                name,
+                cron,
+                time_zone,
+                task_file,
+                overlap,
+                catch_up,
+                paused,
+            } => {
+                schedule::create(
+                    ctl,
+                    schedule::ScheduleSpec {
+                        namespace,
+                        name,
+                        cron,
+                        time_zone,
+                        task_file,
+                        overlap,
+                        catch_up,
+                        paused,
+                    },
+                )
+                .await
+            }
+            ScheduleAction::Get { namespace, name } => schedule::get(ctl, namespace, name).await,
+            ScheduleAction::List { namespace } => schedule::list(ctl, namespace).await,
+            ScheduleAction::Pause { namespace, name } => {
+                schedule::pause(ctl, namespace, name, true).await
+            }
+            ScheduleAction::Resume { namespace, name } => {
+                schedule::pause(ctl, namespace, name, false).await
+            }
+            ScheduleAction::Delete { namespace, name } => {
+                schedule::delete(ctl, namespace, name).await
+            }
+            ScheduleAction::Trigger { namespace, name } => {
+                schedule::trigger(ctl, namespace, name).await
             }
         },
         CtlCommand::Status => status::show(ctl).await,

@@ -297,6 +297,8 @@ async fn follow_task(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TaskFile {
+    /// A schedule's task file may leave it out (the schedule's).
+    #[serde(default)]
     namespace: String,
     name: String,
     #[serde(default)]
