@@ -292,9 +292,10 @@ END
 $$;
 
 -- The earliest moment at which a retry becomes due, a lease runs out (or an attempt reaches its
--- timeout, which caps its lease), a scheduled task starts or a cron schedule wakes: the service
--- sleeps until then instead of waiting for the next fallback poll.
--- (from migrations/20261204000014_schedules.sql)
+-- timeout, which caps its lease), a scheduled task starts, a cron schedule wakes or a queued
+-- step's schedule_to_start runs out: the service sleeps until then instead of waiting for the
+-- next fallback poll.
+-- (from migrations/20261204000015_schedule_to_start.sql)
 CREATE FUNCTION tasker.next_deadline(p_namespaces text[] DEFAULT NULL) RETURNS timestamptz
 LANGUAGE sql STABLE
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -311,5 +312,9 @@ AS $$
         (SELECT sc.wake_at FROM tasker.schedules sc
          WHERE NOT sc.paused AND sc.wake_at IS NOT NULL
            AND tasker.namespace_matches(sc.namespace, p_namespaces)
-         ORDER BY sc.wake_at LIMIT 1))
+         ORDER BY sc.wake_at LIMIT 1),
+        (SELECT q.start_by FROM tasker.step_queue q
+         WHERE q.start_by IS NOT NULL AND q.leased_by IS NULL
+           AND tasker.namespace_matches(q.namespace, p_namespaces)
+         ORDER BY q.start_by LIMIT 1))
 $$;

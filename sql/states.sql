@@ -18,8 +18,8 @@ END
 $$;
 
 -- The step state machine: every legal (from, to) pair.
--- (from migrations/20261127000004_task_retry.sql)
-CREATE OR REPLACE FUNCTION tasker.step_transition_allowed(p_from text, p_to text) RETURNS boolean
+-- (from migrations/20261204000015_schedule_to_start.sql)
+CREATE FUNCTION tasker.step_transition_allowed(p_from text, p_to text) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
     SELECT (p_from, p_to) IN (
         ('pending', 'enqueued'),
@@ -27,6 +27,8 @@ LANGUAGE sql IMMUTABLE AS $$
         ('pending', 'resolved_manually'),
         ('enqueued', 'in_progress'),
         ('enqueued', 'cancelled'),
+        -- no worker started it within its schedule_to_start (tasker.fail_unstarted_steps)
+        ('enqueued', 'error'),
         -- a lease handed to a fetch that had gone before it was delivered: back on the queue,
         -- same attempt (the worker never had it)
         ('in_progress', 'enqueued'),

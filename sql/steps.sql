@@ -29,8 +29,9 @@
 -- Durability: asynchronous commit while it only enqueues: enqueue state is derivable (if a
 -- crash loses the commit, the steps are still pending and ready, and the start-up sweep or the
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
--- synchronously: those leases reach workers, and must survive a crash.
--- (from migrations/20261204000009_lane_slot_shards.sql)
+-- synchronously: those leases reach workers, and must survive a crash. A step with a
+-- schedule_to_start gets its queue row's start_by, announced on tasker_deadlines.
+-- (from migrations/20261204000015_schedule_to_start.sql)
 CREATE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -61,6 +62,7 @@ DECLARE
     v_open integer;
     v_max_per_key integer;
     v_running integer;
+    v_start_within integer;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
@@ -125,18 +127,23 @@ BEGIN
             next_retry_at = NULL
         FROM taken
         WHERE s.step_uuid = taken.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
-        RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at, s.queue
+        RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at, s.queue,
+                  s.schedule_to_start_ms
     ),
     queued AS (
-        INSERT INTO tasker.step_queue (namespace, queue, task_uuid, step_uuid, attempt, priority, traceparent)
-        SELECT v_task.namespace, m.queue, p_task_uuid, m.step_uuid, m.attempts, v_task.priority, v_traceparent
+        INSERT INTO tasker.step_queue (namespace, queue, task_uuid, step_uuid, attempt, priority,
+                                       traceparent, start_by)
+        SELECT v_task.namespace, m.queue, p_task_uuid, m.step_uuid, m.attempts, v_task.priority,
+               v_traceparent,
+               m.enqueued_at + make_interval(secs => m.schedule_to_start_ms / 1000.0)
         FROM moved m ORDER BY m.position
         RETURNING 1
     )
     SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
            coalesce(array_agg(m.queue ORDER BY m.position), '{}'::text[]),
-           extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000
-    INTO v_steps, v_queues, v_wait
+           extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000,
+           min(m.schedule_to_start_ms)
+    INTO v_steps, v_queues, v_wait, v_start_within
     FROM moved m;
 
     IF cardinality(v_steps) = 0 THEN
@@ -222,6 +229,12 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
+    IF v_start_within IS NOT NULL THEN
+        -- a step that must start within a time: every replica's scheduler wakes for it
+        PERFORM pg_notify('tasker_deadlines', json_build_object(
+            'namespace', v_task.namespace,
+            'at', clock_timestamp() + make_interval(secs => v_start_within / 1000.0))::text);
+    END IF;
     IF v_handed > 0 THEN
         -- these leases reach workers: durable before they are handed over
         PERFORM set_config('synchronous_commit', 'on', true);
@@ -793,6 +806,51 @@ BEGIN
             END IF;
             RETURN QUERY SELECT v_msg.task_uuid, v_msg.step_uuid, v_outcome, v_msg.namespace, v_msg.priority;
         END IF;
+    END LOOP;
+END
+$$;
+
+-- Queued steps no worker took within their schedule_to_start (step_queue.start_by) fail for
+-- good (no retry: it would wait for the same absent workers), their tasks in error; SKIP
+-- LOCKED, each re-checked under its task's lock. One row per step failed.
+-- (from migrations/20261204000015_schedule_to_start.sql)
+CREATE FUNCTION tasker.fail_unstarted_steps(p_limit integer DEFAULT 500, p_namespaces text[] DEFAULT NULL)
+RETURNS TABLE (task_uuid uuid, step_uuid uuid, namespace text, priority integer)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_msg record;
+    v_error jsonb;
+BEGIN
+    PERFORM set_config('tasker.transition_metadata', '{"reason":"schedule_to_start_timed_out"}', true);
+    FOR v_msg IN
+        SELECT q.msg_id, q.task_uuid, q.step_uuid, q.attempt, q.namespace, q.priority, q.start_by,
+               q.enqueued_at
+        FROM tasker.step_queue q
+        WHERE q.start_by IS NOT NULL AND q.start_by <= clock_timestamp() AND q.leased_by IS NULL
+          AND tasker.namespace_matches(q.namespace, p_namespaces)
+        ORDER BY q.start_by
+        LIMIT p_limit
+    LOOP
+        PERFORM 1 FROM tasker.tasks t WHERE t.task_uuid = v_msg.task_uuid FOR NO KEY UPDATE;
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM tasker.step_queue q
+                                  WHERE q.msg_id = v_msg.msg_id AND q.leased_by IS NULL);
+        DELETE FROM tasker.step_queue q WHERE q.msg_id = v_msg.msg_id;
+        v_error := jsonb_build_object(
+            'message', format('no worker started attempt %s within its schedule_to_start of %s ms',
+                              v_msg.attempt,
+                              round(extract(epoch FROM v_msg.start_by - v_msg.enqueued_at) * 1000)),
+            'outcome', 'SCHEDULE_TO_START_TIMED_OUT', 'attempt', v_msg.attempt);
+        UPDATE tasker.workflow_steps s
+        SET state = 'error', last_error = v_error, completed_at = clock_timestamp(),
+            data_bytes = s.data_bytes - coalesce(octet_length(s.last_error::text), 0)
+                         + octet_length(v_error::text)
+        WHERE s.step_uuid = v_msg.step_uuid AND s.state = 'enqueued' AND s.attempts = v_msg.attempt;
+        CONTINUE WHEN NOT FOUND;
+        UPDATE tasker.tasks t SET state = 'error', completed_at = clock_timestamp()
+        WHERE t.task_uuid = v_msg.task_uuid AND t.state = 'in_progress';
+        RETURN QUERY SELECT v_msg.task_uuid, v_msg.step_uuid, v_msg.namespace, v_msg.priority;
     END LOOP;
 END
 $$;

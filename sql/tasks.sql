@@ -20,9 +20,10 @@
 -- before any document is read). p_concurrency_key: the task's concurrency key (NULL: none).
 -- "retry" in p_steps: the step's retry policy as the service resolved it (its own or the
 -- task's default), stored as workflow_steps.retry_policy; "timeout_ms": an attempt's execution
--- limit. p_start_at in the future: the task waits for it (tasker.task_starts, announced on
--- tasker_deadlines) with its roots out of the ready set; otherwise it is ready now.
--- (from migrations/20261204000013_step_timeouts.sql)
+-- limit; "schedule_to_start_ms": how long it may wait for a worker once queued. p_start_at in
+-- the future: the task waits for it (tasker.task_starts, announced on tasker_deadlines) with
+-- its roots out of the ready set; otherwise it is ready now.
+-- (from migrations/20261204000015_schedule_to_start.sql)
 CREATE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
@@ -75,14 +76,14 @@ BEGIN
 
     INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents,
                                        ready_at, max_attempts, retryable, inputs, data_bytes, queue,
-                                       retry_policy, timeout_ms)
+                                       retry_policy, timeout_ms, schedule_to_start_ms)
     SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
            CASE WHEN p.n = 0 AND NOT v_later THEN clock_timestamp() END,
            coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
            coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int,
            coalesce(e->>'queue', 'default'),
            CASE WHEN jsonb_typeof(e->'retry') = 'object' THEN e->'retry' END,
-           (e->>'timeout_ms')::int
+           (e->>'timeout_ms')::int, (e->>'schedule_to_start_ms')::int
     FROM jsonb_array_elements(p_steps) AS x(e)
     CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
                         FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p

@@ -200,3 +200,103 @@ async fn scheduled_tasks_cancel_start_at_once_when_due_and_refuse_the_far_future
     assert_eq!(before, after, "nothing stored");
     server.stop().await;
 }
+
+/// Calls of each `tasker` function by every backend of this database so far, from the
+/// statistics collector (`track_functions = pl`). Backends report at most once a second, and
+/// an idle one within 10 s: the caller waits that long before reading.
+async fn function_calls(pool: &PgPool) -> std::collections::BTreeMap<String, i64> {
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT funcname::text, calls FROM pg_stat_user_functions WHERE schemaname = 'tasker'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+/// No new polling: over the same idle window, the service issues the same queries with 100
+/// tasks waiting for their start and 10 schedules as with none: the same functions, each
+/// called as often within 2 (the statistics' flush moves a window's edges by up to a second,
+/// and these run every second). The figures are printed (`--nocapture`) for the docs.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn waiting_starts_and_idle_schedules_add_no_queries(pool: PgPool) {
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{db}\" SET track_functions = 'pl'"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let flush = Duration::from_secs(11);
+    let window = Duration::from_secs(6);
+    // the measurement windows are the scenario: an idle service, watched for a while
+    let measure = |pool: PgPool| async move {
+        tokio::time::sleep(flush).await;
+        let before = function_calls(&pool).await;
+        tokio::time::sleep(window).await;
+        tokio::time::sleep(flush).await;
+        let after = function_calls(&pool).await;
+        after
+            .into_iter()
+            .map(|(f, n)| {
+                let d = n - before.get(&f).copied().unwrap_or(0);
+                (f, d)
+            })
+            .filter(|(_, d)| *d > 0)
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let idle = measure(pool.clone()).await;
+
+    let mut tasks = Tasks::new(ch.clone());
+    for i in 0..100 {
+        tasks
+            .create_task(
+                task("waiting")
+                    .named(&format!("t{i}"))
+                    .step("a")
+                    .start_at(Utc::now() + chrono::Duration::hours(1))
+                    .build(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut schedules = v1::schedule_service_client::ScheduleServiceClient::new(ch.clone());
+    for i in 0..10 {
+        schedules
+            .create_schedule(v1::CreateScheduleRequest {
+                namespace: "waiting".into(),
+                name: format!("yearly-{i}"),
+                cron: "0 0 1 1 *".into(),
+                task: Some(task("").step("a").build()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let loaded = measure(pool.clone()).await;
+    println!("idle service, {window:?}: with nothing waiting {idle:?}");
+    println!("idle service, {window:?}: 100 starts + 10 schedules waiting {loaded:?}");
+    let functions: std::collections::BTreeSet<&String> = idle.keys().chain(loaded.keys()).collect();
+    for f in functions {
+        let (a, b) = (
+            idle.get(f).copied().unwrap_or(0),
+            loaded.get(f).copied().unwrap_or(0),
+        );
+        assert!(
+            a > 0 && b > 0 && (a - b).abs() <= 2,
+            "{f}: {a} calls with nothing waiting, {b} with starts and schedules waiting"
+        );
+    }
+    assert!(idle.contains_key("next_deadline"), "{idle:?}");
+    server.stop().await;
+}

@@ -162,3 +162,86 @@ async fn a_bad_timeout_is_refused_by_name(pool: PgPool) {
     assert_eq!(stored, 0);
     server.stop().await;
 }
+
+/// A step queued where no worker fetches fails for good at its schedule_to_start (500 ms from
+/// being queued; SCHEDULE_TO_START_TIMED_OUT, no retry, its task in error), on time; a step a
+/// worker leases within its schedule_to_start is not touched.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_step_no_worker_starts_fails_at_its_schedule_to_start(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let unserved = tasks
+        .create_task(
+            task("unserved")
+                .step("waits")
+                .max_attempts(3)
+                .schedule_to_start(Duration::from_millis(500))
+                .build(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    tasks
+        .create_task(
+            task("served")
+                .step("taken")
+                .schedule_to_start(Duration::from_millis(500))
+                .build(),
+        )
+        .await
+        .unwrap();
+    let leased = lease_one(&Workers::new(ch.clone()), "served").await;
+
+    let failed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut every = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            every.tick().await;
+            let t = tasks
+                .get_task(v1::GetTaskRequest {
+                    task_uuid: unserved.task_uuid.clone(),
+                    include_step_data: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .task
+                .unwrap();
+            if t.state() == v1::TaskState::Error {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("the unserved task failed");
+    let step = &failed.steps[0];
+    assert_eq!(step.state(), v1::StepState::Error);
+    assert_eq!(step.attempts, 1, "no retry");
+    let error = tasker::proto::struct_to_json(step.last_error.clone());
+    assert_eq!(error["outcome"], "SCHEDULE_TO_START_TIMED_OUT", "{error}");
+    let late_ms: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM (t.created_at - s.enqueued_at))::float8 * 1000 - 500
+         FROM tasker.step_transitions t JOIN tasker.workflow_steps s ON s.step_uuid = t.step_uuid
+         WHERE t.step_uuid = $1::uuid AND t.to_state = 'error'",
+    )
+    .bind(&step.step_uuid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        (0.0..150.0).contains(&late_ms),
+        "failed {late_ms:.1} ms after its schedule_to_start"
+    );
+    // the leased one is in progress still
+    let mut w = Workers::new(ch.clone());
+    w.complete_step(v1::CompleteStepRequest {
+        step_uuid: leased.step_uuid.clone(),
+        attempt: leased.attempt,
+        lease_token: leased.lease_token.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}

@@ -168,6 +168,9 @@ pub(super) fn step_to_proto(s: StepRecord) -> v1::Step {
         queue: s.queue,
         retry: s.retry_policy.map(|p| retry_policy_to_proto(p.0)),
         timeout: s.timeout_ms.map(|t| proto::duration_from_ms(i64::from(t))),
+        schedule_to_start: s
+            .schedule_to_start_ms
+            .map(|t| proto::duration_from_ms(i64::from(t))),
     }
 }
 

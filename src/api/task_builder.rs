@@ -134,6 +134,16 @@ impl TaskBuilder {
         })
     }
 
+    /// How long the last step, once queued, may wait for a worker before it fails for good
+    /// (SCHEDULE_TO_START_TIMED_OUT).
+    pub fn schedule_to_start(self, wait: std::time::Duration) -> Self {
+        self.with_last(|s| {
+            s.schedule_to_start = Some(crate::proto::duration_from_ms(
+                i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
+            ))
+        })
+    }
+
     /// The retry policy of every step that declares none.
     pub fn default_retry(mut self, policy: v1::RetryPolicy) -> Self {
         self.request.retry = Some(policy);

@@ -32,6 +32,8 @@ pub struct StepSpec {
     pub retry: Option<RetryPolicy>,
     /// An attempt's execution limit in milliseconds; `None`: none.
     pub timeout_ms: Option<i64>,
+    /// How long it may wait for a worker once queued, in milliseconds; `None`: no limit.
+    pub schedule_to_start_ms: Option<i64>,
 }
 
 impl StepSpec {
@@ -45,6 +47,7 @@ impl StepSpec {
             queue: String::new(),
             retry: None,
             timeout_ms: None,
+            schedule_to_start_ms: None,
         }
     }
 
@@ -128,6 +131,9 @@ impl TaskSpec {
                 }
                 if let Some(t) = s.timeout_ms {
                     step["timeout_ms"] = serde_json::json!(t);
+                }
+                if let Some(t) = s.schedule_to_start_ms {
+                    step["schedule_to_start_ms"] = serde_json::json!(t);
                 }
                 step
             })
@@ -316,10 +322,13 @@ impl TaskSpec {
                     push(field, message);
                 }
             }
-            if let Some(t) = s.timeout_ms {
-                if !(1..=limits::MAX_STEP_TIMEOUT_MS).contains(&t) {
+            for (field, value) in [
+                ("timeout", s.timeout_ms),
+                ("schedule_to_start", s.schedule_to_start_ms),
+            ] {
+                if let Some(t) = value.filter(|t| !(1..=limits::MAX_STEP_TIMEOUT_MS).contains(t)) {
                     push(
-                        format!("steps[{i}].timeout"),
+                        format!("steps[{i}].{field}"),
                         format!(
                             "must be more than 0 and at most {} days, is {t} ms",
                             limits::MAX_STEP_TIMEOUT_MS / 86_400_000
@@ -483,6 +492,7 @@ impl TaskSpec {
                 queue: s.queue_or_default().to_string(),
                 retry: s.retry.or(self.retry),
                 timeout_ms: s.timeout_ms.map(|t| t as i32),
+                schedule_to_start_ms: s.schedule_to_start_ms.map(|t| t as i32),
             })
             .collect();
         Ok(NewTask {
@@ -580,6 +590,9 @@ pub struct NewStep {
     /// An attempt's execution limit; absent: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<i32>,
+    /// How long it may wait for a worker once queued; absent: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule_to_start_ms: Option<i32>,
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
 pub const MIN_PRIORITY: i32 = -1_000;
 pub const MAX_PRIORITY: i32 = 1_000;
 pub const MAX_ATTEMPTS: i32 = 100;
-/// The longest execution limit a step may declare (StepDefinition.timeout): 7 days, as the
-/// database's check on workflow_steps.timeout_ms.
+/// The longest execution limit (StepDefinition.timeout) or wait for a worker
+/// (StepDefinition.schedule_to_start) a step may declare: 7 days, as the database's checks.
 pub const MAX_STEP_TIMEOUT_MS: i64 = 7 * 86_400_000;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 

@@ -40,6 +40,7 @@ impl TaskSpec {
                     queue: s.queue,
                     retry: s.retry.map(retry_policy),
                     timeout_ms: s.timeout.as_ref().map(proto::duration_ms),
+                    schedule_to_start_ms: s.schedule_to_start.as_ref().map(proto::duration_ms),
                 })
                 .collect(),
         };

@@ -65,6 +65,8 @@ pub struct Due {
     pub starts: Vec<TaskRef>,
     /// Tasks due schedules created: (task, namespace).
     pub scheduled: Vec<(uuid::Uuid, String)>,
+    /// Queued steps no worker took within their schedule_to_start (failed for good).
+    pub unstarted: Vec<TaskRef>,
 }
 
 /// The service's deadlines: the store's, with how late a schedule's tick may run and still be
@@ -108,6 +110,19 @@ impl DeadlineSource for StoreDeadlines {
                     due.expired = rows;
                 }
                 Err(e) => tracing::warn!(error = %e, "expiring leases failed"),
+            }
+            match store
+                .fail_unstarted_steps(limit, namespaces.as_deref())
+                .await
+            {
+                Ok(rows) => {
+                    for r in &rows {
+                        tracing::warn!(namespace = %r.namespace, task = %r.task_uuid, step = %r.step_uuid,
+                                       "no worker started a step within its schedule_to_start; it failed");
+                    }
+                    due.unstarted = rows;
+                }
+                Err(e) => tracing::warn!(error = %e, "failing unstarted steps failed"),
             }
             // each due schedule in its own transaction, until none is left (or the batch)
             for _ in 0..limit {
@@ -210,6 +225,8 @@ impl DeadlineScheduler {
             .steps_promoted("lease_expired", due.expired.len() as u64);
         self.metrics
             .steps_promoted("task_start", due.starts.len() as u64);
+        self.metrics
+            .steps_promoted("schedule_to_start", due.unstarted.len() as u64);
         // a task started now has nothing else due (no step of it ran), so its command says
         // why it is ready; any other task, once, as a timer's
         let tasks: HashMap<uuid::Uuid, (String, TriggeredBy)> = due

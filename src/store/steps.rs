@@ -532,6 +532,22 @@ impl Store {
         .await?)
     }
 
+    /// Fail for good the queued steps no worker took within their schedule_to_start, in the
+    /// namespaces matching `namespaces` (`None`: all).
+    pub async fn fail_unstarted_steps(
+        &self,
+        limit: i32,
+        namespaces: Option<&[String]>,
+    ) -> Result<Vec<TaskRef>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT task_uuid, step_uuid, namespace, priority FROM tasker.fail_unstarted_steps($1, $2)",
+        )
+        .bind(limit)
+        .bind(namespaces)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// End attempts whose lease ran out (retry or final failure per max_attempts).
     pub async fn expire_leases(
         &self,

@@ -107,6 +107,8 @@ pub struct StepRecord {
     pub retry_policy: Option<sqlx::types::Json<crate::model::retry::RetryPolicy>>,
     /// Its attempts' execution limit (ms).
     pub timeout_ms: Option<i32>,
+    /// How long it may wait for a worker once queued (ms).
+    pub schedule_to_start_ms: Option<i32>,
 }
 
 /// Whether task `t` still waits for its start (a row of `tasker.task_starts` exists exactly
@@ -385,7 +387,7 @@ impl Store {
                               FROM tasker.step_edges e JOIN tasker.workflow_steps p ON p.step_uuid = e.parent_step_uuid
                               WHERE e.child_step_uuid = w.step_uuid), '{}') AS depends_on,
                     w.created_at, w.enqueued_at, w.started_at, w.completed_at, w.queue,
-                    w.retry_policy, w.timeout_ms, w.page_rows
+                    w.retry_policy, w.timeout_ms, w.schedule_to_start_ms, w.page_rows
              FROM (SELECT p.*,
                           CASE WHEN $4 THEN
                               sum(coalesce(p.data_bytes,

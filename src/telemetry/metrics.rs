@@ -15,7 +15,7 @@
 //! | `commands_processed` | counter | `{command}` | `outcome` |
 //! | `commands_rejected` | counter | `{command}` | `reason` (overloaded, shutting_down) |
 //! | `listener_reconnects` | counter | `{reconnect}` | |
-//! | `retry_promotions` | counter | `{step}` | `source` (retry, lease_expired, task_start) |
+//! | `retry_promotions` | counter | `{step}` | `source` (retry, lease_expired, task_start, schedule_to_start) |
 //! | `steps_leased` | counter | `{step}` | `namespace`, `queue`; steps a FetchSteps delivered |
 //! | `queue_steps_in_flight`, `queue_steps_queued`, `queue_steps_held` | gauge | `{step}` | `namespace`, `queue`; per lane with work or settings, read when collected (`app::lane_gauges`) |
 //! | `db.pool.connections`, `db.pool.idle` | gauge | `{connection}` | |

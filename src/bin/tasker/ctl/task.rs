@@ -348,6 +348,9 @@ struct StepFile {
     /// An attempt's execution limit, in milliseconds.
     #[serde(default)]
     timeout_ms: Option<i64>,
+    /// How long it may wait for a worker once queued, in milliseconds.
+    #[serde(default)]
+    schedule_to_start_ms: Option<i64>,
 }
 
 /// A retry policy in a task file, durations in milliseconds (as FailStep's backoff_ms).
@@ -418,6 +421,7 @@ pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskReq
                 queue: s.queue,
                 retry: s.retry.map(RetryFile::into_proto),
                 timeout: s.timeout_ms.map(duration_from_ms),
+                schedule_to_start: s.schedule_to_start_ms.map(duration_from_ms),
             })
             .collect(),
         retry: file.retry.map(RetryFile::into_proto),
