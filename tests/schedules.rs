@@ -314,6 +314,10 @@ async fn missed_ticks_follow_the_catch_up_policy_after_an_outage(pool: PgPool) {
         .collect();
     assert_eq!(caught.len(), 1, "{latest:?}");
     assert!(caught[0].3, "marked as the catch-up: {latest:?}");
+    assert!(
+        caught[0].4 >= 1,
+        "the other missed ticks counted: {latest:?}"
+    );
     assert!(caught[0].0 > stopped, "{latest:?}");
     let next_tick = caught[0].0 + chrono::Duration::seconds(1);
     assert!(

@@ -245,8 +245,9 @@ pub enum TickOutcome {
     Skipped,
     /// Kept until the previous task finishes (BUFFER_ONE).
     Buffered,
-    /// The latest of this many ticks no replica was up for, dropped by the catch-up policy.
-    Missed(u64),
+    /// The latest of the ticks no replica was up for, dropped by the catch-up policy
+    /// (`FiredTick::missed` counts them).
+    Missed,
 }
 
 #[derive(Debug, Clone)]
@@ -254,6 +255,9 @@ pub struct FiredTick {
     pub at: DateTime<Utc>,
     pub catch_up: bool,
     pub outcome: TickOutcome,
+    /// Missed ticks dropped by the catch-up policy, recorded with this one (the `Missed` record,
+    /// or the latest missed tick a RUN_LATEST catch-up runs); otherwise 0.
+    pub missed: u64,
 }
 
 /// What one wake-up does with a schedule: its ticks' outcomes and the schedule's state after.
@@ -322,6 +326,7 @@ pub fn plan_wake(d: &DueSchedule, grace: chrono::Duration) -> Result<WakePlan, S
             at,
             catch_up: false,
             outcome: TickOutcome::Create(make(at)?),
+            missed: 0,
         });
         running = true;
         buffered = None;
@@ -339,7 +344,8 @@ pub fn plan_wake(d: &DueSchedule, grace: chrono::Duration) -> Result<WakePlan, S
                 ticks.push(FiredTick {
                     at: latest,
                     catch_up: false,
-                    outcome: TickOutcome::Missed(plan.missed),
+                    outcome: TickOutcome::Missed,
+                    missed: plan.missed,
                 });
             }
         }
@@ -360,6 +366,7 @@ pub fn plan_wake(d: &DueSchedule, grace: chrono::Duration) -> Result<WakePlan, S
                 at: tick.at,
                 catch_up: tick.catch_up,
                 outcome,
+                missed: if tick.catch_up { plan.missed } else { 0 },
             });
         }
         next_fire_at = plan.next;

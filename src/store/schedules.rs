@@ -345,7 +345,8 @@ impl Store {
         let mut created = Vec::new();
         let mut last_task = None;
         for tick in &plan.ticks {
-            let (outcome, task_uuid, missed) = match &tick.outcome {
+            let missed = i32::try_from(tick.missed).unwrap_or(i32::MAX);
+            let (outcome, task_uuid) = match &tick.outcome {
                 TickOutcome::Create(task) => {
                     let made = self
                         .create_task_on(
@@ -360,11 +361,11 @@ impl Store {
                         created.push(made.task_uuid);
                     }
                     last_task = Some(made.task_uuid);
-                    ("created", Some(made.task_uuid), 0)
+                    ("created", Some(made.task_uuid))
                 }
-                TickOutcome::Skipped => ("skipped", None, 0),
-                TickOutcome::Buffered => ("buffered", None, 0),
-                TickOutcome::Missed(n) => ("missed", None, i32::try_from(*n).unwrap_or(i32::MAX)),
+                TickOutcome::Skipped => ("skipped", None),
+                TickOutcome::Buffered => ("buffered", None),
+                TickOutcome::Missed => ("missed", None),
             };
             if let Some(task) = task_uuid {
                 mark_task(&mut tx, task, &name).await?;
