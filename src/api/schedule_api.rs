@@ -11,7 +11,7 @@ use super::error::{invalid, Violations};
 use crate::model::dag::{TaskSpec, Violation};
 use crate::model::namespaces::namespace_name_problem;
 use crate::model::schedule::{self, CatchUp, CronSpec, Overlap};
-use crate::proto::{self, v1, Vocabulary};
+use crate::proto::{self, v1, words, Vocabulary};
 use crate::store::{NewSchedule, ScheduleRecord};
 
 /// Runs GetSchedule shows; ticks ahead it lists.
@@ -62,8 +62,8 @@ impl ScheduleApi {
         };
         Ok(v1::Schedule {
             task: v1::CreateTaskRequest::decode(s.task.as_slice()).ok(),
-            overlap: overlap_to_proto(s.overlap) as i32,
-            catch_up: catch_up_to_proto(s.catch_up) as i32,
+            overlap: words::raw::<v1::OverlapPolicy>(s.overlap),
+            catch_up: words::raw::<v1::CatchUpPolicy>(s.catch_up),
             paused: s.paused,
             next_fire_times,
             buffered_fire_at: proto::opt_timestamp(s.buffered_fire_at),
@@ -93,48 +93,24 @@ fn named(namespace: &str, name: &str) -> Result<(), Status> {
     bad.into_result()
 }
 
-fn overlap_from_proto(raw: i32) -> Result<Overlap, Status> {
-    match v1::OverlapPolicy::try_from(raw) {
-        Ok(v1::OverlapPolicy::Unspecified | v1::OverlapPolicy::Allow) => Ok(Overlap::Allow),
-        Ok(v1::OverlapPolicy::Skip) => Ok(Overlap::Skip),
-        Ok(v1::OverlapPolicy::BufferOne) => Ok(Overlap::BufferOne),
-        Err(_) => Err(invalid(
-            "overlap",
-            format!(
-                "{raw} is not an OverlapPolicy ({})",
-                v1::OverlapPolicy::words().join(", ")
-            ),
-        )),
+/// A policy field as the model's value, by its word (`OVERLAP_POLICY_BUFFER_ONE` ->
+/// `buffer_one`); UNSPECIFIED: `default`; a number the enum lacks: INVALID_ARGUMENT.
+fn policy<E, T>(field: &str, raw: i32, default: T) -> Result<T, Status>
+where
+    E: Vocabulary + TryFrom<i32>,
+    T: std::str::FromStr,
+{
+    let unknown = || {
+        invalid(
+            field,
+            format!("{raw} is not a {} ({})", E::TYPE, E::words().join(", ")),
+        )
+    };
+    let value = E::try_from(raw).map_err(|_| unknown())?;
+    if value.name() == E::zero_name() {
+        return Ok(default);
     }
-}
-
-fn overlap_to_proto(o: Overlap) -> v1::OverlapPolicy {
-    match o {
-        Overlap::Allow => v1::OverlapPolicy::Allow,
-        Overlap::Skip => v1::OverlapPolicy::Skip,
-        Overlap::BufferOne => v1::OverlapPolicy::BufferOne,
-    }
-}
-
-fn catch_up_from_proto(raw: i32) -> Result<CatchUp, Status> {
-    match v1::CatchUpPolicy::try_from(raw) {
-        Ok(v1::CatchUpPolicy::Unspecified | v1::CatchUpPolicy::Skip) => Ok(CatchUp::Skip),
-        Ok(v1::CatchUpPolicy::RunLatest) => Ok(CatchUp::RunLatest),
-        Err(_) => Err(invalid(
-            "catch_up",
-            format!(
-                "{raw} is not a CatchUpPolicy ({})",
-                v1::CatchUpPolicy::words().join(", ")
-            ),
-        )),
-    }
-}
-
-fn catch_up_to_proto(c: CatchUp) -> v1::CatchUpPolicy {
-    match c {
-        CatchUp::Skip => v1::CatchUpPolicy::Skip,
-        CatchUp::RunLatest => v1::CatchUpPolicy::RunLatest,
-    }
+    value.word().parse().map_err(|_| unknown())
 }
 
 /// The template's own problems, as CreateTask would name them, under `task.`.
@@ -192,8 +168,16 @@ impl v1::schedule_service_server::ScheduleService for ScheduleApi {
                 None
             }
         };
-        let overlap = bad.check(overlap_from_proto(r.overlap));
-        let catch_up = bad.check(catch_up_from_proto(r.catch_up));
+        let overlap = bad.check(policy::<v1::OverlapPolicy, _>(
+            "overlap",
+            r.overlap,
+            Overlap::Allow,
+        ));
+        let catch_up = bad.check(policy::<v1::CatchUpPolicy, _>(
+            "catch_up",
+            r.catch_up,
+            CatchUp::Skip,
+        ));
         match &r.task {
             Some(task) => check_template(&r.namespace, task, &mut bad),
             None => {

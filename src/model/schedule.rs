@@ -435,6 +435,22 @@ mod tests {
         );
     }
 
+    /// The API's policy values and the model's are one vocabulary, both ways.
+    #[test]
+    fn every_policy_is_a_word_of_the_api() {
+        use crate::proto::Vocabulary;
+        for o in Overlap::ALL {
+            let value = v1::OverlapPolicy::from_word(o.as_str()).expect("an OverlapPolicy");
+            assert_eq!(value.word().parse::<Overlap>().unwrap(), *o);
+        }
+        for c in CatchUp::ALL {
+            let value = v1::CatchUpPolicy::from_word(c.as_str()).expect("a CatchUpPolicy");
+            assert_eq!(value.word().parse::<CatchUp>().unwrap(), *c);
+        }
+        assert_eq!(v1::OverlapPolicy::words().len(), Overlap::ALL.len());
+        assert_eq!(v1::CatchUpPolicy::words().len(), CatchUp::ALL.len());
+    }
+
     #[test]
     fn six_fields_have_seconds_first() {
         let every_second = CronSpec::parse("* * * * * *", "UTC").unwrap();
