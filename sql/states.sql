@@ -8,12 +8,27 @@
 -- Each definition names the migration it comes from.
 
 
--- Refuses UPDATE and DELETE on the history tables (TK001).
+-- Refuses UPDATE on the history tables, row by row (TK001).
 -- (from migrations/20261127000001_baseline.sql)
 CREATE FUNCTION tasker.history_is_append_only() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'TK001';
+END
+$$;
+
+-- Refuses DELETE on the history tables (TK001), once per statement, unless the statement
+-- runs inside the retention purge (tasker.purge_finished_tasks marks its own
+-- transaction): history rows leave only with their task.
+-- (from migrations/20261204000016_retention.sql)
+CREATE FUNCTION tasker.history_leaves_only_by_retention() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('tasker.retention_purge', true) IS DISTINCT FROM 'on' THEN
+        RAISE EXCEPTION '% is append-only: its rows leave only with their task, by retention (tasker.purge_finished_tasks)',
+            TG_TABLE_NAME USING ERRCODE = 'TK001';
+    END IF;
+    RETURN NULL;
 END
 $$;
 

@@ -29,6 +29,7 @@ async fn one_task_per_key_at_a_time_keys_interleave_and_freed_slots_start_the_ne
         .set_namespace_settings(v1::SetNamespaceSettingsRequest {
             namespace: "billing".into(),
             max_tasks_per_key: Some(1),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -135,6 +136,7 @@ async fn raising_the_limit_starts_waiting_tasks_and_bad_input_is_refused(pool: P
         .set_namespace_settings(v1::SetNamespaceSettingsRequest {
             namespace: "reports".into(),
             max_tasks_per_key: Some(1),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -159,6 +161,7 @@ async fn raising_the_limit_starts_waiting_tasks_and_bad_input_is_refused(pool: P
         .set_namespace_settings(v1::SetNamespaceSettingsRequest {
             namespace: "reports".into(),
             max_tasks_per_key: Some(3),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -186,6 +189,7 @@ async fn raising_the_limit_starts_waiting_tasks_and_bad_input_is_refused(pool: P
             .set_namespace_settings(v1::SetNamespaceSettingsRequest {
                 namespace: "reports".into(),
                 max_tasks_per_key: max,
+                ..Default::default()
             })
             .await
             .unwrap_err();

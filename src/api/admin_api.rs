@@ -7,11 +7,13 @@ use tonic::{Request, Response, Status};
 use super::context::ApiContext;
 use super::convert::{mode_from_proto, mode_to_proto};
 use super::error::{invalid, Violations};
-use crate::config::DeploymentMode;
+use crate::config::{DeploymentMode, MAX_RETENTION};
 use crate::model::namespaces::{queue_name_problem, DEFAULT_QUEUE};
+use crate::model::retention::age;
 use crate::proto::{self, v1};
 use crate::readiness::mode::ModeSource;
 use crate::readiness::ListenerState;
+use crate::store::retention::RetentionChange;
 use crate::store::LaneSettings;
 
 pub struct AdminApi {
@@ -22,6 +24,131 @@ impl AdminApi {
     pub fn new(ctx: ApiContext) -> Self {
         Self { ctx }
     }
+}
+
+impl AdminApi {
+    /// A namespace's settings as GetNamespaceSettings answers them.
+    async fn namespace_settings(&self, namespace: &str) -> Result<v1::NamespaceSettings, Status> {
+        let (max, waiting) = self.ctx.store.namespace_settings(namespace).await?;
+        let (keep, keep_error) = self.ctx.store.namespace_retention(namespace).await?;
+        let defaults = self.ctx.retention_defaults;
+        Ok(v1::NamespaceSettings {
+            namespace: namespace.to_string(),
+            max_tasks_per_key: max,
+            tasks_waiting_on_keys: waiting,
+            retention: keep.map(proto::duration),
+            error_retention: keep_error.map(proto::duration),
+            effective_retention: Some(proto::duration(keep.unwrap_or(defaults.retention))),
+            effective_error_retention: Some(proto::duration(
+                keep_error.unwrap_or(defaults.error_retention),
+            )),
+        })
+    }
+}
+
+impl AdminApi {
+    /// Retention for GetStatus: this replica's purge totals, what every namespace keeps, the
+    /// schema's size. A read that fails leaves its part empty: the status answers while the
+    /// database is away.
+    async fn retention_status(&self) -> v1::RetentionStatus {
+        let (tasks_purged, steps_purged, rows_purged) = self.ctx.purge_totals.get();
+        let store = &self.ctx.store;
+        let kept = store
+            .retention_status(self.ctx.retention_defaults, None)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading what retention keeps failed");
+                Vec::new()
+            });
+        let schema_bytes = store.schema_bytes().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the schema's size failed");
+            0
+        });
+        let now = chrono::Utc::now();
+        let oldest = kept
+            .iter()
+            .flat_map(|n| [n.oldest_finished, n.oldest_error])
+            .flatten()
+            .min();
+        v1::RetentionStatus {
+            purging: self.ctx.purging,
+            tasks_purged,
+            steps_purged,
+            rows_purged,
+            schema_bytes: u64::try_from(schema_bytes).unwrap_or(0),
+            oldest_finished_age: oldest.map(|t| proto::duration(age(t, now))),
+            behind: kept.iter().any(|n| n.behind(now)),
+            namespaces: kept
+                .into_iter()
+                .map(|n| v1::NamespaceRetention {
+                    behind: n.behind(now),
+                    retention: Some(proto::duration(n.retention)),
+                    error_retention: Some(proto::duration(n.error_retention)),
+                    oldest_finished_age: n.oldest_finished.map(|t| proto::duration(age(t, now))),
+                    oldest_error_age: n.oldest_error.map(|t| proto::duration(age(t, now))),
+                    namespace: n.namespace,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Which settings a SetNamespaceSettings changes.
+struct SettingsMask {
+    max_tasks_per_key: bool,
+    retention: bool,
+    error_retention: bool,
+}
+
+/// `update_mask`'s paths (none: every setting), each a setting's name.
+fn settings_mask(mask: Option<&prost_types::FieldMask>) -> Result<SettingsMask, Status> {
+    let paths = mask.map(|m| m.paths.as_slice()).unwrap_or_default();
+    if paths.is_empty() {
+        return Ok(SettingsMask {
+            max_tasks_per_key: true,
+            retention: true,
+            error_retention: true,
+        });
+    }
+    let mut m = SettingsMask {
+        max_tasks_per_key: false,
+        retention: false,
+        error_retention: false,
+    };
+    for (i, path) in paths.iter().enumerate() {
+        match path.as_str() {
+            "max_tasks_per_key" => m.max_tasks_per_key = true,
+            "retention" => m.retention = true,
+            "error_retention" => m.error_retention = true,
+            other => {
+                return Err(invalid(
+                    &format!("update_mask.paths[{i}]"),
+                    format!("unknown setting {other:?}; expected max_tasks_per_key, retention or error_retention"),
+                ))
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// A retention period: absent (the fleet's default), or 1 s to [`MAX_RETENTION`].
+fn retention_field(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Status> {
+    let Some(d) = d else { return Ok(None) };
+    let ms = proto::duration_ms(d);
+    let max_ms = i64::try_from(MAX_RETENTION.as_millis()).unwrap_or(i64::MAX);
+    if !(1_000..=max_ms).contains(&ms) {
+        return Err(invalid(
+            field,
+            format!(
+                "must be between 1 s and {} days (absent: the fleet's default), is {ms} ms",
+                MAX_RETENTION.as_secs() / 86_400,
+            ),
+        ));
+    }
+    Ok(Some(std::time::Duration::from_millis(ms as u64)))
 }
 
 #[tonic::async_trait]
@@ -126,6 +253,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
             .into_iter()
             .map(lane_to_proto)
             .collect();
+        let retention = self.retention_status().await;
         Ok(Response::new(v1::GetStatusResponse {
             mode: mode_to_proto(status.mode) as i32,
             listener_connected: status.listener.state == ListenerState::Listening,
@@ -148,6 +276,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
             watched_tasks: self.ctx.feeds.tasks() as u64,
             replicas,
             queues,
+            retention: Some(retention),
         }))
     }
 
@@ -232,6 +361,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
         let r = request.into_inner();
         let mut bad = Violations::default();
         let namespace = bad.check(namespace_field(&r.namespace));
+        let mask = bad.check(settings_mask(r.update_mask.as_ref()));
         let max = bad.check(match r.max_tasks_per_key {
             Some(n) if !(1..=MAX_TASKS_PER_KEY).contains(&n) => Err(invalid(
                 "max_tasks_per_key",
@@ -241,14 +371,29 @@ impl v1::admin_service_server::AdminService for AdminApi {
             )),
             other => Ok(other),
         });
+        let keep = bad.check(retention_field("retention", r.retention.as_ref()));
+        let keep_error = bad.check(retention_field(
+            "error_retention",
+            r.error_retention.as_ref(),
+        ));
         bad.into_result()?;
-        let (namespace, max) = namespace.zip(max).expect("checked");
-        let (max, waiting) = self.ctx.store.set_max_tasks_per_key(namespace, max).await?;
-        Ok(Response::new(v1::NamespaceSettings {
-            namespace: namespace.to_string(),
-            max_tasks_per_key: max,
-            tasks_waiting_on_keys: waiting,
-        }))
+        let (namespace, max, mask) = (
+            namespace.expect("checked"),
+            max.expect("checked"),
+            mask.expect("checked"),
+        );
+        let change = RetentionChange {
+            retention: mask.retention.then(|| keep.expect("checked")),
+            error_retention: mask.error_retention.then(|| keep_error.expect("checked")),
+        };
+        self.ctx
+            .store
+            .set_namespace_retention(namespace, change)
+            .await?;
+        if mask.max_tasks_per_key {
+            self.ctx.store.set_max_tasks_per_key(namespace, max).await?;
+        }
+        Ok(Response::new(self.namespace_settings(namespace).await?))
     }
 
     async fn get_namespace_settings(
@@ -257,12 +402,7 @@ impl v1::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<v1::NamespaceSettings>, Status> {
         let r = request.into_inner();
         let namespace = namespace_field(&r.namespace)?;
-        let (max, waiting) = self.ctx.store.namespace_settings(namespace).await?;
-        Ok(Response::new(v1::NamespaceSettings {
-            namespace: namespace.to_string(),
-            max_tasks_per_key: max,
-            tasks_waiting_on_keys: waiting,
-        }))
+        Ok(Response::new(self.namespace_settings(namespace).await?))
     }
 
     async fn get_queue_settings(

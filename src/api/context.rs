@@ -11,6 +11,7 @@ use crate::dispatch::worker::WorkerQueue;
 use crate::readiness::commands::CommandProcessorHandle;
 use crate::readiness::mode::DeploymentModeController;
 use crate::readiness::task_changes::TaskWatches;
+use crate::store::retention::{PurgeTotals, RetentionDefaults};
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
@@ -25,6 +26,8 @@ pub struct EngineHandles {
     pub fleet: Fleet,
     pub watches: TaskWatches,
     pub metrics: Metrics,
+    /// What this replica's retention purge removed.
+    pub purge_totals: PurgeTotals,
 }
 
 #[derive(Clone)]
@@ -36,6 +39,11 @@ pub struct ApiContext {
     pub fleet: Fleet,
     pub watches: TaskWatches,
     pub metrics: Metrics,
+    pub purge_totals: PurgeTotals,
+    /// The fleet's retention periods as this replica has them (`orchestration.retention`).
+    pub retention_defaults: RetentionDefaults,
+    /// This replica purges (`orchestration.retention.purge`).
+    pub purging: bool,
     /// The feeds of the tasks WatchTask streams follow, and the streams' places.
     pub feeds: super::task_watch::TaskFeeds,
     /// A replica silent this long is not listed (`orchestration.replicas.gone_after_ms`).
@@ -61,6 +69,9 @@ impl ApiContext {
             fleet: engine.fleet,
             watches: engine.watches,
             metrics: engine.metrics,
+            purge_totals: engine.purge_totals,
+            retention_defaults: config.orchestration.retention.defaults(),
+            purging: config.orchestration.retention.purge,
             feeds: super::task_watch::TaskFeeds::new(
                 config.grpc.max_watch_streams,
                 config.grpc.max_watch_streams_per_caller,

@@ -1,7 +1,7 @@
 //! `Engine`: the event-driven core assembled. The command processor and its
 //! enqueuer, the mode controller with the listener, poller and deadline scheduler, the workers'
-//! queue, table maintenance, the replica heartbeat and the step announcer, sharing one store
-//! and one set of metrics.
+//! queue, table maintenance, the retention purge, the replica heartbeat and the step
+//! announcer, sharing one store and one set of metrics.
 //!
 //! Shutdown order: stop the sources of commands (listener, poller, scheduler) and
 //! maintenance, then let the processor finish what it holds within its grace period.
@@ -20,16 +20,19 @@ use crate::dispatch::deadlines::DeadlinePoke;
 use crate::dispatch::enqueue::TaskClaimStepEnqueuer;
 use crate::dispatch::parked::ParkedFetches;
 use crate::dispatch::worker::WorkerQueue;
+use crate::model::namespaces::NamespaceSelector;
 use crate::readiness::commands::{CommandProcessor, CommandProcessorHandle, ProcessorTask};
 use crate::readiness::mode::DeploymentModeController;
 use crate::readiness::poller::SweepRequester;
 use crate::readiness::task_changes::TaskWatches;
 use crate::readiness::{ListenerState, ListenerStatus, TaskReadinessEventSystem};
 use crate::store::maintenance::TableMaintenance;
+use crate::store::retention::PurgeTotals;
 use crate::store::{Store, StoreLimits};
 use crate::telemetry::metrics::Metrics;
 
 use super::lane_gauges::LaneGauges;
+use super::retention::RetentionPurger;
 
 pub struct Engine {
     pub store: Store,
@@ -48,6 +51,8 @@ pub struct Engine {
     _gauges: Vec<opentelemetry::metrics::ObservableGauge<u64>>,
     /// The gauges per queue, read from the database when metrics are collected.
     pub lane_gauges: LaneGauges,
+    /// What this replica's retention purge removed.
+    pub purge_totals: PurgeTotals,
 }
 
 impl Engine {
@@ -61,6 +66,7 @@ impl Engine {
             fleet: self.fleet.clone(),
             watches: self.watches.clone(),
             metrics: self.metrics.clone(),
+            purge_totals: self.purge_totals.clone(),
         }
     }
 
@@ -163,6 +169,21 @@ impl Engine {
             );
             tokio::spawn(async move { mode_controller.follow_fleet_mode(heard, stop).await })
         };
+        let purge_totals = PurgeTotals::default();
+        let purger = tokio::spawn(
+            RetentionPurger::new(
+                store.clone(),
+                config.orchestration.retention.clone(),
+                NamespaceSelector::from_config(&config.orchestration.task_readiness.namespaces)
+                    .patterns()
+                    .map(<[String]>::to_vec),
+                commands.clone(),
+                metrics.clone(),
+                purge_totals.clone(),
+            )
+            .run(stop_maintenance.clone())
+            .instrument(tracing::info_span!("retention_purger")),
+        );
         let (lane_gauges, lane_reader) =
             LaneGauges::start(metrics.meter(), store.clone(), stop_maintenance.clone());
         let depth = commands.clone();
@@ -209,10 +230,18 @@ impl Engine {
             watches,
             maintenance: (
                 stop_maintenance,
-                vec![maintenance, heartbeat, announcements, follow, lane_reader],
+                vec![
+                    maintenance,
+                    heartbeat,
+                    announcements,
+                    follow,
+                    lane_reader,
+                    purger,
+                ],
             ),
             _gauges: gauges,
             lane_gauges,
+            purge_totals,
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod engine;
 mod lane_gauges;
+mod retention;
 pub mod testkit;
 
 pub use engine::Engine;

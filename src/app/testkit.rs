@@ -15,6 +15,7 @@ use crate::config::TaskerConfig;
 // The engine, its store and its parts, for tests that work below the API.
 pub use crate::app::Engine;
 pub use crate::dispatch::WorkerQueue;
+pub use crate::store::retention::{PurgedBatch, RetentionDefaults};
 pub use crate::store::{
     ActivityCounters, CancelOutcome, Completion, CreatedTask, FailOutcome, HeldLease, LeasedStep,
     Refusal, StepFailure, Store, StoreError, Taker, TaskListQuery,

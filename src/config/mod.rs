@@ -45,7 +45,7 @@ pub use load::{
 };
 pub use orchestration::{
     CommandProcessorConfig, CompletionsConfig, DeploymentConfig, OrchestrationConfig,
-    ReplicasConfig, TaskReadinessConfig, WorkersConfig,
+    ReplicasConfig, RetentionConfig, TaskReadinessConfig, WorkersConfig, MAX_RETENTION,
 };
 pub use telemetry::{LogFormat, TelemetryConfig};
 

@@ -11,6 +11,7 @@ use super::checks::{Checks, DAY_S};
 use super::units::{millis, seconds};
 use crate::model::mode::DeploymentMode;
 use crate::model::namespaces::namespace_name_problem;
+use crate::model::retention::RetentionDefaults;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -22,6 +23,7 @@ pub struct OrchestrationConfig {
     pub workers: WorkersConfig,
     pub replicas: ReplicasConfig,
     pub scheduling: SchedulingConfig,
+    pub retention: RetentionConfig,
 }
 
 impl OrchestrationConfig {
@@ -34,6 +36,7 @@ impl OrchestrationConfig {
         self.workers.validate(&mut c.section("workers"));
         self.replicas.validate(&mut c.section("replicas"));
         self.scheduling.validate(&mut c.section("scheduling"));
+        self.retention.validate(&mut c.section("retention"));
     }
 }
 
@@ -350,5 +353,75 @@ impl SchedulingConfig {
     fn validate(&self, c: &mut Checks) {
         c.range("max_start_delay_days", self.max_start_delay_days, 1, 36_500);
         c.millis("misfire_grace_ms", self.misfire_grace, 100, DAY_S * 1000);
+    }
+}
+
+/// The longest a finished task may be kept: ten years (there is no "for ever": a namespace
+/// that must keep everything sets this and archives elsewhere).
+pub const MAX_RETENTION: Duration = Duration::from_secs(3_650 * DAY_S);
+
+/// Retention: how long finished tasks are kept, and the purge that removes them afterwards
+/// (`tasker.purge_finished_tasks`, run by every replica; the tasks each batch removes are
+/// claimed, so replicas never purge the same rows). A namespace's own periods
+/// (`AdminService.SetNamespaceSettings`) override the two defaults here, which should be the
+/// same on every replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Whether this replica purges.
+    pub purge: bool,
+    /// Tasks complete or cancelled for longer than this are removed with all their rows.
+    #[serde(rename = "retention_seconds", with = "seconds")]
+    pub retention: Duration,
+    /// Tasks in error for longer than this are removed (longer: someone may still look into
+    /// them, retry them or resolve their steps).
+    #[serde(rename = "error_retention_seconds", with = "seconds")]
+    pub error_retention: Duration,
+    /// Tasks removed per transaction.
+    pub purge_batch_size: u32,
+    /// The most time one purge round spends deleting; the rest waits for the next round.
+    #[serde(rename = "purge_round_budget_ms", with = "millis")]
+    pub purge_round_budget: Duration,
+    /// How often a purger that has caught up looks again.
+    #[serde(rename = "purge_interval_ms", with = "millis")]
+    pub purge_interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            purge: true,
+            // a week: enough to look into what ran last weekend; River keeps a day, Temporal
+            // asks for one to thirty days per namespace
+            retention: Duration::from_secs(7 * DAY_S),
+            // a month for tasks in error: they wait for a person
+            error_retention: Duration::from_secs(30 * DAY_S),
+            // about a thousand rows per ten-step task: a batch stays a few tens of
+            // milliseconds, so it never holds a lock the hop waits for for long
+            purge_batch_size: 100,
+            // a round yields the database well within a hop's budget of a second's work
+            purge_round_budget: Duration::from_millis(250),
+            // retention is counted in minutes to days: ten seconds late is on time
+            purge_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The two default periods, as the purge takes them.
+    pub fn defaults(&self) -> RetentionDefaults {
+        RetentionDefaults {
+            retention: self.retention,
+            error_retention: self.error_retention,
+        }
+    }
+
+    fn validate(&self, c: &mut Checks) {
+        let max = MAX_RETENTION.as_secs();
+        c.seconds("retention_seconds", self.retention, 1, max);
+        c.seconds("error_retention_seconds", self.error_retention, 1, max);
+        c.range("purge_batch_size", self.purge_batch_size, 1, 10_000);
+        c.millis("purge_round_budget_ms", self.purge_round_budget, 10, 60_000);
+        c.millis("purge_interval_ms", self.purge_interval, 100, DAY_S * 1000);
     }
 }

@@ -8,6 +8,7 @@ pub mod dag;
 pub mod limits;
 pub mod mode;
 pub mod namespaces;
+pub mod retention;
 pub mod retry;
 pub mod schedule;
 pub mod states;

@@ -27,6 +27,7 @@ pub mod local;
 pub mod maintenance;
 mod queues;
 mod replicas;
+pub mod retention;
 mod schedules;
 mod steps;
 mod tasks;

@@ -18,6 +18,9 @@
 //! | `retry_promotions` | counter | `{step}` | `source` (retry, lease_expired, task_start, schedule_to_start) |
 //! | `steps_leased` | counter | `{step}` | `namespace`, `queue`; steps a FetchSteps delivered |
 //! | `queue_steps_in_flight`, `queue_steps_queued`, `queue_steps_held` | gauge | `{step}` | `namespace`, `queue`; per lane with work or settings, read when collected (`app::lane_gauges`) |
+//! | `retention_tasks_purged`, `retention_rows_purged` | counter | `{task}`, `{row}` | finished tasks removed by this replica's purge, and their rows in every table |
+//! | `retention_oldest_finished_age` | gauge | `s` | `namespace`, `state` (finished: complete or cancelled; error); read by the purger each round (`app::retention`) |
+//! | `retention_schema_size` | gauge | `By` | the `tasker` schema's tables, indexes and TOAST |
 //! | `db.pool.connections`, `db.pool.idle` | gauge | `{connection}` | |
 //! | `rpc.server.requests`, `rpc.server.duration` | counter, histogram (ms) | | `rpc.method`, `rpc.grpc.status_code` (in `telemetry`) |
 
@@ -44,6 +47,8 @@ pub struct Metrics {
     reconnects: Counter<u64>,
     promotions: Counter<u64>,
     leased: Counter<u64>,
+    tasks_purged: Counter<u64>,
+    rows_purged: Counter<u64>,
     meter: Meter,
 }
 
@@ -111,6 +116,16 @@ impl Metrics {
                 .u64_counter("steps_leased")
                 .with_description("Steps delivered to workers by FetchSteps, by namespace and queue")
                 .with_unit("{step}")
+                .build(),
+            tasks_purged: meter
+                .u64_counter("retention_tasks_purged")
+                .with_description("Finished tasks removed by retention on this replica")
+                .with_unit("{task}")
+                .build(),
+            rows_purged: meter
+                .u64_counter("retention_rows_purged")
+                .with_description("Rows removed by retention on this replica, every table (steps and history included)")
+                .with_unit("{row}")
                 .build(),
             meter: meter.clone(),
         }
@@ -182,5 +197,10 @@ impl Metrics {
 
     pub fn steps_promoted(&self, source: &'static str, n: u64) {
         self.promotions.add(n, &[KeyValue::new("source", source)]);
+    }
+
+    pub fn purged(&self, tasks: u64, rows: u64) {
+        self.tasks_purged.add(tasks, &[]);
+        self.rows_purged.add(rows, &[]);
     }
 }

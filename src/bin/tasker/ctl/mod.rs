@@ -188,6 +188,16 @@ pub enum NamespaceAction {
         #[arg(long, conflicts_with = "max_tasks_per_key")]
         none: bool,
     },
+    /// How long finished tasks are kept before they are removed with all their rows (admin
+    /// scope): --retention for complete or cancelled tasks, --error-retention for tasks in
+    /// error, each a duration (90s, 2m, 12h, 7d) or `default` (the fleet's); neither: show.
+    Retention {
+        namespace: String,
+        #[arg(long)]
+        retention: Option<String>,
+        #[arg(long)]
+        error_retention: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,6 +417,11 @@ pub async fn run(opts: CtlOptions, command: CtlCommand) -> Result<(), CtlError> 
                 max_tasks_per_key,
                 none,
             } => namespace::key_limit(ctl, namespace, max_tasks_per_key, none).await,
+            NamespaceAction::Retention {
+                namespace,
+                retention,
+                error_retention,
+            } => namespace::retention(ctl, namespace, retention, error_retention).await,
         },
         CtlCommand::Queue { action } => match action {
             QueueAction::Show { namespace, queue } => queue::show(ctl, namespace, queue).await,

@@ -1,9 +1,9 @@
-//! `ctl namespace create | delete | list`.
+//! `ctl namespace create | delete | list | key-limit | retention`.
 
 use serde_json::{json, Value};
 use tasker::proto::v1;
 
-use super::output::{print_value, ts};
+use super::output::{duration_text, parse_duration, print_value, ts};
 use super::{Ctl, CtlError};
 
 /// `namespace create`: an admin creates a namespace (needed when the service does not create them on first use).
@@ -65,6 +65,8 @@ pub(super) async fn key_limit(
             .set_namespace_settings(v1::SetNamespaceSettingsRequest {
                 namespace,
                 max_tasks_per_key,
+                update_mask: Some(mask(&["max_tasks_per_key"])),
+                ..Default::default()
             })
             .await?
     } else {
@@ -73,13 +75,71 @@ pub(super) async fn key_limit(
             .await?
     }
     .into_inner();
-    print_value(
-        &json!({
-            "namespace": r.namespace,
-            "max_tasks_per_key": r.max_tasks_per_key,
-            "tasks_waiting_on_keys": r.tasks_waiting_on_keys,
-        }),
-        ctl.out,
-    );
+    print_value(&settings_json(r), ctl.out);
     Ok(())
+}
+
+/// `namespace retention <namespace> [--retention D|default] [--error-retention D|default]`:
+/// set either or both (the other stays), or with neither show them.
+pub(super) async fn retention(
+    ctl: &Ctl,
+    namespace: String,
+    retention: Option<String>,
+    error_retention: Option<String>,
+) -> Result<(), CtlError> {
+    // a duration, or `default`: the field absent, so the fleet's default applies
+    let period = |flag: &str, v: &str| -> Result<Option<prost_types::Duration>, CtlError> {
+        if v == "default" {
+            return Ok(None);
+        }
+        let d = parse_duration(flag, v)?;
+        Ok(Some(prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        }))
+    };
+    let mut admin = v1::admin_service_client::AdminServiceClient::new(ctl.svc.clone());
+    let r = if retention.is_some() || error_retention.is_some() {
+        let mut paths = Vec::new();
+        let mut request = v1::SetNamespaceSettingsRequest {
+            namespace,
+            ..Default::default()
+        };
+        if let Some(v) = &retention {
+            request.retention = period("--retention", v)?;
+            paths.push("retention");
+        }
+        if let Some(v) = &error_retention {
+            request.error_retention = period("--error-retention", v)?;
+            paths.push("error_retention");
+        }
+        request.update_mask = Some(mask(&paths));
+        admin.set_namespace_settings(request).await?
+    } else {
+        admin
+            .get_namespace_settings(v1::GetNamespaceSettingsRequest { namespace })
+            .await?
+    }
+    .into_inner();
+    print_value(&settings_json(r), ctl.out);
+    Ok(())
+}
+
+fn mask(paths: &[&str]) -> prost_types::FieldMask {
+    prost_types::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// A namespace's settings: its own (null: the fleet's default) and those that apply.
+fn settings_json(r: v1::NamespaceSettings) -> Value {
+    json!({
+        "namespace": r.namespace,
+        "max_tasks_per_key": r.max_tasks_per_key,
+        "tasks_waiting_on_keys": r.tasks_waiting_on_keys,
+        "retention": duration_text(r.retention),
+        "error_retention": duration_text(r.error_retention),
+        "effective_retention": duration_text(r.effective_retention),
+        "effective_error_retention": duration_text(r.effective_error_retention),
+    })
 }

@@ -118,6 +118,45 @@ pub(super) fn ts(t: Option<prost_types::Timestamp>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A duration as people write it: `90s`, `2m`, `12h`, `7d`, `1500ms` (a whole number and a
+/// unit).
+pub(super) fn parse_duration(flag: &str, text: &str) -> Result<std::time::Duration, CtlError> {
+    let bad = || {
+        CtlError::Usage(format!(
+            "{flag} {text:?}: not a duration; expected a whole number and a unit (ms, s, m, h, d), as in 90s or 7d"
+        ))
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let n: u64 = text[..split].parse().map_err(|_| bad())?;
+    let unit_ms: u64 = match &text[split..] {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    Ok(std::time::Duration::from_millis(
+        n.checked_mul(unit_ms).ok_or_else(bad)?,
+    ))
+}
+
+/// A protobuf duration the way [`parse_duration`] reads one: its largest whole unit.
+pub(super) fn duration_text(d: Option<prost_types::Duration>) -> Value {
+    let Some(d) = d else { return Value::Null };
+    let ms = d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000);
+    let (n, unit) = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ]
+    .into_iter()
+    .find(|(u, _)| ms % u == 0 && ms >= *u)
+    .map_or((ms, "ms"), |(u, name)| (ms / u, name));
+    Value::String(format!("{n}{unit}"))
+}
+
 /// A repeatable flag's values as the enum's raw values: each a word or a value's name.
 pub(super) fn enum_flags<E>(flag: &str, values: &[String]) -> Result<Vec<i32>, CtlError>
 where

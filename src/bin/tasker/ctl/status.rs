@@ -1,10 +1,10 @@
 //! `ctl status`: the replica's mode, listener, poller, command queue, parked fetches, watch
-//! streams and the replicas it knows.
+//! streams, the replicas it knows, the queues with settings and what retention keeps.
 
 use serde_json::{json, Value};
 use tasker::proto::v1;
 
-use super::output::{mode_name, print_value, ts};
+use super::output::{duration_text, mode_name, print_value, ts};
 use super::{Ctl, CtlError};
 
 /// `status`: everything GetStatus answers.
@@ -46,6 +46,23 @@ pub(super) async fn show(ctl: &Ctl) -> Result<(), CtlError> {
             "heartbeat_at": ts(p.heartbeat_at),
         })).collect::<Vec<_>>(),
         "queues": r.queues.into_iter().map(super::queue::queue_json).collect::<Vec<_>>(),
+        "retention": r.retention.map(|t| json!({
+            "purging": t.purging,
+            "tasks_purged": t.tasks_purged,
+            "steps_purged": t.steps_purged,
+            "rows_purged": t.rows_purged,
+            "schema_bytes": t.schema_bytes,
+            "oldest_finished_age": duration_text(t.oldest_finished_age),
+            "behind": t.behind,
+            "namespaces": t.namespaces.into_iter().map(|n| json!({
+                "namespace": n.namespace,
+                "retention": duration_text(n.retention),
+                "error_retention": duration_text(n.error_retention),
+                "oldest_finished_age": duration_text(n.oldest_finished_age),
+                "oldest_error_age": duration_text(n.oldest_error_age),
+                "behind": n.behind,
+            })).collect::<Vec<_>>(),
+        })),
     }));
     Ok(())
 }
