@@ -129,17 +129,20 @@ BEGIN
 END
 $$;
 
--- After a step is created or changes state: its history row (no code path can forget it).
--- (from migrations/20261127000001_baseline.sql)
+-- A step's history row: every insert (creation) and state change. A creation row carries no
+-- metadata (the task's creation row, written in the same transaction, has the request's);
+-- the step names its task.
+-- (from migrations/20261204000017_history_per_step.sql)
 CREATE FUNCTION tasker.workflow_steps_history() RETURNS trigger
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 BEGIN
-    INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, attempt, metadata)
-    VALUES (NEW.step_uuid, NEW.task_uuid,
+    INSERT INTO tasker.step_transitions (step_uuid, from_state, to_state, attempt, metadata)
+    VALUES (NEW.step_uuid,
             CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END,
-            NEW.state, NEW.attempts, tasker.transition_metadata());
+            NEW.state, NEW.attempts,
+            CASE WHEN TG_OP = 'UPDATE' THEN tasker.transition_metadata() ELSE '{}'::jsonb END);
     RETURN NULL;
 END
 $$;

@@ -41,16 +41,22 @@ async fn rows_naming(pool: &PgPool, ids: &[Uuid]) -> BTreeMap<String, i64> {
     .await
     .unwrap();
     assert!(columns.len() >= 10, "{columns:?}");
-    let mut found = BTreeMap::new();
+    let mut by_table: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (table, column) in columns {
+        by_table.entry(table).or_default().push(column);
+    }
+    let mut found = BTreeMap::new();
+    for (table, columns) in by_table {
+        let naming: Vec<String> = columns.iter().map(|c| format!("{c} = ANY($1)")).collect();
         let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM tasker.{table} WHERE {column} = ANY($1)"
+            "SELECT count(*) FROM tasker.{table} WHERE {}",
+            naming.join(" OR ")
         ))
         .bind(ids)
         .fetch_one(pool)
         .await
         .unwrap();
-        *found.entry(table).or_insert(0) += n;
+        found.insert(table, n);
     }
     found
 }
@@ -335,7 +341,14 @@ async fn two_replicas_purging_at_once_take_each_task_once(pool: PgPool) {
         created.push(t.task_uuid);
     }
     // every task: its row, its step, and the history of both
-    let rows_before: i64 = rows_naming(&pool, &created).await.values().sum();
+    let steps: Vec<Uuid> =
+        sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = ANY($1)")
+            .bind(&created)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let ids = [created.clone(), steps].concat();
+    let rows_before: i64 = rows_naming(&pool, &ids).await.values().sum();
     let deadlocks = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",

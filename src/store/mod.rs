@@ -191,8 +191,10 @@ impl Store {
         // (three statements: VACUUM refuses to run in a multi-statement string)
         for sql in [
             "SET statement_timeout = 0",
+            // with the tables the retention purge deletes from: their space is reused
             "VACUUM (SKIP_LOCKED, ANALYZE) tasker.step_queue, tasker.ready_steps,
-                                          tasker.workflow_steps, tasker.tasks",
+                                          tasker.workflow_steps, tasker.tasks, tasker.step_edges,
+                                          tasker.step_transitions, tasker.task_transitions",
             "RESET statement_timeout",
         ] {
             sqlx::query(sql).execute(&mut *conn).await?;
