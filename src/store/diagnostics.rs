@@ -121,6 +121,13 @@ impl Store {
         Ok((rows.into_iter().map(|r| r.1).collect(), last))
     }
 
+    /// Tasks stored, whatever their state.
+    pub async fn count_tasks(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM tasker.tasks")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     pub async fn soak_snapshot(&self) -> Result<SoakSnapshot, StoreError> {
         let (connections, notification_queue_usage, backlog_steps): (i64, f64, i64) =
             sqlx::query_as(

@@ -14,6 +14,7 @@
 pub mod inprocess;
 mod procstat;
 pub mod remote;
+mod retention_soak;
 pub mod soak;
 pub mod worker;
 
@@ -77,6 +78,14 @@ pub struct BenchArgs {
     /// Soak: reporting interval in seconds.
     #[arg(long, default_value_t = 10)]
     pub interval_secs: u64,
+    /// Soak: through gRPC workers, with finished tasks kept this long, beside the same load
+    /// with retention off (on --compare-database-url) in the same run.
+    #[arg(long, requires = "soak")]
+    pub retention_secs: Option<u64>,
+    /// Soak with --retention-secs: the retention-off arm's database (created if missing;
+    /// emptied like --database-url's). Default: --database-url's, named `<name>_noretention`.
+    #[arg(long, requires = "retention_secs")]
+    pub compare_database_url: Option<String>,
     /// Soak: concurrent workers.
     #[arg(long, default_value_t = 16)]
     pub workers: usize,
@@ -134,6 +143,44 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         .map(|m| m.parse::<DeploymentMode>().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let duration = Duration::from_secs(args.duration_secs);
+    if let (true, Some(retention)) = (args.soak, args.retention_secs) {
+        let compare = match &args.compare_database_url {
+            Some(u) => u.clone(),
+            None => {
+                let name = url
+                    .split('?')
+                    .next()
+                    .and_then(|b| b.rsplit('/').next())
+                    .unwrap_or("tasker");
+                tasker::testkit::with_database(url, &format!("{name}_noretention"))
+            }
+        };
+        let opts = retention_soak::RetentionSoakOptions {
+            duration,
+            rate: args.rate,
+            interval: Duration::from_secs(args.interval_secs.max(1)),
+            workers: args.workers.max(1),
+            retention: Duration::from_secs(retention),
+            warmup: Duration::from_secs(60).min(duration / 4),
+            server_bin: match args.server_bin {
+                Some(b) => b,
+                None => std::env::current_exe()?,
+            },
+            server_config_dir: match args.server_config_dir {
+                Some(d) => d,
+                None => tasker::config::ConfigSources::from_process_env()
+                    .config_dir
+                    .canonicalize()?,
+            },
+        };
+        let report = retention_soak::run(url, &compare, base, &opts).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{}", retention_soak::summary(&report));
+        }
+        return Ok(());
+    }
     if args.soak {
         let opts = soak::SoakOptions {
             mode: modes.first().copied().unwrap_or_default(),

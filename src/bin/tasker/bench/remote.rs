@@ -96,6 +96,11 @@ pub fn scenario_name(s: &Shape) -> String {
     match s {
         Shape::Chains { count, length } => format!("chains {count} x {length} steps"),
         Shape::Fan { width, workers } => format!("fan-out 1 -> {width} -> 1, {workers} workers"),
+        Shape::Paced {
+            rate,
+            length,
+            workers,
+        } => format!("{length}-step chains at {rate} steps/s, {workers} workers"),
     }
 }
 
@@ -152,15 +157,36 @@ pub async fn run(
     Ok(out)
 }
 
-struct Service {
-    child: Child,
-    addr: String,
+pub(super) struct Service {
+    pub child: Child,
+    pub addr: String,
 }
 
 async fn spawn_service(
     opts: &RemoteOptions,
     url: &str,
     mode: DeploymentMode,
+    log: &std::path::Path,
+) -> anyhow::Result<Service> {
+    spawn_server(
+        &opts.server_bin,
+        &opts.server_config_dir,
+        url,
+        mode,
+        &[],
+        log,
+    )
+    .await
+}
+
+/// `server_bin serve` on a free loopback port, configured from `config_dir` (development)
+/// with `env` on top; returns once it is SERVING.
+pub(super) async fn spawn_server(
+    server_bin: &std::path::Path,
+    config_dir: &std::path::Path,
+    url: &str,
+    mode: DeploymentMode,
+    env: &[(&str, String)],
     log: &std::path::Path,
 ) -> anyhow::Result<Service> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -171,9 +197,10 @@ async fn spawn_service(
         .create(true)
         .append(true)
         .open(log)?;
-    let child = Command::new(&opts.server_bin)
+    let child = Command::new(server_bin)
         .arg("serve")
-        .env("TASKER_CONFIG_DIR", &opts.server_config_dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("TASKER_CONFIG_DIR", config_dir)
         .env("TASKER_ENV", "development")
         .env("DATABASE_URL", url)
         .env("TASKER_GRPC__BIND", &addr)
@@ -217,7 +244,7 @@ async fn wait_serving(addr: &str) -> anyhow::Result<()> {
 }
 
 /// Stop a service gracefully (SIGTERM), killing it if it does not stop.
-async fn stop_service(mut s: Service) {
+pub(super) async fn stop_service(mut s: Service) {
     if let Some(pid) = s.child.id() {
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
@@ -278,7 +305,7 @@ async fn scenario(
             Shape::Chains { count, .. } => (0..*count)
                 .map(|i| format!("{BENCH_NAMESPACE}-{i}"))
                 .collect(),
-            Shape::Fan { .. } => vec![BENCH_NAMESPACE.to_string()],
+            Shape::Fan { .. } | Shape::Paced { .. } => vec![BENCH_NAMESPACE.to_string()],
         };
         for ns in &namespaces {
             store

@@ -35,7 +35,7 @@ pub struct WorkerSpec {
     pub namespace: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Shape {
     /// `count` chains at once, each of `length` steps, one worker per chain; a finished chain
@@ -43,6 +43,14 @@ pub enum Shape {
     Chains { count: usize, length: usize },
     /// One task at a time: root -> `width` leaves -> join, worked by `workers` workers.
     Fan { width: usize, workers: usize },
+    /// A steady load: `length`-step chains created at `rate` steps per second (whatever the
+    /// service's pace), worked by `workers` workers that long-poll and complete what is
+    /// ready. Prints `progress <steps completed>` every second.
+    Paced {
+        rate: f64,
+        length: usize,
+        workers: usize,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -129,6 +137,31 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                     .await
                 });
             }
+        }
+        Shape::Paced {
+            rate,
+            length,
+            workers,
+        } => {
+            for i in 0..workers {
+                let ch = channels[i % channels.len()].clone();
+                let (ns, stop, counters) = (spec.namespace.clone(), stop.clone(), counters.clone());
+                tasks.spawn(async move { paced_worker(ch, ns, i, window, stop, counters).await });
+            }
+            let (ch, ns, until) = (channels[0].clone(), spec.namespace.clone(), stop.clone());
+            tasks.spawn(async move { paced_producer(ch, ns, rate, length, until).await });
+            let (total, stop) = (completed_total.clone(), stop.clone());
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tick.tick() => {}
+                    }
+                    println!("progress {}", total.load(Ordering::Relaxed));
+                    std::io::stdout().flush()?;
+                }
+            });
         }
     }
     tokio::time::sleep_until(window.start).await;
@@ -266,6 +299,49 @@ async fn chain_worker(
         .next_step_ms
         .extend(samples);
     worked
+}
+
+/// Chains at `rate` steps per second: every 100 ms the chains owed so far (a fraction is
+/// carried over), each created without waiting for the service to catch up.
+async fn paced_producer(
+    ch: AuthorizedChannel,
+    ns: String,
+    rate: f64,
+    length: usize,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let per_tick = rate / length as f64 / 10.0;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut owed = 0.0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            create_chain(&ch, &ns, length).await?;
+        }
+    }
+}
+
+/// Lease and complete whatever is ready, until `stop`.
+async fn paced_worker(
+    ch: AuthorizedChannel,
+    ns: String,
+    i: usize,
+    window: Window,
+    stop: CancellationToken,
+    counters: Counters,
+) -> anyhow::Result<()> {
+    let mut worker = WorkerClient::new(ch, &ns, format!("soak-{i}"));
+    let results = json!({"ok": true});
+    while let Some(step) = next_step(&mut worker, &stop).await? {
+        worker.complete(&step, &results).await?;
+        counters.completed(&window, Instant::now());
+    }
+    Ok(())
 }
 
 /// The fan-out task in flight: when its root's completion was sent, how many leaves have been
