@@ -121,6 +121,53 @@ impl Store {
         Ok((rows.into_iter().map(|r| r.1).collect(), last))
     }
 
+    /// Tasks not yet complete, in error or cancelled.
+    pub async fn count_unfinished_tasks(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM tasker.tasks WHERE state NOT IN ('complete', 'error', 'cancelled')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Steps stored, whatever their state.
+    pub async fn count_steps(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_steps")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Rewrite every `tasker` table compactly (`VACUUM FULL`): their sizes are then what is
+    /// live. Takes each table's exclusive lock: for a benchmark's idle database only.
+    pub async fn compact_tables(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("VACUUM (FULL, ANALYZE) tasker.tasks, tasker.workflow_steps, tasker.step_edges, tasker.ready_steps, tasker.step_queue, tasker.step_transitions, tasker.task_transitions")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("RESET statement_timeout")
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Per `tasker` table: its heap with TOAST, its indexes' bytes and how many indexes.
+    pub async fn table_sizes(&self) -> Result<Vec<(String, i64, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT c.relname::text, pg_table_size(c.oid), pg_indexes_size(c.oid),
+                    (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid)
+             FROM pg_class c
+             WHERE c.relnamespace = 'tasker'::regnamespace AND c.relkind = 'r'
+             ORDER BY pg_total_relation_size(c.oid) DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Tasks stored, whatever their state.
     pub async fn count_tasks(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM tasker.tasks")

@@ -16,6 +16,7 @@ mod procstat;
 pub mod remote;
 mod retention_soak;
 pub mod soak;
+mod storage;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -86,6 +87,10 @@ pub struct BenchArgs {
     /// emptied like --database-url's). Default: --database-url's, named `<name>_noretention`.
     #[arg(long, requires = "retention_secs")]
     pub compare_database_url: Option<String>,
+    /// Instead: the bytes kept per finished step, over this many 10-step chains run to
+    /// completion in process (the tables compacted first).
+    #[arg(long)]
+    pub storage: Option<usize>,
     /// Soak: concurrent workers.
     #[arg(long, default_value_t = 16)]
     pub workers: usize,
@@ -143,6 +148,15 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         .map(|m| m.parse::<DeploymentMode>().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let duration = Duration::from_secs(args.duration_secs);
+    if let Some(chains) = args.storage {
+        let report = storage::run(url, base, chains.max(1)).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{}", storage::render(&report));
+        }
+        return Ok(());
+    }
     if let (true, Some(retention)) = (args.soak, args.retention_secs) {
         let compare = match &args.compare_database_url {
             Some(u) => u.clone(),
