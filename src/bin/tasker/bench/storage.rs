@@ -63,10 +63,17 @@ pub async fn run(url: &str, base: &TaskerConfig, chains: usize) -> anyhow::Resul
         });
     }
     for _ in 0..chains {
-        let task = TaskSpec::chain(NAMESPACE, CHAIN)
-            .into_new_task()
-            .expect("a valid chain");
-        store.create_task(&task, &json!({}), None).await?;
+        // as CreateTask stores it: the request's source and digest in the creation history
+        let spec = TaskSpec::chain(NAMESPACE, CHAIN);
+        let digest = spec.request_digest();
+        let task = spec.into_new_task().expect("a valid chain");
+        store
+            .create_task(
+                &task,
+                &json!({"source": "api", "request_digest": digest}),
+                None,
+            )
+            .await?;
     }
     while store.count_unfinished_tasks().await? > 0 {
         tokio::time::sleep(Duration::from_millis(200)).await;
