@@ -294,3 +294,57 @@ async fn queue_gauges_report_leased_queued_and_held_steps(pool: PgPool) {
     }
     server.stop().await;
 }
+
+/// Retention's instruments: tasks and rows purged, the schema's size, and the age of the
+/// oldest finished task kept per namespace and state (a task in error, kept for its hour).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn retention_reports_what_it_purged_and_what_is_kept(pool: PgPool) {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let metrics = Metrics::new(&provider.meter("tasker"));
+    let mut config = test_config(DeploymentMode::Hybrid);
+    config.orchestration.retention.retention = std::time::Duration::from_secs(1);
+    config.orchestration.retention.error_retention = std::time::Duration::from_secs(3600);
+    config.orchestration.retention.purge_interval = std::time::Duration::from_millis(100);
+    let server = TestServer::start_with(&pool, &config, metrics).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut workers = Workers::new(ch.clone());
+    let done = tasks
+        .create_task(task("shop").step("only").build())
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let s = lease_one(&workers, "shop").await;
+    assert_eq!(s.task_uuid, done);
+    complete_leased(&mut workers, &s).await;
+    tasks
+        .create_task(task("shop").step("broken").build())
+        .await
+        .unwrap();
+    let s = lease_one(&workers, "shop").await;
+    fail_for_good(&mut workers, &s, "broken").await;
+    let r = tokio::time::timeout(WAIT * 3, async {
+        loop {
+            provider.force_flush().unwrap();
+            let r = readings(&exporter);
+            let purged = r.get("retention_tasks_purged{}").copied().unwrap_or(0.0);
+            if purged >= 1.0
+                && r.contains_key("retention_oldest_finished_age{namespace=shop,state=error}")
+            {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the purge removes the finished task and reports it");
+    assert_eq!(reading(&r, "retention_tasks_purged{}"), 1.0);
+    // the task, its step, their history
+    assert!(reading(&r, "retention_rows_purged{}") >= 4.0, "{r:#?}");
+    assert!(reading(&r, "retention_schema_size{}") > 0.0);
+    server.stop().await;
+}
