@@ -19,17 +19,25 @@ $$;
 -- A replica's connections announce its id (`tasker.replica_id`, a connection setting); the
 -- readiness announcement names the replica whose transaction made the steps ready, and that
 -- replica claims the task first while it listens. Changes made by anything else carry none.
--- (from migrations/20261127000002_replica_claim_split.sql)
+-- Not sent for a task whose claim-and-enqueue the same transaction runs (eager dispatch:
+-- tasker.ready_claimed_inline names it): the work it would ask for is being done there.
+-- (from migrations/20261204000019_eager_dispatch.sql)
 CREATE OR REPLACE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_traceparent text := tasker.current_traceparent();
-    v_replica text := nullif(current_setting('tasker.replica_id', true), '');
-    v_payload jsonb := jsonb_build_object(
-        'task_uuid', p_task_uuid, 'namespace', p_namespace, 'triggered_by', p_triggered_by);
+    v_traceparent text;
+    v_replica text;
+    v_payload jsonb;
 BEGIN
+    IF current_setting('tasker.ready_claimed_inline', true) = p_task_uuid::text THEN
+        RETURN;
+    END IF;
+    v_traceparent := tasker.current_traceparent();
+    v_replica := nullif(current_setting('tasker.replica_id', true), '');
+    v_payload := jsonb_build_object(
+        'task_uuid', p_task_uuid, 'namespace', p_namespace, 'triggered_by', p_triggered_by);
     IF v_traceparent IS NOT NULL THEN
         v_payload := v_payload || jsonb_build_object('traceparent', left(v_traceparent, 128));
     END IF;

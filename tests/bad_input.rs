@@ -327,6 +327,7 @@ async fn grpc_client_mistakes_are_invalid_argument_and_write_nothing(pool: PgPoo
                     attempt: raw,
                     results: None,
                     lease_token: s.clone(),
+                    next: None,
                 })
                 .await
                 .err()
@@ -514,6 +515,7 @@ async fn nul_characters_are_refused_naming_their_field(pool: PgPool) {
         attempt: leased.attempt,
         lease_token: leased.lease_token.clone(),
         results: Some(with_nul()),
+        next: None,
     };
     refusals.push((
         "results",

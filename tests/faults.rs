@@ -177,6 +177,7 @@ impl Workers {
                                     attempt: s.attempt,
                                     results: None,
                                     lease_token: s.lease_token,
+                                    next: None,
                                 })
                                 .await;
                             match done {

@@ -73,6 +73,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
                         &serde_json::json!({"done": s.name}),
                     )),
                     lease_token: s.lease_token.clone(),
+                    next: None,
                 })
                 .await
                 .unwrap();
@@ -361,6 +362,7 @@ async fn every_error_code(pool: PgPool) {
         attempt,
         results: None,
         lease_token: lease_token.into(),
+        next: None,
     };
     // the lease token is required, and must be one
     let e = workers.complete_step(report(1, "")).await.unwrap_err();
@@ -912,6 +914,7 @@ async fn a_retried_complete_step_is_answered_as_recorded(pool: PgPool) {
         attempt: leased.attempt,
         results: Some(tasker::proto::json_to_struct(&results)),
         lease_token: leased.lease_token.clone(),
+        next: None,
     };
     let first = workers
         .complete_step(complete(serde_json::json!({"n": "1", "s": "a"})))
@@ -1330,6 +1333,7 @@ async fn a_step_of_a_cancelled_task_is_refused_with_its_reason(pool: PgPool) {
             attempt: held.attempt,
             lease_token: held.lease_token.clone(),
             results: None,
+            next: None,
         })
         .await
         .unwrap_err();

@@ -859,6 +859,7 @@ async fn held_to_budget(pool: &PgPool, results: prost_types::Struct) {
             attempt: step.attempt,
             results: Some(results.clone()),
             lease_token: step.lease_token.clone(),
+            next: None,
         };
         match workers.complete_step(big).await {
             Ok(_) => accepted += 1,
@@ -878,6 +879,7 @@ async fn held_to_budget(pool: &PgPool, results: prost_types::Struct) {
                         attempt: step.attempt,
                         results: Some(blob_struct(10)),
                         lease_token: step.lease_token.clone(),
+                        next: None,
                     })
                     .await
                     .unwrap();
@@ -934,6 +936,7 @@ async fn documents_nest_no_deeper_than_clients_decode(pool: PgPool) {
         attempt: parent.attempt,
         results: Some(results),
         lease_token: parent.lease_token.clone(),
+        next: None,
     };
     let refused = workers
         .complete_step(complete(nested(MAX_DOCUMENT_DEPTH)))

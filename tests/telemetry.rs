@@ -183,6 +183,7 @@ async fn one_trace_from_complete_step_to_the_next_lease(pool: PgPool) {
         attempt: 1,
         results: None,
         lease_token: first.lease_token.clone(),
+        next: None,
     });
     complete.metadata_mut().insert(
         "traceparent",

@@ -71,6 +71,7 @@ async fn no_trace_context_reaches_the_database(pool: PgPool) {
                     attempt: s.attempt,
                     results: None,
                     lease_token: s.lease_token,
+                    next: None,
                 }))
                 .await
                 .unwrap();

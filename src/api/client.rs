@@ -251,15 +251,45 @@ impl WorkerClient {
     /// Report the attempt done with `results` (a JSON object). Safe to retry after a lost
     /// answer: the same completion again is answered OK (`already_recorded`).
     pub async fn complete(&mut self, step: &LeasedStep, results: &Value) -> Result<(), Status> {
-        self.inner
+        self.complete_step(step, results, None).await?;
+        Ok(())
+    }
+
+    /// [`WorkerClient::complete`], and lease up to `max` of the steps this completion makes
+    /// ready (of this worker's queues) in the same call: eager dispatch, one call and one
+    /// commit per hop of a chain. An empty result means none: fetch as usual.
+    pub async fn complete_and_next(
+        &mut self,
+        step: &LeasedStep,
+        results: &Value,
+        max: i32,
+    ) -> Result<Vec<LeasedStep>, Status> {
+        let next = v1::NextSteps {
+            max_steps: max,
+            queues: self.queues.clone(),
+            lease_seconds: self.lease_seconds,
+        };
+        let r = self.complete_step(step, results, Some(next)).await?;
+        Ok(r.next_steps.into_iter().map(Into::into).collect())
+    }
+
+    async fn complete_step(
+        &mut self,
+        step: &LeasedStep,
+        results: &Value,
+        next: Option<v1::NextSteps>,
+    ) -> Result<v1::CompleteStepResponse, Status> {
+        Ok(self
+            .inner
             .complete_step(v1::CompleteStepRequest {
                 step_uuid: step.step_uuid.clone(),
                 attempt: step.attempt,
                 results: Some(proto::json_to_struct(results)),
                 lease_token: step.lease_token.clone(),
+                next,
             })
-            .await?;
-        Ok(())
+            .await?
+            .into_inner())
     }
 
     /// Report the attempt failed. `retryable`: another attempt may be made (after `backoff`;

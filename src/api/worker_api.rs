@@ -9,12 +9,14 @@ use super::auth::Caller;
 use super::context::ApiContext;
 use super::convert::{self, bounded, repeated_entry_len, uuid};
 use super::error::{invalid, Violations};
-use crate::dispatch::worker::{CompleteOutcome, Fetch};
+use crate::dispatch::worker::{CompleteOutcome, Fetch, NextSteps};
+use crate::model::command::TriggeredBy;
 use crate::model::dag::name_problem;
 use crate::model::namespaces::{namespace_name_problem, queue_name_problem, DEFAULT_QUEUE};
 use crate::model::retry::MAX_BACKOFF_MS;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
+use crate::readiness::commands::OrchestrationCommand;
 use crate::store::{FailOutcome, HeldLease, LeasedStep, StepFailure};
 use uuid::Uuid;
 
@@ -32,6 +34,41 @@ pub struct WorkerApi {
 impl WorkerApi {
     pub fn new(ctx: ApiContext) -> Self {
         Self { ctx }
+    }
+
+    /// The steps leased to `worker_id` (by a fetch, or eagerly by its completion) as its
+    /// response carries them. Every step leased is delivered: those past the response budget
+    /// go back on the queue at the same attempt instead of failing the whole response at
+    /// encoding, and one that no response could carry fails for good, once, instead of being
+    /// leased and lost attempt after attempt.
+    async fn hand_over(
+        &self,
+        namespace: &str,
+        worker_id: &str,
+        queues: &[String],
+        steps: Vec<LeasedStep>,
+    ) -> Vec<v1::LeasedStep> {
+        let Delivery {
+            steps,
+            excess,
+            undeliverable,
+        } = deliver(steps, self.ctx.max_response_bytes);
+        if !excess.is_empty() {
+            self.ctx
+                .workers
+                .give_back(namespace, worker_id, excess)
+                .await;
+        }
+        for (step, why) in undeliverable {
+            self.ctx.workers.fail_undeliverable(&step, &why).await;
+        }
+        for queue in queues {
+            let n = steps.iter().filter(|s| &s.queue == queue).count() as u64;
+            if n > 0 {
+                self.ctx.metrics.steps_leased(namespace, queue, n);
+            }
+        }
+        steps
     }
 }
 
@@ -67,16 +104,16 @@ fn held_lease(step_uuid: &str, attempt: i32, lease_token: &str) -> Result<HeldLe
     }
 }
 
-/// The queues a fetch names, checked (every bad name reported), in order without repeats;
-/// none named: the default queue.
-fn fetch_queues(named: Vec<String>) -> Result<Vec<String>, Status> {
+/// The queues a fetch (or a completion's `next`) names in `field`, checked (every bad name
+/// reported), in order without repeats; none named: the default queue.
+fn fetch_queues(field: &str, named: Vec<String>) -> Result<Vec<String>, Status> {
     if named.is_empty() {
         return Ok(vec![DEFAULT_QUEUE.to_string()]);
     }
     let mut bad = Violations::default();
     if named.len() > MAX_QUEUES_PER_FETCH {
         bad.check::<()>(Err(invalid(
-            "queues",
+            field,
             format!(
                 "at most {MAX_QUEUES_PER_FETCH} queues per fetch, got {}",
                 named.len()
@@ -86,7 +123,7 @@ fn fetch_queues(named: Vec<String>) -> Result<Vec<String>, Status> {
     let mut queues: Vec<String> = Vec::with_capacity(named.len());
     for (i, q) in named.into_iter().enumerate() {
         if let Some(p) = queue_name_problem(&q) {
-            bad.check::<()>(Err(invalid(&format!("queues[{i}]"), p)));
+            bad.check::<()>(Err(invalid(&format!("{field}[{i}]"), p)));
         } else if !queues.contains(&q) {
             queues.push(q);
         }
@@ -130,7 +167,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             1,
             MAX_LEASE_SECONDS,
         )?;
-        let queues = fetch_queues(r.queues)?;
+        let queues = fetch_queues("queues", r.queues)?;
         // the wait (never a query in flight) ends early when the server begins to shut down
         let steps = self
             .ctx
@@ -148,30 +185,9 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
                 self.ctx.drained(),
             )
             .await?;
-        // Every step leased here is delivered: those past the response budget go back on
-        // the queue at the same attempt instead of failing the whole response at encoding,
-        // and one that no response could carry fails for good, once, instead of being
-        // leased and lost attempt after attempt.
-        let Delivery {
-            steps,
-            excess,
-            undeliverable,
-        } = deliver(steps, self.ctx.max_response_bytes);
-        if !excess.is_empty() {
-            self.ctx
-                .workers
-                .give_back(&r.namespace, &r.worker_id, excess)
-                .await;
-        }
-        for (step, why) in undeliverable {
-            self.ctx.workers.fail_undeliverable(&step, &why).await;
-        }
-        for queue in &queues {
-            let n = steps.iter().filter(|s| &s.queue == queue).count() as u64;
-            if n > 0 {
-                self.ctx.metrics.steps_leased(&r.namespace, queue, n);
-            }
-        }
+        let steps = self
+            .hand_over(&r.namespace, &r.worker_id, &queues, steps)
+            .await;
         Ok(Response::new(v1::FetchStepsResponse { steps }))
     }
 
@@ -183,13 +199,67 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let lease = held_lease(&r.step_uuid, r.attempt, &r.lease_token)?;
         let results = convert::document("results", struct_to_json(r.results))?;
-        let outcome = self
+        let Some(next) = r.next else {
+            let outcome = self
+                .ctx
+                .workers
+                .complete(lease, &results, None, traceparent.as_deref())
+                .await?;
+            return Ok(Response::new(v1::CompleteStepResponse {
+                already_recorded: outcome == CompleteOutcome::AlreadyRecorded,
+                next_steps: Vec::new(),
+            }));
+        };
+        let max = bounded(
+            "next.max_steps",
+            i64::from(next.max_steps),
+            1,
+            1,
+            MAX_STEPS_PER_FETCH,
+        )?;
+        let lease_seconds = bounded(
+            "next.lease_seconds",
+            i64::from(next.lease_seconds),
+            DEFAULT_LEASE_SECONDS,
+            1,
+            MAX_LEASE_SECONDS,
+        )?;
+        let queues = fetch_queues("next.queues", next.queues)?;
+        let started = tokio::time::Instant::now();
+        let (outcome, eager) = self
             .ctx
             .workers
-            .complete(lease, &results, None, traceparent.as_deref())
+            .complete_and_lease(
+                lease,
+                &results,
+                traceparent.as_deref(),
+                NextSteps {
+                    queues: &queues,
+                    max: max as i32,
+                    lease: Duration::from_secs(lease_seconds as u64),
+                },
+            )
             .await?;
+        let mut next_steps = Vec::new();
+        if let Some(e) = eager {
+            let namespace = e.result.namespace.clone().unwrap_or_default();
+            self.ctx.commands.record_inline(
+                &OrchestrationCommand::process_task(
+                    e.task_uuid,
+                    namespace.clone(),
+                    TriggeredBy::EagerDispatch,
+                ),
+                &e.result,
+                started,
+            );
+            let steps = e.result.leased.into_iter().map(|(_, s)| s).collect();
+            next_steps = self
+                .hand_over(&namespace, &e.worker_id, &queues, steps)
+                .await;
+        }
         Ok(Response::new(v1::CompleteStepResponse {
             already_recorded: outcome == CompleteOutcome::AlreadyRecorded,
+            next_steps,
         }))
     }
 

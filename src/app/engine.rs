@@ -96,7 +96,7 @@ impl Engine {
         let claim_sweeps = sweeps.clone();
         let (commands, processor) = CommandProcessor::spawn(
             &config.orchestration.command_processor,
-            enqueuer,
+            enqueuer.clone(),
             sweeps.clone(),
             metrics.clone(),
         );
@@ -124,6 +124,7 @@ impl Engine {
             handoff,
             announcer.clone(),
             poke,
+            enqueuer,
             &config.orchestration,
         );
         let stop_maintenance = CancellationToken::new();

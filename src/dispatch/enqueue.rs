@@ -21,7 +21,7 @@ use crate::dispatch::announce::StepAnnouncer;
 use crate::dispatch::parked::{ParkedFetches, Waiter};
 use crate::model::command::TriggeredBy;
 use crate::model::namespaces::DEFAULT_QUEUE;
-use crate::store::{EnqueueResult, LeasedStep, Store, StoreError, Taker};
+use crate::store::{Completion, EagerEnqueue, EnqueueResult, LeasedStep, Store, StoreError, Taker};
 use crate::telemetry::metrics::Metrics;
 
 /// Parked fetches one enqueue takes at most: a task rarely makes more steps ready at once,
@@ -115,6 +115,43 @@ impl TaskClaimStepEnqueuer {
             }
         }
         Ok(result)
+    }
+
+    /// Eager dispatch: record `completion` and, in the same transaction, claim its task and
+    /// enqueue the steps it made ready, leasing them first to the completing worker as far as
+    /// `next` asks (`tasker.complete_step_and_claim`). Steps it did not take wake the fetches
+    /// of their queues like any enqueue's. `None`: the completion made nothing ready.
+    pub async fn complete_and_enqueue(
+        &self,
+        completion: &Completion,
+        next: &Taker,
+    ) -> Result<Option<EagerEnqueue>, StoreError> {
+        let triggered_by = TriggeredBy::EagerDispatch;
+        let metadata = serde_json::json!({ "triggered_by": triggered_by.as_str() });
+        let Some(eager) = self
+            .store
+            .complete_step_and_claim(completion, &serde_json::json!({}), &metadata, next)
+            .instrument(tracing::info_span!(
+                "enqueue.complete_and_enqueue",
+                step_uuid = %completion.lease.step_uuid,
+            ))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let result = &eager.result;
+        if let Some(namespace) = &result.namespace {
+            for (queue, steps) in &result.queued {
+                steps_queued(&self.handoff, &self.announcer, namespace, queue, *steps);
+            }
+        }
+        if !result.enqueued_steps.is_empty() {
+            if let Some(ms) = result.max_ready_wait_ms {
+                self.metrics
+                    .completion_to_enqueue(ms, triggered_by.as_str());
+            }
+        }
+        Ok(Some(eager))
     }
 
     /// Hand each taken fetch its leased steps; give back those that got none. A fetch that

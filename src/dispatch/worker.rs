@@ -21,12 +21,13 @@ use tokio_util::sync::CancellationToken;
 use crate::dispatch::announce::StepAnnouncer;
 use crate::dispatch::completions::CompletionBatcher;
 use crate::dispatch::deadlines::DeadlinePoke;
-use crate::dispatch::enqueue::release_undelivered;
+use crate::dispatch::enqueue::{release_undelivered, TaskClaimStepEnqueuer};
 use crate::dispatch::parked::ParkedFetches;
 use crate::dispatch::parked::{Queues, Ticket};
 use crate::dispatch::quota::{Limit, Place, Quota};
 use crate::store::{
-    Completion, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Store, StoreError,
+    Completion, EagerEnqueue, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Store,
+    StoreError, Taker,
 };
 
 /// A span for a step handed to a worker, in the trace of the enqueue that queued it (and so,
@@ -79,6 +80,8 @@ pub struct WorkerQueue {
     deadlines: DeadlinePoke,
     /// `None`: every completion commits on its own (max_batch = 1).
     batcher: Option<CompletionBatcher>,
+    /// Claims and enqueues in a completion's own transaction (eager dispatch).
+    enqueuer: TaskClaimStepEnqueuer,
     recheck: Duration,
     /// Fetches parked waiting for a step, in all, per namespace and per caller: one caller or
     /// one namespace cannot take every place and block long-polling everywhere else.
@@ -86,6 +89,16 @@ pub struct WorkerQueue {
     /// Set when the core shuts down: every worker call answers `ShuttingDown` (UNAVAILABLE:
     /// retry on another instance) and parked fetches return.
     stopped: CancellationToken,
+}
+
+/// What a completing worker asks for next (`CompleteStepRequest.next`).
+#[derive(Debug, Clone, Copy)]
+pub struct NextSteps<'a> {
+    /// The queues of the task's namespace it takes steps of (not empty).
+    pub queues: &'a [String],
+    /// Steps leased at most.
+    pub max: i32,
+    pub lease: Duration,
 }
 
 /// A long-poll for steps.
@@ -113,6 +126,7 @@ impl WorkerQueue {
         handoff: ParkedFetches,
         announcer: StepAnnouncer,
         deadlines: DeadlinePoke,
+        enqueuer: TaskClaimStepEnqueuer,
         cfg: &crate::config::OrchestrationConfig,
     ) -> Self {
         let c = &cfg.completions;
@@ -124,6 +138,7 @@ impl WorkerQueue {
             announcer,
             deadlines,
             batcher,
+            enqueuer,
             recheck: cfg.workers.fetch_recheck_interval,
             parking: Quota::new(
                 Limit {
@@ -371,10 +386,60 @@ impl WorkerQueue {
                     .await
             }
         };
+        self.recorded(done, lease, results).await
+    }
+
+    /// Eager dispatch: complete the attempt and lease the steps it made ready to this worker
+    /// in the same transaction, as far as `next` asks (see `enqueue`). A completion with a
+    /// `next` is never batched with others: its enqueue and leases are its own. The steps
+    /// leased (empty for a retried completion already recorded), and what the enqueue did.
+    pub async fn complete_and_lease(
+        &self,
+        lease: HeldLease,
+        results: &Value,
+        traceparent: Option<&str>,
+        next: NextSteps<'_>,
+    ) -> Result<(CompleteOutcome, Option<EagerEnqueue>), StoreError> {
+        self.check_running()?;
+        let completion = Completion {
+            lease,
+            results: results.clone(),
+            traceparent: traceparent.map(str::to_string),
+        };
+        let taker = Taker {
+            // the completed lease's holder, filled in by the database
+            worker_id: String::new(),
+            max: next.max,
+            lease_ms: next.lease.as_millis() as i64,
+            queues: Some(next.queues.into()),
+        };
+        match self
+            .enqueuer
+            .complete_and_enqueue(&completion, &taker)
+            .await
+        {
+            Ok(eager) => {
+                if let Some(e) = &eager {
+                    // trace spans, and the lease deadline for the scheduler
+                    let steps = e.result.leased.iter().map(|(_, s)| s.clone()).collect();
+                    self.leased(steps, &e.worker_id);
+                }
+                Ok((CompleteOutcome::Recorded, eager))
+            }
+            Err(e) => Ok((self.recorded(Err(e), lease, results).await?, None)),
+        }
+    }
+
+    /// A completion's answer: a refusal because the attempt is over is, if this very
+    /// completion was recorded before, a retry whose answer was lost, answered as done.
+    async fn recorded(
+        &self,
+        done: Result<(), StoreError>,
+        lease: HeldLease,
+        results: &Value,
+    ) -> Result<CompleteOutcome, StoreError> {
         match done {
             Ok(()) => Ok(CompleteOutcome::Recorded),
-            // refused because the attempt is over: if this very completion was recorded
-            // before, it is a retry whose answer was lost, and it is answered as done
             Err(StoreError::Refused {
                 refusal: Refusal::NotInProgress,
                 message,

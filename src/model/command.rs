@@ -24,6 +24,9 @@ text_enum! {
         CatchUp = "catch_up",
         /// A retry backoff elapsed or a lease expired.
         RetryTimer = "retry_timer",
+        /// A worker's completion asked for its next steps (`CompleteStepRequest.next`): the
+        /// completion's own transaction claimed the task and enqueued what it made ready.
+        EagerDispatch = "eager_dispatch",
     }
 }
 

@@ -42,8 +42,8 @@ pub use error::{is_retryable, StoreError};
 pub use queues::LaneSettings;
 pub use schedules::{NewSchedule, ScheduleRecord};
 pub use steps::{
-    Completion, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Taker,
-    TaskRef,
+    Completion, EagerEnqueue, EnqueueResult, FailOutcome, HeldLease, LeasedStep, Refusal,
+    StepFailure, Taker, TaskRef,
 };
 pub use tasks::{
     CancelOutcome, CreatedTask, StepRecord, StepSnapshot, TaskListQuery, TaskRecord, TaskTransition,

@@ -28,6 +28,16 @@ pub struct EnqueueResult {
     pub held: usize,
 }
 
+/// What the enqueue in a completion's own transaction did (eager dispatch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EagerEnqueue {
+    /// The completed step's task.
+    pub task_uuid: Uuid,
+    /// The completed lease's worker, to whom `result.leased` are leased.
+    pub worker_id: String,
+    pub result: EnqueueResult,
+}
+
 /// A parked fetch that an enqueue may lease steps to, in its own transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Taker {
@@ -243,6 +253,48 @@ pub enum FailOutcome {
     Failed,
 }
 
+/// `tasker.claim_and_enqueue`'s answer, as selected.
+#[derive(sqlx::FromRow)]
+struct EnqueueRow {
+    outcome: Option<EnqueueOutcome>,
+    namespace: Option<String>,
+    enqueued_steps: Vec<Uuid>,
+    max_ready_wait_ms: Option<f64>,
+    leased: Value,
+    queued: Value,
+    held: Value,
+}
+
+/// An enqueue's answer read: the leased steps with their takers, the steps left per queue.
+fn enqueue_result(function: &'static str, row: EnqueueRow) -> Result<EnqueueResult, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Leased {
+        taker: usize,
+        #[serde(flatten)]
+        step: LeasedStep,
+    }
+    #[derive(serde::Deserialize)]
+    struct Queued {
+        queue: String,
+        steps: usize,
+    }
+    let bad = |e: serde_json::Error| StoreError::unexpected(function, e.to_string());
+    let leased: Vec<Leased> = serde_json::from_value(row.leased).map_err(bad)?;
+    let queued: Vec<Queued> = serde_json::from_value(row.queued).map_err(bad)?;
+    let held: Vec<Queued> = serde_json::from_value(row.held).map_err(bad)?;
+    Ok(EnqueueResult {
+        outcome: row
+            .outcome
+            .ok_or_else(|| StoreError::unexpected(function, "no outcome"))?,
+        namespace: row.namespace,
+        enqueued_steps: row.enqueued_steps,
+        max_ready_wait_ms: row.max_ready_wait_ms,
+        leased: leased.into_iter().map(|l| (l.taker, l.step)).collect(),
+        queued: queued.into_iter().map(|q| (q.queue, q.steps)).collect(),
+        held: held.iter().map(|q| q.steps).sum(),
+    })
+}
+
 impl Store {
     /// Claim the task and enqueue its ready steps, in one transaction, leasing the first of
     /// them to `takers` (parked fetches, first come first served). `traceparent` is stored
@@ -255,27 +307,8 @@ impl Store {
         takers: &[Taker],
         announce_as: Option<Uuid>,
     ) -> Result<EnqueueResult, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Leased {
-            taker: usize,
-            #[serde(flatten)]
-            step: LeasedStep,
-        }
         let takers = serde_json::to_value(takers).expect("takers serialize");
-        #[derive(serde::Deserialize)]
-        struct Queued {
-            queue: String,
-            steps: usize,
-        }
-        let (outcome, namespace, steps, wait, leased, queued, held): (
-            EnqueueOutcome,
-            Option<String>,
-            Vec<Uuid>,
-            Option<f64>,
-            Value,
-            Value,
-            Value,
-        ) = sqlx::query_as(
+        let row: EnqueueRow = sqlx::query_as(
             "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued, e.held
              FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
                   tasker.claim_and_enqueue($1, $2, $4, $5) e",
@@ -287,21 +320,68 @@ impl Store {
         .bind(announce_as)
         .fetch_one(&self.pool)
         .await?;
-        let leased: Vec<Leased> = serde_json::from_value(leased)
-            .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
-        let queued: Vec<Queued> = serde_json::from_value(queued)
-            .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
-        let held: Vec<Queued> = serde_json::from_value(held)
-            .map_err(|e| StoreError::unexpected("tasker.claim_and_enqueue", e.to_string()))?;
-        Ok(EnqueueResult {
-            outcome,
-            namespace,
-            enqueued_steps: steps,
-            max_ready_wait_ms: wait,
-            leased: leased.into_iter().map(|l| (l.taker, l.step)).collect(),
-            queued: queued.into_iter().map(|q| (q.queue, q.steps)).collect(),
-            held: held.iter().map(|q| q.steps).sum(),
-        })
+        enqueue_result("tasker.claim_and_enqueue", row)
+    }
+
+    /// Complete an attempt the caller holds and, in the same transaction, claim its task and
+    /// enqueue the steps it made ready, leasing them to the completing worker as far as `next`
+    /// asks (its worker id is the completed lease's; eager dispatch,
+    /// `tasker.complete_step_and_claim`). `None` when no claim was tried: the completion made
+    /// nothing ready.
+    pub async fn complete_step_and_claim(
+        &self,
+        completion: &Completion,
+        metadata: &Value,
+        enqueue_metadata: &Value,
+        next: &Taker,
+    ) -> Result<Option<EagerEnqueue>, StoreError> {
+        let lease = completion.lease;
+        let takers = serde_json::to_value([next]).expect("takers serialize");
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            completion: AttemptAnswer,
+            task_uuid: Option<Uuid>,
+            worker_id: Option<String>,
+            #[sqlx(flatten)]
+            enqueue: EnqueueRow,
+        }
+        let row: Row = sqlx::query_as(
+            "SELECT e.completion, e.task_uuid, e.worker_id, e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued, e.held
+             FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp,
+                  tasker.complete_step_and_claim($1, $2, $3, $4, $6, $7, $8, $9, $10) e",
+        )
+        .bind(lease.step_uuid)
+        .bind(lease.attempt)
+        .bind(lease.lease_token)
+        .bind(&completion.results)
+        .bind(completion.traceparent.as_deref())
+        .bind(results_bytes(&completion.results))
+        .bind(metadata)
+        .bind(self.parent_results_budget())
+        .bind(enqueue_metadata)
+        .bind(takers)
+        .fetch_one(&self.pool)
+        .await?;
+        AttemptOutcome::of(
+            "tasker.complete_step_and_claim",
+            AttemptAnswer::Completed,
+            row.completion,
+        )?
+        .into_result_within(
+            lease.step_uuid,
+            lease.attempt,
+            self.limits.max_parent_results_bytes,
+        )?;
+        let (Some(task_uuid), Some(worker_id), Some(_)) =
+            (row.task_uuid, row.worker_id, row.enqueue.outcome)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(EagerEnqueue {
+            task_uuid,
+            worker_id,
+            result: enqueue_result("tasker.complete_step_and_claim", row.enqueue)?,
+        }))
     }
 
     /// Put back on the queue a step leased to a fetch that went away before receiving it.

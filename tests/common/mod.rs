@@ -596,6 +596,7 @@ pub async fn complete_leased(workers: &mut Workers, step: &v1::LeasedStep) {
             attempt: step.attempt,
             results: None,
             lease_token: step.lease_token.clone(),
+            next: None,
         })
         .await
         .unwrap();

@@ -178,6 +178,41 @@ impl CommandProcessorHandle {
             .map_err(|_| SubmitError::ShuttingDown)
     }
 
+    /// A readiness pass another transaction ran itself (eager dispatch: the completion that
+    /// made the steps ready claimed and enqueued them): published and counted like a pass of
+    /// the processor's own, so that observers see every enqueue. `started`: when it began.
+    pub fn record_inline(
+        &self,
+        command: &OrchestrationCommand,
+        result: &EnqueueResult,
+        started: Instant,
+    ) {
+        let id = Uuid::now_v7();
+        publish(
+            &self.events,
+            id,
+            command,
+            CommandPhase::Started,
+            started,
+            |_| {},
+        );
+        let outcome = CommandOutcome::Finished(result.outcome);
+        publish(
+            &self.events,
+            id,
+            command,
+            CommandPhase::Completed,
+            started,
+            |e| {
+                e.outcome = Some(outcome.as_str().to_string());
+                e.steps_enqueued = u32::try_from(result.enqueued_steps.len()).unwrap_or(u32::MAX);
+                e.steps_held = u32::try_from(result.held).unwrap_or(u32::MAX);
+            },
+        );
+        self.metrics.command_processed(outcome.as_str());
+        self.stats.processed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Every lifecycle event from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<CommandEvent> {
         self.events.subscribe()
