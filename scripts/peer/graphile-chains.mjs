@@ -1,31 +1,28 @@
-// Same-run peer for `tasker bench`: C chains of L no-op jobs on graphile-worker, where each
-// job adds the next job of its chain, so that "next step starts" means the same thing as in
-// Tasker's table: from the moment the worker asks for the successor (addJob) to the moment a
-// worker holds it. Usage (not part of CI):
+// Same-run peer for `tasker bench --peer`: C chains of L no-op jobs on graphile-worker, where
+// each job adds the next job of its chain, so that "next step starts" means the same thing as
+// in Tasker's table: from the moment the worker asks for the successor (addJob) to the moment
+// a worker holds it. `tasker bench --peer` runs it beside Tasker's workers on the same
+// database (its own schema, graphile_worker, dropped first) and speaks to it as to its own
+// workers: `window-start` and `window-end` on stdout when the measurement window opens and
+// closes (the bench samples CPU between them), then one line of JSON (next_step_ms,
+// steps_in_window, steps_total, window_secs). By hand:
 //   cd scripts/peer && npm install
-//   node graphile-chains.mjs postgres://postgres@127.0.0.1:5432/peer 8 10 6
-// (database URL, chains, steps per chain, seconds). The database is emptied of its
-// graphile_worker schema first. Prints one line per run: steps/s, p50/p95/p99 in ms, and the
-// machine's CPU per step from /proc/stat (all processes, like Tasker's "machine" column).
+//   node graphile-chains.mjs postgres://postgres@127.0.0.1:5432/peer 8 10 1000 6000
+// (database URL, chains, steps per chain, warm-up ms, window ms).
 import { Logger, run, quickAddJob } from "graphile-worker";
 import pg from "pg";
-import { readFileSync } from "node:fs";
 
-const [url, chainsArg = "1", lengthArg = "10", secondsArg = "6"] = process.argv.slice(2);
+const [url, chainsArg = "1", lengthArg = "10", warmupArg = "1000", windowArg = "6000"] = process.argv.slice(2);
 if (!url) {
-  console.error("usage: node graphile-chains.mjs DATABASE_URL CHAINS STEPS SECONDS");
+  console.error("usage: node graphile-chains.mjs DATABASE_URL CHAINS STEPS WARMUP_MS WINDOW_MS");
   process.exit(64);
 }
 const chains = Number(chainsArg);
 const length = Number(lengthArg);
-const seconds = Number(secondsArg);
+const warmupMs = Number(warmupArg);
+const windowMs = Number(windowArg);
 
 const now = () => Number(process.hrtime.bigint()) / 1e6;
-const cpuTicks = () => {
-  const fields = readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).slice(1);
-  const [user, nice, system, , , irq, softirq, steal] = fields.map(Number);
-  return user + nice + system + irq + softirq + steal;
-};
 
 const client = new pg.Client({ connectionString: url });
 await client.connect();
@@ -34,13 +31,17 @@ await client.end();
 
 const latencies = [];
 let steps = 0;
+let total = 0;
 let measuring = false;
+let windowStarted = Infinity;
 let stopping = false;
 
 const taskList = {
   step: async (payload, helpers) => {
-    if (payload.sent !== undefined && measuring) latencies.push(now() - payload.sent);
+    // both ends inside the window, as in Tasker's workers
+    if (payload.sent !== undefined && measuring && payload.sent >= windowStarted) latencies.push(now() - payload.sent);
     if (measuring) steps += 1;
+    total += 1;
     if (stopping) return;
     const next = payload.n + 1 >= length ? { chain: payload.chain, n: 0 } : { ...payload, n: payload.n + 1 };
     // a new chain starts where one ends, as Tasker's bench creates a new task
@@ -59,23 +60,26 @@ const runner = await run({
 });
 for (let c = 0; c < chains; c++) await quickAddJob({ connectionString: url, logger: new Logger(() => () => {}) }, "step", { chain: c, n: 0 });
 
-await new Promise((r) => setTimeout(r, 1000)); // warm-up
+await new Promise((r) => setTimeout(r, warmupMs));
 measuring = true;
-const cpu0 = cpuTicks();
-const t0 = now();
-await new Promise((r) => setTimeout(r, seconds * 1000));
+windowStarted = now();
+console.log("window-start");
+await new Promise((r) => setTimeout(r, windowMs));
 measuring = false;
-const elapsed = (now() - t0) / 1000;
-const cpu1 = cpuTicks();
+console.log("window-end");
+const stepsInWindow = steps;
+// the chains go on until the runner stops: count what completes meanwhile too
 stopping = true;
 await runner.stop();
 
-latencies.sort((a, b) => a - b);
-const pct = (p) => latencies[Math.min(latencies.length - 1, Math.floor((p / 100) * latencies.length))] ?? NaN;
-const ticksPerSecond = 100;
-const cpuMsPerStep = (((cpu1 - cpu0) / ticksPerSecond) * 1000) / Math.max(steps, 1);
 console.log(
-  `graphile-worker chains ${chains} x ${length}: ${(steps / elapsed).toFixed(0)} jobs/s, ` +
-    `next step p50 ${pct(50).toFixed(2)} p95 ${pct(95).toFixed(2)} p99 ${pct(99).toFixed(2)} ms, ` +
-    `machine CPU ${cpuMsPerStep.toFixed(2)} ms/step (${latencies.length} hops)`,
+  JSON.stringify({
+    next_step_ms: latencies,
+    fan_out_ms: [],
+    fan_in_ms: [],
+    steps_in_window: stepsInWindow,
+    steps_total: total,
+    window_secs: windowMs / 1000,
+  }),
 );
+process.exit(0);

@@ -60,6 +60,20 @@ pub struct BenchArgs {
     /// a configured limit that is not reached).
     #[arg(long)]
     pub queue_limit: Option<i32>,
+    /// Remote: the workers' clients, comma-separated, each scenario run with each: rust
+    /// (tasker::client), rust-eager (completions ask for the next step:
+    /// CompleteStepRequest.next), node and node-eager (Node.js with @grpc/grpc-js, chains
+    /// only; needs `npm install` in scripts/peer).
+    #[arg(long, value_delimiter = ',', default_value = "rust")]
+    pub clients: Vec<String>,
+    /// Remote: also run every chains scenario on graphile-worker (a PostgreSQL job queue) in
+    /// the same database, right after Tasker's clients (Node.js; `npm install` in
+    /// scripts/peer).
+    #[arg(long)]
+    pub peer: bool,
+    /// Where the Node.js workers and the peer are (`npm install`ed).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/peer"))]
+    pub peer_dir: PathBuf,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -255,6 +269,21 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         .iter()
         .map(|s| remote::parse_scenario(s).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let clients = args
+        .clients
+        .iter()
+        .map(|c| remote::Client::parse(c).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let node = args.peer
+        || clients
+            .iter()
+            .any(|c| matches!(c, remote::Client::Node { .. }));
+    if node && !args.peer_dir.join("node_modules").is_dir() {
+        anyhow::bail!(
+            "the Node.js workers and the peer need their packages: cd {} && npm install",
+            args.peer_dir.display()
+        );
+    }
     // the services migrate the database themselves (a build given with --server-bin carries
     // its own schema), so this connection only measures
     let store = Store::connect(url, &base.database).await?;
@@ -284,6 +313,10 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         },
         replicas: args.replicas,
         queue_limit: args.queue_limit,
+        clients,
+        peer: args.peer,
+        proto_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/proto")),
+        peer_dir: args.peer_dir,
     };
     let scenarios = remote::run(&store, url, &opts).await?;
     store.pool().close().await;

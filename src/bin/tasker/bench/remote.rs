@@ -3,11 +3,16 @@
 //! bench-worker`), talking over loopback TCP through the public gRPC API.
 //!
 //! ```text
-//!  bench ──spawns──> tasker serve (1..n replicas) ──── PostgreSQL
+//!  bench ──spawns──> tasker serve (1..n replicas) ──── PostgreSQL ──── graphile-worker (--peer)
 //!    │                    ^ gRPC (loopback)
-//!    └──spawns──> tasker bench-worker ── CreateTask, FetchSteps (long-poll), CompleteStep
-//!         reads "window-start" / "window-end" / report from its stdout
+//!    └──spawns──> workers: tasker bench-worker (Rust), or scripts/peer/tasker-chains.mjs
+//!         (Node.js, @grpc/grpc-js): CreateTask, FetchSteps (long-poll), CompleteStep (with
+//!         `next` when eager); reads "window-start" / "window-end" / report from its stdout
 //! ```
+//!
+//! With `--peer`, every chains scenario also runs on graphile-worker (a PostgreSQL job queue,
+//! `scripts/peer/graphile-chains.mjs`) on the same database and server, right after Tasker's
+//! clients, measured the same way: same-run figures, never figures from another day.
 //!
 //! Per scenario it reports the worker-observed latency (next step starts, or fan-out/fan-in),
 //! steps/s in the window, and CPU per step of the service processes, of PostgreSQL (its
@@ -48,11 +53,61 @@ pub struct RemoteOptions {
     /// An in-flight limit on the benchmark's queues (the default queue of every namespace a
     /// scenario uses), set in every scenario: what a configured limit costs the hop.
     pub queue_limit: Option<i32>,
+    /// The worker clients each scenario runs with, one after the other.
+    pub clients: Vec<Client>,
+    /// Run graphile-worker beside every chains scenario.
+    pub peer: bool,
+    /// `scripts/peer` (the Node.js workers and the peer, `npm install`ed) and `proto/`.
+    pub peer_dir: PathBuf,
+    pub proto_dir: PathBuf,
 }
+
+/// Who works a scenario's steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// `tasker bench-worker`: `tasker::client`, the Rust client.
+    Rust { eager: bool },
+    /// `scripts/peer/tasker-chains.mjs`: Node.js with `@grpc/grpc-js` (chains only).
+    Node { eager: bool },
+}
+
+impl Client {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "rust" => Ok(Self::Rust { eager: false }),
+            "rust-eager" => Ok(Self::Rust { eager: true }),
+            "node" => Ok(Self::Node { eager: false }),
+            "node-eager" => Ok(Self::Node { eager: true }),
+            _ => Err(format!(
+                "client {s:?}: expected rust, rust-eager, node or node-eager"
+            )),
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Rust { eager: false } => "Rust",
+            Self::Rust { eager: true } => "Rust, eager",
+            Self::Node { eager: false } => "Node.js",
+            Self::Node { eager: true } => "Node.js, eager",
+        }
+    }
+
+    fn eager(self) -> bool {
+        match self {
+            Self::Rust { eager } | Self::Node { eager } => eager,
+        }
+    }
+}
+
+/// The peer's row label.
+pub const PEER: &str = "graphile-worker 0.17.3 (Node.js)";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RemoteScenario {
     pub scenario: String,
+    /// The workers' client (or the peer job queue).
+    pub client: String,
     pub mode: String,
     pub replicas: usize,
     pub window_secs: f64,
@@ -133,24 +188,45 @@ pub async fn run(
     opts: &RemoteOptions,
 ) -> anyhow::Result<Vec<RemoteScenario>> {
     let mut out = Vec::new();
+    let progress = |r: &RemoteScenario| {
+        eprintln!(
+            "{:>15} {:<34} {:<16} x{} {:>7.0} steps/s  next step p50 {:>6.2} p99 {:>7.2} ms  fan-out p50 {:>7.2} fan-in p50 {:>6.2} ms  cpu/step svc {:.2} pg {:.2} ms  claims lost/step {:.2}",
+            r.mode,
+            r.scenario,
+            r.client,
+            r.replicas,
+            r.steps_per_sec,
+            r.next_step.p50_ms,
+            r.next_step.p99_ms,
+            r.fan_out.p50_ms,
+            r.fan_in.p50_ms,
+            r.cpu_ms_per_step.service,
+            r.cpu_ms_per_step.postgres,
+            r.claims_lost_per_step
+        );
+    };
+    let mut peer_done = Vec::new();
     for &mode in &opts.modes {
         for &replicas in &opts.replicas {
             for shape in &opts.scenarios {
-                let r = scenario(store, url, opts, mode, replicas, shape).await?;
-                eprintln!(
-                    "{:>15} {:<34} x{replicas} {:>7.0} steps/s  next step p50 {:>6.2} p99 {:>7.2} ms  fan-out p50 {:>7.2} fan-in p50 {:>6.2} ms  cpu/step svc {:.2} pg {:.2} ms  claims lost/step {:.2}",
-                    r.mode,
-                    r.scenario,
-                    r.steps_per_sec,
-                    r.next_step.p50_ms,
-                    r.next_step.p99_ms,
-                    r.fan_out.p50_ms,
-                    r.fan_in.p50_ms,
-                    r.cpu_ms_per_step.service,
-                    r.cpu_ms_per_step.postgres,
-                    r.claims_lost_per_step
-                );
-                out.push(r);
+                for &client in &opts.clients {
+                    if matches!(client, Client::Node { .. })
+                        && !matches!(shape, Shape::Chains { .. })
+                    {
+                        continue; // the Node.js worker runs chains only
+                    }
+                    let r = scenario(store, url, opts, mode, replicas, shape, client).await?;
+                    progress(&r);
+                    out.push(r);
+                }
+                // the peer once per chains shape, right after Tasker's runs of it
+                if opts.peer && matches!(shape, Shape::Chains { .. }) && !peer_done.contains(shape)
+                {
+                    let r = peer_scenario(store, url, opts, shape).await?;
+                    progress(&r);
+                    out.push(r);
+                    peer_done.push(shape.clone());
+                }
             }
         }
     }
@@ -290,6 +366,7 @@ async fn scenario(
     mode: DeploymentMode,
     replicas: usize,
     shape: &Shape,
+    client: Client,
 ) -> anyhow::Result<RemoteScenario> {
     let log = std::env::temp_dir().join(format!("tasker-bench-{}.log", std::process::id()));
     let mut services = Vec::new();
@@ -325,34 +402,28 @@ async fn scenario(
         warmup_ms: opts.warmup.as_millis() as u64,
         window_ms: opts.window.as_millis() as u64,
         namespace: BENCH_NAMESPACE.into(),
+        eager: client.eager(),
     };
-    let mut worker = Command::new(std::env::current_exe()?)
-        .arg("bench-worker")
-        .arg("--spec")
-        .arg(serde_json::to_string(&spec)?)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let worker_pid = worker.id().unwrap_or(0);
-    let service_pids: Vec<u32> = services.iter().filter_map(|s| s.child.id()).collect();
-    let mut lines = BufReader::new(worker.stdout.take().expect("piped")).lines();
-    let (mut start, mut end) = (CpuSample::default(), CpuSample::default());
-    let mut report: Option<WorkerReport> = None;
-    while let Some(line) = lines.next_line().await? {
-        match line.as_str() {
-            "window-start" => start = sample_cpu(&service_pids, worker_pid, backend),
-            "window-end" => end = sample_cpu(&service_pids, worker_pid, backend),
-            json => report = Some(serde_json::from_str(json)?),
+    let spec = serde_json::to_string(&spec)?;
+    let mut command = match client {
+        Client::Rust { .. } => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.arg("bench-worker").arg("--spec").arg(&spec);
+            c
         }
-    }
-    let status = worker.wait().await?;
-    let report = report.filter(|_| status.success()).ok_or_else(|| {
-        anyhow::anyhow!(
-            "the worker process failed ({status}); server log: {}",
-            log.display()
-        )
-    })?;
+        Client::Node { .. } => {
+            let mut c = Command::new("node");
+            c.arg(opts.peer_dir.join("tasker-chains.mjs"))
+                .arg(&opts.proto_dir)
+                .arg(&spec);
+            c
+        }
+    };
+    command.env("RUST_LOG", "warn");
+    let service_pids: Vec<u32> = services.iter().filter_map(|s| s.child.id()).collect();
+    let (report, start, end) = measure(command, &service_pids, backend)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}; server log: {}", log.display()))?;
     tokio::time::sleep(STATS_FLUSH).await;
     let after = store.activity_counters().await?;
     let mut claims_lost = 0;
@@ -376,6 +447,7 @@ async fn scenario(
     };
     Ok(RemoteScenario {
         scenario: scenario_name(shape),
+        client: client.label().to_string(),
         mode: mode.as_str().to_string(),
         replicas,
         window_secs: report.window_secs,
@@ -386,6 +458,83 @@ async fn scenario(
         cpu_ms_per_step: cpu,
         budget: budget(&before, &after, report.steps_total),
         claims_lost_per_step: claims_lost as f64 / report.steps_total.max(1) as f64,
+    })
+}
+
+/// Run a worker process that speaks the bench protocol (`window-start`, `window-end`, then
+/// its report as JSON on stdout), sampling CPU at the two marks.
+async fn measure(
+    mut command: Command,
+    service_pids: &[u32],
+    backend: u32,
+) -> anyhow::Result<(WorkerReport, CpuSample, CpuSample)> {
+    let mut worker = command.stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
+    let worker_pid = worker.id().unwrap_or(0);
+    let mut lines = BufReader::new(worker.stdout.take().expect("piped")).lines();
+    let (mut start, mut end) = (CpuSample::default(), CpuSample::default());
+    let mut report: Option<WorkerReport> = None;
+    while let Some(line) = lines.next_line().await? {
+        match line.as_str() {
+            "window-start" => start = sample_cpu(service_pids, worker_pid, backend),
+            "window-end" => end = sample_cpu(service_pids, worker_pid, backend),
+            json => report = Some(serde_json::from_str(json)?),
+        }
+    }
+    let status = worker.wait().await?;
+    let report = report
+        .filter(|_| status.success())
+        .ok_or_else(|| anyhow::anyhow!("the worker process failed ({status})"))?;
+    Ok((report, start, end))
+}
+
+/// The same chains on graphile-worker, in the benchmark's database (its own schema), measured
+/// as Tasker's are: the peer's Node.js process is the "workers" column, PostgreSQL the
+/// same, no service.
+async fn peer_scenario(
+    store: &Store,
+    url: &str,
+    opts: &RemoteOptions,
+    shape: &Shape,
+) -> anyhow::Result<RemoteScenario> {
+    let Shape::Chains { count, length } = shape else {
+        anyhow::bail!("the peer runs chains only");
+    };
+    store.truncate_all().await?;
+    tokio::time::sleep(STATS_FLUSH).await;
+    let before = store.activity_counters().await?;
+    let backend = store.backend_pid().await? as u32;
+    let mut command = Command::new("node");
+    command
+        .arg(opts.peer_dir.join("graphile-chains.mjs"))
+        .arg(url)
+        .arg(count.to_string())
+        .arg(length.to_string())
+        .arg(opts.warmup.as_millis().to_string())
+        .arg(opts.window.as_millis().to_string());
+    let (report, start, end) = measure(command, &[], backend).await?;
+    tokio::time::sleep(STATS_FLUSH).await;
+    let after = store.activity_counters().await?;
+    let steps = report.steps_in_window.max(1) as f64;
+    let per_step = |a: f64, b: f64| (b - a) * 1000.0 / steps;
+    Ok(RemoteScenario {
+        scenario: scenario_name(shape),
+        client: PEER.to_string(),
+        mode: "-".into(),
+        replicas: 0,
+        window_secs: report.window_secs,
+        steps_per_sec: report.steps_in_window as f64 / report.window_secs,
+        next_step: LatencyStats::from_ms(report.next_step_ms),
+        fan_out: LatencyStats::default(),
+        fan_in: LatencyStats::default(),
+        cpu_ms_per_step: CpuPerStep {
+            service: 0.0,
+            postgres: per_step(start.postgres, end.postgres),
+            service_and_postgres: per_step(start.postgres, end.postgres),
+            workers: per_step(start.worker, end.worker),
+            machine: per_step(start.machine, end.machine),
+        },
+        budget: budget(&before, &after, report.steps_total),
+        claims_lost_per_step: 0.0,
     })
 }
 
@@ -439,7 +588,7 @@ fn budget(before: &ActivityCounters, after: &ActivityCounters, steps: u64) -> Bu
 /// The scenarios as a table, the notify floor and ratios to it included.
 pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
     let mut out = String::from(
-        "| scenario | mode | replicas | steps/s | next step p50 / p95 / p99 (ms) | p50 vs floor | fan-out / fan-in p50 (ms) | CPU ms/step: service + PostgreSQL (workers) | commits / statements per step | claims lost per step |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | client | mode | replicas | steps/s | next step p50 / p95 / p99 (ms) | p50 vs floor | fan-out / fan-in p50 (ms) | CPU ms/step: service + PostgreSQL (workers) | commits / statements per step | claims lost per step |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in scenarios {
         let next = if s.next_step.samples > 0 {
@@ -461,8 +610,9 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
             "-".into()
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {:.2} + {:.2} = {:.2} ({:.2}) | {:.2} / {} | {:.2} |\n",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} + {:.2} = {:.2} ({:.2}) | {:.2} / {} | {:.2} |\n",
             s.scenario,
+            s.client,
             s.mode,
             s.replicas,
             s.steps_per_sec,
@@ -481,12 +631,12 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
             s.claims_lost_per_step,
         ));
     }
-    out.push_str("\nRows written per step (whole run):\n\n| scenario | table | inserted | updated | of them HOT | deleted |\n|---|---|---|---|---|---|\n");
+    out.push_str("\nRows written per step (whole run):\n\n| scenario | client | table | inserted | updated | of them HOT | deleted |\n|---|---|---|---|---|---|---|\n");
     for s in scenarios {
         for (table, ins, upd, hot, del) in &s.budget.rows {
             out.push_str(&format!(
-                "| {} | {table} | {ins:.2} | {upd:.2} | {hot:.2} | {del:.2} |\n",
-                s.scenario
+                "| {} | {} | {table} | {ins:.2} | {upd:.2} | {hot:.2} | {del:.2} |\n",
+                s.scenario, s.client
             ));
         }
     }

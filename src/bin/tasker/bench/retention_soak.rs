@@ -151,6 +151,7 @@ async fn start_arm(
         warmup_ms: 0,
         window_ms: opts.duration.as_millis() as u64,
         namespace: "soak".into(),
+        eager: false,
     };
     let mut worker = Command::new(std::env::current_exe()?)
         .arg("bench-worker")

@@ -33,6 +33,10 @@ pub struct WorkerSpec {
     pub window_ms: u64,
     /// Namespace prefix; chains use `<prefix>-<i>`, the fan uses `<prefix>`.
     pub namespace: String,
+    /// Eager dispatch: each completion asks for the worker's next step
+    /// (`CompleteStepRequest.next`, one step); the worker fetches only when none came back.
+    #[serde(default)]
+    pub eager: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,8 +114,9 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 let ch = channels[i % channels.len()].clone();
                 let ns = format!("{}-{i}", spec.namespace);
                 let (stop, report, counters) = (stop.clone(), report.clone(), counters.clone());
+                let eager = spec.eager;
                 tasks.spawn(async move {
-                    chain_worker(ch, ns, length, window, stop, report, counters).await
+                    chain_worker(ch, ns, length, eager, window, stop, report, counters).await
                 });
             }
         }
@@ -122,6 +127,7 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             create_fan(&creator, &ns, width, &fan).await?;
             for i in 0..workers {
                 let ch = channels[i % channels.len()].clone();
+                let eager = spec.eager;
                 let (ns, stop, report, counters, fan, creator) = (
                     ns.clone(),
                     stop.clone(),
@@ -132,7 +138,7 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 );
                 tasks.spawn(async move {
                     fan_worker(
-                        ch, creator, ns, i, width, window, stop, report, counters, fan,
+                        ch, creator, ns, i, width, eager, window, stop, report, counters, fan,
                     )
                     .await
                 });
@@ -146,7 +152,10 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             for i in 0..workers {
                 let ch = channels[i % channels.len()].clone();
                 let (ns, stop, counters) = (spec.namespace.clone(), stop.clone(), counters.clone());
-                tasks.spawn(async move { paced_worker(ch, ns, i, window, stop, counters).await });
+                let eager = spec.eager;
+                tasks.spawn(
+                    async move { paced_worker(ch, ns, i, eager, window, stop, counters).await },
+                );
             }
             let (ch, ns, until) = (channels[0].clone(), spec.namespace.clone(), stop.clone());
             tasks.spawn(async move { paced_producer(ch, ns, rate, length, until).await });
@@ -240,11 +249,46 @@ async fn create_chain(ch: &AuthorizedChannel, ns: &str, length: usize) -> anyhow
     Ok(())
 }
 
+/// Complete `step`; with `eager`, asking for the worker's next step in the same call.
+async fn complete(
+    worker: &mut WorkerClient,
+    step: &LeasedStep,
+    results: &serde_json::Value,
+    eager: bool,
+) -> anyhow::Result<Option<LeasedStep>> {
+    if eager {
+        Ok(worker
+            .complete_and_next(step, results, 1)
+            .await?
+            .into_iter()
+            .next())
+    } else {
+        worker.complete(step, results).await?;
+        Ok(None)
+    }
+}
+
+/// The step handed over with the last completion, else the next one leased, or `None` once
+/// `stop` fires.
+async fn take_or_fetch(
+    handed: &mut Option<LeasedStep>,
+    worker: &mut WorkerClient,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<LeasedStep>> {
+    match handed.take() {
+        Some(s) if !stop.is_cancelled() => Ok(Some(s)),
+        _ => next_step(worker, stop).await,
+    }
+}
+
 /// Lease the next step, or `None` once `stop` fires.
 async fn next_step(
     worker: &mut WorkerClient,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<LeasedStep>> {
+    if stop.is_cancelled() {
+        return Ok(None);
+    }
     loop {
         let fetched = tokio::select! {
             _ = stop.cancelled() => return Ok(None),
@@ -256,10 +300,12 @@ async fn next_step(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn chain_worker(
     ch: AuthorizedChannel,
     ns: String,
     length: usize,
+    eager: bool,
     window: Window,
     stop: CancellationToken,
     report: Arc<Mutex<WorkerReport>>,
@@ -273,7 +319,8 @@ async fn chain_worker(
         create_chain(&ch, &ns, length).await?;
         // when the CompleteStep of this chain's previous step was sent
         let mut sent: Option<Instant> = None;
-        while let Some(step) = next_step(&mut worker, &stop).await? {
+        let mut handed = None;
+        while let Some(step) = take_or_fetch(&mut handed, &mut worker, &stop).await? {
             let received = Instant::now();
             if let Some(s) = sent {
                 if window.contains(s) && window.contains(received) {
@@ -281,7 +328,7 @@ async fn chain_worker(
                 }
             }
             let send = Instant::now();
-            worker.complete(&step, &results).await?;
+            handed = complete(&mut worker, &step, &results, eager).await?;
             counters.completed(&window, Instant::now());
             sent = Some(send);
             if step.name == last {
@@ -331,14 +378,16 @@ async fn paced_worker(
     ch: AuthorizedChannel,
     ns: String,
     i: usize,
+    eager: bool,
     window: Window,
     stop: CancellationToken,
     counters: Counters,
 ) -> anyhow::Result<()> {
     let mut worker = WorkerClient::new(ch, &ns, format!("soak-{i}"));
     let results = json!({"ok": true});
-    while let Some(step) = next_step(&mut worker, &stop).await? {
-        worker.complete(&step, &results).await?;
+    let mut handed = None;
+    while let Some(step) = take_or_fetch(&mut handed, &mut worker, &stop).await? {
+        handed = complete(&mut worker, &step, &results, eager).await?;
         counters.completed(&window, Instant::now());
     }
     Ok(())
@@ -392,6 +441,7 @@ async fn fan_worker(
     ns: String,
     i: usize,
     width: usize,
+    eager: bool,
     window: Window,
     stop: CancellationToken,
     report: Arc<Mutex<WorkerReport>>,
@@ -400,7 +450,8 @@ async fn fan_worker(
 ) -> anyhow::Result<()> {
     let mut worker = WorkerClient::new(ch, &ns, format!("bench-fan-{i}"));
     let results = json!({"ok": true});
-    while let Some(step) = next_step(&mut worker, &stop).await? {
+    let mut handed = None;
+    while let Some(step) = take_or_fetch(&mut handed, &mut worker, &stop).await? {
         let received = Instant::now();
         {
             let mut f = fan.lock().expect("no worker panicked");
@@ -439,7 +490,7 @@ async fn fan_worker(
                 _ => f.last_leaf_sent = Some(f.last_leaf_sent.map_or(send, |l| l.max(send))),
             }
         }
-        worker.complete(&step, &results).await?;
+        handed = complete(&mut worker, &step, &results, eager).await?;
         counters.completed(&window, Instant::now());
         if step.name == "join" {
             create_fan(&creator, &ns, width, &fan).await?;

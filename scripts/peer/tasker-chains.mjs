@@ -1,0 +1,152 @@
+// Tasker's benchmark workers written in another language: Node.js with @grpc/grpc-js, the
+// client most services not written in Rust would use. `tasker bench --clients node,node-eager`
+// spawns it with the same spec (JSON) and the same protocol as its Rust `bench-worker`: it
+// prints `window-start` and `window-end` when the measurement window opens and closes, then
+// one line of JSON (the WorkerReport: next_step_ms, steps_in_window, steps_total, ...).
+//
+// Chains only: C chains of L steps at once, one worker per chain, a finished chain replaced by
+// a new one. Each worker long-polls FetchSteps (max_steps 1), then calls CompleteStep; with
+// `eager` it asks for its next step in the same call (CompleteStepRequest.next) and fetches
+// only when none came back. "Next step starts" is measured as in Rust: from sending the
+// CompleteStep of a step to holding its successor.
+//
+//   cd scripts/peer && npm install
+//   node tasker-chains.mjs PROTO_DIR SPEC_JSON
+import grpc from "@grpc/grpc-js";
+import protoLoader from "@grpc/proto-loader";
+
+const [protoDir, specJson] = process.argv.slice(2);
+if (!protoDir || !specJson) {
+  console.error("usage: node tasker-chains.mjs PROTO_DIR SPEC_JSON");
+  process.exit(64);
+}
+const spec = JSON.parse(specJson);
+if (!spec.shape.chains) {
+  console.error("the Node.js worker runs chains only");
+  process.exit(64);
+}
+const { count, length } = spec.shape.chains;
+const eager = Boolean(spec.eager);
+
+const definition = protoLoader.loadSync(["tasker/v1/tasks.proto", "tasker/v1/workers.proto"], {
+  includeDirs: [protoDir],
+  keepCase: true,
+  longs: Number,
+  enums: String,
+  defaults: false,
+});
+const v1 = grpc.loadPackageDefinition(definition).tasker.v1;
+
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+const started = now();
+const windowStart = started + spec.warmup_ms;
+const windowEnd = windowStart + spec.window_ms;
+const inWindow = (t) => t >= windowStart && t <= windowEnd;
+
+const report = {
+  next_step_ms: [],
+  fan_out_ms: [],
+  fan_in_ms: [],
+  steps_in_window: 0,
+  steps_total: 0,
+  window_secs: spec.window_ms / 1000,
+};
+let stopping = false;
+const inFlight = new Set();
+
+function call(client, method, request) {
+  return new Promise((resolve, reject) => {
+    const c = client[method](request, (err, response) => {
+      inFlight.delete(c);
+      if (err) reject(err);
+      else resolve(response);
+    });
+    inFlight.add(c);
+  });
+}
+
+const chainSteps = Array.from({ length }, (_, i) => ({
+  name: `s${i}`,
+  depends_on: i === 0 ? [] : [`s${i - 1}`],
+}));
+
+async function chainWorker(i) {
+  const address = spec.endpoints[i % spec.endpoints.length].replace(/^https?:\/\//, "");
+  const credentials = grpc.credentials.createInsecure();
+  const tasks = new v1.TaskService(address, credentials);
+  const workers = new v1.WorkerService(address, credentials);
+  const namespace = `${spec.namespace}-${i}`;
+  const workerId = `bench-node-${namespace}`;
+  const last = `s${length - 1}`;
+  const createChain = () =>
+    call(tasks, "CreateTask", { namespace, name: `chain-${length}`, steps: chainSteps });
+  await createChain();
+  let sent = null; // when the CompleteStep of this chain's previous step was sent
+  let step = null;
+  while (!stopping) {
+    if (step === null) {
+      const r = await call(workers, "FetchSteps", {
+        namespace,
+        worker_id: workerId,
+        max_steps: 1,
+        wait_ms: 10000,
+        lease_seconds: 30,
+      });
+      if (!r.steps || r.steps.length === 0) continue;
+      step = r.steps[0];
+    }
+    const received = now();
+    if (sent !== null && inWindow(sent) && inWindow(received)) {
+      report.next_step_ms.push(received - sent);
+    }
+    const send = now();
+    const request = {
+      step_uuid: step.step_uuid,
+      attempt: step.attempt,
+      results: { fields: { ok: { bool_value: true } } },
+      lease_token: step.lease_token,
+    };
+    if (eager) request.next = { max_steps: 1, lease_seconds: 30 };
+    const r = await call(workers, "CompleteStep", request);
+    const done = now();
+    report.steps_total += 1;
+    if (inWindow(done)) report.steps_in_window += 1;
+    sent = send;
+    const finished = step.name === last;
+    step = eager && r.next_steps && r.next_steps.length > 0 ? r.next_steps[0] : null;
+    if (finished) {
+      sent = null;
+      if (!stopping) await createChain();
+    }
+  }
+}
+
+const sleepUntil = (t) => new Promise((r) => setTimeout(r, Math.max(0, t - now())));
+const workers = Array.from({ length: count }, (_, i) =>
+  chainWorker(i).catch((e) => {
+    if (!stopping) throw e;
+  }),
+);
+const failed = Promise.all(workers).then(
+  () => null,
+  (e) => e,
+);
+const ended = await Promise.race([
+  (async () => {
+    await sleepUntil(windowStart);
+    console.log("window-start");
+    await sleepUntil(windowEnd);
+    console.log("window-end");
+    return null;
+  })(),
+  failed.then((e) => e ?? new Error("a worker stopped before the window ended")),
+]);
+if (ended) {
+  console.error(`tasker-chains: ${ended.stack ?? ended}`);
+  process.exit(1);
+}
+stopping = true;
+for (const c of inFlight) c.cancel();
+await Promise.allSettled(workers);
+console.log(JSON.stringify(report));
+process.exit(0);
