@@ -10,8 +10,10 @@
 //! Each step it leases is "done" by echoing what it was given: its results are
 //! `{"step": <name>, "attempt": n, "inputs": ..., "parents": [<parent names>]}`. A step whose
 //! inputs say `{"fail": "<message>"}` is failed instead (retryable, 100 ms backoff), which
-//! shows the retry path. The client sends each step's lease token with its report. When the
-//! service refuses a fetch for now (RESOURCE_EXHAUSTED: too many fetches waiting; UNAVAILABLE:
+//! shows the retry path. The client sends each step's lease token with its report, and each
+//! completion asks for the worker's next step in the same call (eager dispatch: the step the
+//! completion makes ready comes back with its answer, and the worker fetches only when none
+//! did). When the service refuses a fetch for now (RESOURCE_EXHAUSTED: too many fetches waiting; UNAVAILABLE:
 //! restarting), the worker waits and asks again, longer each time.
 
 use std::time::Duration;
@@ -100,7 +102,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut handled = 0u64;
     let mut backoff = FIRST_BACKOFF;
+    // steps handed over with a completion's answer, run before fetching again
+    let mut handed: Vec<tasker::client::LeasedStep> = Vec::new();
     while args.steps.is_none_or(|n| handled < n) {
+        if !handed.is_empty() {
+            let step = handed.remove(0);
+            // ask for more only while more are wanted: a step handed over and never run
+            // would wait for its lease to run out
+            let more = args.steps.is_none_or(|n| handled + 1 < n);
+            handed.extend(run(&mut worker, step, more).await?);
+            handled += 1;
+            continue;
+        }
         let fetched = tokio::select! {
             r = worker.fetch(1, Duration::from_secs(10)) => r,
             _ = tokio::signal::ctrl_c() => break,
@@ -123,29 +136,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Err(status) => return Err(status.into()),
         };
-        for step in leased {
-            match work(&step.name, step.attempt, &step.inputs, &step.parent_results) {
-                Ok(results) => {
-                    worker.complete(&step, &results).await?;
-                    println!(
-                        "completed {} (attempt {}) of task {}",
-                        step.name, step.attempt, step.task_uuid
-                    );
-                }
-                Err(message) => {
-                    let r = worker
-                        .fail(&step, &message, true, Some(Duration::from_millis(100)))
-                        .await?;
-                    println!(
-                        "failed {} (attempt {}): {message}; {}",
-                        step.name,
-                        step.attempt,
-                        r.outcome().as_str_name()
-                    );
-                }
-            }
-            handled += 1;
-        }
+        handed.extend(leased);
     }
     Ok(())
+}
+
+/// Run one step and report it; with `more`, a completion asks for the next step (one) and
+/// returns it.
+async fn run(
+    worker: &mut WorkerClient,
+    step: tasker::client::LeasedStep,
+    more: bool,
+) -> Result<Vec<tasker::client::LeasedStep>, Box<dyn std::error::Error>> {
+    let mut next = Vec::new();
+    match work(&step.name, step.attempt, &step.inputs, &step.parent_results) {
+        Ok(results) => {
+            if more {
+                next = worker.complete_and_next(&step, &results, 1).await?;
+            } else {
+                worker.complete(&step, &results).await?;
+            }
+            println!(
+                "completed {} (attempt {}) of task {}",
+                step.name, step.attempt, step.task_uuid
+            );
+        }
+        Err(message) => {
+            let r = worker
+                .fail(&step, &message, true, Some(Duration::from_millis(100)))
+                .await?;
+            println!(
+                "failed {} (attempt {}): {message}; {}",
+                step.name,
+                step.attempt,
+                r.outcome().as_str_name()
+            );
+        }
+    }
+    Ok(next)
 }

@@ -13,7 +13,9 @@ is kept in the repository. With tokens configured, set TASKER_TOKEN.
 Each step it leases is "done" by echoing what it was given: its results are
 {"step": name, "attempt": n, "inputs": ..., "parents": [parent names]}. A step whose inputs
 say {"fail": "<message>"} is failed instead (retryable, 100 ms backoff). Each report carries the
-step's lease_token. When the service refuses a FetchSteps for now (RESOURCE_EXHAUSTED: too many
+step's lease_token, and each completion asks for the worker's next step in the same call
+(CompleteStepRequest.next, eager dispatch): the step it makes ready comes back in next_steps,
+and the worker fetches only when none did. When the service refuses a FetchSteps for now (RESOURCE_EXHAUSTED: too many
 fetches waiting; UNAVAILABLE: restarting), the worker waits and asks again, longer each time.
 """
 
@@ -75,7 +77,16 @@ def main():
 
     handled = 0
     backoff = 0.1
+    handed = []  # steps handed over with a completion's answer, run before fetching again
     while args.steps is None or handled < args.steps:
+        if handed:
+            step = handed.pop(0)
+            # ask for more only while more are wanted: a step handed over and never run would
+            # wait for its lease to run out
+            more = args.steps is None or handled + 1 < args.steps
+            handed.extend(run(pb, workers, metadata, args, step, more))
+            handled += 1
+            continue
         try:
             reply = workers.FetchSteps(
                 pb.FetchStepsRequest(namespace=args.namespace, worker_id=args.worker_id,
@@ -93,29 +104,35 @@ def main():
             backoff = min(backoff * 2, 10.0)
             continue
         backoff = 0.1
-        for step in reply.steps:
-            inputs = json_format.MessageToDict(step.inputs)
-            parents = json_format.MessageToDict(step.parent_results)
-            try:
-                results = struct_pb2.Struct()
-                results.update(work(step.name, step.attempt, inputs, parents))
-                workers.CompleteStep(pb.CompleteStepRequest(step_uuid=step.step_uuid,
-                                                            attempt=step.attempt,
-                                                            lease_token=step.lease_token,
-                                                            results=results),
-                                     metadata=metadata, timeout=30)
-                print(f"completed {step.name} (attempt {step.attempt}) of task {step.task_uuid}",
-                      flush=True)
-            except RuntimeError as failure:
-                r = workers.FailStep(pb.FailStepRequest(step_uuid=step.step_uuid, attempt=step.attempt,
-                                                        lease_token=step.lease_token,
-                                                        error_message=str(failure), retryable=True,
-                                                        backoff_ms=100),
-                                     metadata=metadata, timeout=30)
-                print(f"failed {step.name} (attempt {step.attempt}): {failure}; "
-                      f"{pb.FailStepOutcome.Name(r.outcome)}",
-                      flush=True)
-            handled += 1
+        handed.extend(reply.steps)
+
+
+def run(pb, workers, metadata, args, step, more):
+    """Run one step and report it; with `more`, the completion asks for the next step (one)
+    and returns what came back."""
+    inputs = json_format.MessageToDict(step.inputs)
+    parents = json_format.MessageToDict(step.parent_results)
+    try:
+        results = struct_pb2.Struct()
+        results.update(work(step.name, step.attempt, inputs, parents))
+        request = pb.CompleteStepRequest(step_uuid=step.step_uuid, attempt=step.attempt,
+                                         lease_token=step.lease_token, results=results)
+        if more:
+            request.next.CopyFrom(pb.NextSteps(max_steps=1, queues=args.queue, lease_seconds=30))
+        reply = workers.CompleteStep(request, metadata=metadata, timeout=30)
+        print(f"completed {step.name} (attempt {step.attempt}) of task {step.task_uuid}",
+              flush=True)
+        return list(reply.next_steps)
+    except RuntimeError as failure:
+        r = workers.FailStep(pb.FailStepRequest(step_uuid=step.step_uuid, attempt=step.attempt,
+                                                lease_token=step.lease_token,
+                                                error_message=str(failure), retryable=True,
+                                                backoff_ms=100),
+                             metadata=metadata, timeout=30)
+        print(f"failed {step.name} (attempt {step.attempt}): {failure}; "
+              f"{pb.FailStepOutcome.Name(r.outcome)}",
+              flush=True)
+        return []
 
 
 if __name__ == "__main__":

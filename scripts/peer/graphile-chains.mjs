@@ -72,7 +72,8 @@ const stepsInWindow = steps;
 stopping = true;
 await runner.stop();
 
-console.log(
+// a pipe takes stdout asynchronously: exit once the report is written, not before
+process.stdout.write(
   JSON.stringify({
     next_step_ms: latencies,
     fan_out_ms: [],
@@ -80,6 +81,6 @@ console.log(
     steps_in_window: stepsInWindow,
     steps_total: total,
     window_secs: windowMs / 1000,
-  }),
+  }) + "\n",
+  () => process.exit(0),
 );
-process.exit(0);

@@ -148,5 +148,5 @@ if (ended) {
 stopping = true;
 for (const c of inFlight) c.cancel();
 await Promise.allSettled(workers);
-console.log(JSON.stringify(report));
-process.exit(0);
+// a pipe takes stdout asynchronously: exit once the report is written, not before
+process.stdout.write(JSON.stringify(report) + "\n", () => process.exit(0));
