@@ -165,7 +165,13 @@ impl Workers {
                                 continue;
                             }
                         };
-                        for s in fetched.into_inner().steps {
+                        // every other worker asks for its next step with each completion
+                        // (eager dispatch): the faults hit completions holding handed-over
+                        // leases too
+                        let eager = i % 2 == 1;
+                        let mut todo: std::collections::VecDeque<v1::LeasedStep> =
+                            fetched.into_inner().steps.into();
+                        while let Some(s) = todo.pop_front() {
                             // a step whose completion cannot be delivered stays leased; its
                             // lease runs out and it is retried
                             let Some((at, mut w)) = endpoints.client().await else {
@@ -177,13 +183,18 @@ impl Workers {
                                     attempt: s.attempt,
                                     results: None,
                                     lease_token: s.lease_token,
-                                    next: None,
+                                    next: eager.then(|| v1::NextSteps {
+                                        max_steps: 1,
+                                        queues: Vec::new(),
+                                        lease_seconds: 5,
+                                    }),
                                 })
                                 .await;
                             match done {
-                                Ok(_) => {
+                                Ok(r) => {
                                     completed.fetch_add(1, Ordering::Relaxed);
                                     progress.notify_waiters();
+                                    todo.extend(r.into_inner().next_steps);
                                 }
                                 // lease expired during a fault: the step is retried
                                 Err(e) if e.code() == tonic::Code::FailedPrecondition => {}
@@ -594,6 +605,27 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
         .into_inner()
         .steps;
     assert!(!taken.is_empty());
+    // it completes its first step asking for what that makes ready (eager dispatch), and
+    // goes silent holding those too
+    let first = &taken[0];
+    let handed = silent
+        .complete_step(v1::CompleteStepRequest {
+            step_uuid: first.step_uuid.clone(),
+            attempt: first.attempt,
+            results: None,
+            lease_token: first.lease_token.clone(),
+            next: Some(v1::NextSteps {
+                max_steps: 4,
+                queues: Vec::new(),
+                lease_seconds: 1,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .next_steps;
+    assert!(!handed.is_empty(), "a root's completion makes a step ready");
+    let abandoned = taken.len() - 1 + handed.len();
     let t = Instant::now();
     let workers = Workers::start(vec![server.addr], "f4", 8);
     finish(
@@ -602,7 +634,10 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
         workers,
         t,
         "4 silent worker (lease 1 s)",
-        &format!("{} steps held by a dead worker", taken.len()),
+        &format!(
+            "{abandoned} steps held by a dead worker, {} of them leased eagerly",
+            handed.len()
+        ),
     )
     .await;
     // every abandoned step was retried as attempt 2, each attempt enqueued once
@@ -611,7 +646,7 @@ async fn f4_silent_worker_lease_expires_and_max_attempts_holds(pool: PgPool) {
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert_eq!(retried, taken.len() as i64);
+    assert_eq!(retried, abandoned as i64);
 
     // max_attempts is honoured: a one-attempt task whose worker goes silent ends in error,
     // visible in GetTaskReadiness
