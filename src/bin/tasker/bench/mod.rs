@@ -67,10 +67,10 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "rust")]
     pub clients: Vec<String>,
     /// Remote: also run every chains scenario on graphile-worker (a PostgreSQL job queue) in
-    /// the same database, right after Tasker's clients (Node.js; `npm install` in
-    /// scripts/peer).
-    #[arg(long)]
-    pub peer: bool,
+    /// the same database, right after Tasker's clients. auto: when Node.js and the peer's
+    /// packages (`npm install` in scripts/peer) are there.
+    #[arg(long, value_enum, default_value_t = PeerChoice::Auto, num_args = 0..=1, default_missing_value = "on")]
+    pub peer: PeerChoice,
     /// Where the Node.js workers and the peer are (`npm install`ed).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/peer"))]
     pub peer_dir: PathBuf,
@@ -115,6 +115,25 @@ pub struct BenchArgs {
     /// unfinished parents and 10 ready ones.
     #[arg(long)]
     pub poller_scale: Option<i64>,
+}
+
+/// Whether the remote benchmark runs the job-queue peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerChoice {
+    Auto,
+    On,
+    Off,
+}
+
+/// Whether Node.js runs here and `dir` has the packages the Node.js workers and the peer need.
+fn node_ready(dir: &std::path::Path) -> bool {
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    node && dir.join("node_modules").join("graphile-worker").is_dir()
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -274,13 +293,27 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         .iter()
         .map(|c| remote::Client::parse(c).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let node = args.peer
+    let ready = node_ready(&args.peer_dir);
+    let peer = match args.peer {
+        PeerChoice::On => true,
+        PeerChoice::Off => false,
+        PeerChoice::Auto => {
+            if !ready {
+                eprintln!(
+                    "the graphile-worker peer is skipped: it needs Node.js and `npm install` in {}",
+                    args.peer_dir.display()
+                );
+            }
+            ready
+        }
+    };
+    let node = peer
         || clients
             .iter()
             .any(|c| matches!(c, remote::Client::Node { .. }));
-    if node && !args.peer_dir.join("node_modules").is_dir() {
+    if node && !ready {
         anyhow::bail!(
-            "the Node.js workers and the peer need their packages: cd {} && npm install",
+            "the Node.js workers and the peer need Node.js and their packages: cd {} && npm install",
             args.peer_dir.display()
         );
     }
@@ -314,7 +347,7 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         replicas: args.replicas,
         queue_limit: args.queue_limit,
         clients,
-        peer: args.peer,
+        peer,
         proto_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/proto")),
         peer_dir: args.peer_dir,
     };
