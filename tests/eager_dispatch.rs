@@ -44,17 +44,7 @@ async fn complete_next(
 }
 
 async fn task_state(tasks: &mut Tasks, task: &str) -> v1::TaskState {
-    tasks
-        .get_task(v1::GetTaskRequest {
-            task_uuid: task.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .state()
+    get_task(tasks, task).await.state()
 }
 
 /// a -> b -> c, each completion asking for one more: every successor arrives in the

@@ -83,16 +83,7 @@ async fn workflow_through_the_api_with_every_method(pool: PgPool) {
     assert_eq!(order[0], "a");
     assert_eq!(order[3], "d");
 
-    let task = tasks
-        .get_task(v1::GetTaskRequest {
-            task_uuid: created.task_uuid.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = get_task(&mut tasks, &created.task_uuid).await;
     assert_eq!(task.state(), v1::TaskState::Complete);
     assert_eq!(task.steps.len(), 4);
     let r = readiness
@@ -1108,16 +1099,7 @@ async fn a_task_in_error_goes_on_after_an_operators_recovery(pool: PgPool) {
             let second = lease_one(&workers, &ns).await;
             complete_leased(&mut workers, &second).await;
         }
-        let done = tasks
-            .get_task(v1::GetTaskRequest {
-                task_uuid: task.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
+        let done = get_task(&mut tasks, &task).await;
         assert_eq!(done.state(), v1::TaskState::Complete, "{how:?}");
         let e = how
             .apply(&mut tasks, &task, &first.step_uuid, 0, "again")

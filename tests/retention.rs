@@ -63,16 +63,7 @@ async fn rows_naming(pool: &PgPool, ids: &[Uuid]) -> BTreeMap<String, i64> {
 
 /// A task and its steps, as ids.
 async fn task_and_steps(tasks: &mut Tasks, task: &str) -> Vec<Uuid> {
-    let t = tasks
-        .get_task(v1::GetTaskRequest {
-            task_uuid: task.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let t = get_task(tasks, task).await;
     let mut ids = vec![task.parse().unwrap()];
     ids.extend(t.steps.iter().map(|s| s.step_uuid.parse::<Uuid>().unwrap()));
     ids

@@ -88,17 +88,7 @@ async fn the_declared_policy_sets_the_backoff_when_the_worker_names_none(pool: P
         .unwrap()
         .into_inner();
     // GetTask shows the policy each step follows
-    let shown = tasks
-        .get_task(v1::GetTaskRequest {
-            task_uuid: created.task_uuid.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .steps;
+    let shown = get_task(&mut tasks, &created.task_uuid).await.steps;
     assert_eq!(shown[0].retry, Some(policy(200, 3.0, 1000, 0.0)));
 
     let mut seen = Vec::new();

@@ -17,19 +17,6 @@ fn epoch_ms(t: &prost_types::Timestamp) -> f64 {
     t.seconds as f64 * 1000.0 + f64::from(t.nanos) / 1e6
 }
 
-async fn get(tasks: &mut Tasks, task_uuid: &str) -> v1::Task {
-    tasks
-        .get_task(v1::GetTaskRequest {
-            task_uuid: task_uuid.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-}
-
 /// A task created on replica A to start 1.5 s later, A stopped at once: replica B (poller
 /// and deadline cap an hour away) leases its first step no earlier than the start and within
 /// 100 ms of it, woken by the start's announcement alone. Until then GetTask shows it
@@ -57,7 +44,7 @@ async fn a_task_starts_on_time_on_another_replica(pool: PgPool) {
     a.stop().await;
 
     let mut tasks = Tasks::new(chb.clone());
-    let shown = get(&mut tasks, &created.task_uuid).await;
+    let shown = get_task(&mut tasks, &created.task_uuid).await;
     assert!(shown.scheduled, "{shown:?}");
     assert_eq!(
         shown.start_at.as_ref().map(epoch_ms),
@@ -106,7 +93,7 @@ async fn a_task_starts_on_time_on_another_replica(pool: PgPool) {
         (0.0..100.0).contains(&late_ms),
         "leased {late_ms:.1} ms after its start"
     );
-    let started = get(&mut tasks, &created.task_uuid).await;
+    let started = get_task(&mut tasks, &created.task_uuid).await;
     assert!(!started.scheduled);
     assert!(tasks
         .list_tasks(v1::ListTasksRequest {

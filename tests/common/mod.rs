@@ -423,6 +423,20 @@ pub fn fetch_request(
     }
 }
 
+/// GetTask over gRPC: the task as it is now (it must exist).
+pub async fn get_task(tasks: &mut Tasks, task_uuid: &str) -> v1::Task {
+    tasks
+        .get_task(v1::GetTaskRequest {
+            task_uuid: task_uuid.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
 /// Lease the next step of `namespace` over gRPC, waiting up to 5 s for one.
 pub async fn lease_one(workers: &Workers, namespace: &str) -> v1::LeasedStep {
     let mut w = workers.clone();
