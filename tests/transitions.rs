@@ -341,6 +341,7 @@ async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
         lease,
         results: json!({"ok": true}),
         traceparent: None,
+        next: None,
     };
     let (b, c) = (leased[0].held(), leased[1].held());
     let outcomes = store
@@ -368,6 +369,57 @@ async fn a_batch_of_completions_keeps_each_items_outcome(pool: PgPool) {
     let got = drain_until_sentinel(&pool, &mut l, &["tasker_task_ready"]).await;
     assert_eq!(got.len(), 1);
     assert_eq!(ready_names(&store, t.task_uuid).await, vec!["d"]);
+}
+
+/// In one batch, an item asking for its next steps (eager dispatch) claims its task and leases
+/// what it made ready to its own worker, with no readiness notification; a plain item of the
+/// same batch is answered as before.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_batch_leases_an_eager_items_successors_to_its_worker(pool: PgPool) {
+    use tasker::testkit::{Completion, Taker};
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::diamond(NS)).await;
+    run_named(&store, t.task_uuid, NS, "a").await;
+    let leased = enqueue_and_lease(&store, t.task_uuid, NS).await; // b and c
+    let mut l = listener(&pool, &["tasker_task_ready"]).await;
+    let item = |lease: HeldLease, next: Option<Taker>| Completion {
+        lease,
+        results: json!({"ok": true}),
+        traceparent: None,
+        next,
+    };
+    let ask = Taker {
+        worker_id: String::new(),
+        max: 1,
+        lease_ms: 60_000,
+        queues: None,
+    };
+    let outcomes = store
+        .complete_steps(&[
+            item(leased[0].held(), None),
+            item(leased[1].held(), Some(ask)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0].as_ref().unwrap(), &None);
+    // the second completion made the join ready: leased in the batch to its worker
+    let eager = outcomes[1].as_ref().unwrap().as_ref().expect("an enqueue");
+    assert_eq!(eager.task_uuid, t.task_uuid);
+    assert_eq!(eager.worker_id, "test-worker");
+    assert_eq!(
+        names(
+            &eager
+                .result
+                .leased
+                .iter()
+                .map(|(_, s)| s.clone())
+                .collect::<Vec<_>>()
+        ),
+        ["d"]
+    );
+    let got = drain_until_sentinel(&pool, &mut l, &["tasker_task_ready"]).await;
+    assert!(got.is_empty(), "the batch enqueued the join itself");
+    assert_exactly_once_in_order(&pool).await;
 }
 
 /// Cancelling a task removes its queue rows by step: it reads only them, however long the

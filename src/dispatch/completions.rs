@@ -4,9 +4,10 @@
 //! notifying transactions on one lock held through the WAL flush. Under many concurrent
 //! completions that lock, not the work, sets the pace. The batcher takes whatever completions
 //! are waiting when an executor is free (up to `max_batch`) and commits them together with
-//! `tasker.complete_steps`: one commit, one pass through the lock, the same per-item checks
-//! and outcomes as one-by-one. With nothing else waiting a completion runs alone, so a lone
-//! worker sees no added latency.
+//! `tasker.complete_steps_and_claim`: one commit, one pass through the lock, the same per-item
+//! checks and outcomes as one-by-one; a completion asking for its next steps (eager dispatch)
+//! claims and enqueues what it made ready inside the batch. With nothing else waiting a
+//! completion runs alone, so a lone worker sees no added latency.
 //!
 //! ```text
 //!  complete() ──> queue ──> [executor free] take first + everything waiting (<= max_batch)
@@ -20,9 +21,12 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::store::{Completion, Store, StoreError};
+use crate::dispatch::enqueue::eager_metadata;
+use crate::store::{Completion, EagerEnqueue, Store, StoreError};
 
-type Reply = oneshot::Sender<Result<(), StoreError>>;
+/// A completion's outcome, with the enqueue it ran itself when it asked for its next steps.
+type Outcome = Result<Option<EagerEnqueue>, StoreError>;
+type Reply = oneshot::Sender<Outcome>;
 
 /// Completions waiting for an executor; senders wait when it is full.
 const QUEUE: usize = 4096;
@@ -52,7 +56,7 @@ impl CompletionBatcher {
         self.tx.closed().await;
     }
 
-    pub async fn complete(&self, completion: Completion) -> Result<(), StoreError> {
+    pub async fn complete(&self, completion: Completion) -> Outcome {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((completion, reply))
@@ -128,7 +132,12 @@ async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
     }
 }
 
-async fn one(store: &Store, c: &Completion) -> Result<(), StoreError> {
+async fn one(store: &Store, c: &Completion) -> Outcome {
+    if c.next.is_some() {
+        return store
+            .complete_step_and_claim(c, &serde_json::json!({}), &eager_metadata())
+            .await;
+    }
     store
         .complete_step(
             c.lease,
@@ -137,4 +146,5 @@ async fn one(store: &Store, c: &Completion) -> Result<(), StoreError> {
             c.traceparent.as_deref(),
         )
         .await
+        .map(|()| None)
 }

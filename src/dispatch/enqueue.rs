@@ -119,26 +119,29 @@ impl TaskClaimStepEnqueuer {
 
     /// Eager dispatch: record `completion` and, in the same transaction, claim its task and
     /// enqueue the steps it made ready, leasing them first to the completing worker as far as
-    /// `next` asks (`tasker.complete_step_and_claim`). Steps it did not take wake the fetches
-    /// of their queues like any enqueue's. `None`: the completion made nothing ready.
+    /// `completion.next` asks (`tasker.complete_step_and_claim`); then
+    /// [`TaskClaimStepEnqueuer::enqueued_eagerly`]. `None`: the completion made nothing ready.
     pub async fn complete_and_enqueue(
         &self,
         completion: &Completion,
-        next: &Taker,
     ) -> Result<Option<EagerEnqueue>, StoreError> {
-        let triggered_by = TriggeredBy::EagerDispatch;
-        let metadata = serde_json::json!({ "triggered_by": triggered_by.as_str() });
-        let Some(eager) = self
+        let eager = self
             .store
-            .complete_step_and_claim(completion, &serde_json::json!({}), &metadata, next)
+            .complete_step_and_claim(completion, &serde_json::json!({}), &eager_metadata())
             .instrument(tracing::info_span!(
                 "enqueue.complete_and_enqueue",
                 step_uuid = %completion.lease.step_uuid,
             ))
-            .await?
-        else {
-            return Ok(None);
-        };
+            .await?;
+        if let Some(e) = &eager {
+            self.enqueued_eagerly(e);
+        }
+        Ok(eager)
+    }
+
+    /// After a completion's own transaction enqueued what it made ready (alone, or in a
+    /// batch): the steps it did not lease wake the fetches of their queues like any enqueue's.
+    pub fn enqueued_eagerly(&self, eager: &EagerEnqueue) {
         let result = &eager.result;
         if let Some(namespace) = &result.namespace {
             for (queue, steps) in &result.queued {
@@ -148,10 +151,9 @@ impl TaskClaimStepEnqueuer {
         if !result.enqueued_steps.is_empty() {
             if let Some(ms) = result.max_ready_wait_ms {
                 self.metrics
-                    .completion_to_enqueue(ms, triggered_by.as_str());
+                    .completion_to_enqueue(ms, TriggeredBy::EagerDispatch.as_str());
             }
         }
-        Ok(Some(eager))
     }
 
     /// Hand each taken fetch its leased steps; give back those that got none. A fetch that
@@ -185,6 +187,11 @@ impl TaskClaimStepEnqueuer {
         )
         .await;
     }
+}
+
+/// The history metadata of an enqueue a completion ran itself.
+pub(crate) fn eager_metadata() -> Value {
+    serde_json::json!({ "triggered_by": TriggeredBy::EagerDispatch.as_str() })
 }
 
 /// Put leased steps that never reached their worker back on the queue, at the same attempt

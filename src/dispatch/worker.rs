@@ -371,14 +371,15 @@ impl WorkerQueue {
     ) -> Result<CompleteOutcome, StoreError> {
         self.check_running()?;
         let done = match &self.batcher {
-            Some(b) => {
-                b.complete(Completion {
+            Some(b) => b
+                .complete(Completion {
                     lease,
                     results: results.clone(),
                     traceparent: traceparent.map(str::to_string),
+                    next: None,
                 })
                 .await
-            }
+                .map(|_| ()),
             None => {
                 let metadata = serde_json::json!({ "worker_id": worker_id });
                 self.store
@@ -390,9 +391,9 @@ impl WorkerQueue {
     }
 
     /// Eager dispatch: complete the attempt and lease the steps it made ready to this worker
-    /// in the same transaction, as far as `next` asks (see `enqueue`). A completion with a
-    /// `next` is never batched with others: its enqueue and leases are its own. The steps
-    /// leased (empty for a retried completion already recorded), and what the enqueue did.
+    /// in the same transaction, as far as `next` asks (see `enqueue`), batched with the
+    /// completions waiting like any other. The steps leased (none for a retried completion
+    /// already recorded), and what the enqueue did.
     pub async fn complete_and_lease(
         &self,
         lease: HeldLease,
@@ -405,19 +406,23 @@ impl WorkerQueue {
             lease,
             results: results.clone(),
             traceparent: traceparent.map(str::to_string),
+            next: Some(Taker {
+                // the completed lease's holder, filled in by the database
+                worker_id: String::new(),
+                max: next.max,
+                lease_ms: next.lease.as_millis() as i64,
+                queues: Some(next.queues.into()),
+            }),
         };
-        let taker = Taker {
-            // the completed lease's holder, filled in by the database
-            worker_id: String::new(),
-            max: next.max,
-            lease_ms: next.lease.as_millis() as i64,
-            queues: Some(next.queues.into()),
+        let done = match &self.batcher {
+            Some(b) => b.complete(completion).await.inspect(|eager| {
+                if let Some(e) = eager {
+                    self.enqueuer.enqueued_eagerly(e);
+                }
+            }),
+            None => self.enqueuer.complete_and_enqueue(&completion).await,
         };
-        match self
-            .enqueuer
-            .complete_and_enqueue(&completion, &taker)
-            .await
-        {
+        match done {
             Ok(eager) => {
                 if let Some(e) = &eager {
                     // trace spans, and the lease deadline for the scheduler

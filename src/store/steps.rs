@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::answers::AttemptAnswer;
 use super::{Store, StoreError};
-use crate::model::command::EnqueueOutcome;
+use crate::model::command::{EnqueueOutcome, TriggeredBy};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnqueueResult {
@@ -228,6 +228,9 @@ pub struct Completion {
     pub lease: HeldLease,
     pub results: Value,
     pub traceparent: Option<String>,
+    /// Eager dispatch: lease the steps this completion makes ready to the completing worker,
+    /// as far as this asks (its worker id is the completed lease's, filled in by the database).
+    pub next: Option<Taker>,
 }
 
 /// Bytes `results` take in a child's parent results as sent (a protobuf `Value`).
@@ -263,6 +266,39 @@ struct EnqueueRow {
     leased: Value,
     queued: Value,
     held: Value,
+}
+
+/// A completion's answer with the enqueue it ran itself (`tasker.complete_step_and_claim`).
+#[derive(sqlx::FromRow)]
+struct EagerRow {
+    completion: AttemptAnswer,
+    task_uuid: Option<Uuid>,
+    worker_id: Option<String>,
+    #[sqlx(flatten)]
+    enqueue: EnqueueRow,
+}
+
+impl EagerRow {
+    /// The completion's outcome (a refusal as its error), and the enqueue when one ran.
+    fn answer(
+        self,
+        function: &'static str,
+        lease: HeldLease,
+        budget: Option<u32>,
+    ) -> Result<Option<EagerEnqueue>, StoreError> {
+        AttemptOutcome::of(function, AttemptAnswer::Completed, self.completion)?
+            .into_result_within(lease.step_uuid, lease.attempt, budget)?;
+        let (Some(task_uuid), Some(worker_id), Some(_)) =
+            (self.task_uuid, self.worker_id, self.enqueue.outcome)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(EagerEnqueue {
+            task_uuid,
+            worker_id,
+            result: enqueue_result(function, self.enqueue)?,
+        }))
+    }
 }
 
 /// An enqueue's answer read: the leased steps with their takers, the steps left per queue.
@@ -333,19 +369,10 @@ impl Store {
         completion: &Completion,
         metadata: &Value,
         enqueue_metadata: &Value,
-        next: &Taker,
     ) -> Result<Option<EagerEnqueue>, StoreError> {
         let lease = completion.lease;
-        let takers = serde_json::to_value([next]).expect("takers serialize");
-        #[derive(sqlx::FromRow)]
-        struct Row {
-            completion: AttemptAnswer,
-            task_uuid: Option<Uuid>,
-            worker_id: Option<String>,
-            #[sqlx(flatten)]
-            enqueue: EnqueueRow,
-        }
-        let row: Row = sqlx::query_as(
+        let takers = serde_json::to_value([&completion.next]).expect("takers serialize");
+        let row: EagerRow = sqlx::query_as(
             "SELECT e.completion, e.task_uuid, e.worker_id, e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued, e.held
              FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp,
                   tasker.complete_step_and_claim($1, $2, $3, $4, $6, $7, $8, $9, $10) e",
@@ -362,26 +389,11 @@ impl Store {
         .bind(takers)
         .fetch_one(&self.pool)
         .await?;
-        AttemptOutcome::of(
+        row.answer(
             "tasker.complete_step_and_claim",
-            AttemptAnswer::Completed,
-            row.completion,
-        )?
-        .into_result_within(
-            lease.step_uuid,
-            lease.attempt,
+            lease,
             self.limits.max_parent_results_bytes,
-        )?;
-        let (Some(task_uuid), Some(worker_id), Some(_)) =
-            (row.task_uuid, row.worker_id, row.enqueue.outcome)
-        else {
-            return Ok(None);
-        };
-        Ok(Some(EagerEnqueue {
-            task_uuid,
-            worker_id,
-            result: enqueue_result("tasker.complete_step_and_claim", row.enqueue)?,
-        }))
+        )
     }
 
     /// Put back on the queue a step leased to a fetch that went away before receiving it.
@@ -480,20 +492,36 @@ impl Store {
         .await?)
     }
 
-    /// Complete several attempts in one transaction; each item's outcome, in input order.
-    /// Items are independent: a stale one is refused without affecting the others.
+    /// Complete several attempts in one transaction; each item's outcome, in input order, with
+    /// the enqueue an item asking for its next steps ran (`Completion::next`). Items are
+    /// independent: a stale one is refused without affecting the others.
     pub async fn complete_steps(
         &self,
         items: &[Completion],
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<Option<EagerEnqueue>, StoreError>>, StoreError> {
         let steps: Vec<Uuid> = items.iter().map(|c| c.lease.step_uuid).collect();
         let attempts: Vec<i32> = items.iter().map(|c| c.lease.attempt).collect();
         let tokens: Vec<Uuid> = items.iter().map(|c| c.lease.lease_token).collect();
         let results: Vec<Value> = items.iter().map(|c| c.results.clone()).collect();
         let sizes: Vec<i32> = items.iter().map(|c| results_bytes(&c.results)).collect();
         let traces: Vec<Option<String>> = items.iter().map(|c| c.traceparent.clone()).collect();
-        let rows: Vec<(i32, AttemptAnswer)> = sqlx::query_as(
-            "SELECT idx, outcome FROM tasker.complete_steps($1, $2, $3, $4, $5, $6, $7, $8)",
+        let takers: Vec<Option<Value>> = items
+            .iter()
+            .map(|c| {
+                c.next
+                    .as_ref()
+                    .map(|t| serde_json::to_value(t).expect("taker serializes"))
+            })
+            .collect();
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            idx: i32,
+            #[sqlx(flatten)]
+            eager: EagerRow,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT idx, completion, task_uuid, worker_id, outcome, namespace, enqueued_steps, max_ready_wait_ms, leased, queued, held
+             FROM tasker.complete_steps_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&steps)
         .bind(&attempts)
@@ -501,24 +529,23 @@ impl Store {
         .bind(&results)
         .bind(&sizes)
         .bind(&traces)
+        .bind(&takers)
         .bind(serde_json::json!({"batched": items.len()}))
+        .bind(serde_json::json!({"triggered_by": TriggeredBy::EagerDispatch.as_str(), "batched": items.len()}))
         .bind(self.parent_results_budget())
         .fetch_all(&self.pool)
         .await?;
-        let mut out: Vec<Result<(), StoreError>> = items
+        let mut out: Vec<Result<Option<EagerEnqueue>, StoreError>> = items
             .iter()
             .map(|c| Err(StoreError::not_found(format!("step {}", c.lease.step_uuid))))
             .collect();
-        for (idx, outcome) in rows {
-            let i = (idx - 1) as usize;
-            out[i] = AttemptOutcome::of("tasker.complete_steps", AttemptAnswer::Completed, outcome)
-                .and_then(|o| {
-                    o.into_result_within(
-                        items[i].lease.step_uuid,
-                        items[i].lease.attempt,
-                        self.limits.max_parent_results_bytes,
-                    )
-                });
+        for row in rows {
+            let i = (row.idx - 1) as usize;
+            out[i] = row.eager.answer(
+                "tasker.complete_steps_and_claim",
+                items[i].lease,
+                self.limits.max_parent_results_bytes,
+            );
         }
         Ok(out)
     }
