@@ -43,6 +43,16 @@ async fn complete_next(
         .into_inner()
 }
 
+/// A chain of `n` steps in namespace "shop"; its task's uuid.
+async fn chain_task(tasks: &mut Tasks, n: usize) -> String {
+    tasks
+        .create_task(chain("shop", n).build())
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid
+}
+
 async fn task_state(tasks: &mut Tasks, task: &str) -> v1::TaskState {
     get_task(tasks, task).await.state()
 }
@@ -57,12 +67,7 @@ async fn a_completion_asking_for_next_receives_its_successor_in_the_same_call(po
     let mut tasks = Tasks::new(ch.clone());
     let mut workers = Workers::new(ch.clone());
     let mut readiness = Readiness::new(ch.clone());
-    let task_uuid = tasks
-        .create_task(chain("shop", 3).build())
-        .await
-        .unwrap()
-        .into_inner()
-        .task_uuid;
+    let task_uuid = chain_task(&mut tasks, 3).await;
     let mut events = readiness
         .stream_command_events(v1::StreamCommandEventsRequest {
             triggered_by: vec![v1::TriggeredBy::EagerDispatch.into()],
@@ -218,12 +223,7 @@ async fn eagerly_leased_steps_of_a_killed_worker_are_leased_again_after_their_le
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());
     let mut workers = Workers::new(ch.clone());
-    let task_uuid = tasks
-        .create_task(chain("shop", 3).build())
-        .await
-        .unwrap()
-        .into_inner()
-        .task_uuid;
+    let task_uuid = chain_task(&mut tasks, 3).await;
     let first = lease_one(&workers, "shop").await;
     let r = complete_next(&mut workers, &first, next(1, &[], 1)).await;
     let held = r.next_steps[0].clone();
@@ -287,12 +287,7 @@ async fn a_claim_held_elsewhere_leaves_the_successor_to_the_readiness_event(pool
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());
     let mut workers = Workers::new(ch.clone());
-    let task_uuid = tasks
-        .create_task(chain("shop", 2).build())
-        .await
-        .unwrap()
-        .into_inner()
-        .task_uuid;
+    let task_uuid = chain_task(&mut tasks, 2).await;
     let first = lease_one(&workers, "shop").await;
     let mut holder = pool.begin().await.unwrap();
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tasker.claim:' || $1, 0))")
@@ -318,7 +313,7 @@ async fn a_bad_next_changes_nothing_and_a_retry_leases_nothing_twice(pool: PgPoo
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());
     let mut workers = Workers::new(ch.clone());
-    tasks.create_task(chain("shop", 2).build()).await.unwrap();
+    chain_task(&mut tasks, 2).await;
     let first = lease_one(&workers, "shop").await;
     for (bad, field) in [
         (next(101, &[], 30), "next.max_steps"),
