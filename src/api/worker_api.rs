@@ -241,8 +241,12 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             )
             .await?;
         let mut next_steps = Vec::new();
-        if let Some(e) = eager {
-            let namespace = e.result.namespace.clone().unwrap_or_default();
+        // a claim held elsewhere ran no pass here (no namespace read): the notification it
+        // sent makes the processor's pass, which the command stream shows
+        if let Some((e, namespace)) = eager.and_then(|e| {
+            let ns = e.result.namespace.clone()?;
+            Some((e, ns))
+        }) {
             self.ctx.commands.record_inline(
                 &OrchestrationCommand::process_task(
                     e.task_uuid,

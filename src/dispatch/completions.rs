@@ -21,7 +21,6 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::dispatch::enqueue::eager_metadata;
 use crate::store::{Completion, EagerEnqueue, Store, StoreError};
 
 /// A completion's outcome, with the enqueue it ran itself when it asked for its next steps.
@@ -134,9 +133,7 @@ async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
 
 async fn one(store: &Store, c: &Completion) -> Outcome {
     if c.next.is_some() {
-        return store
-            .complete_step_and_claim(c, &serde_json::json!({}), &eager_metadata())
-            .await;
+        return store.complete_step_and_claim(c).await;
     }
     store
         .complete_step(

@@ -21,7 +21,7 @@ use crate::dispatch::announce::StepAnnouncer;
 use crate::dispatch::parked::{ParkedFetches, Waiter};
 use crate::model::command::TriggeredBy;
 use crate::model::namespaces::DEFAULT_QUEUE;
-use crate::store::{Completion, EagerEnqueue, EnqueueResult, LeasedStep, Store, StoreError, Taker};
+use crate::store::{EagerEnqueue, EnqueueResult, LeasedStep, Store, StoreError, Taker};
 use crate::telemetry::metrics::Metrics;
 
 /// Parked fetches one enqueue takes at most: a task rarely makes more steps ready at once,
@@ -117,28 +117,6 @@ impl TaskClaimStepEnqueuer {
         Ok(result)
     }
 
-    /// Eager dispatch: record `completion` and, in the same transaction, claim its task and
-    /// enqueue the steps it made ready, leasing them first to the completing worker as far as
-    /// `completion.next` asks (`tasker.complete_step_and_claim`); then
-    /// [`TaskClaimStepEnqueuer::enqueued_eagerly`]. `None`: the completion made nothing ready.
-    pub async fn complete_and_enqueue(
-        &self,
-        completion: &Completion,
-    ) -> Result<Option<EagerEnqueue>, StoreError> {
-        let eager = self
-            .store
-            .complete_step_and_claim(completion, &serde_json::json!({}), &eager_metadata())
-            .instrument(tracing::info_span!(
-                "enqueue.complete_and_enqueue",
-                step_uuid = %completion.lease.step_uuid,
-            ))
-            .await?;
-        if let Some(e) = &eager {
-            self.enqueued_eagerly(e);
-        }
-        Ok(eager)
-    }
-
     /// After a completion's own transaction enqueued what it made ready (alone, or in a
     /// batch): the steps it did not lease wake the fetches of their queues like any enqueue's.
     pub fn enqueued_eagerly(&self, eager: &EagerEnqueue) {
@@ -187,11 +165,6 @@ impl TaskClaimStepEnqueuer {
         )
         .await;
     }
-}
-
-/// The history metadata of an enqueue a completion ran itself.
-pub(crate) fn eager_metadata() -> Value {
-    serde_json::json!({ "triggered_by": TriggeredBy::EagerDispatch.as_str() })
 }
 
 /// Put leased steps that never reached their worker back on the queue, at the same attempt

@@ -80,7 +80,7 @@ pub struct WorkerQueue {
     deadlines: DeadlinePoke,
     /// `None`: every completion commits on its own (max_batch = 1).
     batcher: Option<CompletionBatcher>,
-    /// Claims and enqueues in a completion's own transaction (eager dispatch).
+    /// Wakes the fetches for what a completion's own enqueue left queued (eager dispatch).
     enqueuer: TaskClaimStepEnqueuer,
     recheck: Duration,
     /// Fetches parked waiting for a step, in all, per namespace and per caller: one caller or
@@ -415,16 +415,14 @@ impl WorkerQueue {
             }),
         };
         let done = match &self.batcher {
-            Some(b) => b.complete(completion).await.inspect(|eager| {
-                if let Some(e) = eager {
-                    self.enqueuer.enqueued_eagerly(e);
-                }
-            }),
-            None => self.enqueuer.complete_and_enqueue(&completion).await,
+            Some(b) => b.complete(completion).await,
+            None => self.store.complete_step_and_claim(&completion).await,
         };
         match done {
             Ok(eager) => {
                 if let Some(e) = &eager {
+                    // the steps it did not lease wake their queues' fetches
+                    self.enqueuer.enqueued_eagerly(e);
                     // trace spans, and the lease deadline for the scheduler
                     let steps = e.result.leased.iter().map(|(_, s)| s.clone()).collect();
                     self.leased(steps, &e.worker_id);

@@ -256,6 +256,16 @@ pub enum FailOutcome {
     Failed,
 }
 
+/// The history metadata of an enqueue a completion ran itself, in a batch of `batched`.
+fn eager_metadata(batched: usize) -> Value {
+    let by = TriggeredBy::EagerDispatch.as_str();
+    if batched > 1 {
+        serde_json::json!({ "triggered_by": by, "batched": batched })
+    } else {
+        serde_json::json!({ "triggered_by": by })
+    }
+}
+
 /// `tasker.claim_and_enqueue`'s answer, as selected.
 #[derive(sqlx::FromRow)]
 struct EnqueueRow {
@@ -367,8 +377,6 @@ impl Store {
     pub async fn complete_step_and_claim(
         &self,
         completion: &Completion,
-        metadata: &Value,
-        enqueue_metadata: &Value,
     ) -> Result<Option<EagerEnqueue>, StoreError> {
         let lease = completion.lease;
         let takers = serde_json::to_value([&completion.next]).expect("takers serialize");
@@ -383,9 +391,9 @@ impl Store {
         .bind(&completion.results)
         .bind(completion.traceparent.as_deref())
         .bind(results_bytes(&completion.results))
-        .bind(metadata)
+        .bind(serde_json::json!({}))
         .bind(self.parent_results_budget())
-        .bind(enqueue_metadata)
+        .bind(eager_metadata(1))
         .bind(takers)
         .fetch_one(&self.pool)
         .await?;
@@ -531,7 +539,7 @@ impl Store {
         .bind(&traces)
         .bind(&takers)
         .bind(serde_json::json!({"batched": items.len()}))
-        .bind(serde_json::json!({"triggered_by": TriggeredBy::EagerDispatch.as_str(), "batched": items.len()}))
+        .bind(eager_metadata(items.len()))
         .bind(self.parent_results_budget())
         .fetch_all(&self.pool)
         .await?;

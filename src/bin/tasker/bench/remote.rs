@@ -335,6 +335,24 @@ pub(super) async fn stop_service(mut s: Service) {
     }
 }
 
+impl CpuPerStep {
+    /// CPU milliseconds per step between two samples, over `steps` steps.
+    fn between(start: &CpuSample, end: &CpuSample, steps: u64) -> Self {
+        let steps = steps.max(1) as f64;
+        let per_step = |a: f64, b: f64| (b - a) * 1000.0 / steps;
+        Self {
+            service: per_step(start.services, end.services),
+            postgres: per_step(start.postgres, end.postgres),
+            service_and_postgres: per_step(
+                start.services + start.postgres,
+                end.services + end.postgres,
+            ),
+            workers: per_step(start.worker, end.worker),
+            machine: per_step(start.machine, end.machine),
+        }
+    }
+}
+
 #[derive(Default)]
 struct CpuSample {
     services: f64,
@@ -433,18 +451,7 @@ async fn scenario(
     for s in services {
         stop_service(s).await;
     }
-    let steps = report.steps_in_window.max(1) as f64;
-    let per_step = |a: f64, b: f64| (b - a) * 1000.0 / steps;
-    let cpu = CpuPerStep {
-        service: per_step(start.services, end.services),
-        postgres: per_step(start.postgres, end.postgres),
-        service_and_postgres: per_step(
-            start.services + start.postgres,
-            end.services + end.postgres,
-        ),
-        workers: per_step(start.worker, end.worker),
-        machine: per_step(start.machine, end.machine),
-    };
+    let cpu = CpuPerStep::between(&start, &end, report.steps_in_window);
     Ok(RemoteScenario {
         scenario: scenario_name(shape),
         client: client.label().to_string(),
@@ -514,8 +521,6 @@ async fn peer_scenario(
     let (report, start, end) = measure(command, &[], backend).await?;
     tokio::time::sleep(STATS_FLUSH).await;
     let after = store.activity_counters().await?;
-    let steps = report.steps_in_window.max(1) as f64;
-    let per_step = |a: f64, b: f64| (b - a) * 1000.0 / steps;
     Ok(RemoteScenario {
         scenario: scenario_name(shape),
         client: PEER.to_string(),
@@ -526,13 +531,8 @@ async fn peer_scenario(
         next_step: LatencyStats::from_ms(report.next_step_ms),
         fan_out: LatencyStats::default(),
         fan_in: LatencyStats::default(),
-        cpu_ms_per_step: CpuPerStep {
-            service: 0.0,
-            postgres: per_step(start.postgres, end.postgres),
-            service_and_postgres: per_step(start.postgres, end.postgres),
-            workers: per_step(start.worker, end.worker),
-            machine: per_step(start.machine, end.machine),
-        },
+        // no service: its column is 0
+        cpu_ms_per_step: CpuPerStep::between(&start, &end, report.steps_in_window),
         budget: budget(&before, &after, report.steps_total),
         claims_lost_per_step: 0.0,
     })
