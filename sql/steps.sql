@@ -31,8 +31,11 @@
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
 -- synchronously: those leases reach workers, and must survive a crash. A step with a
 -- schedule_to_start gets its queue row's start_by, announced on tasker_deadlines.
--- (from migrations/20261204000015_schedule_to_start.sql)
-CREATE FUNCTION tasker.claim_and_enqueue(
+-- A step handed to a fetch is queued already leased: its queue row is written once, not
+-- inserted and then updated (every hand-off and every eager completion paid for the second
+-- row version and its index entries).
+-- (from migrations/20261204000021_steps_queued_leased.sql)
+CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
 )
@@ -45,14 +48,23 @@ DECLARE
     v_task record;
     v_steps uuid[];
     v_queues text[];
+    v_attempts integer[];
+    v_enqueued_at timestamptz[];
+    v_start_by timestamptz[];
+    v_timeouts integer[];
+    -- per step, by position: the taker it is handed to (its index in p_takers + 1, 0: none),
+    -- whether its lease holds a slot, and its lease's token and end
+    v_taken integer[];
+    v_holds boolean[];
+    v_tokens uuid[];
+    v_expires timestamptz[];
+    v_lease_ms bigint;
     v_wait double precision;
     v_traceparent text := left(tasker.current_traceparent(), 128);
     v_lane record;
     v_gate record;
     v_grant record;
     v_taker record;
-    v_msg_id bigint;
-    v_rows integer;
     v_next integer;
     v_given integer[];
     v_handed integer := 0;
@@ -117,6 +129,8 @@ BEGIN
         RETURN;
     END IF;
 
+    -- the steps move to enqueued here; their queue rows are written once it is known which
+    -- of them go to the takers
     WITH taken AS (
         DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid
         RETURNING r.step_uuid
@@ -128,22 +142,19 @@ BEGIN
         FROM taken
         WHERE s.step_uuid = taken.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
         RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at, s.queue,
-                  s.schedule_to_start_ms
-    ),
-    queued AS (
-        INSERT INTO tasker.step_queue (namespace, queue, task_uuid, step_uuid, attempt, priority,
-                                       traceparent, start_by)
-        SELECT v_task.namespace, m.queue, p_task_uuid, m.step_uuid, m.attempts, v_task.priority,
-               v_traceparent,
-               m.enqueued_at + make_interval(secs => m.schedule_to_start_ms / 1000.0)
-        FROM moved m ORDER BY m.position
-        RETURNING 1
+                  s.schedule_to_start_ms, s.timeout_ms
     )
     SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
            coalesce(array_agg(m.queue ORDER BY m.position), '{}'::text[]),
+           array_agg(m.attempts ORDER BY m.position),
+           array_agg(m.enqueued_at ORDER BY m.position),
+           array_agg(m.enqueued_at + make_interval(secs => m.schedule_to_start_ms / 1000.0)
+                     ORDER BY m.position),
+           array_agg(m.timeout_ms ORDER BY m.position),
            extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000,
            min(m.schedule_to_start_ms)
-    INTO v_steps, v_queues, v_wait, v_start_within
+    INTO v_steps, v_queues, v_attempts, v_enqueued_at, v_start_by, v_timeouts, v_wait,
+         v_start_within
     FROM moved m;
 
     IF cardinality(v_steps) = 0 THEN
@@ -159,10 +170,15 @@ BEGIN
         END IF;
     END IF;
     v_given := array_fill(0, ARRAY[greatest(jsonb_array_length(p_takers), 1)]);
+    v_taken := array_fill(0, ARRAY[cardinality(v_steps)]);
+    v_holds := array_fill(false, ARRAY[cardinality(v_steps)]);
+    v_tokens := array_fill(NULL::uuid, ARRAY[cardinality(v_steps)]);
+    v_expires := array_fill(NULL::timestamptz, ARRAY[cardinality(v_steps)]);
     -- per lane, in the order of its first step: hand its steps, in order, to the parked
     -- fetches that take its queue, each up to its max, as far as the lane allows
     FOR v_lane IN
-        SELECT u.queue, array_agg(u.step_uuid ORDER BY u.ord) AS steps
+        SELECT u.queue, array_agg(u.step_uuid ORDER BY u.ord) AS steps,
+               array_agg(u.ord::int ORDER BY u.ord) AS idx
         FROM unnest(v_steps, v_queues) WITH ORDINALITY AS u(step_uuid, queue, ord)
         GROUP BY u.queue
         ORDER BY min(u.ord)
@@ -188,28 +204,30 @@ BEGIN
                                                 least(v_open, cardinality(v_lane.steps))) a;
                 END IF;
                 FOR v_taker IN
-                    SELECT x.ord::int AS ord, x.t->>'worker_id' AS worker_id,
-                           (x.t->>'max')::int AS max, (x.t->>'lease_ms')::bigint AS lease_ms
+                    SELECT x.ord::int AS ord, (x.t->>'max')::int AS max,
+                           (x.t->>'lease_ms')::bigint AS lease_ms
                     FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
                     WHERE coalesce(x.t->'queues', '["default"]'::jsonb) ? v_lane.queue
                     ORDER BY x.ord
                 LOOP
                     EXIT WHEN v_next > v_grant.granted;
                     WHILE v_next <= v_grant.granted AND v_given[v_taker.ord] < v_taker.max LOOP
-                        SELECT m.msg_id INTO v_msg_id FROM tasker.step_queue m
-                        WHERE m.step_uuid = v_lane.steps[v_next] AND m.leased_by IS NULL OFFSET 0;
-                        v_leased := v_leased || (
-                            SELECT coalesce(jsonb_agg(to_jsonb(l) || jsonb_build_object('taker', v_taker.ord - 1)), '[]'::jsonb)
-                            FROM tasker.lease_queued(v_msg_id, v_taker.worker_id, v_taker.lease_ms,
-                                                     v_grant.holds_slot) l);
+                        -- the lease of a step with a timeout ends no later than its start +
+                        -- the timeout (as in lease_queued)
+                        v_lease_ms := least(v_taker.lease_ms,
+                                            coalesce(v_timeouts[v_lane.idx[v_next]], v_taker.lease_ms));
+                        v_taken[v_lane.idx[v_next]] := v_taker.ord;
+                        v_holds[v_lane.idx[v_next]] := v_grant.holds_slot;
+                        v_tokens[v_lane.idx[v_next]] := gen_random_uuid();
+                        v_expires[v_lane.idx[v_next]] :=
+                            clock_timestamp() + make_interval(secs => v_lease_ms / 1000.0);
                         v_given[v_taker.ord] := v_given[v_taker.ord] + 1;
                         v_next := v_next + 1;
                         v_handed := v_handed + 1;
                     END LOOP;
                 END LOOP;
-                IF v_grant.holds_slot AND v_next - 1 < v_grant.granted THEN
-                    PERFORM tasker.free_slots(v_task.namespace, v_lane.queue, v_grant.granted - (v_next - 1));
-                END IF;
+                -- nothing of the grant is left over: it is at most what these takers can take,
+                -- and every step up to it was handed to one of them
             END IF;
         END IF;
         -- what is left on the lane: as many fetches may read it as the lane allows now
@@ -229,6 +247,43 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
+    -- the queue rows, in position order (the fetch order within a priority), the handed ones
+    -- leased; then the handed steps start, and go out as lease_queued would give them
+    INSERT INTO tasker.step_queue (namespace, queue, task_uuid, step_uuid, attempt, priority,
+                                   enqueued_at, traceparent, start_by, leased_by, visible_at,
+                                   read_count, lease_token, holds_slot)
+    SELECT v_task.namespace, u.queue, p_task_uuid, u.step_uuid, u.attempt, v_task.priority,
+           u.enqueued_at, v_traceparent, u.start_by,
+           CASE WHEN u.taker > 0 THEN p_takers->(u.taker - 1)->>'worker_id' END,
+           coalesce(u.expires, clock_timestamp()), (u.taker > 0)::int, u.token, u.holds
+    FROM unnest(v_steps, v_queues, v_attempts, v_enqueued_at, v_start_by, v_taken, v_holds,
+                v_tokens, v_expires) WITH ORDINALITY
+         AS u(step_uuid, queue, attempt, enqueued_at, start_by, taker, holds, token, expires, ord)
+    ORDER BY u.ord;
+    IF v_handed > 0 THEN
+        WITH started AS (
+            UPDATE tasker.workflow_steps s
+            SET state = 'in_progress', started_at = clock_timestamp()
+            FROM unnest(v_steps, v_attempts, v_taken) WITH ORDINALITY AS u(step_uuid, attempt, taker, ord)
+            WHERE u.taker > 0 AND s.step_uuid = u.step_uuid AND s.state = 'enqueued'
+              AND s.attempts = u.attempt
+            RETURNING s.step_uuid, s.task_uuid, s.name, s.inputs, u.attempt, u.taker, u.ord
+        )
+        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'step_uuid', st.step_uuid, 'task_uuid', st.task_uuid, 'name', st.name,
+                   'attempt', st.attempt, 'inputs', st.inputs,
+                   'parent_results', (
+                       SELECT coalesce(jsonb_object_agg(ps.name, coalesce(ps.results, 'null'::jsonb)), '{}'::jsonb)
+                       FROM tasker.step_edges e
+                       CROSS JOIN LATERAL (SELECT p.name, p.results FROM tasker.workflow_steps p
+                                           WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
+                       WHERE e.child_step_uuid = st.step_uuid),
+                   'lease_expires_at', v_expires[st.ord], 'enqueued_at', v_enqueued_at[st.ord],
+                   'traceparent', v_traceparent, 'lease_token', v_tokens[st.ord],
+                   'queue', v_queues[st.ord], 'taker', st.taker - 1) ORDER BY st.ord), '[]'::jsonb)
+        INTO v_leased
+        FROM started st;
+    END IF;
     IF v_start_within IS NOT NULL THEN
         -- a step that must start within a time: every replica's scheduler wakes for it
         PERFORM pg_notify('tasker_deadlines', json_build_object(
