@@ -34,8 +34,10 @@ $$;
 -- by another transaction, waiting for one of them (holds_slot says the grants hold slots, to
 -- be given back by tasker.free_slots when unused). A grant may be smaller than the room left
 -- while other transactions hold the rest; it is never more.
--- (from migrations/20261204000009_lane_slot_shards.sql)
-CREATE FUNCTION tasker.lease_allowance(p_namespace text, p_queue text, p_want integer,
+-- The common case, this backend's own shard with room for all of it and held by no other
+-- transaction, is one statement.
+-- (from migrations/20261204000022_one_statement_slots.sql)
+CREATE OR REPLACE FUNCTION tasker.lease_allowance(p_namespace text, p_queue text, p_want integer,
                                        OUT granted integer, OUT holds_slot boolean)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -60,12 +62,20 @@ BEGIN
         RETURN;
     END IF;
     holds_slot := true;
-    -- this backend's own shard first: one probe of the key (no sort), the common case
-    SELECT s.shard, s.cap - s.in_flight AS room INTO v_shard
-    FROM tasker.lane_slots s
+    -- this backend's own shard, when it has room for all of it and no other transaction holds
+    -- it: the slots taken in one statement (the lock is taken, and the room checked on the
+    -- newest version of the row, by the subquery)
+    UPDATE tasker.lane_slots s SET in_flight = s.in_flight + p_want
     WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.shard = v_start
-      AND s.in_flight < s.cap
-    FOR NO KEY UPDATE SKIP LOCKED;
+      AND EXISTS (SELECT 1 FROM tasker.lane_slots x
+                  WHERE x.namespace = p_namespace AND x.queue = p_queue AND x.shard = v_start
+                    AND x.in_flight + p_want <= x.cap
+                  FOR NO KEY UPDATE SKIP LOCKED);
+    IF FOUND THEN
+        granted := p_want;
+        RETURN;
+    END IF;
+    -- otherwise shard by shard, from this backend's own (FOUND is false: the scan first)
     LOOP
         IF NOT FOUND THEN
             SELECT s.shard, s.cap - s.in_flight AS room INTO v_shard
@@ -200,12 +210,30 @@ END
 $$;
 
 -- A lease that held a slot ended (its queue row deleted: completed, failed, expired, cancelled,
--- resolved) or was given back (released to the queue): its slot is free.
--- (from migrations/20261204000006_step_queues.sql)
-CREATE FUNCTION tasker.step_queue_slot_freed() RETURNS trigger
+-- resolved) or was given back (released to the queue): its slot is free. The common case is
+-- one statement: a shard of the lane with leases, held by no other transaction, gives one
+-- back, and a shard that was full wakes the lane's fetches (as tasker.free_slots does, which
+-- takes the rest: every such shard held by others, or none left).
+-- (from migrations/20261204000022_one_statement_slots.sql)
+CREATE OR REPLACE FUNCTION tasker.step_queue_slot_freed() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_was_full boolean;
 BEGIN
-    PERFORM tasker.free_slots(OLD.namespace, OLD.queue, 1);
+    UPDATE tasker.lane_slots s SET in_flight = s.in_flight - 1
+    WHERE s.namespace = OLD.namespace AND s.queue = OLD.queue
+      AND s.shard = (SELECT x.shard FROM tasker.lane_slots x
+                     WHERE x.namespace = OLD.namespace AND x.queue = OLD.queue
+                       AND x.in_flight > 0
+                     ORDER BY (x.shard + pg_backend_pid() % 16) % 16
+                     LIMIT 1
+                     FOR NO KEY UPDATE SKIP LOCKED)
+    RETURNING s.in_flight + 1 = s.cap INTO v_was_full;
+    IF NOT FOUND THEN
+        PERFORM tasker.free_slots(OLD.namespace, OLD.queue, 1);
+    ELSIF v_was_full THEN
+        PERFORM tasker.wake_lane(OLD.namespace, OLD.queue, 1);
+    END IF;
     IF TG_OP = 'UPDATE' THEN
         NEW.holds_slot := false;
         RETURN NEW;
