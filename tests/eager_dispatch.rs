@@ -114,6 +114,29 @@ async fn a_completion_asking_for_next_receives_its_successor_in_the_same_call(po
     .await
     .unwrap();
     assert_eq!(eager, 2, "the two successors were enqueued eagerly");
+    // enqueued and leased in one move, each successor's history still shows both transitions
+    let histories: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT s.name, array_agg(coalesce(t.from_state, '') || '>' || t.to_state ORDER BY t.id)
+         FROM tasker.workflow_steps s JOIN tasker.step_transitions t ON t.step_uuid = s.step_uuid
+         WHERE s.task_uuid = $1::uuid GROUP BY s.name ORDER BY s.name",
+    )
+    .bind(&task_uuid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(histories.len(), 3);
+    for (name, history) in histories {
+        assert_eq!(
+            history,
+            [
+                ">pending",
+                "pending>enqueued",
+                "enqueued>in_progress",
+                "in_progress>complete"
+            ],
+            "{name}"
+        );
+    }
     for _ in 0..2 {
         let mut e = tokio::time::timeout(WAIT, events.next())
             .await
