@@ -85,18 +85,14 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Before any update of a step: the transition must be legal (TK001, whoever writes), and
--- a step's identity and position are immutable. One move is legal beyond the table: pending
--- -> in_progress together with a new attempt, which is an enqueue and a lease in one update
--- (tasker.claim_and_enqueue handing a step to a taker); the history records both.
--- (from migrations/20261204000023_steps_handed_in_one_move.sql)
+-- a step's identity and position are immutable.
+-- (from migrations/20261204000024_steps_handed_in_two_updates_again.sql)
 CREATE OR REPLACE FUNCTION tasker.workflow_steps_guard() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
     IF NEW.state IS DISTINCT FROM OLD.state THEN
-        IF NOT tasker.step_transition_allowed(OLD.state, NEW.state)
-           AND NOT (OLD.state = 'pending' AND NEW.state = 'in_progress'
-                    AND NEW.attempts = OLD.attempts + 1) THEN
+        IF NOT tasker.step_transition_allowed(OLD.state, NEW.state) THEN
             RAISE EXCEPTION 'illegal step transition % -> % for step %', OLD.state, NEW.state, OLD.step_uuid
                 USING ERRCODE = 'TK001';
         END IF;
@@ -135,21 +131,13 @@ $$;
 
 -- A step's history row: every insert (creation) and state change. A creation row carries no
 -- metadata (the task's creation row, written in the same transaction, has the request's);
--- the step names its task. An enqueue and a lease in one update (pending -> in_progress) are
--- two rows, pending -> enqueued and enqueued -> in_progress, as when they are two updates.
--- (from migrations/20261204000023_steps_handed_in_one_move.sql)
+-- the step names its task.
+-- (from migrations/20261204000024_steps_handed_in_two_updates_again.sql)
 CREATE OR REPLACE FUNCTION tasker.workflow_steps_history() RETURNS trigger
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND OLD.state = 'pending' AND NEW.state = 'in_progress' THEN
-        INSERT INTO tasker.step_transitions (step_uuid, from_state, to_state, attempt, metadata)
-        SELECT NEW.step_uuid, f, t, NEW.attempts, tasker.transition_metadata()
-        FROM (VALUES ('pending', 'enqueued', 1), ('enqueued', 'in_progress', 2)) AS m(f, t, o)
-        ORDER BY m.o;
-        RETURN NULL;
-    END IF;
     INSERT INTO tasker.step_transitions (step_uuid, from_state, to_state, attempt, metadata)
     VALUES (NEW.step_uuid,
             CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END,

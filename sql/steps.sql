@@ -31,10 +31,10 @@
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
 -- synchronously: those leases reach workers, and must survive a crash. A step with a
 -- schedule_to_start gets its queue row's start_by, announced on tasker_deadlines.
--- A step handed to a fetch is enqueued and leased in one move: its row is updated once (pending
--- -> in_progress, the history recording both transitions) and its queue row written once,
--- leased (every hand-off and every eager completion paid for a second update of each).
--- (from migrations/20261204000023_steps_handed_in_one_move.sql)
+-- A step handed to a fetch is queued already leased: its queue row is written once, not
+-- inserted and then updated (every hand-off and every eager completion paid for the second
+-- row version and its index entries).
+-- (from migrations/20261204000024_steps_handed_in_two_updates_again.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -46,11 +46,12 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 AS $$
 DECLARE
     v_task record;
-    v_ready uuid[];
     v_steps uuid[];
     v_queues text[];
+    v_attempts integer[];
+    v_enqueued_at timestamptz[];
+    v_start_by timestamptz[];
     v_timeouts integer[];
-    v_enqueued uuid[];
     -- per step, by position: the taker it is handed to (its index in p_takers + 1, 0: none),
     -- whether its lease holds a slot, and its lease's token and end
     v_taken integer[];
@@ -67,7 +68,6 @@ DECLARE
     v_next integer;
     v_given integer[];
     v_handed integer := 0;
-    v_started integer;
     v_leased jsonb := '[]'::jsonb;
     v_queued jsonb := '[]'::jsonb;
     v_held jsonb := '[]'::jsonb;
@@ -129,25 +129,45 @@ BEGIN
         RETURN;
     END IF;
 
-    -- the ready steps, read first: which of them go to the takers is decided before they move
-    SELECT coalesce(array_agg(r.step_uuid), '{}'::uuid[]),
-           coalesce(array_agg(w.step_uuid ORDER BY w.position) FILTER (WHERE w.step_uuid IS NOT NULL), '{}'::uuid[]),
-           coalesce(array_agg(w.queue ORDER BY w.position) FILTER (WHERE w.step_uuid IS NOT NULL), '{}'::text[]),
-           array_agg(w.timeout_ms ORDER BY w.position) FILTER (WHERE w.step_uuid IS NOT NULL)
-    INTO v_ready, v_steps, v_queues, v_timeouts
-    FROM tasker.ready_steps r
-    LEFT JOIN LATERAL (SELECT s.step_uuid, s.queue, s.timeout_ms, s.position
-                       FROM tasker.workflow_steps s
-                       WHERE s.step_uuid = r.step_uuid AND s.state = 'pending'
-                         AND s.unfinished_parents = 0
-                       OFFSET 0) w ON true
-    WHERE r.task_uuid = p_task_uuid;
+    -- the steps move to enqueued here; their queue rows are written once it is known which
+    -- of them go to the takers
+    WITH taken AS (
+        DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid
+        RETURNING r.step_uuid
+    ),
+    moved AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'enqueued', attempts = s.attempts + 1, enqueued_at = clock_timestamp(),
+            next_retry_at = NULL
+        FROM taken
+        WHERE s.step_uuid = taken.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
+        RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at, s.queue,
+                  s.schedule_to_start_ms, s.timeout_ms
+    )
+    SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
+           coalesce(array_agg(m.queue ORDER BY m.position), '{}'::text[]),
+           array_agg(m.attempts ORDER BY m.position),
+           array_agg(m.enqueued_at ORDER BY m.position),
+           array_agg(m.enqueued_at + make_interval(secs => m.schedule_to_start_ms / 1000.0)
+                     ORDER BY m.position),
+           array_agg(m.timeout_ms ORDER BY m.position),
+           extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000,
+           min(m.schedule_to_start_ms)
+    INTO v_steps, v_queues, v_attempts, v_enqueued_at, v_start_by, v_timeouts, v_wait,
+         v_start_within
+    FROM moved m;
 
     IF cardinality(v_steps) = 0 THEN
-        -- ready rows of steps that are not pending any more are dropped
-        DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid AND r.step_uuid = ANY (v_ready);
         RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
         RETURN;
+    END IF;
+    IF v_task.state = 'pending' THEN
+        UPDATE tasker.tasks t SET state = 'in_progress', holds_key_slot = (v_max_per_key IS NOT NULL)
+        WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
+        IF v_max_per_key IS NOT NULL THEN
+            UPDATE tasker.key_slots k SET running = k.running + 1
+            WHERE k.namespace = v_task.namespace AND k.concurrency_key = v_task.concurrency_key;
+        END IF;
     END IF;
     v_given := array_fill(0, ARRAY[greatest(jsonb_array_length(p_takers), 1)]);
     v_taken := array_fill(0, ARRAY[cardinality(v_steps)]);
@@ -227,76 +247,42 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
-    -- the move, in one statement: the ready rows read are taken (rows added since stay for the
-    -- next pass), each step that is still pending and ready is enqueued (pending -> enqueued,
-    -- attempt + 1) or, handed to a taker, enqueued and leased at once (pending -> in_progress),
-    -- and its queue row is written once, in position order (the fetch order within a
-    -- priority), leased when handed
-    WITH taken AS (
-        DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid AND r.step_uuid = ANY (v_ready)
-    ),
-    moved AS (
-        UPDATE tasker.workflow_steps s
-        SET state = CASE WHEN u.taker > 0 THEN 'in_progress' ELSE 'enqueued' END,
-            attempts = s.attempts + 1, enqueued_at = clock_timestamp(),
-            started_at = CASE WHEN u.taker > 0 THEN clock_timestamp() ELSE s.started_at END,
-            next_retry_at = NULL
-        FROM unnest(v_steps, v_taken) WITH ORDINALITY AS u(step_uuid, taker, ord)
-        WHERE s.step_uuid = u.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
-        RETURNING s.step_uuid, s.task_uuid, s.name, s.inputs, s.attempts, s.position, s.queue,
-                  s.enqueued_at, s.ready_at, s.schedule_to_start_ms, u.taker, u.ord
-    ),
-    queued AS (
-        INSERT INTO tasker.step_queue (namespace, queue, task_uuid, step_uuid, attempt, priority,
-                                       enqueued_at, traceparent, start_by, leased_by, visible_at,
-                                       read_count, lease_token, holds_slot)
-        SELECT v_task.namespace, m.queue, p_task_uuid, m.step_uuid, m.attempts, v_task.priority,
-               m.enqueued_at, v_traceparent,
-               m.enqueued_at + make_interval(secs => m.schedule_to_start_ms / 1000.0),
-               CASE WHEN m.taker > 0 THEN p_takers->(m.taker - 1)->>'worker_id' END,
-               coalesce(v_expires[m.ord], clock_timestamp()), (m.taker > 0)::int,
-               v_tokens[m.ord], v_holds[m.ord]
-        FROM moved m ORDER BY m.position
-    )
-    SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
-           extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000,
-           min(m.schedule_to_start_ms),
-           count(*) FILTER (WHERE m.taker > 0),
-           coalesce(jsonb_agg(jsonb_build_object(
-               'step_uuid', m.step_uuid, 'task_uuid', m.task_uuid, 'name', m.name,
-               'attempt', m.attempts, 'inputs', m.inputs,
-               'parent_results', (
-                   SELECT coalesce(jsonb_object_agg(ps.name, coalesce(ps.results, 'null'::jsonb)), '{}'::jsonb)
-                   FROM tasker.step_edges e
-                   CROSS JOIN LATERAL (SELECT p.name, p.results FROM tasker.workflow_steps p
-                                       WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
-                   WHERE e.child_step_uuid = m.step_uuid),
-               'lease_expires_at', v_expires[m.ord], 'enqueued_at', m.enqueued_at,
-               'traceparent', v_traceparent, 'lease_token', v_tokens[m.ord],
-               'queue', m.queue, 'taker', m.taker - 1) ORDER BY m.position)
-               FILTER (WHERE m.taker > 0), '[]'::jsonb)
-    INTO v_enqueued, v_wait, v_start_within, v_started, v_leased
-    FROM moved m;
-    IF v_started < v_handed THEN
-        -- a step read as ready stopped being so before it moved (cancelled meanwhile): the
-        -- slots granted for it are given back
-        PERFORM tasker.free_slots(v_task.namespace, u.queue, count(*)::int)
-        FROM unnest(v_steps, v_queues, v_taken, v_holds) AS u(step_uuid, queue, taker, holds)
-        WHERE u.taker > 0 AND u.holds AND u.step_uuid <> ALL (v_enqueued)
-        GROUP BY u.queue;
-        v_handed := v_started;
-    END IF;
-    IF cardinality(v_enqueued) = 0 THEN
-        RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_enqueued, NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
-        RETURN;
-    END IF;
-    IF v_task.state = 'pending' THEN
-        UPDATE tasker.tasks t SET state = 'in_progress', holds_key_slot = (v_max_per_key IS NOT NULL)
-        WHERE t.task_uuid = p_task_uuid AND t.state = 'pending';
-        IF v_max_per_key IS NOT NULL THEN
-            UPDATE tasker.key_slots k SET running = k.running + 1
-            WHERE k.namespace = v_task.namespace AND k.concurrency_key = v_task.concurrency_key;
-        END IF;
+    -- the queue rows, in position order (the fetch order within a priority), the handed ones
+    -- leased; then the handed steps start, and go out as lease_queued would give them
+    INSERT INTO tasker.step_queue (namespace, queue, task_uuid, step_uuid, attempt, priority,
+                                   enqueued_at, traceparent, start_by, leased_by, visible_at,
+                                   read_count, lease_token, holds_slot)
+    SELECT v_task.namespace, u.queue, p_task_uuid, u.step_uuid, u.attempt, v_task.priority,
+           u.enqueued_at, v_traceparent, u.start_by,
+           CASE WHEN u.taker > 0 THEN p_takers->(u.taker - 1)->>'worker_id' END,
+           coalesce(u.expires, clock_timestamp()), (u.taker > 0)::int, u.token, u.holds
+    FROM unnest(v_steps, v_queues, v_attempts, v_enqueued_at, v_start_by, v_taken, v_holds,
+                v_tokens, v_expires) WITH ORDINALITY
+         AS u(step_uuid, queue, attempt, enqueued_at, start_by, taker, holds, token, expires, ord)
+    ORDER BY u.ord;
+    IF v_handed > 0 THEN
+        WITH started AS (
+            UPDATE tasker.workflow_steps s
+            SET state = 'in_progress', started_at = clock_timestamp()
+            FROM unnest(v_steps, v_attempts, v_taken) WITH ORDINALITY AS u(step_uuid, attempt, taker, ord)
+            WHERE u.taker > 0 AND s.step_uuid = u.step_uuid AND s.state = 'enqueued'
+              AND s.attempts = u.attempt
+            RETURNING s.step_uuid, s.task_uuid, s.name, s.inputs, u.attempt, u.taker, u.ord
+        )
+        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'step_uuid', st.step_uuid, 'task_uuid', st.task_uuid, 'name', st.name,
+                   'attempt', st.attempt, 'inputs', st.inputs,
+                   'parent_results', (
+                       SELECT coalesce(jsonb_object_agg(ps.name, coalesce(ps.results, 'null'::jsonb)), '{}'::jsonb)
+                       FROM tasker.step_edges e
+                       CROSS JOIN LATERAL (SELECT p.name, p.results FROM tasker.workflow_steps p
+                                           WHERE p.step_uuid = e.parent_step_uuid OFFSET 0) ps
+                       WHERE e.child_step_uuid = st.step_uuid),
+                   'lease_expires_at', v_expires[st.ord], 'enqueued_at', v_enqueued_at[st.ord],
+                   'traceparent', v_traceparent, 'lease_token', v_tokens[st.ord],
+                   'queue', v_queues[st.ord], 'taker', st.taker - 1) ORDER BY st.ord), '[]'::jsonb)
+        INTO v_leased
+        FROM started st;
     END IF;
     IF v_start_within IS NOT NULL THEN
         -- a step that must start within a time: every replica's scheduler wakes for it
@@ -317,7 +303,7 @@ BEGIN
             'replica', p_announce_as)::text)
         FROM jsonb_array_elements(v_queued) l;
     END IF;
-    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_enqueued, v_wait, v_leased, v_queued, v_held;
+    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased, v_queued, v_held;
 END
 $$;
 
