@@ -34,7 +34,7 @@
 -- A step handed to a fetch is queued already leased: its queue row is written once, not
 -- inserted and then updated (every hand-off and every eager completion paid for the second
 -- row version and its index entries).
--- (from migrations/20261204000024_steps_handed_in_two_updates_again.sql)
+-- (from migrations/20261204000025_lane_lock_before_gate.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -184,6 +184,11 @@ BEGIN
         ORDER BY min(u.ord)
     LOOP
         v_next := 1;
+        IF jsonb_array_length(p_takers) > 0 THEN
+            -- the lane's lock, shared, before its settings are read: a limit being set waits
+            -- for this pass, which then counts, or this pass waits for the limit and sees it
+            PERFORM pg_advisory_xact_lock_shared(tasker.lane_lock_key(v_task.namespace, v_lane.queue));
+        END IF;
         -- the lane's pause and limit, read once (a lane without settings takes no function
         -- call: the common case costs one probe of a small table)
         SELECT g.paused, g.max_in_flight INTO v_gate
@@ -194,8 +199,6 @@ BEGIN
             WHERE coalesce(x.t->'queues', '["default"]'::jsonb) ? v_lane.queue;
             IF v_open > 0 THEN
                 IF v_gate.max_in_flight IS NULL THEN
-                    -- shared, as in lease_allowance: a limit starting now waits for this pass
-                    PERFORM pg_advisory_xact_lock_shared(tasker.lane_lock_key(v_task.namespace, v_lane.queue));
                     SELECT least(v_open, cardinality(v_lane.steps)) AS granted, false AS holds_slot
                     INTO v_grant;
                 ELSE
@@ -381,8 +384,8 @@ $$;
 -- namespace did before queues; a lane under a limit takes slots only for steps that are
 -- there. Commits synchronously: a lease a worker has received survives a crash of the
 -- database.
--- (from migrations/20261204000009_lane_slot_shards.sql)
-CREATE FUNCTION tasker.fetch_steps(p_namespace text, p_queues text[], p_worker_id text,
+-- (from migrations/20261204000025_lane_lock_before_gate.sql)
+CREATE OR REPLACE FUNCTION tasker.fetch_steps(p_namespace text, p_queues text[], p_worker_id text,
                                    p_max integer, p_lease_ms bigint)
 RETURNS TABLE (
     step_uuid uuid, task_uuid uuid, name text, attempt integer, inputs jsonb,
@@ -403,11 +406,12 @@ DECLARE
 BEGIN
     FOREACH v_queue IN ARRAY p_queues LOOP
         EXIT WHEN v_left <= 0;
+        -- the lane's lock, shared, before its settings are read: a limit being set waits for
+        -- this fetch, which then counts, or this fetch waits for the limit and sees it
+        PERFORM pg_advisory_xact_lock_shared(tasker.lane_lock_key(p_namespace, v_queue));
         SELECT g.paused, g.max_in_flight INTO v_gate FROM tasker.lane_gate(p_namespace, v_queue) g;
         CONTINUE WHEN v_gate.paused;
         IF v_gate.max_in_flight IS NULL THEN
-            -- shared, as in lease_allowance: a limit starting now waits for this fetch
-            PERFORM pg_advisory_xact_lock_shared(tasker.lane_lock_key(p_namespace, v_queue));
             SELECT v_left AS granted, false AS holds_slot INTO v_grant;
         ELSE
             -- under a limit, slots are taken only for steps that are there

@@ -637,3 +637,96 @@ async fn queue_settings_reach_every_replica_and_survive_a_restart(pool: PgPool) 
     assert_eq!(leased.len(), 1);
     c.stop().await;
 }
+
+/// A limit set while a lease is being granted counts that lease: a fetch, and an enqueue
+/// handing steps to parked fetches, take the lane's lock before they read the lane's settings.
+/// Here the limit's setter holds the lane's lock first; the lease waits for it, then sees the
+/// limit and leases under it (its lease holds a slot). Were the settings read before the lock,
+/// it would have seen no limit and leased one more step than the limit counts.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_limit_set_while_a_lease_waits_counts_that_lease(pool: PgPool) {
+    let fetch = "SELECT count(*) FROM tasker.fetch_steps($1, ARRAY['default'], 'w1', 1, 30000)";
+    let enqueue = r#"SELECT jsonb_array_length(leased)::bigint FROM tasker.claim_and_enqueue(
+        (SELECT t.task_uuid FROM tasker.tasks t WHERE t.namespace = $1), '{}',
+        '[{"worker_id": "w1", "max": 1, "lease_ms": 30000}]')"#;
+    for (namespace, lease, enqueued_first) in [("fetch", fetch, true), ("handoff", enqueue, false)]
+    {
+        let store = tasker::testkit::Store::new(pool.clone());
+        let created = create(&store, tasker::testkit::TaskSpec::chain(namespace, 1)).await;
+        if enqueued_first {
+            sqlx::query("SELECT outcome FROM tasker.claim_and_enqueue($1)")
+                .bind(created.task_uuid)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let key: i64 = sqlx::query_scalar("SELECT tasker.lane_lock_key($1, 'default')")
+            .bind(namespace)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let mut setter = pool.acquire().await.unwrap();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key)
+            .execute(&mut *setter)
+            .await
+            .unwrap();
+        let leasing = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                sqlx::query_scalar::<_, i64>(lease)
+                    .bind(namespace)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            })
+        };
+        // the lease waits on the lane's lock
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let waiting: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the lease waits for the lane's lock");
+        sqlx::query("SELECT tasker.set_queue_limit($1, 'default', 5)")
+            .bind(namespace)
+            .execute(&mut *setter)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut *setter)
+            .await
+            .unwrap();
+        let leased = tokio::time::timeout(WAIT, leasing)
+            .await
+            .expect("the lease returns")
+            .unwrap();
+        assert_eq!(leased, 1, "{namespace}");
+        let (holding, in_flight): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM tasker.step_queue
+                     WHERE namespace = $1 AND leased_by IS NOT NULL AND holds_slot),
+                    (SELECT coalesce(sum(in_flight), 0) FROM tasker.lane_slots
+                     WHERE namespace = $1 AND queue = 'default')",
+        )
+        .bind(namespace)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (holding, in_flight),
+            (1, 1),
+            "{namespace}: the lease is counted against the limit"
+        );
+    }
+}
