@@ -34,9 +34,10 @@ $$;
 -- by another transaction, waiting for one of them (holds_slot says the grants hold slots, to
 -- be given back by tasker.free_slots when unused). A grant may be smaller than the room left
 -- while other transactions hold the rest; it is never more.
--- The common case, this backend's own shard with room for all of it and held by no other
--- transaction, is one statement.
--- (from migrations/20261204000022_one_statement_slots.sql)
+-- The hop's callers (fetch_steps, claim_and_enqueue) take the common case themselves, in one
+-- statement: this backend's own shard with room for all of it and held by no other
+-- transaction; they call this when it has not.
+-- (from migrations/20261204000026_slots_taken_inline.sql)
 CREATE OR REPLACE FUNCTION tasker.lease_allowance(p_namespace text, p_queue text, p_want integer,
                                        OUT granted integer, OUT holds_slot boolean)
 LANGUAGE plpgsql
@@ -62,20 +63,8 @@ BEGIN
         RETURN;
     END IF;
     holds_slot := true;
-    -- this backend's own shard, when it has room for all of it and no other transaction holds
-    -- it: the slots taken in one statement (the lock is taken, and the room checked on the
-    -- newest version of the row, by the subquery)
-    UPDATE tasker.lane_slots s SET in_flight = s.in_flight + p_want
-    WHERE s.namespace = p_namespace AND s.queue = p_queue AND s.shard = v_start
-      AND EXISTS (SELECT 1 FROM tasker.lane_slots x
-                  WHERE x.namespace = p_namespace AND x.queue = p_queue AND x.shard = v_start
-                    AND x.in_flight + p_want <= x.cap
-                  FOR NO KEY UPDATE SKIP LOCKED);
-    IF FOUND THEN
-        granted := p_want;
-        RETURN;
-    END IF;
-    -- otherwise shard by shard, from this backend's own (FOUND is false: the scan first)
+    -- shard by shard, from this backend's own
+    PERFORM 1 WHERE false;  -- FOUND := false: the scan first
     LOOP
         IF NOT FOUND THEN
             SELECT s.shard, s.cap - s.in_flight AS room INTO v_shard

@@ -25,7 +25,8 @@
 -- shortly, because the holder's snapshot may predate a completion that made more steps ready.
 -- Exactly once: the CAS pending -> enqueued plus the unique (step_uuid, attempt) queue key.
 -- Cost: the ready steps of this task, taken out of the ready set by its task index; nothing
--- else of the task; per lane, one probe of its settings (a function call only under a limit).
+-- else of the task; per lane, one probe of its settings, and under a limit one statement for
+-- its slots when this backend's own shard has room (a function call only when it has not).
 -- Durability: asynchronous commit while it only enqueues: enqueue state is derivable (if a
 -- crash loses the commit, the steps are still pending and ready, and the start-up sweep or the
 -- fallback poller enqueues them again). A pass that leases steps to parked fetches commits
@@ -34,7 +35,7 @@
 -- A step handed to a fetch is queued already leased: its queue row is written once, not
 -- inserted and then updated (every hand-off and every eager completion paid for the second
 -- row version and its index entries).
--- (from migrations/20261204000025_lane_lock_before_gate.sql)
+-- (from migrations/20261204000026_slots_taken_inline.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -63,7 +64,11 @@ DECLARE
     v_traceparent text := left(tasker.current_traceparent(), 128);
     v_lane record;
     v_gate record;
-    v_grant record;
+    v_granted integer;
+    v_holds_slot boolean;
+    v_room integer;
+    -- this backend's slot shard of a limited lane, where its leases and room are looked for first
+    v_own_shard integer := pg_backend_pid() % 16;
     v_taker record;
     v_next integer;
     v_given integer[];
@@ -198,13 +203,24 @@ BEGIN
             FROM jsonb_array_elements(p_takers) WITH ORDINALITY AS x(t, ord)
             WHERE coalesce(x.t->'queues', '["default"]'::jsonb) ? v_lane.queue;
             IF v_open > 0 THEN
-                IF v_gate.max_in_flight IS NULL THEN
-                    SELECT least(v_open, cardinality(v_lane.steps)) AS granted, false AS holds_slot
-                    INTO v_grant;
-                ELSE
-                    SELECT a.granted, a.holds_slot INTO v_grant
-                    FROM tasker.lease_allowance(v_task.namespace, v_lane.queue,
-                                                least(v_open, cardinality(v_lane.steps))) a;
+                v_granted := least(v_open, cardinality(v_lane.steps));
+                v_holds_slot := v_gate.max_in_flight IS NOT NULL;
+                IF v_holds_slot THEN
+                    -- the slots from this backend's own shard when it has room for all of them
+                    -- and no other transaction holds it: one statement (the lane's lock is
+                    -- held and its gate read); else the shards one by one
+                    UPDATE tasker.lane_slots s SET in_flight = s.in_flight + v_granted
+                    WHERE s.namespace = v_task.namespace AND s.queue = v_lane.queue
+                      AND s.shard = v_own_shard
+                      AND EXISTS (SELECT 1 FROM tasker.lane_slots x
+                                  WHERE x.namespace = v_task.namespace AND x.queue = v_lane.queue
+                                    AND x.shard = v_own_shard
+                                    AND x.in_flight + v_granted <= x.cap
+                                  FOR NO KEY UPDATE SKIP LOCKED);
+                    IF NOT FOUND THEN
+                        SELECT a.granted, a.holds_slot INTO v_granted, v_holds_slot
+                        FROM tasker.lease_allowance(v_task.namespace, v_lane.queue, v_granted) a;
+                    END IF;
                 END IF;
                 FOR v_taker IN
                     SELECT x.ord::int AS ord, (x.t->>'max')::int AS max,
@@ -213,14 +229,14 @@ BEGIN
                     WHERE coalesce(x.t->'queues', '["default"]'::jsonb) ? v_lane.queue
                     ORDER BY x.ord
                 LOOP
-                    EXIT WHEN v_next > v_grant.granted;
-                    WHILE v_next <= v_grant.granted AND v_given[v_taker.ord] < v_taker.max LOOP
+                    EXIT WHEN v_next > v_granted;
+                    WHILE v_next <= v_granted AND v_given[v_taker.ord] < v_taker.max LOOP
                         -- the lease of a step with a timeout ends no later than its start +
                         -- the timeout (as in lease_queued)
                         v_lease_ms := least(v_taker.lease_ms,
                                             coalesce(v_timeouts[v_lane.idx[v_next]], v_taker.lease_ms));
                         v_taken[v_lane.idx[v_next]] := v_taker.ord;
-                        v_holds[v_lane.idx[v_next]] := v_grant.holds_slot;
+                        v_holds[v_lane.idx[v_next]] := v_holds_slot;
                         v_tokens[v_lane.idx[v_next]] := gen_random_uuid();
                         v_expires[v_lane.idx[v_next]] :=
                             clock_timestamp() + make_interval(secs => v_lease_ms / 1000.0);
@@ -235,11 +251,19 @@ BEGIN
         END IF;
         -- what is left on the lane: as many fetches may read it as the lane allows now
         IF v_next <= cardinality(v_lane.steps) THEN
-            v_open := CASE
-                WHEN v_gate.paused THEN 0
-                WHEN v_gate.max_in_flight IS NULL THEN cardinality(v_lane.steps) - v_next + 1
-                ELSE tasker.lane_room(v_task.namespace, v_lane.queue, cardinality(v_lane.steps) - v_next + 1)
-            END;
+            v_open := cardinality(v_lane.steps) - v_next + 1;
+            IF v_gate.paused THEN
+                v_open := 0;
+            ELSIF v_gate.max_in_flight IS NOT NULL THEN
+                -- room for all of them on this backend's own shard: one probe answers; else
+                -- the room of all its shards
+                SELECT s.cap - s.in_flight INTO v_room FROM tasker.lane_slots s
+                WHERE s.namespace = v_task.namespace AND s.queue = v_lane.queue
+                  AND s.shard = v_own_shard;
+                IF v_room IS NULL OR v_room < v_open THEN
+                    v_open := tasker.lane_room(v_task.namespace, v_lane.queue, v_open);
+                END IF;
+            END IF;
             IF v_open > 0 THEN
                 v_queued := v_queued || jsonb_build_array(jsonb_build_object('queue', v_lane.queue, 'steps', v_open));
             END IF;
@@ -384,7 +408,7 @@ $$;
 -- namespace did before queues; a lane under a limit takes slots only for steps that are
 -- there. Commits synchronously: a lease a worker has received survives a crash of the
 -- database.
--- (from migrations/20261204000025_lane_lock_before_gate.sql)
+-- (from migrations/20261204000026_slots_taken_inline.sql)
 CREATE OR REPLACE FUNCTION tasker.fetch_steps(p_namespace text, p_queues text[], p_worker_id text,
                                    p_max integer, p_lease_ms bigint)
 RETURNS TABLE (
@@ -398,7 +422,10 @@ AS $$
 DECLARE
     v_queue text;
     v_gate record;
-    v_grant record;
+    v_granted integer;
+    v_holds_slot boolean;
+    -- this backend's slot shard of a limited lane, where its leases are taken from first
+    v_own_shard integer := pg_backend_pid() % 16;
     v_msg record;
     v_rows integer;
     v_leased integer;
@@ -411,16 +438,29 @@ BEGIN
         PERFORM pg_advisory_xact_lock_shared(tasker.lane_lock_key(p_namespace, v_queue));
         SELECT g.paused, g.max_in_flight INTO v_gate FROM tasker.lane_gate(p_namespace, v_queue) g;
         CONTINUE WHEN v_gate.paused;
-        IF v_gate.max_in_flight IS NULL THEN
-            SELECT v_left AS granted, false AS holds_slot INTO v_grant;
-        ELSE
+        v_granted := v_left;
+        v_holds_slot := v_gate.max_in_flight IS NOT NULL;
+        IF v_holds_slot THEN
             -- under a limit, slots are taken only for steps that are there
             CONTINUE WHEN NOT EXISTS (SELECT 1 FROM tasker.step_queue q
                                       WHERE q.namespace = p_namespace AND q.queue = v_queue
                                         AND q.leased_by IS NULL);
-            SELECT a.granted, a.holds_slot INTO v_grant
-            FROM tasker.lease_allowance(p_namespace, v_queue, v_left) a;
-            CONTINUE WHEN v_grant.granted = 0;
+            -- from this backend's own shard when it has room for all of them and no other
+            -- transaction holds it: one statement (the lane's lock is held and its gate
+            -- read); else the shards one by one
+            UPDATE tasker.lane_slots s SET in_flight = s.in_flight + v_granted
+            WHERE s.namespace = p_namespace AND s.queue = v_queue
+              AND s.shard = v_own_shard
+              AND EXISTS (SELECT 1 FROM tasker.lane_slots x
+                          WHERE x.namespace = p_namespace AND x.queue = v_queue
+                            AND x.shard = v_own_shard
+                            AND x.in_flight + v_granted <= x.cap
+                          FOR NO KEY UPDATE SKIP LOCKED);
+            IF NOT FOUND THEN
+                SELECT a.granted, a.holds_slot INTO v_granted, v_holds_slot
+                FROM tasker.lease_allowance(p_namespace, v_queue, v_granted) a;
+                CONTINUE WHEN v_granted = 0;
+            END IF;
         END IF;
         v_leased := 0;
         FOR v_msg IN
@@ -428,16 +468,16 @@ BEGIN
             FROM tasker.step_queue q
             WHERE q.namespace = p_namespace AND q.queue = v_queue AND q.leased_by IS NULL
             ORDER BY q.priority DESC, q.msg_id
-            LIMIT v_grant.granted
+            LIMIT v_granted
             FOR UPDATE SKIP LOCKED
         LOOP
             RETURN QUERY SELECT * FROM tasker.lease_queued(v_msg.msg_id, p_worker_id, p_lease_ms,
-                                                           v_grant.holds_slot);
+                                                           v_holds_slot);
             GET DIAGNOSTICS v_rows = ROW_COUNT;
             v_leased := v_leased + v_rows;
         END LOOP;
-        IF v_grant.holds_slot AND v_leased < v_grant.granted THEN
-            PERFORM tasker.free_slots(p_namespace, v_queue, v_grant.granted - v_leased);
+        IF v_holds_slot AND v_leased < v_granted THEN
+            PERFORM tasker.free_slots(p_namespace, v_queue, v_granted - v_leased);
         END IF;
         v_left := v_left - v_leased;
     END LOOP;
