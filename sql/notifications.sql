@@ -19,9 +19,7 @@ $$;
 -- A replica's connections announce its id (`tasker.replica_id`, a connection setting); the
 -- readiness announcement names the replica whose transaction made the steps ready, and that
 -- replica claims the task first while it listens. Changes made by anything else carry none.
--- Not sent for a task whose claim-and-enqueue the same transaction runs (eager dispatch:
--- tasker.ready_claimed_inline names it): the work it would ask for is being done there.
--- (from migrations/20261204000019_eager_dispatch.sql)
+-- (from migrations/20261204000027_completion_answers_its_claim.sql)
 CREATE OR REPLACE FUNCTION tasker.send_task_ready(p_task_uuid uuid, p_namespace text, p_triggered_by text)
 RETURNS void
 LANGUAGE plpgsql
@@ -31,9 +29,6 @@ DECLARE
     v_replica text;
     v_payload jsonb;
 BEGIN
-    IF current_setting('tasker.ready_claimed_inline', true) = p_task_uuid::text THEN
-        RETURN;
-    END IF;
     v_traceparent := tasker.current_traceparent();
     v_replica := nullif(current_setting('tasker.replica_id', true), '');
     v_payload := jsonb_build_object(

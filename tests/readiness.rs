@@ -509,6 +509,7 @@ const HOT_PATH_FUNCTIONS: &[&str] = &[
     "check_live_lease",
     "finish_step",
     "complete_step",
+    "complete_attempt",
     "complete_steps",
     "record_attempt_failure",
     "fail_step",

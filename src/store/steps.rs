@@ -459,7 +459,9 @@ impl Store {
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
         let outcome: AttemptAnswer = sqlx::query_scalar(
-            "SELECT tasker.complete_step($1, $2, $7, $3, $8, $4, $6) FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp",
+            "SELECT c.outcome
+             FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp,
+                  tasker.complete_attempt($1, $2, $7, $3, $8, $4, $6, true) c",
         )
         .bind(lease.step_uuid)
         .bind(lease.attempt)
