@@ -23,8 +23,8 @@
 -- limit; "schedule_to_start_ms": how long it may wait for a worker once queued. p_start_at in
 -- the future: the task waits for it (tasker.task_starts, announced on tasker_deadlines) with
 -- its roots out of the ready set; otherwise it is ready now.
--- (from migrations/20261204000015_schedule_to_start.sql)
-CREATE FUNCTION tasker.create_task(
+-- (from migrations/20261204000028_task_creation_planned_once.sql)
+CREATE OR REPLACE FUNCTION tasker.create_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
     p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL,
@@ -74,20 +74,28 @@ BEGIN
         RETURN;
     END IF;
 
-    INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents,
-                                       ready_at, max_attempts, retryable, inputs, data_bytes, queue,
-                                       retry_policy, timeout_ms, schedule_to_start_ms)
-    SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
-           CASE WHEN p.n = 0 AND NOT v_later THEN clock_timestamp() END,
-           coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
-           coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int,
-           coalesce(e->>'queue', 'default'),
-           CASE WHEN jsonb_typeof(e->'retry') = 'object' THEN e->'retry' END,
-           (e->>'timeout_ms')::int, (e->>'schedule_to_start_ms')::int
-    FROM jsonb_array_elements(p_steps) AS x(e)
-    CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
-                        FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p
-    ORDER BY (e->>'position')::int;
+    -- the steps, and the roots of a task that starts now in the ready set, in one statement
+    -- (a query of the steps just written was planned again at every call)
+    WITH created AS (
+        INSERT INTO tasker.workflow_steps AS w (step_uuid, task_uuid, name, position, unfinished_parents,
+                                           ready_at, max_attempts, retryable, inputs, data_bytes,
+                                           queue, retry_policy, timeout_ms, schedule_to_start_ms)
+        SELECT (e->>'step_uuid')::uuid, p_task_uuid, e->>'name', (e->>'position')::int, p.n,
+               CASE WHEN p.n = 0 AND NOT v_later THEN clock_timestamp() END,
+               coalesce((e->>'max_attempts')::int, 3), coalesce((e->>'retryable')::boolean, true),
+               coalesce(e->'inputs', '{}'::jsonb), (e->>'inputs_bytes')::int,
+               coalesce(e->>'queue', 'default'),
+               CASE WHEN jsonb_typeof(e->'retry') = 'object' THEN e->'retry' END,
+               (e->>'timeout_ms')::int, (e->>'schedule_to_start_ms')::int
+        FROM jsonb_array_elements(p_steps) AS x(e)
+        CROSS JOIN LATERAL (SELECT count(DISTINCT d)::int AS n
+                            FROM jsonb_array_elements_text(coalesce(e->'parents', '[]'::jsonb)) d) p
+        ORDER BY (e->>'position')::int
+        RETURNING w.step_uuid, w.unfinished_parents, w.ready_at
+    )
+    INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
+    SELECT c.step_uuid, p_task_uuid, c.ready_at FROM created c
+    WHERE c.unfinished_parents = 0 AND NOT v_later;
 
     INSERT INTO tasker.step_edges (task_uuid, parent_step_uuid, child_step_uuid)
     SELECT DISTINCT p_task_uuid, d::uuid, (e->>'step_uuid')::uuid
@@ -101,14 +109,12 @@ BEGIN
         PERFORM pg_notify('tasker_deadlines',
                           json_build_object('namespace', p_namespace, 'at', p_start_at)::text);
     ELSE
-        INSERT INTO tasker.ready_steps (step_uuid, task_uuid, ready_at)
-        SELECT s.step_uuid, p_task_uuid, s.ready_at FROM tasker.workflow_steps s
-        WHERE s.task_uuid = p_task_uuid AND s.unfinished_parents = 0;
         -- a DAG has at least one root: it is ready now
         PERFORM tasker.send_task_ready(p_task_uuid, p_namespace, 'task_start');
     END IF;
-    RETURN QUERY SELECT p_task_uuid, true, s.name, s.step_uuid
-        FROM tasker.workflow_steps s WHERE s.task_uuid = p_task_uuid ORDER BY s.position;
+    -- the steps as written (the same query of the table was planned again at every call)
+    RETURN QUERY SELECT p_task_uuid, true, e->>'name', (e->>'step_uuid')::uuid
+        FROM jsonb_array_elements(p_steps) AS x(e) ORDER BY (e->>'position')::int;
 END
 $$;
 
