@@ -35,7 +35,7 @@
 -- A step handed to a fetch is queued already leased: its queue row is written once, not
 -- inserted and then updated (every hand-off and every eager completion paid for the second
 -- row version and its index entries).
--- (from migrations/20261204000026_slots_taken_inline.sql)
+-- (from migrations/20261204000029_handed_steps_start_at_their_lease.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -60,6 +60,8 @@ DECLARE
     v_tokens uuid[];
     v_expires timestamptz[];
     v_lease_ms bigint;
+    -- when the handed steps start: their leases and timeouts count from it
+    v_now timestamptz;
     v_wait double precision;
     v_traceparent text := left(tasker.current_traceparent(), 128);
     v_lane record;
@@ -179,6 +181,7 @@ BEGIN
     v_holds := array_fill(false, ARRAY[cardinality(v_steps)]);
     v_tokens := array_fill(NULL::uuid, ARRAY[cardinality(v_steps)]);
     v_expires := array_fill(NULL::timestamptz, ARRAY[cardinality(v_steps)]);
+    v_now := clock_timestamp();
     -- per lane, in the order of its first step: hand its steps, in order, to the parked
     -- fetches that take its queue, each up to its max, as far as the lane allows
     FOR v_lane IN
@@ -239,7 +242,7 @@ BEGIN
                         v_holds[v_lane.idx[v_next]] := v_holds_slot;
                         v_tokens[v_lane.idx[v_next]] := gen_random_uuid();
                         v_expires[v_lane.idx[v_next]] :=
-                            clock_timestamp() + make_interval(secs => v_lease_ms / 1000.0);
+                            v_now + make_interval(secs => v_lease_ms / 1000.0);
                         v_given[v_taker.ord] := v_given[v_taker.ord] + 1;
                         v_next := v_next + 1;
                         v_handed := v_handed + 1;
@@ -290,7 +293,7 @@ BEGIN
     IF v_handed > 0 THEN
         WITH started AS (
             UPDATE tasker.workflow_steps s
-            SET state = 'in_progress', started_at = clock_timestamp()
+            SET state = 'in_progress', started_at = v_now
             FROM unnest(v_steps, v_attempts, v_taken) WITH ORDINALITY AS u(step_uuid, attempt, taker, ord)
             WHERE u.taker > 0 AND s.step_uuid = u.step_uuid AND s.state = 'enqueued'
               AND s.attempts = u.attempt

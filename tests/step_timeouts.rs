@@ -143,6 +143,52 @@ async fn an_attempt_is_failed_at_its_timeout_and_retried(pool: PgPool) {
 }
 
 /// A timeout out of range is refused with INVALID_ARGUMENT naming the step's field.
+/// A step handed to a fetch that was parked before its task existed (claim-and-enqueue's
+/// hand-off) is leased to exactly its start + its timeout, as a fetch that reads the queue is:
+/// the lease's end and the start are one reading of the clock.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_handed_step_is_leased_to_exactly_its_start_plus_its_timeout(pool: PgPool) {
+    let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
+    let ch = server.channel().await;
+    let workers = Workers::new(ch.clone());
+    let mut parked = server.core.workers.parked_fetches();
+    let fetch = tokio::spawn({
+        let workers = workers.clone();
+        async move { lease_one(&workers, "handed").await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), parked.wait_for(|p| *p >= 1))
+        .await
+        .expect("the fetch parks")
+        .unwrap();
+    Tasks::new(ch.clone())
+        .create_task(
+            task("handed")
+                .step("slow")
+                .timeout(Duration::from_secs(1))
+                .build(),
+        )
+        .await
+        .unwrap();
+    let leased = fetch.await.unwrap();
+    let (exact, started_ms): (bool, f64) = sqlx::query_as(
+        "SELECT q.visible_at = s.started_at + interval '1 second',
+                extract(epoch FROM s.started_at)::float8 * 1000
+         FROM tasker.step_queue q JOIN tasker.workflow_steps s ON s.step_uuid = q.step_uuid
+         WHERE q.step_uuid = $1::uuid",
+    )
+    .bind(&leased.step_uuid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let lease_ms = epoch_ms(leased.lease_expires_at.as_ref().unwrap());
+    assert!(
+        exact && (lease_ms - (started_ms + 1000.0)).abs() < 0.01,
+        "the lease ends at the start + the timeout: {lease_ms} vs {}",
+        started_ms + 1000.0
+    );
+    server.stop().await;
+}
+
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_bad_timeout_is_refused_by_name(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
