@@ -142,7 +142,6 @@ async fn an_attempt_is_failed_at_its_timeout_and_retried(pool: PgPool) {
     server.stop().await;
 }
 
-/// A timeout out of range is refused with INVALID_ARGUMENT naming the step's field.
 /// A step handed to a fetch that was parked before its task existed (claim-and-enqueue's
 /// hand-off) is leased to exactly its start + its timeout, as a fetch that reads the queue is:
 /// the lease's end and the start are one reading of the clock.
@@ -189,6 +188,7 @@ async fn a_handed_step_is_leased_to_exactly_its_start_plus_its_timeout(pool: PgP
     server.stop().await;
 }
 
+/// A timeout out of range is refused with INVALID_ARGUMENT naming the step's field.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_bad_timeout_is_refused_by_name(pool: PgPool) {
     let server = TestServer::start(&pool, &test_config(DeploymentMode::Hybrid)).await;
