@@ -721,9 +721,10 @@ END
 $$;
 
 -- Many completions in one transaction (one commit, one pass through the NOTIFY commit lock).
--- Each item is exactly tasker.complete_step (complete_attempt, announced), with its own token and trace context; items are
--- taken in task order, so two batches lock tasks in the same order and never wait on each
--- other in a cycle. Returns each item's outcome by its position in the input arrays.
+-- Each item is exactly tasker.complete_step (complete_attempt, announced), with its own token
+-- and trace context; items are taken in task order, so two batches lock tasks in the same
+-- order and never wait on each other in a cycle. Returns each item's outcome by its position
+-- in the input arrays. (The service itself batches through complete_steps_and_claim.)
 -- (from migrations/20261204000027_completion_answers_its_claim.sql)
 CREATE OR REPLACE FUNCTION tasker.complete_steps(
     p_steps uuid[], p_attempts integer[], p_lease_tokens uuid[], p_results jsonb[],
@@ -805,9 +806,9 @@ END
 $$;
 
 -- Many completions in one transaction (one commit, one pass through the NOTIFY commit lock),
--- each item exactly tasker.complete_step (complete_attempt, announced), or, with a taker (p_takers[i]: the completing
--- worker's ask, as for complete_step_and_claim), exactly tasker.complete_step_and_claim, with
--- its own token and trace context. Items are taken in task order, so two batches lock tasks in
+-- each item exactly tasker.complete_step (complete_attempt, announced), or, with a taker
+-- (p_takers[i]: the completing worker's ask, as for complete_step_and_claim), exactly
+-- tasker.complete_step_and_claim, with its own token and trace context. Items are taken in task order, so two batches lock tasks in
 -- the same order and never wait on each other in a cycle. Returns each item's answer by its
 -- position in the input arrays: complete_step_and_claim's columns (for an item without a taker,
 -- the completion alone). Commits synchronously.
