@@ -84,47 +84,94 @@ LANGUAGE sql STABLE AS $$
     SELECT coalesce(nullif(current_setting('tasker.transition_metadata', true), '')::jsonb, '{}'::jsonb)
 $$;
 
--- Before any update of a step: the transition must be legal (TK001, whoever writes), and
--- a step's identity and position are immutable.
--- (from migrations/20261204000024_steps_handed_in_two_updates_again.sql)
+-- Before any insert or update of a step: its row rules (23514, named as the CHECK constraints
+-- they replace were: a CHECK is parsed and compiled again at every statement that writes the
+-- table, a guard's expressions once per session); on an update, also a legal transition
+-- (TK001, whoever writes) and an immutable identity and position.
+-- (from migrations/20261204000030_row_rules_in_the_guards.sql)
 CREATE OR REPLACE FUNCTION tasker.workflow_steps_guard() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    IF NEW.state IS DISTINCT FROM OLD.state THEN
-        IF NOT tasker.step_transition_allowed(OLD.state, NEW.state) THEN
-            RAISE EXCEPTION 'illegal step transition % -> % for step %', OLD.state, NEW.state, OLD.step_uuid
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.state IS DISTINCT FROM OLD.state THEN
+            IF NOT tasker.step_transition_allowed(OLD.state, NEW.state) THEN
+                RAISE EXCEPTION 'illegal step transition % -> % for step %', OLD.state, NEW.state, OLD.step_uuid
+                    USING ERRCODE = 'TK001';
+            END IF;
+        END IF;
+        IF NEW.task_uuid IS DISTINCT FROM OLD.task_uuid OR NEW.step_uuid IS DISTINCT FROM OLD.step_uuid
+           OR NEW.position IS DISTINCT FROM OLD.position THEN
+            RAISE EXCEPTION 'a step''s identity and position are immutable (step %)', OLD.step_uuid
                 USING ERRCODE = 'TK001';
         END IF;
+        NEW.updated_at := clock_timestamp();
     END IF;
-    IF NEW.task_uuid IS DISTINCT FROM OLD.task_uuid OR NEW.step_uuid IS DISTINCT FROM OLD.step_uuid
-       OR NEW.position IS DISTINCT FROM OLD.position THEN
-        RAISE EXCEPTION 'a step''s identity and position are immutable (step %)', OLD.step_uuid
-            USING ERRCODE = 'TK001';
+    -- one expression on the common path; a NULL passes, as in a CHECK (a NOT NULL column's
+    -- constraint refuses it after this trigger)
+    IF NOT (length(NEW.name) BETWEEN 1 AND 255
+            AND NEW.position >= 0
+            AND NEW.state IN ('pending', 'enqueued', 'in_progress', 'complete', 'waiting_for_retry',
+                              'error', 'cancelled', 'resolved_manually')
+            AND NEW.unfinished_parents >= 0
+            AND NEW.max_attempts BETWEEN 1 AND 100
+            AND NEW.attempts BETWEEN 0 AND NEW.max_attempts) THEN
+        RAISE EXCEPTION 'new row for relation "workflow_steps" violates check constraint "workflow_steps_valid"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'workflow_steps_valid',
+                  SCHEMA = 'tasker', TABLE = 'workflow_steps',
+                  DETAIL = 'length(name) 1..255, position >= 0, a known state, unfinished_parents >= 0, max_attempts 1..100, attempts 0..max_attempts';
     END IF;
-    NEW.updated_at := clock_timestamp();
+    IF NEW.timeout_ms NOT BETWEEN 1 AND 604800000 THEN
+        RAISE EXCEPTION 'new row for relation "workflow_steps" violates check constraint "workflow_steps_timeout_valid"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'workflow_steps_timeout_valid',
+                  SCHEMA = 'tasker', TABLE = 'workflow_steps', DETAIL = 'timeout_ms 1..604800000';
+    END IF;
+    IF NEW.schedule_to_start_ms NOT BETWEEN 1 AND 604800000 THEN
+        RAISE EXCEPTION 'new row for relation "workflow_steps" violates check constraint "workflow_steps_schedule_to_start_valid"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'workflow_steps_schedule_to_start_valid',
+                  SCHEMA = 'tasker', TABLE = 'workflow_steps', DETAIL = 'schedule_to_start_ms 1..604800000';
+    END IF;
     RETURN NEW;
 END
 $$;
 
--- Before any update of a task: the transition must be legal, and its identity and namespace
--- are immutable.
--- (from migrations/20261127000001_baseline.sql)
-CREATE FUNCTION tasker.tasks_guard() RETURNS trigger
+-- Before any insert or update of a task: its row rules (23514, named as the CHECK constraints
+-- they replace were); on an update, also a legal transition (TK001) and an immutable identity
+-- and namespace.
+-- (from migrations/20261204000030_row_rules_in_the_guards.sql)
+CREATE OR REPLACE FUNCTION tasker.tasks_guard() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    IF NEW.state IS DISTINCT FROM OLD.state THEN
-        IF NOT tasker.task_transition_allowed(OLD.state, NEW.state) THEN
-            RAISE EXCEPTION 'illegal task transition % -> % for task %', OLD.state, NEW.state, OLD.task_uuid
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.state IS DISTINCT FROM OLD.state THEN
+            IF NOT tasker.task_transition_allowed(OLD.state, NEW.state) THEN
+                RAISE EXCEPTION 'illegal task transition % -> % for task %', OLD.state, NEW.state, OLD.task_uuid
+                    USING ERRCODE = 'TK001';
+            END IF;
+        END IF;
+        IF NEW.task_uuid IS DISTINCT FROM OLD.task_uuid OR NEW.namespace IS DISTINCT FROM OLD.namespace THEN
+            RAISE EXCEPTION 'a task''s identity and namespace are immutable (task %)', OLD.task_uuid
                 USING ERRCODE = 'TK001';
         END IF;
+        NEW.updated_at := clock_timestamp();
     END IF;
-    IF NEW.task_uuid IS DISTINCT FROM OLD.task_uuid OR NEW.namespace IS DISTINCT FROM OLD.namespace THEN
-        RAISE EXCEPTION 'a task''s identity and namespace are immutable (task %)', OLD.task_uuid
-            USING ERRCODE = 'TK001';
+    -- a NULL passes, as in a CHECK (a NOT NULL column's constraint refuses it after this)
+    IF NOT (length(NEW.name) BETWEEN 1 AND 255
+            AND NEW.priority BETWEEN -1000 AND 1000
+            AND NEW.state IN ('pending', 'in_progress', 'complete', 'error', 'cancelled')
+            AND NEW.remaining_steps >= 0
+            AND (NEW.idempotency_key IS NULL OR length(NEW.idempotency_key) BETWEEN 1 AND 255)) THEN
+        RAISE EXCEPTION 'new row for relation "tasks" violates check constraint "tasks_valid"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'tasks_valid',
+                  SCHEMA = 'tasker', TABLE = 'tasks',
+                  DETAIL = 'length(name) 1..255, priority -1000..1000, a known state, remaining_steps >= 0, idempotency_key absent or of length 1..255';
     END IF;
-    NEW.updated_at := clock_timestamp();
+    IF length(NEW.concurrency_key) NOT BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'new row for relation "tasks" violates check constraint "tasks_concurrency_key_valid"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'tasks_concurrency_key_valid',
+                  SCHEMA = 'tasker', TABLE = 'tasks', DETAIL = 'concurrency_key absent or of length 1..255';
+    END IF;
     RETURN NEW;
 END
 $$;

@@ -199,6 +199,96 @@ async fn bad_requests_write_nothing(pool: PgPool) {
     }
 }
 
+/// A step's and a task's row rules hold for a write that bypasses the service: refused as
+/// `check_violation` under the rule's name (the service maps it to the field), nothing changed.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn row_rules_refuse_writes_that_bypass_the_service(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 2)).await;
+    let s0 = step(&t, "s0");
+    let before = (
+        rows_of(&pool, "tasks").await,
+        rows_of(&pool, "workflow_steps").await,
+    );
+    let cases: [(&str, &str, &str); 9] = [
+        (
+            "UPDATE tasker.workflow_steps SET unfinished_parents = -1 WHERE step_uuid = $1",
+            "workflow_steps_valid",
+            "steps",
+        ),
+        (
+            "UPDATE tasker.workflow_steps SET attempts = max_attempts + 1 WHERE step_uuid = $1",
+            "workflow_steps_valid",
+            "steps",
+        ),
+        (
+            "UPDATE tasker.workflow_steps SET max_attempts = 101 WHERE step_uuid = $1",
+            "workflow_steps_valid",
+            "steps",
+        ),
+        (
+            "UPDATE tasker.workflow_steps SET timeout_ms = 0 WHERE step_uuid = $1",
+            "workflow_steps_timeout_valid",
+            "steps",
+        ),
+        (
+            "UPDATE tasker.workflow_steps SET schedule_to_start_ms = 604800001 WHERE step_uuid = $1",
+            "workflow_steps_schedule_to_start_valid",
+            "steps",
+        ),
+        (
+            "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents)
+             SELECT gen_random_uuid(), task_uuid, '', 9, 0 FROM tasker.workflow_steps WHERE step_uuid = $1",
+            "workflow_steps_valid",
+            "steps",
+        ),
+        (
+            "UPDATE tasker.tasks SET priority = 1001
+             WHERE task_uuid = (SELECT task_uuid FROM tasker.workflow_steps WHERE step_uuid = $1)",
+            "tasks_valid",
+            "request",
+        ),
+        (
+            "UPDATE tasker.tasks SET concurrency_key = ''
+             WHERE task_uuid = (SELECT task_uuid FROM tasker.workflow_steps WHERE step_uuid = $1)",
+            "tasks_concurrency_key_valid",
+            "concurrency_key",
+        ),
+        (
+            "INSERT INTO tasker.tasks (task_uuid, namespace, name, remaining_steps)
+             SELECT $1, namespace, name, -1 FROM tasker.tasks",
+            "tasks_valid",
+            "request",
+        ),
+    ];
+    for (sql, rule, field) in cases {
+        let err = sqlx::query(sql).bind(s0).execute(&pool).await.unwrap_err();
+        let db = err.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some("23514"), "{sql}: {db}");
+        assert_eq!(db.constraint(), Some(rule), "{sql}: {db}");
+        let e = StoreError::from(err);
+        assert!(
+            matches!(&e, StoreError::InvalidArgument { field: f, .. } if f == field),
+            "{sql}: {e:?}"
+        );
+    }
+    let after = (
+        rows_of(&pool, "tasks").await,
+        rows_of(&pool, "workflow_steps").await,
+    );
+    assert_eq!(after, before, "a refused write changed nothing");
+}
+
+/// Every row of a table as JSON text, in a stable order.
+async fn rows_of(pool: &PgPool, table: &str) -> Vec<String> {
+    sqlx::query_scalar(&format!(
+        "SELECT row_to_json(x)::text FROM tasker.{table} x ORDER BY row_to_json(x)::text"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn idempotency_key_returns_the_same_task(pool: PgPool) {
     let store = Store::new(pool.clone());

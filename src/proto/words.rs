@@ -111,11 +111,12 @@ pub fn raw<E: Vocabulary + Into<i32>>(word: impl AsRef<str>) -> i32 {
 pub(crate) mod tests {
     use super::*;
 
-    /// The words of `CHECK (... state IN (...))` after `marker` in the baseline migration: the
-    /// vocabulary the database enforces.
+    /// The words of the row rule `NEW.state IN (...)` after `marker` in `sql/states.sql` (the
+    /// live guards, which tests/sql_layout keeps equal to the database's): the vocabulary the
+    /// database enforces.
     fn schema_words(marker: &str) -> Vec<String> {
-        let sql = include_str!("../../migrations/20261127000001_baseline.sql");
-        let at = sql.find(marker).expect("marker in the baseline");
+        let sql = include_str!("../../sql/states.sql");
+        let at = sql.find(marker).expect("marker in sql/states.sql");
         let list = &sql[at..];
         let open = list.find("state IN (").expect("a state list") + "state IN (".len();
         let close = open + list[open..].find(')').expect("closed");
@@ -135,8 +136,8 @@ pub(crate) mod tests {
 
     #[test]
     fn every_state_the_schema_allows_has_a_proto_value() {
-        round_trips::<v1::TaskState>(&schema_words("CONSTRAINT tasks_valid"));
-        round_trips::<v1::StepState>(&schema_words("CONSTRAINT workflow_steps_valid"));
+        round_trips::<v1::TaskState>(&schema_words("FUNCTION tasker.tasks_guard()"));
+        round_trips::<v1::StepState>(&schema_words("FUNCTION tasker.workflow_steps_guard()"));
         let statuses = [
             "has_ready_steps",
             "processing",

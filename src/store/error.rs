@@ -118,12 +118,16 @@ impl From<sqlx::Error> for StoreError {
                     }
                 }
                 Some("23514") => {
-                    // One CHECK per table (each CHECK costs a parse per written row); the
-                    // service validates every field with a named rule before it writes, so
-                    // this is the backstop for writes that bypass it.
+                    // A row rule of a table (its guard trigger raises it under the rule's
+                    // name: a CHECK would be parsed again at every statement); the service
+                    // validates every field with a named rule before it writes, so this is
+                    // the backstop for writes that bypass it.
                     let field = match db.constraint() {
                         Some("tasks_valid") => "request",
-                        Some("workflow_steps_valid") => "steps",
+                        Some("tasks_concurrency_key_valid") => "concurrency_key",
+                        Some("workflow_steps_valid")
+                        | Some("workflow_steps_timeout_valid")
+                        | Some("workflow_steps_schedule_to_start_valid") => "steps",
                         Some("namespaces_name_valid") => "namespace",
                         _ => "request",
                     };
