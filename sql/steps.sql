@@ -35,7 +35,7 @@
 -- A step handed to a fetch is queued already leased: its queue row is written once, not
 -- inserted and then updated (every hand-off and every eager completion paid for the second
 -- row version and its index entries).
--- (from migrations/20261204000029_handed_steps_start_at_their_lease.sql)
+-- (from migrations/20261204000031_claims_read_steps_by_key.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -56,6 +56,7 @@ DECLARE
     -- per step, by position: the taker it is handed to (its index in p_takers + 1, 0: none),
     -- whether its lease holds a slot, and its lease's token and end
     v_taken integer[];
+    v_handed_steps uuid[] := '{}';
     v_holds boolean[];
     v_tokens uuid[];
     v_expires timestamptz[];
@@ -146,8 +147,10 @@ BEGIN
         UPDATE tasker.workflow_steps s
         SET state = 'enqueued', attempts = s.attempts + 1, enqueued_at = clock_timestamp(),
             next_retry_at = NULL
-        FROM taken
-        WHERE s.step_uuid = taken.step_uuid AND s.state = 'pending' AND s.unfinished_parents = 0
+        -- the taken steps as one array: a key look-up per step whatever the statistics (a
+        -- join with the CTE let a plan cached on small tables scan every step, per call)
+        WHERE s.step_uuid = ANY (ARRAY(SELECT t.step_uuid FROM taken t))
+          AND s.state = 'pending' AND s.unfinished_parents = 0
         RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at, s.queue,
                   s.schedule_to_start_ms, s.timeout_ms
     )
@@ -239,6 +242,7 @@ BEGIN
                         v_lease_ms := least(v_taker.lease_ms,
                                             coalesce(v_timeouts[v_lane.idx[v_next]], v_taker.lease_ms));
                         v_taken[v_lane.idx[v_next]] := v_taker.ord;
+                        v_handed_steps := v_handed_steps || v_lane.steps[v_next];
                         v_holds[v_lane.idx[v_next]] := v_holds_slot;
                         v_tokens[v_lane.idx[v_next]] := gen_random_uuid();
                         v_expires[v_lane.idx[v_next]] :=
@@ -295,7 +299,9 @@ BEGIN
             UPDATE tasker.workflow_steps s
             SET state = 'in_progress', started_at = v_now
             FROM unnest(v_steps, v_attempts, v_taken) WITH ORDINALITY AS u(step_uuid, attempt, taker, ord)
-            WHERE u.taker > 0 AND s.step_uuid = u.step_uuid AND s.state = 'enqueued'
+            -- the handed steps by key (see the move to enqueued), then matched to their takers
+            WHERE s.step_uuid = ANY (v_handed_steps)
+              AND u.taker > 0 AND s.step_uuid = u.step_uuid AND s.state = 'enqueued'
               AND s.attempts = u.attempt
             RETURNING s.step_uuid, s.task_uuid, s.name, s.inputs, u.attempt, u.taker, u.ord
         )
