@@ -817,8 +817,9 @@ $$;
 -- tasker.complete_step_and_claim, with its own token and trace context. Items are taken in task order, so two batches lock tasks in
 -- the same order and never wait on each other in a cycle. Returns each item's answer by its
 -- position in the input arrays: complete_step_and_claim's columns (for an item without a taker,
--- the completion alone). Commits synchronously.
--- (from migrations/20261204000027_completion_answers_its_claim.sql)
+-- the completion alone). Commits synchronously. Generic plans only: the first statement's
+-- step array would otherwise have it planned again at every call.
+-- (from migrations/20261204000032_completion_batches_planned_once.sql)
 CREATE OR REPLACE FUNCTION tasker.complete_steps_and_claim(
     p_steps uuid[], p_attempts integer[], p_lease_tokens uuid[], p_results jsonb[],
     p_results_bytes integer[], p_traceparents text[], p_takers jsonb[],
@@ -829,6 +830,7 @@ CREATE OR REPLACE FUNCTION tasker.complete_steps_and_claim(
                  leased jsonb, queued jsonb, held jsonb)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_item record;
