@@ -617,3 +617,33 @@ async fn hot_path_functions_keep_their_planner_settings(pool: PgPool) {
         }
     }
 }
+
+/// Functions whose first statement takes an array of the caller's items: a custom plan knows
+/// the array's length, so PostgreSQL prices the generic plan above it and plans the statement
+/// again at every call, unless the function forces generic plans.
+const GENERIC_PLAN_FUNCTIONS: &[&str] = &["complete_steps_and_claim"];
+
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn batch_functions_keep_their_generic_plans(pool: PgPool) {
+    for name in GENERIC_PLAN_FUNCTIONS {
+        let configs: Vec<Option<Vec<String>>> = sqlx::query_scalar(
+            "SELECT p.proconfig FROM pg_proc p
+             JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'tasker' AND p.proname = $1",
+        )
+        .bind(name)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(!configs.is_empty(), "tasker.{name} does not exist");
+        for config in configs {
+            let config = config.unwrap_or_default();
+            assert!(
+                config
+                    .iter()
+                    .any(|c| c == "plan_cache_mode=force_generic_plan"),
+                "tasker.{name} lost plan_cache_mode = force_generic_plan: proconfig = {config:?}"
+            );
+        }
+    }
+}
