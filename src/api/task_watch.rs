@@ -8,6 +8,7 @@
 //!
 //! ```text
 //!  stream: take a place (grpc.max_watch_streams, _per_caller) ─> subscribe to the task's feed
+//!          ─> wait for the feed's first look (where it counts changes from)
 //!          ─> snapshot: the task + the id of its last transition, in one read; its steps
 //!          ─> forward the feed's changes newer than the snapshot (a task change by its
 //!             sequence, a step change when it differs from the stream's last look at the
@@ -38,7 +39,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::Stream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use uuid::Uuid;
@@ -117,6 +118,10 @@ pub struct TaskFeeds {
 /// One watched task's changes, fanned out to its streams.
 struct Feed {
     changes: broadcast::Sender<Change>,
+    /// True once the follower's first look is taken: the feed carries every change after it.
+    /// A stream reads its snapshot only then, so no change falls between the two (a change
+    /// between a snapshot and a later first look would reach neither).
+    looked: watch::Receiver<bool>,
 }
 
 impl TaskFeeds {
@@ -159,7 +164,8 @@ impl TaskFeeds {
             return (feed, rx);
         }
         let (changes, rx) = broadcast::channel(FEED_BUFFER);
-        let feed = Arc::new(Feed { changes });
+        let (looked_tx, looked) = watch::channel(false);
+        let feed = Arc::new(Feed { changes, looked });
         feeds.insert(task_uuid, Arc::downgrade(&feed));
         feeds.retain(|_, f| f.strong_count() > 0);
         let follower = Follower {
@@ -167,6 +173,7 @@ impl TaskFeeds {
             task_uuid,
             feed: Arc::downgrade(&feed),
             changes: feed.changes.clone(),
+            looked: looked_tx,
         };
         let running = self.followers.clone();
         running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -197,8 +204,11 @@ pub async fn watch_task(
             full.setting
         ))
     })?;
-    // subscribed before the snapshot is read: no change can fall between the two
+    // subscribed, and the feed's first look taken, before the snapshot is read: every change
+    // after the snapshot is in the feed (the forwarder drops those the snapshot shows)
     let (feed, changes) = ctx.feeds.subscribe(ctx, task_uuid);
+    // an Err: the follower has ended (its task finished), and the snapshot shows the end
+    let _ = feed.looked.clone().wait_for(|looked| *looked).await;
     let (task, last) = ctx.store.task_with_last_transition(task_uuid).await?;
     let (steps, _) = ctx
         .store
@@ -276,6 +286,9 @@ struct Follower {
     /// Ends the follower once no stream holds the feed.
     feed: Weak<Feed>,
     changes: broadcast::Sender<Change>,
+    /// Set after the first look (even a failed one: the reader then counts from the task's
+    /// first transition, which is earlier than any snapshot).
+    looked: watch::Sender<bool>,
 }
 
 impl Follower {
@@ -316,6 +329,9 @@ impl Follower {
                     // the database is away: look again on the next round
                     tracing::warn!(task_uuid = %self.task_uuid, error = %e, "watching a task: reading it failed");
                 }
+            }
+            if first {
+                let _ = self.looked.send(true);
             }
             first = false;
         }
