@@ -278,9 +278,10 @@ async fn eagerly_leased_steps_of_a_killed_worker_are_leased_again_after_their_le
         let r = complete_next(&mut workers, &step, next(1, &[], 30)).await;
         match r.next_steps.into_iter().next() {
             Some(s) => step = s,
-            // the successor went the plain way: the listener's pass, still working on this
-            // task after the lease's expiry, held its claim (a completion that finds the
-            // claim held announces its steps instead of leasing them); a fetch receives it
+            // the successor went the plain way: another pass held the task's claim (the
+            // listener's, say, still at work on the task after the lease's expiry), and a
+            // completion that finds the claim held announces its steps instead of leasing
+            // them; a fetch receives it
             None if task_state(&mut tasks, &task_uuid).await != v1::TaskState::Complete => {
                 step = lease_one(&workers, "shop").await;
             }
