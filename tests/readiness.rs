@@ -500,37 +500,35 @@ async fn a_hop_costs_the_same_in_a_1000_step_chain_as_in_a_10_step_chain(pool: P
 async fn hot_path_plans_cached_on_an_empty_database_stay_keyed(pool: PgPool) {
     let store = Store::new(pool.clone());
     let mut conn = pool.acquire().await.unwrap();
-    // a plain and an eager 3-step task through `conn`
-    async fn both(store: &Store, conn: &mut sqlx::PgConnection) {
+    // a plain and an eager 3-step task, created (on the pool), then run through `conn`
+    async fn two_tasks(store: &Store) -> (uuid::Uuid, uuid::Uuid) {
         let plain = create(store, TaskSpec::chain("hot", 3)).await;
         let eager = create(store, TaskSpec::chain("hot", 3)).await;
+        (plain.task_uuid, eager.task_uuid)
+    }
+    async fn run_both(conn: &mut sqlx::PgConnection, (plain, eager): (uuid::Uuid, uuid::Uuid)) {
         let mut done = 0;
         while done < 3 {
-            done += hot_path_round(conn, plain.task_uuid).await;
+            done += hot_path_round(conn, plain).await;
         }
-        assert_eq!(eager_chain(conn, eager.task_uuid).await, 3);
+        assert_eq!(eager_chain(conn, eager).await, 3);
     }
     // tiny tables with statistics, as autovacuum leaves them soon after a deployment starts
     // (a never-analyzed table is planned as if it had ten pages, which hides a bad plan)
-    both(&store, &mut conn).await;
+    run_both(&mut conn, two_tasks(&store).await).await;
     sqlx::query("ANALYZE").execute(&pool).await.unwrap();
     // warm up the session on them: every hot statement runs more than five times, after
     // which PL/pgSQL settles on a cached generic plan
     for _ in 0..4 {
-        both(&store, &mut conn).await;
+        run_both(&mut conn, two_tasks(&store).await).await;
     }
     // grow the tables behind the cached plans' back: 60,000 finished steps, no ANALYZE
     insert_bulk_chains(&pool, 20_000, 0).await;
 
     // the two kinds of task through the same session, counting the rows it reads
-    let plain = create(&store, TaskSpec::chain("hot", 3)).await;
-    let eager = create(&store, TaskSpec::chain("hot", 3)).await;
+    let tasks = two_tasks(&store).await;
     sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
-    let mut done = 0;
-    while done < 3 {
-        done += hot_path_round(&mut conn, plain.task_uuid).await;
-    }
-    assert_eq!(eager_chain(&mut conn, eager.task_uuid).await, 3);
+    run_both(&mut conn, tasks).await;
     let reads: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT relname::text, seq_tup_read, coalesce(idx_tup_fetch, 0)
          FROM pg_stat_xact_user_tables
