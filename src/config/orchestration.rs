@@ -185,7 +185,8 @@ impl CommandProcessorConfig {
 pub struct CompletionsConfig {
     /// Completions committed together at most; 1 commits each on its own.
     pub max_batch: usize,
-    /// Batches in flight at once.
+    /// Batches in flight at once; each keeps its connection between batches (at most half of
+    /// `database.max_connections` are kept so).
     pub executors: usize,
 }
 

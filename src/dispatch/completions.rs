@@ -7,7 +7,9 @@
 //! `tasker.complete_steps_and_claim`: one commit, one pass through the lock, the same per-item
 //! checks and outcomes as one-by-one; a completion asking for its next steps (eager dispatch)
 //! claims and enqueues what it made ready inside the batch. With nothing else waiting a
-//! completion runs alone, so a lone worker sees no added latency.
+//! completion runs alone, so a lone worker sees no added latency. The executors keep their
+//! connections between batches ([`HeldConnections`]): a connection given back to the pool
+//! after each batch costs a round trip to the server besides the batch's own.
 //!
 //! ```text
 //!  complete() ──> queue ──> [executor free] take first + everything waiting (<= max_batch)
@@ -21,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::store::{Completion, EagerEnqueue, Store, StoreError};
+use crate::store::{Completion, EagerEnqueue, HeldConnections, Store, StoreError};
 
 /// A completion's outcome, with the enqueue it ran itself when it asked for its next steps.
 type Outcome = Result<Option<EagerEnqueue>, StoreError>;
@@ -75,6 +77,7 @@ async fn run(
     stop: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(executors));
+    let connections = Arc::new(HeldConnections::new(store.pool(), executors));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -98,8 +101,9 @@ async fn run(
             }
         }
         let store = store.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
-            execute(&store, batch).await;
+            execute(&store, &connections, batch).await;
             drop(permit);
         });
     }
@@ -107,14 +111,27 @@ async fn run(
     let _ = permits.acquire_many(executors as u32).await;
 }
 
-async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
+async fn execute(store: &Store, connections: &HeldConnections, batch: Vec<(Completion, Reply)>) {
+    let Ok(mut held) = connections.take().await else {
+        // no connection to be had now (the pool timed out, the database is down): each
+        // completion tries the pool on its own, and gets its own answer
+        for (c, reply) in batch {
+            let _ = reply.send(one(store, store.pool(), &c).await);
+        }
+        return;
+    };
     if batch.len() == 1 {
         let (c, reply) = batch.into_iter().next().expect("one item");
-        let _ = reply.send(one(store, &c).await);
+        let outcome = one(store, held.conn(), &c).await;
+        held.finished(&outcome);
+        let _ = reply.send(outcome);
         return;
     }
     let (items, replies): (Vec<Completion>, Vec<Reply>) = batch.into_iter().unzip();
-    match store.complete_steps(&items).await {
+    let outcomes = store.complete_steps_on(held.conn(), &items).await;
+    held.finished(&outcomes);
+    drop(held);
+    match outcomes {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
@@ -125,18 +142,19 @@ async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
             // nothing was committed, so every item gets its own attempt
             tracing::warn!(error = %e, items = items.len(), "batched completion failed; completing one by one");
             for (c, reply) in items.iter().zip(replies) {
-                let _ = reply.send(one(store, c).await);
+                let _ = reply.send(one(store, store.pool(), c).await);
             }
         }
     }
 }
 
-async fn one(store: &Store, c: &Completion) -> Outcome {
+async fn one<'c>(store: &Store, on: impl sqlx::PgExecutor<'c>, c: &Completion) -> Outcome {
     if c.next.is_some() {
-        return store.complete_step_and_claim(c).await;
+        return store.complete_step_and_claim_on(on, c).await;
     }
     store
-        .complete_step(
+        .complete_step_on(
+            on,
             c.lease,
             &c.results,
             &serde_json::json!({}),

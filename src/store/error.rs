@@ -188,4 +188,14 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether the connection the statement ran on may be lost or left mid-answer: an error
+    /// that did not come from the server as its answer.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Database(e) => e.as_database_error().is_none(),
+            _ => false,
+        }
+    }
 }

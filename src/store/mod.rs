@@ -11,6 +11,7 @@
 //! - `replicas`: the replica registry's heartbeats and the fleet listing
 //! - `schedules`: cron schedules' rows, and firing a due one (its tasks made in its transaction)
 //! - `cancel`: [`cancel::CancelOnDrop`], a statement cancelled when its request is dropped
+//! - `held`: [`HeldConnections`], connections the completion hop keeps between statements
 //! - `local`: finding or starting a PostgreSQL to run against (the embedded cluster)
 //! - `maintenance`: vacuuming the churn tables when autovacuum is off
 //! - `diagnostics`: what the benchmark and operators measure (hop latencies from the history,
@@ -23,6 +24,7 @@ mod answers;
 mod cancel;
 mod diagnostics;
 mod error;
+mod held;
 pub mod local;
 pub mod maintenance;
 mod queues;
@@ -39,6 +41,7 @@ use uuid::Uuid;
 
 pub use diagnostics::ActivityCounters;
 pub use error::{is_retryable, StoreError};
+pub use held::HeldConnections;
 pub use queues::LaneSettings;
 pub use schedules::{NewSchedule, ScheduleRecord};
 pub use steps::{
@@ -51,6 +54,31 @@ pub use tasks::{
 pub use views::ReadyRank;
 
 use crate::config::DatabaseConfig;
+
+/// A pooled connection idle this long is pinged before it is handed out.
+const CHECK_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The service's pool, sized by configuration.
+fn pool_options(cfg: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .min_connections(cfg.min_connections)
+        .acquire_timeout(cfg.acquire_timeout)
+        // sqlx pings every idle connection it hands out (a round trip to the server before
+        // each statement, on the hop's path); only one idle long enough to have been cut
+        // meanwhile (a restart, a proxy's idle timeout) is checked now. A connection cut
+        // while in use fails its statement, as one cut mid-statement always could: the
+        // error is retryable (UNAVAILABLE) and every report is idempotent.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= CHECK_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 /// What the store holds writes to on the service's behalf (from its configuration); a bare
 /// [`Store::new`] enforces none of them.
@@ -117,12 +145,7 @@ impl Store {
             .map_err(StoreError::from)?
             .application_name("tasker")
             .options(settings);
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.max_connections)
-            .min_connections(cfg.min_connections)
-            .acquire_timeout(cfg.acquire_timeout)
-            .connect_with(options)
-            .await?;
+        let pool = pool_options(cfg).connect_with(options).await?;
         let mut store = Self::new(pool);
         store.replica_id = replica_id;
         Ok(store)
@@ -208,4 +231,17 @@ async fn applied_migrations(pool: &PgPool) -> Result<usize, StoreError> {
         .fetch_one(pool)
         .await?;
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pool does not ping a connection before every statement (a round trip more on
+    /// every hop): only one idle for a while is checked, by the `before_acquire` hook.
+    #[test]
+    fn the_pool_checks_only_connections_idle_a_while() {
+        let options = pool_options(&DatabaseConfig::default());
+        assert!(!options.get_test_before_acquire());
+    }
 }

@@ -378,6 +378,16 @@ impl Store {
         &self,
         completion: &Completion,
     ) -> Result<Option<EagerEnqueue>, StoreError> {
+        self.complete_step_and_claim_on(&self.pool, completion)
+            .await
+    }
+
+    /// [`Store::complete_step_and_claim`] on the connection (or pool) `on`.
+    pub async fn complete_step_and_claim_on<'c>(
+        &self,
+        on: impl sqlx::PgExecutor<'c>,
+        completion: &Completion,
+    ) -> Result<Option<EagerEnqueue>, StoreError> {
         let lease = completion.lease;
         let takers = serde_json::to_value([&completion.next]).expect("takers serialize");
         let row: EagerRow = sqlx::query_as(
@@ -395,7 +405,7 @@ impl Store {
         .bind(self.parent_results_budget())
         .bind(eager_metadata(1))
         .bind(takers)
-        .fetch_one(&self.pool)
+        .fetch_one(on)
         .await?;
         row.answer(
             "tasker.complete_step_and_claim",
@@ -458,6 +468,19 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
+        self.complete_step_on(&self.pool, lease, results, metadata, traceparent)
+            .await
+    }
+
+    /// [`Store::complete_step`] on the connection (or pool) `on`.
+    pub async fn complete_step_on<'c>(
+        &self,
+        on: impl sqlx::PgExecutor<'c>,
+        lease: HeldLease,
+        results: &Value,
+        metadata: &Value,
+        traceparent: Option<&str>,
+    ) -> Result<(), StoreError> {
         let outcome: AttemptAnswer = sqlx::query_scalar(
             "SELECT c.outcome
              FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp,
@@ -471,7 +494,7 @@ impl Store {
         .bind(self.parent_results_budget())
         .bind(lease.lease_token)
         .bind(results_bytes(results))
-        .fetch_one(&self.pool)
+        .fetch_one(on)
         .await?;
         AttemptOutcome::of("tasker.complete_step", AttemptAnswer::Completed, outcome)?
             .into_result_within(
@@ -509,6 +532,15 @@ impl Store {
         &self,
         items: &[Completion],
     ) -> Result<Vec<Result<Option<EagerEnqueue>, StoreError>>, StoreError> {
+        self.complete_steps_on(&self.pool, items).await
+    }
+
+    /// [`Store::complete_steps`] on the connection (or pool) `on`.
+    pub async fn complete_steps_on<'c>(
+        &self,
+        on: impl sqlx::PgExecutor<'c>,
+        items: &[Completion],
+    ) -> Result<Vec<Result<Option<EagerEnqueue>, StoreError>>, StoreError> {
         let steps: Vec<Uuid> = items.iter().map(|c| c.lease.step_uuid).collect();
         let attempts: Vec<i32> = items.iter().map(|c| c.lease.attempt).collect();
         let tokens: Vec<Uuid> = items.iter().map(|c| c.lease.lease_token).collect();
@@ -543,7 +575,7 @@ impl Store {
         .bind(serde_json::json!({"batched": items.len()}))
         .bind(eager_metadata(items.len()))
         .bind(self.parent_results_budget())
-        .fetch_all(&self.pool)
+        .fetch_all(on)
         .await?;
         let mut out: Vec<Result<Option<EagerEnqueue>, StoreError>> = items
             .iter()

@@ -1,0 +1,167 @@
+//! `HeldConnections`: connections a hot path keeps between its statements instead of giving
+//! each back to the pool.
+//!
+//! sqlx checks every connection given back to its pool with a round trip to the server (a
+//! Sync message and its answer), in a task of its own. On the completion hop, one statement
+//! per completion or batch, that is as many round trips again, each waking the server's
+//! backend and the service. A connection kept here goes back to no pool between statements,
+//! so it costs nothing but the statement. One idle long enough to have been cut meanwhile (a
+//! restart, a proxy's idle timeout) is checked before it is used again, as the pool checks
+//! its own; one whose statement failed or was abandoned goes back to the pool, which checks
+//! it and closes it if it is broken.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+
+use super::{StoreError, CHECK_IDLE_AFTER};
+
+/// Up to `keep` connections taken from a pool and kept between uses.
+pub struct HeldConnections {
+    pool: PgPool,
+    idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    keep: usize,
+    /// A kept connection idle this long is checked before it is used again.
+    check_after: Duration,
+}
+
+impl HeldConnections {
+    /// Keeps up to `keep` connections of `pool`, and never more than half of the pool's
+    /// size, so that the rest of the service always finds connections there.
+    pub fn new(pool: &PgPool, keep: usize) -> Self {
+        let half = (pool.options().get_max_connections() / 2).max(1) as usize;
+        Self {
+            pool: pool.clone(),
+            idle: Mutex::new(Vec::new()),
+            keep: keep.min(half),
+            check_after: CHECK_IDLE_AFTER,
+        }
+    }
+
+    /// A kept connection (checked first if it has been idle a while), else one from the pool.
+    pub async fn take(&self) -> Result<Held<'_>, StoreError> {
+        let kept = self.idle.lock().expect("no holder panicked").pop();
+        let conn = match kept {
+            Some((mut conn, since)) => {
+                if since.elapsed() < self.check_after || conn.ping().await.is_ok() {
+                    conn
+                } else {
+                    // cut while idle: the pool closes it on its own check
+                    drop(conn);
+                    self.pool.acquire().await?
+                }
+            }
+            None => self.pool.acquire().await?,
+        };
+        Ok(Held {
+            conn: Some(conn),
+            home: self,
+            sound: false,
+        })
+    }
+}
+
+/// A connection taken from [`HeldConnections`]: kept again when dropped after
+/// [`Held::finished`] said its statement ended soundly, else given back to the pool.
+pub struct Held<'a> {
+    conn: Option<PoolConnection<Postgres>>,
+    home: &'a HeldConnections,
+    /// Whether the last statement ended with the connection usable: an answer, or an error
+    /// the server sent. Unset while a statement runs, so an abandoned one (its future
+    /// dropped mid-way) never leaves a connection with unread answers kept.
+    sound: bool,
+}
+
+impl Held<'_> {
+    /// The connection, for one statement; call [`Held::finished`] with its result.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        self.sound = false;
+        self.conn.as_mut().expect("held until dropped")
+    }
+
+    /// The statement ended with `result`: a lost connection is not kept.
+    pub fn finished<T>(&mut self, result: &Result<T, StoreError>) {
+        self.sound = !matches!(result, Err(e) if e.is_connection_lost());
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if !self.sound {
+            return;
+        }
+        let mut idle = self.home.idle.lock().expect("no holder panicked");
+        if idle.len() < self.home.keep {
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn backend_pid(conn: &mut PgConnection) -> i32 {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    }
+
+    /// A connection whose statement ended soundly is kept, out of the pool's reach: the pool
+    /// hands out another one meanwhile, and the next take gets it back. One whose statement
+    /// lost the connection is let go.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_sound_connection_is_kept_and_a_lost_one_let_go(pool: PgPool) {
+        let held = HeldConnections::new(&pool, 1);
+        let mut h = held.take().await.unwrap();
+        let kept = backend_pid(h.conn()).await;
+        h.finished(&Ok(()));
+        drop(h);
+        let mut other = pool.acquire().await.unwrap();
+        assert_ne!(
+            backend_pid(&mut other).await,
+            kept,
+            "the kept one stays out of the pool"
+        );
+        let mut h = held.take().await.unwrap();
+        assert_eq!(backend_pid(h.conn()).await, kept);
+        h.finished::<()>(&Err(StoreError::Unavailable(sqlx::Error::PoolClosed)));
+        drop(h);
+        assert_eq!(held.idle.lock().unwrap().len(), 0);
+        let mut h = held.take().await.unwrap();
+        // a statement abandoned mid-way (no word of its end) leaves nothing kept either
+        let _ = h.conn();
+        drop(h);
+        assert_eq!(held.idle.lock().unwrap().len(), 0);
+        drop(other);
+        // a kept connection cut while idle is checked before use, and replaced
+        let held = HeldConnections {
+            check_after: Duration::ZERO,
+            ..HeldConnections::new(&pool, 1)
+        };
+        let mut h = held.take().await.unwrap();
+        let cut = backend_pid(h.conn()).await;
+        h.finished(&Ok(()));
+        drop(h);
+        let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
+            .bind(cut)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(terminated);
+        let mut h = held.take().await.unwrap();
+        assert_ne!(backend_pid(h.conn()).await, cut);
+    }
+
+    /// Never more than half of the pool is kept.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn at_most_half_the_pool_is_kept(pool: PgPool) {
+        let max = pool.options().get_max_connections() as usize;
+        assert_eq!(HeldConnections::new(&pool, 10_000).keep, max / 2);
+        assert_eq!(HeldConnections::new(&pool, 1).keep, 1);
+    }
+}
