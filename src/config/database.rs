@@ -19,6 +19,8 @@ pub struct DatabaseConfig {
     /// cluster.
     #[serde(with = "empty_is_none")]
     pub url: Option<String>,
+    /// The pool's size; the hop's statements keep up to 8 of its connections (at most half)
+    /// between uses.
     pub max_connections: u32,
     pub min_connections: u32,
     /// Waiting for a pooled connection, including opening a new one.

@@ -185,8 +185,7 @@ impl CommandProcessorConfig {
 pub struct CompletionsConfig {
     /// Completions committed together at most; 1 commits each on its own.
     pub max_batch: usize,
-    /// Batches in flight at once; each keeps its connection between batches (at most half of
-    /// `database.max_connections` are kept so).
+    /// Batches in flight at once.
     pub executors: usize,
 }
 

@@ -7,9 +7,8 @@
 //! `tasker.complete_steps_and_claim`: one commit, one pass through the lock, the same per-item
 //! checks and outcomes as one-by-one; a completion asking for its next steps (eager dispatch)
 //! claims and enqueues what it made ready inside the batch. With nothing else waiting a
-//! completion runs alone, so a lone worker sees no added latency. The executors keep their
-//! connections between batches ([`HeldConnections`]): a connection given back to the pool
-//! after each batch costs a round trip to the server besides the batch's own.
+//! completion runs alone, so a lone worker sees no added latency. (Each batch runs on a
+//! connection the store keeps between the hop's statements: see `store::held`.)
 //!
 //! ```text
 //!  complete() ──> queue ──> [executor free] take first + everything waiting (<= max_batch)
@@ -23,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::store::{Completion, EagerEnqueue, HeldConnections, Store, StoreError};
+use crate::store::{Completion, EagerEnqueue, Store, StoreError};
 
 /// A completion's outcome, with the enqueue it ran itself when it asked for its next steps.
 type Outcome = Result<Option<EagerEnqueue>, StoreError>;
@@ -77,7 +76,6 @@ async fn run(
     stop: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(executors));
-    let connections = Arc::new(HeldConnections::new(store.pool(), executors));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -101,9 +99,8 @@ async fn run(
             }
         }
         let store = store.clone();
-        let connections = connections.clone();
         tokio::spawn(async move {
-            execute(&store, &connections, batch).await;
+            execute(&store, batch).await;
             drop(permit);
         });
     }
@@ -111,27 +108,14 @@ async fn run(
     let _ = permits.acquire_many(executors as u32).await;
 }
 
-async fn execute(store: &Store, connections: &HeldConnections, batch: Vec<(Completion, Reply)>) {
-    let Ok(mut held) = connections.take().await else {
-        // no connection to be had now (the pool timed out, the database is down): each
-        // completion tries the pool on its own, and gets its own answer
-        for (c, reply) in batch {
-            let _ = reply.send(one(store, store.pool(), &c).await);
-        }
-        return;
-    };
+async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
     if batch.len() == 1 {
         let (c, reply) = batch.into_iter().next().expect("one item");
-        let outcome = one(store, held.conn(), &c).await;
-        held.finished(&outcome);
-        let _ = reply.send(outcome);
+        let _ = reply.send(one(store, &c).await);
         return;
     }
     let (items, replies): (Vec<Completion>, Vec<Reply>) = batch.into_iter().unzip();
-    let outcomes = store.complete_steps_on(held.conn(), &items).await;
-    held.finished(&outcomes);
-    drop(held);
-    match outcomes {
+    match store.complete_steps(&items).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
@@ -142,19 +126,18 @@ async fn execute(store: &Store, connections: &HeldConnections, batch: Vec<(Compl
             // nothing was committed, so every item gets its own attempt
             tracing::warn!(error = %e, items = items.len(), "batched completion failed; completing one by one");
             for (c, reply) in items.iter().zip(replies) {
-                let _ = reply.send(one(store, store.pool(), c).await);
+                let _ = reply.send(one(store, c).await);
             }
         }
     }
 }
 
-async fn one<'c>(store: &Store, on: impl sqlx::PgExecutor<'c>, c: &Completion) -> Outcome {
+async fn one(store: &Store, c: &Completion) -> Outcome {
     if c.next.is_some() {
-        return store.complete_step_and_claim_on(on, c).await;
+        return store.complete_step_and_claim(c).await;
     }
     store
-        .complete_step_on(
-            on,
+        .complete_step(
             c.lease,
             &c.results,
             &serde_json::json!({}),

@@ -19,6 +19,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use super::{StoreError, CHECK_IDLE_AFTER};
 
 /// Up to `keep` connections taken from a pool and kept between uses.
+#[derive(Debug)]
 pub struct HeldConnections {
     pool: PgPool,
     idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
@@ -64,7 +65,7 @@ impl HeldConnections {
 }
 
 /// A connection taken from [`HeldConnections`]: kept again when dropped after
-/// [`Held::finished`] said its statement ended soundly, else given back to the pool.
+/// [`Held::finish`] saw its statement end soundly, else given back to the pool.
 pub struct Held<'a> {
     conn: Option<PoolConnection<Postgres>>,
     home: &'a HeldConnections,
@@ -75,15 +76,17 @@ pub struct Held<'a> {
 }
 
 impl Held<'_> {
-    /// The connection, for one statement; call [`Held::finished`] with its result.
+    /// The connection, for one statement; its result goes through [`Held::finish`].
     pub fn conn(&mut self) -> &mut PgConnection {
         self.sound = false;
         self.conn.as_mut().expect("held until dropped")
     }
 
-    /// The statement ended with `result`: a lost connection is not kept.
-    pub fn finished<T>(&mut self, result: &Result<T, StoreError>) {
-        self.sound = !matches!(result, Err(e) if e.is_connection_lost());
+    /// The statement ended with `result`: a connection lost (or left mid-answer) is not kept.
+    pub fn finish<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        let result = result.map_err(StoreError::from);
+        self.sound = !matches!(&result, Err(e) if e.is_connection_lost());
+        result
     }
 }
 
@@ -119,7 +122,7 @@ mod tests {
         let held = HeldConnections::new(&pool, 1);
         let mut h = held.take().await.unwrap();
         let kept = backend_pid(h.conn()).await;
-        h.finished(&Ok(()));
+        h.finish(Ok(())).unwrap();
         drop(h);
         let mut other = pool.acquire().await.unwrap();
         assert_ne!(
@@ -129,7 +132,7 @@ mod tests {
         );
         let mut h = held.take().await.unwrap();
         assert_eq!(backend_pid(h.conn()).await, kept);
-        h.finished::<()>(&Err(StoreError::Unavailable(sqlx::Error::PoolClosed)));
+        assert!(h.finish::<()>(Err(sqlx::Error::PoolClosed)).is_err());
         drop(h);
         assert_eq!(held.idle.lock().unwrap().len(), 0);
         let mut h = held.take().await.unwrap();
@@ -145,7 +148,7 @@ mod tests {
         };
         let mut h = held.take().await.unwrap();
         let cut = backend_pid(h.conn()).await;
-        h.finished(&Ok(()));
+        h.finish(Ok(())).unwrap();
         drop(h);
         let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
             .bind(cut)

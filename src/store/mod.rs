@@ -11,7 +11,7 @@
 //! - `replicas`: the replica registry's heartbeats and the fleet listing
 //! - `schedules`: cron schedules' rows, and firing a due one (its tasks made in its transaction)
 //! - `cancel`: [`cancel::CancelOnDrop`], a statement cancelled when its request is dropped
-//! - `held`: [`HeldConnections`], connections the completion hop keeps between statements
+//! - `held`: [`HeldConnections`], connections the hop's statements keep between uses
 //! - `local`: finding or starting a PostgreSQL to run against (the embedded cluster)
 //! - `maintenance`: vacuuming the churn tables when autovacuum is off
 //! - `diagnostics`: what the benchmark and operators measure (hop latencies from the history,
@@ -36,12 +36,14 @@ mod tasks;
 mod views;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::sync::Arc;
+
 use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use diagnostics::ActivityCounters;
 pub use error::{is_retryable, StoreError};
-pub use held::HeldConnections;
+use held::HeldConnections;
 pub use queues::LaneSettings;
 pub use schedules::{NewSchedule, ScheduleRecord};
 pub use steps::{
@@ -54,6 +56,9 @@ pub use tasks::{
 pub use views::ReadyRank;
 
 use crate::config::DatabaseConfig;
+
+/// Connections the hop's statements keep between uses at most (and at most half the pool).
+const HOT_CONNECTIONS: usize = 8;
 
 /// A pooled connection idle this long is pinged before it is handed out.
 const CHECK_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -98,6 +103,8 @@ pub struct StoreLimits {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Connections the hop's statements keep between uses (`held`).
+    hot: Arc<HeldConnections>,
     limits: StoreLimits,
     replica_id: Option<Uuid>,
 }
@@ -105,6 +112,7 @@ pub struct Store {
 impl Store {
     pub fn new(pool: PgPool) -> Self {
         Self {
+            hot: Arc::new(HeldConnections::new(&pool, HOT_CONNECTIONS)),
             pool,
             limits: StoreLimits::default(),
             replica_id: None,
@@ -158,6 +166,12 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A connection for a statement on the hop (a completion, a claim, a fetch): one kept
+    /// from an earlier such statement, else the pool's.
+    async fn hot(&self) -> Result<held::Held<'_>, StoreError> {
+        self.hot.take().await
     }
 
     /// Apply pending migrations; a no-op when the schema is current. Returns how many ran.

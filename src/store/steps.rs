@@ -354,7 +354,7 @@ impl Store {
         announce_as: Option<Uuid>,
     ) -> Result<EnqueueResult, StoreError> {
         let takers = serde_json::to_value(takers).expect("takers serialize");
-        let row: EnqueueRow = sqlx::query_as(
+        let row = sqlx::query_as(
             "SELECT e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued, e.held
              FROM (SELECT set_config('tasker.traceparent', coalesce($3, ''), true)) tp,
                   tasker.claim_and_enqueue($1, $2, $4, $5) e",
@@ -363,9 +363,10 @@ impl Store {
         .bind(metadata)
         .bind(traceparent)
         .bind(takers)
-        .bind(announce_as)
-        .fetch_one(&self.pool)
-        .await?;
+        .bind(announce_as);
+        let mut held = self.hot().await?;
+        let row = row.fetch_one(held.conn()).await;
+        let row: EnqueueRow = held.finish(row)?;
         enqueue_result("tasker.claim_and_enqueue", row)
     }
 
@@ -378,19 +379,9 @@ impl Store {
         &self,
         completion: &Completion,
     ) -> Result<Option<EagerEnqueue>, StoreError> {
-        self.complete_step_and_claim_on(&self.pool, completion)
-            .await
-    }
-
-    /// [`Store::complete_step_and_claim`] on the connection (or pool) `on`.
-    pub async fn complete_step_and_claim_on<'c>(
-        &self,
-        on: impl sqlx::PgExecutor<'c>,
-        completion: &Completion,
-    ) -> Result<Option<EagerEnqueue>, StoreError> {
         let lease = completion.lease;
         let takers = serde_json::to_value([&completion.next]).expect("takers serialize");
-        let row: EagerRow = sqlx::query_as(
+        let row = sqlx::query_as(
             "SELECT e.completion, e.task_uuid, e.worker_id, e.outcome, e.namespace, e.enqueued_steps, e.max_ready_wait_ms, e.leased, e.queued, e.held
              FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp,
                   tasker.complete_step_and_claim($1, $2, $3, $4, $6, $7, $8, $9, $10) e",
@@ -404,9 +395,10 @@ impl Store {
         .bind(serde_json::json!({}))
         .bind(self.parent_results_budget())
         .bind(eager_metadata(1))
-        .bind(takers)
-        .fetch_one(on)
-        .await?;
+        .bind(takers);
+        let mut held = self.hot().await?;
+        let row = row.fetch_one(held.conn()).await;
+        let row: EagerRow = held.finish(row)?;
         row.answer(
             "tasker.complete_step_and_claim",
             lease,
@@ -441,16 +433,16 @@ impl Store {
         max: i32,
         lease_ms: i64,
     ) -> Result<Vec<LeasedStep>, StoreError> {
-        Ok(
+        let steps =
             sqlx::query_as::<_, LeasedStep>("SELECT * FROM tasker.fetch_steps($1, $2, $3, $4, $5)")
                 .bind(namespace)
                 .bind(queues)
                 .bind(worker_id)
                 .bind(max)
-                .bind(lease_ms)
-                .fetch_all(&self.pool)
-                .await?,
-        )
+                .bind(lease_ms);
+        let mut held = self.hot().await?;
+        let steps = steps.fetch_all(held.conn()).await;
+        held.finish(steps)
     }
 
     pub(super) fn parent_results_budget(&self) -> Option<i32> {
@@ -468,20 +460,7 @@ impl Store {
         metadata: &Value,
         traceparent: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.complete_step_on(&self.pool, lease, results, metadata, traceparent)
-            .await
-    }
-
-    /// [`Store::complete_step`] on the connection (or pool) `on`.
-    pub async fn complete_step_on<'c>(
-        &self,
-        on: impl sqlx::PgExecutor<'c>,
-        lease: HeldLease,
-        results: &Value,
-        metadata: &Value,
-        traceparent: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let outcome: AttemptAnswer = sqlx::query_scalar(
+        let outcome = sqlx::query_scalar(
             "SELECT c.outcome
              FROM (SELECT set_config('tasker.traceparent', coalesce($5, ''), true)) tp,
                   tasker.complete_attempt($1, $2, $7, $3, $8, $4, $6, true) c",
@@ -493,9 +472,10 @@ impl Store {
         .bind(traceparent)
         .bind(self.parent_results_budget())
         .bind(lease.lease_token)
-        .bind(results_bytes(results))
-        .fetch_one(on)
-        .await?;
+        .bind(results_bytes(results));
+        let mut held = self.hot().await?;
+        let outcome = outcome.fetch_one(held.conn()).await;
+        let outcome: AttemptAnswer = held.finish(outcome)?;
         AttemptOutcome::of("tasker.complete_step", AttemptAnswer::Completed, outcome)?
             .into_result_within(
                 lease.step_uuid,
@@ -532,15 +512,6 @@ impl Store {
         &self,
         items: &[Completion],
     ) -> Result<Vec<Result<Option<EagerEnqueue>, StoreError>>, StoreError> {
-        self.complete_steps_on(&self.pool, items).await
-    }
-
-    /// [`Store::complete_steps`] on the connection (or pool) `on`.
-    pub async fn complete_steps_on<'c>(
-        &self,
-        on: impl sqlx::PgExecutor<'c>,
-        items: &[Completion],
-    ) -> Result<Vec<Result<Option<EagerEnqueue>, StoreError>>, StoreError> {
         let steps: Vec<Uuid> = items.iter().map(|c| c.lease.step_uuid).collect();
         let attempts: Vec<i32> = items.iter().map(|c| c.lease.attempt).collect();
         let tokens: Vec<Uuid> = items.iter().map(|c| c.lease.lease_token).collect();
@@ -561,7 +532,7 @@ impl Store {
             #[sqlx(flatten)]
             eager: EagerRow,
         }
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows = sqlx::query_as(
             "SELECT idx, completion, task_uuid, worker_id, outcome, namespace, enqueued_steps, max_ready_wait_ms, leased, queued, held
              FROM tasker.complete_steps_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
@@ -574,9 +545,10 @@ impl Store {
         .bind(&takers)
         .bind(serde_json::json!({"batched": items.len()}))
         .bind(eager_metadata(items.len()))
-        .bind(self.parent_results_budget())
-        .fetch_all(on)
-        .await?;
+        .bind(self.parent_results_budget());
+        let mut held = self.hot().await?;
+        let rows = rows.fetch_all(held.conn()).await;
+        let rows: Vec<Row> = held.finish(rows)?;
         let mut out: Vec<Result<Option<EagerEnqueue>, StoreError>> = items
             .iter()
             .map(|c| Err(StoreError::not_found(format!("step {}", c.lease.step_uuid))))
