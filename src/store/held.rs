@@ -9,8 +9,11 @@
 //! restart, a proxy's idle timeout) is checked before it is used again, as the pool checks
 //! its own; one whose statement failed or was abandoned goes back to the pool, which checks
 //! it and closes it if it is broken.
+//!
+//! Closing the pool waits for every connection taken from it: the moment it is asked to close,
+//! the kept ones go back to it (a task waits for that moment), and none is kept any more.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -22,10 +25,17 @@ use super::{StoreError, CHECK_IDLE_AFTER};
 #[derive(Debug)]
 pub struct HeldConnections {
     pool: PgPool,
-    idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    idle: Arc<Mutex<Idle>>,
     keep: usize,
     /// A kept connection idle this long is checked before it is used again.
     check_after: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Idle {
+    conns: Vec<(PoolConnection<Postgres>, Instant)>,
+    /// The pool was asked to close: nothing is kept any more.
+    closed: bool,
 }
 
 impl HeldConnections {
@@ -33,9 +43,22 @@ impl HeldConnections {
     /// size, so that the rest of the service always finds connections there.
     pub fn new(pool: &PgPool, keep: usize) -> Self {
         let half = (pool.options().get_max_connections() / 2).max(1) as usize;
+        let idle = Arc::new(Mutex::new(Idle::default()));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let closing = pool.close_event();
+            let idle = Arc::downgrade(&idle);
+            runtime.spawn(async move {
+                closing.await;
+                if let Some(idle) = idle.upgrade() {
+                    let mut idle = idle.lock().expect("no holder panicked");
+                    idle.closed = true;
+                    idle.conns.clear();
+                }
+            });
+        }
         Self {
             pool: pool.clone(),
-            idle: Mutex::new(Vec::new()),
+            idle,
             keep: keep.min(half),
             check_after: CHECK_IDLE_AFTER,
         }
@@ -43,7 +66,7 @@ impl HeldConnections {
 
     /// A kept connection (checked first if it has been idle a while), else one from the pool.
     pub async fn take(&self) -> Result<Held<'_>, StoreError> {
-        let kept = self.idle.lock().expect("no holder panicked").pop();
+        let kept = self.idle.lock().expect("no holder panicked").conns.pop();
         let conn = match kept {
             Some((mut conn, since)) => {
                 if since.elapsed() < self.check_after || conn.ping().await.is_ok() {
@@ -97,8 +120,8 @@ impl Drop for Held<'_> {
             return;
         }
         let mut idle = self.home.idle.lock().expect("no holder panicked");
-        if idle.len() < self.home.keep {
-            idle.push((conn, Instant::now()));
+        if !idle.closed && !self.home.pool.is_closed() && idle.conns.len() < self.home.keep {
+            idle.conns.push((conn, Instant::now()));
         }
     }
 }
@@ -134,12 +157,12 @@ mod tests {
         assert_eq!(backend_pid(h.conn()).await, kept);
         assert!(h.finish::<()>(Err(sqlx::Error::PoolClosed)).is_err());
         drop(h);
-        assert_eq!(held.idle.lock().unwrap().len(), 0);
+        assert_eq!(held.idle.lock().unwrap().conns.len(), 0);
         let mut h = held.take().await.unwrap();
         // a statement abandoned mid-way (no word of its end) leaves nothing kept either
         let _ = h.conn();
         drop(h);
-        assert_eq!(held.idle.lock().unwrap().len(), 0);
+        assert_eq!(held.idle.lock().unwrap().conns.len(), 0);
         drop(other);
         // a kept connection cut while idle is checked before use, and replaced
         let held = HeldConnections {
@@ -158,6 +181,27 @@ mod tests {
         assert!(terminated);
         let mut h = held.take().await.unwrap();
         assert_ne!(backend_pid(h.conn()).await, cut);
+    }
+
+    /// Closing the pool does not wait for the kept connections: they go back to it, and
+    /// nothing is kept after.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn closing_the_pool_takes_back_the_kept_connections(pool: PgPool) {
+        let held = HeldConnections::new(&pool, 2);
+        let mut a = held.take().await.unwrap();
+        let mut b = held.take().await.unwrap();
+        for h in [&mut a, &mut b] {
+            let done = sqlx::query("SELECT 1").execute(h.conn()).await;
+            h.finish(done).unwrap();
+        }
+        drop(a);
+        let closing = pool.close();
+        // taken before the close, given back after it: not kept
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(30), closing)
+            .await
+            .expect("the pool closed with connections kept");
+        assert_eq!(held.idle.lock().unwrap().conns.len(), 0);
     }
 
     /// Never more than half of the pool is kept.
