@@ -10,10 +10,13 @@
 //! its own; one whose statement failed or was abandoned goes back to the pool, which checks
 //! it and closes it if it is broken.
 //!
-//! Closing the pool waits for every connection taken from it: the moment it is asked to close,
-//! the kept ones go back to it (a task waits for that moment), and none is kept any more.
+//! Kept connections are out of the pool's reach, so they are kept only while the hop uses
+//! them: a task gives back those unused for a second, a connection finishing its statement
+//! while the pool has none left is given back (others may be waiting), and the moment the
+//! pool is asked to close (which waits for every connection taken from it) all go back and
+//! none is kept any more.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -45,16 +48,7 @@ impl HeldConnections {
         let half = (pool.options().get_max_connections() / 2).max(1) as usize;
         let idle = Arc::new(Mutex::new(Idle::default()));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let closing = pool.close_event();
-            let idle = Arc::downgrade(&idle);
-            runtime.spawn(async move {
-                closing.await;
-                if let Some(idle) = idle.upgrade() {
-                    let mut idle = idle.lock().expect("no holder panicked");
-                    idle.closed = true;
-                    idle.conns.clear();
-                }
-            });
+            runtime.spawn(give_back_unused(pool.clone(), Arc::downgrade(&idle)));
         }
         Self {
             pool: pool.clone(),
@@ -84,6 +78,29 @@ impl HeldConnections {
             home: self,
             sound: false,
         })
+    }
+}
+
+/// Gives the pool back the kept connections unused for `CHECK_IDLE_AFTER` (the hop went
+/// quiet: others may need them), and all of them the moment the pool is asked to close.
+async fn give_back_unused(pool: PgPool, idle: Weak<Mutex<Idle>>) {
+    let closing = pool.close_event();
+    tokio::pin!(closing);
+    let mut sweep = tokio::time::interval(CHECK_IDLE_AFTER);
+    loop {
+        let closed = tokio::select! {
+            _ = &mut closing => true,
+            _ = sweep.tick() => false,
+        };
+        let Some(idle) = idle.upgrade() else { return };
+        let mut idle = idle.lock().expect("no holder panicked");
+        if closed {
+            idle.closed = true;
+            idle.conns.clear();
+            return;
+        }
+        idle.conns
+            .retain(|(_, since)| since.elapsed() < CHECK_IDLE_AFTER);
     }
 }
 
@@ -119,8 +136,11 @@ impl Drop for Held<'_> {
         if !self.sound {
             return;
         }
+        let pool = &self.home.pool;
+        // a pool with every connection out may have callers waiting: this one goes to them
+        let exhausted = pool.size() >= pool.options().get_max_connections() && pool.num_idle() == 0;
         let mut idle = self.home.idle.lock().expect("no holder panicked");
-        if !idle.closed && !self.home.pool.is_closed() && idle.conns.len() < self.home.keep {
+        if !idle.closed && !pool.is_closed() && !exhausted && idle.conns.len() < self.home.keep {
             idle.conns.push((conn, Instant::now()));
         }
     }
@@ -201,6 +221,24 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), closing)
             .await
             .expect("the pool closed with connections kept");
+        assert_eq!(held.idle.lock().unwrap().conns.len(), 0);
+    }
+
+    /// A connection finishing its statement while the pool has none left goes back to it.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn an_exhausted_pool_gets_its_connection_back(pool: PgPool) {
+        let small = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(pool.connect_options().as_ref().clone())
+            .await
+            .unwrap();
+        let held = HeldConnections::new(&small, 1);
+        let mut h = held.take().await.unwrap();
+        let done = sqlx::query("SELECT 1").execute(h.conn()).await;
+        h.finish(done).unwrap();
+        let _other = small.acquire().await.unwrap();
+        assert_eq!(small.size(), 2);
+        drop(h);
         assert_eq!(held.idle.lock().unwrap().conns.len(), 0);
     }
 
