@@ -2,9 +2,9 @@
 //! each back to the pool.
 //!
 //! sqlx checks every connection given back to its pool with a round trip to the server (a
-//! Sync message and its answer), in a task of its own. On the completion hop, one statement
-//! per completion or batch, that is as many round trips again, each waking the server's
-//! backend and the service. A connection kept here goes back to no pool between statements,
+//! Sync message and its answer), in a task of its own. The hop's statements (a completion or
+//! a batch of them, a claim, a fetch) are one round trip each: that is as many again, each
+//! waking the server's backend and the service. A connection kept here goes back to no pool between statements,
 //! so it costs nothing but the statement. One idle long enough to have been cut meanwhile (a
 //! restart, a proxy's idle timeout) is checked before it is used again, as the pool checks
 //! its own; one whose statement failed or was abandoned goes back to the pool, which checks

@@ -35,9 +35,9 @@ mod steps;
 mod tasks;
 mod views;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::sync::Arc;
 
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use uuid::Uuid;
 
