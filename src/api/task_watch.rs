@@ -370,11 +370,15 @@ impl ChangeReader {
         let since = self
             .steps_read_at
             .map(|t| t - chrono::Duration::from_std(COMMIT_MARGIN).unwrap_or_default());
-        let (steps, read_at) = self.store.step_states_since(self.task_uuid, since).await?;
+        // the task's transitions before its steps: a step's change commits with the task
+        // transition it causes (the last step's, with the task's end), so a change committed
+        // between the two reads shows its step now and its task transition at the next read,
+        // never the task's end without the step change that made it
         let transitions = self
             .store
             .task_transitions_after(self.task_uuid, self.last_transition)
             .await?;
+        let (steps, read_at) = self.store.step_states_since(self.task_uuid, since).await?;
         self.steps_read_at = Some(read_at);
         let mut changes = Vec::new();
         for s in steps {
