@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // `sqlx::migrate!` embeds migrations/ at compile time; a new or edited migration must
     // rebuild the crate, or the binary would run yesterday's schema.
+    println!("cargo:rerun-if-changed=proto/google/rpc/status.proto");
     println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
@@ -26,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .codec_path("crate::proto::codec::TaskerCodec")
+        // google.rpc.Status (the Work stream's per-call errors) is tonic-types' own type, the
+        // one tonic_types::StatusExt builds details with
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .file_descriptor_set_path(&descriptor_path)
         .compile_fds(fds)?;
     Ok(())

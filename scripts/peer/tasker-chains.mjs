@@ -7,8 +7,9 @@
 // Chains only: C chains of L steps at once, one worker per chain, a finished chain replaced by
 // a new one. Each worker long-polls FetchSteps (max_steps 1), then calls CompleteStep; with
 // `eager` it asks for its next step in the same call (CompleteStepRequest.next) and fetches
-// only when none came back. "Next step starts" is measured as in Rust: from sending the
-// CompleteStep of a step to holding its successor.
+// only when none came back; with `stream` (eager too) every call is a message on one
+// WorkerService/Work stream per worker instead of a call of its own. "Next step starts" is
+// measured as in Rust: from sending the CompleteStep of a step to holding its successor.
 //
 //   cd scripts/peer && npm install
 //   node tasker-chains.mjs PROTO_DIR SPEC_JSON
@@ -27,6 +28,7 @@ if (!spec.shape.chains) {
 }
 const { count, length } = spec.shape.chains;
 const eager = Boolean(spec.eager);
+const overStream = Boolean(spec.stream);
 
 const definition = protoLoader.loadSync(["tasker/v1/tasks.proto", "tasker/v1/workers.proto"], {
   includeDirs: [protoDir],
@@ -65,6 +67,40 @@ function call(client, method, request) {
   });
 }
 
+// One Work stream: each call a WorkRequest with an id, its answer the WorkResponse with that
+// id (its response, or `error`, the status the call would have failed with).
+function workStream(client) {
+  const stream = client.Work();
+  inFlight.add(stream);
+  const waiting = new Map();
+  let nextId = 1;
+  let ended = null;
+  const fail = (e) => {
+    ended = e;
+    for (const w of waiting.values()) w.reject(e);
+    waiting.clear();
+  };
+  stream.on("data", (answer) => {
+    const w = waiting.get(answer.id);
+    if (!w) return;
+    waiting.delete(answer.id);
+    if (answer.error) {
+      const e = new Error(`${answer.error.code} ${answer.error.message}`);
+      e.code = answer.error.code;
+      w.reject(e);
+    } else w.resolve(answer[w.method]);
+  });
+  stream.on("error", (e) => fail(e));
+  stream.on("end", () => fail(new Error("the Work stream ended")));
+  return (method, request) =>
+    new Promise((resolve, reject) => {
+      if (ended) return reject(ended);
+      const id = nextId++;
+      waiting.set(id, { method, resolve, reject });
+      stream.write({ id, [method]: request });
+    });
+}
+
 const chainSteps = Array.from({ length }, (_, i) => ({
   name: `s${i}`,
   depends_on: i === 0 ? [] : [`s${i - 1}`],
@@ -78,6 +114,10 @@ async function chainWorker(i) {
   const namespace = `${spec.namespace}-${i}`;
   const workerId = `bench-node-${namespace}`;
   const last = `s${length - 1}`;
+  const work = overStream
+    ? workStream(workers)
+    : (method, request) =>
+        call(workers, method === "fetch_steps" ? "FetchSteps" : "CompleteStep", request);
   const createChain = () =>
     call(tasks, "CreateTask", { namespace, name: `chain-${length}`, steps: chainSteps });
   await createChain();
@@ -85,7 +125,7 @@ async function chainWorker(i) {
   let step = null;
   while (!stopping) {
     if (step === null) {
-      const r = await call(workers, "FetchSteps", {
+      const r = await work("fetch_steps", {
         namespace,
         worker_id: workerId,
         max_steps: 1,
@@ -107,7 +147,7 @@ async function chainWorker(i) {
       lease_token: step.lease_token,
     };
     if (eager) request.next = { max_steps: 1, lease_seconds: 30 };
-    const r = await call(workers, "CompleteStep", request);
+    const r = await work("complete_step", request);
     const done = now();
     report.steps_total += 1;
     if (inWindow(done)) report.steps_in_window += 1;
@@ -146,7 +186,7 @@ if (ended) {
   process.exit(1);
 }
 stopping = true;
-for (const c of inFlight) c.cancel();
+for (const c of inFlight) c.cancel(); // calls and Work streams
 await Promise.allSettled(workers);
 // a pipe takes stdout asynchronously: exit once the report is written, not before
 process.stdout.write(JSON.stringify(report) + "\n", () => process.exit(0));

@@ -71,6 +71,7 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         | "tasker.v1.WorkerService/CompleteStep"
         | "tasker.v1.WorkerService/FailStep"
         | "tasker.v1.WorkerService/ExtendLease"
+        | "tasker.v1.WorkerService/Work"
         | "tasker.v1.ScheduleService/CreateSchedule"
         | "tasker.v1.ScheduleService/PauseSchedule"
         | "tasker.v1.ScheduleService/ResumeSchedule"

@@ -1,6 +1,8 @@
 //! A client for Tasker's gRPC API: connecting (plaintext or TLS, with a bearer token), and
 //! [`WorkerClient`], what a worker process needs to lease steps, complete or fail them and
-//! extend a lease; [`task`], a `CreateTaskRequest` written the way a DAG is drawn.
+//! extend a lease, as gRPC calls or as messages on one Work stream
+//! ([`WorkerClient::over_stream`]); [`task`], a `CreateTaskRequest` written the way a DAG is
+//! drawn.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,6 +32,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+use super::client_stream::{mismatched, WorkStream};
+use crate::proto::v1::work_request::Call;
+use crate::proto::v1::work_response::Result as Answer;
 use crate::proto::{self, v1};
 
 /// Where and how to connect.
@@ -190,10 +195,13 @@ impl From<v1::LeasedStep> for LeasedStep {
     }
 }
 
-/// A worker for one namespace: long-poll for steps, then complete or fail each.
+/// A worker for one namespace: long-poll for steps, then complete or fail each. Each call is
+/// a gRPC call, or, after [`WorkerClient::over_stream`], a message on one Work stream.
 #[derive(Clone)]
 pub struct WorkerClient {
     inner: v1::worker_service_client::WorkerServiceClient<AuthorizedChannel>,
+    /// Calls go over this stream when set.
+    stream: Option<WorkStream>,
     namespace: String,
     worker_id: String,
     /// The queues whose steps it runs, in order of preference; empty: the default queue.
@@ -218,6 +226,7 @@ impl WorkerClient {
     ) -> Self {
         Self {
             inner: v1::worker_service_client::WorkerServiceClient::new(channel),
+            stream: None,
             namespace: namespace.into(),
             worker_id: worker_id.into(),
             queues: Vec::new(),
@@ -231,21 +240,33 @@ impl WorkerClient {
         self
     }
 
+    /// Send every call as a message on one `WorkerService/Work` stream (opened now, and
+    /// again after it ends) instead of a gRPC call each: no call set-up per step. The calls
+    /// and their answers are the same.
+    pub async fn over_stream(mut self) -> Result<Self, Status> {
+        self.stream = Some(WorkStream::open(self.inner.clone()).await?);
+        Ok(self)
+    }
+
     /// Lease up to `max` steps, waiting up to `wait` for the first (the server caps the wait
     /// at its `grpc.max_fetch_wait_ms`). An empty result means none arrived in time.
     pub async fn fetch(&mut self, max: i32, wait: Duration) -> Result<Vec<LeasedStep>, Status> {
-        let r = self
-            .inner
-            .fetch_steps(v1::FetchStepsRequest {
-                namespace: self.namespace.clone(),
-                worker_id: self.worker_id.clone(),
-                max_steps: max,
-                wait_ms: i32::try_from(wait.as_millis()).unwrap_or(i32::MAX),
-                lease_seconds: self.lease_seconds,
-                queues: self.queues.clone(),
-            })
-            .await?;
-        Ok(r.into_inner().steps.into_iter().map(Into::into).collect())
+        let r = v1::FetchStepsRequest {
+            namespace: self.namespace.clone(),
+            worker_id: self.worker_id.clone(),
+            max_steps: max,
+            wait_ms: i32::try_from(wait.as_millis()).unwrap_or(i32::MAX),
+            lease_seconds: self.lease_seconds,
+            queues: self.queues.clone(),
+        };
+        let r = match &self.stream {
+            Some(s) => match s.call(Call::FetchSteps(r)).await? {
+                Answer::FetchSteps(r) => r,
+                _ => return Err(mismatched("FetchSteps")),
+            },
+            None => self.inner.fetch_steps(r).await?.into_inner(),
+        };
+        Ok(r.steps.into_iter().map(Into::into).collect())
     }
 
     /// Report the attempt done with `results` (a JSON object). Safe to retry after a lost
@@ -279,17 +300,20 @@ impl WorkerClient {
         results: &Value,
         next: Option<v1::NextSteps>,
     ) -> Result<v1::CompleteStepResponse, Status> {
-        Ok(self
-            .inner
-            .complete_step(v1::CompleteStepRequest {
-                step_uuid: step.step_uuid.clone(),
-                attempt: step.attempt,
-                results: Some(proto::json_to_struct(results)),
-                lease_token: step.lease_token.clone(),
-                next,
-            })
-            .await?
-            .into_inner())
+        let r = v1::CompleteStepRequest {
+            step_uuid: step.step_uuid.clone(),
+            attempt: step.attempt,
+            results: Some(proto::json_to_struct(results)),
+            lease_token: step.lease_token.clone(),
+            next,
+        };
+        match &self.stream {
+            Some(s) => match s.call(Call::CompleteStep(r)).await? {
+                Answer::CompleteStep(r) => Ok(r),
+                _ => Err(mismatched("CompleteStep")),
+            },
+            None => Ok(self.inner.complete_step(r).await?.into_inner()),
+        }
     }
 
     /// Report the attempt failed. `retryable`: another attempt may be made (after `backoff`;
@@ -301,31 +325,38 @@ impl WorkerClient {
         retryable: bool,
         backoff: Option<Duration>,
     ) -> Result<v1::FailStepResponse, Status> {
-        Ok(self
-            .inner
-            .fail_step(v1::FailStepRequest {
-                step_uuid: step.step_uuid.clone(),
-                attempt: step.attempt,
-                error_message: message.to_string(),
-                retryable,
-                backoff_ms: backoff.map(|b| i64::try_from(b.as_millis()).unwrap_or(i64::MAX)),
-                error_details: None,
-                lease_token: step.lease_token.clone(),
-            })
-            .await?
-            .into_inner())
+        let r = v1::FailStepRequest {
+            step_uuid: step.step_uuid.clone(),
+            attempt: step.attempt,
+            error_message: message.to_string(),
+            retryable,
+            backoff_ms: backoff.map(|b| i64::try_from(b.as_millis()).unwrap_or(i64::MAX)),
+            error_details: None,
+            lease_token: step.lease_token.clone(),
+        };
+        match &self.stream {
+            Some(s) => match s.call(Call::FailStep(r)).await? {
+                Answer::FailStep(r) => Ok(r),
+                _ => Err(mismatched("FailStep")),
+            },
+            None => Ok(self.inner.fail_step(r).await?.into_inner()),
+        }
     }
 
     /// Keep the lease for another `lease_seconds`.
     pub async fn extend(&mut self, step: &LeasedStep) -> Result<(), Status> {
-        self.inner
-            .extend_lease(v1::ExtendLeaseRequest {
-                step_uuid: step.step_uuid.clone(),
-                attempt: step.attempt,
-                lease_seconds: self.lease_seconds,
-                lease_token: step.lease_token.clone(),
-            })
-            .await?;
-        Ok(())
+        let r = v1::ExtendLeaseRequest {
+            step_uuid: step.step_uuid.clone(),
+            attempt: step.attempt,
+            lease_seconds: self.lease_seconds,
+            lease_token: step.lease_token.clone(),
+        };
+        match &self.stream {
+            Some(s) => match s.call(Call::ExtendLease(r)).await? {
+                Answer::ExtendLease(_) => Ok(()),
+                _ => Err(mismatched("ExtendLease")),
+            },
+            None => self.inner.extend_lease(r).await.map(drop),
+        }
     }
 }

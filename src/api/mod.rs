@@ -5,14 +5,15 @@
 //! - `accept`: accepting connections under limits (cap, keepalive, TLS and preface deadline)
 //! - `context`: `ApiContext`, what every handler shares
 //! - `readiness_api`, `admin_api`, `task_api`, `worker_api`, `schedule_api`: one file per
-//!   service
+//!   service; `work_stream`, WorkerService's calls as messages on one stream
 //! - `auth`: bearer tokens and scopes, a tower layer in front of everything
 //! - `error`: the one mapping from internal errors to status codes
 //! - `convert`: protobuf <-> domain conversions and field-naming request parsing
 //! - `connections`: the connection registry (per-peer caps, idle eviction)
 //! - `task_list`, `task_watch`: ListTasks paging and the WatchTask feed
 //! - `client`: the worker client (connect, lease, complete, fail), the library's public API,
-//!   with `task_builder` (a `CreateTaskRequest` written the way a DAG is drawn)
+//!   with `task_builder` (a `CreateTaskRequest` written the way a DAG is drawn) and
+//!   `client_stream` (its calls over one Work stream)
 //!
 //! Every request gets a server span (`grpc.request`, with method, peer and status code)
 //! whose parent is the caller's W3C trace context when it sent one.
@@ -21,6 +22,7 @@ mod accept;
 mod admin_api;
 pub mod auth;
 pub mod client;
+mod client_stream;
 pub mod connections;
 mod context;
 pub mod convert;
@@ -31,6 +33,7 @@ mod task_api;
 mod task_builder;
 mod task_list;
 mod task_watch;
+mod work_stream;
 mod worker_api;
 
 use std::net::SocketAddr;

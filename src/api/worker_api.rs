@@ -1,9 +1,10 @@
-//! `tasker.v1.WorkerService`: lease steps (long-poll), complete, fail, extend a lease.
+//! `tasker.v1.WorkerService`: lease steps (long-poll), complete, fail, extend a lease; the
+//! same calls on one stream in `work_stream`.
 
 use std::time::Duration;
 
 use serde_json::json;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Caller;
 use super::context::ApiContext;
@@ -27,6 +28,7 @@ const DEFAULT_LEASE_SECONDS: i64 = 30;
 const MAX_LEASE_SECONDS: i64 = 3600;
 const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 
+#[derive(Clone)]
 pub struct WorkerApi {
     ctx: ApiContext,
 }
@@ -34,6 +36,10 @@ pub struct WorkerApi {
 impl WorkerApi {
     pub fn new(ctx: ApiContext) -> Self {
         Self { ctx }
+    }
+
+    pub fn ctx(&self) -> &ApiContext {
+        &self.ctx
     }
 
     /// The steps leased to `worker_id` (by a fetch, or eagerly by its completion) as its
@@ -134,6 +140,18 @@ fn fetch_queues(field: &str, named: Vec<String>) -> Result<Vec<String>, Status> 
 
 #[tonic::async_trait]
 impl v1::worker_service_server::WorkerService for WorkerApi {
+    type WorkStream = super::work_stream::WorkAnswers;
+
+    async fn work(
+        &self,
+        request: Request<Streaming<v1::WorkRequest>>,
+    ) -> Result<Response<Self::WorkStream>, Status> {
+        Ok(Response::new(super::work_stream::serve(
+            self.clone(),
+            request,
+        )))
+    }
+
     async fn fetch_steps(
         &self,
         request: Request<v1::FetchStepsRequest>,

@@ -292,18 +292,25 @@ where
                     .unwrap_or(0),
                 Err(_) => tonic::Code::Internal as i32,
             };
-            tracing::Span::current().record("rpc.grpc.status_code", code);
-            let attrs = [
-                KeyValue::new("rpc.method", method),
-                KeyValue::new("rpc.grpc.status_code", i64::from(code)),
-            ];
-            let i = grpc_instruments();
-            i.requests.add(1, &attrs);
-            i.duration
-                .record(started.elapsed().as_secs_f64() * 1000.0, &attrs);
+            record_grpc_call(method, code, started);
             res
         })
     }
+}
+
+/// Records a call's gRPC status code on the current span and in the request metrics under
+/// `method` (`tasker.v1.Service/Method`): every unary call, and each call a Work stream
+/// carries, as the method it stands for.
+pub fn record_grpc_call(method: String, code: i32, started: Instant) {
+    tracing::Span::current().record("rpc.grpc.status_code", code);
+    let attrs = [
+        KeyValue::new("rpc.method", method),
+        KeyValue::new("rpc.grpc.status_code", i64::from(code)),
+    ];
+    let i = grpc_instruments();
+    i.requests.add(1, &attrs);
+    i.duration
+        .record(started.elapsed().as_secs_f64() * 1000.0, &attrs);
 }
 
 #[cfg(test)]

@@ -62,8 +62,9 @@ pub struct BenchArgs {
     pub queue_limit: Option<i32>,
     /// Remote: the workers' clients, comma-separated, each scenario run with each: rust
     /// (tasker::client), rust-eager (completions ask for the next step:
-    /// CompleteStepRequest.next), node and node-eager (Node.js with @grpc/grpc-js, chains
-    /// only; needs `npm install` in scripts/peer).
+    /// CompleteStepRequest.next), rust-stream (eager, every call a message on one
+    /// WorkerService/Work stream), node, node-eager and node-stream (the same with Node.js and
+    /// @grpc/grpc-js, chains only; needs `npm install` in scripts/peer).
     #[arg(long, value_delimiter = ',', default_value = "rust")]
     pub clients: Vec<String>,
     /// Remote: also run every chains scenario on graphile-worker (a PostgreSQL job queue) in

@@ -66,36 +66,64 @@ pub struct RemoteOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Client {
     /// `tasker bench-worker`: `tasker::client`, the Rust client.
-    Rust { eager: bool },
+    Rust { eager: bool, stream: bool },
     /// `scripts/peer/tasker-chains.mjs`: Node.js with `@grpc/grpc-js` (chains only).
-    Node { eager: bool },
+    Node { eager: bool, stream: bool },
 }
 
 impl Client {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
-            "rust" => Ok(Self::Rust { eager: false }),
-            "rust-eager" => Ok(Self::Rust { eager: true }),
-            "node" => Ok(Self::Node { eager: false }),
-            "node-eager" => Ok(Self::Node { eager: true }),
+            "rust" => Ok(Self::Rust {
+                eager: false,
+                stream: false,
+            }),
+            "rust-eager" => Ok(Self::Rust {
+                eager: true,
+                stream: false,
+            }),
+            "rust-stream" => Ok(Self::Rust {
+                eager: true,
+                stream: true,
+            }),
+            "node" => Ok(Self::Node {
+                eager: false,
+                stream: false,
+            }),
+            "node-eager" => Ok(Self::Node {
+                eager: true,
+                stream: false,
+            }),
+            "node-stream" => Ok(Self::Node {
+                eager: true,
+                stream: true,
+            }),
             _ => Err(format!(
-                "client {s:?}: expected rust, rust-eager, node or node-eager"
+                "client {s:?}: expected rust, rust-eager, rust-stream, node, node-eager or node-stream"
             )),
         }
     }
 
     pub fn label(self) -> &'static str {
         match self {
-            Self::Rust { eager: false } => "Rust",
-            Self::Rust { eager: true } => "Rust, eager",
-            Self::Node { eager: false } => "Node.js",
-            Self::Node { eager: true } => "Node.js, eager",
+            Self::Rust { stream: true, .. } => "Rust, eager, stream",
+            Self::Rust { eager: true, .. } => "Rust, eager",
+            Self::Rust { .. } => "Rust",
+            Self::Node { stream: true, .. } => "Node.js, eager, stream",
+            Self::Node { eager: true, .. } => "Node.js, eager",
+            Self::Node { .. } => "Node.js",
         }
     }
 
     fn eager(self) -> bool {
         match self {
-            Self::Rust { eager } | Self::Node { eager } => eager,
+            Self::Rust { eager, .. } | Self::Node { eager, .. } => eager,
+        }
+    }
+
+    fn stream(self) -> bool {
+        match self {
+            Self::Rust { stream, .. } | Self::Node { stream, .. } => stream,
         }
     }
 }
@@ -421,6 +449,7 @@ async fn scenario(
         window_ms: opts.window.as_millis() as u64,
         namespace: BENCH_NAMESPACE.into(),
         eager: client.eager(),
+        stream: client.stream(),
     };
     let spec = serde_json::to_string(&spec)?;
     let mut command = match client {

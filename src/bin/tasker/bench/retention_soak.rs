@@ -152,6 +152,7 @@ async fn start_arm(
         window_ms: opts.duration.as_millis() as u64,
         namespace: "soak".into(),
         eager: false,
+        stream: false,
     };
     let mut worker = Command::new(std::env::current_exe()?)
         .arg("bench-worker")

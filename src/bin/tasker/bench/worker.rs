@@ -37,6 +37,33 @@ pub struct WorkerSpec {
     /// (`CompleteStepRequest.next`, one step); the worker fetches only when none came back.
     #[serde(default)]
     pub eager: bool,
+    /// The worker's calls go as messages on one Work stream (`WorkerClient::over_stream`).
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// How a worker calls the service: eagerly or not, over a Work stream or as unary calls.
+#[derive(Debug, Clone, Copy)]
+struct Calls {
+    eager: bool,
+    stream: bool,
+}
+
+impl Calls {
+    /// A worker client of `ns` calling the service this way.
+    async fn client(
+        self,
+        ch: AuthorizedChannel,
+        ns: &str,
+        worker_id: String,
+    ) -> anyhow::Result<WorkerClient> {
+        let worker = WorkerClient::new(ch, ns, worker_id);
+        Ok(if self.stream {
+            worker.over_stream().await?
+        } else {
+            worker
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,7 +141,10 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 let ch = channels[i % channels.len()].clone();
                 let ns = format!("{}-{i}", spec.namespace);
                 let (stop, report, counters) = (stop.clone(), report.clone(), counters.clone());
-                let eager = spec.eager;
+                let eager = Calls {
+                    eager: spec.eager,
+                    stream: spec.stream,
+                };
                 tasks.spawn(async move {
                     chain_worker(ch, ns, length, eager, window, stop, report, counters).await
                 });
@@ -127,7 +157,10 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             create_fan(&creator, &ns, width, &fan).await?;
             for i in 0..workers {
                 let ch = channels[i % channels.len()].clone();
-                let eager = spec.eager;
+                let eager = Calls {
+                    eager: spec.eager,
+                    stream: spec.stream,
+                };
                 let (ns, stop, report, counters, fan, creator) = (
                     ns.clone(),
                     stop.clone(),
@@ -152,7 +185,10 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             for i in 0..workers {
                 let ch = channels[i % channels.len()].clone();
                 let (ns, stop, counters) = (spec.namespace.clone(), stop.clone(), counters.clone());
-                let eager = spec.eager;
+                let eager = Calls {
+                    eager: spec.eager,
+                    stream: spec.stream,
+                };
                 tasks.spawn(
                     async move { paced_worker(ch, ns, i, eager, window, stop, counters).await },
                 );
@@ -305,13 +341,13 @@ async fn chain_worker(
     ch: AuthorizedChannel,
     ns: String,
     length: usize,
-    eager: bool,
+    calls: Calls,
     window: Window,
     stop: CancellationToken,
     report: Arc<Mutex<WorkerReport>>,
     counters: Counters,
 ) -> anyhow::Result<()> {
-    let mut worker = WorkerClient::new(ch.clone(), &ns, format!("bench-{ns}"));
+    let mut worker = calls.client(ch.clone(), &ns, format!("bench-{ns}")).await?;
     let last = format!("s{}", length - 1);
     let results = json!({"ok": true});
     let mut samples = Vec::new();
@@ -328,7 +364,7 @@ async fn chain_worker(
                 }
             }
             let send = Instant::now();
-            handed = complete(&mut worker, &step, &results, eager).await?;
+            handed = complete(&mut worker, &step, &results, calls.eager).await?;
             counters.completed(&window, Instant::now());
             sent = Some(send);
             if step.name == last {
@@ -378,16 +414,16 @@ async fn paced_worker(
     ch: AuthorizedChannel,
     ns: String,
     i: usize,
-    eager: bool,
+    calls: Calls,
     window: Window,
     stop: CancellationToken,
     counters: Counters,
 ) -> anyhow::Result<()> {
-    let mut worker = WorkerClient::new(ch, &ns, format!("soak-{i}"));
+    let mut worker = calls.client(ch, &ns, format!("soak-{i}")).await?;
     let results = json!({"ok": true});
     let mut handed = None;
     while let Some(step) = take_or_fetch(&mut handed, &mut worker, &stop).await? {
-        handed = complete(&mut worker, &step, &results, eager).await?;
+        handed = complete(&mut worker, &step, &results, calls.eager).await?;
         counters.completed(&window, Instant::now());
     }
     Ok(())
@@ -441,14 +477,14 @@ async fn fan_worker(
     ns: String,
     i: usize,
     width: usize,
-    eager: bool,
+    calls: Calls,
     window: Window,
     stop: CancellationToken,
     report: Arc<Mutex<WorkerReport>>,
     counters: Counters,
     fan: Arc<Mutex<FanState>>,
 ) -> anyhow::Result<()> {
-    let mut worker = WorkerClient::new(ch, &ns, format!("bench-fan-{i}"));
+    let mut worker = calls.client(ch, &ns, format!("bench-fan-{i}")).await?;
     let results = json!({"ok": true});
     let mut handed = None;
     while let Some(step) = take_or_fetch(&mut handed, &mut worker, &stop).await? {
@@ -490,7 +526,7 @@ async fn fan_worker(
                 _ => f.last_leaf_sent = Some(f.last_leaf_sent.map_or(send, |l| l.max(send))),
             }
         }
-        handed = complete(&mut worker, &step, &results, eager).await?;
+        handed = complete(&mut worker, &step, &results, calls.eager).await?;
         counters.completed(&window, Instant::now());
         if step.name == "join" {
             create_fan(&creator, &ns, width, &fan).await?;
