@@ -85,15 +85,10 @@ impl WorkStream {
             ended: ended.clone(),
         };
         tokio::spawn(async move {
-            loop {
-                match answers.message().await {
-                    Ok(Some(answer)) => {
-                        let waiter = waiting.lock().expect("never poisoned").remove(&answer.id);
-                        if let (Some(waiter), Some(result)) = (waiter, answer.result) {
-                            let _ = waiter.send(result);
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
+            while let Ok(Some(answer)) = answers.message().await {
+                let waiter = waiting.lock().expect("never poisoned").remove(&answer.id);
+                if let (Some(waiter), Some(result)) = (waiter, answer.result) {
+                    let _ = waiter.send(result);
                 }
             }
             // the calls still waiting fail (their senders dropped); the next call reopens
