@@ -303,6 +303,13 @@ mod tests {
                 .code(),
             tonic::Code::PermissionDenied
         );
+        // a worker's stream carries its reports: write, as the calls it carries
+        assert_eq!(
+            auth.check("/tasker.v1.WorkerService/Work", &h)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
         assert_eq!(
             auth.check("/tasker.v1.AdminService/SetDeploymentMode", &h)
                 .unwrap_err()

@@ -1,0 +1,350 @@
+//! `WorkerService/Work`: a worker's calls as messages on one stream. What it must keep: each
+//! call answered by its id exactly as its unary call answers (responses, eager dispatch,
+//! errors with their details), calls running concurrently (a waiting fetch holds nothing up),
+//! bad messages refused one by one with the stream going on, and a shutdown that answers what
+//! it holds and ends the stream, which the Rust client then opens again.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::PgPool;
+use tasker::client::{Connect, WorkerClient};
+use tasker::proto::v1;
+use tasker::proto::v1::work_request::Call;
+use tasker::proto::v1::work_response::Result as Answer;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+/// An open Work stream: send calls, read answers.
+struct Stream {
+    calls: Option<mpsc::Sender<v1::WorkRequest>>,
+    answers: tonic::Streaming<v1::WorkResponse>,
+}
+
+impl Stream {
+    async fn open(workers: &mut Workers) -> Self {
+        let (calls, outgoing) = mpsc::channel(16);
+        let answers = workers
+            .work(ReceiverStream::new(outgoing))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            calls: Some(calls),
+            answers,
+        }
+    }
+
+    async fn send(&self, id: u64, call: Option<Call>) {
+        let request = v1::WorkRequest {
+            id,
+            traceparent: String::new(),
+            call,
+        };
+        self.calls.as_ref().unwrap().send(request).await.unwrap();
+    }
+
+    /// The next answer, within 10 s.
+    async fn answer(&mut self) -> v1::WorkResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.answers.message())
+            .await
+            .expect("an answer within 10 s")
+            .unwrap()
+            .expect("the stream is still open")
+    }
+
+    /// Close the sending side.
+    fn close(&mut self) {
+        self.calls = None;
+    }
+}
+
+fn complete_with_next(step: &v1::LeasedStep) -> Call {
+    Call::CompleteStep(v1::CompleteStepRequest {
+        step_uuid: step.step_uuid.clone(),
+        attempt: step.attempt,
+        results: None,
+        lease_token: step.lease_token.clone(),
+        next: Some(v1::NextSteps {
+            max_steps: 1,
+            queues: Vec::new(),
+            lease_seconds: 30,
+        }),
+    })
+}
+
+/// The error an answer carries, as the status the unary call would have ended with.
+fn error_status(answer: &v1::WorkResponse) -> tonic::Status {
+    match answer.result.as_ref() {
+        Some(Answer::Error(e)) => tonic::Status::with_details(
+            Code::from(e.code),
+            e.message.clone(),
+            prost::Message::encode_to_vec(e).into(),
+        ),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// A fetch waiting on an empty namespace holds nothing up: a chain's fetch, its eager
+/// completions and a lease extension run beside it on the same stream, each answered by its
+/// id, and the chain's steps run exactly once, in order.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn calls_on_one_stream_run_beside_a_waiting_fetch_each_answered_by_its_id(pool: PgPool) {
+    let server = TestServer::start(&pool, &events_only_config()).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut workers = Workers::new(ch);
+    let mut stream = Stream::open(&mut workers).await;
+    // waits the whole test (or until the server stops): nothing ever comes to "idle"
+    stream
+        .send(
+            100,
+            Some(Call::FetchSteps(fetch_request("idle", 1, 20_000, 30))),
+        )
+        .await;
+    stream
+        .send(
+            101,
+            Some(Call::FetchSteps(fetch_request("shop", 1, 10_000, 30))),
+        )
+        .await;
+    let task_uuid = tasks
+        .create_task(chain("shop", 3).build())
+        .await
+        .unwrap()
+        .into_inner()
+        .task_uuid;
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, 101);
+    let Some(Answer::FetchSteps(fetched)) = answer.result else {
+        panic!("a fetch's answer: {answer:?}")
+    };
+    let mut step = fetched
+        .steps
+        .into_iter()
+        .next()
+        .expect("the chain's first step");
+    let mut names = vec![step.name.clone()];
+    for id in 102.. {
+        stream
+            .send(
+                id,
+                Some(Call::ExtendLease(v1::ExtendLeaseRequest {
+                    step_uuid: step.step_uuid.clone(),
+                    attempt: step.attempt,
+                    lease_seconds: 60,
+                    lease_token: step.lease_token.clone(),
+                })),
+            )
+            .await;
+        let answer = stream.answer().await;
+        assert_eq!(answer.id, id);
+        assert!(
+            matches!(answer.result, Some(Answer::ExtendLease(ref e)) if e.lease_expires_at.is_some()),
+            "{answer:?}"
+        );
+        stream
+            .send(id + 1000, Some(complete_with_next(&step)))
+            .await;
+        let answer = stream.answer().await;
+        assert_eq!(answer.id, id + 1000);
+        let Some(Answer::CompleteStep(done)) = answer.result else {
+            panic!("a completion's answer: {answer:?}")
+        };
+        assert!(!done.already_recorded);
+        match done.next_steps.into_iter().next() {
+            Some(next) => step = next,
+            None => break,
+        }
+        names.push(step.name.clone());
+    }
+    assert_eq!(names, ["s0", "s1", "s2"]);
+    assert_eq!(
+        get_task(&mut tasks, &task_uuid).await.state(),
+        v1::TaskState::Complete
+    );
+    assert_exactly_once_in_order(&pool).await;
+    drop(stream);
+    server.stop().await;
+}
+
+/// A bad call is answered with the status its unary call would have ended with (code,
+/// message, the fields it names), changes nothing, and the stream goes on: a call with no
+/// request, a second call with the id of one in flight, a completion with a bad uuid and no
+/// token, a report on a lease the caller does not hold.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_bad_call_gets_its_status_and_the_stream_goes_on(pool: PgPool) {
+    let server = TestServer::start(&pool, &events_only_config()).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut workers = Workers::new(ch);
+    let mut stream = Stream::open(&mut workers).await;
+    stream.send(1, None).await;
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, 1);
+    let status = error_status(&answer);
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(field_violations(&status), ["call"]);
+
+    stream
+        .send(
+            2,
+            Some(Call::FetchSteps(fetch_request("idle", 1, 20_000, 30))),
+        )
+        .await;
+    stream
+        .send(2, Some(Call::FetchSteps(fetch_request("idle", 1, 0, 30))))
+        .await;
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, 2);
+    let status = error_status(&answer);
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(field_violations(&status), ["id"]);
+
+    stream
+        .send(
+            3,
+            Some(Call::CompleteStep(v1::CompleteStepRequest {
+                step_uuid: "not-a-uuid".into(),
+                attempt: 1,
+                results: None,
+                lease_token: String::new(),
+                next: None,
+            })),
+        )
+        .await;
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, 3);
+    let status = error_status(&answer);
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(field_violations(&status), ["step_uuid", "lease_token"]);
+
+    tasks.create_task(chain("shop", 2).build()).await.unwrap();
+    let step = lease_one(&workers, "shop").await;
+    let mut stolen = step.clone();
+    stolen.lease_token = uuid::Uuid::new_v4().simple().to_string();
+    stream.send(4, Some(complete_with_next(&stolen))).await;
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, 4);
+    let status = error_status(&answer);
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(refusal_reason(&status).as_deref(), Some("LEASE_NOT_HELD"));
+
+    // nothing changed, and the stream still serves: the holder completes and gets the next
+    stream.send(5, Some(complete_with_next(&step))).await;
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, 5);
+    let Some(Answer::CompleteStep(done)) = answer.result else {
+        panic!("a completion's answer: {answer:?}")
+    };
+    assert!(!done.already_recorded);
+    assert_eq!(done.next_steps.len(), 1);
+    assert_eq!(done.next_steps[0].name, "s1");
+    drop(stream);
+    server.stop().await;
+}
+
+/// Closing the sending side ends the stream once every call is answered: a fetch still
+/// waiting is answered when its steps come, then the stream ends with OK.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_closed_sending_side_ends_the_stream_after_the_last_answer(pool: PgPool) {
+    let server = TestServer::start(&pool, &events_only_config()).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut workers = Workers::new(ch);
+    let mut stream = Stream::open(&mut workers).await;
+    stream
+        .send(
+            7,
+            Some(Call::FetchSteps(fetch_request("shop", 1, 10_000, 30))),
+        )
+        .await;
+    stream.close();
+    tasks.create_task(chain("shop", 1).build()).await.unwrap();
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, 7);
+    assert!(
+        matches!(answer.result, Some(Answer::FetchSteps(ref f)) if f.steps.len() == 1),
+        "{answer:?}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.answers.message())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    server.stop().await;
+}
+
+/// A server shutting down answers the fetch waiting on a stream at once and ends the stream;
+/// the Rust client (`WorkerClient::over_stream`) opens a new one for its next call, on the
+/// server that took over, and runs a chain there with eager completions.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn the_client_opens_its_stream_again_after_a_shutdown_ended_it(pool: PgPool) {
+    let config = events_only_config();
+    let server = TestServer::start(&pool, &config).await;
+    let addr = server.addr;
+    let channel = Connect::new(addr.to_string()).channel().await.unwrap();
+    let worker = WorkerClient::new(channel, "shop", "w1")
+        .over_stream()
+        .await
+        .unwrap();
+    let mut waiting = worker.clone();
+    let fetch = tokio::spawn(async move { waiting.fetch(1, Duration::from_secs(20)).await });
+    // the fetch is parked before the shutdown begins
+    wait_for_parked_fetch(&server).await;
+    // the stream does not hold the shutdown up (its grace is 10 s)
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
+        .await
+        .expect("the server stops with a Work stream open");
+    let fetched = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .expect("the shutdown answers the waiting fetch at once")
+        .unwrap();
+    assert_eq!(fetched.unwrap(), Vec::new());
+
+    let server = TestServer::start_on(&pool, &config, addr).await;
+    let mut tasks = Tasks::new(server.channel().await);
+    tasks.create_task(chain("shop", 3).build()).await.unwrap();
+    let mut worker = worker;
+    let mut step = worker
+        .fetch(1, Duration::from_secs(10))
+        .await
+        .expect("the next call opens a new stream")
+        .remove(0);
+    let mut names = vec![step.name.clone()];
+    while let Some(next) = worker
+        .complete_and_next(&step, &serde_json::json!({}), 1)
+        .await
+        .unwrap()
+        .pop()
+    {
+        names.push(next.name.clone());
+        step = next;
+    }
+    assert_eq!(names, ["s0", "s1", "s2"]);
+    assert_exactly_once_in_order(&pool).await;
+    drop(worker);
+    server.stop().await;
+}
+
+/// Until a fetch is parked on the server (its parked-fetch gauge in GetStatus).
+async fn wait_for_parked_fetch(server: &TestServer) {
+    let mut admin = Admin::new(server.channel().await);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let status = admin
+                .get_status(v1::GetStatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if status.parked_fetches > 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("a fetch parks within 10 s");
+}
