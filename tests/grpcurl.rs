@@ -47,6 +47,14 @@ async fn grpcurl_lists_describes_and_calls_every_service(pool: PgPool) {
     }
     let (ok, described) = grpcurl(a, None, &["describe", "tasker.v1.TaskService"]).await;
     assert!(ok && described.contains("rpc CreateTask"), "{described}");
+    // the Work stream's answers name google.rpc.Status: reflection serves its file too
+    let (ok, described) = grpcurl(a, None, &["describe", "tasker.v1.WorkResponse"]).await;
+    assert!(
+        ok && described.contains(".google.rpc.Status error"),
+        "{described}"
+    );
+    let (ok, described) = grpcurl(a, None, &["describe", "google.rpc.Status"]).await;
+    assert!(ok && described.contains("details"), "{described}");
 
     let (ok, health) = grpcurl(a, None, &["grpc.health.v1.Health/Check"]).await;
     assert!(ok && health.contains("\"SERVING\""), "{health}");
