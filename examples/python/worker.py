@@ -36,6 +36,8 @@ def load_stubs(proto_dir):
     """Compile the tasker.v1 protos and import the worker service's modules."""
     out = tempfile.mkdtemp(prefix="tasker-stubs-")
     files = [os.path.join("tasker", "v1", f) for f in os.listdir(os.path.join(proto_dir, "tasker", "v1"))]
+    # the Work stream's answers carry google.rpc.Status: its file is in proto/ too
+    files.append(os.path.join("google", "rpc", "status.proto"))
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     code = protoc.main(["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}",
                         f"--grpc_python_out={out}", *files])
