@@ -4,6 +4,7 @@
 //! cargo run --example worker -- --namespace demo                 # until interrupted
 //! cargo run --example worker -- --namespace demo --steps 4        # stop after 4 steps
 //! cargo run --example worker -- --namespace shop --queue payments  # only the payments steps
+//! cargo run --example worker -- --namespace demo --stream        # every call on one Work stream
 //! TASKER_TOKEN=... cargo run --example worker -- --endpoint https://tasker.example:50051 --namespace demo
 //! ```
 //!
@@ -13,7 +14,8 @@
 //! shows the retry path. The client sends each step's lease token with its report, and each
 //! completion asks for the worker's next step in the same call (eager dispatch: the step the
 //! completion makes ready comes back with its answer, and the worker fetches only when none
-//! did). When the service refuses a fetch for now (RESOURCE_EXHAUSTED: too many fetches waiting; UNAVAILABLE:
+//! did). With `--stream` the same calls go as messages on one `WorkerService/Work` stream
+//! (`WorkerClient::over_stream`): no call set-up per step. When the service refuses a fetch for now (RESOURCE_EXHAUSTED: too many fetches waiting; UNAVAILABLE:
 //! restarting), the worker waits and asks again, longer each time.
 
 use std::time::Duration;
@@ -29,6 +31,8 @@ struct Args {
     worker_id: String,
     /// Stop after this many steps (completed or failed); `None`: run until interrupted.
     steps: Option<u64>,
+    /// Every call as a message on one Work stream.
+    stream: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -39,6 +43,7 @@ fn args() -> Result<Args, String> {
         queues: Vec::new(),
         worker_id: format!("example-worker-{}", std::process::id()),
         steps: None,
+        stream: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,6 +53,7 @@ fn args() -> Result<Args, String> {
             "--namespace" => a.namespace = value()?,
             "--queue" => a.queues.push(value()?),
             "--worker-id" => a.worker_id = value()?,
+            "--stream" => a.stream = true,
             "--steps" => {
                 a.steps = Some(value()?.parse().map_err(|e| format!("--steps: {e}"))?);
             }
@@ -87,7 +93,7 @@ fn work(name: &str, attempt: i32, inputs: &Value, parents: &Value) -> Result<Val
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = args().map_err(|e| {
-        format!("{e}\nusage: worker --namespace NS [--queue Q]... [--endpoint URL] [--worker-id ID] [--steps N]")
+        format!("{e}\nusage: worker --namespace NS [--queue Q]... [--endpoint URL] [--worker-id ID] [--steps N] [--stream]")
     })?;
     let mut connect = Connect::new(&args.endpoint);
     if let Ok(token) = std::env::var("TASKER_TOKEN") {
@@ -96,6 +102,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut worker = WorkerClient::connect(&connect, &args.namespace, &args.worker_id)
         .await?
         .with_queues(args.queues.clone());
+    if args.stream {
+        worker = worker.over_stream().await?;
+    }
     eprintln!(
         "{} working namespace {:?} (queues {:?}) at {}",
         args.worker_id, args.namespace, args.queues, args.endpoint

@@ -1,5 +1,5 @@
 //! The worker examples users start from run against a live server: the Rust one on the
-//! crate's client (`cargo run --example worker`), the Python one on stubs generated from
+//! crate's client (`cargo run --example worker`, with unary calls and `--stream`), the Python one on stubs generated from
 //! `proto/` with grpcio-tools. Each works a diamond to completion as a separate process.
 
 mod common;
@@ -102,6 +102,14 @@ async fn the_rust_worker_example_completes_a_workflow(pool: PgPool) {
     let mut cmd = tokio::process::Command::new(exe);
     cmd.env_remove("TASKER_TOKEN");
     run_worker_on_a_diamond(&pool, "rust-example", cmd).await;
+}
+
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn the_rust_worker_example_completes_a_workflow_over_a_work_stream(pool: PgPool) {
+    let exe = target_dir().join("examples").join("worker");
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--stream").env_remove("TASKER_TOKEN");
+    run_worker_on_a_diamond(&pool, "rust-stream-example", cmd).await;
 }
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
