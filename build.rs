@@ -15,9 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
+    // imported by workers.proto (the Work stream's errors)
+    println!("cargo:rerun-if-changed=proto/google/rpc/status.proto");
     // `sqlx::migrate!` embeds migrations/ at compile time; a new or edited migration must
     // rebuild the crate, or the binary would run yesterday's schema.
-    println!("cargo:rerun-if-changed=proto/google/rpc/status.proto");
     println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

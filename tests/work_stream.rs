@@ -56,6 +56,13 @@ impl Stream {
             .expect("the stream is still open")
     }
 
+    /// The next answer, which must refuse call `id`: its status.
+    async fn refusal(&mut self, id: u64) -> tonic::Status {
+        let answer = self.answer().await;
+        assert_eq!(answer.id, id);
+        error_status(&answer)
+    }
+
     /// Close the sending side.
     fn close(&mut self) {
         self.calls = None;
@@ -183,9 +190,7 @@ async fn a_bad_call_gets_its_status_and_the_stream_goes_on(pool: PgPool) {
     let mut workers = Workers::new(ch);
     let mut stream = Stream::open(&mut workers).await;
     stream.send(1, None).await;
-    let answer = stream.answer().await;
-    assert_eq!(answer.id, 1);
-    let status = error_status(&answer);
+    let status = stream.refusal(1).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(field_violations(&status), ["call"]);
 
@@ -198,9 +203,7 @@ async fn a_bad_call_gets_its_status_and_the_stream_goes_on(pool: PgPool) {
     stream
         .send(2, Some(Call::FetchSteps(fetch_request("idle", 1, 0, 30))))
         .await;
-    let answer = stream.answer().await;
-    assert_eq!(answer.id, 2);
-    let status = error_status(&answer);
+    let status = stream.refusal(2).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(field_violations(&status), ["id"]);
 
@@ -216,9 +219,7 @@ async fn a_bad_call_gets_its_status_and_the_stream_goes_on(pool: PgPool) {
             })),
         )
         .await;
-    let answer = stream.answer().await;
-    assert_eq!(answer.id, 3);
-    let status = error_status(&answer);
+    let status = stream.refusal(3).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(field_violations(&status), ["step_uuid", "lease_token"]);
 
@@ -227,9 +228,7 @@ async fn a_bad_call_gets_its_status_and_the_stream_goes_on(pool: PgPool) {
     let mut stolen = step.clone();
     stolen.lease_token = uuid::Uuid::new_v4().simple().to_string();
     stream.send(4, Some(complete_with_next(&stolen))).await;
-    let answer = stream.answer().await;
-    assert_eq!(answer.id, 4);
-    let status = error_status(&answer);
+    let status = stream.refusal(4).await;
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(refusal_reason(&status).as_deref(), Some("LEASE_NOT_HELD"));
 

@@ -71,48 +71,76 @@ pub enum Client {
     Node { eager: bool, stream: bool },
 }
 
+/// Every client: its `--clients` name, its row label, and what it is.
+const CLIENTS: [(&str, &str, Client); 6] = [
+    (
+        "rust",
+        "Rust",
+        Client::Rust {
+            eager: false,
+            stream: false,
+        },
+    ),
+    (
+        "rust-eager",
+        "Rust, eager",
+        Client::Rust {
+            eager: true,
+            stream: false,
+        },
+    ),
+    (
+        "rust-stream",
+        "Rust, eager, stream",
+        Client::Rust {
+            eager: true,
+            stream: true,
+        },
+    ),
+    (
+        "node",
+        "Node.js",
+        Client::Node {
+            eager: false,
+            stream: false,
+        },
+    ),
+    (
+        "node-eager",
+        "Node.js, eager",
+        Client::Node {
+            eager: true,
+            stream: false,
+        },
+    ),
+    (
+        "node-stream",
+        "Node.js, eager, stream",
+        Client::Node {
+            eager: true,
+            stream: true,
+        },
+    ),
+];
+
 impl Client {
     pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "rust" => Ok(Self::Rust {
-                eager: false,
-                stream: false,
-            }),
-            "rust-eager" => Ok(Self::Rust {
-                eager: true,
-                stream: false,
-            }),
-            "rust-stream" => Ok(Self::Rust {
-                eager: true,
-                stream: true,
-            }),
-            "node" => Ok(Self::Node {
-                eager: false,
-                stream: false,
-            }),
-            "node-eager" => Ok(Self::Node {
-                eager: true,
-                stream: false,
-            }),
-            "node-stream" => Ok(Self::Node {
-                eager: true,
-                stream: true,
-            }),
-            _ => Err(format!(
-                "client {s:?}: expected rust, rust-eager, rust-stream, node, node-eager or node-stream"
-            )),
-        }
+        CLIENTS
+            .iter()
+            .find(|(name, ..)| *name == s)
+            .map(|&(.., client)| client)
+            .ok_or_else(|| {
+                let names: Vec<&str> = CLIENTS.iter().map(|(name, ..)| *name).collect();
+                format!("client {s:?}: expected one of {}", names.join(", "))
+            })
     }
 
     pub fn label(self) -> &'static str {
-        match self {
-            Self::Rust { stream: true, .. } => "Rust, eager, stream",
-            Self::Rust { eager: true, .. } => "Rust, eager",
-            Self::Rust { .. } => "Rust",
-            Self::Node { stream: true, .. } => "Node.js, eager, stream",
-            Self::Node { eager: true, .. } => "Node.js, eager",
-            Self::Node { .. } => "Node.js",
-        }
+        CLIENTS
+            .iter()
+            .find(|(.., client)| *client == self)
+            .map(|&(_, label, _)| label)
+            .expect("every client is in the table")
     }
 
     fn eager(self) -> bool {
