@@ -347,3 +347,89 @@ async fn wait_for_parked_fetch(server: &TestServer) {
     .await
     .expect("a fetch parks within 10 s");
 }
+
+/// A response filled to the budget still fits the response limit once the stream wraps it
+/// (id and field): steps are budgeted below `grpc.max_response_bytes` by the wrapping's size.
+/// A step whose response would come within that margin of the limit is not sent past the
+/// client's receive limit (which broke the stream): it is undeliverable, fails once and says
+/// why, and the stream goes on.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_full_answer_fits_the_response_limit_once_wrapped(pool: PgPool) {
+    let limit = 64 * 1024;
+    let mut config = events_only_config();
+    config.grpc.max_response_bytes = limit;
+    let server = TestServer::start(&pool, &config).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    // the step as a response carries it, its lease's end at the longest nanos: the inputs'
+    // length that makes its entry (counted as the budget counts it) exactly the limit
+    let blob =
+        |n: usize| tasker::proto::json_to_struct(&serde_json::json!({"blob": "x".repeat(n)}));
+    let entry = |n: usize| {
+        let step = v1::LeasedStep {
+            step_uuid: uuid::Uuid::nil().to_string(),
+            task_uuid: uuid::Uuid::nil().to_string(),
+            name: "only".into(),
+            attempt: 1,
+            inputs: Some(blob(n)),
+            parent_results: Some(prost_types::Struct::default()),
+            lease_expires_at: Some(prost_types::Timestamp {
+                seconds: 1 << 31,
+                nanos: 999_999_999,
+            }),
+            lease_token: uuid::Uuid::nil().simple().to_string(),
+            queue: "default".into(),
+        };
+        prost::Message::encoded_len(&step) + 6
+    };
+    let n = (1..limit).rev().find(|&n| entry(n) <= limit).unwrap();
+    assert!(
+        entry(n) > limit - 8,
+        "the step's entry is within a few bytes of the limit"
+    );
+    let created = tasks
+        .create_task(v1::CreateTaskRequest {
+            namespace: "full".into(),
+            name: "full".into(),
+            steps: vec![v1::StepDefinition {
+                inputs: Some(blob(n)),
+                ..step_def("only", &[])
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // a client that receives at most the limit, as clients by default do at 4 MiB
+    let mut workers = Workers::new(ch).max_decoding_message_size(limit);
+    let mut stream = Stream::open(&mut workers).await;
+    stream
+        .send(
+            u64::MAX,
+            Some(Call::FetchSteps(fetch_request("full", 1, 5000, 30))),
+        )
+        .await;
+    let answer = stream.answer().await;
+    assert_eq!(answer.id, u64::MAX);
+    assert!(
+        matches!(answer.result, Some(Answer::FetchSteps(ref f)) if f.steps.is_empty()),
+        "{answer:?}"
+    );
+    // (read in the database: GetTask could not carry this step's inputs either)
+    let (state, message): (String, String) = sqlx::query_as(
+        "SELECT state, last_error->>'message' FROM tasker.workflow_steps WHERE task_uuid = $1::uuid",
+    )
+    .bind(&created.task_uuid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "error");
+    assert!(message.contains("for a Work stream's answer"), "{message}");
+    // the stream goes on
+    stream
+        .send(1, Some(Call::FetchSteps(fetch_request("full", 1, 0, 30))))
+        .await;
+    assert_eq!(stream.answer().await.id, 1);
+    drop(stream);
+    server.stop().await;
+}

@@ -35,6 +35,13 @@ use crate::proto::v1::worker_service_server::WorkerService as _;
 /// Calls one stream runs at once.
 pub const MAX_CALLS_IN_FLIGHT: usize = 64;
 
+/// What a WorkResponse adds around the response it carries, at most: the id (a tag and up to
+/// ten bytes) and the response's field (a tag and up to five bytes of length). Responses that
+/// carry steps are budgeted this much below `grpc.max_response_bytes`, whichever way they
+/// travel, so that a full one still fits a client's receive limit on the stream, and a step
+/// is deliverable the same way on both.
+pub const ANSWER_OVERHEAD: usize = 32;
+
 /// The answers of a Work stream, as tonic sends them.
 pub type WorkAnswers = Pin<Box<dyn Stream<Item = Result<v1::WorkResponse, Status>> + Send>>;
 
@@ -196,5 +203,39 @@ pub fn status_message(status: &Status) -> tonic_types::pb::Status {
         code: status.code() as i32,
         message: status.message().to_string(),
         details,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest wrapping: the largest id around the longest responses a budget allows.
+    #[test]
+    fn a_full_answer_still_fits_the_response_limit_on_the_stream() {
+        let step = |name_len: usize| v1::LeasedStep {
+            name: "x".repeat(name_len),
+            ..Default::default()
+        };
+        for len in [1, 200, 20_000, 4 << 20] {
+            let fetched = v1::FetchStepsResponse {
+                steps: vec![step(len)],
+            };
+            let wrapped = v1::WorkResponse {
+                id: u64::MAX,
+                result: Some(Answer::FetchSteps(fetched.clone())),
+            };
+            assert!(wrapped.encoded_len() - fetched.encoded_len() <= ANSWER_OVERHEAD);
+            let completed = v1::CompleteStepResponse {
+                already_recorded: true,
+                next_steps: vec![step(len)],
+            };
+            let wrapped = v1::WorkResponse {
+                id: u64::MAX,
+                result: Some(Answer::CompleteStep(completed.clone())),
+            };
+            // already_recorded never comes with steps; counted anyway
+            assert!(wrapped.encoded_len() - completed.encoded_len() + 2 <= ANSWER_OVERHEAD);
+        }
     }
 }

@@ -58,7 +58,11 @@ impl WorkerApi {
             steps,
             excess,
             undeliverable,
-        } = deliver(steps, self.ctx.max_response_bytes);
+        } = deliver(
+            steps,
+            self.ctx.max_response_bytes,
+            super::work_stream::ANSWER_OVERHEAD,
+        );
         if !excess.is_empty() {
             self.ctx
                 .workers
@@ -362,8 +366,10 @@ struct Delivery {
     undeliverable: Vec<(LeasedStep, String)>,
 }
 
-/// The leased steps as the response carries them: as many as fit `budget` bytes, in order.
-fn deliver(steps: Vec<LeasedStep>, budget: usize) -> Delivery {
+/// The leased steps as the response carries them: as many as fit `limit` bytes less
+/// `overhead` (what a Work stream's answer wraps around the response), in order.
+fn deliver(steps: Vec<LeasedStep>, limit: usize, overhead: usize) -> Delivery {
+    let budget = limit.saturating_sub(overhead);
     use crate::model::limits::{document_depth, MAX_DOCUMENT_DEPTH};
     let mut d = Delivery {
         steps: Vec::with_capacity(steps.len()),
@@ -396,7 +402,7 @@ fn deliver(steps: Vec<LeasedStep>, budget: usize) -> Delivery {
         let size = repeated_entry_len(&message);
         if size > budget {
             let why = format!(
-                "it takes {size} bytes as sent, more than a response may (grpc.max_response_bytes = {budget})"
+                "it takes {size} bytes as sent, more than a response may (grpc.max_response_bytes = {limit}, less {overhead} for a Work stream's answer)"
             );
             d.undeliverable.push((s, why));
             continue;
