@@ -433,3 +433,41 @@ async fn a_full_answer_fits_the_response_limit_once_wrapped(pool: PgPool) {
     drop(stream);
     server.stop().await;
 }
+
+/// A message the server cannot read (here: past `grpc.max_request_bytes`) ends the stream
+/// with the status that call would have failed with, not with OK: the worker learns why, and
+/// the Rust client's call waiting on it fails with that status.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn an_unreadable_message_ends_the_stream_with_its_status(pool: PgPool) {
+    let mut config = events_only_config();
+    config.grpc.max_request_bytes = 4096;
+    let server = TestServer::start(&pool, &config).await;
+    let mut workers = Workers::new(server.channel().await);
+    let mut stream = Stream::open(&mut workers).await;
+    let mut huge = fetch_request("big", 1, 0, 30);
+    huge.worker_id = "w".repeat(8192);
+    stream.send(1, Some(Call::FetchSteps(huge))).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.answers.message())
+        .await
+        .expect("the stream ends");
+    let status = end.expect_err("the stream ends with an error, not OK");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("4096"), "{status:?}");
+    drop(stream);
+    // the Rust client's call fails with that status, not as a stream that merely ended
+    let channel = Connect::new(server.addr.to_string())
+        .channel()
+        .await
+        .unwrap();
+    let mut worker = WorkerClient::new(channel, "big", "w".repeat(8192))
+        .over_stream()
+        .await
+        .unwrap();
+    let status = worker
+        .fetch(1, Duration::ZERO)
+        .await
+        .expect_err("the message is past the limit");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    drop(worker);
+    server.stop().await;
+}

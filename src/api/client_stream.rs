@@ -1,8 +1,9 @@
 //! The worker client's side of `WorkerService/Work`: a [`WorkStream`] sends each call as a
 //! message with an id and hands each answer to the call waiting for that id. It opens the
 //! stream on first use and again after the stream ended or broke; a call in flight when that
-//! happens fails UNAVAILABLE, as a unary call on a lost connection does (retry it: reports on
-//! an attempt are idempotent, and a lease whose step never arrived expires).
+//! happens fails with the status the stream ended with (UNAVAILABLE when it ended with OK or
+//! the connection was lost: retry it; reports on an attempt are idempotent, and a lease whose
+//! step never arrived expires).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,8 +20,8 @@ use crate::proto::v1::work_request::Call;
 use crate::proto::v1::work_response::Result as Answer;
 use crate::proto::v1::worker_service_client::WorkerServiceClient;
 
-/// Calls waiting for their answers, by id.
-type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+/// Calls waiting for their answers (or the status the stream ended with), by id.
+type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Answer, Status>>>>>;
 
 /// One Work stream, shared by the clones of a client.
 #[derive(Clone)]
@@ -85,15 +86,23 @@ impl WorkStream {
             ended: ended.clone(),
         };
         tokio::spawn(async move {
-            while let Ok(Some(answer)) = answers.message().await {
-                let waiter = waiting.lock().expect("never poisoned").remove(&answer.id);
-                if let (Some(waiter), Some(result)) = (waiter, answer.result) {
-                    let _ = waiter.send(result);
+            let end = loop {
+                match answers.message().await {
+                    Ok(Some(answer)) => {
+                        let waiter = waiting.lock().expect("never poisoned").remove(&answer.id);
+                        if let (Some(waiter), Some(result)) = (waiter, answer.result) {
+                            let _ = waiter.send(Ok(result));
+                        }
+                    }
+                    Ok(None) => break ended_stream(),
+                    Err(status) => break status,
                 }
-            }
-            // the calls still waiting fail (their senders dropped); the next call reopens
+            };
+            // the calls still waiting fail with the stream's end; the next call reopens
             ended.store(true, Ordering::Release);
-            waiting.lock().expect("never poisoned").clear();
+            for (_, waiter) in waiting.lock().expect("never poisoned").drain() {
+                let _ = waiter.send(Err(end.clone()));
+            }
         });
         Ok(live)
     }
@@ -108,7 +117,7 @@ impl WorkStream {
             // put there after that would wait forever
             let mut waiting = live.waiting.lock().expect("never poisoned");
             if live.ended.load(Ordering::Acquire) {
-                return Err(ended());
+                return Err(ended_stream());
             }
             waiting.insert(id, answered);
         }
@@ -119,21 +128,23 @@ impl WorkStream {
         };
         if live.calls.send(request).await.is_err() {
             live.waiting.lock().expect("never poisoned").remove(&id);
-            return Err(ended());
+            return Err(ended_stream());
         }
         match answer.await {
-            Ok(Answer::Error(status)) => Err(Status::with_details(
+            Ok(Ok(Answer::Error(status))) => Err(Status::with_details(
                 tonic::Code::from(status.code),
                 status.message.clone(),
                 status.encode_to_vec().into(),
             )),
-            Ok(answer) => Ok(answer),
-            Err(_) => Err(ended()),
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(end)) => Err(end),
+            Err(_) => Err(ended_stream()),
         }
     }
 }
 
-fn ended() -> Status {
+/// A call the stream ended under without answering (it ended with OK: a server shutting down).
+fn ended_stream() -> Status {
     Status::unavailable("the Work stream ended before the call was answered: retry it")
 }
 

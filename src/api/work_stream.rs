@@ -75,8 +75,12 @@ pub fn serve(api: WorkerApi, request: Request<Streaming<v1::WorkRequest>>) -> Wo
                     Ok(Some(call)) => call,
                     // the worker closed its side: the calls held are answered, then the end
                     Ok(None) => break,
+                    // a message that cannot be read (past grpc.max_request_bytes, not a
+                    // WorkRequest) or a stream the worker reset: the stream ends with that
+                    // status, as a call would (answers still in flight are lost with it)
                     Err(status) => {
                         tracing::debug!(%status, "Work stream broke");
+                        let _ = answers.send(Err(status)).await;
                         break;
                     }
                 };
