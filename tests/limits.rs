@@ -797,10 +797,6 @@ async fn namespaces_are_capped(pool: PgPool) {
     server.stop().await;
 }
 
-fn blob_struct(bytes: usize) -> prost_types::Struct {
-    tasker::proto::json_to_struct(&serde_json::json!({ "blob": "x".repeat(bytes) }))
-}
-
 /// A join of 20 parents with 255 KiB results each: the completion that would give the join
 /// more than orchestration.workers.max_parent_results_bytes is refused (INVALID_ARGUMENT,
 /// naming the limit, nothing recorded, the lease still good), and the join is then delivered

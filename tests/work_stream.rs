@@ -69,6 +69,15 @@ impl Stream {
     }
 }
 
+/// A server (events only) on `pool`, task and worker clients, and a Work stream open on it.
+async fn serve_with_stream(pool: &PgPool) -> (TestServer, Tasks, Workers, Stream) {
+    let server = TestServer::start(pool, &events_only_config()).await;
+    let ch = server.channel().await;
+    let mut workers = Workers::new(ch.clone());
+    let stream = Stream::open(&mut workers).await;
+    (server, Tasks::new(ch), workers, stream)
+}
+
 fn complete_with_next(step: &v1::LeasedStep) -> Call {
     Call::CompleteStep(v1::CompleteStepRequest {
         step_uuid: step.step_uuid.clone(),
@@ -100,11 +109,7 @@ fn error_status(answer: &v1::WorkResponse) -> tonic::Status {
 /// id, and the chain's steps run exactly once, in order.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn calls_on_one_stream_run_beside_a_waiting_fetch_each_answered_by_its_id(pool: PgPool) {
-    let server = TestServer::start(&pool, &events_only_config()).await;
-    let ch = server.channel().await;
-    let mut tasks = Tasks::new(ch.clone());
-    let mut workers = Workers::new(ch);
-    let mut stream = Stream::open(&mut workers).await;
+    let (server, mut tasks, _, mut stream) = serve_with_stream(&pool).await;
     // waits the whole test (or until the server stops): nothing ever comes to "idle"
     stream
         .send(
@@ -184,11 +189,7 @@ async fn calls_on_one_stream_run_beside_a_waiting_fetch_each_answered_by_its_id(
 /// token, a report on a lease the caller does not hold.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_bad_call_gets_its_status_and_the_stream_goes_on(pool: PgPool) {
-    let server = TestServer::start(&pool, &events_only_config()).await;
-    let ch = server.channel().await;
-    let mut tasks = Tasks::new(ch.clone());
-    let mut workers = Workers::new(ch);
-    let mut stream = Stream::open(&mut workers).await;
+    let (server, mut tasks, workers, mut stream) = serve_with_stream(&pool).await;
     stream.send(1, None).await;
     let status = stream.refusal(1).await;
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -250,11 +251,7 @@ async fn a_bad_call_gets_its_status_and_the_stream_goes_on(pool: PgPool) {
 /// waiting is answered when its steps come, then the stream ends with OK.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn a_closed_sending_side_ends_the_stream_after_the_last_answer(pool: PgPool) {
-    let server = TestServer::start(&pool, &events_only_config()).await;
-    let ch = server.channel().await;
-    let mut tasks = Tasks::new(ch.clone());
-    let mut workers = Workers::new(ch);
-    let mut stream = Stream::open(&mut workers).await;
+    let (server, mut tasks, _, mut stream) = serve_with_stream(&pool).await;
     stream
         .send(
             7,
@@ -363,15 +360,13 @@ async fn a_full_answer_fits_the_response_limit_once_wrapped(pool: PgPool) {
     let mut tasks = Tasks::new(ch.clone());
     // the step as a response carries it, its lease's end at the longest nanos: the inputs'
     // length that makes its entry (counted as the budget counts it) exactly the limit
-    let blob =
-        |n: usize| tasker::proto::json_to_struct(&serde_json::json!({"blob": "x".repeat(n)}));
     let entry = |n: usize| {
         let step = v1::LeasedStep {
             step_uuid: uuid::Uuid::nil().to_string(),
             task_uuid: uuid::Uuid::nil().to_string(),
             name: "only".into(),
             attempt: 1,
-            inputs: Some(blob(n)),
+            inputs: Some(blob_struct(n)),
             parent_results: Some(prost_types::Struct::default()),
             lease_expires_at: Some(prost_types::Timestamp {
                 seconds: 1 << 31,
@@ -392,7 +387,7 @@ async fn a_full_answer_fits_the_response_limit_once_wrapped(pool: PgPool) {
             namespace: "full".into(),
             name: "full".into(),
             steps: vec![v1::StepDefinition {
-                inputs: Some(blob(n)),
+                inputs: Some(blob_struct(n)),
                 ..step_def("only", &[])
             }],
             ..Default::default()

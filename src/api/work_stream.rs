@@ -199,7 +199,7 @@ fn call_span(stream: &tracing::Span, call: &v1::WorkRequest) -> tracing::Span {
 
 /// A status as google.rpc.Status: its code, message and the details it carries (tonic keeps
 /// them encoded as that same message, the `grpc-status-details-bin` trailer's content).
-pub fn status_message(status: &Status) -> tonic_types::pb::Status {
+fn status_message(status: &Status) -> tonic_types::pb::Status {
     let details = tonic_types::pb::Status::decode(status.details())
         .map(|s| s.details)
         .unwrap_or_default();

@@ -616,6 +616,11 @@ pub async fn complete_leased(workers: &mut Workers, step: &v1::LeasedStep) {
         .unwrap();
 }
 
+/// A document of about `bytes` bytes (one string field), as requests carry inputs and results.
+pub fn blob_struct(bytes: usize) -> prost_types::Struct {
+    tasker::proto::json_to_struct(&serde_json::json!({ "blob": "x".repeat(bytes) }))
+}
+
 /// The fields a status's BadRequest details name, in order.
 pub fn field_violations(status: &tonic::Status) -> Vec<String> {
     tonic_types::StatusExt::get_details_bad_request(status)
