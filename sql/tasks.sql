@@ -23,13 +23,15 @@
 -- limit; "schedule_to_start_ms": how long it may wait for a worker once queued. p_start_at in
 -- the future: the task waits for it (tasker.task_starts, announced on tasker_deadlines) with
 -- its roots out of the ready set; otherwise it is ready now.
--- (from migrations/20261204000028_task_creation_planned_once.sql)
-CREATE OR REPLACE FUNCTION tasker.create_task(
+-- p_announce: whether the task's readiness is announced (false: the caller claims the task in
+-- this transaction, and sends nothing).
+-- (from migrations/20261204000033_eager_task_start.sql)
+CREATE FUNCTION tasker.insert_task(
     p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
     p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
     p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL,
     p_create_namespace boolean DEFAULT true, p_concurrency_key text DEFAULT NULL,
-    p_start_at timestamptz DEFAULT NULL
+    p_start_at timestamptz DEFAULT NULL, p_announce boolean DEFAULT true
 )
 RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
 LANGUAGE plpgsql AS $$
@@ -108,13 +110,85 @@ BEGIN
         VALUES (p_task_uuid, p_namespace, p_start_at);
         PERFORM pg_notify('tasker_deadlines',
                           json_build_object('namespace', p_namespace, 'at', p_start_at)::text);
-    ELSE
+    ELSIF p_announce THEN
         -- a DAG has at least one root: it is ready now
         PERFORM tasker.send_task_ready(p_task_uuid, p_namespace, 'task_start');
     END IF;
     -- the steps as written (the same query of the table was planned again at every call)
     RETURN QUERY SELECT p_task_uuid, true, e->>'name', (e->>'step_uuid')::uuid
         FROM jsonb_array_elements(p_steps) AS x(e) ORDER BY (e->>'position')::int;
+END
+$$;
+
+-- Create a task with its DAG: tasker.insert_task, its readiness announced.
+-- (from migrations/20261204000033_eager_task_start.sql)
+CREATE OR REPLACE FUNCTION tasker.create_task(
+    p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
+    p_idempotency_key text, p_steps jsonb, p_metadata jsonb DEFAULT '{}'::jsonb,
+    p_max_namespaces integer DEFAULT NULL, p_context_bytes integer DEFAULT NULL,
+    p_create_namespace boolean DEFAULT true, p_concurrency_key text DEFAULT NULL,
+    p_start_at timestamptz DEFAULT NULL
+)
+RETURNS TABLE (task_uuid uuid, created boolean, step_name text, step_uuid uuid)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM tasker.insert_task(
+        p_task_uuid, p_namespace, p_name, p_priority, p_context, p_idempotency_key, p_steps,
+        p_metadata, p_max_namespaces, p_context_bytes, p_create_namespace, p_concurrency_key,
+        p_start_at, true);
+END
+$$;
+
+-- Eager start: create a task (exactly tasker.insert_task) and claim it and enqueue its ready
+-- steps in the same transaction (exactly tasker.claim_and_enqueue), leasing them to p_takers
+-- (the creating worker's ask: [{"worker_id", "max", "lease_ms", "queues"}]); one row, the
+-- steps as arrays in position order. NULL outcome when no claim was tried: the idempotency key
+-- named an existing task, or the task starts later. No row for a task without steps. When
+-- another holds the task's claim, the readiness notification is sent as a plain creation sends
+-- it. Commits synchronously: a creation is durable, whatever the enqueue would allow.
+-- (from migrations/20261204000033_eager_task_start.sql)
+CREATE FUNCTION tasker.create_task_and_claim(
+    p_task_uuid uuid, p_namespace text, p_name text, p_priority integer, p_context jsonb,
+    p_idempotency_key text, p_steps jsonb, p_metadata jsonb, p_max_namespaces integer,
+    p_context_bytes integer, p_create_namespace boolean, p_concurrency_key text,
+    p_start_at timestamptz, p_enqueue_metadata jsonb, p_takers jsonb
+)
+RETURNS TABLE (task_uuid uuid, created boolean, step_names text[], step_uuids uuid[],
+               outcome text, namespace text, enqueued_steps uuid[],
+               max_ready_wait_ms double precision, leased jsonb, queued jsonb, held jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_task uuid;
+    v_created boolean;
+    v_names text[];
+    v_uuids uuid[];
+    v_e record;
+BEGIN
+    SELECT (array_agg(c.task_uuid))[1], bool_and(c.created),
+           array_agg(c.step_name ORDER BY c.ord), array_agg(c.step_uuid ORDER BY c.ord)
+    INTO v_task, v_created, v_names, v_uuids
+    FROM tasker.insert_task(
+        p_task_uuid, p_namespace, p_name, p_priority, p_context, p_idempotency_key, p_steps,
+        p_metadata, p_max_namespaces, p_context_bytes, p_create_namespace, p_concurrency_key,
+        p_start_at, false) WITH ORDINALITY AS c(task_uuid, created, step_name, step_uuid, ord);
+    IF v_task IS NULL THEN
+        RETURN;
+    END IF;
+    -- a task the idempotency key named already was started when it was created; a task that
+    -- starts later has nothing ready now (its start is announced on tasker_deadlines)
+    IF NOT v_created OR (p_start_at IS NOT NULL AND p_start_at > clock_timestamp()) THEN
+        RETURN QUERY SELECT v_task, v_created, v_names, v_uuids, NULL::text, NULL::text,
+                            '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
+        RETURN;
+    END IF;
+    SELECT * INTO v_e FROM tasker.claim_and_enqueue(v_task, p_enqueue_metadata, p_takers, NULL) e;
+    -- claim_and_enqueue commits asynchronously when it hands nothing over: not a creation
+    PERFORM set_config('synchronous_commit', 'on', true);
+    IF v_e.outcome = 'claimed_elsewhere' THEN
+        PERFORM tasker.send_task_ready(v_task, p_namespace, 'task_start');
+    END IF;
+    RETURN QUERY SELECT v_task, true, v_names, v_uuids, v_e.outcome, v_e.namespace,
+                        v_e.enqueued_steps, v_e.max_ready_wait_ms, v_e.leased, v_e.queued, v_e.held;
 END
 $$;
 

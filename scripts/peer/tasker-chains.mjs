@@ -6,8 +6,9 @@
 //
 // Chains only: C chains of L steps at once, one worker per chain, a finished chain replaced by
 // a new one. Each worker long-polls FetchSteps (max_steps 1), then calls CompleteStep; with
-// `eager` it asks for its next step in the same call (CompleteStepRequest.next) and fetches
-// only when none came back; with `stream` (eager too) every call is a message on one
+// `eager` it asks for its next step in the same call (CompleteStepRequest.next), creates each
+// chain asking for its first step (CreateTaskRequest.next, eager start), and fetches only when
+// none came back; with `stream` (eager too) every call is a message on one
 // WorkerService/Work stream per worker instead of a call of its own. "Next step starts" is
 // measured as in Rust: from sending the CompleteStep of a step to holding its successor.
 //
@@ -118,11 +119,16 @@ async function chainWorker(i) {
     ? workStream(workers)
     : (method, request) =>
         call(workers, method === "fetch_steps" ? "FetchSteps" : "CompleteStep", request);
-  const createChain = () =>
-    call(tasks, "CreateTask", { namespace, name: `chain-${length}`, steps: chainSteps });
-  await createChain();
+  // with `eager`, the chain's first step is leased to this worker by its CreateTask (eager
+  // start: CreateTaskRequest.next), else fetched
+  const createChain = async () => {
+    const request = { namespace, name: `chain-${length}`, steps: chainSteps };
+    if (eager) Object.assign(request, { next: { max_steps: 1, lease_seconds: 30 }, worker_id: workerId });
+    const r = await call(tasks, "CreateTask", request);
+    return r.next_steps && r.next_steps.length > 0 ? r.next_steps[0] : null;
+  };
+  let step = await createChain();
   let sent = null; // when the CompleteStep of this chain's previous step was sent
-  let step = null;
   while (!stopping) {
     if (step === null) {
       const r = await work("fetch_steps", {
@@ -156,7 +162,7 @@ async function chainWorker(i) {
     step = eager && r.next_steps && r.next_steps.length > 0 ? r.next_steps[0] : null;
     if (finished) {
       sent = null;
-      if (!stopping) await createChain();
+      if (!stopping) step = await createChain();
     }
   }
 }

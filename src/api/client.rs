@@ -200,6 +200,8 @@ impl From<v1::LeasedStep> for LeasedStep {
 #[derive(Clone)]
 pub struct WorkerClient {
     inner: v1::worker_service_client::WorkerServiceClient<AuthorizedChannel>,
+    /// For the tasks this worker creates and starts itself.
+    tasks: v1::task_service_client::TaskServiceClient<AuthorizedChannel>,
     /// Calls go over this stream when set.
     stream: Option<WorkStream>,
     namespace: String,
@@ -225,7 +227,8 @@ impl WorkerClient {
         worker_id: impl Into<String>,
     ) -> Self {
         Self {
-            inner: v1::worker_service_client::WorkerServiceClient::new(channel),
+            inner: v1::worker_service_client::WorkerServiceClient::new(channel.clone()),
+            tasks: v1::task_service_client::TaskServiceClient::new(channel),
             stream: None,
             namespace: namespace.into(),
             worker_id: worker_id.into(),
@@ -292,6 +295,28 @@ impl WorkerClient {
         };
         let r = self.complete_step(step, results, Some(next)).await?;
         Ok(r.next_steps.into_iter().map(Into::into).collect())
+    }
+
+    /// Create a task and lease up to `max` of the steps it makes ready (of this worker's
+    /// queues) to this worker in the same call: eager start, one call and one commit from a
+    /// new task to its first steps in hand. The task as created, and the steps leased; none
+    /// for a task that starts later, waits for its concurrency key, or that its idempotency
+    /// key returned (fetch as usual).
+    pub async fn create_task_and_next(
+        &mut self,
+        task: impl Into<v1::CreateTaskRequest>,
+        max: i32,
+    ) -> Result<(v1::CreateTaskResponse, Vec<LeasedStep>), Status> {
+        let mut request = task.into();
+        request.worker_id = self.worker_id.clone();
+        request.next = Some(v1::NextSteps {
+            max_steps: max,
+            queues: self.queues.clone(),
+            lease_seconds: self.lease_seconds,
+        });
+        let mut created = self.tasks.create_task(request).await?.into_inner();
+        let steps = std::mem::take(&mut created.next_steps);
+        Ok((created, steps.into_iter().map(Into::into).collect()))
     }
 
     async fn complete_step(

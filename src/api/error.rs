@@ -70,6 +70,11 @@ impl Violations {
             .ok()
     }
 
+    /// The violations gathered, to be reported with others.
+    pub fn into_vec(self) -> Vec<Violation> {
+        self.0
+    }
+
     /// `INVALID_ARGUMENT` listing every violation, if there is one (worded as [`invalid`]'s
     /// when it is the only one).
     pub fn into_result(mut self) -> Result<(), Status> {

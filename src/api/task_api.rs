@@ -7,10 +7,11 @@ use uuid::Uuid;
 
 use super::context::ApiContext;
 use super::convert::{document, repeated_entry_len, text, uuid};
-use super::error;
+use super::error::{self, Violations};
 use super::task_list::TaskListRequest;
 use super::task_watch::{watch_task, WatchStream};
-use crate::model::dag::TaskSpec;
+use super::worker_api::{eagerly_leased, AskedNext};
+use crate::model::dag::{name_problem, TaskSpec, Violation};
 use crate::model::retry::RetryPolicy;
 use crate::proto::{self, struct_to_json, v1, words};
 use crate::store::{CancelOutcome, StepRecord, TaskRecord};
@@ -207,6 +208,34 @@ pub(super) fn task_to_proto(t: TaskRecord) -> v1::Task {
     }
 }
 
+/// `CreateTaskRequest.next` with its `worker_id`, checked: the worker and what it asks for
+/// when `next` is given, and the broken rules (named by field) of either.
+fn eager_start(
+    next: Option<v1::NextSteps>,
+    worker_id: String,
+) -> (Option<(String, AskedNext)>, Vec<Violation>) {
+    let mut bad = Violations::default();
+    let Some(next) = next else {
+        if !worker_id.is_empty() {
+            bad.check::<()>(Err(error::invalid(
+                "worker_id",
+                "is only allowed with next (eager start): a task is created for any worker",
+            )));
+        }
+        return (None, bad.into_vec());
+    };
+    let worker = bad.check(match name_problem(&worker_id) {
+        Some(p) => Err(error::invalid(
+            "worker_id",
+            format!("{p} (required with next: the worker its steps are leased to)"),
+        )),
+        None => Ok(worker_id),
+    });
+    let next = bad.check(AskedNext::parse(next));
+    let problems = bad.into_vec();
+    (worker.zip(next), problems)
+}
+
 #[tonic::async_trait]
 impl v1::task_service_server::TaskService for TaskApi {
     async fn create_task(
@@ -214,7 +243,12 @@ impl v1::task_service_server::TaskService for TaskApi {
         request: Request<v1::CreateTaskRequest>,
     ) -> Result<Response<v1::CreateTaskResponse>, Status> {
         let traceparent = crate::telemetry::current_traceparent();
-        let (spec, mut problems) = TaskSpec::from_request(request.into_inner());
+        let mut r = request.into_inner();
+        // eager start: the steps the task makes ready leased to this worker (not part of the
+        // task, so not of its idempotency digest either)
+        let (next, mut problems) = eager_start(r.next.take(), std::mem::take(&mut r.worker_id));
+        let (spec, spec_problems) = TaskSpec::from_request(r);
+        problems.extend(spec_problems);
         let digest = spec.request_digest();
         problems.extend(spec.start_problem(chrono::Utc::now(), self.ctx.max_start_delay));
         let task = match spec.into_new_task() {
@@ -225,15 +259,30 @@ impl v1::task_service_server::TaskService for TaskApi {
                 return Err(error::violations(violations));
             }
         };
-        let created = self
-            .ctx
-            .store
-            .create_task(
-                &task,
-                &json!({"source": "api", "request_digest": digest}),
-                traceparent.as_deref(),
-            )
-            .await?;
+        let metadata = json!({"source": "api", "request_digest": digest});
+        let started = tokio::time::Instant::now();
+        let (created, eager) = match &next {
+            Some((worker_id, next)) => {
+                self.ctx
+                    .workers
+                    .create_and_lease(
+                        &task,
+                        &metadata,
+                        traceparent.as_deref(),
+                        worker_id,
+                        next.steps(),
+                    )
+                    .await?
+            }
+            None => {
+                let created = self
+                    .ctx
+                    .store
+                    .create_task(&task, &metadata, traceparent.as_deref())
+                    .await?;
+                (created, None)
+            }
+        };
         if !created.created {
             // the key names a task already: only the same request may be answered with it
             let recorded = self.ctx.store.creation_digest(created.task_uuid).await?;
@@ -246,9 +295,14 @@ impl v1::task_service_server::TaskService for TaskApi {
                 )));
             }
         }
+        let next_steps = match &next {
+            Some((_, next)) => eagerly_leased(&self.ctx, eager, next.queues(), started).await,
+            None => Vec::new(),
+        };
         Ok(Response::new(v1::CreateTaskResponse {
             task_uuid: created.task_uuid.to_string(),
             created: created.created,
+            next_steps,
             steps: created
                 .steps
                 .into_iter()

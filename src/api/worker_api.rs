@@ -18,7 +18,7 @@ use crate::model::retry::MAX_BACKOFF_MS;
 use crate::proto::struct_to_json;
 use crate::proto::{self, v1};
 use crate::readiness::commands::OrchestrationCommand;
-use crate::store::{FailOutcome, HeldLease, LeasedStep, StepFailure};
+use crate::store::{EagerEnqueue, FailOutcome, HeldLease, LeasedStep, StepFailure};
 use uuid::Uuid;
 
 const MAX_STEPS_PER_FETCH: i64 = 100;
@@ -41,44 +41,120 @@ impl WorkerApi {
     pub fn ctx(&self) -> &ApiContext {
         &self.ctx
     }
+}
 
-    /// The steps leased to `worker_id` (by a fetch, or eagerly by its completion) as its
-    /// response carries them. Every step leased is delivered: those past the response budget
-    /// go back on the queue at the same attempt instead of failing the whole response at
-    /// encoding, and one that no response could carry fails for good, once, instead of being
-    /// leased and lost attempt after attempt.
-    async fn hand_over(
-        &self,
-        namespace: &str,
-        worker_id: &str,
-        queues: &[String],
-        steps: Vec<LeasedStep>,
-    ) -> Vec<v1::LeasedStep> {
-        let Delivery {
-            steps,
-            excess,
-            undeliverable,
-        } = deliver(
-            steps,
-            self.ctx.max_response_bytes,
-            super::work_stream::ANSWER_OVERHEAD,
-        );
-        if !excess.is_empty() {
-            self.ctx
-                .workers
-                .give_back(namespace, worker_id, excess)
-                .await;
+/// The steps leased to `worker_id` (by a fetch, or eagerly by its completion or its task's
+/// creation) as its response carries them. Every step leased is delivered: those past the
+/// response budget go back on the queue at the same attempt instead of failing the whole
+/// response at encoding, and one that no response could carry fails for good, once, instead
+/// of being leased and lost attempt after attempt.
+pub(super) async fn hand_over(
+    ctx: &ApiContext,
+    namespace: &str,
+    worker_id: &str,
+    queues: &[String],
+    steps: Vec<LeasedStep>,
+) -> Vec<v1::LeasedStep> {
+    let Delivery {
+        steps,
+        excess,
+        undeliverable,
+    } = deliver(
+        steps,
+        ctx.max_response_bytes,
+        super::work_stream::ANSWER_OVERHEAD,
+    );
+    if !excess.is_empty() {
+        ctx.workers.give_back(namespace, worker_id, excess).await;
+    }
+    for (step, why) in undeliverable {
+        ctx.workers.fail_undeliverable(&step, &why).await;
+    }
+    for queue in queues {
+        let n = steps.iter().filter(|s| &s.queue == queue).count() as u64;
+        if n > 0 {
+            ctx.metrics.steps_leased(namespace, queue, n);
         }
-        for (step, why) in undeliverable {
-            self.ctx.workers.fail_undeliverable(&step, &why).await;
+    }
+    steps
+}
+
+/// The steps an enqueue in a request's own transaction leased to its worker (eager dispatch,
+/// eager start), as the response carries them; the pass is published on the command stream
+/// as the processor's would be. A claim held elsewhere ran no pass here (no namespace read):
+/// the notification it sent makes the processor's pass, which the command stream shows.
+pub(super) async fn eagerly_leased(
+    ctx: &ApiContext,
+    eager: Option<EagerEnqueue>,
+    queues: &[String],
+    started: tokio::time::Instant,
+) -> Vec<v1::LeasedStep> {
+    let Some((e, namespace)) = eager.and_then(|e| {
+        let ns = e.result.namespace.clone()?;
+        Some((e, ns))
+    }) else {
+        return Vec::new();
+    };
+    ctx.commands.record_inline(
+        &OrchestrationCommand::process_task(
+            e.task_uuid,
+            namespace.clone(),
+            TriggeredBy::EagerDispatch,
+        ),
+        &e.result,
+        started,
+    );
+    let steps = e.result.leased.into_iter().map(|(_, s)| s).collect();
+    hand_over(ctx, &namespace, &e.worker_id, queues, steps).await
+}
+
+/// What a worker asks for next (`CompleteStepRequest.next`, `CreateTaskRequest.next`),
+/// checked: every bad field reported, named under `next.`.
+pub(super) struct AskedNext {
+    queues: Vec<String>,
+    max: i32,
+    lease: Duration,
+}
+
+impl AskedNext {
+    pub(super) fn parse(next: v1::NextSteps) -> Result<Self, Status> {
+        let mut bad = Violations::default();
+        let max = bad.check(bounded(
+            "next.max_steps",
+            i64::from(next.max_steps),
+            1,
+            1,
+            MAX_STEPS_PER_FETCH,
+        ));
+        let lease_seconds = bad.check(bounded(
+            "next.lease_seconds",
+            i64::from(next.lease_seconds),
+            DEFAULT_LEASE_SECONDS,
+            1,
+            MAX_LEASE_SECONDS,
+        ));
+        let queues = bad.check(fetch_queues("next.queues", next.queues));
+        bad.into_result()?;
+        match (max, lease_seconds, queues) {
+            (Some(max), Some(lease_seconds), Some(queues)) => Ok(Self {
+                queues,
+                max: max as i32,
+                lease: Duration::from_secs(lease_seconds as u64),
+            }),
+            _ => unreachable!("a field that failed its check is a violation"),
         }
-        for queue in queues {
-            let n = steps.iter().filter(|s| &s.queue == queue).count() as u64;
-            if n > 0 {
-                self.ctx.metrics.steps_leased(namespace, queue, n);
-            }
+    }
+
+    pub(super) fn queues(&self) -> &[String] {
+        &self.queues
+    }
+
+    pub(super) fn steps(&self) -> NextSteps<'_> {
+        NextSteps {
+            queues: &self.queues,
+            max: self.max,
+            lease: self.lease,
         }
-        steps
     }
 }
 
@@ -207,9 +283,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
                 self.ctx.drained(),
             )
             .await?;
-        let steps = self
-            .hand_over(&r.namespace, &r.worker_id, &queues, steps)
-            .await;
+        let steps = hand_over(&self.ctx, &r.namespace, &r.worker_id, &queues, steps).await;
         Ok(Response::new(v1::FetchStepsResponse { steps }))
     }
 
@@ -232,57 +306,14 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
                 next_steps: Vec::new(),
             }));
         };
-        let max = bounded(
-            "next.max_steps",
-            i64::from(next.max_steps),
-            1,
-            1,
-            MAX_STEPS_PER_FETCH,
-        )?;
-        let lease_seconds = bounded(
-            "next.lease_seconds",
-            i64::from(next.lease_seconds),
-            DEFAULT_LEASE_SECONDS,
-            1,
-            MAX_LEASE_SECONDS,
-        )?;
-        let queues = fetch_queues("next.queues", next.queues)?;
+        let next = AskedNext::parse(next)?;
         let started = tokio::time::Instant::now();
         let (outcome, eager) = self
             .ctx
             .workers
-            .complete_and_lease(
-                lease,
-                &results,
-                traceparent.as_deref(),
-                NextSteps {
-                    queues: &queues,
-                    max: max as i32,
-                    lease: Duration::from_secs(lease_seconds as u64),
-                },
-            )
+            .complete_and_lease(lease, &results, traceparent.as_deref(), next.steps())
             .await?;
-        let mut next_steps = Vec::new();
-        // a claim held elsewhere ran no pass here (no namespace read): the notification it
-        // sent makes the processor's pass, which the command stream shows
-        if let Some((e, namespace)) = eager.and_then(|e| {
-            let ns = e.result.namespace.clone()?;
-            Some((e, ns))
-        }) {
-            self.ctx.commands.record_inline(
-                &OrchestrationCommand::process_task(
-                    e.task_uuid,
-                    namespace.clone(),
-                    TriggeredBy::EagerDispatch,
-                ),
-                &e.result,
-                started,
-            );
-            let steps = e.result.leased.into_iter().map(|(_, s)| s).collect();
-            next_steps = self
-                .hand_over(&namespace, &e.worker_id, &queues, steps)
-                .await;
-        }
+        let next_steps = eagerly_leased(&self.ctx, eager, next.queues(), started).await;
         Ok(Response::new(v1::CompleteStepResponse {
             already_recorded: outcome == CompleteOutcome::AlreadyRecorded,
             next_steps,

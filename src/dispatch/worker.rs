@@ -25,9 +25,10 @@ use crate::dispatch::enqueue::{release_undelivered, TaskClaimStepEnqueuer};
 use crate::dispatch::parked::ParkedFetches;
 use crate::dispatch::parked::{Queues, Ticket};
 use crate::dispatch::quota::{Limit, Place, Quota};
+use crate::model::dag::NewTask;
 use crate::store::{
-    Completion, EagerEnqueue, FailOutcome, HeldLease, LeasedStep, Refusal, StepFailure, Store,
-    StoreError, Taker,
+    Completion, CreatedTask, EagerEnqueue, FailOutcome, HeldLease, LeasedStep, Refusal,
+    StepFailure, Store, StoreError, Taker,
 };
 
 /// A span for a step handed to a worker, in the trace of the enqueue that queued it (and so,
@@ -421,16 +422,50 @@ impl WorkerQueue {
         match done {
             Ok(eager) => {
                 if let Some(e) = &eager {
-                    // the steps it did not lease wake their queues' fetches
-                    self.enqueuer.enqueued_eagerly(e);
-                    // trace spans, and the lease deadline for the scheduler
-                    let steps = e.result.leased.iter().map(|(_, s)| s.clone()).collect();
-                    self.leased(steps, &e.worker_id);
+                    self.leased_eagerly(e);
                 }
                 Ok((CompleteOutcome::Recorded, eager))
             }
             Err(e) => Ok((self.recorded(Err(e), lease, results).await?, None)),
         }
+    }
+
+    /// Eager start: create the task and lease the steps it makes ready to `worker_id` in the
+    /// creation's transaction, as far as `next` asks. The task as `Store::create_task`
+    /// returns it, and what the enqueue did (none for an existing task its idempotency key
+    /// named, or one that starts later).
+    pub async fn create_and_lease(
+        &self,
+        task: &NewTask,
+        metadata: &Value,
+        traceparent: Option<&str>,
+        worker_id: &str,
+        next: NextSteps<'_>,
+    ) -> Result<(CreatedTask, Option<EagerEnqueue>), StoreError> {
+        self.check_running()?;
+        let taker = Taker {
+            worker_id: worker_id.to_string(),
+            max: next.max,
+            lease_ms: next.lease.as_millis() as i64,
+            queues: Some(next.queues.into()),
+        };
+        let (created, eager) = self
+            .store
+            .create_task_and_claim(task, metadata, traceparent, &taker)
+            .await?;
+        if let Some(e) = &eager {
+            self.leased_eagerly(e);
+        }
+        Ok((created, eager))
+    }
+
+    /// After an enqueue in a completion's or a creation's own transaction: the steps it did
+    /// not lease wake their queues' fetches; the leased ones get their trace spans, and their
+    /// lease deadline goes to the scheduler.
+    fn leased_eagerly(&self, e: &EagerEnqueue) {
+        self.enqueuer.enqueued_eagerly(e);
+        let steps = e.result.leased.iter().map(|(_, s)| s.clone()).collect();
+        self.leased(steps, &e.worker_id);
     }
 
     /// A completion's answer: a refusal because the attempt is over is, if this very

@@ -7,8 +7,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::answers::AttemptAnswer;
-use super::{Store, StoreError};
+use super::{CreatedTask, Store, StoreError};
 use crate::model::command::{EnqueueOutcome, TriggeredBy};
+use crate::model::dag::NewTask;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnqueueResult {
@@ -28,12 +29,13 @@ pub struct EnqueueResult {
     pub held: usize,
 }
 
-/// What the enqueue in a completion's own transaction did (eager dispatch).
+/// What the enqueue in a completion's or a creation's own transaction did (eager dispatch,
+/// eager start).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EagerEnqueue {
-    /// The completed step's task.
+    /// The completed step's task, or the task created.
     pub task_uuid: Uuid,
-    /// The completed lease's worker, to whom `result.leased` are leased.
+    /// The completed lease's worker, or the creating worker: `result.leased` are leased to it.
     pub worker_id: String,
     pub result: EnqueueResult,
 }
@@ -404,6 +406,74 @@ impl Store {
             lease,
             self.limits.max_parent_results_bytes,
         )
+    }
+
+    /// Create a task and, in the same transaction, claim it and enqueue its ready steps,
+    /// leasing them to `taker` as far as it asks (eager start,
+    /// `tasker.create_task_and_claim`): what [`create_task`](Self::create_task) returns, and
+    /// the enqueue when one ran (none for an existing task the idempotency key named, or a
+    /// task that starts later).
+    pub async fn create_task_and_claim(
+        &self,
+        task: &NewTask,
+        metadata: &Value,
+        traceparent: Option<&str>,
+        taker: &Taker,
+    ) -> Result<(CreatedTask, Option<EagerEnqueue>), StoreError> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            task_uuid: Uuid,
+            created: bool,
+            step_names: Vec<String>,
+            step_uuids: Vec<Uuid>,
+            #[sqlx(flatten)]
+            enqueue: EnqueueRow,
+        }
+        const FUNCTION: &str = "tasker.create_task_and_claim";
+        let steps = serde_json::to_value(&task.steps).expect("steps serialize");
+        let takers = serde_json::to_value([taker]).expect("takers serialize");
+        let query = sqlx::query_as(
+            "SELECT c.task_uuid, c.created, c.step_names, c.step_uuids, c.outcome, c.namespace, c.enqueued_steps, c.max_ready_wait_ms, c.leased, c.queued, c.held
+             FROM (SELECT set_config('tasker.traceparent', coalesce($9, ''), true)) tp,
+                  tasker.create_task_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12, $13, $14, $15, $16) c",
+        )
+        .bind(task.task_uuid)
+        .bind(&task.namespace)
+        .bind(&task.name)
+        .bind(task.priority)
+        .bind(&task.context)
+        .bind(&task.idempotency_key)
+        .bind(steps)
+        .bind(metadata)
+        .bind(traceparent)
+        .bind(self.limits.max_namespaces.map(|n| n as i32))
+        .bind(task.context_bytes)
+        .bind(!self.limits.no_namespaces_on_first_use)
+        .bind(&task.concurrency_key)
+        .bind(task.start_at)
+        .bind(eager_metadata(1))
+        .bind(takers);
+        // a large task is the one request that can run long: if its client gives up, so does
+        // the database (as for create_task)
+        let mut conn = super::cancel::CancelOnDrop::acquire(&self.pool).await?;
+        let row: Result<Option<Row>, _> = query.fetch_optional(conn.conn()).await;
+        conn.release();
+        let row =
+            row?.ok_or_else(|| StoreError::invalid("steps", "a task needs at least one step"))?;
+        let created = CreatedTask {
+            task_uuid: row.task_uuid,
+            created: row.created,
+            steps: row.step_names.into_iter().zip(row.step_uuids).collect(),
+        };
+        let eager = match row.enqueue.outcome {
+            Some(_) => Some(EagerEnqueue {
+                task_uuid: row.task_uuid,
+                worker_id: taker.worker_id.clone(),
+                result: enqueue_result(FUNCTION, row.enqueue)?,
+            }),
+            None => None,
+        };
+        Ok((created, eager))
     }
 
     /// Put back on the queue a step leased to a fetch that went away before receiving it.

@@ -6,8 +6,8 @@
 //!  bench ──spawns──> tasker serve (1..n replicas) ──── PostgreSQL ──── graphile-worker (--peer)
 //!    │                    ^ gRPC (loopback)
 //!    └──spawns──> workers: tasker bench-worker (Rust), or scripts/peer/tasker-chains.mjs
-//!         (Node.js, @grpc/grpc-js): CreateTask, FetchSteps (long-poll), CompleteStep (with
-//!         `next` when eager); reads "window-start" / "window-end" / report from its stdout
+//!         (Node.js, @grpc/grpc-js): CreateTask, FetchSteps (long-poll), CompleteStep (both
+//!         with `next` when eager); reads "window-start" / "window-end" / report from its stdout
 //! ```
 //!
 //! With `--peer`, every chains scenario also runs on graphile-worker (a PostgreSQL job queue,

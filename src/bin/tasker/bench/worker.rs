@@ -34,7 +34,9 @@ pub struct WorkerSpec {
     /// Namespace prefix; chains use `<prefix>-<i>`, the fan uses `<prefix>`.
     pub namespace: String,
     /// Eager dispatch: each completion asks for the worker's next step
-    /// (`CompleteStepRequest.next`, one step); the worker fetches only when none came back.
+    /// (`CompleteStepRequest.next`, one step), and a chain worker creates each chain asking
+    /// for its first (`CreateTaskRequest.next`, eager start); the worker fetches only when
+    /// none came back.
     #[serde(default)]
     pub eager: bool,
     /// The worker's calls go as messages on one Work stream (`WorkerClient::over_stream`).
@@ -261,7 +263,8 @@ async fn create(ch: &AuthorizedChannel, req: v1::CreateTaskRequest) -> anyhow::R
     Ok(tasks.create_task(req).await?.into_inner().task_uuid)
 }
 
-async fn create_chain(ch: &AuthorizedChannel, ns: &str, length: usize) -> anyhow::Result<()> {
+/// A chain `s0 -> ... -> s(length-1)` of `ns`.
+fn chain_request(ns: &str, length: usize) -> v1::CreateTaskRequest {
     let steps = (0..length)
         .map(|i| {
             let deps = if i == 0 {
@@ -272,17 +275,37 @@ async fn create_chain(ch: &AuthorizedChannel, ns: &str, length: usize) -> anyhow
             step_def(format!("s{i}"), deps)
         })
         .collect();
-    create(
-        ch,
-        v1::CreateTaskRequest {
-            namespace: ns.into(),
-            name: format!("chain-{length}"),
-            steps,
-            ..Default::default()
-        },
-    )
-    .await?;
+    v1::CreateTaskRequest {
+        namespace: ns.into(),
+        name: format!("chain-{length}"),
+        steps,
+        ..Default::default()
+    }
+}
+
+async fn create_chain(ch: &AuthorizedChannel, ns: &str, length: usize) -> anyhow::Result<()> {
+    create(ch, chain_request(ns, length)).await?;
     Ok(())
+}
+
+/// Create a chain; with `eager`, leasing its first step to `worker` in the same call (eager
+/// start), which it returns.
+async fn start_chain(
+    ch: &AuthorizedChannel,
+    worker: &mut WorkerClient,
+    ns: &str,
+    length: usize,
+    eager: bool,
+) -> anyhow::Result<Option<LeasedStep>> {
+    if eager {
+        let (_, steps) = worker
+            .create_task_and_next(chain_request(ns, length), 1)
+            .await?;
+        Ok(steps.into_iter().next())
+    } else {
+        create_chain(ch, ns, length).await?;
+        Ok(None)
+    }
 }
 
 /// Complete `step`; with `eager`, asking for the worker's next step in the same call.
@@ -352,10 +375,9 @@ async fn chain_worker(
     let results = json!({"ok": true});
     let mut samples = Vec::new();
     let worked = async {
-        create_chain(&ch, &ns, length).await?;
+        let mut handed = start_chain(&ch, &mut worker, &ns, length, calls.eager).await?;
         // when the CompleteStep of this chain's previous step was sent
         let mut sent: Option<Instant> = None;
-        let mut handed = None;
         while let Some(step) = take_or_fetch(&mut handed, &mut worker, &stop).await? {
             let received = Instant::now();
             if let Some(s) = sent {
@@ -369,7 +391,7 @@ async fn chain_worker(
             sent = Some(send);
             if step.name == last {
                 sent = None;
-                create_chain(&ch, &ns, length).await?;
+                handed = start_chain(&ch, &mut worker, &ns, length, calls.eager).await?;
             }
         }
         anyhow::Ok(())

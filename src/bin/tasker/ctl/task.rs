@@ -425,6 +425,7 @@ pub(super) fn read_task_file(path: &std::path::Path) -> Result<v1::CreateTaskReq
             })
             .collect(),
         retry: file.retry.map(RetryFile::into_proto),
+        ..Default::default()
     })
 }
 
