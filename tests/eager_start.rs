@@ -321,6 +321,50 @@ async fn nothing_is_leased_for_a_later_start_or_a_repeated_key(pool: PgPool) {
     server.stop().await;
 }
 
+/// A task that must wait for a slot of its concurrency key leases nothing at its creation: it
+/// starts, for any worker, when the task holding the slot finishes.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_task_waiting_on_its_key_leases_nothing_and_starts_when_the_slot_frees(pool: PgPool) {
+    let server = TestServer::start(&pool, &events_only_config()).await;
+    let ch = server.channel().await;
+    let mut tasks = Tasks::new(ch.clone());
+    let mut workers = Workers::new(ch.clone());
+    let mut admin = Admin::new(ch.clone());
+    admin
+        .create_namespace(v1::CreateNamespaceRequest {
+            namespace: "shop".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .set_namespace_settings(v1::SetNamespaceSettingsRequest {
+            namespace: "shop".into(),
+            max_tasks_per_key: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let keyed = |name: &str| {
+        let mut r = task("shop").named(name).step("only").build();
+        r.concurrency_key = "customer-1".into();
+        r
+    };
+    let first = create(&mut tasks, started(keyed("first"), next(1, &[], 30))).await;
+    assert_eq!(first.next_steps.len(), 1);
+    let second = create(&mut tasks, started(keyed("second"), next(1, &[], 30))).await;
+    assert!(second.next_steps.is_empty(), "{:?}", second.next_steps);
+    assert_eq!(
+        get_task(&mut tasks, &second.task_uuid).await.state(),
+        v1::TaskState::Pending
+    );
+    complete_leased(&mut workers, &first.next_steps[0]).await;
+    let step = lease_one(&workers, "shop").await;
+    assert_eq!(step.task_uuid, second.task_uuid);
+    complete_leased(&mut workers, &step).await;
+    assert_exactly_once_in_order(&pool).await;
+    server.stop().await;
+}
+
 /// A bad `next` or `worker_id` is refused naming the field, with the task's own problems in
 /// the same answer, and nothing is created.
 #[sqlx::test(migrator = "tasker::MIGRATOR")]

@@ -1,6 +1,7 @@
 //! `tasker.v1.TaskService`: create a task with its DAG, get it, cancel it, list tasks, watch
 //! one.
 
+use prost::Message;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -295,14 +296,9 @@ impl v1::task_service_server::TaskService for TaskApi {
                 )));
             }
         }
-        let next_steps = match &next {
-            Some((_, next)) => eagerly_leased(&self.ctx, eager, next.queues(), started).await,
-            None => Vec::new(),
-        };
-        Ok(Response::new(v1::CreateTaskResponse {
+        let mut response = v1::CreateTaskResponse {
             task_uuid: created.task_uuid.to_string(),
             created: created.created,
-            next_steps,
             steps: created
                 .steps
                 .into_iter()
@@ -311,7 +307,16 @@ impl v1::task_service_server::TaskService for TaskApi {
                     step_uuid: id.to_string(),
                 })
                 .collect(),
-        }))
+            next_steps: Vec::new(),
+        };
+        if let Some((_, next)) = &next {
+            // the steps leased share the response with the task's: those it leaves no room
+            // for go back on the queue
+            let taken = response.encoded_len();
+            response.next_steps =
+                eagerly_leased(&self.ctx, eager, next.queues(), started, taken).await;
+        }
+        Ok(Response::new(response))
     }
 
     async fn get_task(

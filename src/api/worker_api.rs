@@ -48,12 +48,14 @@ impl WorkerApi {
 /// response budget go back on the queue at the same attempt instead of failing the whole
 /// response at encoding, and one that no response could carry fails for good, once, instead
 /// of being leased and lost attempt after attempt.
+/// `taken`: the bytes of the response's other fields.
 pub(super) async fn hand_over(
     ctx: &ApiContext,
     namespace: &str,
     worker_id: &str,
     queues: &[String],
     steps: Vec<LeasedStep>,
+    taken: usize,
 ) -> Vec<v1::LeasedStep> {
     let Delivery {
         steps,
@@ -63,6 +65,7 @@ pub(super) async fn hand_over(
         steps,
         ctx.max_response_bytes,
         super::work_stream::ANSWER_OVERHEAD,
+        taken,
     );
     if !excess.is_empty() {
         ctx.workers.give_back(namespace, worker_id, excess).await;
@@ -88,6 +91,7 @@ pub(super) async fn eagerly_leased(
     eager: Option<EagerEnqueue>,
     queues: &[String],
     started: tokio::time::Instant,
+    taken: usize,
 ) -> Vec<v1::LeasedStep> {
     let Some((e, namespace)) = eager.and_then(|e| {
         let ns = e.result.namespace.clone()?;
@@ -105,7 +109,7 @@ pub(super) async fn eagerly_leased(
         started,
     );
     let steps = e.result.leased.into_iter().map(|(_, s)| s).collect();
-    hand_over(ctx, &namespace, &e.worker_id, queues, steps).await
+    hand_over(ctx, &namespace, &e.worker_id, queues, steps, taken).await
 }
 
 /// What a worker asks for next (`CompleteStepRequest.next`, `CreateTaskRequest.next`),
@@ -283,7 +287,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
                 self.ctx.drained(),
             )
             .await?;
-        let steps = hand_over(&self.ctx, &r.namespace, &r.worker_id, &queues, steps).await;
+        let steps = hand_over(&self.ctx, &r.namespace, &r.worker_id, &queues, steps, 0).await;
         Ok(Response::new(v1::FetchStepsResponse { steps }))
     }
 
@@ -313,7 +317,7 @@ impl v1::worker_service_server::WorkerService for WorkerApi {
             .workers
             .complete_and_lease(lease, &results, traceparent.as_deref(), next.steps())
             .await?;
-        let next_steps = eagerly_leased(&self.ctx, eager, next.queues(), started).await;
+        let next_steps = eagerly_leased(&self.ctx, eager, next.queues(), started, 0).await;
         Ok(Response::new(v1::CompleteStepResponse {
             already_recorded: outcome == CompleteOutcome::AlreadyRecorded,
             next_steps,
@@ -398,9 +402,12 @@ struct Delivery {
 }
 
 /// The leased steps as the response carries them: as many as fit `limit` bytes less
-/// `overhead` (what a Work stream's answer wraps around the response), in order.
-fn deliver(steps: Vec<LeasedStep>, limit: usize, overhead: usize) -> Delivery {
+/// `overhead` (what a Work stream's answer wraps around the response) and less `taken` (the
+/// response's other fields: a step they leave no room for goes back, it is not undeliverable),
+/// in order.
+fn deliver(steps: Vec<LeasedStep>, limit: usize, overhead: usize, taken: usize) -> Delivery {
     let budget = limit.saturating_sub(overhead);
+    let room = budget.saturating_sub(taken);
     use crate::model::limits::{document_depth, MAX_DOCUMENT_DEPTH};
     let mut d = Delivery {
         steps: Vec::with_capacity(steps.len()),
@@ -438,7 +445,7 @@ fn deliver(steps: Vec<LeasedStep>, limit: usize, overhead: usize) -> Delivery {
             d.undeliverable.push((s, why));
             continue;
         }
-        if !d.excess.is_empty() || used + size > budget {
+        if !d.excess.is_empty() || used + size > room {
             d.excess.push(s);
             continue;
         }
@@ -446,4 +453,40 @@ fn deliver(steps: Vec<LeasedStep>, limit: usize, overhead: usize) -> Delivery {
         d.steps.push(message);
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leased(name_len: usize) -> LeasedStep {
+        LeasedStep {
+            step_uuid: Uuid::nil(),
+            task_uuid: Uuid::nil(),
+            name: "x".repeat(name_len),
+            attempt: 1,
+            inputs: json!({}),
+            parent_results: json!({}),
+            lease_expires_at: chrono::Utc::now(),
+            enqueued_at: chrono::Utc::now(),
+            traceparent: None,
+            lease_token: Uuid::nil(),
+            queue: "default".into(),
+        }
+    }
+
+    /// The room the response's other fields take (a created task's steps) sends a step back
+    /// to the queue; only a step no response could carry is undeliverable.
+    #[test]
+    fn a_step_the_other_fields_leave_no_room_for_goes_back_not_failed() {
+        let limit = 4096;
+        let alone = deliver(vec![leased(2000)], limit, 32, 0);
+        assert_eq!((alone.steps.len(), alone.excess.len()), (1, 0));
+        let crowded = deliver(vec![leased(2000), leased(10)], limit, 32, 3000);
+        assert_eq!(crowded.steps.len(), 0);
+        assert_eq!(crowded.excess.len(), 2, "back on the queue, in order");
+        assert!(crowded.undeliverable.is_empty());
+        let too_big = deliver(vec![leased(5000)], limit, 32, 0);
+        assert_eq!(too_big.undeliverable.len(), 1);
+    }
 }

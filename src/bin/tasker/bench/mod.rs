@@ -61,8 +61,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub queue_limit: Option<i32>,
     /// Remote: the workers' clients, comma-separated, each scenario run with each: rust
-    /// (tasker::client), rust-eager (completions ask for the next step:
-    /// CompleteStepRequest.next), rust-stream (eager, every call a message on one
+    /// (tasker::client), rust-eager (completions ask for the next step,
+    /// CompleteStepRequest.next, and chains are created asking for their first,
+    /// CreateTaskRequest.next), rust-stream (eager, every call a message on one
     /// WorkerService/Work stream), node, node-eager and node-stream (the same with Node.js and
     /// @grpc/grpc-js, chains only; needs `npm install` in scripts/peer).
     #[arg(long, value_delimiter = ',', default_value = "rust")]
