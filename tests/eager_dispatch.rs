@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::*;
 use sqlx::PgPool;
 use tasker::proto::v1;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 fn next(max_steps: i32, queues: &[&str], lease_seconds: i32) -> Option<v1::NextSteps> {
@@ -138,18 +137,7 @@ async fn a_completion_asking_for_next_receives_its_successor_in_the_same_call(po
         );
     }
     for _ in 0..2 {
-        let mut e = tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("an event")
-            .unwrap()
-            .unwrap();
-        assert_eq!(e.phase(), v1::CommandPhase::Started);
-        e = tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("an event")
-            .unwrap()
-            .unwrap();
-        assert_eq!(e.phase(), v1::CommandPhase::Completed);
+        let e = next_pass(&mut events).await;
         assert_eq!(e.task_uuid, task_uuid);
         assert_eq!(e.steps_enqueued, 1);
         assert_eq!(e.outcome(), v1::CommandOutcome::Enqueued);
@@ -203,22 +191,7 @@ async fn steps_the_completing_worker_does_not_take_flow_to_everyone_else(pool: P
         warehouse.fetch_steps(r).await.unwrap().into_inner().steps
     });
     // parked: wait until both fetches wait
-    let mut admin = Admin::new(ch.clone());
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let s = admin
-                .get_status(v1::GetStatusRequest::default())
-                .await
-                .unwrap()
-                .into_inner();
-            if s.parked_fetches >= 2 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("both fetches park");
+    until_parked(&ch, 2).await;
     let r = complete_next(&mut workers, &a, next(1, &[], 30)).await;
     assert_eq!(r.next_steps.len(), 1);
     let mine = r.next_steps[0].name.clone();
@@ -251,21 +224,7 @@ async fn eagerly_leased_steps_of_a_killed_worker_are_leased_again_after_their_le
     let r = complete_next(&mut workers, &first, next(1, &[], 1)).await;
     let held = r.next_steps[0].clone();
     // the worker dies here: another fetches and receives the step once its lease runs out
-    let again = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let got = workers
-                .fetch_steps(fetch_request("shop", 1, 5_000, 30))
-                .await
-                .unwrap()
-                .into_inner()
-                .steps;
-            if let Some(s) = got.into_iter().next() {
-                return s;
-            }
-        }
-    })
-    .await
-    .expect("the step is leased again after its lease");
+    let again = lease_within(&workers, "shop", Duration::from_secs(30)).await;
     assert_eq!(again.step_uuid, held.step_uuid);
     assert_eq!(again.attempt, 2);
     let late = workers

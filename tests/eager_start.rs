@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::*;
 use sqlx::PgPool;
 use tasker::proto::v1;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 const WORKER: &str = "creator-1";
@@ -118,18 +117,7 @@ async fn a_task_created_asking_for_next_arrives_leased_in_the_creations_answer(p
             ),
         ]
     );
-    let mut e = tokio::time::timeout(WAIT, events.next())
-        .await
-        .expect("an event")
-        .unwrap()
-        .unwrap();
-    assert_eq!(e.phase(), v1::CommandPhase::Started);
-    e = tokio::time::timeout(WAIT, events.next())
-        .await
-        .expect("an event")
-        .unwrap()
-        .unwrap();
-    assert_eq!(e.phase(), v1::CommandPhase::Completed);
+    let e = next_pass(&mut events).await;
     assert_eq!(e.task_uuid, r.task_uuid);
     assert_eq!(e.steps_enqueued, 1);
     assert_eq!(e.outcome(), v1::CommandOutcome::Enqueued);
@@ -188,22 +176,7 @@ async fn roots_the_creating_worker_does_not_take_flow_to_everyone_else(pool: PgP
         r.queues = vec!["warehouse".into()];
         warehouse.fetch_steps(r).await.unwrap().into_inner().steps
     });
-    let mut admin = Admin::new(ch.clone());
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let s = admin
-                .get_status(v1::GetStatusRequest::default())
-                .await
-                .unwrap()
-                .into_inner();
-            if s.parked_fetches >= 2 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("both fetches park");
+    until_parked(&ch, 2).await;
     let request = task("shop")
         .step("a")
         .step("b")
@@ -243,21 +216,7 @@ async fn an_eagerly_started_step_of_a_killed_worker_is_leased_again_after_its_le
     .await;
     let held = r.next_steps[0].clone();
     // the worker dies here: another fetches and receives the step once its lease runs out
-    let again = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let got = workers
-                .fetch_steps(fetch_request("shop", 1, 5_000, 30))
-                .await
-                .unwrap()
-                .into_inner()
-                .steps;
-            if let Some(s) = got.into_iter().next() {
-                return s;
-            }
-        }
-    })
-    .await
-    .expect("the step is leased again after its lease");
+    let again = lease_within(&workers, "shop", Duration::from_secs(30)).await;
     assert_eq!(again.step_uuid, held.step_uuid);
     assert_eq!(again.attempt, 2);
     let late = workers

@@ -448,6 +448,63 @@ pub async fn lease_one(workers: &Workers, namespace: &str) -> v1::LeasedStep {
         .remove(0)
 }
 
+/// Fetches on `namespace` until a step is leased (one whose lease runs out, say), within
+/// `within`.
+pub async fn lease_within(workers: &Workers, namespace: &str, within: Duration) -> v1::LeasedStep {
+    let mut w = workers.clone();
+    tokio::time::timeout(within, async {
+        loop {
+            let got = w
+                .fetch_steps(fetch_request(namespace, 1, 5_000, 30))
+                .await
+                .unwrap()
+                .into_inner()
+                .steps;
+            if let Some(s) = got.into_iter().next() {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("a step is leased in time")
+}
+
+/// Waits until at least `n` fetches are parked on the server (`GetStatus.parked_fetches`).
+pub async fn until_parked(ch: &Channel, n: u64) {
+    let mut admin = Admin::new(ch.clone());
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let s = admin
+                .get_status(v1::GetStatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if s.parked_fetches >= n {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the fetches park");
+}
+
+/// The next pass on a command event stream, Started then Completed: the Completed event.
+pub async fn next_pass(events: &mut tonic::Streaming<v1::CommandEvent>) -> v1::CommandEvent {
+    assert_eq!(next_event(events).await.phase(), v1::CommandPhase::Started);
+    let done = next_event(events).await;
+    assert_eq!(done.phase(), v1::CommandPhase::Completed);
+    done
+}
+
+async fn next_event(events: &mut tonic::Streaming<v1::CommandEvent>) -> v1::CommandEvent {
+    tokio::time::timeout(WAIT, events.message())
+        .await
+        .expect("an event")
+        .unwrap()
+        .expect("the stream goes on")
+}
+
 // ---- what a deployment mode runs, observed ----
 
 /// LISTEN connections of this test's database (the listener names its connection).
