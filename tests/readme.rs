@@ -121,6 +121,10 @@ async fn the_readme_examples_run_as_written(pool: PgPool) {
         if command.contains("TaskService/CreateTask") {
             let created: serde_json::Value = serde_json::from_str(&out).unwrap();
             fixtures.task = Some(created["taskUuid"].as_str().unwrap().to_string());
+            if command.contains("\"next\"") {
+                // eager start: its first step comes back leased in the answer
+                assert_eq!(created["nextSteps"][0]["name"], "a", "{out}");
+            }
         }
         if let Some(current) = comment
             .split("\"current\": \"")
