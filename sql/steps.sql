@@ -35,7 +35,10 @@
 -- A step handed to a fetch is queued already leased: its queue row is written once, not
 -- inserted and then updated (every hand-off and every eager completion paid for the second
 -- row version and its index entries).
--- (from migrations/20261204000031_claims_read_steps_by_key.sql)
+-- Generic plans only: two statements take the pass's arrays, whose lengths made PostgreSQL
+-- plan them again at many calls.
+-- (from migrations/20261204000031_claims_read_steps_by_key.sql, its settings from
+-- migrations/20261204000034_claims_planned_once.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -44,6 +47,7 @@ RETURNS TABLE (outcome text, namespace text, priority integer, enqueued_steps uu
                max_ready_wait_ms double precision, leased jsonb, queued jsonb, held jsonb)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_task record;

@@ -616,10 +616,10 @@ async fn hot_path_functions_keep_their_planner_settings(pool: PgPool) {
     }
 }
 
-/// Functions whose first statement takes an array of the caller's items: a custom plan knows
-/// the array's length, so PostgreSQL prices the generic plan above it and plans the statement
-/// again at every call, unless the function forces generic plans.
-const GENERIC_PLAN_FUNCTIONS: &[&str] = &["complete_steps_and_claim"];
+/// Functions with a statement that takes arrays (the caller's items, a claim's steps): a
+/// custom plan knows their lengths, so PostgreSQL prices the generic plan above it and plans
+/// the statement again at most calls, unless the function forces generic plans.
+const GENERIC_PLAN_FUNCTIONS: &[&str] = &["complete_steps_and_claim", "claim_and_enqueue"];
 
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn batch_functions_keep_their_generic_plans(pool: PgPool) {
