@@ -12,14 +12,6 @@ use sqlx::PgPool;
 use tasker::proto::v1;
 use tonic::Code;
 
-fn next(max_steps: i32, queues: &[&str], lease_seconds: i32) -> Option<v1::NextSteps> {
-    Some(v1::NextSteps {
-        max_steps,
-        queues: queues.iter().map(|q| q.to_string()).collect(),
-        lease_seconds,
-    })
-}
-
 fn report(step: &v1::LeasedStep, next: Option<v1::NextSteps>) -> v1::CompleteStepRequest {
     v1::CompleteStepRequest {
         step_uuid: step.step_uuid.clone(),
@@ -79,7 +71,7 @@ async fn a_completion_asking_for_next_receives_its_successor_in_the_same_call(po
     let mut step = lease_one(&workers, "shop").await;
     let mut names = vec![step.name.clone()];
     loop {
-        let r = complete_next(&mut workers, &step, next(1, &[], 30)).await;
+        let r = complete_next(&mut workers, &step, ask_next(1, &[], 30)).await;
         assert!(!r.already_recorded);
         match r.next_steps.len() {
             0 => break,
@@ -173,39 +165,13 @@ async fn steps_the_completing_worker_does_not_take_flow_to_everyone_else(pool: P
         .await
         .unwrap();
     let a = lease_one(&workers, "shop").await;
-    // a fetch parked before the completion, for two steps (waiting longer than the test
-    // does: only the enqueue's wake-up can answer it in time)
-    let mut parked_workers = workers.clone();
-    let parked = tokio::spawn(async move {
-        parked_workers
-            .fetch_steps(fetch_request("shop", 2, 20_000, 30))
-            .await
-            .unwrap()
-            .into_inner()
-            .steps
-    });
-    let mut warehouse = workers.clone();
-    let ship = tokio::spawn(async move {
-        let mut r = fetch_request("shop", 5, 20_000, 30);
-        r.queues = vec!["warehouse".into()];
-        warehouse.fetch_steps(r).await.unwrap().into_inner().steps
-    });
-    // parked: wait until both fetches wait
-    until_parked(&ch, 2).await;
-    let r = complete_next(&mut workers, &a, next(1, &[], 30)).await;
+    // fetches parked before the completion
+    let (parked, ship) = park_default_and_warehouse(&ch, "shop").await;
+    let r = complete_next(&mut workers, &a, ask_next(1, &[], 30)).await;
     assert_eq!(r.next_steps.len(), 1);
     let mine = r.next_steps[0].name.clone();
     assert!(["b", "c", "d"].contains(&mine.as_str()), "{mine}");
-    let theirs = tokio::time::timeout(WAIT, parked).await.unwrap().unwrap();
-    let mut all: Vec<String> = theirs.iter().map(|s| s.name.clone()).collect();
-    all.push(mine);
-    all.sort();
-    assert_eq!(all, ["b", "c", "d"]);
-    let ship = tokio::time::timeout(WAIT, ship).await.unwrap().unwrap();
-    assert_eq!(
-        ship.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["ship"]
-    );
+    assert_split(&mine, parked, ship, &["b", "c", "d"]).await;
     assert_exactly_once_in_order(&pool).await;
     server.stop().await;
 }
@@ -221,20 +187,20 @@ async fn eagerly_leased_steps_of_a_killed_worker_are_leased_again_after_their_le
     let mut workers = Workers::new(ch.clone());
     let task_uuid = chain_task(&mut tasks, 3).await;
     let first = lease_one(&workers, "shop").await;
-    let r = complete_next(&mut workers, &first, next(1, &[], 1)).await;
+    let r = complete_next(&mut workers, &first, ask_next(1, &[], 1)).await;
     let held = r.next_steps[0].clone();
     // the worker dies here: another fetches and receives the step once its lease runs out
     let again = lease_within(&workers, "shop", Duration::from_secs(30)).await;
     assert_eq!(again.step_uuid, held.step_uuid);
     assert_eq!(again.attempt, 2);
     let late = workers
-        .complete_step(report(&held, next(1, &[], 30)))
+        .complete_step(report(&held, ask_next(1, &[], 30)))
         .await
         .unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
     let mut step = again;
     loop {
-        let r = complete_next(&mut workers, &step, next(1, &[], 30)).await;
+        let r = complete_next(&mut workers, &step, ask_next(1, &[], 30)).await;
         match r.next_steps.into_iter().next() {
             Some(s) => step = s,
             // the successor went the plain way: another pass held the task's claim (the
@@ -284,7 +250,7 @@ async fn a_claim_held_elsewhere_leaves_the_successor_to_the_readiness_event(pool
         .execute(&mut *holder)
         .await
         .unwrap();
-    let r = complete_next(&mut workers, &first, next(1, &[], 30)).await;
+    let r = complete_next(&mut workers, &first, ask_next(1, &[], 30)).await;
     assert!(r.next_steps.is_empty(), "the claim is held elsewhere");
     holder.rollback().await.unwrap();
     let second = lease_one(&workers, "shop").await;
@@ -305,10 +271,10 @@ async fn a_bad_next_changes_nothing_and_a_retry_leases_nothing_twice(pool: PgPoo
     chain_task(&mut tasks, 2).await;
     let first = lease_one(&workers, "shop").await;
     for (bad, field) in [
-        (next(101, &[], 30), "next.max_steps"),
-        (next(-1, &[], 30), "next.max_steps"),
-        (next(1, &["bad/queue"], 30), "next.queues[0]"),
-        (next(1, &[], 3601), "next.lease_seconds"),
+        (ask_next(101, &[], 30), "next.max_steps"),
+        (ask_next(-1, &[], 30), "next.max_steps"),
+        (ask_next(1, &["bad/queue"], 30), "next.queues[0]"),
+        (ask_next(1, &[], 3601), "next.lease_seconds"),
     ] {
         let e = workers
             .complete_step(report(&first, bad))
@@ -324,9 +290,9 @@ async fn a_bad_next_changes_nothing_and_a_retry_leases_nothing_twice(pool: PgPoo
             .await
             .unwrap();
     assert_eq!(state, "in_progress", "a refused report records nothing");
-    let r = complete_next(&mut workers, &first, next(1, &[], 30)).await;
+    let r = complete_next(&mut workers, &first, ask_next(1, &[], 30)).await;
     assert_eq!(r.next_steps.len(), 1);
-    let again = complete_next(&mut workers, &first, next(1, &[], 30)).await;
+    let again = complete_next(&mut workers, &first, ask_next(1, &[], 30)).await;
     assert!(again.already_recorded);
     assert!(again.next_steps.is_empty());
     server.stop().await;

@@ -16,14 +16,6 @@ use tonic::Code;
 
 const WORKER: &str = "creator-1";
 
-fn next(max_steps: i32, queues: &[&str], lease_seconds: i32) -> Option<v1::NextSteps> {
-    Some(v1::NextSteps {
-        max_steps,
-        queues: queues.iter().map(|q| q.to_string()).collect(),
-        lease_seconds,
-    })
-}
-
 /// `request` created by WORKER, asking for `next`.
 fn started(
     mut request: v1::CreateTaskRequest,
@@ -67,7 +59,7 @@ async fn a_task_created_asking_for_next_arrives_leased_in_the_creations_answer(p
     let mut ready = listener(&pool, &["tasker_task_ready"]).await;
     let r = create(
         &mut tasks,
-        started(chain("shop", 3).build(), next(1, &[], 30)),
+        started(chain("shop", 3).build(), ask_next(1, &[], 30)),
     )
     .await;
     assert!(r.created);
@@ -130,7 +122,7 @@ async fn a_task_created_asking_for_next_arrives_leased_in_the_creations_answer(p
                 attempt: step.attempt,
                 results: None,
                 lease_token: step.lease_token.clone(),
-                next: next(1, &[], 30),
+                next: ask_next(1, &[], 30),
             })
             .await
             .unwrap()
@@ -161,22 +153,7 @@ async fn roots_the_creating_worker_does_not_take_flow_to_everyone_else(pool: PgP
     create(&mut tasks, task("shop").step("warm-up").build()).await;
     let warm = lease_one(&workers, "shop").await;
     complete_leased(&mut workers.clone(), &warm).await;
-    let mut parked_workers = workers.clone();
-    let parked = tokio::spawn(async move {
-        parked_workers
-            .fetch_steps(fetch_request("shop", 2, 20_000, 30))
-            .await
-            .unwrap()
-            .into_inner()
-            .steps
-    });
-    let mut warehouse = workers.clone();
-    let ship = tokio::spawn(async move {
-        let mut r = fetch_request("shop", 5, 20_000, 30);
-        r.queues = vec!["warehouse".into()];
-        warehouse.fetch_steps(r).await.unwrap().into_inner().steps
-    });
-    until_parked(&ch, 2).await;
+    let (parked, ship) = park_default_and_warehouse(&ch, "shop").await;
     let request = task("shop")
         .step("a")
         .step("b")
@@ -184,19 +161,9 @@ async fn roots_the_creating_worker_does_not_take_flow_to_everyone_else(pool: PgP
         .step("ship")
         .queue("warehouse")
         .build();
-    let r = create(&mut tasks, started(request, next(1, &[], 30))).await;
+    let r = create(&mut tasks, started(request, ask_next(1, &[], 30))).await;
     assert_eq!(r.next_steps.len(), 1);
-    let mine = r.next_steps[0].name.clone();
-    let theirs = tokio::time::timeout(WAIT, parked).await.unwrap().unwrap();
-    let mut all: Vec<String> = theirs.iter().map(|s| s.name.clone()).collect();
-    all.push(mine);
-    all.sort();
-    assert_eq!(all, ["a", "b", "c"]);
-    let ship = tokio::time::timeout(WAIT, ship).await.unwrap().unwrap();
-    assert_eq!(
-        ship.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["ship"]
-    );
+    assert_split(&r.next_steps[0].name, parked, ship, &["a", "b", "c"]).await;
     assert_exactly_once_in_order(&pool).await;
     server.stop().await;
 }
@@ -211,7 +178,7 @@ async fn an_eagerly_started_step_of_a_killed_worker_is_leased_again_after_its_le
     let mut workers = Workers::new(ch.clone());
     let r = create(
         &mut tasks,
-        started(chain("shop", 2).build(), next(1, &[], 1)),
+        started(chain("shop", 2).build(), ask_next(1, &[], 1)),
     )
     .await;
     let held = r.next_steps[0].clone();
@@ -252,7 +219,7 @@ async fn nothing_is_leased_for_a_later_start_or_a_repeated_key(pool: PgPool) {
     later.start_at = Some(tasker::proto::timestamp(
         chrono::Utc::now() + chrono::Duration::hours(1),
     ));
-    let r = create(&mut tasks, started(later, next(1, &[], 30))).await;
+    let r = create(&mut tasks, started(later, ask_next(1, &[], 30))).await;
     assert!(r.created);
     assert!(r.next_steps.is_empty(), "{:?}", r.next_steps);
     assert_eq!(
@@ -261,10 +228,10 @@ async fn nothing_is_leased_for_a_later_start_or_a_repeated_key(pool: PgPool) {
     );
     let mut keyed = chain("shop", 2).build();
     keyed.idempotency_key = "order-7".into();
-    let first = create(&mut tasks, started(keyed.clone(), next(1, &[], 30))).await;
+    let first = create(&mut tasks, started(keyed.clone(), ask_next(1, &[], 30))).await;
     assert!(first.created);
     assert_eq!(first.next_steps.len(), 1);
-    let again = create(&mut tasks, started(keyed, next(1, &[], 30))).await;
+    let again = create(&mut tasks, started(keyed, ask_next(1, &[], 30))).await;
     assert!(!again.created);
     assert_eq!(again.task_uuid, first.task_uuid);
     assert!(again.next_steps.is_empty(), "{:?}", again.next_steps);
@@ -308,9 +275,9 @@ async fn a_task_waiting_on_its_key_leases_nothing_and_starts_when_the_slot_frees
         r.concurrency_key = "customer-1".into();
         r
     };
-    let first = create(&mut tasks, started(keyed("first"), next(1, &[], 30))).await;
+    let first = create(&mut tasks, started(keyed("first"), ask_next(1, &[], 30))).await;
     assert_eq!(first.next_steps.len(), 1);
-    let second = create(&mut tasks, started(keyed("second"), next(1, &[], 30))).await;
+    let second = create(&mut tasks, started(keyed("second"), ask_next(1, &[], 30))).await;
     assert!(second.next_steps.is_empty(), "{:?}", second.next_steps);
     assert_eq!(
         get_task(&mut tasks, &second.task_uuid).await.state(),
@@ -332,12 +299,15 @@ async fn bad_eager_start_input_is_refused_by_field_and_creates_nothing(pool: PgP
     let ch = server.channel().await;
     let mut tasks = Tasks::new(ch.clone());
     let without_worker = {
-        let mut r = started(chain("shop", 2).build(), next(1, &[], 30));
+        let mut r = started(chain("shop", 2).build(), ask_next(1, &[], 30));
         r.worker_id.clear();
         r
     };
     let without_next = started(chain("shop", 2).build(), None);
-    let mut bad_task = started(chain("shop", 2).build(), next(101, &["bad/queue"], 3601));
+    let mut bad_task = started(
+        chain("shop", 2).build(),
+        ask_next(101, &["bad/queue"], 3601),
+    );
     bad_task.name.clear();
     for (request, fields) in [
         (without_worker, vec!["worker_id"]),

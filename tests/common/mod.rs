@@ -505,6 +505,70 @@ async fn next_event(events: &mut tonic::Streaming<v1::CommandEvent>) -> v1::Comm
         .expect("the stream goes on")
 }
 
+/// What a worker asks for next (`CompleteStepRequest.next`, `CreateTaskRequest.next`).
+pub fn ask_next(max_steps: i32, queues: &[&str], lease_seconds: i32) -> Option<v1::NextSteps> {
+    Some(v1::NextSteps {
+        max_steps,
+        queues: queues.iter().map(|q| q.to_string()).collect(),
+        lease_seconds,
+    })
+}
+
+/// Two fetches parked on `namespace` (waiting longer than a test does: only an enqueue's
+/// wake-up answers them in time): one for two steps of the default queue, one for up to five
+/// of "warehouse". Returns once both wait; each answers the steps it received.
+pub async fn park_default_and_warehouse(
+    ch: &Channel,
+    namespace: &str,
+) -> (
+    tokio::task::JoinHandle<Vec<v1::LeasedStep>>,
+    tokio::task::JoinHandle<Vec<v1::LeasedStep>>,
+) {
+    let mut default = Workers::new(ch.clone());
+    let request = fetch_request(namespace, 2, 20_000, 30);
+    let parked = tokio::spawn(async move {
+        default
+            .fetch_steps(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .steps
+    });
+    let mut warehouse = Workers::new(ch.clone());
+    let mut request = fetch_request(namespace, 5, 20_000, 30);
+    request.queues = vec!["warehouse".into()];
+    let ship = tokio::spawn(async move {
+        warehouse
+            .fetch_steps(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .steps
+    });
+    until_parked(ch, 2).await;
+    (parked, ship)
+}
+
+/// The step an eager call leased (`mine`) and those the parked default-queue fetch received
+/// are `expected`, each once; the warehouse fetch received "ship".
+pub async fn assert_split(
+    mine: &str,
+    parked: tokio::task::JoinHandle<Vec<v1::LeasedStep>>,
+    ship: tokio::task::JoinHandle<Vec<v1::LeasedStep>>,
+    expected: &[&str],
+) {
+    let theirs = tokio::time::timeout(WAIT, parked).await.unwrap().unwrap();
+    let mut all: Vec<String> = theirs.iter().map(|s| s.name.clone()).collect();
+    all.push(mine.to_string());
+    all.sort();
+    assert_eq!(all, expected);
+    let ship = tokio::time::timeout(WAIT, ship).await.unwrap().unwrap();
+    assert_eq!(
+        ship.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["ship"]
+    );
+}
+
 // ---- what a deployment mode runs, observed ----
 
 /// LISTEN connections of this test's database (the listener names its connection).
