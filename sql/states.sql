@@ -179,12 +179,18 @@ $$;
 -- A step's history row: every insert (creation) and state change. A creation row carries no
 -- metadata (the task's creation row, written in the same transaction, has the request's);
 -- the step names its task.
--- (from migrations/20261204000024_steps_handed_in_two_updates_again.sql)
+-- No settings: it plans nothing that could scan (each SET clause cost a save and restore of
+-- the settings at every row).
+-- (from migrations/20261205000035_lighter_hop_bookkeeping.sql)
 CREATE OR REPLACE FUNCTION tasker.workflow_steps_history() RETURNS trigger
 LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 BEGIN
+    -- an update that left the state as it was writes none (the trigger's condition, here: a
+    -- WHEN clause is read and compiled again at every statement that names the column)
+    IF TG_OP = 'UPDATE' AND NEW.state IS NOT DISTINCT FROM OLD.state THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO tasker.step_transitions (step_uuid, from_state, to_state, attempt, metadata)
     VALUES (NEW.step_uuid,
             CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END,
@@ -195,10 +201,10 @@ END
 $$;
 
 -- After a task is created or changes state: its history row.
--- (from migrations/20261127000001_baseline.sql)
-CREATE FUNCTION tasker.tasks_history() RETURNS trigger
+-- No settings, as for the steps' history.
+-- (from migrations/20261205000035_lighter_hop_bookkeeping.sql)
+CREATE OR REPLACE FUNCTION tasker.tasks_history() RETURNS trigger
 LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 BEGIN
     INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, metadata)

@@ -37,8 +37,7 @@
 -- row version and its index entries).
 -- Generic plans only: two statements take the pass's arrays, whose lengths made PostgreSQL
 -- plan them again at many calls.
--- (from migrations/20261204000031_claims_read_steps_by_key.sql, its settings from
--- migrations/20261204000034_claims_planned_once.sql)
+-- (from migrations/20261205000035_lighter_hop_bookkeeping.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -158,18 +157,20 @@ BEGIN
         RETURNING s.step_uuid, s.attempts, s.position, s.enqueued_at, s.ready_at, s.queue,
                   s.schedule_to_start_ms, s.timeout_ms
     )
-    SELECT coalesce(array_agg(m.step_uuid ORDER BY m.position), '{}'::uuid[]),
-           coalesce(array_agg(m.queue ORDER BY m.position), '{}'::text[]),
-           array_agg(m.attempts ORDER BY m.position),
-           array_agg(m.enqueued_at ORDER BY m.position),
-           array_agg(m.enqueued_at + make_interval(secs => m.schedule_to_start_ms / 1000.0)
-                     ORDER BY m.position),
-           array_agg(m.timeout_ms ORDER BY m.position),
+    -- one sort for the pass: the moved steps in position order feed every aggregate (an ORDER
+    -- BY in each aggregate sorted the same rows six times; a plain aggregate over a sorted
+    -- subquery keeps its order)
+    SELECT coalesce(array_agg(m.step_uuid), '{}'::uuid[]),
+           coalesce(array_agg(m.queue), '{}'::text[]),
+           array_agg(m.attempts),
+           array_agg(m.enqueued_at),
+           array_agg(m.enqueued_at + make_interval(secs => m.schedule_to_start_ms / 1000.0)),
+           array_agg(m.timeout_ms),
            extract(epoch FROM max(m.enqueued_at - m.ready_at)) * 1000,
            min(m.schedule_to_start_ms)
     INTO v_steps, v_queues, v_attempts, v_enqueued_at, v_start_by, v_timeouts, v_wait,
          v_start_within
-    FROM moved m;
+    FROM (SELECT * FROM moved ORDER BY position) m;
 
     IF cardinality(v_steps) = 0 THEN
         RETURN QUERY SELECT 'nothing_ready'::text, v_task.namespace, v_task.priority, v_steps, NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
@@ -613,12 +614,14 @@ $$;
 -- parent fewer and p_results_bytes more of parent results, and the task one step fewer to go.
 -- Caller holds the task's row lock. Returns how many children became ready; the task's state
 -- after the change.
--- (from migrations/20261127000001_baseline.sql)
+-- (from migrations/20261205000035_lighter_hop_bookkeeping.sql)
 CREATE FUNCTION tasker.finish_step(p_step_uuid uuid, p_task_uuid uuid, p_results_bytes integer,
                                    OUT ready_children integer, OUT task_state text)
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
+DECLARE
+    v_remaining integer;
 BEGIN
     WITH released AS (
         UPDATE tasker.workflow_steps c
@@ -636,13 +639,17 @@ BEGIN
         RETURNING 1
     )
     SELECT count(*)::int INTO ready_children FROM became_ready;
-    UPDATE tasker.tasks t
-    SET remaining_steps = t.remaining_steps - 1,
-        state = CASE WHEN t.remaining_steps = 1 AND t.state = 'in_progress' THEN 'complete' ELSE t.state END,
-        completed_at = CASE WHEN t.remaining_steps = 1 AND t.state = 'in_progress'
-                            THEN clock_timestamp() ELSE t.completed_at END
+    -- the task's state is named only when this was its last step: an update naming the state
+    -- column has every trigger "OF state" of the table weighed (their WHEN clauses read and
+    -- compiled again) at every hop
+    UPDATE tasker.tasks t SET remaining_steps = t.remaining_steps - 1
     WHERE t.task_uuid = p_task_uuid
-    RETURNING t.state INTO task_state;
+    RETURNING t.state, t.remaining_steps INTO task_state, v_remaining;
+    IF v_remaining = 0 AND task_state = 'in_progress' THEN
+        UPDATE tasker.tasks t SET state = 'complete', completed_at = clock_timestamp()
+        WHERE t.task_uuid = p_task_uuid;
+        task_state := 'complete';
+    END IF;
 END
 $$;
 

@@ -550,8 +550,8 @@ async fn hot_path_plans_cached_on_an_empty_database_stay_keyed(pool: PgPool) {
 
 /// The functions on the hot path, each of which must plan with the full-scan paths off (see
 /// the baseline migration's header). Keep in step with the migrations. Trigger functions that
-/// read no table (the guards, the notification senders) carry no settings: each `SET` clause
-/// costs a GUC save and restore per row.
+/// read no table (the guards, the notification senders, the history writers) carry no
+/// settings: each `SET` clause costs a GUC save and restore per row.
 const HOT_PATH_FUNCTIONS: &[&str] = &[
     "claim_and_enqueue",
     "enqueue_ready_steps",
@@ -575,8 +575,6 @@ const HOT_PATH_FUNCTIONS: &[&str] = &[
     "ready_tasks",
     "cancel_task",
     "resolve_step_manually",
-    "workflow_steps_history",
-    "tasks_history",
     "step_edges_in_order",
 ];
 

@@ -89,6 +89,19 @@ async fn every_transition_writes_history_and_history_is_append_only(pool: PgPool
             (Some("in_progress".into()), "complete".into(), 1),
         ]
     );
+    // an update that names the state and leaves it as it was writes none
+    sqlx::query("UPDATE tasker.workflow_steps SET state = state, attempts = attempts WHERE step_uuid = $1")
+        .bind(step(&t, "s0"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let after: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasker.step_transitions WHERE step_uuid = $1")
+            .bind(step(&t, "s0"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(after, 4, "an unchanged state wrote a history row");
     let tasks: Vec<(Option<String>, String)> = sqlx::query_as(
         "SELECT from_state, to_state FROM tasker.task_transitions WHERE task_uuid = $1 ORDER BY id",
     )
