@@ -37,7 +37,7 @@
 -- row version and its index entries).
 -- Generic plans only: two statements take the pass's arrays, whose lengths made PostgreSQL
 -- plan them again at many calls.
--- (from migrations/20261205000035_lighter_hop_bookkeeping.sql)
+-- (from migrations/20261205000036_hop_expressions_not_statements.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -86,9 +86,12 @@ DECLARE
     v_max_per_key integer;
     v_running integer;
     v_start_within integer;
+    v_set text;
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
+    -- settings and the answer by assignment (an expression), not PERFORM or RETURN QUERY (a
+    -- statement each, with its executor started and ended at every call)
+    v_set := set_config('synchronous_commit', 'off', true);
+    v_set := set_config('tasker.transition_metadata', p_metadata::text, true);
     IF NOT pg_try_advisory_xact_lock(hashtextextended('tasker.claim:' || p_task_uuid::text, 0)) THEN
         IF EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid) THEN
             RETURN QUERY SELECT 'claimed_elsewhere'::text, NULL::text, NULL::integer, '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
@@ -333,7 +336,7 @@ BEGIN
     END IF;
     IF v_handed > 0 THEN
         -- these leases reach workers: durable before they are handed over
-        PERFORM set_config('synchronous_commit', 'on', true);
+        v_set := set_config('synchronous_commit', 'on', true);
     END IF;
     -- steps no fetch parked on this replica took: fetches parked on the other replicas hear of
     -- them (p_announce_as: this replica, given only while others are alive, so a single
@@ -344,7 +347,10 @@ BEGIN
             'replica', p_announce_as)::text)
         FROM jsonb_array_elements(v_queued) l;
     END IF;
-    RETURN QUERY SELECT 'enqueued'::text, v_task.namespace, v_task.priority, v_steps, v_wait, v_leased, v_queued, v_held;
+    outcome := 'enqueued'; namespace := v_task.namespace; priority := v_task.priority;
+    enqueued_steps := v_steps; max_ready_wait_ms := v_wait;
+    leased := v_leased; queued := v_queued; held := v_held;
+    RETURN NEXT;
 END
 $$;
 
@@ -661,7 +667,7 @@ $$;
 -- step's task and namespace, the worker whose lease ended, and whether steps of the active
 -- task became ready. Those are announced on tasker_task_ready when p_announce; a caller that
 -- claims the task itself (eager dispatch) passes false, and sends nothing.
--- (from migrations/20261204000027_completion_answers_its_claim.sql)
+-- (from migrations/20261205000036_hop_expressions_not_statements.sql)
 CREATE FUNCTION tasker.complete_attempt(
     p_step_uuid uuid, p_attempt integer, p_lease_token uuid, p_results jsonb,
     p_results_bytes integer, p_metadata jsonb, p_max_parent_results_bytes integer,
@@ -675,18 +681,20 @@ AS $$
 DECLARE
     v_task_uuid uuid;
     v_bytes integer;
-    v_task record;
+    v_set text;
     v_finished record;
 BEGIN
     made_ready := false;
+    -- settings and calls by assignment (an expression, where a PERFORM or SELECT INTO is a
+    -- statement with its executor started). The step and its task's lock stay two statements:
+    -- a join of the two, planned once on small tables, walked every task by index.
     SELECT s.task_uuid, tasker.parent_entry_bytes(s.name, p_results_bytes)
     INTO v_task_uuid, v_bytes
     FROM tasker.workflow_steps s WHERE s.step_uuid = p_step_uuid;
     IF NOT FOUND THEN outcome := 'step_not_found'; RETURN; END IF;
     task_uuid := v_task_uuid;
-    SELECT t.namespace, t.state INTO v_task FROM tasker.tasks t
+    SELECT t.namespace INTO namespace FROM tasker.tasks t
     WHERE t.task_uuid = v_task_uuid FOR NO KEY UPDATE;
-    namespace := v_task.namespace;
     outcome := tasker.check_lease(p_step_uuid, p_attempt, p_lease_token);
     IF outcome IS NOT NULL THEN RETURN; END IF;
     -- the children's counters cannot move meanwhile: every finish holds the task's row lock
@@ -699,7 +707,7 @@ BEGIN
         outcome := 'parent_results_too_large';
         RETURN;
     END IF;
-    PERFORM set_config('tasker.transition_metadata', p_metadata::text, true);
+    v_set := set_config('tasker.transition_metadata', p_metadata::text, true);
     DELETE FROM tasker.step_queue q WHERE q.step_uuid = p_step_uuid AND q.attempt = p_attempt
     RETURNING q.leased_by INTO worker_id;
     -- data_bytes: see 20261204000003
@@ -707,10 +715,10 @@ BEGIN
     SET state = 'complete', results = coalesce(p_results, '{}'::jsonb), completed_at = clock_timestamp(),
         data_bytes = s.data_bytes + p_results_bytes
     WHERE s.step_uuid = p_step_uuid AND s.state = 'in_progress' AND s.attempts = p_attempt;
-    SELECT * INTO v_finished FROM tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
+    v_finished := tasker.finish_step(p_step_uuid, v_task_uuid, v_bytes);
     made_ready := v_finished.ready_children > 0 AND v_finished.task_state IN ('pending', 'in_progress');
     IF made_ready AND p_announce THEN
-        PERFORM tasker.send_task_ready(v_task_uuid, v_task.namespace, 'step_transition');
+        PERFORM tasker.send_task_ready(v_task_uuid, namespace, 'step_transition');
     END IF;
     outcome := 'completed';
 END
@@ -782,7 +790,7 @@ $$;
 -- When another holds the task's claim, the readiness notification is sent as a plain
 -- completion sends it, and the holder's retry or the listener's pass enqueues the steps.
 -- Commits synchronously: a completion is durable, whatever the enqueue would allow.
--- (from migrations/20261204000027_completion_answers_its_claim.sql)
+-- (from migrations/20261205000036_hop_expressions_not_statements.sql)
 CREATE OR REPLACE FUNCTION tasker.complete_step_and_claim(
     p_step_uuid uuid, p_attempt integer, p_lease_token uuid, p_results jsonb,
     p_results_bytes integer, p_metadata jsonb, p_max_parent_results_bytes integer,
@@ -797,28 +805,32 @@ AS $$
 DECLARE
     v_c record;
     v_e record;
+    v_set text;
 BEGIN
     -- the completion reads the step's task and its lease's worker on its way, and leaves the
     -- steps it made ready in the ready set, announcing nothing
-    SELECT c.outcome, c.task_uuid, c.namespace, c.worker_id, c.made_ready INTO v_c
-    FROM tasker.complete_attempt(p_step_uuid, p_attempt, p_lease_token, p_results,
-                                 p_results_bytes, p_metadata, p_max_parent_results_bytes, false) c;
+    -- (the call, the settings and the answer by assignment: expressions, not statements)
+    v_c := tasker.complete_attempt(p_step_uuid, p_attempt, p_lease_token, p_results,
+                                   p_results_bytes, p_metadata, p_max_parent_results_bytes, false);
     IF NOT v_c.made_ready THEN
-        RETURN QUERY SELECT v_c.outcome, v_c.task_uuid, v_c.worker_id, NULL::text, NULL::text,
-                            '{}'::uuid[], NULL::float8, '[]'::jsonb, '[]'::jsonb, '[]'::jsonb;
+        completion := v_c.outcome; task_uuid := v_c.task_uuid; worker_id := v_c.worker_id;
+        enqueued_steps := '{}'; leased := '[]'; queued := '[]'; held := '[]';
+        RETURN NEXT;
         RETURN;
     END IF;
     SELECT * INTO v_e FROM tasker.claim_and_enqueue(
         v_c.task_uuid, p_enqueue_metadata,
         jsonb_set(p_takers, '{0,worker_id}', to_jsonb(coalesce(v_c.worker_id, ''))), NULL) e;
     -- claim_and_enqueue commits asynchronously when it hands nothing over: not a completion
-    PERFORM set_config('synchronous_commit', 'on', true);
+    v_set := set_config('synchronous_commit', 'on', true);
     IF v_e.outcome = 'claimed_elsewhere' THEN
         PERFORM tasker.send_task_ready(v_c.task_uuid, v_c.namespace, 'step_transition');
     END IF;
-    RETURN QUERY SELECT v_c.outcome, v_c.task_uuid, v_c.worker_id, v_e.outcome, v_e.namespace,
-                        v_e.enqueued_steps,
-                        v_e.max_ready_wait_ms, v_e.leased, v_e.queued, v_e.held;
+    completion := v_c.outcome; task_uuid := v_c.task_uuid; worker_id := v_c.worker_id;
+    outcome := v_e.outcome; namespace := v_e.namespace; enqueued_steps := v_e.enqueued_steps;
+    max_ready_wait_ms := v_e.max_ready_wait_ms; leased := v_e.leased; queued := v_e.queued;
+    held := v_e.held;
+    RETURN NEXT;
 END
 $$;
 
@@ -830,7 +842,7 @@ $$;
 -- position in the input arrays: complete_step_and_claim's columns (for an item without a taker,
 -- the completion alone). Commits synchronously. Generic plans only: the first statement's
 -- step array would otherwise have it planned again at every call.
--- (from migrations/20261204000032_completion_batches_planned_once.sql)
+-- (from migrations/20261205000036_hop_expressions_not_statements.sql)
 CREATE OR REPLACE FUNCTION tasker.complete_steps_and_claim(
     p_steps uuid[], p_attempts integer[], p_lease_tokens uuid[], p_results jsonb[],
     p_results_bytes integer[], p_traceparents text[], p_takers jsonb[],
@@ -845,6 +857,7 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_item record;
+    v_set text;
 BEGIN
     FOR v_item IN
         SELECT i.ord::int AS ord, i.step_uuid, s.task_uuid
@@ -853,7 +866,7 @@ BEGIN
                            WHERE w.step_uuid = i.step_uuid OFFSET 0) s ON true
         ORDER BY s.task_uuid NULLS FIRST, i.ord
     LOOP
-        PERFORM set_config('tasker.traceparent', coalesce(p_traceparents[v_item.ord], ''), true);
+        v_set := set_config('tasker.traceparent', coalesce(p_traceparents[v_item.ord], ''), true);
         IF p_takers[v_item.ord] IS NULL THEN
             RETURN QUERY SELECT v_item.ord, c.outcome,
                 NULL::uuid, NULL::text, NULL::text, NULL::text, '{}'::uuid[], NULL::float8,
@@ -872,7 +885,7 @@ BEGIN
         END IF;
     END LOOP;
     -- an item's claim may have turned the commit asynchronous: completions are durable
-    PERFORM set_config('synchronous_commit', 'on', true);
+    v_set := set_config('synchronous_commit', 'on', true);
 END
 $$;
 

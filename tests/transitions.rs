@@ -90,11 +90,13 @@ async fn every_transition_writes_history_and_history_is_append_only(pool: PgPool
         ]
     );
     // an update that names the state and leaves it as it was writes none
-    sqlx::query("UPDATE tasker.workflow_steps SET state = state, attempts = attempts WHERE step_uuid = $1")
-        .bind(step(&t, "s0"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE tasker.workflow_steps SET state = state, attempts = attempts WHERE step_uuid = $1",
+    )
+    .bind(step(&t, "s0"))
+    .execute(&pool)
+    .await
+    .unwrap();
     let after: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tasker.step_transitions WHERE step_uuid = $1")
             .bind(step(&t, "s0"))
