@@ -6,12 +6,15 @@
 //! are waiting when an executor is free (up to `max_batch`) and commits them together with
 //! `tasker.complete_steps_and_claim`: one commit, one pass through the lock, the same per-item
 //! checks and outcomes as one-by-one; a completion asking for its next steps (eager dispatch)
-//! claims and enqueues what it made ready inside the batch. With nothing else waiting a
-//! completion runs alone, so a lone worker sees no added latency. (Each batch runs on a
-//! connection the store keeps between the hop's statements: see `store::held`.)
+//! claims and enqueues what it made ready inside the batch. With nothing else waiting and an
+//! executor free, a completion runs alone in its caller's own task: a lone worker sees no added
+//! latency, and its hop no hand-off to the batcher's task and back (each a wake-up of another
+//! task, often on another thread). (Each batch runs on a connection the store keeps between
+//! the hop's statements: see `store::held`.)
 //!
 //! ```text
-//!  complete() ──> queue ──> [executor free] take first + everything waiting (<= max_batch)
+//!  complete() ─┬─> [queue empty, executor free] runs alone, in the caller's task
+//!              └─> queue ──> [executor free] take first + everything waiting (<= max_batch)
 //!                              └─> one transaction ──> each caller gets its own outcome
 //!                                  (on a whole-batch error: each item again on its own)
 //! ```
@@ -35,6 +38,9 @@ const QUEUE: usize = 4096;
 pub struct CompletionBatcher {
     tx: mpsc::Sender<(Completion, Reply)>,
     stop: CancellationToken,
+    store: Store,
+    /// One per batch (or lone completion) in flight.
+    executors: Arc<Semaphore>,
 }
 
 impl CompletionBatcher {
@@ -42,11 +48,24 @@ impl CompletionBatcher {
     pub fn spawn(store: Store, max_batch: usize, executors: usize) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stop = CancellationToken::new();
+        let executors = executors.max(1);
+        let permits = Arc::new(Semaphore::new(executors));
         tokio::spawn(
-            run(store, rx, max_batch.max(1), executors.max(1), stop.clone())
-                .instrument(tracing::info_span!("completion_batcher")),
+            run(
+                store.clone(),
+                rx,
+                max_batch.max(1),
+                (permits.clone(), executors),
+                stop.clone(),
+            )
+            .instrument(tracing::info_span!("completion_batcher")),
         );
-        Self { tx, stop }
+        Self {
+            tx,
+            stop,
+            store,
+            executors: permits,
+        }
     }
 
     /// Refuse new completions (`ShuttingDown`), commit those already queued, and return once
@@ -57,6 +76,16 @@ impl CompletionBatcher {
     }
 
     pub async fn complete(&self, completion: Completion) -> Outcome {
+        if self.stop.is_cancelled() {
+            return Err(StoreError::ShuttingDown);
+        }
+        // nothing waiting and an executor free: this completion would be a batch of one,
+        // run here (a waiting batch takes a freed executor first: the semaphore is fair)
+        if self.tx.capacity() == self.tx.max_capacity() {
+            if let Ok(_executor) = self.executors.try_acquire() {
+                return one(&self.store, &completion).await;
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((completion, reply))
@@ -72,15 +101,11 @@ async fn run(
     store: Store,
     mut rx: mpsc::Receiver<(Completion, Reply)>,
     max_batch: usize,
-    executors: usize,
+    (permits, executors): (Arc<Semaphore>, usize),
     stop: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(executors));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        // an executor is free: take the first waiting completion and everything behind it
+        // the first waiting completion; then an executor (lone completions may hold them all)
         let first = tokio::select! {
             biased;
             item = rx.recv() => item,
@@ -91,6 +116,10 @@ async fn run(
             }
         };
         let Some(first) = first else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        // take everything that queued behind it meanwhile
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match rx.try_recv() {
@@ -104,8 +133,11 @@ async fn run(
             drop(permit);
         });
     }
-    // every executor is back: the batches in flight have answered
-    let _ = permits.acquire_many(executors as u32).await;
+    // every executor is back: the batches (and lone completions) in flight have answered;
+    // closed, so that no completion runs alone after this (it is refused: ShuttingDown)
+    let all = permits.acquire_many(executors as u32).await;
+    permits.close();
+    drop(all);
 }
 
 async fn execute(store: &Store, batch: Vec<(Completion, Reply)>) {
