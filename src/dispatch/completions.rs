@@ -178,3 +178,106 @@ async fn one(store: &Store, c: &Completion) -> Outcome {
         .await
         .map(|()| None)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+    use sqlx::PgPool;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::model::dag::TaskSpec;
+    use crate::model::namespaces::DEFAULT_QUEUE;
+    use crate::store::LeasedStep;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Claim what is ready of `task` and lease every queued step of its namespace.
+    async fn lease_ready(store: &Store, task: Uuid) -> Vec<LeasedStep> {
+        store
+            .claim_and_enqueue(task, &json!({}), None, &[], None)
+            .await
+            .unwrap();
+        let queues = [DEFAULT_QUEUE.to_string()];
+        store
+            .fetch_steps("batching", &queues, "w", 100, 60_000)
+            .await
+            .unwrap()
+    }
+
+    fn completion(step: &LeasedStep) -> Completion {
+        Completion {
+            lease: step.held(),
+            results: json!({}),
+            traceparent: None,
+            next: None,
+        }
+    }
+
+    /// Completions that come while every executor is busy wait and commit together, in one
+    /// transaction; one that comes with nothing waiting and an executor free runs in its
+    /// caller's task (it completes though nothing reads the queue).
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn waiting_completions_commit_together_and_a_lone_one_needs_no_batcher(pool: PgPool) {
+        let store = Store::new(pool.clone());
+        let spec = TaskSpec::fan("batching", 3).into_new_task().unwrap();
+        let task = store.create_task(&spec, &json!({}), None).await.unwrap();
+        let root = lease_ready(&store, task.task_uuid).await;
+        store
+            .complete_step(root[0].held(), &json!({}), &json!({}), None)
+            .await
+            .unwrap();
+        let children = lease_ready(&store, task.task_uuid).await;
+        assert_eq!(children.len(), 3);
+
+        // the one executor held: the three queue (the loop holds the first, waiting for it)
+        let batcher = CompletionBatcher::spawn(store.clone(), 64, 1);
+        let busy = batcher.executors.clone().try_acquire_owned().unwrap();
+        let waiting: Vec<_> = children
+            .iter()
+            .map(|c| {
+                tokio::spawn({
+                    let (b, c) = (batcher.clone(), completion(c));
+                    async move { b.complete(c).await }
+                })
+            })
+            .collect();
+        // (the test's runtime runs one task at a time: two queued means all three were sent)
+        tokio::time::timeout(WAIT, async {
+            while batcher.tx.max_capacity() - batcher.tx.capacity() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the completions queued");
+        drop(busy);
+        for w in waiting {
+            assert!(matches!(w.await.unwrap(), Ok(None)));
+        }
+        let ids: Vec<Uuid> = children.iter().map(|c| c.step_uuid).collect();
+        let transactions: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT xmin::text) FROM tasker.workflow_steps WHERE step_uuid = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(transactions, 1, "the waiting completions committed apart");
+
+        // the join, completed through a batcher whose queue nobody reads
+        let join = lease_ready(&store, task.task_uuid).await;
+        let (tx, _unread) = mpsc::channel(QUEUE);
+        let lone = CompletionBatcher {
+            tx,
+            stop: CancellationToken::new(),
+            store: store.clone(),
+            executors: Arc::new(Semaphore::new(1)),
+        };
+        let done = tokio::time::timeout(WAIT, lone.complete(completion(&join[0])))
+            .await
+            .expect("a lone completion waited for the batcher");
+        assert!(matches!(done, Ok(None)));
+    }
+}
