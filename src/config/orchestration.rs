@@ -185,7 +185,7 @@ impl CommandProcessorConfig {
 pub struct CompletionsConfig {
     /// Completions committed together at most; 1 commits each on its own.
     pub max_batch: usize,
-    /// Batches (or lone completions, run in their caller's task) in flight at once.
+    /// Batches (or lone completions, run at once when nothing waits) in flight at once.
     pub executors: usize,
 }
 

@@ -7,13 +7,14 @@
 //! `tasker.complete_steps_and_claim`: one commit, one pass through the lock, the same per-item
 //! checks and outcomes as one-by-one; a completion asking for its next steps (eager dispatch)
 //! claims and enqueues what it made ready inside the batch. With nothing else waiting and an
-//! executor free, a completion runs alone in its caller's own task: a lone worker sees no added
-//! latency, and its hop no hand-off to the batcher's task and back (each a wake-up of another
-//! task, often on another thread). (Each batch runs on a connection the store keeps between
-//! the hop's statements: see `store::held`.)
+//! executor free, a completion runs alone at once, in a task of its own: a lone worker sees no
+//! added latency, and its hop no trip through the queue and the batcher's task (each a
+//! wake-up of another task, often on another thread). Like a batch, it finishes even if its
+//! caller goes away. (Each batch runs on a connection the store keeps between the hop's
+//! statements: see `store::held`.)
 //!
 //! ```text
-//!  complete() ─┬─> [queue empty, executor free] runs alone, in the caller's task
+//!  complete() ─┬─> [queue empty, executor free] runs alone, at once
 //!              └─> queue ──> [executor free] take first + everything waiting (<= max_batch)
 //!                              └─> one transaction ──> each caller gets its own outcome
 //!                                  (on a whole-batch error: each item again on its own)
@@ -79,11 +80,19 @@ impl CompletionBatcher {
         if self.stop.is_cancelled() {
             return Err(StoreError::ShuttingDown);
         }
-        // nothing waiting and an executor free: this completion would be a batch of one,
-        // run here (a waiting batch takes a freed executor first: the semaphore is fair)
+        // nothing waiting and an executor free: this completion would be a batch of one, run
+        // at once (a waiting batch takes a freed executor first: the semaphore is fair); in a
+        // task of its own, as a batch runs, so that a caller gone mid-way abandons nothing
         if self.tx.capacity() == self.tx.max_capacity() {
-            if let Ok(_executor) = self.executors.try_acquire() {
-                return one(&self.store, &completion).await;
+            if let Ok(executor) = self.executors.clone().try_acquire_owned() {
+                let store = self.store.clone();
+                let alone = tokio::spawn(async move {
+                    let outcome = one(&store, &completion).await;
+                    drop(executor);
+                    outcome
+                });
+                // no answer: the runtime stopped under it; as for an abandoned batch below
+                return alone.await.unwrap_or(Err(StoreError::ShuttingDown));
             }
         }
         let (reply, rx) = oneshot::channel();
@@ -217,8 +226,8 @@ mod tests {
     }
 
     /// Completions that come while every executor is busy wait and commit together, in one
-    /// transaction; one that comes with nothing waiting and an executor free runs in its
-    /// caller's task (it completes though nothing reads the queue).
+    /// transaction; one that comes with nothing waiting and an executor free runs at once (it
+    /// completes though nothing reads the queue).
     #[sqlx::test(migrator = "crate::MIGRATOR")]
     async fn waiting_completions_commit_together_and_a_lone_one_needs_no_batcher(pool: PgPool) {
         let store = Store::new(pool.clone());
