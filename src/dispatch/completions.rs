@@ -45,7 +45,8 @@ pub struct CompletionBatcher {
 }
 
 impl CompletionBatcher {
-    /// `executors` batches may run at once (their non-commit work overlaps).
+    /// `executors` batches, or lone completions, may run at once (their non-commit work
+    /// overlaps).
     pub fn spawn(store: Store, max_batch: usize, executors: usize) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stop = CancellationToken::new();
