@@ -18,8 +18,10 @@
 -- on its pause or limit.
 --
 -- A pending task with a concurrency key starts only in a free slot of its key (namespaces.
--- max_tasks_per_key), oldest first; otherwise it waits in line (tasker.key_waiters), its ready
--- steps out of the ready set, and the answer is 'waiting_on_key'.
+-- max_tasks_per_key), oldest first: no older task of its key may start now (pending, not
+-- waiting for a start time); otherwise it waits in line (tasker.key_waiters), its ready steps
+-- out of the ready set, and the answer is 'waiting_on_key'. Taking a slot with more free, it
+-- admits the oldest waiters to them.
 -- Claim: a transaction-scoped advisory lock on the task, tried without waiting. A task claimed
 -- by another instance's enqueuer answers 'claimed_elsewhere' at once; the caller retries
 -- shortly, because the holder's snapshot may predate a completion that made more steps ready.
@@ -37,7 +39,7 @@
 -- row version and its index entries).
 -- Generic plans only: two statements take the pass's arrays, whose lengths made PostgreSQL
 -- plan them again at many calls.
--- (from migrations/20261205000036_hop_expressions_not_statements.sql)
+-- (from migrations/20261205000037_keyed_tasks_start_oldest_first.sql)
 CREATE OR REPLACE FUNCTION tasker.claim_and_enqueue(
     p_task_uuid uuid, p_metadata jsonb DEFAULT '{}'::jsonb, p_takers jsonb DEFAULT '[]'::jsonb,
     p_announce_as uuid DEFAULT NULL
@@ -85,6 +87,7 @@ DECLARE
     v_open integer;
     v_max_per_key integer;
     v_running integer;
+    v_admitted integer;
     v_start_within integer;
     v_set text;
 BEGIN
@@ -123,11 +126,17 @@ BEGIN
             SELECT k.running INTO v_running FROM tasker.key_slots k
             WHERE k.namespace = v_task.namespace AND k.concurrency_key = v_task.concurrency_key
             FOR NO KEY UPDATE;
+            -- oldest first: an older task of the key that may start now (pending, not waiting
+            -- for a start time), whether in line or not yet claimed, goes before this one (a
+            -- waiter just admitted to a freed slot is such a task until its claim)
             IF v_running >= v_max_per_key
-               OR EXISTS (SELECT 1 FROM tasker.key_waiters w
-                          WHERE w.namespace = v_task.namespace
-                            AND w.concurrency_key = v_task.concurrency_key
-                            AND (w.created_at, w.task_uuid) < (v_task.created_at, p_task_uuid)) THEN
+               OR EXISTS (SELECT 1 FROM tasker.tasks o
+                          WHERE o.namespace = v_task.namespace
+                            AND o.concurrency_key = v_task.concurrency_key
+                            AND o.completed_at IS NULL AND o.state = 'pending'
+                            AND (o.created_at, o.task_uuid) < (v_task.created_at, p_task_uuid)
+                            AND NOT EXISTS (SELECT 1 FROM tasker.task_starts ts
+                                            WHERE ts.task_uuid = o.task_uuid)) THEN
                 -- wait in line, out of the ready set, until its turn (tasker.start_waiting_on_key)
                 INSERT INTO tasker.key_waiters (namespace, concurrency_key, created_at, task_uuid)
                 VALUES (v_task.namespace, v_task.concurrency_key, v_task.created_at, p_task_uuid)
@@ -185,6 +194,12 @@ BEGIN
         IF v_max_per_key IS NOT NULL THEN
             UPDATE tasker.key_slots k SET running = k.running + 1
             WHERE k.namespace = v_task.namespace AND k.concurrency_key = v_task.concurrency_key;
+            -- a newer task that claimed first waits in line behind this one: with slots still
+            -- free, the oldest waiters are admitted now, not when a task of the key finishes
+            IF v_running + 1 < v_max_per_key THEN
+                v_admitted := tasker.start_waiting_on_key(v_task.namespace, v_task.concurrency_key,
+                                                          v_max_per_key - v_running - 1);
+            END IF;
         END IF;
     END IF;
     v_given := array_fill(0, ARRAY[greatest(jsonb_array_length(p_takers), 1)]);

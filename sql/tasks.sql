@@ -195,8 +195,9 @@ $$;
 -- Cancel a task and every step not finished: their queue rows go (by step, the queue's index),
 -- their retry times are cleared, a start it waits for is dropped (first: a promotion under way
 -- holds it, so the cancel waits and then removes what it made ready). 'cancelled',
--- 'task_not_found' or 'task_already_final'.
--- (from migrations/20261204000012_task_start_times.sql)
+-- 'task_not_found' or 'task_already_final'. A pending keyed task cancelled admits the oldest
+-- waiters of its key to its free slots.
+-- (from migrations/20261205000037_keyed_tasks_start_oldest_first.sql)
 CREATE FUNCTION tasker.cancel_task(p_task_uuid uuid, p_reason text, p_metadata jsonb DEFAULT '{}'::jsonb)
 RETURNS text
 LANGUAGE plpgsql
@@ -204,10 +205,15 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 AS $$
 DECLARE
     v_state text;
+    v_namespace text;
+    v_key text;
+    v_max integer;
+    v_running integer;
 BEGIN
     PERFORM set_config('tasker.transition_metadata',
         (coalesce(p_metadata, '{}'::jsonb) || jsonb_build_object('reason', p_reason))::text, true);
-    SELECT t.state INTO v_state FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
+    SELECT t.state, t.namespace, t.concurrency_key INTO v_state, v_namespace, v_key
+    FROM tasker.tasks t WHERE t.task_uuid = p_task_uuid FOR NO KEY UPDATE;
     IF NOT FOUND THEN RETURN 'task_not_found'; END IF;
     IF v_state NOT IN ('pending', 'in_progress', 'error') THEN RETURN 'task_already_final'; END IF;
     DELETE FROM tasker.task_starts ts WHERE ts.task_uuid = p_task_uuid;
@@ -224,6 +230,18 @@ BEGIN
     )
     DELETE FROM tasker.step_queue q WHERE q.step_uuid IN (SELECT c.step_uuid FROM cancelled c);
     DELETE FROM tasker.ready_steps r WHERE r.task_uuid = p_task_uuid;
+    -- a pending keyed task held back newer ones of its key (oldest first): with slots free,
+    -- the oldest waiters are admitted now (a task that held a slot frees it by its trigger)
+    IF v_state = 'pending' AND v_key IS NOT NULL THEN
+        SELECT n.max_tasks_per_key INTO v_max FROM tasker.namespaces n WHERE n.name = v_namespace;
+        IF v_max IS NOT NULL THEN
+            SELECT k.running INTO v_running FROM tasker.key_slots k
+            WHERE k.namespace = v_namespace AND k.concurrency_key = v_key FOR NO KEY UPDATE;
+            IF coalesce(v_running, 0) < v_max THEN
+                PERFORM tasker.start_waiting_on_key(v_namespace, v_key, v_max - coalesce(v_running, 0));
+            END IF;
+        END IF;
+    END IF;
     RETURN 'cancelled';
 END
 $$;

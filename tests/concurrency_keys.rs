@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use sqlx::PgPool;
 use tasker::proto::v1;
+use tasker::testkit::{Store, TaskSpec};
 
 /// max_tasks_per_key = 1: 20 one-step tasks on 4 keys, created key by key (5 of "a", then 5
 /// of "b", ...). Never two tasks of one key in progress at once (from the tasks' history),
@@ -202,4 +203,138 @@ async fn raising_the_limit_starts_waiting_tasks_and_bad_input_is_refused(pool: P
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("concurrency_key"), "{refused:?}");
     server.stop().await;
+}
+
+/// Oldest first holds against a newer task whose claim comes first, at the SQL level (no
+/// service: the test orders the claims). Limit 2 on one key, tasks t1..t4 created in order:
+/// - t2 claimed before t1 (t1's readiness not yet handled) waits in line behind t1, and t1's
+///   start, with a slot still free, admits t2 at once;
+/// - t3 waits (two running); t1 finishing admits t3 to its slot, and t4, claimed before t3's
+///   admission is handled, waits behind it instead of taking the slot;
+/// - a task waiting for its start time holds back no newer one.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn a_newer_task_claimed_first_waits_behind_an_older_one_that_may_start(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let keyed = |name: &str| {
+        let mut spec = TaskSpec::chain("billing", 1);
+        spec.name = name.into();
+        spec.concurrency_key = Some("customer-a".into());
+        spec
+    };
+    let t1 = create(&store, keyed("t1")).await;
+    store
+        .set_max_tasks_per_key("billing", Some(2))
+        .await
+        .unwrap();
+    let t2 = create(&store, keyed("t2")).await;
+    let t3 = create(&store, keyed("t3")).await;
+    let t4 = create(&store, keyed("t4")).await;
+    let claim = |task: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT outcome FROM tasker.claim_and_enqueue($1)")
+                .bind(task)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let admitted = |task: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM tasker.ready_steps r WHERE r.task_uuid = $1)",
+            )
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    assert_eq!(claim(t2.task_uuid).await, "waiting_on_key", "t1 is older");
+    assert!(!admitted(t2.task_uuid).await);
+    assert_eq!(claim(t1.task_uuid).await, "enqueued");
+    assert!(
+        admitted(t2.task_uuid).await,
+        "t1's start admits t2 to the free slot"
+    );
+    assert_eq!(claim(t2.task_uuid).await, "enqueued");
+    assert_eq!(claim(t3.task_uuid).await, "waiting_on_key", "two running");
+
+    let leased = store
+        .fetch_steps(
+            "billing",
+            &[tasker::testkit::DEFAULT_QUEUE.to_string()],
+            "w",
+            10,
+            60_000,
+        )
+        .await
+        .unwrap();
+    let first = leased
+        .iter()
+        .find(|s| s.task_uuid == t1.task_uuid)
+        .expect("t1's step leased");
+    complete(&store, first).await;
+    assert!(admitted(t3.task_uuid).await, "t1's slot admits t3");
+    assert_eq!(
+        claim(t4.task_uuid).await,
+        "waiting_on_key",
+        "t4 is newer than the admitted t3"
+    );
+    assert_eq!(claim(t3.task_uuid).await, "enqueued");
+
+    // a start time: an older task that waits for it does not hold back a newer one
+    let mut later = keyed("later");
+    later.concurrency_key = Some("customer-b".into());
+    later.start_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    create(&store, later).await;
+    let mut now = keyed("now");
+    now.concurrency_key = Some("customer-b".into());
+    let now = create(&store, now).await;
+    assert_eq!(claim(now.task_uuid).await, "enqueued");
+}
+
+/// Cancelling a pending keyed task that held back a newer one admits that one to the free
+/// slot (else it would wait until some task of the key finished, maybe never).
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn cancelling_an_older_pending_task_admits_the_one_waiting_behind_it(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let keyed = |name: &str| {
+        let mut spec = TaskSpec::chain("billing", 1);
+        spec.name = name.into();
+        spec.concurrency_key = Some("customer-a".into());
+        spec
+    };
+    let t1 = create(&store, keyed("t1")).await;
+    store
+        .set_max_tasks_per_key("billing", Some(1))
+        .await
+        .unwrap();
+    let t2 = create(&store, keyed("t2")).await;
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM tasker.claim_and_enqueue($1)")
+        .bind(t2.task_uuid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "waiting_on_key");
+    store
+        .cancel_task(t1.task_uuid, "not needed", &serde_json::json!({}), None)
+        .await
+        .unwrap();
+    let admitted: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM tasker.ready_steps r WHERE r.task_uuid = $1)",
+    )
+    .bind(t2.task_uuid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(admitted, "t1's cancel admits t2: its step is ready again");
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM tasker.claim_and_enqueue($1)")
+        .bind(t2.task_uuid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "enqueued");
 }
