@@ -214,12 +214,14 @@ BEGIN
 END
 $$;
 
--- New edges must go from a lower position to a higher one. Positions are a topological order,
+-- New edges go between two steps of the edge's task (the foreign keys
+-- step_edges_parent_same_task and step_edges_child_same_task they replace: both ends locked
+-- FOR KEY SHARE), from a lower position to a higher one. Positions are a topological order,
 -- so no edge can close a cycle: the database's own guarantee, one comparison per edge (two
--- key look-ups), whatever the shape or size of the DAG. (A recursive walk of descendants per
--- new edge cost W^4 joins for a layered DAG of width W: 8 s and 167 MiB at W = 30.)
--- CreateTask validates the DAG and computes the positions before writing.
--- (from migrations/20261127000001_baseline.sql)
+-- key look-ups, which also find the ends), whatever the shape or size of the DAG. (A recursive
+-- walk of descendants per new edge cost W^4 joins for a layered DAG of width W: 8 s and
+-- 167 MiB at W = 30.) CreateTask validates the DAG and computes the positions before writing.
+-- (from migrations/20261205000038_keys_checked_per_statement.sql)
 CREATE FUNCTION tasker.step_edges_in_order() RETURNS trigger
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
@@ -227,18 +229,108 @@ AS $$
 DECLARE
     v_edge record;
 BEGIN
-    SELECT n.parent_step_uuid, n.child_step_uuid INTO v_edge
+    SELECT n.parent_step_uuid, n.child_step_uuid, n.task_uuid,
+           p.position AS parent_position, c.position AS child_position INTO v_edge
     FROM new_edges n
-    CROSS JOIN LATERAL (SELECT s.position FROM tasker.workflow_steps s
-                        WHERE s.step_uuid = n.parent_step_uuid OFFSET 0) p
-    CROSS JOIN LATERAL (SELECT s.position FROM tasker.workflow_steps s
-                        WHERE s.step_uuid = n.child_step_uuid OFFSET 0) c
-    WHERE p.position >= c.position
+    LEFT JOIN LATERAL (SELECT s.position FROM tasker.workflow_steps s
+                       WHERE s.step_uuid = n.parent_step_uuid AND s.task_uuid = n.task_uuid
+                       FOR KEY SHARE) p ON true
+    LEFT JOIN LATERAL (SELECT s.position FROM tasker.workflow_steps s
+                       WHERE s.step_uuid = n.child_step_uuid AND s.task_uuid = n.task_uuid
+                       FOR KEY SHARE) c ON true
+    WHERE p.position IS NULL OR c.position IS NULL OR p.position >= c.position
+    LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_edge.parent_position IS NULL THEN
+        RAISE EXCEPTION 'edge % -> %: the parent is not a step of task %',
+            v_edge.parent_step_uuid, v_edge.child_step_uuid, v_edge.task_uuid
+            USING ERRCODE = '23503', CONSTRAINT = 'step_edges_parent_same_task',
+                  TABLE = 'step_edges', SCHEMA = 'tasker';
+    END IF;
+    IF v_edge.child_position IS NULL THEN
+        RAISE EXCEPTION 'edge % -> %: the child is not a step of task %',
+            v_edge.parent_step_uuid, v_edge.child_step_uuid, v_edge.task_uuid
+            USING ERRCODE = '23503', CONSTRAINT = 'step_edges_child_same_task',
+                  TABLE = 'step_edges', SCHEMA = 'tasker';
+    END IF;
+    RAISE EXCEPTION 'edge % -> % goes against the task''s order: the dependencies form a cycle',
+        v_edge.parent_step_uuid, v_edge.child_step_uuid
+        USING ERRCODE = 'TK003';
+END
+$$;
+
+-- New steps name a task that exists (the foreign key workflow_steps_task_uuid_fkey it
+-- replaces, once per statement): the tasks are locked FOR KEY SHARE, as the key's check did.
+-- (from migrations/20261205000038_keys_checked_per_statement.sql)
+CREATE FUNCTION tasker.workflow_steps_task_exists() RETURNS trigger
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_tasks uuid[];
+    v_found integer;
+    v_missing record;
+BEGIN
+    v_tasks := ARRAY(SELECT DISTINCT n.task_uuid FROM new_steps n);
+    SELECT count(*) INTO v_found
+    FROM (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = ANY (v_tasks) FOR KEY SHARE OF t) l;
+    IF v_found < cardinality(v_tasks) THEN
+        SELECT n.step_uuid, n.task_uuid INTO v_missing FROM new_steps n
+        WHERE NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = n.task_uuid)
+        LIMIT 1;
+        RAISE EXCEPTION 'step % names task %, which does not exist', v_missing.step_uuid, v_missing.task_uuid
+            USING ERRCODE = '23503', CONSTRAINT = 'workflow_steps_task_uuid_fkey',
+                  TABLE = 'workflow_steps', SCHEMA = 'tasker';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- A deleted task leaves no step behind (the foreign key's NO ACTION, once per statement).
+-- (from migrations/20261205000038_keys_checked_per_statement.sql)
+CREATE FUNCTION tasker.tasks_deleted_leave_no_steps() RETURNS trigger
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_step record;
+BEGIN
+    SELECT s.step_uuid, s.task_uuid INTO v_step
+    FROM old_tasks o JOIN tasker.workflow_steps s ON s.task_uuid = o.task_uuid
     LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'edge % -> % goes against the task''s order: the dependencies form a cycle',
-            v_edge.parent_step_uuid, v_edge.child_step_uuid
-            USING ERRCODE = 'TK003';
+        RAISE EXCEPTION 'task % is deleted while its step % remains', v_step.task_uuid, v_step.step_uuid
+            USING ERRCODE = '23503', CONSTRAINT = 'workflow_steps_task_uuid_fkey',
+                  TABLE = 'workflow_steps', SCHEMA = 'tasker';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- A deleted step leaves no edge behind (the edge keys' NO ACTION, once per statement).
+-- (from migrations/20261205000038_keys_checked_per_statement.sql)
+CREATE FUNCTION tasker.workflow_steps_deleted_leave_no_edges() RETURNS trigger
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_edge record;
+BEGIN
+    SELECT e.parent_step_uuid, e.child_step_uuid, e.end_deleted INTO v_edge
+    FROM old_steps o
+    JOIN LATERAL (SELECT x.parent_step_uuid, x.child_step_uuid, 'parent' AS end_deleted
+                  FROM tasker.step_edges x WHERE x.parent_step_uuid = o.step_uuid
+                  UNION ALL
+                  SELECT x.parent_step_uuid, x.child_step_uuid, 'child'
+                  FROM tasker.step_edges x WHERE x.child_step_uuid = o.step_uuid) e ON true
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'the % of edge % -> % is deleted while the edge remains',
+            v_edge.end_deleted, v_edge.parent_step_uuid, v_edge.child_step_uuid
+            USING ERRCODE = '23503', CONSTRAINT = format('step_edges_%s_same_task', v_edge.end_deleted),
+                  TABLE = 'step_edges', SCHEMA = 'tasker';
     END IF;
     RETURN NULL;
 END

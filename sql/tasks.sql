@@ -12,7 +12,7 @@
 -- "parents": [uuid], "max_attempts", "retryable", "inputs", "inputs_bytes", "queue"} in which
 -- the service resolved dependencies by name, ordered the steps topologically and checked the
 -- queue names (absent: 'default'); the database still refuses a parent of another task
--- (foreign key), duplicate names (unique) and an edge against the order (TK003: a cycle). An
+-- (23503, step_edges_parent_same_task), duplicate names (unique) and an edge against the order (TK003: a cycle). An
 -- idempotency key that names a task of the namespace returns that task (created = false) and
 -- writes nothing. A namespace not seen before is created when p_create_namespace (else
 -- TK006), unless p_max_namespaces exist (TK005). p_context_bytes and "inputs_bytes": the

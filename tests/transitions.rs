@@ -159,6 +159,77 @@ async fn cyclic_and_cross_task_edges_are_refused(pool: PgPool) {
     assert_eq!(edges, 2);
 }
 
+/// What the foreign keys guaranteed holds without them (migration 38 checks it once per
+/// statement): a step names a task that exists, both ends of an edge are steps of the edge's
+/// task, and a task or step still referred to is not deleted. Each write is refused as
+/// `foreign_key_violation` under the constraint it replaced, and changes nothing.
+#[sqlx::test(migrator = "tasker::MIGRATOR")]
+async fn keys_between_tasks_steps_and_edges_hold_for_any_write(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let t = create(&store, TaskSpec::chain(NS, 2)).await;
+    let other = create(&store, TaskSpec::chain(NS, 1)).await;
+    let (s0, s1, o0) = (step(&t, "s0"), step(&t, "s1"), step(&other, "s0"));
+    let tables = ["tasks", "workflow_steps", "step_edges"];
+    let mut before = Vec::new();
+    for table in tables {
+        before.push(rows_of(&pool, table).await);
+    }
+    let cases: [(&str, Uuid, Uuid, &str); 6] = [
+        (
+            "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, unfinished_parents)
+             VALUES (gen_random_uuid(), $1, 'orphan', 0, 0), (gen_random_uuid(), $2, 'fine', 9, 0)",
+            Uuid::now_v7(),
+            t.task_uuid,
+            "workflow_steps_task_uuid_fkey",
+        ),
+        (
+            "INSERT INTO tasker.step_edges VALUES ($1, $2, $3)",
+            t.task_uuid,
+            o0,
+            "step_edges_parent_same_task",
+        ),
+        (
+            "INSERT INTO tasker.step_edges VALUES ($1, $3, $2)",
+            t.task_uuid,
+            o0,
+            "step_edges_child_same_task",
+        ),
+        (
+            "DELETE FROM tasker.tasks WHERE task_uuid = $1 OR task_uuid = $2",
+            other.task_uuid,
+            t.task_uuid,
+            "workflow_steps_task_uuid_fkey",
+        ),
+        (
+            "DELETE FROM tasker.workflow_steps WHERE step_uuid = $1 OR step_uuid = $2",
+            o0,
+            s0,
+            "step_edges_parent_same_task",
+        ),
+        (
+            "DELETE FROM tasker.workflow_steps WHERE step_uuid = $2",
+            o0,
+            s1,
+            "step_edges_child_same_task",
+        ),
+    ];
+    for (sql, a, b, constraint) in cases {
+        let mut q = sqlx::query(sql).bind(a).bind(b);
+        if sql.contains("$3") {
+            q = q.bind(s1);
+        }
+        let err = q.execute(&pool).await.unwrap_err();
+        let db = err.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some("23503"), "{sql}: {db}");
+        assert_eq!(db.constraint(), Some(constraint), "{sql}: {db}");
+    }
+    let mut after = Vec::new();
+    for table in tables {
+        after.push(rows_of(&pool, table).await);
+    }
+    assert_eq!(after, before, "a refused write changed nothing");
+}
+
 #[sqlx::test(migrator = "tasker::MIGRATOR")]
 async fn bad_requests_write_nothing(pool: PgPool) {
     let store = Store::new(pool.clone());
