@@ -11,6 +11,7 @@
 //! embedded cluster, or the database given with `--database-url` together with
 //! `--allow-emptying`.
 
+mod alternation;
 pub mod inprocess;
 mod procstat;
 pub mod remote;
@@ -73,6 +74,12 @@ pub struct BenchArgs {
     /// packages (`npm install` in scripts/peer) are there.
     #[arg(long, value_enum, default_value_t = PeerChoice::Auto, num_args = 0..=1, default_missing_value = "on")]
     pub peer: PeerChoice,
+    /// Remote: run each scenario's clients and the peer this many times in turn, each repeat
+    /// beside a notify floor of its own, and add medians over the repeats (of each figure, and
+    /// of each repeat's ratio to the peer and to the floor): on a machine whose speed drifts,
+    /// each comparison is then made between neighbouring runs.
+    #[arg(long = "repeat", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub repeat: u64,
     /// Where the Node.js workers and the peer are (`npm install`ed).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/peer"))]
     pub peer_dir: PathBuf,
@@ -173,6 +180,9 @@ struct RemoteReport {
     synchronous_commit: String,
     notify_floor: LatencyStats,
     scenarios: Vec<remote::RemoteScenario>,
+    /// With --repeat above 1: per scenario and client, medians over the repeats.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    summary: Vec<alternation::Summary>,
 }
 
 /// Run what the arguments ask for against `url` (a database the benchmark may empty).
@@ -352,15 +362,22 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
         peer,
         proto_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/proto")),
         peer_dir: args.peer_dir,
+        repeats: args.repeat as usize,
     };
     let scenarios = remote::run(&store, url, &opts).await?;
     store.pool().close().await;
+    let summary = if opts.repeats > 1 {
+        alternation::summarize(&scenarios)
+    } else {
+        Vec::new()
+    };
     if args.json {
         let report = RemoteReport {
             server_version: settings.server_version,
             synchronous_commit: settings.synchronous_commit,
             notify_floor,
             scenarios,
+            summary,
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -369,6 +386,9 @@ pub async fn run(args: BenchArgs, url: &str, base: &TaskerConfig) -> anyhow::Res
             settings.server_version, settings.synchronous_commit, notify_floor.p50_ms, notify_floor.p99_ms
         );
         println!("{}", remote::render(&scenarios, &notify_floor));
+        if !summary.is_empty() {
+            println!("{}", alternation::render(&summary));
+        }
     }
     Ok(())
 }

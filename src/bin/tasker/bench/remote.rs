@@ -12,7 +12,9 @@
 //!
 //! With `--peer`, every chains scenario also runs on graphile-worker (a PostgreSQL job queue,
 //! `scripts/peer/graphile-chains.mjs`) on the same database and server, right after Tasker's
-//! clients, measured the same way: same-run figures, never figures from another day.
+//! clients, measured the same way: same-run figures, never figures from another day. With
+//! `--repeat N`, the clients and the peer run N times in turn, each repeat after a notify floor
+//! of its own (summed up by `alternation`).
 //!
 //! Per scenario it reports the worker-observed latency (next step starts, or fan-out/fan-in),
 //! steps/s in the window, and CPU per step of the service processes, of PostgreSQL (its
@@ -60,6 +62,8 @@ pub struct RemoteOptions {
     /// `scripts/peer` (the Node.js workers and the peer, `npm install`ed) and `proto/`.
     pub peer_dir: PathBuf,
     pub proto_dir: PathBuf,
+    /// Times each scenario runs its clients and the peer, in turn (at least 1).
+    pub repeats: usize,
 }
 
 /// Who works a scenario's steps.
@@ -166,6 +170,10 @@ pub struct RemoteScenario {
     pub client: String,
     pub mode: String,
     pub replicas: usize,
+    /// Which of the scenario's repeats (from 1).
+    pub repeat: usize,
+    /// The commit + NOTIFY floor's p50, measured just before this repeat of the scenario.
+    pub floor_p50_ms: f64,
     pub window_secs: f64,
     pub steps_per_sec: f64,
     /// Chains: CompleteStep sent -> successor received.
@@ -261,27 +269,38 @@ pub async fn run(
             r.claims_lost_per_step
         );
     };
-    let mut peer_done = Vec::new();
+    let mut peer_done: Vec<(Shape, usize)> = Vec::new();
     for &mode in &opts.modes {
         for &replicas in &opts.replicas {
             for shape in &opts.scenarios {
-                for &client in &opts.clients {
-                    if matches!(client, Client::Node { .. })
-                        && !matches!(shape, Shape::Chains { .. })
-                    {
-                        continue; // the Node.js worker runs chains only
+                for repeat in 1..=opts.repeats.max(1) {
+                    // the floor beside this repeat: the machine's speed drifts over minutes
+                    let floor =
+                        LatencyStats::from_ms(store.notify_floor_ms(super::FLOOR_ROUNDS).await?)
+                            .p50_ms;
+                    let mut ran = |mut r: RemoteScenario| {
+                        r.repeat = repeat;
+                        r.floor_p50_ms = floor;
+                        progress(&r);
+                        out.push(r);
+                    };
+                    for &client in &opts.clients {
+                        if matches!(client, Client::Node { .. })
+                            && !matches!(shape, Shape::Chains { .. })
+                        {
+                            continue; // the Node.js worker runs chains only
+                        }
+                        ran(scenario(store, url, opts, mode, replicas, shape, client).await?);
                     }
-                    let r = scenario(store, url, opts, mode, replicas, shape, client).await?;
-                    progress(&r);
-                    out.push(r);
-                }
-                // the peer once per chains shape, right after Tasker's runs of it
-                if opts.peer && matches!(shape, Shape::Chains { .. }) && !peer_done.contains(shape)
-                {
-                    let r = peer_scenario(store, url, opts, shape).await?;
-                    progress(&r);
-                    out.push(r);
-                    peer_done.push(shape.clone());
+                    // the peer once per chains shape and repeat, right after Tasker's runs
+                    let key = (shape.clone(), repeat);
+                    if opts.peer
+                        && matches!(shape, Shape::Chains { .. })
+                        && !peer_done.contains(&key)
+                    {
+                        ran(peer_scenario(store, url, opts, shape).await?);
+                        peer_done.push(key);
+                    }
                 }
             }
         }
@@ -514,6 +533,8 @@ async fn scenario(
         client: client.label().to_string(),
         mode: mode.as_str().to_string(),
         replicas,
+        repeat: 1,
+        floor_p50_ms: 0.0,
         window_secs: report.window_secs,
         steps_per_sec: report.steps_in_window as f64 / report.window_secs,
         next_step: LatencyStats::from_ms(report.next_step_ms),
@@ -583,6 +604,8 @@ async fn peer_scenario(
         client: PEER.to_string(),
         mode: "-".into(),
         replicas: 0,
+        repeat: 1,
+        floor_p50_ms: 0.0,
         window_secs: report.window_secs,
         steps_per_sec: report.steps_in_window as f64 / report.window_secs,
         next_step: LatencyStats::from_ms(report.next_step_ms),
@@ -642,12 +665,18 @@ fn budget(before: &ActivityCounters, after: &ActivityCounters, steps: u64) -> Bu
     }
 }
 
-/// The scenarios as a table, the notify floor and ratios to it included.
+/// The scenarios as a table, the notify floor and ratios to it included (each repeat's own
+/// floor, measured beside it).
 pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
     let mut out = String::from(
-        "| scenario | client | mode | replicas | steps/s | next step p50 / p95 / p99 (ms) | p50 vs floor | fan-out / fan-in p50 (ms) | CPU ms/step: service + PostgreSQL (workers) | commits / statements per step | claims lost per step |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | client | mode | replicas | repeat | steps/s | next step p50 / p95 / p99 (ms) | p50 vs floor | fan-out / fan-in p50 (ms) | CPU ms/step: service + PostgreSQL (workers) | commits / statements per step | claims lost per step |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in scenarios {
+        let floor_p50 = if s.floor_p50_ms > 0.0 {
+            s.floor_p50_ms
+        } else {
+            floor.p50_ms
+        };
         let next = if s.next_step.samples > 0 {
             format!(
                 "{:.2} / {:.2} / {:.2}",
@@ -656,8 +685,8 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
         } else {
             "-".into()
         };
-        let vs_floor = if s.next_step.samples > 0 && floor.p50_ms > 0.0 {
-            format!("{:.1}x", s.next_step.p50_ms / floor.p50_ms)
+        let vs_floor = if s.next_step.samples > 0 && floor_p50 > 0.0 {
+            format!("{:.1}x ({floor_p50:.3})", s.next_step.p50_ms / floor_p50)
         } else {
             "-".into()
         };
@@ -667,11 +696,12 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
             "-".into()
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} + {:.2} = {:.2} ({:.2}) | {:.2} / {} | {:.2} |\n",
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} + {:.2} = {:.2} ({:.2}) | {:.2} / {} | {:.2} |\n",
             s.scenario,
             s.client,
             s.mode,
             s.replicas,
+            s.repeat,
             s.steps_per_sec,
             next,
             vs_floor,
