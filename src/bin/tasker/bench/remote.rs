@@ -718,12 +718,12 @@ pub fn render(scenarios: &[RemoteScenario], floor: &LatencyStats) -> String {
             s.claims_lost_per_step,
         ));
     }
-    out.push_str("\nRows written per step (whole run):\n\n| scenario | client | table | inserted | updated | of them HOT | deleted |\n|---|---|---|---|---|---|---|\n");
+    out.push_str("\nRows written per step (whole run):\n\n| scenario | client | repeat | table | inserted | updated | of them HOT | deleted |\n|---|---|---|---|---|---|---|---|\n");
     for s in scenarios {
         for (table, ins, upd, hot, del) in &s.budget.rows {
             out.push_str(&format!(
-                "| {} | {} | {table} | {ins:.2} | {upd:.2} | {hot:.2} | {del:.2} |\n",
-                s.scenario, s.client
+                "| {} | {} | {} | {table} | {ins:.2} | {upd:.2} | {hot:.2} | {del:.2} |\n",
+                s.scenario, s.client, s.repeat
             ));
         }
     }
