@@ -15,6 +15,14 @@
 //! while the pool has none left is given back (others may be waiting), and the moment the
 //! pool is asked to close (which waits for every connection taken from it) all go back and
 //! none is kept any more.
+//!
+//! A statement that can run long (creating a large task) is cancelled when its caller stops
+//! waiting ([`Held::cancel_if_abandoned`]): dropping a sqlx future does not stop the statement,
+//! PostgreSQL runs it to the end and commits it unless told otherwise. A gRPC request whose
+//! client gave up is dropped by tonic; its connection is then closed rather than given back,
+//! and `pg_cancel_backend` is sent for its backend from another connection. Because the
+//! connection is never used again, the cancel cannot hit anyone else's statement. The
+//! backend's pid is asked once per connection and kept with it.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -23,6 +31,14 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
 use super::{StoreError, CHECK_IDLE_AFTER};
+
+/// A kept connection: since when, and its backend's pid once asked.
+#[derive(Debug)]
+struct Kept {
+    conn: PoolConnection<Postgres>,
+    backend_pid: Option<i32>,
+    since: Instant,
+}
 
 /// Up to `keep` connections taken from a pool and kept between uses.
 #[derive(Debug)]
@@ -36,7 +52,7 @@ pub struct HeldConnections {
 
 #[derive(Debug, Default)]
 struct Idle {
-    conns: Vec<(PoolConnection<Postgres>, Instant)>,
+    conns: Vec<Kept>,
     /// The pool was asked to close: nothing is kept any more.
     closed: bool,
 }
@@ -61,22 +77,24 @@ impl HeldConnections {
     /// A kept connection (checked first if it has been idle a while), else one from the pool.
     pub async fn take(&self) -> Result<Held<'_>, StoreError> {
         let kept = self.idle.lock().expect("no holder panicked").conns.pop();
-        let conn = match kept {
-            Some((mut conn, since)) => {
-                if since.elapsed() < self.check_after || conn.ping().await.is_ok() {
-                    conn
+        let (conn, backend_pid) = match kept {
+            Some(mut k) => {
+                if k.since.elapsed() < self.check_after || k.conn.ping().await.is_ok() {
+                    (k.conn, k.backend_pid)
                 } else {
                     // cut while idle: the pool closes it on its own check
-                    drop(conn);
-                    self.pool.acquire().await?
+                    drop(k);
+                    (self.pool.acquire().await?, None)
                 }
             }
-            None => self.pool.acquire().await?,
+            None => (self.pool.acquire().await?, None),
         };
         Ok(Held {
             conn: Some(conn),
             home: self,
             sound: false,
+            backend_pid,
+            cancel_if_abandoned: false,
         })
     }
 }
@@ -99,8 +117,7 @@ async fn give_back_unused(pool: PgPool, idle: Weak<Mutex<Idle>>) {
             idle.conns.clear();
             return;
         }
-        idle.conns
-            .retain(|(_, since)| since.elapsed() < CHECK_IDLE_AFTER);
+        idle.conns.retain(|k| k.since.elapsed() < CHECK_IDLE_AFTER);
     }
 }
 
@@ -113,6 +130,10 @@ pub struct Held<'a> {
     /// the server sent. Unset while a statement runs, so an abandoned one (its future
     /// dropped mid-way) never leaves a connection with unread answers kept.
     sound: bool,
+    /// The connection's backend, once asked.
+    backend_pid: Option<i32>,
+    /// A statement abandoned mid-way is cancelled (see the module's doc).
+    cancel_if_abandoned: bool,
 }
 
 impl Held<'_> {
@@ -122,9 +143,27 @@ impl Held<'_> {
         self.conn.as_mut().expect("held until dropped")
     }
 
+    /// From now on, a statement abandoned mid-way (this dropped before [`Held::finish`]) is
+    /// cancelled and the connection closed. Asks the backend's pid the first time a connection
+    /// is used so (one round trip), and keeps it with the connection.
+    pub async fn cancel_if_abandoned(&mut self) -> Result<(), StoreError> {
+        if self.backend_pid.is_none() {
+            let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(self.conn())
+                .await;
+            self.backend_pid = Some(self.finish(pid)?);
+        }
+        self.cancel_if_abandoned = true;
+        Ok(())
+    }
+
     /// The statement ended with `result`: a connection lost (or left mid-answer) is not kept.
     pub fn finish<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
-        let result = result.map_err(StoreError::from);
+        self.finished(result.map_err(StoreError::from))
+    }
+
+    /// [`Held::finish`] for a result already in the store's terms.
+    pub fn finished<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         self.sound = !matches!(&result, Err(e) if e.is_connection_lost());
         result
     }
@@ -132,8 +171,13 @@ impl Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         if !self.sound {
+            if let (true, Some(pid)) = (self.cancel_if_abandoned, self.backend_pid) {
+                cancel_abandoned(&mut conn, pid, &self.home.pool);
+            }
             return;
         }
         let pool = &self.home.pool;
@@ -141,9 +185,36 @@ impl Drop for Held<'_> {
         let exhausted = pool.size() >= pool.options().get_max_connections() && pool.num_idle() == 0;
         let mut idle = self.home.idle.lock().expect("no holder panicked");
         if !idle.closed && !pool.is_closed() && !exhausted && idle.conns.len() < self.home.keep {
-            idle.conns.push((conn, Instant::now()));
+            idle.conns.push(Kept {
+                conn,
+                backend_pid: self.backend_pid,
+                since: Instant::now(),
+            });
         }
     }
+}
+
+/// A statement abandoned on `conn` (backend `pid`): the connection is closed, not given back,
+/// and the statement cancelled from another connection.
+fn cancel_abandoned(conn: &mut PoolConnection<Postgres>, pid: i32, pool: &PgPool) {
+    conn.close_on_drop();
+    tracing::debug!(
+        backend_pid = pid,
+        "request dropped: cancelling its statement"
+    );
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let pool = pool.clone();
+    runtime.spawn(async move {
+        if let Err(e) = sqlx::query("SELECT pg_cancel_backend($1)")
+            .bind(pid)
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, backend_pid = pid, "cancelling a dropped request's statement failed; statement_timeout still bounds it");
+        }
+    });
 }
 
 #[cfg(test)]
@@ -201,6 +272,48 @@ mod tests {
         assert!(terminated);
         let mut h = held.take().await.unwrap();
         assert_ne!(backend_pid(h.conn()).await, cut);
+    }
+
+    /// The backend's pid a cancel needs is asked once per connection and kept with it; a
+    /// statement abandoned mid-way after `cancel_if_abandoned` is cancelled, and its
+    /// connection not kept.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn the_pid_is_asked_once_and_an_abandoned_statement_is_cancelled(pool: PgPool) {
+        let held = HeldConnections::new(&pool, 1);
+        let mut h = held.take().await.unwrap();
+        assert_eq!(h.backend_pid, None);
+        h.cancel_if_abandoned().await.unwrap();
+        let pid = backend_pid(h.conn()).await;
+        assert_eq!(h.backend_pid, Some(pid));
+        h.finish(Ok(())).unwrap();
+        drop(h);
+        let mut h = held.take().await.unwrap();
+        assert_eq!(h.backend_pid, Some(pid), "kept with its connection");
+        h.cancel_if_abandoned().await.unwrap();
+        let abandoned = sqlx::query("SELECT pg_sleep(60)").execute(h.conn());
+        assert!(tokio::time::timeout(Duration::from_millis(300), abandoned)
+            .await
+            .is_err());
+        drop(h);
+        assert_eq!(held.idle.lock().unwrap().conns.len(), 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sleeping: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(60)%' AND state = 'active'",
+            )
+            .bind(pid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if sleeping == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the abandoned statement still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Closing the pool does not wait for the kept connections: they go back to it, and

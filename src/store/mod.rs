@@ -10,8 +10,8 @@
 //!   deadlines
 //! - `replicas`: the replica registry's heartbeats and the fleet listing
 //! - `schedules`: cron schedules' rows, and firing a due one (its tasks made in its transaction)
-//! - `cancel`: [`cancel::CancelOnDrop`], a statement cancelled when its request is dropped
-//! - `held`: [`HeldConnections`], connections the hop's statements keep between uses
+//! - `held`: [`HeldConnections`], connections the hop's statements keep between uses, and a
+//!   statement cancelled when its request is dropped
 //! - `local`: finding or starting a PostgreSQL to run against (the embedded cluster)
 //! - `maintenance`: vacuuming the churn tables when autovacuum is off
 //! - `diagnostics`: what the benchmark and operators measure (hop latencies from the history,
@@ -21,7 +21,6 @@
 //! SQL function per operation, so each operation is one round trip and one transaction.
 
 mod answers;
-mod cancel;
 mod diagnostics;
 mod error;
 mod held;

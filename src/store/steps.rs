@@ -455,11 +455,12 @@ impl Store {
         .bind(takers);
         // a large task is the one request that can run long: if its client gives up, so does
         // the database (as for create_task)
-        let mut conn = super::cancel::CancelOnDrop::acquire(&self.pool).await?;
-        let row: Result<Option<Row>, _> = query.fetch_optional(conn.conn()).await;
-        conn.release();
-        let row =
-            row?.ok_or_else(|| StoreError::invalid("steps", "a task needs at least one step"))?;
+        let mut held = self.hot().await?;
+        held.cancel_if_abandoned().await?;
+        let row: Result<Option<Row>, _> = query.fetch_optional(held.conn()).await;
+        let row = held
+            .finish(row)?
+            .ok_or_else(|| StoreError::invalid("steps", "a task needs at least one step"))?;
         let created = CreatedTask {
             task_uuid: row.task_uuid,
             created: row.created,

@@ -140,12 +140,12 @@ impl Store {
     ) -> Result<CreatedTask, StoreError> {
         // a large task is the one request that can run long: if its client gives up, so does
         // the database
-        let mut conn = super::cancel::CancelOnDrop::acquire(&self.pool).await?;
+        let mut held = self.hot().await?;
+        held.cancel_if_abandoned().await?;
         let created = self
-            .create_task_on(conn.conn(), task, metadata, traceparent)
+            .create_task_on(held.conn(), task, metadata, traceparent)
             .await;
-        conn.release();
-        created
+        held.finished(created)
     }
 
     /// [`create_task`](Self::create_task) on `conn`, in its transaction if it has one (a
