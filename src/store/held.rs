@@ -95,6 +95,7 @@ impl HeldConnections {
             sound: false,
             backend_pid,
             cancel_if_abandoned: false,
+            running: false,
         })
     }
 }
@@ -134,12 +135,16 @@ pub struct Held<'a> {
     backend_pid: Option<i32>,
     /// A statement abandoned mid-way is cancelled (see the module's doc).
     cancel_if_abandoned: bool,
+    /// A statement was started and its end not yet seen: dropped now, it is abandoned (a
+    /// statement that ended with its connection lost is not, and is cancelled by no one).
+    running: bool,
 }
 
 impl Held<'_> {
     /// The connection, for one statement; its result goes through [`Held::finish`].
     pub fn conn(&mut self) -> &mut PgConnection {
         self.sound = false;
+        self.running = true;
         self.conn.as_mut().expect("held until dropped")
     }
 
@@ -165,6 +170,7 @@ impl Held<'_> {
     /// [`Held::finish`] for a result already in the store's terms.
     pub fn finished<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         self.sound = !matches!(&result, Err(e) if e.is_connection_lost());
+        self.running = false;
         result
     }
 }
@@ -175,7 +181,9 @@ impl Drop for Held<'_> {
             return;
         };
         if !self.sound {
-            if let (true, Some(pid)) = (self.cancel_if_abandoned, self.backend_pid) {
+            if let (true, true, Some(pid)) =
+                (self.running, self.cancel_if_abandoned, self.backend_pid)
+            {
                 cancel_abandoned(&mut conn, pid, &self.home.pool);
             }
             return;
@@ -314,6 +322,25 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A statement that ended with its connection reported lost was not abandoned: nothing is
+    /// cancelled and the connection goes back to the pool (which checks it), not closed.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_statement_that_ended_is_not_cancelled(pool: PgPool) {
+        let one = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(pool.connect_options().as_ref().clone())
+            .await
+            .unwrap();
+        let held = HeldConnections::new(&one, 1);
+        let mut h = held.take().await.unwrap();
+        h.cancel_if_abandoned().await.unwrap();
+        let pid = backend_pid(h.conn()).await;
+        assert!(h.finish::<()>(Err(sqlx::Error::PoolClosed)).is_err());
+        drop(h);
+        let mut again = one.acquire().await.unwrap();
+        assert_eq!(backend_pid(&mut again).await, pid, "given back, not closed");
     }
 
     /// Closing the pool does not wait for the kept connections: they go back to it, and
