@@ -92,10 +92,9 @@ impl HeldConnections {
         Ok(Held {
             conn: Some(conn),
             home: self,
-            sound: false,
+            last: Statement::None,
             backend_pid,
             cancel_if_abandoned: false,
-            running: false,
         })
     }
 }
@@ -127,24 +126,32 @@ async fn give_back_unused(pool: PgPool, idle: Weak<Mutex<Idle>>) {
 pub struct Held<'a> {
     conn: Option<PoolConnection<Postgres>>,
     home: &'a HeldConnections,
-    /// Whether the last statement ended with the connection usable: an answer, or an error
-    /// the server sent. Unset while a statement runs, so an abandoned one (its future
-    /// dropped mid-way) never leaves a connection with unread answers kept.
-    sound: bool,
+    /// Where the last statement is: only a connection whose statement ended soundly is kept,
+    /// so an abandoned one (its future dropped mid-way) never leaves unread answers kept.
+    last: Statement,
     /// The connection's backend, once asked.
     backend_pid: Option<i32>,
     /// A statement abandoned mid-way is cancelled (see the module's doc).
     cancel_if_abandoned: bool,
-    /// A statement was started and its end not yet seen: dropped now, it is abandoned (a
-    /// statement that ended with its connection lost is not, and is cancelled by no one).
-    running: bool,
+}
+
+/// A held connection's last statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Statement {
+    /// None ran yet.
+    None,
+    /// Started, its end not yet seen: dropped now, it is abandoned.
+    Running,
+    /// Ended with the connection usable: an answer, or an error the server sent.
+    Sound,
+    /// Ended with the connection lost or left mid-answer (not abandoned: nothing to cancel).
+    Lost,
 }
 
 impl Held<'_> {
     /// The connection, for one statement; its result goes through [`Held::finish`].
     pub fn conn(&mut self) -> &mut PgConnection {
-        self.sound = false;
-        self.running = true;
+        self.last = Statement::Running;
         self.conn.as_mut().expect("held until dropped")
     }
 
@@ -169,8 +176,10 @@ impl Held<'_> {
 
     /// [`Held::finish`] for a result already in the store's terms.
     pub fn finished<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
-        self.sound = !matches!(&result, Err(e) if e.is_connection_lost());
-        self.running = false;
+        self.last = match &result {
+            Err(e) if e.is_connection_lost() => Statement::Lost,
+            _ => Statement::Sound,
+        };
         result
     }
 }
@@ -180,9 +189,9 @@ impl Drop for Held<'_> {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if !self.sound {
-            if let (true, true, Some(pid)) =
-                (self.running, self.cancel_if_abandoned, self.backend_pid)
+        if self.last != Statement::Sound {
+            if let (Statement::Running, true, Some(pid)) =
+                (self.last, self.cancel_if_abandoned, self.backend_pid)
             {
                 cancel_abandoned(&mut conn, pid, &self.home.pool);
             }
